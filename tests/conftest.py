@@ -1,0 +1,37 @@
+"""Shared fixtures: small generated data sets and helpers to run the scripts as a user would."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from thumbclf import synth
+
+ROOT = Path(__file__).resolve().parents[1]
+REALDATA = ROOT.parent / "shared" / "realdata"
+TINY_CLASSES = ("Biopsy", "IHC", "TMA")
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """3 classes x 6 small thumbnails with patients; returns labels.csv."""
+    out = tmp_path_factory.mktemp("tiny")
+    return synth.generate(out, per_class=6, seed=3, min_side=60, max_side=160,
+                          classes=TINY_CLASSES, patients=4)
+
+
+def run_script(script: str, *args: str, cwd: Path | None = None, timeout: int = 600,
+               env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    """Run train_/deploy_thumbclassifier.py in a subprocess, as a user would."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="2", **(env_extra or {}))
+    return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=cwd or ROOT,
+                          capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def write_yaml(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path

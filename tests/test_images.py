@@ -1,0 +1,109 @@
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from thumbclf.images import ImageReadError, Preprocessing, fit_square, legacy_square, load_array, to_rgb
+
+PREP = Preprocessing(size=32)
+
+
+def save(img, path, **kw):
+    img.save(path, **kw)
+    return path
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "PA"])
+def test_transparency_becomes_white(tmp_path, mode):
+    base = Image.new("RGBA", (8, 8), (255, 0, 0, 0))  # fully transparent red
+    img = base.convert(mode) if mode != "PA" else base.convert("P")
+    if mode == "PA":
+        img.info["transparency"] = 0
+        img = img.convert("P")
+        img.info["transparency"] = img.getpixel((0, 0))
+    arr = np.asarray(to_rgb(img))
+    assert arr.shape == (8, 8, 3) and (arr == 255).all()
+
+
+def test_palette_with_transparency_from_a_png_file(tmp_path):
+    img = Image.new("P", (6, 6), 0)
+    img.putpalette([10, 20, 30] + [0, 0, 0] * 255)
+    p = save(img, tmp_path / "p.png", transparency=0)
+    arr = load_array(p, PREP)
+    assert (arr == 255).all()
+
+
+def test_grey_16bit_and_cmyk(tmp_path):
+    g16 = Image.fromarray(np.full((10, 10), 65535, dtype=np.uint16))
+    assert np.asarray(to_rgb(g16)).min() == 255
+    g16 = Image.fromarray(np.full((10, 10), 257 * 100, dtype=np.uint16))
+    assert set(np.unique(np.asarray(to_rgb(g16)))) == {100}
+    p = save(Image.new("CMYK", (10, 10), (0, 255, 255, 0)), tmp_path / "c.jpg")
+    arr = load_array(p, PREP)
+    assert arr[16, 16, 0] > 200 and arr[16, 16, 1] < 60  # red
+    assert np.asarray(to_rgb(Image.new("L", (4, 4), 77))).shape == (4, 4, 3)
+
+
+def test_exif_rotation_is_applied(tmp_path):
+    img = Image.new("RGB", (40, 20), (0, 0, 255))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° on display
+    p = save(img, tmp_path / "r.jpg", exif=exif.tobytes())
+    arr = load_array(p, Preprocessing(size=40))
+    # displayed as 20 wide x 40 high: white margins left and right, blue in the middle
+    assert arr[20, 2].min() > 240 and arr[20, 20, 2] > 200 and arr[2, 20, 2] > 200
+
+
+def test_padding_is_white_and_centred_resize_keeps_aspect():
+    img = Image.new("RGB", (100, 50), (0, 0, 0))
+    arr = fit_square(img, 20)
+    assert arr.shape == (20, 20, 3)
+    assert (arr[:4] == 255).all() and (arr[-4:] == 255).all() and arr[10, 10].max() < 10
+
+
+def test_legacy_recipe_pads_black_and_resizes_bicubic():
+    img = Image.new("RGB", (100, 50), (255, 255, 255))
+    arr = legacy_square(img, 20)
+    assert (arr[0] < 5).all() and arr[10, 10].min() > 250
+    side = Image.new("RGB", (100, 100))
+    side.paste(img, (0, 25))
+    assert np.array_equal(arr, np.asarray(side.resize((20, 20), Image.Resampling.BICUBIC)))
+
+
+@pytest.mark.parametrize("size", [(1, 1), (1000, 3), (3, 1000)])
+def test_tiny_and_extremely_thin_images(tmp_path, size):
+    p = save(Image.new("RGB", size, (0, 0, 0)), tmp_path / "t.png")
+    arr = load_array(p, PREP)
+    assert arr.shape == (32, 32, 3) and arr.min() < 50
+
+
+def test_very_large_jpeg_is_decoded_at_reduced_size(tmp_path):
+    big = Image.new("RGB", (30000, 10000), (200, 30, 30))
+    p = save(big, tmp_path / "big.jpg", quality=50)
+    arr = load_array(p, Preprocessing(size=64, max_pixels=50_000_000))
+    assert arr.shape == (64, 64, 3) and arr[32, 32, 0] > 150
+
+
+def test_very_large_png_is_refused_with_a_clear_message(tmp_path):
+    p = save(Image.new("L", (20000, 6000), 0), tmp_path / "big.png", compress_level=1)
+    with pytest.raises(ImageReadError, match=r"20000 x 6000 pixels is more than max_image_pixels"):
+        load_array(p, Preprocessing(size=32, max_pixels=100_000_000))
+
+
+def test_corrupt_truncated_empty_missing_and_fake_images(tmp_path):
+    good = io.BytesIO()
+    Image.new("RGB", (200, 200), (1, 2, 3)).save(good, "PNG")
+    (tmp_path / "trunc.png").write_bytes(good.getvalue()[: len(good.getvalue()) // 2])
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    (tmp_path / "fake.png").write_text("this is not an image")
+    for name, message in [("trunc.png", "corrupt or truncated"), ("empty.jpg", "empty file"),
+                          ("fake.png", "not an image"), ("missing.png", "file not found")]:
+        with pytest.raises(ImageReadError, match=message):
+            load_array(tmp_path / name, PREP)
+
+
+def test_preprocessing_is_deterministic(tmp_path):
+    rng = np.random.default_rng(0)
+    p = save(Image.fromarray(rng.integers(0, 255, (300, 500, 3), dtype=np.uint8)), tmp_path / "n.jpg")
+    assert np.array_equal(load_array(p, PREP), load_array(p, PREP))

@@ -1,0 +1,133 @@
+import pickle
+from collections import OrderedDict
+
+import pytest
+import torch
+from torch import nn
+
+from thumbclf.data import Normalisation
+from thumbclf.errors import ModelError
+from thumbclf.images import Preprocessing
+from thumbclf.models import (ARCHS, build_model, freeze, load_model, load_ssl, save_model,
+                             train_mode)
+
+
+def test_every_backbone_builds_with_the_right_head():
+    for name in ARCHS:
+        m = build_model(name, 4)
+        out = m.eval()(torch.zeros(1, 3, 64, 64))
+        assert out.shape == (1, 4), name
+
+
+def test_unknown_model_name_lists_the_valid_ones():
+    with pytest.raises(ModelError, match="valid names: resnet18, resnet34, resnet50, densenet121"):
+        build_model("vgg99", 3)
+
+
+def test_prototype_model_names_still_work():
+    assert isinstance(build_model("resnet", 2).fc, nn.Linear)  # the prototype's ResNet-50
+    assert build_model("resnet", 2).fc.in_features == 2048
+
+
+def test_freeze_ratio_freezes_children_in_order_and_keeps_bn_statistics():
+    m = build_model("resnet18", 3)
+    frozen = freeze(m, "resnet18", 0.5)
+    assert frozen == ["conv1", "bn1", "relu", "maxpool", "layer1"]
+    assert not any(p.requires_grad for p in m.layer1.parameters())
+    assert all(p.requires_grad for p in m.layer2.parameters()) and m.fc.weight.requires_grad
+    before = m.bn1.running_mean.clone()
+    train_mode(m)
+    assert not m.bn1.training and not m.layer1[0].bn1.training and m.layer2[0].bn1.training
+    m(torch.rand(4, 3, 64, 64))
+    assert torch.equal(before, m.bn1.running_mean)
+    assert freeze(build_model("resnet18", 3), "resnet18", 1.0)[-1] == "avgpool"  # head never frozen
+    assert freeze(build_model("resnet18", 3), "resnet18", 0.0) == []
+
+
+@pytest.mark.parametrize("wrap", ["plain", "state_dict", "prefixes"])
+def test_ssl_checkpoints_with_common_layouts_load(tmp_path, wrap):
+    src = build_model("resnet18", 10)
+    state = src.state_dict()
+    if wrap == "state_dict":
+        state = {"state_dict": state, "epoch": 3}
+    elif wrap == "prefixes":
+        state = {"state_dict": {f"module.backbone.{k}": v for k, v in state.items()}}
+    torch.save(state, tmp_path / "ssl.pth")
+    dst = build_model("resnet18", 3)
+    n = load_ssl(dst, tmp_path / "ssl.pth", "resnet18")
+    assert n > 50
+    assert torch.equal(dst.conv1.weight, src.conv1.weight)
+    assert dst.fc.weight.shape[0] == 3
+
+
+def test_ssl_checkpoint_that_matches_nothing_is_an_error(tmp_path):
+    torch.save({"encoder.whatever": torch.zeros(3)}, tmp_path / "x.pth")
+    with pytest.raises(ModelError, match="no tensor of the SSL checkpoint matches resnet18"):
+        load_ssl(build_model("resnet18", 2), tmp_path / "x.pth", "resnet18")
+
+
+def test_pretrained_from_a_local_weights_file(tmp_path):
+    src = build_model("resnet18", 1000)
+    torch.save(src.state_dict(), tmp_path / "imagenet.pth")
+    m = build_model("resnet18", 3, tmp_path / "imagenet.pth")
+    assert torch.equal(m.layer4[1].conv2.weight, src.layer4[1].conv2.weight)
+
+
+def test_model_file_is_self_describing_and_loads_weights_only(tmp_path):
+    m = build_model("resnet18", 2)
+    prep = Preprocessing(size=224)
+    save_model(tmp_path / "m.pt", m, arch="resnet18", classes=("A", "B"), prep=prep,
+               norm=Normalisation((0.5,) * 3, (0.25,) * 3), threshold=0.8, temperature=1.5,
+               meta={"fold": 1})
+    raw = torch.load(tmp_path / "m.pt", weights_only=True)
+    assert raw["classes"] == ["A", "B"] and raw["arch"] == "resnet18" and raw["input_size"] == 224
+    loaded = load_model(tmp_path / "m.pt")
+    assert loaded.classes == ("A", "B") and loaded.threshold == 0.8 and loaded.temperature == 1.5
+    assert torch.equal(loaded.model.fc.weight, m.fc.weight)
+    with pytest.raises(ModelError, match="differ from target_labels"):
+        load_model(tmp_path / "m.pt", target_labels=("A", "C"))
+    with pytest.raises(ModelError, match="the model is a resnet18, but model_name says resnet34"):
+        load_model(tmp_path / "m.pt", model_name="resnet34")
+
+
+class Evil:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_model_file_with_pickled_code_is_refused_and_nothing_runs(tmp_path):
+    marker = tmp_path / "pwned"
+    torch.save({"state_dict": Evil(str(marker))}, tmp_path / "evil.pt")
+    with pytest.raises(ModelError, match="refused: the file holds pickled Python objects"):
+        load_model(tmp_path / "evil.pt", target_labels=("A", "B"))
+    assert not marker.exists()
+    with open(tmp_path / "evil.pkl", "wb") as f:
+        pickle.dump(Evil(str(marker)), f)
+    with pytest.raises(ModelError):
+        load_model(tmp_path / "evil.pkl", target_labels=("A", "B"))
+    assert not marker.exists()
+
+
+def test_truncated_model_file_is_a_clear_error(tmp_path):
+    torch.save(build_model("resnet18", 2).state_dict(), tmp_path / "m.pt")
+    data = (tmp_path / "m.pt").read_bytes()
+    (tmp_path / "t.pt").write_bytes(data[: len(data) // 3])
+    with pytest.raises(ModelError, match="perhaps truncated or corrupt"):
+        load_model(tmp_path / "t.pt", target_labels=("A", "B"))
+
+
+def test_prototype_state_dict_needs_labels_and_must_match_them(tmp_path):
+    m = build_model("resnet18", 3)
+    torch.save(OrderedDict(m.state_dict()), tmp_path / "proto.pt")
+    with pytest.raises(ModelError, match="set target_labels"):
+        load_model(tmp_path / "proto.pt")
+    with pytest.raises(ModelError, match="has 3 outputs but target_labels lists 2"):
+        load_model(tmp_path / "proto.pt", target_labels=("A", "B"))
+    loaded = load_model(tmp_path / "proto.pt", target_labels=("c", "a", "b"))
+    assert loaded.legacy and loaded.classes == ("a", "b", "c") and loaded.prep.recipe == "legacy"
+    assert loaded.norm.mean == (0.0, 0.0, 0.0) and loaded.norm.std == (1.0, 1.0, 1.0)
+    with pytest.raises(ModelError, match="do not fit the architecture"):
+        load_model(tmp_path / "proto.pt", target_labels=("a", "b", "c"), model_name="resnet34")

@@ -1,0 +1,3 @@
+"""thumbclf: classify whole-slide-image thumbnails into slide types."""
+
+__version__ = "1.0.0"

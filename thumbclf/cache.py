@@ -1,0 +1,209 @@
+"""Decode once: every image of a run preprocessed once into a uint8 array shared by all folds.
+
+The array lives in memory or, for data sets that don't fit (or when asked), in a
+memory-mapped file under ``cache_dir`` that later runs reuse for every image whose path,
+size, modification time and preprocessing are unchanged. Decoding runs in parallel worker
+processes; a file that cannot be read is recorded with the reason, never fatal here.
+No torch import: workers stay light.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from .errors import OutputError
+from .images import ImageReadError, Preprocessing, load_array
+
+log = logging.getLogger(__name__)
+MEMORY_SHARE = 0.3  # 'auto' keeps the cache in memory when it needs less than this share of RAM
+
+
+@dataclass
+class DecodedImages:
+    """Preprocessed images by sample position; ``errors`` maps position -> reason."""
+
+    array: np.ndarray
+    rows: np.ndarray
+    errors: dict[int, str] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def get(self, positions: np.ndarray) -> np.ndarray:
+        """uint8 images (n, S, S, 3) for the given sample positions."""
+        rows = self.rows[np.asarray(positions)]
+        order = np.argsort(rows, kind="stable")  # sequential reads from a memory map
+        out = np.empty((len(rows),) + self.array.shape[1:], dtype=np.uint8)
+        out[order] = self.array[rows[order]]
+        return out
+
+    @property
+    def ok(self) -> np.ndarray:
+        """Boolean mask of the positions that decoded."""
+        mask = np.ones(len(self.rows), dtype=bool)
+        mask[list(self.errors)] = False
+        return mask
+
+
+def default_workers(requested: int = -1) -> int:
+    """Worker processes for decoding: the cores this process may use, unless set."""
+    if requested >= 0:
+        return requested
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # macOS, Windows
+        return max(1, os.cpu_count() or 1)
+
+
+def available_memory() -> int:
+    """Physical memory in bytes (a conservative fallback where unknown)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 8 * 1024**3
+
+
+def file_key(path: Path) -> str | None:
+    """Path, size and modification time of a file, or None when it is missing."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+
+
+def _decode(job: tuple[int, str, Preprocessing, str | None]) -> tuple[int, np.ndarray | None, str | None]:
+    i, path, prep, slide_cache = job
+    try:
+        arr = load_array(Path(path), prep, slide_cache=Path(slide_cache) if slide_cache else None)
+        return i, arr, None
+    except ImageReadError as exc:
+        return i, None, str(exc)
+    except Exception as exc:  # noqa: BLE001 - one bad file must not end a run
+        return i, None, f"{path}: unexpected error while reading ({type(exc).__name__}: {exc})"
+
+
+def _run_jobs(jobs, workers: int, quiet: bool, desc: str):
+    bar = tqdm(total=len(jobs), desc=desc, unit="img", disable=quiet, leave=False)
+    try:
+        if workers <= 1 or len(jobs) < 4:
+            for job in jobs:
+                yield _decode(job)
+                bar.update()
+            return
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            for result in pool.map(_decode, jobs, chunksize=4):
+                yield result
+                bar.update()
+    finally:
+        bar.close()
+
+
+class _DiskStore:
+    """A growing memory-mapped uint8 file plus an index of file keys -> rows."""
+
+    def __init__(self, folder: Path, prep: Preprocessing):
+        tag = hashlib.sha1(prep.key.encode()).hexdigest()[:12]
+        self.folder = folder / f"decoded-{prep.size}px-{tag}"
+        self.data = self.folder / "images.u8"
+        self.index_file = self.folder / "index.json"
+        self.shape = (prep.size, prep.size, 3)
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutputError(f"{self.folder}: cannot create the image cache ({exc}); set "
+                              "cache_dir to a writable folder") from None
+        self.index: dict[str, int] = {}
+        if self.index_file.is_file():
+            try:
+                self.index = json.loads(self.index_file.read_text())
+            except (OSError, ValueError):
+                log.warning("%s is unreadable; rebuilding the image cache", self.index_file)
+        self.rows_on_disk = self.data.stat().st_size // int(np.prod(self.shape)) if self.data.exists() else 0
+        self.index = {k: r for k, r in self.index.items() if r < self.rows_on_disk}
+
+    def open(self, extra_rows: int) -> np.ndarray:
+        total = self.rows_on_disk + extra_rows
+        with open(self.data, "ab") as f:
+            f.truncate(total * int(np.prod(self.shape)))
+        if total == 0:
+            return np.zeros((0,) + self.shape, dtype=np.uint8)
+        return np.memmap(self.data, dtype=np.uint8, mode="r+", shape=(total,) + self.shape)
+
+    def save_index(self) -> None:
+        tmp = self.index_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.index))
+        os.replace(tmp, self.index_file)
+
+
+def build(paths: list[Path], prep: Preprocessing, *, mode: str = "auto",
+          cache_dir: Path | None = None, slide_cache: Path | None = None, workers: int = -1,
+          quiet: bool = False) -> DecodedImages:
+    """Decode and preprocess every path once; return the images by position."""
+    import time
+
+    start = time.perf_counter()
+    n = len(paths)
+    per_image = prep.size * prep.size * 3
+    if mode == "auto":
+        mode = "memory" if n * per_image < MEMORY_SHARE * available_memory() or cache_dir is None else "disk"
+    workers = default_workers(workers)
+    slide_dir = str(slide_cache) if slide_cache else None
+    errors: dict[int, str] = {}
+    if mode == "memory" or cache_dir is None:
+        array = np.empty((n,) + (prep.size, prep.size, 3), dtype=np.uint8)
+        rows = np.arange(n)
+        jobs = [(i, str(p), prep, slide_dir) for i, p in enumerate(paths)]
+        for i, arr, err in _run_jobs(jobs, workers, quiet, "decoding images"):
+            if err is None:
+                array[i] = arr
+            else:
+                array[i] = 255
+                errors[i] = err
+        log.info("decoded %d images into memory (%.0f MB)", n, array.nbytes / 1e6)
+        return DecodedImages(array, rows, errors, time.perf_counter() - start)
+
+    store = _DiskStore(cache_dir, prep)
+    keys = [file_key(p) for p in paths]
+    rows = np.full(n, -1, dtype=np.int64)
+    todo: list[int] = []
+    first_of_key: dict[str, int] = {}
+    for i, k in enumerate(keys):
+        if k is not None and k in store.index:
+            rows[i] = store.index[k]
+        elif k is not None and k in first_of_key:
+            continue  # same file twice: filled in below
+        else:
+            todo.append(i)
+            if k is not None:
+                first_of_key[k] = i
+    array = store.open(len(todo))
+    jobs = [(i, str(paths[i]), prep, slide_dir) for i in todo]
+    next_row = store.rows_on_disk
+    for i, arr, err in _run_jobs(jobs, workers, quiet, "decoding images"):
+        rows[i] = next_row
+        next_row += 1
+        if err is None:
+            array[rows[i]] = arr
+            if keys[i] is not None:
+                store.index[keys[i]] = int(rows[i])
+        else:
+            array[rows[i]] = 255
+            errors[i] = err
+    for i, k in enumerate(keys):
+        if rows[i] < 0:
+            rows[i] = rows[first_of_key[k]]
+            if first_of_key[k] in errors:
+                errors[i] = errors[first_of_key[k]]
+    if isinstance(array, np.memmap):
+        array.flush()
+    store.save_index()
+    log.info("image cache %s: %d reused, %d decoded", store.folder, n - len(todo), len(todo))
+    return DecodedImages(array, rows, errors, time.perf_counter() - start)

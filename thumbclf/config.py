@@ -1,0 +1,432 @@
+"""Experiment files -> validated, frozen params objects.
+
+One table (`KEYS`) lists every key: its canonical snake_case name, the spellings of the
+original prototype, its type rule, default and meaning. Loading reports every problem of a
+file at once, one line each, in the shape ``FILE: KEY must be ...; got VALUE``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path, PureWindowsPath
+from typing import Any, Callable
+
+import yaml
+
+from .errors import ConfigError
+
+TRAIN, DEPLOY = "train", "deploy"
+BOTH = (TRAIN, DEPLOY)
+
+
+@dataclass(frozen=True)
+class Key:
+    """One experiment-file key: name, accepted spellings, rule, default and meaning."""
+
+    name: str
+    rule: str
+    default: Any
+    doc: str
+    aliases: tuple[str, ...] = ()
+    workflows: tuple[str, ...] = BOTH
+    lo: float | None = None
+    hi: float | None = None
+    choices: tuple[str, ...] = ()
+
+
+# rule names: path, paths (one path or a list), int, float, bool, labels (list of str),
+# choice, pretrained (bool or path), threshold (float or null)
+KEYS: tuple[Key, ...] = (
+    Key("thumb_data", "path", None, "Table (.csv/.tsv/.xlsx with PATH, CLASSIFICATION[, PATIENT]) "
+        "or folder of thumbnails/slides (one subfolder per class).", ("thumbData",)),
+    Key("target_labels", "labels", None, "Classes to use, in this order; rows with other labels "
+        "are left out. Default: every label present.", ()),
+    Key("model_path", "paths", None, "Deploy: model file, list of model files, or a training "
+        "results folder (its fold models are averaged). Train with SSL: the SSL checkpoint.",
+        ("modelAdr",)),
+    Key("batch_size", "int", 64, "Images per batch.", (), BOTH, 1, 65536),
+    Key("prediction_threshold", "threshold", None, "A decision needs at least this probability, "
+        "else 'Undecided'. Default 0.9 (deploy: the model file's threshold, if it has one).",
+        (), BOTH, 0.0, 1.0),
+    Key("target_accuracy", "threshold", None, "Train: choose the threshold that reaches this "
+        "accuracy on the validation data instead of prediction_threshold.", (), (TRAIN,), 0.0, 1.0),
+    Key("max_epochs", "int", 50, "Never train longer than this.", (), (TRAIN,), 1, 100000),
+    Key("seed", "int", 1, "Seed for splits, initialisation and augmentation.", (), BOTH, 0, 2**32 - 1),
+    Key("model_name", "str", "resnet18", "Backbone: resnet18, resnet34, resnet50, densenet121, "
+        "efficientnet_b0.", ()),
+    Key("has_labels", "bool", True, "Deploy: the input has labels; evaluate against them.",
+        ("hasLabels",), (DEPLOY,)),
+    Key("sort_thumbs", "bool", False, "Deploy: copy each thumbnail into sorted/<decision>/.",
+        ("sortThumbs",), (DEPLOY,)),
+    Key("sort_slides", "bool", False, "Deploy: also copy slide files into sorted/<decision>/.",
+        ("sortSlides",), (DEPLOY,)),
+    Key("train_full", "bool", False, "Train one final model on all data (minus a validation "
+        "split) instead of cross-validation.", ("trainFull",), (TRAIN,)),
+    Key("fold_number", "int", 3, "Number of cross-validation folds.", ("foldNumber",), (TRAIN,), 2, 100),
+    Key("lr", "float", 1e-4, "Adam learning rate.", ("learning_rate",), (TRAIN,), 0.0, 10.0),
+    Key("wd", "float", 1e-4, "Adam weight decay.", ("weight_decay",), (TRAIN,), 0.0, 10.0),
+    Key("patience", "int", 10, "Early stopping: epochs without a better validation loss.",
+        (), (TRAIN,), 1, 100000),
+    Key("stop_epoch", "int", 20, "Early stopping never stops before this epoch.", ("stopEpoch",),
+        (TRAIN,), 0, 100000),
+    Key("freeze_ratio", "float", 0.5, "Fraction of the backbone's top-level children frozen.",
+        ("freezeRatio",), (TRAIN,), 0.0, 1.0),
+    Key("ssl", "bool", False, "Initialise the backbone from the self-supervised checkpoint at "
+        "modelAdr.", ("SSL",), (TRAIN,)),
+    Key("pretrained", "pretrained", True, "true: ImageNet weights (torchvision download/cache); "
+        "false: from scratch; or a path to a local weights file.", (), (TRAIN,)),
+    Key("val_fraction", "float", 0.2, "Share of the training data held out for early stopping.",
+        (), (TRAIN,), 0.01, 0.5),
+    Key("cm_sortlabels", "labels", None, "Order of classes in the confusion matrix.", ()),
+    Key("cm_xlabels", "labels", None, "Tick labels of the confusion matrix's columns (classes "
+        "in cm_sortlabels order, then Undecided).", ()),
+    Key("cm_ylabels", "labels", None, "Tick labels of the confusion matrix's rows.", ()),
+    Key("augment", "bool", True, "Flips, 90-degree rotations, mild colour and scale jitter "
+        "(training only).", (), (TRAIN,)),
+    Key("class_balance", "choice", "loss", "Imbalance: 'loss' (class-weighted loss), 'sampler' "
+        "(balanced sampling) or 'none'.", (), (TRAIN,), choices=("loss", "sampler", "none")),
+    Key("calibrate", "bool", True, "Fit temperature scaling on the validation split.", (), (TRAIN,)),
+    Key("tta", "bool", False, "Deploy: average predictions over flips and rotations.", (), (DEPLOY,)),
+    Key("gradcam", "int", 2, "Grad-CAM overlays per class (and for Undecided); 0 turns them off.",
+        (), BOTH, 0, 1000),
+    Key("bootstrap", "int", 1000, "Bootstrap resamples for confidence intervals (0: none).",
+        (), BOTH, 0, 100000),
+    Key("device", "choice", "auto", "'auto' (CUDA if available), 'cpu' or 'cuda'.", (), BOTH,
+        choices=("auto", "cpu", "cuda")),
+    Key("num_workers", "int", -1, "Image decoding worker processes (-1: sized to the machine).",
+        (), BOTH, -1, 256),
+    Key("cache", "choice", "auto", "Decoded-image cache: 'memory', 'disk' (memory-mapped file) "
+        "or 'auto' (memory when it fits).", (), (TRAIN,), choices=("auto", "memory", "disk")),
+    Key("cache_dir", "path", None, "Folder of the on-disk caches (decoded images, slide "
+        "thumbnails); reused across runs. Default: <results>/cache.", ()),
+    Key("max_failed_fraction", "float", 0.05, "Train: stop before training when more than this "
+        "share of images cannot be read.", (), (TRAIN,), 0.0, 1.0),
+    Key("max_image_pixels", "int", 400_000_000, "Refuse (non-JPEG) images with more pixels.",
+        (), BOTH, 1, 10**12),
+    Key("slide_thumbnail_size", "int", 1024, "Long side in pixels of thumbnails rendered "
+        "from whole-slide images.", (), BOTH, 64, 16384),
+    Key("export_thumbnails", "bool", False, "Write slide thumbnails as PNG to "
+        "<results>/thumbnails/.", (), BOTH),
+)
+
+KEY_BY_NAME = {k.name: k for k in KEYS}
+SPELLINGS = {spelling: k for k in KEYS for spelling in (k.name, *k.aliases)}
+REQUIRED = {TRAIN: ("thumb_data",), DEPLOY: ("thumb_data", "model_path")}
+DEFAULT_THRESHOLD = 0.9
+
+
+@dataclass(frozen=True)
+class Params:
+    """Settings shared by both workflows."""
+
+    source: Path
+    output: Path
+    thumb_data: Path
+    target_labels: tuple[str, ...] | None = None
+    model_path: tuple[Path, ...] = ()
+    batch_size: int = 64
+    prediction_threshold: float | None = None
+    seed: int = 1
+    model_name: str = "resnet18"
+    cm_sortlabels: tuple[str, ...] | None = None
+    cm_xlabels: tuple[str, ...] | None = None
+    cm_ylabels: tuple[str, ...] | None = None
+    gradcam: int = 2
+    bootstrap: int = 1000
+    device: str = "auto"
+    num_workers: int = -1
+    cache_dir: Path | None = None
+    max_image_pixels: int = 400_000_000
+    slide_thumbnail_size: int = 1024
+    export_thumbnails: bool = False
+    given: frozenset[str] = field(default=frozenset(), compare=False)
+
+    @property
+    def threshold(self) -> float:
+        """The probability threshold in force (the default where none was given)."""
+        return DEFAULT_THRESHOLD if self.prediction_threshold is None else self.prediction_threshold
+
+
+@dataclass(frozen=True)
+class TrainParams(Params):
+    """Settings of train_thumbclassifier.py."""
+
+    target_accuracy: float | None = None
+    max_epochs: int = 50
+    train_full: bool = False
+    fold_number: int = 3
+    lr: float = 1e-4
+    wd: float = 1e-4
+    patience: int = 10
+    stop_epoch: int = 20
+    freeze_ratio: float = 0.5
+    ssl: bool = False
+    pretrained: bool | Path = True
+    val_fraction: float = 0.2
+    augment: bool = True
+    class_balance: str = "loss"
+    calibrate: bool = True
+    cache: str = "auto"
+    max_failed_fraction: float = 0.05
+
+
+@dataclass(frozen=True)
+class DeployParams(Params):
+    """Settings of deploy_thumbclassifier.py."""
+
+    has_labels: bool = True
+    sort_thumbs: bool = False
+    sort_slides: bool = False
+    tta: bool = False
+
+
+PARAMS_CLASS = {TRAIN: TrainParams, DEPLOY: DeployParams}
+
+
+# ---------------------------------------------------------------------------- reading files
+
+
+def read_experiment_file(path: Path) -> dict[str, Any]:
+    """Parse a YAML or JSON experiment file into a mapping; syntax errors name the line."""
+    if not path.is_file():
+        raise ConfigError(f"{path}: experiment file not found; check the path")
+    suffix = path.suffix.lower()
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read the experiment file ({exc})") from exc
+    if suffix in (".json", ".txt"):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{path}: line {exc.lineno}, column {exc.colno}: not valid JSON "
+                              f"({exc.msg}); .json and .txt experiment files are JSON") from exc
+    elif suffix in (".yaml", ".yml"):
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise ConfigError(f"{path}: {where}not valid YAML ({problem})") from exc
+    else:
+        raise ConfigError(f"{path}: unknown experiment file type {suffix!r}; "
+                          "use .yaml, .yml, .json or .txt (JSON)")
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the experiment file must be a mapping of keys to values; "
+                          f"got a {type(data).__name__}")
+    return data
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Split a ``--set KEY=VALUE`` argument; VALUE is read as YAML (numbers, booleans, lists)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {text}: expected KEY=VALUE, e.g. --set max_epochs=5")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError:
+        parsed = value
+    return key.strip(), parsed
+
+
+# ---------------------------------------------------------------------------- validation
+
+
+def to_local_path(text: str, base: Path) -> Path:
+    """A path string from a file (POSIX or Windows style), resolved against ``base``."""
+    if os.sep == "/" and "\\" in text:
+        text = PureWindowsPath(text).as_posix()
+    path = Path(os.path.expanduser(text))
+    return path if path.is_absolute() else (base / path)
+
+
+def _check_number(key: Key, value: Any, kind: type) -> Any:
+    if isinstance(value, bool):
+        raise ValueError(f"must be {'an integer' if kind is int else 'a number'}")
+    if kind is float and isinstance(value, str):  # YAML 1.1 reads 1e-4 as a string
+        try:
+            value = float(value)
+        except ValueError:
+            raise ValueError("must be a number") from None
+    if kind is int:
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if not isinstance(value, int):
+            raise ValueError("must be an integer")
+    elif not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError("must be a number")
+    else:
+        value = float(value)
+    if (key.lo is not None and value < key.lo) or (key.hi is not None and value > key.hi):
+        raise ValueError(f"must be between {key.lo:g} and {key.hi:g}")
+    return value
+
+
+def _labels(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not value:
+        raise ValueError("must be a non-empty list of labels")
+    bad = [v for v in value if not isinstance(v, (str, int)) or isinstance(v, bool)]
+    if bad:
+        raise ValueError("must be a list of label strings")
+    labels = tuple(str(v) for v in value)
+    dupes = sorted({v for v in labels if labels.count(v) > 1})
+    if dupes:
+        raise ValueError(f"lists {', '.join(dupes)} more than once")
+    return labels
+
+
+def convert(key: Key, value: Any, base: Path) -> Any:
+    """Check one value against its key's rule; return it in its typed form or raise ValueError."""
+    if value is None:
+        if key.default is None or key.rule == "threshold":
+            return None
+        raise ValueError("must not be empty")
+    rule = key.rule
+    if rule == "bool":
+        if not isinstance(value, bool):
+            raise ValueError("must be true or false (a YAML/JSON boolean, not a string)")
+        return value
+    if rule == "int":
+        return _check_number(key, value, int)
+    if rule in ("float", "threshold"):
+        return _check_number(key, value, float)
+    if rule == "str":
+        if not isinstance(value, str) or not value.strip():
+            raise ValueError("must be a non-empty string")
+        return value.strip()
+    if rule == "choice":
+        if value not in key.choices:
+            raise ValueError(f"must be one of {', '.join(key.choices)}")
+        return value
+    if rule == "labels":
+        return _labels(value)
+    if rule == "path":
+        if not isinstance(value, str) or not value.strip():
+            raise ValueError("must be a path (a string)")
+        return to_local_path(value.strip(), base)
+    if rule == "paths":
+        items = value if isinstance(value, list) else [value]
+        if not items or not all(isinstance(v, str) and v.strip() for v in items):
+            raise ValueError("must be a path or a list of paths")
+        return tuple(to_local_path(v.strip(), base) for v in items)
+    if rule == "pretrained":
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip():
+            return to_local_path(value.strip(), base)
+        raise ValueError("must be true, false or the path of a weights file")
+    raise AssertionError(f"unknown rule {rule}")
+
+
+def _show(value: Any) -> str:
+    text = json.dumps(value) if not isinstance(value, str) else repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def validate(raw: dict[str, Any], *, workflow: str, source: Path, output: Path | None = None,
+             base: Path | None = None) -> Params:
+    """Turn a raw mapping into the workflow's params; raise ConfigError listing every problem."""
+    base = base if base is not None else source.parent
+    problems: list[str] = []
+    values: dict[str, Any] = {}
+    spelled: dict[str, str] = {}
+    for spelling, value in raw.items():
+        key = SPELLINGS.get(str(spelling))
+        if key is None:
+            close = difflib.get_close_matches(str(spelling), list(SPELLINGS), n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]!r}?" if close else "; see experiments/template.yaml"
+            problems.append(f"{spelling}: unknown key{hint}")
+            continue
+        if key.name in spelled:
+            problems.append(f"{spelling}: given twice (also as {spelled[key.name]!r}); keep one")
+            continue
+        spelled[key.name] = str(spelling)
+        if workflow not in key.workflows:
+            continue  # e.g. sortThumbs in a training file: accepted, not used
+        try:
+            values[key.name] = convert(key, value, base)
+        except ValueError as exc:
+            problems.append(f"{spelling} {exc}; got {_show(value)}")
+    for name in REQUIRED[workflow]:
+        if values.get(name) in (None, ()):
+            key = KEY_BY_NAME[name]
+            spelling = key.aliases[0] if key.aliases else name
+            problems.append(f"{spelling} is required ({key.doc.split(';')[0].rstrip('.')})")
+    if workflow == TRAIN and values.get("ssl") and not values.get("model_path"):
+        problems.append("modelAdr is required when SSL is true (the SSL checkpoint to start from)")
+    if workflow == TRAIN and values.get("model_path") and len(values["model_path"]) > 1:
+        problems.append("modelAdr must be one checkpoint for training with SSL; got a list")
+    _check_cm_lengths(values, problems)
+    if problems:
+        raise ConfigError("\n".join(f"{source}: {p}" for p in problems))
+    cls = PARAMS_CLASS[workflow]
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {k: v for k, v in values.items() if k in names and v is not None}
+    if output is None:
+        output = source.parent / source.stem
+    return cls(source=source, output=output, given=frozenset(values), **kwargs)
+
+
+def _check_cm_lengths(values: dict[str, Any], problems: list[str]) -> None:
+    order = values.get("cm_sortlabels") or values.get("target_labels")
+    if order is None:
+        return
+    for name, extra in (("cm_xlabels", 1), ("cm_ylabels", 0)):
+        ticks = values.get(name)
+        if ticks is not None and len(ticks) not in (len(order), len(order) + extra):
+            want = f"{len(order)}" + (f" or {len(order) + 1} (with Undecided)" if extra else "")
+            problems.append(f"{name} must have {want} labels, one per class in "
+                            f"cm_sortlabels/target_labels order; got {len(ticks)}")
+
+
+def load_params(path: str | Path, *, workflow: str, overrides: list[str] = (),
+                output: str | Path | None = None) -> Params:
+    """Read, override and validate an experiment file for ``workflow`` ('train' or 'deploy')."""
+    source = Path(path).absolute()
+    raw = read_experiment_file(source)
+    for text in overrides:
+        key, value = parse_override(text)
+        canonical = SPELLINGS.get(key)
+        if canonical is not None:  # an override replaces the key whatever its spelling
+            for spelling in (canonical.name, *canonical.aliases):
+                raw.pop(spelling, None)
+        raw[key] = value
+    out = Path(output).absolute() if output is not None else None
+    return validate(raw, workflow=workflow, source=source, output=out)
+
+
+def params_to_dict(params: Params) -> dict[str, Any]:
+    """The resolved params as plain YAML-able values (paths as strings), for config.yaml."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(params):
+        if f.name == "given":
+            continue
+        value = getattr(params, f.name)
+        if isinstance(value, Path):
+            value = str(value)
+        elif isinstance(value, tuple):
+            value = [str(v) for v in value]
+        out[f.name] = value
+    out["prediction_threshold"] = params.prediction_threshold
+    return out
+
+
+def describe_keys(workflow: str | None = None) -> list[tuple[str, str, Any, str]]:
+    """(name, accepted spellings, default, meaning) for each key, for docs and --help."""
+    rows = []
+    for key in KEYS:
+        if workflow and workflow not in key.workflows:
+            continue
+        rows.append((key.name, ", ".join(key.aliases), key.default, key.doc))
+    return rows
+
+
+Validator = Callable[[Any], Any]

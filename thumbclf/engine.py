@@ -1,0 +1,272 @@
+"""The training loop: train_one_epoch, evaluate, predict, early stopping, fit. No file I/O."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .data import Normalisation, augment, to_input
+from .models import train_mode
+
+log = logging.getLogger(__name__)
+Batches = Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]
+
+
+def pick_device(requested: str = "auto") -> torch.device:
+    """CUDA when available (or asked for), otherwise the CPU."""
+    if requested == "cuda" and not torch.cuda.is_available():
+        from .errors import ConfigError
+
+        raise ConfigError("device: cuda was asked for but no CUDA GPU is available; "
+                          "use device: auto or cpu")
+    if requested in ("auto", "cuda") and torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def autocast(device: torch.device):
+    """Mixed precision on CUDA (bf16 where supported, else fp16); a no-op on the CPU."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast("cuda", dtype=dtype)
+
+
+@dataclass
+class EarlyStopping:
+    """Stop after ``patience`` epochs without a lower validation loss, never before
+    ``stop_epoch``, never after ``max_epochs``; remembers the best epoch."""
+
+    patience: int
+    stop_epoch: int
+    max_epochs: int
+    best_loss: float = float("inf")
+    best_epoch: int = 0
+    epoch: int = 0
+
+    def step(self, val_loss: float) -> bool:
+        """Record one finished epoch; True when it is the best so far."""
+        self.epoch += 1
+        if val_loss < self.best_loss:
+            self.best_loss, self.best_epoch = val_loss, self.epoch
+            return True
+        return False
+
+    @property
+    def should_stop(self) -> bool:
+        if self.epoch >= self.max_epochs:
+            return True
+        return self.epoch >= self.stop_epoch and self.epoch - self.best_epoch >= self.patience
+
+
+@dataclass
+class EpochStats:
+    loss: float
+    accuracy: float
+    n: int
+    seconds: float
+
+
+def _prefetch(it: Iterable) -> Iterator:
+    """Prepare the next batch in a thread while the model works on this one."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    it = iter(it)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        fut = pool.submit(next, it, None)
+        while True:
+            item = fut.result()
+            if item is None:
+                return
+            fut = pool.submit(next, it, None)
+            yield item
+
+
+def train_one_epoch(model: nn.Module, batches: Iterable, *, optimizer: torch.optim.Optimizer,
+                    criterion: nn.Module, norm: Normalisation, device: torch.device,
+                    gen: torch.Generator | None = None, scaler=None, total: int | None = None,
+                    desc: str = "train", quiet: bool = False) -> EpochStats:
+    """One pass over the training batches; ``gen`` set = augment on the fly."""
+    start = time.perf_counter()
+    train_mode(model)
+    loss_sum, correct, n = 0.0, 0, 0
+    pin = device.type == "cuda"
+    for x, y in tqdm(_prefetch(batches), total=total, desc=desc, unit="batch", leave=False,
+                     disable=quiet):
+        if pin:
+            x = x.pin_memory()
+        x = x.to(device, non_blocking=True)
+        if gen is not None:
+            x = augment(x, gen)
+        inputs = to_input(x, norm, device)
+        y = y.to(device, non_blocking=True)
+        optimizer.zero_grad(set_to_none=True)
+        with autocast(device):
+            logits = model(inputs)
+            loss = criterion(logits.float(), y)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        loss_sum += float(loss.detach()) * len(y)
+        correct += int((logits.argmax(1) == y).sum())
+        n += len(y)
+    return EpochStats(loss_sum / max(n, 1), correct / max(n, 1), n, time.perf_counter() - start)
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, batches: Iterable, *, norm: Normalisation,
+                   device: torch.device, max_images: int = 512) -> None:
+    """Re-estimate trainable BatchNorm statistics with the epoch's final weights ("precise BN").
+
+    Running averages collected while the weights were still changing lag behind them; on small
+    data trained from scratch that can wreck evaluation-mode predictions. Frozen BN is untouched.
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+           and m.training and m.track_running_stats]
+    if not bns:
+        return
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the batches below
+    seen = 0
+    for x, _ in batches:
+        with autocast(device):
+            model(to_input(x.to(device, non_blocking=True), norm, device))
+        seen += len(x)
+        if seen >= max_images:
+            break
+    for m, mom in zip(bns, saved):
+        m.momentum = mom
+
+
+@torch.inference_mode()
+def predict_logits(model: nn.Module, batches: Iterable, *, norm: Normalisation,
+                   device: torch.device, tta: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Logits (n, classes) and the targets (or empty) of every batch, in order."""
+    model.eval()
+    outs, ys = [], []
+    pin = device.type == "cuda"
+    for x, y in _prefetch(batches):
+        if pin:
+            x = x.pin_memory()
+        inputs = to_input(x, norm, device)
+        with autocast(device):
+            logits = model(inputs).float()
+            if tta:
+                from .data import dihedral
+
+                views = [model(dihedral(inputs, k).contiguous(memory_format=torch.channels_last)
+                               ).float() for k in range(1, 8)]
+                logits = torch.stack([logits, *views]).mean(0)
+        outs.append(logits.cpu())
+        if y is not None:
+            ys.append(y)
+    logits = torch.cat(outs).numpy() if outs else np.zeros((0, 0))
+    return logits, (torch.cat(ys).numpy() if ys else np.zeros(0, dtype=int))
+
+
+def evaluate(model: nn.Module, batches: Iterable, *, criterion: nn.Module, norm: Normalisation,
+             device: torch.device) -> tuple[EpochStats, np.ndarray]:
+    """Loss and accuracy on labelled batches, plus the logits."""
+    start = time.perf_counter()
+    logits, y = predict_logits(model, batches, norm=norm, device=device)
+    if len(y) == 0:
+        return EpochStats(float("nan"), float("nan"), 0, 0.0), logits
+    t = torch.from_numpy(logits)
+    loss = float(criterion(t, torch.from_numpy(y).long()))
+    acc = float((t.argmax(1).numpy() == y).mean())
+    return EpochStats(loss, acc, len(y), time.perf_counter() - start), logits
+
+
+@dataclass
+class FitResult:
+    history: list[dict] = field(default_factory=list)
+    best_epoch: int = 0
+    best_state: dict | None = None
+    val_logits: np.ndarray | None = None
+
+
+def fit(model: nn.Module, *, train_batches: Batches, val_batches: Batches, n_train_batches: int,
+        bn_batches: Batches | None = None,
+        optimizer: torch.optim.Optimizer, criterion: nn.Module, val_criterion: nn.Module,
+        stopper: EarlyStopping, norm: Normalisation, device: torch.device,
+        gen: torch.Generator | None,
+        quiet: bool = False, label: str = "", on_epoch: Callable[[dict], None] | None = None
+        ) -> FitResult:
+    """Train until early stopping; keep the best epoch's weights (lowest validation loss)."""
+    scaler = None
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        scaler = torch.amp.GradScaler("cuda")
+    result = FitResult()
+    while not stopper.should_stop:
+        epoch = stopper.epoch + 1
+        tr = train_one_epoch(model, train_batches(), optimizer=optimizer, criterion=criterion,
+                             norm=norm, device=device, gen=gen, scaler=scaler,
+                             total=n_train_batches, desc=f"{label}epoch {epoch}", quiet=quiet)
+        if bn_batches is not None:
+            train_mode(model)
+            recalibrate_bn(model, bn_batches(), norm=norm, device=device)
+        va, logits = evaluate(model, val_batches(), criterion=val_criterion, norm=norm,
+                              device=device)
+        improved = stopper.step(va.loss)
+        if improved:
+            result.best_state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
+            result.val_logits = logits
+        row = {"epoch": epoch, "train_loss": tr.loss, "train_accuracy": tr.accuracy,
+               "val_loss": va.loss, "val_accuracy": va.accuracy,
+               "lr": optimizer.param_groups[0]["lr"], "seconds": tr.seconds + va.seconds,
+               "train_images_per_s": tr.n / tr.seconds if tr.seconds else float("nan"),
+               "best": improved}
+        result.history.append(row)
+        log.info("%sepoch %d: train loss %.4f acc %.3f | val loss %.4f acc %.3f | %.1fs%s",
+                 label, epoch, tr.loss, tr.accuracy, va.loss, va.accuracy, row["seconds"],
+                 " *" if improved else "")
+        if on_epoch is not None:
+            on_epoch(row)
+    result.best_epoch = stopper.best_epoch
+    if result.best_state is not None:
+        model.load_state_dict(result.best_state)
+    return result
+
+
+def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
+    """Temperature T minimising the validation NLL of softmax(logits / T)."""
+    if len(y) < 2:
+        return 1.0
+    z = torch.from_numpy(np.asarray(logits, dtype=np.float64))
+    t = torch.from_numpy(np.asarray(y)).long()
+    log_t = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([log_t], lr=0.1, max_iter=200, line_search_fn="strong_wolfe")
+    nll = nn.CrossEntropyLoss()
+
+    def closure():
+        opt.zero_grad()
+        loss = nll(z / log_t.exp(), t)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    temp = float(log_t.detach().exp())
+    return float(np.clip(temp, 0.05, 20.0)) if np.isfinite(temp) else 1.0
+
+
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """Row-wise softmax of logits / temperature."""
+    z = np.asarray(logits, dtype=np.float64) / temperature
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)

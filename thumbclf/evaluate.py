@@ -1,0 +1,305 @@
+"""Evaluate a predictions table: metrics.json/csv, confusion matrices, plots and report.html.
+
+Also a command: ``python -m thumbclf.evaluate PREDICTIONS.csv [--threshold T] [--output DIR]``
+recomputes everything from a predictions table alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from . import metrics as M
+from . import plots, report
+from .decide import UNDECIDED, decide
+from .errors import ConfigError, DataError, ThumbclfError
+from .results import atomic_csv, atomic_text
+
+log = logging.getLogger(__name__)
+NON_CLASS_COLUMNS = {"PATH", "row", "CLASSIFICATION", "PATIENT", "fold"}
+
+
+def cm_layout(classes: list[str] | tuple[str, ...], sortlabels, xlabels, ylabels,
+              source: Any = "experiment file") -> tuple[list[str], list[str], list[str]]:
+    """Row/column order and tick labels of the confusion matrix; ConfigError if inconsistent."""
+    classes = list(classes)
+    order = list(sortlabels) if sortlabels else classes
+    unknown = [c for c in order if c not in classes]
+    missing = [c for c in classes if c not in order]
+    problems = []
+    if unknown:
+        problems.append(f"cm_sortlabels names {', '.join(unknown)}, which {'is' if len(unknown) == 1 else 'are'} "
+                        f"no class (classes: {', '.join(classes)})")
+    if missing:
+        problems.append(f"cm_sortlabels leaves out {', '.join(missing)}; list every class once")
+    xt = list(xlabels) if xlabels else order + [UNDECIDED]
+    if len(xt) == len(order):
+        xt = xt + [UNDECIDED]
+    if len(xt) != len(order) + 1:
+        problems.append(f"cm_xlabels must have {len(order)} labels (or {len(order) + 1} with "
+                        f"Undecided); got {len(xt)}")
+    yt = list(ylabels) if ylabels else order
+    if len(yt) != len(order):
+        problems.append(f"cm_ylabels must have {len(order)} labels, one per class; got {len(yt)}")
+    if problems:
+        raise ConfigError("\n".join(f"{source}: {p}" for p in problems))
+    return order, xt, yt
+
+
+def class_columns(df: pd.DataFrame) -> list[str]:
+    """The per-class probability columns: between the leading columns and model_prediction."""
+    if "model_prediction" not in df.columns:
+        raise DataError("the table has no model_prediction column; is it a thumbclf "
+                        "predictions.csv?")
+    cols = list(df.columns[: list(df.columns).index("model_prediction")])
+    return [c for c in cols if c not in NON_CLASS_COLUMNS]
+
+
+def _thumb_loader(size: int = 160):
+    from .images import ImageReadError, Preprocessing, load_array
+
+    prep = Preprocessing(size=size, slide_size=512)
+
+    def load(path: str):
+        try:
+            return load_array(Path(path), prep)
+        except (ImageReadError, OSError):
+            return None
+
+    return load
+
+
+def _gallery_items(df: pd.DataFrame, classes: list[str], errors: bool, k: int = 12) -> list[dict]:
+    probs = df[classes].to_numpy(dtype=float)
+    top = probs.max(axis=1)
+    dec = df["model_prediction"].astype(str).to_numpy()
+    lab = df["CLASSIFICATION"].astype(str).to_numpy() if "CLASSIFICATION" in df else np.array([""] * len(df))
+    if errors:
+        mask = (dec != UNDECIDED) & (dec != lab)
+    else:
+        mask = dec == UNDECIDED
+    idx = np.flatnonzero(mask)
+    idx = idx[np.argsort(-top[idx], kind="stable")][:k]
+    return [{"path": df["PATH"].iloc[i], "label": lab[i], "decision": dec[i], "prob": float(top[i])}
+            for i in idx]
+
+
+def _data_summary(df: pd.DataFrame, classes: list[str], split_df: pd.DataFrame | None,
+                  failures: int) -> str:
+    counts = df["CLASSIFICATION"].astype(str).value_counts()
+    rows = pd.DataFrame({"images": [int(counts.get(c, 0)) for c in classes]}, index=classes)
+    if "PATIENT" in df.columns:
+        rows["patients"] = [df.loc[df["CLASSIFICATION"] == c, "PATIENT"].nunique() for c in classes]
+    parts = [report.table(rows)]
+    if split_df is not None and "CLASSIFICATION" in split_df.columns:
+        piv = split_df.assign(where=lambda d: d["fold"].map(lambda f: "full" if f == 0 else f"fold {f}")
+                              + " " + d["role"])
+        parts.append("<p>Images per class in each fold (train / validation / test):</p>")
+        parts.append(report.table(pd.crosstab(piv["CLASSIFICATION"], piv["where"])))
+    if failures:
+        parts.append(f"<div class=note>{failures} images could not be read; see the error "
+                     "column of predictions.csv and run.log.</div>")
+    return "".join(parts)
+
+
+def evaluate_table(df: pd.DataFrame, classes: list[str], out: Path, *, threshold: float | None,
+                   order: list[str], xt: list[str], yt: list[str], resamples: int, seed: int,
+                   histories: dict[str, pd.DataFrame] | None = None, title: str = "thumbclf",
+                   kind: str = "evaluation", params: dict[str, Any] | None = None,
+                   split_df: pd.DataFrame | None = None, failures: int = 0,
+                   extra_sections: list[tuple[str, str]] = ()) -> dict[str, Any]:
+    """Write metrics, confusion matrices, plots and the report for one labelled table."""
+    if threshold is not None:
+        df = df.assign(model_prediction=decide(df[classes].to_numpy(float), classes, threshold))
+    used = threshold if threshold is not None else (
+        float(df["threshold"].median()) if "threshold" in df and len(df) else None)
+    m = M.compute(df, classes, threshold=None, resamples=resamples, seed=seed)
+    m["threshold"] = used
+    scopes = {"all": m}
+    if "fold" in df.columns and df["fold"].nunique() > 1:
+        for f, part in df.groupby("fold"):
+            scopes[f"fold {f}"] = M.compute(part, classes, resamples=resamples, seed=seed)
+    pdir = out / "plots"
+    cm = M.confusion(df, order)
+    cm_norm = M.row_normalised(cm)
+    atomic_csv(cm.reset_index(), out / "confusion_matrix.csv")
+    atomic_csv(cm_norm.reset_index(), out / "confusion_matrix_normalised.csv")
+    yt_all = yt + list(cm.index[len(order):])
+    figs = {
+        "confusion": plots.confusion_heatmap(cm, xt, yt_all, pdir / "confusion_matrix.png",
+                                             f"Confusion matrix (threshold {used:.2f})"
+                                             if used is not None else "Confusion matrix"),
+        "roc": plots.roc_curves(df, classes, m, pdir / "roc_curves.png"),
+        "selective": plots.selective_curve(m, used if used is not None else 0.0,
+                                           pdir / "accuracy_vs_threshold.png"),
+        "reliability": plots.reliability(m, pdir / "reliability.png"),
+    }
+    if histories:
+        figs["training"] = plots.training_curves(histories, pdir / "training_curves.png")
+    load = _thumb_loader()
+    figs["errors"] = plots.gallery(_gallery_items(df, classes, True), pdir / "gallery_errors.png",
+                                   "Most confident errors", load)
+    figs["undecided"] = plots.gallery(_gallery_items(df, classes, False),
+                                      pdir / "gallery_undecided.png",
+                                      "Undecided slides (highest probability first)", load)
+    atomic_text(json.dumps(_jsonable(scopes), indent=1), out / "metrics.json")
+    rows = [r for scope, mm in scopes.items() for r in M.summary_rows(mm, scope)]
+    atomic_csv(pd.DataFrame(rows), out / "metrics.csv")
+
+    fold_table = ""
+    if len(scopes) > 1:
+        ft = pd.DataFrame({s: {"n": mm["n"], "macro AUROC (ovo)": mm["macro_auroc_ovo"],
+                               "macro AUROC (ovr)": mm["macro_auroc_ovr"],
+                               "coverage": mm["coverage"], "accuracy (decided)": mm["accuracy_decided"],
+                               "macro F1": mm["macro_f1"]} for s, mm in scopes.items()}).T
+        fold_table = "<p>Per fold (each fold's test images; 'all' = pooled):</p>" + report.table(ft)
+    thr_text = (f"<p>Threshold in use: <b>{used:.3f}</b>. On this data a threshold of "
+                f"{report.fmt(m['threshold_for_95'])} would reach 95% accuracy and "
+                f"{report.fmt(m['threshold_for_99'])} 99% (among decided slides).</p>"
+                if used is not None else "")
+    sections = [
+        ("Results", report.cards(m) + thr_text + fold_table),
+        ("Per class", report.per_class_table(m) +
+         "<p class=muted>AUROC and average precision: one class vs the rest, from the "
+         "probabilities; sensitivity and specificity: from the decisions (Undecided counts as "
+         f"not that class). 95% CIs: {resamples} bootstrap resamples"
+         f"{' of patients' if 'PATIENT' in df.columns else ''}.</p>"),
+        ("Confusion matrix", report.img(figs["confusion"], "confusion matrix") +
+         report.table(cm)),
+        ("ROC curves", report.img(figs["roc"], "ROC curves")),
+        ("Undecided threshold", report.img(figs["selective"], "accuracy vs threshold")),
+        ("Calibration", report.img(figs["reliability"], "reliability diagram")),
+    ]
+    if "training" in figs:
+        sections.append(("Training curves", report.img(figs["training"], "training curves")))
+    sections.append(("Where it goes wrong", (report.img(figs["errors"], "errors") or
+                     "<p>No confident errors.</p>") + (report.img(figs["undecided"], "undecided")
+                                                       or "<p>No Undecided slides.</p>")))
+    sections += list(extra_sections)
+    report.write(out / "report.html", title=title, kind=kind, params=params or {},
+                 data_summary=_data_summary(df, classes, split_df, failures),
+                 sections=sections, notes=m["notes"])
+    log.info("macro AUROC %s (ovo) / %s (ovr); coverage %s; accuracy among decided %s; report %s",
+             report.fmt(m["macro_auroc_ovo"]), report.fmt(m["macro_auroc_ovr"]),
+             report.fmt(m["coverage"], True), report.fmt(m["accuracy_decided"], True),
+             out / "report.html")
+    return m
+
+
+def _jsonable(o):
+    if isinstance(o, dict):
+        return {str(k): _jsonable(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_jsonable(v) for v in o]
+    if isinstance(o, (np.floating, float)):
+        return None if not np.isfinite(o) else float(o)
+    if isinstance(o, np.integer):
+        return int(o)
+    return o
+
+
+def evaluate_run(folder: Path, table: pd.DataFrame, *, classes, params, kind: str, sample_set,
+                 split_df, failures: int = 0, extra_sections=()) -> dict[str, Any]:
+    """Evaluation after training or a labelled deploy, with the run's settings."""
+    from .config import params_to_dict
+
+    order, xt, yt = cm_layout(classes, params.cm_sortlabels, params.cm_xlabels,
+                              params.cm_ylabels, params.source)
+    histories = {}
+    for h in sorted(folder.glob("fold_*/history.csv"), key=lambda p: int(p.parent.name[5:])):
+        histories[h.parent.name.replace("_", " ")] = pd.read_csv(h)
+    if (folder / "full" / "history.csv").is_file():
+        histories["full training"] = pd.read_csv(folder / "full" / "history.csv")
+    split_named = None
+    if split_df is not None:
+        split_named = split_df.assign(CLASSIFICATION=[sample_set.samples[i].label
+                                                      for i in split_df["position"]])
+    titles = {"cross-validation": "Cross-validation (out-of-fold test predictions)",
+              "validation": "Full training (validation split: used for early stopping, so optimistic)",
+              "deploy": "Deployment on labelled data"}
+    return evaluate_table(table, list(classes), folder, threshold=None, order=order, xt=xt,
+                          yt=yt, resamples=params.bootstrap, seed=params.seed,
+                          histories=histories, title=f"thumbclf — {params.source.stem}",
+                          kind=titles.get(kind, kind), params=params_to_dict(params),
+                          split_df=split_named, failures=failures, extra_sections=extra_sections)
+
+
+def summarise_decisions(folder: Path, table: pd.DataFrame, *, classes, params, failures: int,
+                        extra_sections=()) -> None:
+    """Deploy without labels: the distribution of decisions, as a table, a plot and a report."""
+    from .config import params_to_dict
+
+    ok = table[table["error"] == ""]
+    counts = ok["model_prediction"].value_counts().reindex(list(classes) + [UNDECIDED], fill_value=0)
+    summary = pd.DataFrame({"decision": counts.index, "images": counts.to_numpy(),
+                            "share": counts.to_numpy() / max(len(ok), 1)})
+    atomic_csv(summary, folder / "decisions.csv")
+    fig = plots.decision_bars(counts, folder / "plots" / "decisions.png",
+                              f"Decisions for {len(ok)} images")
+    gallery = plots.gallery(_gallery_items(ok, list(classes), False),
+                            folder / "plots" / "gallery_undecided.png",
+                            "Undecided slides (highest probability first)", _thumb_loader())
+    data = f"<p>{len(table)} images, {failures} unreadable.</p>"
+    if failures:
+        data += ("<div class=note>Unreadable images keep their row in predictions.csv with the "
+                 "reason in the error column.</div>")
+    sections = [("Decisions", report.table(summary, index=False) + report.img(fig, "decisions")),
+                ("Undecided", report.img(gallery, "undecided") or "<p>No Undecided slides.</p>")]
+    report.write(folder / "report.html", title=f"thumbclf — {params.source.stem}",
+                 kind="Deployment without labels", params=params_to_dict(params),
+                 data_summary=data, sections=sections + list(extra_sections), notes=[])
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Recompute metrics, plots and report from a predictions table."""
+    ap = argparse.ArgumentParser(prog="python -m thumbclf.evaluate", description=main.__doc__)
+    ap.add_argument("predictions", type=Path, help="a predictions.csv written by thumbclf")
+    ap.add_argument("--threshold", type=float, help="decide again with this threshold (0-1)")
+    ap.add_argument("--output", type=Path, help="folder for the results (default: "
+                    "<table's folder>/evaluation[-T])")
+    ap.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (default 1000)")
+    ap.add_argument("--seed", type=int, default=1)
+    args = ap.parse_args(argv)
+    from .results import prepare_output, setup_logging
+
+    try:
+        if args.threshold is not None and not 0 <= args.threshold <= 1:
+            raise ConfigError(f"--threshold must be between 0 and 1; got {args.threshold}")
+        if not args.predictions.is_file():
+            raise DataError(f"{args.predictions}: not found")
+        df = pd.read_csv(args.predictions, dtype={"PATH": str, "CLASSIFICATION": str,
+                                                  "model_prediction": str, "error": str},
+                         keep_default_na=False, na_values={"": []})
+        classes = class_columns(df)
+        if "CLASSIFICATION" not in df.columns:
+            raise DataError(f"{args.predictions}: no CLASSIFICATION column; evaluation needs labels")
+        if "error" in df.columns:
+            df = df[df["error"].fillna("") == ""]
+        df = df.copy()
+        df[classes] = df[classes].apply(pd.to_numeric, errors="coerce")
+        suffix = f"-{args.threshold:g}" if args.threshold is not None else ""
+        out = args.output or args.predictions.parent / f"evaluation{suffix}"
+        prepare_output(out, resume=False)
+        setup_logging(out)
+        order, xt, yt = cm_layout(classes, None, None, None, args.predictions)
+        evaluate_table(df, classes, out, threshold=args.threshold, order=order, xt=xt, yt=yt,
+                       resamples=args.bootstrap, seed=args.seed,
+                       title=f"thumbclf — {args.predictions.name}",
+                       kind="Evaluation of a predictions table",
+                       params={"predictions": str(args.predictions), "threshold": args.threshold})
+        print(f"results in {out}")
+        return 0
+    except ThumbclfError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
