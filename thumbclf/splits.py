@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, StratifiedShuffleSplit
+from sklearn.model_selection import GroupShuffleSplit, StratifiedGroupKFold, StratifiedKFold, StratifiedShuffleSplit
 
 from .errors import DataError
 
@@ -17,13 +17,17 @@ def _val_split(y: np.ndarray, groups: np.ndarray | None, fraction: float,
     """Positions (into y) of a stratified train/validation split, disjoint, patient-grouped."""
     n = len(y)
     if groups is not None:
-        k = max(2, round(1 / fraction))
-        k = min(k, len(np.unique(groups)))
-        splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
-        with warnings.catch_warnings():  # "least populated class" is expected on small data
-            warnings.simplefilter("ignore", UserWarning)
+        per_class = min(len(np.unique(groups[y == c])) for c in np.unique(y))
+        k = max(2, min(round(1 / fraction), per_class))
+        try:
+            splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+            with warnings.catch_warnings():  # "least populated class" is expected on small data
+                warnings.simplefilter("ignore", UserWarning)
+                tr, va = next(splitter.split(np.zeros(n), y, groups))
+        except ValueError:  # too few patients to stratify: whole patients at random
+            splitter = GroupShuffleSplit(n_splits=1, test_size=fraction, random_state=seed)
             tr, va = next(splitter.split(np.zeros(n), y, groups))
-        return tr, va
+        return np.sort(tr), np.sort(va)
     n_classes = len(np.unique(y))
     n_val = min(max(round(fraction * n), n_classes), n - n_classes)
     if n_val < 1:
