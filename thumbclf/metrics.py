@@ -10,6 +10,7 @@ all resamples at once; tests check both paths agree.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import numpy as np
@@ -151,7 +152,13 @@ def _macro_ovo_weighted(y, probs, present, W):
             a_vs_b = weighted_auroc(probs[m, a], y[m] == a, W[:, m])
             b_vs_a = weighted_auroc(probs[m, b], y[m] == b, W[:, m])
             vals.append((a_vs_b + b_vs_a) / 2)  # Hand & Till, as scikit-learn's 'ovo' 
-    return np.nanmean(np.vstack(vals), axis=0) if vals else np.full(W.shape[0], np.nan)
+    return _nanmean(np.vstack(vals)) if vals else np.full(W.shape[0], np.nan)
+
+
+def _nanmean(a: np.ndarray) -> np.ndarray:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns stay NaN
+        return np.nanmean(a, axis=0)
 
 
 def compute(df: pd.DataFrame, classes: list[str] | tuple[str, ...], *,
@@ -220,7 +227,7 @@ def compute(df: pd.DataFrame, classes: list[str] | tuple[str, ...], *,
         for k in range(0, len(W), CHUNK):
             w = W[k:k + CHUNK]
             per = np.vstack([weighted_auroc(probs[:, i], y == i, w) for i in present])
-            ovr.append(np.nanmean(per, axis=0) if len(present) > 2 else per[-1])
+            ovr.append(_nanmean(per) if len(present) > 2 else per[-1])
             ovo.append(_macro_ovo_weighted(y, probs, present, w))
         out["macro_auroc_ovr_ci"] = _ci(np.concatenate(ovr))
         out["macro_auroc_ovo_ci"] = _ci(np.concatenate(ovo))

@@ -1,0 +1,42 @@
+import os
+
+import numpy as np
+from PIL import Image
+
+from thumbclf import cache
+from thumbclf.images import Preprocessing
+
+PREP = Preprocessing(size=32)
+
+
+def images(tmp_path, n=5):
+    paths = []
+    for i in range(n):
+        p = tmp_path / f"{i}.png"
+        Image.new("RGB", (40 + i, 30), (i * 40, 10, 10)).save(p)
+        paths.append(p)
+    return paths
+
+
+def test_memory_cache_decodes_every_image_once_and_records_failures(tmp_path):
+    paths = images(tmp_path) + [tmp_path / "missing.png"]
+    d = cache.build(paths, PREP, mode="memory", workers=2, quiet=True)
+    assert d.array.shape == (6, 32, 32, 3) and list(d.ok) == [True] * 5 + [False]
+    assert "file not found" in d.errors[5]
+    assert d.get(np.array([3]))[0, 16, 16, 0] == 120
+
+
+def test_disk_cache_is_reused_only_for_unchanged_files(tmp_path):
+    paths = images(tmp_path)
+    first = cache.build(paths, PREP, mode="disk", cache_dir=tmp_path / "c", workers=0, quiet=True)
+    assert isinstance(first.array, np.memmap)
+    again = cache.build(paths, PREP, mode="disk", cache_dir=tmp_path / "c", workers=0, quiet=True)
+    assert np.array_equal(again.rows, first.rows)  # nothing decoded again
+    Image.new("RGB", (40, 30), (0, 200, 0)).save(paths[2])
+    os.utime(paths[2], ns=(1, 1))
+    changed = cache.build(paths, PREP, mode="disk", cache_dir=tmp_path / "c", workers=0, quiet=True)
+    assert changed.rows[2] != first.rows[2] and changed.get(np.array([2]))[0, 16, 16, 1] == 200
+    assert np.array_equal(changed.get(np.array([0, 1])), first.get(np.array([0, 1])))
+    other = cache.build(paths, Preprocessing(size=16), mode="disk", cache_dir=tmp_path / "c",
+                        workers=0, quiet=True)
+    assert other.array.shape[1] == 16  # other preprocessing, other cache

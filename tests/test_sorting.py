@@ -1,0 +1,43 @@
+from pathlib import Path
+
+import pytest
+
+from thumbclf.sorting import safe_name, sort_copies
+
+
+def make(path, data=b"abc"):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+def test_copies_never_moves_and_handles_same_names(tmp_path):
+    a = make(tmp_path / "in" / "x" / "slide.png", b"one")
+    b = make(tmp_path / "in" / "y" / "slide.png", b"two!")
+    out = tmp_path / "res" / "sorted"
+    n = sort_copies([(a, "Tumor", None), (b, "Tumor", None)], out)
+    assert n == 2 and a.read_bytes() == b"one" and b.read_bytes() == b"two!"
+    files = sorted(p.read_bytes() for p in (out / "Tumor").iterdir())
+    assert files == [b"one", b"two!"]
+    assert sort_copies([(a, "Tumor", None), (b, "Tumor", None)], out) == 0  # resume: kept
+
+
+def test_names_cannot_escape_the_sorted_folder(tmp_path):
+    src = make(tmp_path / "in" / "a.png")
+    out = tmp_path / "res" / "sorted"
+    sort_copies([(src, "../../evil", None), (src, "/abs", None), (src, "..", None)], out)
+    written = [p for p in tmp_path.rglob("*") if p.is_file() and p != src]
+    assert written and all(out in p.parents for p in written)
+    assert safe_name("..") == "_" and "/" not in safe_name("a/b") and "\\" not in safe_name("a\\b")
+
+
+def test_slide_thumbnails_are_copied_and_slides_only_when_asked(tmp_path):
+    slide = make(tmp_path / "in" / "s1.svs", b"slide-bytes")
+    thumb = make(tmp_path / "cache" / "abc.png", b"png")
+    out = tmp_path / "sorted"
+    sort_copies([(slide, "Biopsy", thumb)], out)
+    assert (out / "Biopsy" / "s1.png").read_bytes() == b"png"
+    assert not (out / "Biopsy" / "s1.svs").exists()
+    sort_copies([(slide, "Biopsy", thumb)], out, with_slides=True)
+    assert (out / "Biopsy" / "s1.svs").read_bytes() == b"slide-bytes"
+    assert slide.is_file()
