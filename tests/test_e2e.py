@@ -50,6 +50,9 @@ def test_cross_validation_writes_the_documented_results(cv_run, tiny_data):
     assert {"all", "fold 1", "fold 2"} <= set(m) and m["all"]["n"] == len(labels)
     html = (out / "report.html").read_text()
     assert "data:image/png;base64," in html and "Confusion matrix" in html
+    assert "Grad-CAM" in html and (out / "plots" / "gradcam.png").is_file()
+    cams = list((out / "gradcam").rglob("*.png"))
+    assert 0 < len(cams) <= 2 * (len(TINY_CLASSES) + 1)
 
 
 def test_same_experiment_gives_the_same_predictions(cv_run, tmp_path):
@@ -76,7 +79,8 @@ def test_an_existing_results_folder_is_never_overwritten(cv_run):
 def test_deploy_with_labels_an_ensemble_of_fold_models_and_sorting(cv_run, tiny_data, tmp_path):
     out, _, _ = cv_run
     exp = write_yaml(tmp_path / "dep.yaml", f"thumbData: {tiny_data}\nmodelAdr: {out}\n"
-                     "sortThumbs: true\nbootstrap: 50\nprediction_threshold: 0.5\nnum_workers: 0\n")
+                     "sortThumbs: true\nbootstrap: 50\nprediction_threshold: 0.5\nnum_workers: 0\n"
+                     "tta: true\n")
     before = {p: p.stat().st_mtime_ns for p in tiny_data.parent.rglob("*.jpg")}
     r = run_script("deploy_thumbclassifier.py", str(exp))
     assert r.returncode == 0, r.stderr
@@ -139,7 +143,7 @@ def test_prototype_state_dict_model_deploys_with_its_preprocessing(tiny_data, tm
     side = max(img.size)
     canvas = Image.new("RGB", (side, side))
     canvas.paste(img, (int((side - img.size[0]) / 2), int((side - img.size[1]) / 2)))
-    x = torch.from_numpy(np.asarray(canvas.resize((224, 224), Image.Resampling.BICUBIC))).permute(2, 0, 1)
+    x = torch.from_numpy(np.array(canvas.resize((224, 224), Image.Resampling.BICUBIC))).permute(2, 0, 1)
     with torch.no_grad():
         p = torch.softmax(m.eval()(x.float().div(255).unsqueeze(0)), 1)[0].numpy()
     assert np.allclose(pred.loc[0, ["Biopsy", "IHC", "TMA"]].to_numpy(float), p, atol=1e-4)

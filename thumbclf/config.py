@@ -14,7 +14,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path, PureWindowsPath
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 
@@ -53,7 +53,7 @@ KEYS: tuple[Key, ...] = (
     Key("prediction_threshold", "threshold", None, "A decision needs at least this probability, "
         "else 'Undecided'. Default 0.9 (deploy: the model file's threshold, if it has one).",
         (), BOTH, 0.0, 1.0),
-    Key("target_accuracy", "threshold", None, "Train: choose the threshold that reaches this "
+    Key("target_accuracy", "threshold", None, "Choose the threshold that reaches this "
         "accuracy on the validation data instead of prediction_threshold.", (), (TRAIN,), 0.0, 1.0),
     Key("max_epochs", "int", 50, "Never train longer than this.", (), (TRAIN,), 1, 100000),
     Key("seed", "int", 1, "Seed for splits, initialisation and augmentation.", (), BOTH, 0, 2**32 - 1),
@@ -429,4 +429,39 @@ def describe_keys(workflow: str | None = None) -> list[tuple[str, str, Any, str]
     return rows
 
 
-Validator = Callable[[Any], Any]
+def spelling(key: Key) -> str:
+    """The spelling used in docs: the prototype's where it had one."""
+    legacy = [a for a in key.aliases if a not in ("learning_rate", "weight_decay")]
+    return legacy[0] if legacy else key.name
+
+
+def template_text() -> str:
+    """experiments/template.yaml: every key with its meaning and default (kept in sync by a test)."""
+    import textwrap
+
+    lines = ["# thumbclf experiment file: every key, its meaning and its default.",
+             "# Copy this file, delete what you don't need (absent keys take their defaults) and",
+             "# set thumbData (and modelAdr for deploy). YAML (.yaml/.yml) or JSON (.json, or .txt",
+             "# as the prototype wrote them). The prototype's spellings (thumbData, foldNumber, ...)",
+             "# and the snake_case names (thumb_data, fold_number, ...) both work; give only one.",
+             "# Relative paths start at this file's folder. Keys marked [train] or [deploy] are used",
+             "# by that script only; the other script accepts and ignores them.", ""]
+    for key in KEYS:
+        name = spelling(key)
+        where = "" if len(key.workflows) == 2 else f"[{key.workflows[0]}] "
+        others = [a for a in (key.name, *key.aliases) if a != name]
+        also = f" (also: {', '.join(others)})" if others else ""
+        lines += ["# " + line for line in textwrap.wrap(where + key.doc + also, 90)]
+        if key.name == "thumb_data":
+            value = "data/labels.csv"
+        elif key.name == "model_path":
+            value = "null   # deploy: a training results folder, a model.pt, or a list of them"
+        else:
+            value = yaml.safe_dump(key.default, default_flow_style=True).strip()
+            value = value.removesuffix("...").strip()
+        lines += [f"{name}: {value}", ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # python -m thumbclf.config > experiments/template.yaml
+    print(template_text(), end="")

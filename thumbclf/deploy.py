@@ -4,6 +4,7 @@ sorted copies -> evaluation."""
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import os
 import time
@@ -22,7 +23,7 @@ from .decide import UNDECIDED, decide
 from .engine import autocast, pick_device, softmax
 from .errors import ModelError, OutputError
 from .models import LoadedModel, load_model
-from .results import atomic_csv, copy_verified
+from .results import atomic_csv, atomic_text, copy_verified
 from .samples import SampleSet, discover
 from .sorting import sort_copies
 from .train import RESERVED_COLUMNS, write_config
@@ -116,7 +117,8 @@ def predict_stream(models, sample_set: SampleSet, folder: Path, *, params: Deplo
         log.info("resuming: %d images predicted earlier, %d to go", len(done), len(todo))
     if not todo:
         return partial
-    workers = params.num_workers if params.num_workers >= 0 else max(1, default_workers() - 1)
+    workers = (params.num_workers if params.num_workers >= 0
+               else min(16, max(1, default_workers() - 1)))  # one core left for the model
     if device.type == "cpu":
         torch.set_num_threads(default_workers())
     prep = models[0].prep
@@ -152,6 +154,9 @@ def predict_stream(models, sample_set: SampleSet, folder: Path, *, params: Deplo
             bar.update(len(pos))
         bar.close()
     secs = time.perf_counter() - start
+    atomic_text(json.dumps({"predict_seconds": round(secs, 3), "images": len(todo),
+                            "workers": workers, "threads": torch.get_num_threads()}, indent=1),
+                folder / "timings.json")
     log.info("predicted %d images in %.1fs (%.1f images/s)%s", len(todo), secs,
              len(todo) / secs if secs else 0, f"; {n_err} could not be read" if n_err else "")
     return partial
@@ -192,6 +197,26 @@ def slide_thumbnail_file(path: Path, params: DeployParams, models, folder: Path)
     if not target.is_file():
         slides.thumbnail(path, size, cache_dir=cache_dir)
     return target
+
+
+def explain_section(folder: Path, table: pd.DataFrame, models: list[LoadedModel],
+                    params: DeployParams, device: torch.device) -> list[tuple[str, str]]:
+    """Grad-CAM overlays (first model of an ensemble) as a report section."""
+    from . import report
+    from .explain import write_gallery
+
+    if params.gradcam <= 0:
+        return []
+    m = models[0]
+    fig = write_gallery({None: m.model}, table.drop(columns=["fold"], errors="ignore"),
+                        list(m.classes), prep=m.prep, norm=m.norm, arch=m.arch,
+                        per_class=params.gradcam, out=folder, device=device)
+    if fig is None:
+        return []
+    note = " (first model of the ensemble)" if len(models) > 1 else ""
+    return [("Grad-CAM", report.img(fig, "Grad-CAM") + f"<p class=muted>Where the model{note} "
+             "looked: the most confident slides of each decision and the least certain Undecided "
+             "ones; one PNG per slide in gradcam/&lt;decision&gt;/.</p>")]
 
 
 def run(params: DeployParams, *, resume: bool = False, quiet: bool = False) -> Path:
@@ -247,11 +272,14 @@ def run(params: DeployParams, *, resume: bool = False, quiet: bool = False) -> P
             items.append((path, decision, thumb))
         made = sort_copies(items, folder / "sorted", with_slides=params.sort_slides)
         log.info("sorted copies of %d files into %s", made, folder / "sorted")
+    extra = explain_section(folder, table, models, params, device)
     if params.has_labels:
         evaluate_run(folder, table[table["error"] == ""], classes=classes, params=params,
-                     kind="deploy", sample_set=sample_set, split_df=None, failures=failed)
+                     kind="deploy", sample_set=sample_set, split_df=None, failures=failed,
+                     extra_sections=extra)
     else:
-        summarise_decisions(folder, table, classes=classes, params=params, failures=failed)
+        summarise_decisions(folder, table, classes=classes, params=params, failures=failed,
+                            extra_sections=extra)
     return folder
 
 

@@ -3,6 +3,7 @@ evaluation."""
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import shutil
@@ -21,7 +22,7 @@ from .engine import EarlyStopping, fit, fit_temperature, pick_device, predict_lo
 from .errors import ConfigError, DataError
 from .images import Preprocessing
 from .models import ARCHS, arch_name, build_model, freeze, imagenet_normalisation, load_ssl, save_model
-from .results import atomic_csv, atomic_yaml, prepare_output
+from .results import atomic_csv, atomic_text, atomic_yaml
 from .samples import SampleSet, check_class_sizes, discover
 from .data import training_batches
 
@@ -184,6 +185,28 @@ def prediction_table(sample_set: SampleSet, positions: np.ndarray, probs: np.nda
     return df
 
 
+def explain_section(folder: Path, table: pd.DataFrame, classes, params, prep: Preprocessing,
+                    device: torch.device) -> list[tuple[str, str]]:
+    """Grad-CAM overlays with each image's own fold model, as a report section."""
+    from . import report
+    from .explain import write_gallery
+    from .models import load_model
+
+    if params.gradcam <= 0:
+        return []
+    files = {0 if params.train_full else int(p.parent.name[5:]): p
+             for p in ([folder / "model.pt"] if params.train_full else folder.glob("fold_*/model.pt"))}
+    models = {(None if fold == 0 else fold): load_model(f).model for fold, f in files.items()}
+    fig = write_gallery(models, table, list(classes), prep=prep, norm=imagenet_normalisation(),
+                        arch=arch_name(params.model_name), per_class=params.gradcam, out=folder,
+                        device=device)
+    if fig is None:
+        return []
+    return [("Grad-CAM", report.img(fig, "Grad-CAM") + "<p class=muted>Overlays for the most "
+             "confident slides of each class and the least certain Undecided ones, each with its "
+             "own fold's model; one PNG per slide in gradcam/&lt;decision&gt;/.</p>")]
+
+
 def run(params: TrainParams, *, resume: bool = False, quiet: bool = False) -> Path:
     """Train as the experiment file says; return the results folder."""
     from .evaluate import evaluate_run
@@ -266,12 +289,15 @@ def run(params: TrainParams, *, resume: bool = False, quiet: bool = False) -> Pa
 
     if params.train_full:
         log.info("final model: %s", folder / "model.pt")
-        evaluate_run(folder, tables[0], classes=classes, params=params, kind="validation",
-                     sample_set=sample_set, split_df=split_df)
+        table, kind = tables[0], "validation"
     else:
-        pooled = pd.concat(tables, ignore_index=True)
-        atomic_csv(pooled, folder / "predictions.csv")
-        evaluate_run(folder, pooled, classes=classes, params=params, kind="cross-validation",
-                     sample_set=sample_set, split_df=split_df)
+        table, kind = pd.concat(tables, ignore_index=True), "cross-validation"
+        atomic_csv(table, folder / "predictions.csv")
+    extra = explain_section(folder, table, classes, params, prep, device)
+    evaluate_run(folder, table, classes=classes, params=params, kind=kind,
+                 sample_set=sample_set, split_df=split_df, extra_sections=extra)
+    timings = {"decode_seconds": round(decoded.seconds, 3),
+               "total_seconds": round(time.perf_counter() - started, 3), "images": len(sample_set)}
+    atomic_text(json.dumps(timings, indent=1), folder / "timings.json")
     log.info("done in %.0fs; results in %s", time.perf_counter() - started, folder)
     return folder

@@ -1,0 +1,130 @@
+"""Whole-slide images: generated pyramidal TIFFs, the real Aperio slides when present, broken slides."""
+
+import numpy as np
+import pandas as pd
+import pytest
+import tifffile
+from PIL import Image
+
+from conftest import REALDATA, run_script, write_yaml
+from thumbclf import slides
+from thumbclf.images import ImageReadError, Preprocessing, load_array
+
+REAL_SLIDES = sorted((REALDATA / "slides").glob("*.svs")) if REALDATA.is_dir() else []
+
+
+def make_pyramid(path, w=3000, h=2000, colour=(200, 100, 160), tile=256):
+    """A tiled, pyramidal RGB TIFF (generic-tiff for OpenSlide) with a blue mark top-left."""
+    base = np.full((h, w, 3), 245, np.uint8)
+    base[h // 4: 3 * h // 4, w // 4: 3 * w // 4] = colour
+    base[: h // 8, : w // 8] = (0, 0, 255)
+    with tifffile.TiffWriter(path) as tw:
+        level = base
+        while True:
+            tw.write(level, tile=(tile, tile), photometric="rgb", compression="zlib",
+                     subfiletype=0 if level is base else 1)
+            if max(level.shape[:2]) <= 600:
+                break
+            level = np.asarray(Image.fromarray(level).reduce(2))
+    return path
+
+
+def test_generated_pyramid_is_a_slide_with_the_right_thumbnail(tmp_path):
+    p = make_pyramid(tmp_path / "s.tiff")
+    assert slides.is_slide(p)
+    img = slides.thumbnail(p, 600)
+    assert img.size == (600, 400) and img.mode == "RGB"
+    arr = np.asarray(img)
+    assert tuple(arr[10, 10]) == pytest.approx((0, 0, 255), abs=30)  # top-left stays top-left
+    assert tuple(arr[200, 300]) == pytest.approx((200, 100, 160), abs=30)
+    props = slides.properties(p)
+    assert props["slide_vendor"] == "generic-tiff" and props["slide_width"] == 3000
+    assert props["slide_level_count"] >= 3
+
+
+def test_large_levels_are_read_in_strips(tmp_path, monkeypatch):
+    p = make_pyramid(tmp_path / "s.tiff")
+    whole = np.asarray(slides.thumbnail(p, 600), dtype=int)
+    monkeypatch.setattr(slides, "SINGLE_READ_PIXELS", 100_000)
+    strips = np.asarray(slides.thumbnail(p, 600), dtype=int)
+    assert strips.shape == whole.shape and np.abs(strips - whole).mean() < 3
+
+
+def test_plain_tiff_is_read_as_an_ordinary_image(tmp_path):
+    p = tmp_path / "plain.tif"
+    Image.new("RGB", (50, 30), (10, 200, 10)).save(p)
+    assert not slides.is_slide(p)
+    assert load_array(p, Preprocessing(size=32))[16, 16, 1] > 150
+
+
+def test_thumbnails_are_cached_by_slide_and_size(tmp_path):
+    p = make_pyramid(tmp_path / "s.tiff")
+    cache = tmp_path / "cache"
+    a = slides.thumbnail(p, 500, cache_dir=cache)
+    files = list(cache.glob("*.png"))
+    assert len(files) == 1
+    b = slides.thumbnail(p, 500, cache_dir=cache)
+    assert np.array_equal(np.asarray(a), np.asarray(b))
+    slides.thumbnail(p, 300, cache_dir=cache)
+    assert len(list(cache.glob("*.png"))) == 2
+
+
+def test_broken_slides_are_reported(tmp_path):
+    (tmp_path / "broken.svs").write_bytes(b"\x00" * 1000)
+    with pytest.raises(ImageReadError, match="broken.svs: not a slide format OpenSlide supports"):
+        load_array(tmp_path / "broken.svs", Preprocessing())
+    (tmp_path / "s.mrxs").write_bytes(b"")
+    with pytest.raises(ImageReadError, match="MIRAX data folder s/ is missing"):
+        load_array(tmp_path / "s.mrxs", Preprocessing())
+
+
+@pytest.mark.skipif(not REAL_SLIDES, reason="../shared/realdata is not present")
+@pytest.mark.parametrize("path", REAL_SLIDES, ids=lambda p: p.name)
+def test_real_aperio_slides(path):
+    with Image.open(REALDATA / "thumbnails" / f"{path.stem}_thumb.png") as ref:
+        ref_landscape = ref.size[0] > ref.size[1]
+    img = slides.thumbnail(path, 1024)
+    assert max(img.size) == 1024 and (img.size[0] > img.size[1]) == ref_landscape
+    props = slides.properties(path)
+    assert props["slide_vendor"] == "aperio"
+    assert np.asarray(img).mean() < 250  # tissue, not blank
+
+
+@pytest.mark.slow
+def test_slides_and_thumbnails_train_and_deploy_together(tiny_data, tmp_path):
+    data = pd.read_csv(tiny_data)
+    data["PATH"] = [str(tiny_data.parent / p) for p in data["PATH"]]
+    rows = []
+    for i, (cls, colour) in enumerate([("Biopsy", (150, 60, 160)), ("IHC", (150, 90, 40)),
+                                       ("TMA", (230, 150, 200))]):
+        for k in range(2):
+            p = make_pyramid(tmp_path / f"{cls}_{k}.tiff", 1200 + 200 * k, 900, colour)
+            rows.append({"PATH": str(p), "CLASSIFICATION": cls, "PATIENT": f"S{i}{k}"})
+    rows += [{"PATH": str(p), "CLASSIFICATION": "IHC", "PATIENT": p.stem} for p in REAL_SLIDES]
+    table = pd.concat([data, pd.DataFrame(rows)])
+    table.to_csv(tmp_path / "mixed.csv", index=False)
+    exp = write_yaml(tmp_path / "t.yaml", f"thumbData: {tmp_path / 'mixed.csv'}\ntrainFull: true\n"
+                     "pretrained: false\nbatch_size: 8\nmax_epochs: 1\nstopEpoch: 0\nbootstrap: 0\n"
+                     "slide_thumbnail_size: 512\nnum_workers: 2\n")
+    r = run_script("train_thumbclassifier.py", str(exp))
+    assert r.returncode == 0, r.stderr
+    assert len(list((tmp_path / "t" / "cache" / "slides").glob("*.png"))) == 6 + len(REAL_SLIDES)
+    (tmp_path / "broken.svs").write_bytes(b"junk" * 100)
+    pd.concat([table, pd.DataFrame([{"PATH": str(tmp_path / "broken.svs"),
+                                     "CLASSIFICATION": "IHC", "PATIENT": "B"}])]
+              ).to_csv(tmp_path / "mixed2.csv", index=False)
+    dep = write_yaml(tmp_path / "d.yaml", f"thumbData: {tmp_path / 'mixed2.csv'}\n"
+                     f"modelAdr: {tmp_path / 't' / 'model.pt'}\nsortThumbs: true\nsortSlides: true\n"
+                     "export_thumbnails: true\nbootstrap: 0\nnum_workers: 1\n")
+    r = run_script("deploy_thumbclassifier.py", str(dep))
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "d"
+    pred = pd.read_csv(out / "predictions.csv", keep_default_na=False)
+    slide_rows = pred[pred["PATH"].str.endswith((".tiff", ".svs")) & (pred["error"] == "")]
+    assert len(slide_rows) == 6 + len(REAL_SLIDES)
+    assert set(slide_rows["slide_vendor"]) <= {"generic-tiff", "aperio"}
+    assert "not a slide format" in pred.loc[pred["PATH"].str.endswith("broken.svs"), "error"].item()
+    assert len(list((out / "thumbnails").glob("*.png"))) == 6 + len(REAL_SLIDES)
+    sorted_pngs = [p for p in (out / "sorted").rglob("*.png")]
+    sorted_slides = [p for p in (out / "sorted").rglob("*") if p.suffix in (".tiff", ".svs")]
+    assert len(sorted_pngs) == len(sorted_slides) == 6 + len(REAL_SLIDES)

@@ -1,0 +1,117 @@
+"""Grad-CAM overlays: where in a thumbnail the model looked for its decision."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .data import Normalisation, to_input
+from .decide import UNDECIDED
+from .images import ImageReadError, Preprocessing, load_array
+from .models import arch_name
+
+log = logging.getLogger(__name__)
+TARGET_LAYERS = {"resnet18": "layer4", "resnet34": "layer4", "resnet50": "layer4",
+                 "densenet121": "features", "efficientnet_b0": "features"}
+
+
+def gradcam(model: nn.Module, arch: str, x: torch.Tensor, class_index: int) -> np.ndarray:
+    """Grad-CAM heat map in [0, 1] (H x W of the input) for one normalised image (1, 3, H, W)."""
+    layer = model.get_submodule(TARGET_LAYERS[arch_name(arch)])
+    store: dict[str, torch.Tensor] = {}
+    h1 = layer.register_forward_hook(lambda m, i, o: store.__setitem__("act", o))
+    h2 = layer.register_full_backward_hook(lambda m, gi, go: store.__setitem__("grad", go[0]))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.enable_grad():
+            x = x.clone().requires_grad_(True)  # frozen layers: let gradients reach the target
+            out = model(x)
+            model.zero_grad(set_to_none=True)
+            out[0, class_index].backward()
+    finally:
+        h1.remove()
+        h2.remove()
+        model.train(was_training)
+    act, grad = store["act"].detach(), store["grad"].detach()
+    weights = grad.mean(dim=(2, 3), keepdim=True)
+    cam = F.relu((weights * act).sum(dim=1, keepdim=True))
+    cam = F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)[0, 0]
+    cam = cam - cam.min()
+    return (cam / cam.max()).cpu().numpy() if float(cam.max()) > 0 else cam.cpu().numpy()
+
+
+def overlay(image: np.ndarray, cam: np.ndarray, alpha: float = 0.45) -> np.ndarray:
+    """The heat map (jet colours) blended onto the RGB image."""
+    import matplotlib
+
+    colours = matplotlib.colormaps["jet"](cam)[..., :3]
+    return np.clip((1 - alpha) * image / 255.0 + alpha * colours, 0, 1)
+
+
+def select(table: pd.DataFrame, classes: list[str], per_class: int) -> pd.DataFrame:
+    """The most confident decided images of each class, plus the most uncertain Undecided ones."""
+    ok = table[table["error"].fillna("") == ""] if "error" in table.columns else table
+    ok = ok.assign(_conf=ok[classes].max(axis=1))
+    parts = [ok[ok["model_prediction"] == c].nlargest(per_class, "_conf") for c in classes]
+    parts.append(ok[ok["model_prediction"] == UNDECIDED].nsmallest(per_class, "_conf"))
+    return pd.concat(parts)
+
+
+def write_gallery(models: dict, table: pd.DataFrame, classes: list[str], *, prep: Preprocessing,
+                  norm: Normalisation, arch: str, per_class: int, out: Path,
+                  device: torch.device) -> Path | None:
+    """Grad-CAM PNGs per selected image (gradcam/<decision>/) and one overview figure.
+
+    ``models`` maps a fold number (or None) to its model; a row uses its fold's model.
+    """
+    import matplotlib.pyplot as plt
+
+    from .plots import _save
+
+    if per_class <= 0 or table.empty:
+        return None
+    chosen = select(table, classes, per_class)
+    if chosen.empty:
+        return None
+    panels = []
+    for _, row in chosen.iterrows():
+        model = models.get(row["fold"] if "fold" in row and row["fold"] in models else None)
+        if model is None:
+            model = next(iter(models.values()))
+        try:
+            img = load_array(Path(row["PATH"]), prep)
+        except ImageReadError:
+            continue
+        x = to_input(torch.from_numpy(img[None]), norm, device, channels_last=prep.recipe != "legacy")
+        probs = row[classes].to_numpy(dtype=float)
+        target = int(np.argmax(probs))
+        cam = gradcam(model.to(device), arch, x, target)
+        blended = overlay(img, cam)
+        decision = row["model_prediction"]
+        target_dir = out / "gradcam" / decision
+        target_dir.mkdir(parents=True, exist_ok=True)
+        name = Path(row["PATH"]).stem
+        plt.imsave(target_dir / f"{name}.png", blended)
+        panels.append((blended, row.get("CLASSIFICATION"), decision, classes[target], probs[target], name))
+    if not panels:
+        return None
+    cols = min(6, len(panels))
+    rows = int(np.ceil(len(panels) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(2.3 * cols, 2.7 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, (img, label, decision, target, p, name) in zip(axes.flat, panels):
+        ax.imshow(img)
+        head = f"true: {label}\n" if isinstance(label, str) and label else ""
+        ax.set_title(f"{head}{decision} (map for {target}, {p:.2f})", fontsize=7)
+        ax.text(0.5, -0.04, name[:28], transform=ax.transAxes, ha="center", va="top", fontsize=6)
+    fig.suptitle("Grad-CAM: where the model looked (red = most important)", fontsize=10)
+    fig.tight_layout()
+    return _save(fig, out / "plots" / "gradcam.png")
