@@ -131,3 +131,15 @@ def test_prototype_state_dict_needs_labels_and_must_match_them(tmp_path):
     assert loaded.norm.mean == (0.0, 0.0, 0.0) and loaded.norm.std == (1.0, 1.0, 1.0)
     with pytest.raises(ModelError, match="do not fit the architecture"):
         load_model(tmp_path / "proto.pt", target_labels=("a", "b", "c"), model_name="resnet34")
+
+
+def test_imagenet_weights_that_cannot_be_downloaded_give_a_clear_error(monkeypatch):
+    from torchvision.models._api import WeightsEnum
+
+    def offline(self, *a, **k):
+        raise OSError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(WeightsEnum, "get_state_dict", offline)
+    with pytest.raises(ModelError, match=r"pretrained: cannot get the ImageNet weights of resnet18 "
+                       r"\(OSError.*pretrained: false"):
+        build_model("resnet18", 3, pretrained=True)

@@ -140,3 +140,28 @@ def test_unwritable_output_via_the_script_is_one_line(tmp_path, tiny_data):
     r = run_script("train_thumbclassifier.py", str(exp), "--output", str(tmp_path / "blocker" / "x"))
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
     assert "cannot write the results folder" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    exp = write_yaml(tmp_path / "e.yaml", "thumbData: nowhere\n")
+    r = run_script("train_thumbclassifier.py", str(exp), "--debug")
+    assert r.returncode == 2 and "Traceback" in r.stderr and "thumbData not found" in r.stderr
+
+
+def test_rare_classes_are_reported(caplog):
+    from thumbclf.train import report_rare_classes
+
+    assert report_rare_classes({"A": 100, "B": 90, "C": 5}, "loss") == ["C"]
+    assert "rare classes: C (5 images, 3%)" in caplog.text
+    assert report_rare_classes({"A": 10, "B": 9}, "none") == []
+
+
+def test_a_run_that_failed_before_any_result_can_simply_be_run_again(tmp_path, tiny_data):
+    exp = write_yaml(tmp_path / "e.yaml", f"thumbData: {tmp_path / 'missing.csv'}\n{FAST}"
+                     "trainFull: true\n")
+    r = run_script("train_thumbclassifier.py", str(exp))
+    assert r.returncode == 2 and (tmp_path / "e" / "run.log").is_file()
+    exp.write_text(exp.read_text().replace(str(tmp_path / "missing.csv"), str(tiny_data)))
+    r = run_script("train_thumbclassifier.py", str(exp))
+    assert r.returncode == 0, r.stderr
+    assert "thumbData not found" in (tmp_path / "e" / "run.log").read_text()  # log kept, appended

@@ -10,7 +10,6 @@ import argparse
 import logging
 import signal
 import sys
-import traceback
 from pathlib import Path
 
 from .config import DEPLOY, TRAIN, load_params
@@ -74,20 +73,18 @@ def main(workflow: str, argv: list[str] | None = None) -> int:
         run(params, resume=args.resume, quiet=args.quiet or not sys.stderr.isatty())
         return 0
     except ThumbclfError as exc:
-        if args.debug:
-            traceback.print_exc()
+        log.debug("stopped with an error: %s", exc, exc_info=True)  # run.log; console if --debug
         for line in str(exc).splitlines():
             print(f"error: {line}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
+        log.debug("interrupted (Ctrl-C or SIGTERM)")
         where = f" in {folder}" if folder else ""
         print(f"\ninterrupted: finished work is kept{where}; continue with the same command "
               "plus --resume", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as exc:  # noqa: BLE001 - last resort: one line, traceback in run.log
-        logging.getLogger("thumbclf").debug("unexpected error", exc_info=True)
-        if args.debug:
-            traceback.print_exc()
+        log.debug("unexpected error", exc_info=True)  # run.log; console if --debug
         print(f"error: unexpected {type(exc).__name__}: {exc} (a bug in thumbclf? the "
               "traceback is in run.log; --debug shows it)", file=sys.stderr)
         return EXIT_BUG

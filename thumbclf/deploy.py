@@ -124,7 +124,8 @@ def predict_stream(models, sample_set: SampleSet, folder: Path, *, params: Deplo
     prep = models[0].prep
     cache_dir = params.cache_dir or folder / "cache"
     paths = [sample_set.samples[i].path for i in todo]
-    loader = stream_loader(paths, prep, batch_size=params.batch_size, workers=workers,
+    batch = params.batch_size * (4 if device.type == "cuda" else 1)  # inference: no gradients
+    loader = stream_loader(paths, prep, batch_size=batch, workers=workers,
                            pin_memory=device.type == "cuda", slide_cache=cache_dir / "slides")
     for m in models:
         m.model.to(device)
@@ -227,7 +228,6 @@ def run(params: DeployParams, *, resume: bool = False, quiet: bool = False) -> P
     if resume and (folder / "predictions.csv").is_file() and not (folder / PARTIAL).is_file():
         raise OutputError(f"{folder}: this deploy finished already (predictions.csv is "
                           "complete); nothing to resume. Use --output NEW_FOLDER for a new run")
-    write_config(params, folder, resume)
     models = load_models(params)
     classes = models[0].classes
     clash = sorted(set(classes) & RESERVED_COLUMNS)
@@ -241,6 +241,7 @@ def run(params: DeployParams, *, resume: bool = False, quiet: bool = False) -> P
         if unknown:
             log.warning("labels the model does not know (counted as errors in the metrics): %s",
                         ", ".join(unknown))
+    write_config(params, folder, resume)
     threshold, why = choose_threshold(params, models)
     log.info("%d images; model classes: %s; threshold %.3f (%s)", len(sample_set),
              ", ".join(classes), threshold, why)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -204,14 +205,27 @@ def fit(model: nn.Module, *, train_batches: Batches, val_batches: Batches, n_tra
         bn_batches: Batches | None = None,
         optimizer: torch.optim.Optimizer, criterion: nn.Module, val_criterion: nn.Module,
         stopper: EarlyStopping, norm: Normalisation, device: torch.device,
-        gen: torch.Generator | None,
-        quiet: bool = False, label: str = "", on_epoch: Callable[[dict], None] | None = None
+        gen: torch.Generator | None, quiet: bool = False, label: str = "",
+        on_epoch: Callable[[dict], None] | None = None, resume: dict | None = None
         ) -> FitResult:
-    """Train until early stopping; keep the best epoch's weights (lowest validation loss)."""
+    """Train until early stopping; keep the best epoch's weights (lowest validation loss).
+
+    ``on_epoch`` receives a checkpoint after every epoch (weights, optimizer, early stopping,
+    history, best epoch); passing it back as ``resume`` continues from there.
+    """
     scaler = None
     if device.type == "cuda" and not torch.cuda.is_bf16_supported():
         scaler = torch.amp.GradScaler("cuda")
     result = FitResult()
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        for k, v in resume["stopper"].items():
+            setattr(stopper, k, v)
+        result.history = list(resume["history"])
+        result.best_state = resume["best_state"]
+        result.val_logits = resume["val_logits"].numpy() if resume["val_logits"] is not None else None
+        log.info("%scontinuing after epoch %d", label, stopper.epoch)
     while not stopper.should_stop:
         epoch = stopper.epoch + 1
         epoch_start = time.perf_counter()
@@ -238,7 +252,11 @@ def fit(model: nn.Module, *, train_batches: Batches, val_batches: Batches, n_tra
                  label, epoch, tr.loss, tr.accuracy, va.loss, va.accuracy, row["seconds"],
                  " *" if improved else "")
         if on_epoch is not None:
-            on_epoch(row)
+            on_epoch({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                      "stopper": dataclasses.asdict(stopper), "history": result.history,
+                      "best_state": result.best_state,
+                      "val_logits": None if result.val_logits is None
+                      else torch.from_numpy(result.val_logits)})
     result.best_epoch = stopper.best_epoch
     if result.best_state is not None:
         model.load_state_dict(result.best_state)

@@ -18,11 +18,20 @@ from .errors import OutputError
 log = logging.getLogger(__name__)
 
 
+SETUP_ONLY = {"run.log", "config.yaml", "cache", ".write-test"}  # a run that never got going
+
+
 def prepare_output(folder: Path, *, resume: bool) -> None:
-    """Create the results folder; refuse a non-empty one unless resuming."""
+    """Create the results folder; refuse one with results in it unless resuming.
+
+    A folder holding only what a failed start leaves (run.log, config.yaml, the experiment
+    copy, caches) is reused, so fixing the input and running again just works.
+    """
     if folder.exists() and not folder.is_dir():
         raise OutputError(f"{folder}: exists and is not a folder; choose another --output")
-    if folder.is_dir() and any(folder.iterdir()) and not resume:
+    if folder.is_dir() and not resume and any(p.name not in SETUP_ONLY and not
+                                              p.name.startswith("experiment.")
+                                              for p in folder.iterdir()):
         raise OutputError(f"{folder}: results folder is not empty; thumbclf never overwrites a "
                           "run. Use --resume to continue it, or --output NEW_FOLDER")
     if resume and not folder.is_dir():

@@ -22,7 +22,7 @@ from .engine import EarlyStopping, fit, fit_temperature, pick_device, predict_lo
 from .errors import ConfigError, DataError
 from .images import Preprocessing
 from .models import ARCHS, arch_name, build_model, freeze, imagenet_normalisation, load_ssl, save_model
-from .results import atomic_csv, atomic_text, atomic_yaml
+from .results import atomic_csv, atomic_text, atomic_torch_save, atomic_yaml
 from .samples import SampleSet, check_class_sizes, discover
 from .data import training_batches
 
@@ -86,6 +86,20 @@ def load_images(params, sample_set: SampleSet, prep: Preprocessing, folder: Path
     return decoded
 
 
+def report_rare_classes(counts: dict[str, int], balance: str) -> list[str]:
+    """Warn about classes with under a third of the average class size; return their names."""
+    mean = sum(counts.values()) / max(len(counts), 1)
+    rare = [c for c, n in counts.items() if n < mean / 3]
+    if rare:
+        how = {"loss": "the loss weights them up (class_balance: loss)",
+               "sampler": "they are drawn more often (class_balance: sampler)",
+               "none": "nothing compensates (class_balance: none)"}[balance]
+        log.warning("rare classes: %s; %s. Check their per-class sensitivity in the report",
+                    ", ".join(f"{c} ({counts[c]} images, {counts[c] / sum(counts.values()):.0%})"
+                              for c in rare), how)
+    return rare
+
+
 def class_weights(y: np.ndarray, n_classes: int) -> np.ndarray:
     """Inverse class frequency weights, mean 1 over the images (balanced)."""
     counts = np.bincount(y, minlength=n_classes).astype(float)
@@ -101,7 +115,7 @@ def configure_threads(device: torch.device) -> None:
 
 def train_fold(params: TrainParams, *, decoded, y: np.ndarray, classes: tuple[str, ...],
                train_pos: np.ndarray, val_pos: np.ndarray, fold: int, device: torch.device,
-               prep: Preprocessing, quiet: bool):
+               prep: Preprocessing, quiet: bool, checkpoint: Path | None = None):
     """Build, freeze, fit, calibrate one model; return it with its history and metadata."""
     torch.manual_seed(params.seed * 1000 + fold)
     rng = np.random.default_rng([params.seed, fold])
@@ -142,11 +156,24 @@ def train_fold(params: TrainParams, *, decoded, y: np.ndarray, classes: tuple[st
 
     stopper = EarlyStopping(params.patience, params.stop_epoch, params.max_epochs)
 
+    def save_checkpoint(state: dict) -> None:  # every epoch, with the random generators
+        state.update(np_rng=json.dumps(rng.bit_generator.state), torch_gen=gen.get_state(),
+                     torch_rng=torch.get_rng_state(), fold=fold)
+        atomic_torch_save(state, checkpoint)
+
+    resume_state = None
+    if checkpoint is not None and checkpoint.is_file():
+        resume_state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        rng.bit_generator.state = json.loads(resume_state["np_rng"])
+        gen.set_state(resume_state["torch_gen"])
+        torch.set_rng_state(resume_state["torch_rng"])
     result = fit(model, train_batches=train_batches, val_batches=val_batches,
                  n_train_batches=n_batches, bn_batches=bn_batches, optimizer=optimizer,
-                 criterion=criterion, val_criterion=val_criterion, stopper=stopper, norm=norm, device=device,
-                 gen=gen if params.augment else None, quiet=quiet,
-                 label=f"fold {fold}: " if fold else "")
+                 criterion=criterion, val_criterion=val_criterion, stopper=stopper, norm=norm,
+                 device=device, gen=gen if params.augment else None, quiet=quiet,
+                 label=f"fold {fold}: " if fold else "",
+                 on_epoch=save_checkpoint if checkpoint is not None else None,
+                 resume=resume_state)
     val_logits = result.val_logits if result.val_logits is not None else np.zeros((0, len(classes)))
     y_val = y[val_pos]
     temperature = fit_temperature(val_logits, y_val) if params.calibrate else 1.0
@@ -222,6 +249,7 @@ def run(params: TrainParams, *, resume: bool = False, quiet: bool = False) -> Pa
     write_config(params, folder, resume)
     log.info("%d images in %d classes: %s", len(sample_set), len(sample_set.classes),
              ", ".join(f"{k} {v}" for k, v in sample_set.counts().items()))
+    report_rare_classes(sample_set.counts(), params.class_balance)
     device = pick_device(params.device)
     configure_threads(device)
     log.info("device: %s%s", device, f" ({torch.get_num_threads()} threads)" if device.type == "cpu" else "")
@@ -271,7 +299,8 @@ def run(params: TrainParams, *, resume: bool = False, quiet: bool = False) -> Pa
                  "" if fold == 0 else f", {len(splitting.positions(split_df, fold, 'test'))} test")
         model, result, norm, temperature, threshold, meta = train_fold(
             params, decoded=decoded, y=y, classes=classes, train_pos=train_pos, val_pos=val_pos,
-            fold=fold, device=device, prep=prep, quiet=quiet)
+            fold=fold, device=device, prep=prep, quiet=quiet,
+            checkpoint=fdir / "checkpoint.pt")
         atomic_csv(pd.DataFrame(result.history), fdir / "history.csv")
         eval_pos = val_pos if fold == 0 else splitting.positions(split_df, fold, "test")
         logits, _ = predict_logits(model, training_batches(
@@ -283,6 +312,7 @@ def run(params: TrainParams, *, resume: bool = False, quiet: bool = False) -> Pa
         save_model(model_file, model, arch=arch, classes=classes, prep=prep, norm=norm,
                    threshold=threshold, temperature=temperature, meta=meta)
         atomic_csv(table, pred_file)  # written last: its presence marks the fold finished
+        (fdir / "checkpoint.pt").unlink(missing_ok=True)
         log.info("%s: best epoch %d, temperature %.2f, model %s", fdir.name, result.best_epoch,
                  temperature, model_file)
         tables.append(table)
