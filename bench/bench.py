@@ -196,6 +196,11 @@ def main() -> None:
           f"{rate:6.1f} img/s = {rate / infer_limit:5.1%} of model limit "
           f"(whole command incl. start-up and report {dep['wall_s']:.1f}s)")
 
+    for kind in ("jpg", "png"):
+        d = thumbclf_deploy(table.parent / kind, tr["model"], args.batch, device.type, kind)
+        r = d["images"] / d["predict_s"]
+        print(f"   {kind.upper()} files only ({d['images']}): {r:6.1f} img/s = {r / infer_limit:5.1%} of model limit")
+
     if args.memory:
         print("\n3. deployment peak memory (main process):")
         for n in [int(v) for v in args.memory.split(",") if v]:

@@ -274,13 +274,16 @@ def run(params: DeployParams, *, resume: bool = False, quiet: bool = False) -> P
         made = sort_copies(items, folder / "sorted", with_slides=params.sort_slides)
         log.info("sorted copies of %d files into %s", made, folder / "sorted")
     extra = explain_section(folder, table, models, params, device)
+    notes = [f"Threshold {threshold:.3f} ({why}); "
+             f"{len(models)} model{'s averaged' if len(models) > 1 else ''}"
+             f"{'; test-time augmentation (8 flips/rotations)' if params.tta else ''}."]
     if params.has_labels:
         evaluate_run(folder, table[table["error"] == ""], classes=classes, params=params,
                      kind="deploy", sample_set=sample_set, split_df=None, failures=failed,
-                     extra_sections=extra)
+                     extra_sections=extra, notes=notes)
     else:
         summarise_decisions(folder, table, classes=classes, params=params, failures=failed,
-                            extra_sections=extra)
+                            extra_sections=extra, notes=notes)
     return folder
 
 

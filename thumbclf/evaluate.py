@@ -102,7 +102,9 @@ def _data_summary(df: pd.DataFrame, classes: list[str], split_df: pd.DataFrame |
         piv = split_df.assign(where=lambda d: d["fold"].map(lambda f: "full" if f == 0 else f"fold {f}")
                               + " " + d["role"])
         parts.append("<p>Images per class in each fold (train / validation / test):</p>")
-        parts.append(report.table(pd.crosstab(piv["CLASSIFICATION"], piv["where"])))
+        counts = pd.crosstab(piv["CLASSIFICATION"], piv["where"])
+        counts.index.name, counts.columns.name = "class", None
+        parts.append(report.table(counts))
     if failures:
         parts.append(f"<div class=note>{failures} images could not be read; see the error "
                      "column of predictions.csv and run.log.</div>")
@@ -114,7 +116,8 @@ def evaluate_table(df: pd.DataFrame, classes: list[str], out: Path, *, threshold
                    histories: dict[str, pd.DataFrame] | None = None, title: str = "thumbclf",
                    kind: str = "evaluation", params: dict[str, Any] | None = None,
                    split_df: pd.DataFrame | None = None, failures: int = 0,
-                   extra_sections: list[tuple[str, str]] = ()) -> dict[str, Any]:
+                   extra_sections: list[tuple[str, str]] = (), notes: list[str] = ()
+                   ) -> dict[str, Any]:
     """Write metrics, confusion matrices, plots and the report for one labelled table."""
     if threshold is not None:
         df = df.assign(model_prediction=decide(df[classes].to_numpy(float), classes, threshold))
@@ -122,6 +125,7 @@ def evaluate_table(df: pd.DataFrame, classes: list[str], out: Path, *, threshold
         float(df["threshold"].median()) if "threshold" in df and len(df) else None)
     m = M.compute(df, classes, threshold=None, resamples=resamples, seed=seed)
     m["threshold"] = used
+    m["notes"] = list(notes) + m["notes"]
     scopes = {"all": m}
     if "fold" in df.columns and df["fold"].nunique() > 1:
         for f, part in df.groupby("fold"):
@@ -159,6 +163,7 @@ def evaluate_table(df: pd.DataFrame, classes: list[str], out: Path, *, threshold
                                "macro AUROC (ovr)": mm["macro_auroc_ovr"],
                                "coverage": mm["coverage"], "accuracy (decided)": mm["accuracy_decided"],
                                "macro F1": mm["macro_f1"]} for s, mm in scopes.items()}).T
+        ft["n"] = ft["n"].astype(int)
         fold_table = "<p>Per fold (each fold's test images; 'all' = pooled):</p>" + report.table(ft)
     thr_text = (f"<p>Threshold in use: <b>{used:.3f}</b>. On this data a threshold of "
                 f"{report.fmt(m['threshold_for_95'])} would reach 95% accuracy and "
@@ -206,7 +211,7 @@ def _jsonable(o):
 
 
 def evaluate_run(folder: Path, table: pd.DataFrame, *, classes, params, kind: str, sample_set,
-                 split_df, failures: int = 0, extra_sections=()) -> dict[str, Any]:
+                 split_df, failures: int = 0, extra_sections=(), notes=()) -> dict[str, Any]:
     """Evaluation after training or a labelled deploy, with the run's settings."""
     from .config import params_to_dict
 
@@ -228,11 +233,12 @@ def evaluate_run(folder: Path, table: pd.DataFrame, *, classes, params, kind: st
                           yt=yt, resamples=params.bootstrap, seed=params.seed,
                           histories=histories, title=f"thumbclf — {params.source.stem}",
                           kind=titles.get(kind, kind), params=params_to_dict(params),
-                          split_df=split_named, failures=failures, extra_sections=extra_sections)
+                          split_df=split_named, failures=failures, extra_sections=extra_sections,
+                          notes=notes)
 
 
 def summarise_decisions(folder: Path, table: pd.DataFrame, *, classes, params, failures: int,
-                        extra_sections=()) -> None:
+                        extra_sections=(), notes=()) -> None:
     """Deploy without labels: the distribution of decisions, as a table, a plot and a report."""
     from .config import params_to_dict
 
@@ -254,7 +260,7 @@ def summarise_decisions(folder: Path, table: pd.DataFrame, *, classes, params, f
                 ("Undecided", report.img(gallery, "undecided") or "<p>No Undecided slides.</p>")]
     report.write(folder / "report.html", title=f"thumbclf — {params.source.stem}",
                  kind="Deployment without labels", params=params_to_dict(params),
-                 data_summary=data, sections=sections + list(extra_sections), notes=[])
+                 data_summary=data, sections=sections + list(extra_sections), notes=list(notes))
 
 
 def main(argv: list[str] | None = None) -> int:

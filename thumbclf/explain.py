@@ -73,7 +73,7 @@ def write_gallery(models: dict, table: pd.DataFrame, classes: list[str], *, prep
     """
     import matplotlib.pyplot as plt
 
-    from .plots import _save
+    from .plots import _save, image_grid
 
     if per_class <= 0 or table.empty:
         return None
@@ -89,7 +89,7 @@ def write_gallery(models: dict, table: pd.DataFrame, classes: list[str], *, prep
             img = load_array(Path(row["PATH"]), prep)
         except ImageReadError:
             continue
-        x = to_input(torch.from_numpy(img[None]), norm, device, channels_last=prep.recipe != "legacy")
+        x = to_input(torch.from_numpy(img[None].copy()), norm, device, channels_last=prep.recipe != "legacy")
         probs = row[classes].to_numpy(dtype=float)
         target = int(np.argmax(probs))
         cam = gradcam(model.to(device), arch, x, target)
@@ -102,12 +102,8 @@ def write_gallery(models: dict, table: pd.DataFrame, classes: list[str], *, prep
         panels.append((blended, row.get("CLASSIFICATION"), decision, classes[target], probs[target], name))
     if not panels:
         return None
-    cols = min(6, len(panels))
-    rows = int(np.ceil(len(panels) / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(2.3 * cols, 2.7 * rows), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, (img, label, decision, target, p, name) in zip(axes.flat, panels):
+    fig, axes = image_grid(len(panels))
+    for ax, (img, label, decision, target, p, name) in zip(axes, panels):
         ax.imshow(img)
         head = f"true: {label}\n" if isinstance(label, str) and label else ""
         ax.set_title(f"{head}{decision} (map for {target}, {p:.2f})", fontsize=7)

@@ -27,21 +27,19 @@ CHUNK = 100  # resamples evaluated together
 # ---------------------------------------------------------------------------- weighted ROC/AP
 
 
-def _groups(scores: np.ndarray):
-    """Order by descending score and the boundaries of groups of tied scores."""
+def _cumulative(scores: np.ndarray, positive: np.ndarray, weights: np.ndarray):
+    """Weighted true/false positive counts at each distinct score, highest score first."""
     order = np.argsort(-scores, kind="mergesort")
     s = scores[order]
-    last = np.r_[np.flatnonzero(np.diff(s) != 0), len(s) - 1]  # last index of each group
-    return order, last
+    last = np.r_[np.flatnonzero(np.diff(s) != 0), len(s) - 1]  # last index of each tie group
+    w = weights[:, order]
+    pos = positive[order].astype(float)
+    return np.cumsum(w * pos, axis=1)[:, last], np.cumsum(w * (1 - pos), axis=1)[:, last]
 
 
 def weighted_auroc(scores: np.ndarray, positive: np.ndarray, weights: np.ndarray) -> np.ndarray:
     """AUROC for each row of ``weights`` (resamples x images); NaN where a class is missing."""
-    order, last = _groups(scores)
-    w = weights[:, order]
-    pos = positive[order].astype(float)
-    tp = np.cumsum(w * pos, axis=1)[:, last]
-    fp = np.cumsum(w * (1 - pos), axis=1)[:, last]
+    tp, fp = _cumulative(scores, positive, weights)
     P, N = tp[:, -1:], fp[:, -1:]
     tp0 = np.concatenate([np.zeros_like(P), tp], axis=1)
     fp0 = np.concatenate([np.zeros_like(N), fp], axis=1)
@@ -54,11 +52,7 @@ def weighted_auroc(scores: np.ndarray, positive: np.ndarray, weights: np.ndarray
 
 def weighted_ap(scores: np.ndarray, positive: np.ndarray, weights: np.ndarray) -> np.ndarray:
     """Average precision (step-wise, as scikit-learn) for each row of ``weights``."""
-    order, last = _groups(scores)
-    w = weights[:, order]
-    pos = positive[order].astype(float)
-    tp = np.cumsum(w * pos, axis=1)[:, last]
-    fp = np.cumsum(w * (1 - pos), axis=1)[:, last]
+    tp, fp = _cumulative(scores, positive, weights)
     P = tp[:, -1:]
     with np.errstate(invalid="ignore", divide="ignore"):
         precision = np.where(tp + fp > 0, tp / (tp + fp), 0.0)

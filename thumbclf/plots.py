@@ -82,6 +82,9 @@ def reliability(metrics: dict[str, Any], path: Path) -> Path:
         ax.bar(bins["lo"], bins["accuracy"], width=width, align="edge", alpha=0.6,
                edgecolor="black", label="accuracy in bin")
         ax.plot(bins["confidence"], bins["accuracy"], "o", color="black", ms=3)
+        for _, b in bins.iterrows():  # how many slides stand behind each bar
+            ax.text((b["lo"] + b["hi"]) / 2, min(b["accuracy"] + 0.02, 0.95), f"n={int(b['n'])}",
+                    ha="center", fontsize=6, rotation=90)
     ece = metrics.get("ece")
     ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence (highest probability)",
            ylabel="accuracy", aspect="equal",
@@ -127,16 +130,22 @@ def training_curves(histories: dict[str, pd.DataFrame], path: Path) -> Path:
     return _save(fig, path)
 
 
+def image_grid(n: int):
+    """A figure with n image panels, six per row, axes hidden."""
+    cols = min(6, n)
+    rows = int(np.ceil(n / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(2.3 * cols, 2.7 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    return fig, list(axes.flat)
+
+
 def gallery(items: list[dict[str, Any]], path: Path, title: str, thumb_loader) -> Path | None:
     """Small thumbnails with true label, decision and probability (most confident first)."""
     if not items:
         return None
-    cols = min(6, len(items))
-    rows = int(np.ceil(len(items) / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.6 * rows), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, it in zip(axes.flat, items):
+    fig, axes = image_grid(len(items))
+    for ax, it in zip(axes, items):
         img = thumb_loader(it["path"])
         if img is not None:
             ax.imshow(img)

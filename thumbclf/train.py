@@ -324,8 +324,15 @@ def run(params: TrainParams, *, resume: bool = False, quiet: bool = False) -> Pa
         table, kind = pd.concat(tables, ignore_index=True), "cross-validation"
         atomic_csv(table, folder / "predictions.csv")
     extra = explain_section(folder, table, classes, params, prep, device)
+    notes = []
+    if params.target_accuracy is not None:
+        per = table.groupby("fold")["threshold"].first() if "fold" in table else table["threshold"].iloc[:1]
+        notes.append(f"Thresholds chosen to reach {params.target_accuracy:.1%} accuracy on each "
+                     "validation split (target_accuracy): "
+                     + ", ".join(f"{'fold ' + str(k) + ' ' if 'fold' in table else ''}{v:.3f}"
+                                 for k, v in per.items()) + "; the coverage they give is below.")
     evaluate_run(folder, table, classes=classes, params=params, kind=kind,
-                 sample_set=sample_set, split_df=split_df, extra_sections=extra)
+                 sample_set=sample_set, split_df=split_df, extra_sections=extra, notes=notes)
     timings = {"decode_seconds": round(decoded.seconds, 3),
                "total_seconds": round(time.perf_counter() - started, 3), "images": len(sample_set)}
     atomic_text(json.dumps(timings, indent=1), folder / "timings.json")
