@@ -1,6 +1,5 @@
 import numpy as np
 import pytest
-import torch
 
 from thumbclf.decide import UNDECIDED, decide, threshold_for_accuracy
 from thumbclf.engine import EarlyStopping, fit_temperature, softmax

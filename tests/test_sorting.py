@@ -1,6 +1,4 @@
-from pathlib import Path
 
-import pytest
 
 from thumbclf.sorting import safe_name, sort_copies
 

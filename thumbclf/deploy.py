@@ -23,10 +23,9 @@ from .decide import UNDECIDED, decide
 from .engine import autocast, pick_device, softmax
 from .errors import ModelError, OutputError
 from .models import LoadedModel, load_model
-from .results import atomic_csv, atomic_text, copy_verified
-from .samples import SampleSet, discover
+from .results import atomic_csv, atomic_text, copy_verified, write_config
+from .samples import SampleSet, check_class_names, discover
 from .sorting import sort_copies
-from .train import RESERVED_COLUMNS, write_config
 
 log = logging.getLogger(__name__)
 PARTIAL = "predictions.partial.csv"
@@ -230,10 +229,7 @@ def run(params: DeployParams, *, resume: bool = False, quiet: bool = False) -> P
                           "complete); nothing to resume. Use --output NEW_FOLDER for a new run")
     models = load_models(params)
     classes = models[0].classes
-    clash = sorted(set(classes) & RESERVED_COLUMNS)
-    if clash:
-        raise ModelError(f"{models[0].path}: class names {', '.join(clash)} collide with "
-                         "predictions-table columns")
+    check_class_names(classes, models[0].path)
     sample_set = discover(params.thumb_data, need_labels=params.has_labels,
                           target_labels=params.target_labels if params.has_labels else None)
     if params.has_labels:

@@ -106,6 +106,30 @@ def copy_verified(src: Path, dst: Path) -> None:
         raise OutputError(f"{dst}: cannot copy {src} ({exc.strerror or exc})") from None
 
 
+def write_config(params, folder: Path, resume: bool) -> None:
+    """config.yaml (resolved params) and a verbatim copy of the experiment file.
+
+    On --resume the settings must equal the interrupted run's.
+    """
+    from .config import params_to_dict
+    from .errors import ConfigError
+
+    resolved = params_to_dict(params)
+    resolved.pop("output", None)
+    cfg = folder / "config.yaml"
+    if resume and cfg.is_file():
+        old = yaml.safe_load(cfg.read_text())
+        changed = sorted(k for k in set(old) | set(resolved)
+                         if old.get(k) != resolved.get(k) and k != "source")
+        if changed:
+            raise ConfigError(f"{params.source}: differs from the interrupted run in "
+                              f"{', '.join(changed)}; --resume needs the same settings (or start "
+                              "a new run with --output)")
+        return
+    atomic_yaml(resolved, cfg)
+    atomic_bytes(params.source.read_bytes(), folder / f"experiment{params.source.suffix}")
+
+
 def setup_logging(folder: Path | None, *, quiet: bool = False, debug: bool = False) -> None:
     """INFO (WARNING if quiet) to the console; DEBUG to <folder>/run.log."""
     root = logging.getLogger()

@@ -20,6 +20,10 @@ INPUT_SUFFIXES = IMAGE_SUFFIXES + SLIDE_SUFFIXES
 TABLE_SUFFIXES = (".csv", ".tsv", ".xlsx", ".xls")
 
 
+RESERVED_COLUMNS = {"PATH", "CLASSIFICATION", "PATIENT", "fold", "model_prediction", "error",
+                    "confidence", "row", "threshold", "Undecided"}
+
+
 @dataclass(frozen=True)
 class Sample:
     """One input image or slide; ``row`` is the table's row number (header = row 1)."""
@@ -239,3 +243,11 @@ def check_class_sizes(sample_set: SampleSet, folds: int) -> None:
                             "via target_labels")
     if problems:
         raise DataError(f"{sample_set.source}: " + "; ".join(problems))
+
+
+def check_class_names(classes: tuple[str, ...], source: Path) -> None:
+    """Class names become column names: they must not collide with the table's own columns."""
+    clash = sorted(set(classes) & RESERVED_COLUMNS)
+    if clash:
+        raise DataError(f"{source}: class names {', '.join(clash)} are reserved column names of "
+                        "the predictions table; rename those classes")

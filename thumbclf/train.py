@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import shutil
 import time
 from pathlib import Path
 
@@ -17,47 +16,16 @@ from torch import nn
 
 from . import cache, splits as splitting
 from .config import TrainParams, params_to_dict
-from .decide import UNDECIDED, decide, threshold_for_accuracy
+from .decide import decide, threshold_for_accuracy
 from .engine import EarlyStopping, fit, fit_temperature, pick_device, predict_logits, softmax
-from .errors import ConfigError, DataError
+from .errors import DataError
 from .images import Preprocessing
 from .models import ARCHS, arch_name, build_model, freeze, imagenet_normalisation, load_ssl, save_model
-from .results import atomic_csv, atomic_text, atomic_torch_save, atomic_yaml
-from .samples import SampleSet, check_class_sizes, discover
+from .results import atomic_csv, atomic_text, atomic_torch_save, write_config
+from .samples import SampleSet, check_class_names, check_class_sizes, discover
 from .data import training_batches
 
 log = logging.getLogger(__name__)
-RESERVED_COLUMNS = {"PATH", "CLASSIFICATION", "PATIENT", "fold", "model_prediction", "error",
-                    "confidence", "row", UNDECIDED}
-
-
-def check_class_names(classes: tuple[str, ...], source: Path) -> None:
-    """Class names become column names: they must not collide with the table's own columns."""
-    clash = sorted(set(classes) & RESERVED_COLUMNS)
-    if clash:
-        raise DataError(f"{source}: class names {', '.join(clash)} are reserved column names of "
-                        "the predictions table; rename those classes")
-
-
-def write_config(params, folder: Path, resume: bool) -> None:
-    """config.yaml (resolved) and a verbatim copy of the experiment file; on resume, compare."""
-    resolved = params_to_dict(params)
-    resolved.pop("output", None)
-    cfg = folder / "config.yaml"
-    if resume and cfg.is_file():
-        import yaml
-
-        old = yaml.safe_load(cfg.read_text())
-        changed = sorted(k for k in set(old) | set(resolved) if old.get(k) != resolved.get(k)
-                         and k != "source")
-        if changed:
-            raise ConfigError(f"{params.source}: differs from the interrupted run in "
-                              f"{', '.join(changed)}; --resume needs the same settings (or start "
-                              "a new run with --output)")
-        return
-    atomic_yaml(resolved, cfg)
-    copy = folder / f"experiment{params.source.suffix}"
-    shutil.copyfile(params.source, copy)
 
 
 def load_images(params, sample_set: SampleSet, prep: Preprocessing, folder: Path, *,
