@@ -108,7 +108,7 @@ def test_slides_and_thumbnails_train_and_deploy_together(tiny_data, tmp_path):
                      "slide_thumbnail_size: 512\nnum_workers: 2\n")
     r = run_script("train_thumbclassifier.py", str(exp))
     assert r.returncode == 0, r.stderr
-    assert len(list((tmp_path / "t" / "cache" / "slides").glob("*.png"))) == 6 + len(REAL_SLIDES)
+    assert len(list((tmp_path / "thumbclf-cache" / "slides").glob("*.png"))) == 6 + len(REAL_SLIDES)
     (tmp_path / "broken.svs").write_bytes(b"junk" * 100)
     pd.concat([table, pd.DataFrame([{"PATH": str(tmp_path / "broken.svs"),
                                      "CLASSIFICATION": "IHC", "PATIENT": "B"}])]

@@ -9,6 +9,7 @@ No torch import: workers stay light.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -170,6 +171,28 @@ def build(paths: list[Path], prep: Preprocessing, *, mode: str = "auto",
         log.info("decoded %d images into memory (%.0f MB)", n, array.nbytes / 1e6)
         return DecodedImages(array, rows, errors, time.perf_counter() - start)
 
+    with _locked(cache_dir):  # two runs sharing a cache folder take turns
+        return _build_on_disk(paths, prep, cache_dir, slide_dir, workers, quiet, start)
+
+
+@contextlib.contextmanager
+def _locked(folder: Path):
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "a+") as handle:
+        try:
+            import fcntl
+
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        except ImportError:  # Windows: no advisory locks; do not share a cache between runs
+            pass
+        yield
+
+
+def _build_on_disk(paths, prep, cache_dir, slide_dir, workers, quiet, start) -> DecodedImages:
+    import time
+
+    n = len(paths)
+    errors: dict[int, str] = {}
     store = _DiskStore(cache_dir, prep)
     keys = [file_key(p) for p in paths]
     rows = np.full(n, -1, dtype=np.int64)

@@ -103,7 +103,7 @@ KEYS: tuple[Key, ...] = (
     Key("cache", "choice", "auto", "Decoded-image cache: 'memory', 'disk' (memory-mapped file) "
         "or 'auto' (memory when it fits).", (), (TRAIN,), choices=("auto", "memory", "disk")),
     Key("cache_dir", "path", None, "Folder of the on-disk caches (decoded images, slide "
-        "thumbnails); reused across runs. Default: <results>/cache.", ()),
+        "thumbnails), reused across runs. Default: thumbclf-cache/ beside the results folder.", ()),
     Key("max_failed_fraction", "float", 0.05, "Train: stop before training when more than this "
         "share of images cannot be read.", (), (TRAIN,), 0.0, 1.0),
     Key("max_image_pixels", "int", 400_000_000, "Refuse (non-JPEG) images with more pixels.",
@@ -145,6 +145,11 @@ class Params:
     slide_thumbnail_size: int = 1024
     export_thumbnails: bool = False
     given: frozenset[str] = field(default=frozenset(), compare=False)
+
+    @property
+    def cache_root(self) -> Path:
+        """Caches (slide thumbnails, decoded images) shared by the runs beside this one."""
+        return self.cache_dir or self.output.parent / "thumbclf-cache"
 
     @property
     def threshold(self) -> float:

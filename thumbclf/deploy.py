@@ -121,7 +121,7 @@ def predict_stream(models, sample_set: SampleSet, folder: Path, *, params: Deplo
     if device.type == "cpu":
         torch.set_num_threads(default_workers())
     prep = models[0].prep
-    cache_dir = params.cache_dir or folder / "cache"
+    cache_dir = params.cache_root
     paths = [sample_set.samples[i].path for i in todo]
     batch = params.batch_size * (4 if device.type == "cuda" else 1)  # inference: no gradients
     loader = stream_loader(paths, prep, batch_size=batch, workers=workers,
@@ -191,7 +191,7 @@ def final_table(sample_set: SampleSet, partial: Path, classes: tuple[str, ...],
 
 def slide_thumbnail_file(path: Path, params: DeployParams, models, folder: Path) -> Path:
     """The cached PNG thumbnail of a slide (rendered now if missing)."""
-    cache_dir = (params.cache_dir or folder / "cache") / "slides"
+    cache_dir = params.cache_root / "slides"
     size = models[0].prep.slide_size
     target = cache_dir / f"{slides.cache_key(path, size)}.png"
     if not target.is_file():

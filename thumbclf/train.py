@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 def load_images(params, sample_set: SampleSet, prep: Preprocessing, folder: Path, *,
                 mode: str, max_failed: float | None, quiet: bool):
     """Decode every image once; report failures; drop them (training) or keep them (deploy)."""
-    cache_dir = params.cache_dir or folder / "cache"
+    cache_dir = params.cache_root
     paths = [s.path for s in sample_set.samples]
     decoded = cache.build(paths, prep, mode=mode, cache_dir=cache_dir,
                           slide_cache=cache_dir / "slides", workers=params.num_workers,
