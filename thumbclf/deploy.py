@@ -95,6 +95,17 @@ def ensemble_probs(models: list[LoadedModel], x: torch.Tensor, device: torch.dev
     return total / len(models)
 
 
+def peak_memory_mb() -> float | None:
+    """This process's peak resident memory (Linux: VmHWM, which exec resets), else None."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return None
+
+
 def _done_positions(partial: Path) -> set[int]:
     if not partial.is_file():
         return set()
@@ -155,7 +166,8 @@ def predict_stream(models, sample_set: SampleSet, folder: Path, *, params: Deplo
         bar.close()
     secs = time.perf_counter() - start
     atomic_text(json.dumps({"predict_seconds": round(secs, 3), "images": len(todo),
-                            "workers": workers, "threads": torch.get_num_threads()}, indent=1),
+                            "workers": workers, "threads": torch.get_num_threads(),
+                            "peak_memory_mb": peak_memory_mb()}, indent=1),
                 folder / "timings.json")
     log.info("predicted %d images in %.1fs (%.1f images/s)%s", len(todo), secs,
              len(todo) / secs if secs else 0, f"; {n_err} could not be read" if n_err else "")

@@ -129,7 +129,7 @@ def train_one_epoch(model: nn.Module, batches: Iterable, *, optimizer: torch.opt
 
 @torch.no_grad()
 def recalibrate_bn(model: nn.Module, batches: Iterable, *, norm: Normalisation,
-                   device: torch.device, max_images: int = 512) -> None:
+                   device: torch.device, max_images: int = 256) -> None:
     """Re-estimate trainable BatchNorm statistics with the epoch's final weights ("precise BN").
 
     Running averages collected while the weights were still changing lag behind them; on small

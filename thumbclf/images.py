@@ -18,6 +18,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from .errors import DataError
 
 Image.MAX_IMAGE_PIXELS = None  # we apply our own, clearer limit (max_pixels)
+EXIF_ORIENTATION = 0x0112
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -95,7 +96,8 @@ def open_rgb(path: Path, *, target: int | None, max_pixels: int) -> Image.Image:
             raise ImageReadError(f"{path}: {w} x {h} pixels is more than max_image_pixels "
                                  f"({max_pixels:,}); shrink it, or raise max_image_pixels")
         img.load()
-        img = ImageOps.exif_transpose(img) or img
+        if img.getexif().get(EXIF_ORIENTATION, 1) != 1:  # exif_transpose copies even when upright
+            img = ImageOps.exif_transpose(img)
         return to_rgb(img)
     except ImageReadError:
         raise

@@ -118,9 +118,12 @@ def train_fold(params: TrainParams, *, decoded, y: np.ndarray, classes: tuple[st
         return training_batches(decoded, val_pos, y, batch_size=bs * 2, rng=rng, shuffle=False,
                                 drop_single=False)
 
+    bn_images = min(256, max(64, len(train_pos) // 10))  # a forward pass over these per epoch
+
     def bn_batches():  # unaugmented training images, shuffled, for BatchNorm statistics
-        return training_batches(decoded, train_pos, y, batch_size=bs, rng=np.random.default_rng(
-            [params.seed, fold, 1]), drop_single=True)
+        sample = np.random.default_rng([params.seed, fold, 1]).permutation(train_pos)[:bn_images]
+        return training_batches(decoded, sample, y, batch_size=bs, rng=np.random.default_rng(0),
+                                shuffle=False, drop_single=True)
 
     stopper = EarlyStopping(params.patience, params.stop_epoch, params.max_epochs)
 
