@@ -85,8 +85,11 @@ def _ci(values: np.ndarray) -> list[float | None]:
 
 
 def _safe(fn, *args, **kwargs) -> float | None:
+    """A scikit-learn metric, or None where it is undefined for this data."""
     try:
-        v = float(fn(*args, **kwargs))
+        with warnings.catch_warnings():  # e.g. "a single label was found": reported as notes
+            warnings.simplefilter("ignore", UserWarning)
+            v = float(fn(*args, **kwargs))
         return v if math.isfinite(v) else None
     except ValueError:
         return None
