@@ -56,3 +56,11 @@ def test_temperature_scaling_softens_overconfident_logits():
     nll = lambda T: -np.log(softmax(logits, T)[np.arange(400), y]).mean()  # noqa: E731
     assert nll(t) < nll(1.0)
     assert np.allclose(softmax(logits, t).sum(1), 1)
+
+
+def test_temperature_is_left_alone_on_tiny_splits_and_bounded_on_separable_ones():
+    y = np.arange(12) % 3
+    logits = np.eye(3)[y] * 4.0
+    assert fit_temperature(logits, y) == 1.0  # 12 images: too few
+    y = np.arange(60) % 3
+    assert fit_temperature(np.eye(3)[y] * 4.0, y) == 0.5  # all correct: NLL falls as T -> 0

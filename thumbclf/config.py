@@ -90,7 +90,8 @@ KEYS: tuple[Key, ...] = (
         "(training only).", (), (TRAIN,)),
     Key("class_balance", "choice", "loss", "Imbalance: 'loss' (class-weighted loss), 'sampler' "
         "(balanced sampling) or 'none'.", (), (TRAIN,), choices=("loss", "sampler", "none")),
-    Key("calibrate", "bool", True, "Fit temperature scaling on the validation split.", (), (TRAIN,)),
+    Key("calibrate", "bool", True, "Fit temperature scaling on the validation split (needs 30 "
+        "or more validation images; the temperature stays within 0.5-5).", (), (TRAIN,)),
     Key("tta", "bool", False, "Deploy: average predictions over flips and rotations.", (), (DEPLOY,)),
     Key("gradcam", "int", 2, "Grad-CAM overlays per class (and for Undecided); 0 turns them off.",
         (), BOTH, 0, 1000),

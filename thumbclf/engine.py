@@ -263,9 +263,19 @@ def fit(model: nn.Module, *, train_batches: Batches, val_batches: Batches, n_tra
     return result
 
 
+MIN_CALIBRATION_IMAGES = 30
+TEMPERATURE_RANGE = (0.5, 5.0)
+
+
 def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
-    """Temperature T minimising the validation NLL of softmax(logits / T)."""
-    if len(y) < 2:
+    """Temperature T minimising the validation NLL of softmax(logits / T), within 0.5-5.
+
+    Fewer than 30 validation images give 1.0 (no change): when a small split is classified
+    perfectly, the NLL keeps falling as T -> 0 and would make every prediction certain.
+    """
+    if len(y) < MIN_CALIBRATION_IMAGES:
+        log.info("validation split too small (%d images, need %d) for temperature scaling; "
+                 "probabilities left uncalibrated", len(y), MIN_CALIBRATION_IMAGES)
         return 1.0
     z = torch.from_numpy(np.asarray(logits, dtype=np.float64))
     t = torch.from_numpy(np.asarray(y)).long()
@@ -281,7 +291,7 @@ def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
 
     opt.step(closure)
     temp = float(log_t.detach().exp())
-    return float(np.clip(temp, 0.05, 20.0)) if np.isfinite(temp) else 1.0
+    return float(np.clip(temp, *TEMPERATURE_RANGE)) if np.isfinite(temp) else 1.0
 
 
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:

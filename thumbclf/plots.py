@@ -134,7 +134,7 @@ def image_grid(n: int):
     """A figure with n image panels, six per row, axes hidden."""
     cols = min(6, n)
     rows = int(np.ceil(n / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(2.3 * cols, 2.7 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.3 * cols, 3.0 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     return fig, list(axes.flat)
