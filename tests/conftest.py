@@ -35,3 +35,11 @@ def run_script(script: str, *args: str, cwd: Path | None = None, timeout: int = 
 def write_yaml(path: Path, text: str) -> Path:
     path.write_text(text, encoding="utf-8")
     return path
+
+
+def train_once(folder: Path, name: str, text: str) -> tuple[Path, Path, subprocess.CompletedProcess]:
+    """Write ``name``.yaml into ``folder``, train with it; return results folder, file, process."""
+    exp = write_yaml(folder / f"{name}.yaml", text)
+    r = run_script("train_thumbclassifier.py", str(exp))
+    assert r.returncode == 0, r.stderr
+    return folder / name, exp, r

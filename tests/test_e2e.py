@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import ROOT, TINY_CLASSES, run_script, write_yaml
+from conftest import ROOT, TINY_CLASSES, run_script, train_once, write_yaml
 from thumbclf.models import build_model
 
 pytestmark = pytest.mark.slow
@@ -21,11 +21,8 @@ FAST = ("model_name: resnet18\npretrained: false\nbatch_size: 8\nmax_epochs: 2\n
 
 @pytest.fixture(scope="module")
 def cv_run(tiny_data, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("cv")
-    exp = write_yaml(folder / "cv.yaml", f"thumbData: {tiny_data}\nfoldNumber: 2\n{FAST}")
-    r = run_script("train_thumbclassifier.py", str(exp))
-    assert r.returncode == 0, r.stderr
-    return folder / "cv", exp, r
+    return train_once(tmp_path_factory.mktemp("cv"), "cv",
+                      f"thumbData: {tiny_data}\nfoldNumber: 2\n{FAST}")
 
 
 def test_cross_validation_writes_the_documented_results(cv_run, tiny_data):

@@ -143,3 +143,19 @@ def test_imagenet_weights_that_cannot_be_downloaded_give_a_clear_error(monkeypat
     with pytest.raises(ModelError, match=r"pretrained: cannot get the ImageNet weights of resnet18 "
                        r"\(OSError.*pretrained: false"):
         build_model("resnet18", 3, pretrained=True)
+
+
+def test_imagenet_weights_are_loaded_without_unpickling_code(monkeypatch):
+    from torchvision.models._api import WeightsEnum
+
+    seen = {}
+    reference = build_model("resnet18", 1000).state_dict()
+
+    def fake(self, *a, **k):
+        seen.update(k)
+        return reference
+
+    monkeypatch.setattr(WeightsEnum, "get_state_dict", fake)
+    m = build_model("resnet18", 3, pretrained=True)
+    assert seen.get("weights_only") is True
+    assert torch.equal(m.conv1.weight, reference["conv1.weight"]) and m.fc.out_features == 3

@@ -11,7 +11,7 @@ import time
 import pandas as pd
 import pytest
 
-from conftest import ROOT, run_script, write_yaml
+from conftest import ROOT, run_script, train_once, write_yaml
 from thumbclf import synth
 from thumbclf.errors import OutputError
 from thumbclf.results import atomic_text, prepare_output
@@ -23,11 +23,8 @@ FAST = ("pretrained: false\nbatch_size: 8\nmax_epochs: 1\nstopEpoch: 0\npatience
 
 @pytest.fixture(scope="module")
 def model_dir(tiny_data, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("model")
-    exp = write_yaml(folder / "full.yaml", f"thumbData: {tiny_data}\ntrainFull: true\n{FAST}")
-    r = run_script("train_thumbclassifier.py", str(exp))
-    assert r.returncode == 0, r.stderr
-    return folder / "full"
+    return train_once(tmp_path_factory.mktemp("model"), "full",
+                      f"thumbData: {tiny_data}\ntrainFull: true\n{FAST}")[0]
 
 
 def messy_table(tiny_data, tmp_path):

@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -148,8 +149,6 @@ def build(paths: list[Path], prep: Preprocessing, *, mode: str = "auto",
           cache_dir: Path | None = None, slide_cache: Path | None = None, workers: int = -1,
           quiet: bool = False) -> DecodedImages:
     """Decode and preprocess every path once; return the images by position."""
-    import time
-
     start = time.perf_counter()
     n = len(paths)
     per_image = prep.size * prep.size * 3
@@ -189,8 +188,6 @@ def _locked(folder: Path):
 
 
 def _build_on_disk(paths, prep, cache_dir, slide_dir, workers, quiet, start) -> DecodedImages:
-    import time
-
     n = len(paths)
     errors: dict[int, str] = {}
     store = _DiskStore(cache_dir, prep)

@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from .decide import UNDECIDED
 from .errors import ConfigError
 
 TRAIN, DEPLOY = "train", "deploy"
@@ -370,7 +371,9 @@ def validate(raw: dict[str, Any], *, workflow: str, source: Path, output: Path |
         problems.append("modelAdr is required when SSL is true (the SSL checkpoint to start from)")
     if workflow == TRAIN and values.get("model_path") and len(values["model_path"]) > 1:
         problems.append("modelAdr must be one checkpoint for training with SSL; got a list")
-    _check_cm_lengths(values, problems)
+    if values.get("target_labels"):  # classes known now: check the confusion-matrix labels
+        problems += cm_problems(values["target_labels"], values.get("cm_sortlabels"),
+                                values.get("cm_xlabels"), values.get("cm_ylabels"))[1]
     if problems:
         raise ConfigError("\n".join(f"{source}: {p}" for p in problems))
     cls = PARAMS_CLASS[workflow]
@@ -381,16 +384,39 @@ def validate(raw: dict[str, Any], *, workflow: str, source: Path, output: Path |
     return cls(source=source, output=output, given=frozenset(values), **kwargs)
 
 
-def _check_cm_lengths(values: dict[str, Any], problems: list[str]) -> None:
-    order = values.get("cm_sortlabels") or values.get("target_labels")
-    if order is None:
-        return
-    for name, extra in (("cm_xlabels", 1), ("cm_ylabels", 0)):
-        ticks = values.get(name)
-        if ticks is not None and len(ticks) not in (len(order), len(order) + extra):
-            want = f"{len(order)}" + (f" or {len(order) + 1} (with Undecided)" if extra else "")
-            problems.append(f"{name} must have {want} labels, one per class in "
-                            f"cm_sortlabels/target_labels order; got {len(ticks)}")
+def cm_problems(classes: list[str] | tuple[str, ...], sortlabels, xlabels, ylabels
+                ) -> tuple[tuple[list[str], list[str], list[str]], list[str]]:
+    """Confusion-matrix row order and tick labels, plus every inconsistency found."""
+    classes = list(classes)
+    order = list(sortlabels) if sortlabels else classes
+    unknown = [c for c in order if c not in classes]
+    missing = [c for c in classes if c not in order]
+    problems = []
+    if unknown:
+        verb = "is" if len(unknown) == 1 else "are"
+        problems.append(f"cm_sortlabels names {', '.join(unknown)}, which {verb} no class "
+                        f"(classes: {', '.join(classes)})")
+    if missing:
+        problems.append(f"cm_sortlabels leaves out {', '.join(missing)}; list every class once")
+    xt = list(xlabels) if xlabels else order + [UNDECIDED]
+    if len(xt) == len(order):
+        xt = xt + [UNDECIDED]
+    if len(xt) != len(order) + 1:
+        problems.append(f"cm_xlabels must have {len(order)} labels (or {len(order) + 1} with "
+                        f"Undecided); got {len(xt)}")
+    yt = list(ylabels) if ylabels else order
+    if len(yt) != len(order):
+        problems.append(f"cm_ylabels must have {len(order)} labels, one per class; got {len(yt)}")
+    return (order, xt, yt), problems
+
+
+def cm_layout(classes, sortlabels, xlabels, ylabels, source: Any = "experiment file"
+              ) -> tuple[list[str], list[str], list[str]]:
+    """Row/column order and tick labels of the confusion matrix; ConfigError if inconsistent."""
+    layout, problems = cm_problems(classes, sortlabels, xlabels, ylabels)
+    if problems:
+        raise ConfigError("\n".join(f"{source}: {p}" for p in problems))
+    return layout
 
 
 def load_params(path: str | Path, *, workflow: str, overrides: list[str] = (),

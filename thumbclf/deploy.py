@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from . import slides
 from .cache import default_workers
-from .config import DEFAULT_THRESHOLD, DeployParams
+from .config import DEFAULT_THRESHOLD, DeployParams, cm_layout
 from .data import stream_loader, dihedral, to_input
 from .decide import UNDECIDED, decide
 from .engine import autocast, pick_device, softmax
@@ -86,10 +86,12 @@ def ensemble_probs(models: list[LoadedModel], x: torch.Tensor, device: torch.dev
     first = models[0]
     inputs = to_input(x, first.norm, device, channels_last=not first.legacy)
     total = None
-    views = range(8) if tta else range(1)
     for m in models:
         with autocast(device):
-            logits = torch.stack([m.model(dihedral(inputs, k)).float() for k in views]).mean(0)
+            if tta:
+                logits = torch.stack([m.model(dihedral(inputs, k)).float() for k in range(8)]).mean(0)
+            else:
+                logits = m.model(inputs).float()
         p = softmax(logits.cpu().numpy(), m.temperature)
         total = p if total is None else total + p
     return total / len(models)
@@ -175,7 +177,7 @@ def predict_stream(models, sample_set: SampleSet, folder: Path, *, params: Deplo
 
 
 def final_table(sample_set: SampleSet, partial: Path, classes: tuple[str, ...],
-                has_labels: bool, threshold: float) -> pd.DataFrame:
+                has_labels: bool, threshold: float, is_slide: list[bool]) -> pd.DataFrame:
     """The predictions table in input order, with slide properties where there are slides."""
     rows = pd.read_csv(partial, dtype={"model_prediction": str, "error": str},
                        keep_default_na=False, na_values={c: [""] for c in classes})
@@ -192,23 +194,12 @@ def final_table(sample_set: SampleSet, partial: Path, classes: tuple[str, ...],
     df["model_prediction"] = rows["model_prediction"].reindex(range(len(df))).fillna("").to_numpy()
     df["error"] = rows["error"].reindex(range(len(df))).fillna("").to_numpy()
     df["threshold"] = threshold
-    slide_rows = [i for i, s in enumerate(sample_set.samples)
-                  if slides.is_slide(s.path) and not df.at[i, "error"]]
+    slide_rows = [i for i in range(len(df)) if is_slide[i] and not df.at[i, "error"]]
     if slide_rows:
         props = {i: slides.properties(sample_set.samples[i].path) for i in slide_rows}
         for col in slides.SLIDE_COLUMNS:
             df[col] = [props[i][col] if i in props else None for i in range(len(df))]
     return df
-
-
-def slide_thumbnail_file(path: Path, params: DeployParams, models, folder: Path) -> Path:
-    """The cached PNG thumbnail of a slide (rendered now if missing)."""
-    cache_dir = params.cache_root / "slides"
-    size = models[0].prep.slide_size
-    target = cache_dir / f"{slides.cache_key(path, size)}.png"
-    if not target.is_file():
-        slides.thumbnail(path, size, cache_dir=cache_dir)
-    return target
 
 
 def explain_section(folder: Path, table: pd.DataFrame, models: list[LoadedModel],
@@ -242,6 +233,7 @@ def run(params: DeployParams, *, resume: bool = False, quiet: bool = False) -> P
     models = load_models(params)
     classes = models[0].classes
     check_class_names(classes, models[0].path)
+    cm_layout(classes, params.cm_sortlabels, params.cm_xlabels, params.cm_ylabels, params.source)
     sample_set = discover(params.thumb_data, need_labels=params.has_labels,
                           target_labels=params.target_labels if params.has_labels else None)
     if params.has_labels:
@@ -256,7 +248,8 @@ def run(params: DeployParams, *, resume: bool = False, quiet: bool = False) -> P
     device = pick_device(params.device)
     partial = predict_stream(models, sample_set, folder, params=params, threshold=threshold,
                              device=device, quiet=quiet)
-    table = final_table(sample_set, partial, classes, params.has_labels, threshold)
+    is_slide = [slides.is_slide(s.path) for s in sample_set.samples]
+    table = final_table(sample_set, partial, classes, params.has_labels, threshold, is_slide)
     atomic_csv(table, folder / "predictions.csv")
     partial.unlink(missing_ok=True)
     failed = int((table["error"] != "").sum())
@@ -264,21 +257,18 @@ def run(params: DeployParams, *, resume: bool = False, quiet: bool = False) -> P
     log.info("decisions: %s%s", ", ".join(f"{k} {v}" for k, v in counts.items()),
              f"; {failed} unreadable (see the error column)" if failed else "")
 
-    if params.export_thumbnails or params.sort_thumbs:
-        is_slide = {p: slides.is_slide(Path(p)) for p in table["PATH"]}
+    slide_cache, slide_size = params.cache_root / "slides", models[0].prep.slide_size
+    readable = [(Path(p), d, slide) for p, d, err, slide in
+                zip(table["PATH"], table["model_prediction"], table["error"], is_slide) if not err]
     if params.export_thumbnails:
-        for p, err in zip(table["PATH"], table["error"]):
-            if is_slide[p] and not err:
-                src = slide_thumbnail_file(Path(p), params, models, folder)
-                copy_verified(src, folder / "thumbnails" / f"{Path(p).stem}.png")
+        for path, _, slide in readable:
+            if slide:
+                copy_verified(slides.cached_thumbnail(path, slide_size, slide_cache),
+                              folder / "thumbnails" / f"{path.stem}.png")
     if params.sort_thumbs:
-        items = []
-        for p, decision, err in zip(table["PATH"], table["model_prediction"], table["error"]):
-            if err:
-                continue
-            path = Path(p)
-            thumb = slide_thumbnail_file(path, params, models, folder) if is_slide[p] else None
-            items.append((path, decision, thumb))
+        items = [(path, decision,
+                  slides.cached_thumbnail(path, slide_size, slide_cache) if slide else None)
+                 for path, decision, slide in readable]
         made = sort_copies(items, folder / "sorted", with_slides=params.sort_slides)
         log.info("sorted copies of %d files into %s", made, folder / "sorted")
     extra = explain_section(folder, table, models, params, device)

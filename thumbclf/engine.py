@@ -77,11 +77,11 @@ class EpochStats:
     seconds: float
 
 
-def _prefetch(it: Iterable) -> Iterator:
-    """Prepare the next batch in a thread while the model works on this one."""
+def _prefetch(it: Iterable, pin: bool = False) -> Iterator:
+    """Prepare the next batch in a thread (pinned for CUDA) while the model works on this one."""
     from concurrent.futures import ThreadPoolExecutor
 
-    it = iter(it)
+    it = iter(it) if not pin else ((x.pin_memory(), y) for x, y in it)
     with ThreadPoolExecutor(max_workers=1) as pool:
         fut = pool.submit(next, it, None)
         while True:
@@ -100,11 +100,8 @@ def train_one_epoch(model: nn.Module, batches: Iterable, *, optimizer: torch.opt
     start = time.perf_counter()
     train_mode(model)
     loss_sum, correct, n = 0.0, 0, 0
-    pin = device.type == "cuda"
-    for x, y in tqdm(_prefetch(batches), total=total, desc=desc, unit="batch", leave=False,
-                     disable=quiet):
-        if pin:
-            x = x.pin_memory()
+    for x, y in tqdm(_prefetch(batches, pin=device.type == "cuda"), total=total, desc=desc,
+                     unit="batch", leave=False, disable=quiet):
         x = x.to(device, non_blocking=True)
         if gen is not None:
             x = augment(x, gen)
@@ -160,10 +157,7 @@ def predict_logits(model: nn.Module, batches: Iterable, *, norm: Normalisation,
     """Logits (n, classes) and the targets (or empty) of every batch, in order."""
     model.eval()
     outs, ys = [], []
-    pin = device.type == "cuda"
-    for x, y in _prefetch(batches):
-        if pin:
-            x = x.pin_memory()
+    for x, y in _prefetch(batches, pin=device.type == "cuda"):
         inputs = to_input(x, norm, device)
         with autocast(device):
             logits = model(inputs).float()

@@ -19,38 +19,12 @@ import pandas as pd
 from . import metrics as M
 from . import plots, report
 from .decide import UNDECIDED, decide
+from .config import cm_layout  # noqa: F401 - re-exported for callers
 from .errors import ConfigError, DataError, ThumbclfError
 from .results import atomic_csv, atomic_text
 
 log = logging.getLogger(__name__)
 NON_CLASS_COLUMNS = {"PATH", "row", "CLASSIFICATION", "PATIENT", "fold"}
-
-
-def cm_layout(classes: list[str] | tuple[str, ...], sortlabels, xlabels, ylabels,
-              source: Any = "experiment file") -> tuple[list[str], list[str], list[str]]:
-    """Row/column order and tick labels of the confusion matrix; ConfigError if inconsistent."""
-    classes = list(classes)
-    order = list(sortlabels) if sortlabels else classes
-    unknown = [c for c in order if c not in classes]
-    missing = [c for c in classes if c not in order]
-    problems = []
-    if unknown:
-        problems.append(f"cm_sortlabels names {', '.join(unknown)}, which {'is' if len(unknown) == 1 else 'are'} "
-                        f"no class (classes: {', '.join(classes)})")
-    if missing:
-        problems.append(f"cm_sortlabels leaves out {', '.join(missing)}; list every class once")
-    xt = list(xlabels) if xlabels else order + [UNDECIDED]
-    if len(xt) == len(order):
-        xt = xt + [UNDECIDED]
-    if len(xt) != len(order) + 1:
-        problems.append(f"cm_xlabels must have {len(order)} labels (or {len(order) + 1} with "
-                        f"Undecided); got {len(xt)}")
-    yt = list(ylabels) if ylabels else order
-    if len(yt) != len(order):
-        problems.append(f"cm_ylabels must have {len(order)} labels, one per class; got {len(yt)}")
-    if problems:
-        raise ConfigError("\n".join(f"{source}: {p}" for p in problems))
-    return order, xt, yt
 
 
 def class_columns(df: pd.DataFrame) -> list[str]:
@@ -62,14 +36,15 @@ def class_columns(df: pd.DataFrame) -> list[str]:
     return [c for c in cols if c not in NON_CLASS_COLUMNS]
 
 
-def _thumb_loader(size: int = 160):
+def _thumb_loader(size: int = 160, slide_size: int = 512, slide_cache: Path | None = None):
+    """Small images for galleries; slides come from the run's thumbnail cache when given."""
     from .images import ImageReadError, Preprocessing, load_array
 
-    prep = Preprocessing(size=size, slide_size=512)
+    prep = Preprocessing(size=size, slide_size=slide_size)
 
     def load(path: str):
         try:
-            return load_array(Path(path), prep)
+            return load_array(Path(path), prep, slide_cache=slide_cache)
         except (ImageReadError, OSError):
             return None
 
@@ -116,8 +91,8 @@ def evaluate_table(df: pd.DataFrame, classes: list[str], out: Path, *, threshold
                    histories: dict[str, pd.DataFrame] | None = None, title: str = "thumbclf",
                    kind: str = "evaluation", params: dict[str, Any] | None = None,
                    split_df: pd.DataFrame | None = None, failures: int = 0,
-                   extra_sections: list[tuple[str, str]] = (), notes: list[str] = ()
-                   ) -> dict[str, Any]:
+                   extra_sections: list[tuple[str, str]] = (), notes: list[str] = (),
+                   thumbs=None) -> dict[str, Any]:
     """Write metrics, confusion matrices, plots and the report for one labelled table."""
     if threshold is not None:
         df = df.assign(model_prediction=decide(df[classes].to_numpy(float), classes, threshold))
@@ -147,7 +122,7 @@ def evaluate_table(df: pd.DataFrame, classes: list[str], out: Path, *, threshold
     }
     if histories:
         figs["training"] = plots.training_curves(histories, pdir / "training_curves.png")
-    load = _thumb_loader()
+    load = thumbs or _thumb_loader()
     figs["errors"] = plots.gallery(_gallery_items(df, classes, True), pdir / "gallery_errors.png",
                                    "Most confident errors", load)
     figs["undecided"] = plots.gallery(_gallery_items(df, classes, False),
@@ -210,6 +185,12 @@ def _jsonable(o):
     return o
 
 
+def run_thumb_loader(params):
+    """Gallery images for a run: slide thumbnails come from its cache, not from the slides."""
+    return _thumb_loader(slide_size=params.slide_thumbnail_size,
+                         slide_cache=params.cache_root / "slides")
+
+
 def evaluate_run(folder: Path, table: pd.DataFrame, *, classes, params, kind: str, sample_set,
                  split_df, failures: int = 0, extra_sections=(), notes=()) -> dict[str, Any]:
     """Evaluation after training or a labelled deploy, with the run's settings."""
@@ -234,7 +215,7 @@ def evaluate_run(folder: Path, table: pd.DataFrame, *, classes, params, kind: st
                           histories=histories, title=f"thumbclf — {params.source.stem}",
                           kind=titles.get(kind, kind), params=params_to_dict(params),
                           split_df=split_named, failures=failures, extra_sections=extra_sections,
-                          notes=notes)
+                          notes=notes, thumbs=run_thumb_loader(params))
 
 
 def summarise_decisions(folder: Path, table: pd.DataFrame, *, classes, params, failures: int,
@@ -251,7 +232,7 @@ def summarise_decisions(folder: Path, table: pd.DataFrame, *, classes, params, f
                               f"Decisions for {len(ok)} images")
     gallery = plots.gallery(_gallery_items(ok, list(classes), False),
                             folder / "plots" / "gallery_undecided.png",
-                            "Undecided slides (highest probability first)", _thumb_loader())
+                            "Undecided slides (highest probability first)", run_thumb_loader(params))
     data = f"<p>{len(table)} images, {failures} unreadable.</p>"
     if failures:
         data += ("<div class=note>Unreadable images keep their row in predictions.csv with the "

@@ -79,7 +79,7 @@ def _set_head(m: nn.Module, dotted: str, new: nn.Module) -> None:
         setattr(owner, last, new)
 
 
-def _read_weights(path: Path, what: str) -> dict[str, torch.Tensor]:
+def read_weights(path: Path, what: str) -> dict[str, torch.Tensor]:
     """A state dict from a file, loaded with weights_only=True; clear errors otherwise."""
     if not path.is_file():
         raise ModelError(f"{path}: {what} not found; check the path")
@@ -101,24 +101,24 @@ def _read_weights(path: Path, what: str) -> dict[str, torch.Tensor]:
 def build_model(name: str, num_classes: int, pretrained: bool | Path = False) -> nn.Module:
     """A backbone with a fresh ``num_classes`` head; ImageNet weights if asked for."""
     arch = ARCHS[arch_name(name)]
+    model = arch.build(weights=None)
     if pretrained is True:
-        try:
-            model = arch.build(weights=arch.weights)
+        try:  # torchvision's own loader would unpickle with weights_only=False
+            state = arch.weights.get_state_dict(progress=True, check_hash=True, weights_only=True)
         except Exception as exc:  # noqa: BLE001 - urllib/ssl/hash errors all mean 'no weights'
             raise ModelError(
                 f"pretrained: cannot get the ImageNet weights of {name} ({type(exc).__name__}: "
                 f"{str(exc)[:120]}); connect once to the internet (torchvision caches them in "
                 "~/.cache/torch), set pretrained to a local weights file, or pretrained: false"
             ) from None
-    else:
-        model = arch.build(weights=None)
-        if isinstance(pretrained, Path):
-            state = _strip_prefixes(_unwrap(_read_weights(pretrained, "pretrained weights file")))
-            n = _load_matching(model, state, skip=arch.head)
-            if n == 0:
-                raise ModelError(f"{pretrained}: no tensor matches {name}; is it a {name} "
-                                 "weights file?")
-            log.info("loaded %d tensors of pretrained weights from %s", n, pretrained)
+        model.load_state_dict(state)
+    elif isinstance(pretrained, Path):
+        state = _strip_prefixes(_unwrap(read_weights(pretrained, "pretrained weights file")))
+        n = _load_matching(model, state, skip=arch.head)
+        if n == 0:
+            raise ModelError(f"{pretrained}: no tensor matches {name}; is it a {name} "
+                             "weights file?")
+        log.info("loaded %d tensors of pretrained weights from %s", n, pretrained)
     head = _get(model, arch.head)
     _set_head(model, arch.head, nn.Linear(head.in_features, num_classes))
     return model
@@ -156,7 +156,7 @@ def _load_matching(model: nn.Module, state: dict[str, torch.Tensor], skip: str) 
 
 def load_ssl(model: nn.Module, path: Path, name: str) -> int:
     """Initialise the backbone from a self-supervised checkpoint; return the tensors loaded."""
-    state = _strip_prefixes(_unwrap(_read_weights(path, "SSL checkpoint (modelAdr)")))
+    state = _strip_prefixes(_unwrap(read_weights(path, "SSL checkpoint (modelAdr)")))
     n = _load_matching(model, state, skip=ARCHS[arch_name(name)].head)
     if n == 0:
         raise ModelError(f"{path}: no tensor of the SSL checkpoint matches {name} (after removing "
@@ -231,7 +231,7 @@ def load_model(path: Path, *, model_name: str | None = None,
                target_labels: tuple[str, ...] | None = None, max_pixels: int = 400_000_000,
                slide_size: int | None = None) -> LoadedModel:
     """Load a thumbclf model file, or a prototype state dict (needs target_labels)."""
-    obj = _read_weights(path, "model file (modelAdr)")
+    obj = read_weights(path, "model file (modelAdr)")
     if obj.get("format") == FORMAT:
         return _load_thumbclf(path, obj, model_name, target_labels, max_pixels, slide_size)
     return _load_legacy(path, obj, model_name, target_labels, max_pixels, slide_size)

@@ -18,7 +18,7 @@ from .errors import OutputError
 log = logging.getLogger(__name__)
 
 
-SETUP_ONLY = {"run.log", "config.yaml", "cache", ".write-test"}  # a run that never got going
+SETUP_ONLY = {"run.log", "config.yaml", ".write-test"}  # a run that never got going
 
 
 def prepare_output(folder: Path, *, resume: bool) -> None:

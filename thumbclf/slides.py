@@ -97,9 +97,22 @@ def _on_white(region: Image.Image) -> Image.Image:
     return to_rgb(region)  # RGBA: transparent (no tissue scanned) becomes white
 
 
+def cache_file(path: Path, long_side: int, cache_dir: Path) -> Path:
+    """Where the thumbnail of a slide at this size is cached."""
+    return cache_dir / f"{cache_key(path, long_side)}.png"
+
+
+def cached_thumbnail(path: Path, long_side: int, cache_dir: Path) -> Path:
+    """The cached PNG thumbnail of a slide, rendered now if it is missing."""
+    target = cache_file(path, long_side, cache_dir)
+    if not target.is_file():
+        thumbnail(path, long_side, cache_dir=cache_dir)
+    return target
+
+
 def thumbnail(path: Path, long_side: int, *, cache_dir: Path | None = None) -> Image.Image:
     """The whole slide as an RGB image whose long side is ``long_side`` pixels."""
-    cached = cache_dir / f"{cache_key(path, long_side)}.png" if cache_dir else None
+    cached = cache_file(path, long_side, cache_dir) if cache_dir else None
     if cached is not None and cached.is_file():
         try:
             with Image.open(cached) as img:

@@ -15,12 +15,13 @@ import torch
 from torch import nn
 
 from . import cache, splits as splitting
-from .config import TrainParams, params_to_dict
+from .config import TrainParams, cm_layout, params_to_dict
 from .decide import decide, threshold_for_accuracy
 from .engine import EarlyStopping, fit, fit_temperature, pick_device, predict_logits, softmax
 from .errors import DataError
 from .images import Preprocessing
-from .models import ARCHS, arch_name, build_model, freeze, imagenet_normalisation, load_ssl, save_model
+from .models import (ARCHS, arch_name, build_model, freeze, imagenet_normalisation, load_ssl,
+                     read_weights, save_model)
 from .results import atomic_csv, atomic_text, atomic_torch_save, write_config
 from .samples import SampleSet, check_class_names, check_class_sizes, discover
 from .data import training_batches
@@ -134,7 +135,7 @@ def train_fold(params: TrainParams, *, decoded, y: np.ndarray, classes: tuple[st
 
     resume_state = None
     if checkpoint is not None and checkpoint.is_file():
-        resume_state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        resume_state = read_weights(checkpoint, "checkpoint of the interrupted fold")
         rng.bit_generator.state = json.loads(resume_state["np_rng"])
         gen.set_state(resume_state["torch_gen"])
         torch.set_rng_state(resume_state["torch_rng"])
@@ -213,6 +214,8 @@ def run(params: TrainParams, *, resume: bool = False, quiet: bool = False) -> Pa
     started = time.perf_counter()
     sample_set = discover(params.thumb_data, need_labels=True, target_labels=params.target_labels)
     check_class_names(sample_set.classes, params.thumb_data)
+    cm_layout(sample_set.classes, params.cm_sortlabels, params.cm_xlabels, params.cm_ylabels,
+              params.source)  # a bad confusion-matrix option fails now, not after training
     if len(sample_set.classes) < 2:
         raise DataError(f"{params.thumb_data}: found only the class {sample_set.classes[0]!r}; "
                         "training needs at least two classes")
