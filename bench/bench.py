@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from thumbclf import synth  # noqa: E402
-from thumbclf.cache import default_workers  # noqa: E402
+from thumbclf.machine import cores  # noqa: E402
 from thumbclf.config import TRAIN, load_params  # noqa: E402
 from thumbclf.models import build_model, freeze  # noqa: E402
 from thumbclf.results import setup_logging  # noqa: E402
@@ -164,7 +164,7 @@ def main() -> None:
     args = ap.parse_args()
     device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
     if device.type == "cpu":
-        torch.set_num_threads(default_workers())
+        torch.set_num_threads(cores())
     OUT.mkdir(parents=True, exist_ok=True)
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"device: {name}; torch {torch.__version__}; resnet18, batch {args.batch}, "

@@ -40,3 +40,17 @@ def test_disk_cache_is_reused_only_for_unchanged_files(tmp_path):
     other = cache.build(paths, Preprocessing(size=16), mode="disk", cache_dir=tmp_path / "c",
                         workers=0, quiet=True)
     assert other.array.shape[1] == 16  # other preprocessing, other cache
+
+
+def test_disk_cache_does_not_grow_with_unreadable_images(tmp_path):
+    paths = images(tmp_path) + [tmp_path / "missing.png"]
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    paths.append(tmp_path / "bad.png")
+    sizes = []
+    for _ in range(3):
+        d = cache.build(paths, PREP, mode="disk", cache_dir=tmp_path / "c", workers=0, quiet=True)
+        assert sorted(d.errors) == [5, 6] and list(d.ok) == [True] * 5 + [False] * 2
+        sizes.append(sum(p.stat().st_size for p in (tmp_path / "c").rglob("images.u8")))
+    assert sizes[0] == sizes[1] == sizes[2] == 5 * 32 * 32 * 3
+    assert (d.get(np.array([5, 6])) == 255).all()  # unreadable: white, never another image
+    assert d.get(np.array([3]))[0, 16, 16, 0] == 120

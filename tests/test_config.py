@@ -3,6 +3,7 @@ from pathlib import Path
 
 import pytest
 
+from thumbclf.decide import threshold_in_force
 from thumbclf.config import (DEPLOY, KEYS, TRAIN, DeployParams, TrainParams, load_params,
                              params_to_dict, to_local_path)
 from thumbclf.errors import ConfigError
@@ -41,7 +42,8 @@ def test_every_prototype_key_is_accepted_as_written(tmp_path):
 def test_defaults_match_the_prototype(tmp_path):
     p = write(tmp_path, "e.yaml", "thumbData: data\n")
     t = load_params(p, workflow=TRAIN)
-    assert (t.batch_size, t.threshold, t.max_epochs, t.seed, t.model_name) == (64, 0.9, 50, 1, "resnet18")
+    threshold = threshold_in_force(given=t.prediction_threshold).value
+    assert (t.batch_size, threshold, t.max_epochs, t.seed, t.model_name) == (64, 0.9, 50, 1, "resnet18")
     assert (t.train_full, t.fold_number, t.lr, t.wd, t.patience, t.stop_epoch) == (False, 3, 1e-4, 1e-4, 10, 20)
     assert (t.freeze_ratio, t.ssl, t.pretrained) == (0.5, False, True)
     assert t.output == tmp_path / "e"

@@ -158,8 +158,9 @@ def test_config_errors_are_one_line_each_and_exit_2(tmp_path):
 
 def test_interrupted_cross_validation_resumes_to_the_same_result(tiny_data, tmp_path):
     """Kill a real run in the middle of fold 1; --resume continues from the last epoch."""
-    exp = write_yaml(tmp_path / "cv.yaml", f"thumbData: {tiny_data}\nfoldNumber: 2\n{FAST}"
-                     "max_epochs: 4\nstopEpoch: 4\ngradcam: 0\n")
+    fast = FAST.replace("max_epochs: 2\nstopEpoch: 1\n", "max_epochs: 4\nstopEpoch: 4\n")
+    exp = write_yaml(tmp_path / "cv.yaml", f"thumbData: {tiny_data}\nfoldNumber: 2\n{fast}"
+                     "gradcam: 0\n")
     ref = run_script("train_thumbclassifier.py", str(exp), "--output", str(tmp_path / "ref"))
     assert ref.returncode == 0, ref.stderr
     out = tmp_path / "cv"

@@ -64,3 +64,108 @@ def test_temperature_is_left_alone_on_tiny_splits_and_bounded_on_separable_ones(
     assert fit_temperature(logits, y) == 1.0  # 12 images: too few
     y = np.arange(60) % 3
     assert fit_temperature(np.eye(3)[y] * 4.0, y) == 0.5  # all correct: NLL falls as T -> 0
+
+
+def _tiny_problem():
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    x = (rng.random((24, 8, 8, 3)) * 255).astype(np.uint8)
+    x[12:, :, :, 0] = 250  # class 1: red
+    y = np.array([0] * 12 + [1] * 12)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+    return model, x, y
+
+
+def _fit(model, x, y, epochs, checkpoints, *, resume=None, interrupt_after=None):
+    import copy
+
+    import torch
+    from torch import nn
+
+    from thumbclf.data import UNNORMALISED
+    from thumbclf.engine import fit
+
+    gen = torch.Generator().manual_seed(1)
+    rng = np.random.default_rng(1)
+    if resume is not None:  # as train.py does: the random generators from the checkpoint
+        rng.bit_generator.state = resume["rng"]
+        gen.set_state(resume["gen"])
+
+    def batches(shuffle=True):
+        order = rng.permutation(len(y)) if shuffle else np.arange(len(y))
+        for i in range(0, len(y), 8):
+            sel = order[i:i + 8]
+            yield torch.from_numpy(x[sel]), torch.from_numpy(y[sel])
+
+    def keep(state):
+        state = copy.deepcopy(state)
+        state.update(rng=rng.bit_generator.state, gen=gen.get_state())
+        checkpoints.append(state)
+        if len(checkpoints) == interrupt_after:
+            raise KeyboardInterrupt
+
+    return fit(model, train_batches=batches, val_batches=lambda: batches(False),
+               n_train_batches=3, optimizer=torch.optim.Adam(model.parameters(), lr=0.05),
+               criterion=nn.CrossEntropyLoss(), val_criterion=nn.CrossEntropyLoss(),
+               stopper=EarlyStopping(patience=100, stop_epoch=0, max_epochs=epochs),
+               norm=UNNORMALISED, device=torch.device("cpu"), gen=gen, quiet=True,
+               on_epoch=keep, resume=resume)
+
+
+def test_fit_resumed_at_an_epoch_gives_the_same_weights_as_not_stopping():
+    import torch
+
+    model, x, y = _tiny_problem()
+    straight = _fit(model, x, y, 4, [])
+    final = model.state_dict()
+    checkpoints = []
+    interrupted, _, _ = _tiny_problem()
+    with pytest.raises(KeyboardInterrupt):  # stopped after epoch 2
+        _fit(interrupted, x, y, 4, checkpoints, interrupt_after=2)
+    resumed_model, _, _ = _tiny_problem()  # a new process: weights come from the checkpoint
+    torch.manual_seed(123)  # whatever the global generator did meanwhile
+    resumed = _fit(resumed_model, x, y, 4, [], resume=checkpoints[-1])
+    assert [h["epoch"] for h in resumed.history] == [1, 2, 3, 4]
+    assert all(torch.equal(final[k], v) for k, v in resumed_model.state_dict().items())
+    assert resumed.best_epoch == straight.best_epoch
+
+
+def test_batchnorm_statistics_are_re_estimated_with_the_final_weights():
+    import torch
+
+    from thumbclf.data import UNNORMALISED
+    from thumbclf.engine import recalibrate_bn
+
+    model, x, y = _tiny_problem()
+    bn = model[1]
+    bn.running_mean.fill_(100.0)  # stale statistics, as after weights changed fast
+    model.train()
+    batches = [(torch.from_numpy(x[:12]), None), (torch.from_numpy(x[12:]), None)]
+    recalibrate_bn(model, batches, norm=UNNORMALISED, device=torch.device("cpu"))
+    with torch.no_grad():
+        feats = model[0](torch.from_numpy(x).permute(0, 3, 1, 2).float() / 255)
+    assert torch.allclose(bn.running_mean, feats.mean(dim=(0, 2, 3)), atol=1e-4)
+    assert bn.momentum == 0.1  # restored
+    frozen_model, _, _ = _tiny_problem()
+    frozen_model.eval()  # frozen (eval-mode) BatchNorm is left alone
+    before = frozen_model[1].running_mean.clone()
+    recalibrate_bn(frozen_model, batches, norm=UNNORMALISED, device=torch.device("cpu"))
+    assert torch.equal(frozen_model[1].running_mean, before)
+
+
+def test_one_rule_decides_the_threshold_in_force():
+    from thumbclf.decide import threshold_in_force
+
+    assert threshold_in_force().value == 0.9
+    assert threshold_in_force(given=0.7, stored=[0.8]).reason.startswith("prediction_threshold")
+    assert threshold_in_force(stored=[0.6, None, 0.8, 0.7]).value == 0.7
+    assert threshold_in_force(table=[0.5, 0.5]).value == 0.5
+    assert threshold_in_force(default=None).value is None
+    probs = np.array([[0.99, 0.01], [0.8, 0.2], [0.6, 0.4]])
+    chosen = threshold_in_force(given=0.5, target_accuracy=1.0, val_probs=probs,
+                                val_y=np.array([0, 0, 1]))
+    assert chosen.value == 0.8 and "target_accuracy" in chosen.reason

@@ -16,7 +16,6 @@ from thumbclf import synth
 from thumbclf.errors import OutputError
 from thumbclf.results import atomic_text, prepare_output
 
-pytestmark = pytest.mark.slow
 FAST = ("pretrained: false\nbatch_size: 8\nmax_epochs: 1\nstopEpoch: 0\npatience: 1\n"
         "bootstrap: 0\nnum_workers: 0\ngradcam: 0\n")
 
@@ -46,6 +45,7 @@ def messy_table(tiny_data, tmp_path):
     return tmp_path / "data" / "labels.csv"
 
 
+@pytest.mark.slow
 def test_deploy_keeps_unreadable_rows_with_the_reason_and_finishes(model_dir, tiny_data, tmp_path):
     table = messy_table(tiny_data, tmp_path)
     exp = write_yaml(tmp_path / "dep.yaml", f"thumbData: {table}\nmodelAdr: {model_dir}\n"
@@ -64,6 +64,7 @@ def test_deploy_keeps_unreadable_rows_with_the_reason_and_finishes(model_dir, ti
     assert len(list((tmp_path / "dep" / "sorted").rglob("*.jpg"))) == 18
 
 
+@pytest.mark.slow
 def test_training_leaves_out_unreadable_images_or_stops_when_too_many(tiny_data, tmp_path):
     table = messy_table(tiny_data, tmp_path)
     exp = write_yaml(tmp_path / "t.yaml", f"thumbData: {table}\ntrainFull: true\n{FAST}")
@@ -78,6 +79,7 @@ def test_training_leaves_out_unreadable_images_or_stops_when_too_many(tiny_data,
     assert not val["PATH"].str.contains("/bad/").any()
 
 
+@pytest.mark.slow
 def test_interrupted_deploy_resumes_with_only_the_rest(model_dir, tmp_path):
     synth.generate(tmp_path / "many", per_class=40, seed=9, min_side=60, max_side=120,
                    classes=("IHC", "TMA"))
@@ -131,6 +133,7 @@ def test_a_full_disk_is_a_clear_error_and_leaves_no_partial_file(tmp_path, monke
     assert [p.name for p in tmp_path.iterdir()] == ["out.csv"]
 
 
+@pytest.mark.slow
 def test_unwritable_output_via_the_script_is_one_line(tmp_path, tiny_data):
     (tmp_path / "blocker").write_text("x")
     exp = write_yaml(tmp_path / "e.yaml", f"thumbData: {tiny_data}\n")
@@ -139,6 +142,7 @@ def test_unwritable_output_via_the_script_is_one_line(tmp_path, tiny_data):
     assert "cannot write the results folder" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 def test_debug_shows_the_traceback(tmp_path):
     exp = write_yaml(tmp_path / "e.yaml", "thumbData: nowhere\n")
     r = run_script("train_thumbclassifier.py", str(exp), "--debug")
@@ -153,12 +157,13 @@ def test_rare_classes_are_reported(caplog):
     assert report_rare_classes({"A": 10, "B": 9}, "none") == []
 
 
+@pytest.mark.slow
 def test_a_run_that_failed_before_any_result_can_simply_be_run_again(tmp_path, tiny_data):
-    exp = write_yaml(tmp_path / "e.yaml", f"thumbData: {tmp_path / 'missing.csv'}\n{FAST}"
-                     "trainFull: true\n")
+    exp = write_yaml(tmp_path / "e.yaml", f"thumbData: {tiny_data}\n{FAST}foldNumber: 10\n")
     r = run_script("train_thumbclassifier.py", str(exp))
-    assert r.returncode == 2 and (tmp_path / "e" / "run.log").is_file()
-    exp.write_text(exp.read_text().replace(str(tmp_path / "missing.csv"), str(tiny_data)))
+    assert r.returncode == 2 and "fewer than the 10 needed" in r.stderr
+    assert (tmp_path / "e" / "run.log").is_file()
+    exp.write_text(exp.read_text().replace("foldNumber: 10", "foldNumber: 2"))
     r = run_script("train_thumbclassifier.py", str(exp))
     assert r.returncode == 0, r.stderr
-    assert "thumbData not found" in (tmp_path / "e" / "run.log").read_text()  # log kept, appended
+    assert "fewer than the 10 needed" in (tmp_path / "e" / "run.log").read_text()  # log kept

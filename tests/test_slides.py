@@ -8,7 +8,9 @@ from PIL import Image
 
 from conftest import REALDATA, run_script, write_yaml
 from thumbclf import slides
-from thumbclf.images import ImageReadError, Preprocessing, load_array
+from thumbclf.decode import load_array
+from thumbclf.errors import ImageReadError
+from thumbclf.images import Preprocessing
 
 REAL_SLIDES = sorted((REALDATA / "slides").glob("*.svs")) if REALDATA.is_dir() else []
 

@@ -1,6 +1,7 @@
 
 
-from thumbclf.sorting import safe_name, sort_copies
+from thumbclf.layout import safe_component
+from thumbclf.sorting import sort_copies
 
 
 def make(path, data=b"abc"):
@@ -17,7 +18,9 @@ def test_copies_never_moves_and_handles_same_names(tmp_path):
     assert n == 2 and a.read_bytes() == b"one" and b.read_bytes() == b"two!"
     files = sorted(p.read_bytes() for p in (out / "Tumor").iterdir())
     assert files == [b"one", b"two!"]
-    assert sort_copies([(a, "Tumor", None), (b, "Tumor", None)], out) == 0  # resume: kept
+    stamp = [p.stat().st_mtime_ns for p in (out / "Tumor").iterdir()]
+    assert sort_copies([(a, "Tumor", None), (b, "Tumor", None)], out) == 2  # resume: kept
+    assert [p.stat().st_mtime_ns for p in (out / "Tumor").iterdir()] == stamp
 
 
 def test_names_cannot_escape_the_sorted_folder(tmp_path):
@@ -26,7 +29,8 @@ def test_names_cannot_escape_the_sorted_folder(tmp_path):
     sort_copies([(src, "../../evil", None), (src, "/abs", None), (src, "..", None)], out)
     written = [p for p in tmp_path.rglob("*") if p.is_file() and p != src]
     assert written and all(out in p.parents for p in written)
-    assert safe_name("..") == "_" and "/" not in safe_name("a/b") and "\\" not in safe_name("a\\b")
+    assert safe_component("..").startswith("_~") and "/" not in safe_component("a/b")
+    assert "\\" not in safe_component("a\\b")
 
 
 def test_slide_thumbnails_are_copied_and_slides_only_when_asked(tmp_path):

@@ -13,7 +13,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -22,8 +21,11 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from .errors import OutputError
-from .images import ImageReadError, Preprocessing, load_array
+from . import layout, machine
+from .errors import ImageReadError, OutputError
+from .decode import load_array
+from .images import Preprocessing
+from .results import atomic_text
 
 log = logging.getLogger(__name__)
 MEMORY_SHARE = 0.3  # 'auto' keeps the cache in memory when it needs less than this share of RAM
@@ -39,10 +41,11 @@ class DecodedImages:
     seconds: float = 0.0
 
     def get(self, positions: np.ndarray) -> np.ndarray:
-        """uint8 images (n, S, S, 3) for the given sample positions."""
+        """uint8 images (n, S, S, 3) for the given sample positions (white where unreadable)."""
         rows = self.rows[np.asarray(positions)]
-        order = np.argsort(rows, kind="stable")  # sequential reads from a memory map
-        out = np.empty((len(rows),) + self.array.shape[1:], dtype=np.uint8)
+        out = np.full((len(rows),) + self.array.shape[1:], 255, dtype=np.uint8)
+        valid = np.flatnonzero(rows >= 0)
+        order = valid[np.argsort(rows[valid], kind="stable")]  # sequential reads from a memory map
         out[order] = self.array[rows[order]]
         return out
 
@@ -52,24 +55,6 @@ class DecodedImages:
         mask = np.ones(len(self.rows), dtype=bool)
         mask[list(self.errors)] = False
         return mask
-
-
-def default_workers(requested: int = -1) -> int:
-    """Worker processes for decoding: the cores this process may use, unless set."""
-    if requested >= 0:
-        return requested
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # macOS, Windows
-        return max(1, os.cpu_count() or 1)
-
-
-def available_memory() -> int:
-    """Physical memory in bytes (a conservative fallback where unknown)."""
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return 8 * 1024**3
 
 
 def file_key(path: Path) -> str | None:
@@ -139,10 +124,17 @@ class _DiskStore:
             return np.zeros((0,) + self.shape, dtype=np.uint8)
         return np.memmap(self.data, dtype=np.uint8, mode="r+", shape=(total,) + self.shape)
 
+    def shrink(self, rows: int) -> np.ndarray:
+        """Cut the file to ``rows`` rows and map it again."""
+        with open(self.data, "r+b") as f:
+            f.truncate(rows * int(np.prod(self.shape)))
+        self.rows_on_disk = rows
+        if rows == 0:
+            return np.zeros((0,) + self.shape, dtype=np.uint8)
+        return np.memmap(self.data, dtype=np.uint8, mode="r+", shape=(rows,) + self.shape)
+
     def save_index(self) -> None:
-        tmp = self.index_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.index))
-        os.replace(tmp, self.index_file)
+        atomic_text(json.dumps(self.index), self.index_file)
 
 
 def build(paths: list[Path], prep: Preprocessing, *, mode: str = "auto",
@@ -153,8 +145,8 @@ def build(paths: list[Path], prep: Preprocessing, *, mode: str = "auto",
     n = len(paths)
     per_image = prep.size * prep.size * 3
     if mode == "auto":
-        mode = "memory" if n * per_image < MEMORY_SHARE * available_memory() or cache_dir is None else "disk"
-    workers = default_workers(workers)
+        mode = "memory" if n * per_image < MEMORY_SHARE * machine.available_memory() or cache_dir is None else "disk"
+    workers = machine.workers(workers)
     slide_dir = str(slide_cache) if slide_cache else None
     errors: dict[int, str] = {}
     if mode == "memory" or cache_dir is None:
@@ -176,8 +168,14 @@ def build(paths: list[Path], prep: Preprocessing, *, mode: str = "auto",
 
 @contextlib.contextmanager
 def _locked(folder: Path):
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / ".lock", "a+") as handle:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        layout.tag_cache_folder(folder)
+        handle = open(folder / ".lock", "a+")
+    except OSError as exc:
+        raise OutputError(f"{folder}: cannot write the image cache ({exc.strerror or exc}); set "
+                          "cache_dir to a writable folder") from None
+    with handle:
         try:
             import fcntl
 
@@ -208,22 +206,23 @@ def _build_on_disk(paths, prep, cache_dir, slide_dir, workers, quiet, start) -> 
     jobs = [(i, str(paths[i]), prep, slide_dir) for i in todo]
     next_row = store.rows_on_disk
     for i, arr, err in _run_jobs(jobs, workers, quiet, "decoding images"):
-        rows[i] = next_row
-        next_row += 1
-        if err is None:
-            array[rows[i]] = arr
+        if err is None:  # only readable images take a row: failures are tried again next run
+            rows[i] = next_row
+            array[next_row] = arr
+            next_row += 1
             if keys[i] is not None:
                 store.index[keys[i]] = int(rows[i])
         else:
-            array[rows[i]] = 255
             errors[i] = err
     for i, k in enumerate(keys):
-        if rows[i] < 0:
-            rows[i] = rows[first_of_key[k]]
-            if first_of_key[k] in errors:
-                errors[i] = errors[first_of_key[k]]
+        if rows[i] < 0 and i not in errors and k in first_of_key:
+            first = first_of_key[k]
+            rows[i] = rows[first]
+            if first in errors:
+                errors[i] = errors[first]
     if isinstance(array, np.memmap):
         array.flush()
+    array = store.shrink(next_row)  # give back the rows reserved for unreadable images
     store.save_index()
     log.info("image cache %s: %d reused, %d decoded", store.folder, n - len(todo), len(todo))
     return DecodedImages(array, rows, errors, time.perf_counter() - start)

@@ -7,6 +7,7 @@ traceback); Ctrl-C and SIGTERM stop a run cleanly and say how to resume it.
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import signal
@@ -14,10 +15,13 @@ import sys
 from pathlib import Path
 
 from .config import DEPLOY, TRAIN, load_params
-from .errors import ThumbclfError
+from .errors import ThumbclfError, clean
+from .results import prepare_output, setup_logging
 
 log = logging.getLogger(__name__)
 EXIT_ERROR, EXIT_BUG, EXIT_INTERRUPTED = 2, 1, 130
+# operating-system errors the user can fix: full disk, quota, read-only or forbidden folder
+USER_OS_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 DESCRIPTIONS = {
     TRAIN: "Train a slide-thumbnail classifier (cross-validation or full training) as an "
@@ -56,29 +60,29 @@ def main(workflow: str, argv: list[str] | None = None) -> int:
     if experiment is None or (args.experiment and args.expfile):
         parser(workflow).error("give one experiment file (EXPERIMENT or --ExpFile EXPERIMENT)")
     signal.signal(signal.SIGTERM, _sigterm)
-    from .results import prepare_output, setup_logging
 
     setup_logging(None, quiet=args.quiet, debug=args.debug)
-    folder = None
+    folder = lock = None
     try:
         params = load_params(experiment, workflow=workflow, overrides=args.overrides,
                              output=args.output)
-        folder = params.output
-        prepare_output(folder, resume=args.resume)
-        setup_logging(folder, quiet=args.quiet, debug=args.debug)
-        log.info("thumbclf %s: %s -> %s", workflow, params.source, folder)
         if workflow == TRAIN:
-            from .train import run
+            from .train import preflight, run
         else:
             # decoding workers share the cores with the model: idle OpenMP threads should sleep,
             # not spin (measured +10% on PNG thumbnails on 2 cores); read when torch loads
             os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-            from .deploy import run
+            from .deploy import preflight, run
+        preflight(params)  # everything that can be checked before the first file is written
+        folder = params.output
+        lock = prepare_output(folder, resume=args.resume)
+        setup_logging(folder, quiet=args.quiet, debug=args.debug)
+        log.info("thumbclf %s: %s -> %s", workflow, params.source, folder)
         run(params, resume=args.resume, quiet=args.quiet or not sys.stderr.isatty())
         return 0
     except ThumbclfError as exc:
         log.debug("stopped with an error: %s", exc, exc_info=True)  # run.log; console if --debug
-        for line in str(exc).splitlines():
+        for line in exc.lines():
             print(f"error: {line}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
@@ -87,11 +91,27 @@ def main(workflow: str, argv: list[str] | None = None) -> int:
         print(f"\ninterrupted: finished work is kept{where}; continue with the same command "
               "plus --resume", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except OSError as exc:
+        if exc.errno not in USER_OS_ERRORS:
+            return _bug(exc, folder)
+        log.debug("stopped with an error", exc_info=True)
+        where = exc.filename or folder or experiment
+        print(f"error: {clean(where)}: {exc.strerror}; free space or fix the permissions, then "
+              "run the same command plus --resume", file=sys.stderr)
+        return EXIT_ERROR
     except Exception as exc:  # noqa: BLE001 - last resort: one line, traceback in run.log
-        log.debug("unexpected error", exc_info=True)  # run.log; console if --debug
-        print(f"error: unexpected {type(exc).__name__}: {exc} (a bug in thumbclf? the "
-              "traceback is in run.log; --debug shows it)", file=sys.stderr)
-        return EXIT_BUG
+        return _bug(exc, folder)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _bug(exc: BaseException, folder: Path | None) -> int:
+    log.debug("unexpected error", exc_info=True)  # run.log; console if --debug
+    where = "the traceback is in run.log; " if folder is not None else ""
+    print(f"error: unexpected {type(exc).__name__}: {clean(str(exc))[:300]} (a bug in thumbclf? "
+          f"{where}--debug shows it)", file=sys.stderr)
+    return EXIT_BUG
 
 
 def train_main() -> None:

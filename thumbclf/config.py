@@ -12,14 +12,18 @@ import difflib
 import json
 import math
 import os
+import re
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path, PureWindowsPath
 from typing import Any
 
 import yaml
 
+from . import layout
 from .decide import UNDECIDED
 from .errors import ConfigError
+from .images import DEFAULT_MAX_PIXELS, DEFAULT_SLIDE_SIZE
 
 TRAIN, DEPLOY = "train", "deploy"
 BOTH = (TRAIN, DEPLOY)
@@ -108,9 +112,9 @@ KEYS: tuple[Key, ...] = (
         "thumbnails), reused across runs. Default: thumbclf-cache/ beside the results folder.", ()),
     Key("max_failed_fraction", "float", 0.05, "Train: stop before training when more than this "
         "share of images cannot be read.", (), (TRAIN,), 0.0, 1.0),
-    Key("max_image_pixels", "int", 400_000_000, "Refuse (non-JPEG) images with more pixels.",
+    Key("max_image_pixels", "int", DEFAULT_MAX_PIXELS, "Refuse (non-JPEG) images with more pixels.",
         (), BOTH, 1, 10**12),
-    Key("slide_thumbnail_size", "int", 1024, "Long side in pixels of thumbnails rendered "
+    Key("slide_thumbnail_size", "int", DEFAULT_SLIDE_SIZE, "Long side in pixels of thumbnails rendered "
         "from whole-slide images.", (), BOTH, 64, 16384),
     Key("export_thumbnails", "bool", False, "Write slide thumbnails as PNG to "
         "<results>/thumbnails/.", (), BOTH),
@@ -119,7 +123,11 @@ KEYS: tuple[Key, ...] = (
 KEY_BY_NAME = {k.name: k for k in KEYS}
 SPELLINGS = {spelling: k for k in KEYS for spelling in (k.name, *k.aliases)}
 REQUIRED = {TRAIN: ("thumb_data",), DEPLOY: ("thumb_data", "model_path")}
-DEFAULT_THRESHOLD = 0.9
+
+
+def _d(name: str) -> Any:
+    """The default of a key, as the key table declares it (the one place defaults live)."""
+    return KEY_BY_NAME[name].default
 
 
 @dataclass(frozen=True)
@@ -131,32 +139,27 @@ class Params:
     thumb_data: Path
     target_labels: tuple[str, ...] | None = None
     model_path: tuple[Path, ...] = ()
-    batch_size: int = 64
+    batch_size: int = _d("batch_size")
     prediction_threshold: float | None = None
-    seed: int = 1
-    model_name: str = "resnet18"
+    seed: int = _d("seed")
+    model_name: str = _d("model_name")
     cm_sortlabels: tuple[str, ...] | None = None
     cm_xlabels: tuple[str, ...] | None = None
     cm_ylabels: tuple[str, ...] | None = None
-    gradcam: int = 2
-    bootstrap: int = 1000
-    device: str = "auto"
-    num_workers: int = -1
+    gradcam: int = _d("gradcam")
+    bootstrap: int = _d("bootstrap")
+    device: str = _d("device")
+    num_workers: int = _d("num_workers")
     cache_dir: Path | None = None
-    max_image_pixels: int = 400_000_000
-    slide_thumbnail_size: int = 1024
-    export_thumbnails: bool = False
+    max_image_pixels: int = _d("max_image_pixels")
+    slide_thumbnail_size: int = _d("slide_thumbnail_size")
+    export_thumbnails: bool = _d("export_thumbnails")
     given: frozenset[str] = field(default=frozenset(), compare=False)
 
     @property
     def cache_root(self) -> Path:
         """Caches (slide thumbnails, decoded images) shared by the runs beside this one."""
-        return self.cache_dir or self.output.parent / "thumbclf-cache"
-
-    @property
-    def threshold(self) -> float:
-        """The probability threshold in force (the default where none was given)."""
-        return DEFAULT_THRESHOLD if self.prediction_threshold is None else self.prediction_threshold
+        return self.cache_dir or self.output.parent / layout.CACHE_FOLDER
 
 
 @dataclass(frozen=True)
@@ -164,32 +167,32 @@ class TrainParams(Params):
     """Settings of train_thumbclassifier.py."""
 
     target_accuracy: float | None = None
-    max_epochs: int = 50
-    train_full: bool = False
-    fold_number: int = 3
-    lr: float = 1e-4
-    wd: float = 1e-4
-    patience: int = 10
-    stop_epoch: int = 20
-    freeze_ratio: float = 0.5
-    ssl: bool = False
-    pretrained: bool | Path = True
-    val_fraction: float = 0.2
-    augment: bool = True
-    class_balance: str = "loss"
-    calibrate: bool = True
-    cache: str = "auto"
-    max_failed_fraction: float = 0.05
+    max_epochs: int = _d("max_epochs")
+    train_full: bool = _d("train_full")
+    fold_number: int = _d("fold_number")
+    lr: float = _d("lr")
+    wd: float = _d("wd")
+    patience: int = _d("patience")
+    stop_epoch: int = _d("stop_epoch")
+    freeze_ratio: float = _d("freeze_ratio")
+    ssl: bool = _d("ssl")
+    pretrained: bool | Path = _d("pretrained")
+    val_fraction: float = _d("val_fraction")
+    augment: bool = _d("augment")
+    class_balance: str = _d("class_balance")
+    calibrate: bool = _d("calibrate")
+    cache: str = _d("cache")
+    max_failed_fraction: float = _d("max_failed_fraction")
 
 
 @dataclass(frozen=True)
 class DeployParams(Params):
     """Settings of deploy_thumbclassifier.py."""
 
-    has_labels: bool = True
-    sort_thumbs: bool = False
-    sort_slides: bool = False
-    tta: bool = False
+    has_labels: bool = _d("has_labels")
+    sort_thumbs: bool = _d("sort_thumbs")
+    sort_slides: bool = _d("sort_slides")
+    tta: bool = _d("tta")
 
 
 PARAMS_CLASS = {TRAIN: TrainParams, DEPLOY: DeployParams}
@@ -198,32 +201,61 @@ PARAMS_CLASS = {TRAIN: TrainParams, DEPLOY: DeployParams}
 # ---------------------------------------------------------------------------- reading files
 
 
+MAX_EXPERIMENT_BYTES = 1_000_000  # experiment files are a few kB; refuse anything absurd
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """YAML without aliases (no 'billion laughs') and with duplicate keys reported."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise ConfigError(f"line {event.start_mark.line + 1}: YAML aliases (*{event.anchor}) "
+                              "are not allowed in experiment files; write the value out")
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise ConfigError(f"{key}: given twice (lines {seen[key]} and {line}); keep one")
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _json_pairs(text: str):
+    def hook(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                lines = [i + 1 for i, line in enumerate(text.splitlines())
+                         if re.search(r'"' + re.escape(key) + r'"\s*:', line)]
+                where = f" (lines {lines[0]} and {lines[1]})" if len(lines) > 1 else ""
+                raise ConfigError(f"{key}: given twice{where}; keep one")
+            seen.add(key)
+        return dict(pairs)
+    return hook
+
+
 def read_experiment_file(path: Path) -> dict[str, Any]:
     """Parse a YAML or JSON experiment file into a mapping; syntax errors name the line."""
     if not path.is_file():
         raise ConfigError(f"{path}: experiment file not found; check the path")
     suffix = path.suffix.lower()
     try:
+        if path.stat().st_size > MAX_EXPERIMENT_BYTES:
+            raise ConfigError(f"{path}: {path.stat().st_size:,} bytes is too large for an "
+                              f"experiment file (at most {MAX_EXPERIMENT_BYTES:,}); is it the "
+                              "right file?")
         text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read the experiment file ({exc})") from exc
-    if suffix in (".json", ".txt"):
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{path}: line {exc.lineno}, column {exc.colno}: not valid JSON "
-                              f"({exc.msg}); .json and .txt experiment files are JSON") from exc
-    elif suffix in (".yaml", ".yml"):
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-            raise ConfigError(f"{path}: {where}not valid YAML ({problem})") from exc
-    else:
-        raise ConfigError(f"{path}: unknown experiment file type {suffix!r}; "
-                          "use .yaml, .yml, .json or .txt (JSON)")
+    try:
+        data = parse_experiment_text(text, suffix)
+    except ConfigError as exc:
+        raise ConfigError(*(f"{path}: {p}" for p in exc.problems)) from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -232,14 +264,34 @@ def read_experiment_file(path: Path) -> dict[str, Any]:
     return data
 
 
+def parse_experiment_text(text: str, suffix: str) -> Any:
+    """JSON (.json, .txt) or YAML (.yaml, .yml) text -> data; ConfigError without the file name."""
+    if suffix in (".json", ".txt"):
+        try:
+            return json.loads(text, object_pairs_hook=_json_pairs(text))
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"line {exc.lineno}, column {exc.colno}: not valid JSON "
+                              f"({exc.msg}); .json and .txt experiment files are JSON") from None
+    if suffix in (".yaml", ".yml"):
+        try:
+            return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise ConfigError(f"{where}not valid YAML ({problem})") from None
+    raise ConfigError(f"unknown experiment file type {suffix!r}; use .yaml, .yml, .json or "
+                      ".txt (JSON)")
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """Split a ``--set KEY=VALUE`` argument; VALUE is read as YAML (numbers, booleans, lists)."""
     key, sep, value = text.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"--set {text}: expected KEY=VALUE, e.g. --set max_epochs=5")
     try:
-        parsed = yaml.safe_load(value) if value.strip() else None
-    except yaml.YAMLError:
+        parsed = yaml.load(value, Loader=_StrictLoader) if value.strip() else None  # noqa: S506
+    except (yaml.YAMLError, ConfigError):
         parsed = value
     return key.strip(), parsed
 
@@ -375,7 +427,7 @@ def validate(raw: dict[str, Any], *, workflow: str, source: Path, output: Path |
         problems += cm_problems(values["target_labels"], values.get("cm_sortlabels"),
                                 values.get("cm_xlabels"), values.get("cm_ylabels"))[1]
     if problems:
-        raise ConfigError("\n".join(f"{source}: {p}" for p in problems))
+        raise ConfigError(*(f"{source}: {p}" for p in problems))
     cls = PARAMS_CLASS[workflow]
     names = {f.name for f in dataclasses.fields(cls)}
     kwargs = {k: v for k, v in values.items() if k in names and v is not None}
@@ -415,7 +467,7 @@ def cm_layout(classes, sortlabels, xlabels, ylabels, source: Any = "experiment f
     """Row/column order and tick labels of the confusion matrix; ConfigError if inconsistent."""
     layout, problems = cm_problems(classes, sortlabels, xlabels, ylabels)
     if problems:
-        raise ConfigError("\n".join(f"{source}: {p}" for p in problems))
+        raise ConfigError(*(f"{source}: {p}" for p in problems))
     return layout
 
 
@@ -451,16 +503,6 @@ def params_to_dict(params: Params) -> dict[str, Any]:
     return out
 
 
-def describe_keys(workflow: str | None = None) -> list[tuple[str, str, Any, str]]:
-    """(name, accepted spellings, default, meaning) for each key, for docs and --help."""
-    rows = []
-    for key in KEYS:
-        if workflow and workflow not in key.workflows:
-            continue
-        rows.append((key.name, ", ".join(key.aliases), key.default, key.doc))
-    return rows
-
-
 def spelling(key: Key) -> str:
     """The spelling used in docs: the prototype's where it had one."""
     legacy = [a for a in key.aliases if a not in ("learning_rate", "weight_decay")]
@@ -469,8 +511,6 @@ def spelling(key: Key) -> str:
 
 def template_text() -> str:
     """experiments/template.yaml: every key with its meaning and default (kept in sync by a test)."""
-    import textwrap
-
     lines = ["# thumbclf experiment file: every key, its meaning and its default.",
              "# Copy this file, delete what you don't need (absent keys take their defaults) and",
              "# set thumbData (and modelAdr for deploy). YAML (.yaml/.yml) or JSON (.json, or .txt",

@@ -14,7 +14,9 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from .cache import DecodedImages
-from .images import ImageReadError, Preprocessing, load_array
+from .errors import ImageReadError
+from .decode import load_array
+from .images import Preprocessing
 
 
 @dataclass(frozen=True)
@@ -23,6 +25,10 @@ class Normalisation:
 
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+
+
+IMAGENET = Normalisation((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))  # thumbclf models
+UNNORMALISED = Normalisation((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))  # the prototype's models
 
 
 def to_input(batch: torch.Tensor, norm: Normalisation, device: torch.device,

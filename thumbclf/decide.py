@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass
+from typing import Sequence
+
 import numpy as np
 
+log = logging.getLogger(__name__)
 UNDECIDED = "Undecided"
+DEFAULT_THRESHOLD = 0.9
 
 
 def decide(probs: np.ndarray, classes: tuple[str, ...] | list[str], threshold: float) -> list[str]:
@@ -34,3 +40,48 @@ def threshold_for_accuracy(probs: np.ndarray, y: np.ndarray, target: float) -> f
             best = float(conf_sorted[k - 1])
             break
     return best
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """The probability threshold in force and the reason for it, as the report prints it."""
+
+    value: float | None
+    reason: str
+
+
+def threshold_in_force(*, given: float | None = None, target_accuracy: float | None = None,
+                       val_probs: np.ndarray | None = None, val_y: np.ndarray | None = None,
+                       stored: Sequence[float | None] = (), table: Sequence[float] = (),
+                       default: float | None = DEFAULT_THRESHOLD) -> Threshold:
+    """The one rule for the threshold, first that applies:
+
+    1. ``target_accuracy`` (training): the smallest threshold reaching it on the validation
+       split (1.0 when none does: everything Undecided);
+    2. ``given``: the experiment file's prediction_threshold (or evaluate's --threshold);
+    3. ``stored``: the thresholds in the model files (their median for an ensemble);
+    4. ``table``: the threshold column of a predictions table (its median);
+    5. ``default``.
+    """
+    if target_accuracy is not None and val_probs is not None and val_y is not None:
+        chosen = threshold_for_accuracy(val_probs, val_y, target_accuracy)
+        if chosen is None:
+            log.warning("target_accuracy %.3f is not reached on the validation data at any "
+                        "threshold; every case would be Undecided (threshold 1.0)",
+                        target_accuracy)
+            return Threshold(1.0, f"target_accuracy {target_accuracy:.3f} not reached on the "
+                                  "validation split")
+        log.info("threshold %.4f reaches accuracy %.3f on the validation data", chosen,
+                 target_accuracy)
+        return Threshold(chosen, f"reaches target_accuracy {target_accuracy:.3f} on the "
+                                 "validation split")
+    if given is not None:
+        return Threshold(float(given), "prediction_threshold in the experiment file")
+    known = [float(t) for t in stored if t is not None]
+    if known:
+        return Threshold(float(np.median(known)), "stored in the model file"
+                         + ("s (median)" if len(known) > 1 else ""))
+    column = [float(t) for t in table if t == t]
+    if column:
+        return Threshold(float(np.median(column)), "the threshold column of the table")
+    return Threshold(default, "default")

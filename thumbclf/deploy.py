@@ -4,9 +4,9 @@ sorted copies -> evaluation."""
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
-import os
 import time
 from pathlib import Path
 
@@ -15,20 +15,20 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from . import slides
-from .cache import default_workers
-from .config import DEFAULT_THRESHOLD, DeployParams, cm_layout
-from .data import stream_loader, dihedral, to_input
-from .decide import UNDECIDED, decide
-from .engine import autocast, pick_device, softmax
+from . import explain, layout, machine, slides
+from . import table as table_io
+from .config import DeployParams, cm_layout
+from .data import dihedral, stream_loader, to_input
+from .decide import UNDECIDED, decide, threshold_in_force
+from .engine import autocast, configure_threads, pick_device, softmax
 from .errors import ModelError, OutputError
+from .evaluate import evaluate_run, summarise_decisions
 from .models import LoadedModel, load_model
-from .results import atomic_csv, atomic_text, copy_verified, write_config
-from .samples import SampleSet, check_class_names, discover
-from .sorting import sort_copies
+from .results import append_whole, atomic_csv, atomic_text, check_writable, repair_tail, write_config
+from .samples import SampleSet, check_class_names, check_input, discover
+from .sorting import copy_all, sort_copies
 
 log = logging.getLogger(__name__)
-PARTIAL = "predictions.partial.csv"
 
 
 def model_files(entries: tuple[Path, ...]) -> list[Path]:
@@ -36,9 +36,7 @@ def model_files(entries: tuple[Path, ...]) -> list[Path]:
     files: list[Path] = []
     for entry in entries:
         if entry.is_dir():
-            found = sorted(entry.glob("fold_*/model.pt"), key=lambda p: int(p.parent.name[5:]))
-            if (entry / "model.pt").is_file():
-                found = [entry / "model.pt"]
+            found = layout.model_files_in(entry)
             if not found:
                 raise ModelError(f"{entry}: no model.pt or fold_*/model.pt inside; point modelAdr "
                                  "to a model file or a training results folder")
@@ -48,6 +46,14 @@ def model_files(entries: tuple[Path, ...]) -> list[Path]:
         else:
             raise ModelError(f"{entry}: model file not found (modelAdr); check the path")
     return files
+
+
+def preflight(params: DeployParams) -> None:
+    """What can be checked before the results folder is written: inputs, model files, cache."""
+    check_input(params.thumb_data)
+    check_writable(params.output, "results folder")
+    model_files(params.model_path)
+    check_writable(params.cache_root, "cache folder (cache_dir)")
 
 
 def load_models(params: DeployParams) -> list[LoadedModel]:
@@ -67,16 +73,6 @@ def load_models(params: DeployParams) -> list[LoadedModel]:
         log.info("ensemble of %d models (probabilities averaged): %s", len(loaded),
                  ", ".join(str(m.path) for m in loaded))
     return loaded
-
-
-def choose_threshold(params: DeployParams, models: list[LoadedModel]) -> tuple[float, str]:
-    """The experiment file's threshold, else the model files' (median), else the default."""
-    if params.prediction_threshold is not None:
-        return params.prediction_threshold, "prediction_threshold in the experiment file"
-    stored = [m.threshold for m in models if m.threshold is not None]
-    if stored:
-        return float(np.median(stored)), "stored in the model file" + ("s (median)" if len(stored) > 1 else "")
-    return DEFAULT_THRESHOLD, "default"
 
 
 @torch.inference_mode()
@@ -109,20 +105,37 @@ def peak_memory_mb() -> float | None:
 
 
 def _done_positions(partial: Path) -> set[int]:
+    dropped = repair_tail(partial)
+    if dropped:
+        log.warning("%s: dropped a torn last row (%d bytes, from an interrupted write); its "
+                    "images are predicted again", partial, dropped)
     if not partial.is_file():
         return set()
     try:
         df = pd.read_csv(partial, usecols=["position"])
-    except (ValueError, pd.errors.EmptyDataError):
-        return set()
+    except (ValueError, pd.errors.EmptyDataError, pd.errors.ParserError):
+        raise OutputError(f"{partial}: unreadable ({partial.stat().st_size} bytes); delete it to "
+                          "predict every image again, or start a new run with --output") from None
     return set(int(p) for p in df["position"])
 
 
+def _csv_rows(rows: list[list]) -> bytes:
+    buf = io.StringIO()
+    csv.writer(buf).writerows(rows)
+    return buf.getvalue().encode("utf-8")
+
+
 def predict_stream(models, sample_set: SampleSet, folder: Path, *, params: DeployParams,
-                   threshold: float, device: torch.device, quiet: bool) -> Path:
-    """Predict every sample not yet in the partial file; append rows batch by batch."""
-    partial = folder / PARTIAL
+                   threshold: float, device: torch.device, quiet: bool, resume: bool) -> Path:
+    """Predict every sample not yet in the partial file; append rows batch by batch.
+
+    Each batch's rows are appended whole (one synced write), so a crash or a full disk never
+    tears a row; --resume predicts only what is missing.
+    """
+    partial = folder / layout.PARTIAL
     classes = models[0].classes
+    if partial.is_file() and not resume:
+        raise OutputError(f"{partial}: left by an interrupted run; continue it with --resume")
     done = _done_positions(partial)
     todo = [i for i in range(len(sample_set)) if i not in done]
     if done:
@@ -130,9 +143,8 @@ def predict_stream(models, sample_set: SampleSet, folder: Path, *, params: Deplo
     if not todo:
         return partial
     workers = (params.num_workers if params.num_workers >= 0
-               else min(16, max(1, default_workers() - 1)))  # one core left for the model
-    if device.type == "cpu":
-        torch.set_num_threads(default_workers())
+               else min(16, max(1, machine.cores() - 1)))  # one core left for the model
+    configure_threads(device)
     prep = models[0].prep
     cache_dir = params.cache_root
     paths = [sample_set.samples[i].path for i in todo]
@@ -147,25 +159,22 @@ def predict_stream(models, sample_set: SampleSet, folder: Path, *, params: Deplo
     new_file = not partial.is_file() or partial.stat().st_size == 0
     n_err = 0
     start = time.perf_counter()
-    with open(partial, "a", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        if new_file:
-            writer.writerow(header)
-        bar = tqdm(total=len(todo), desc="predicting", unit="img", disable=quiet)
-        for pos, x, errors in loader:
-            probs = ensemble_probs(models, x, device, params.tta)
-            decisions = decide(probs, classes, threshold)
-            for j, p in enumerate(pos.tolist()):
-                if errors[j]:
-                    n_err += 1
-                    log.debug("unreadable: %s", errors[j])
-                    writer.writerow([todo[p], *([""] * len(classes)), "", errors[j]])
-                else:
-                    writer.writerow([todo[p], *(f"{v:.6g}" for v in probs[j]), decisions[j], ""])
-            f.flush()
-            os.fsync(f.fileno())
-            bar.update(len(pos))
-        bar.close()
+    bar = tqdm(total=len(todo), desc="predicting", unit="img", disable=quiet)
+    for pos, x, errors in loader:
+        probs = ensemble_probs(models, x, device, params.tta)
+        decisions = decide(probs, classes, threshold)
+        rows = [header] if new_file else []
+        new_file = False
+        for j, p in enumerate(pos.tolist()):
+            if errors[j]:
+                n_err += 1
+                log.debug("unreadable: %s", errors[j])
+                rows.append([todo[p], *([""] * len(classes)), "", errors[j]])
+            else:
+                rows.append([todo[p], *(f"{v:.6g}" for v in probs[j]), decisions[j], ""])
+        append_whole(partial, _csv_rows(rows))
+        bar.update(len(pos))
+    bar.close()
     secs = time.perf_counter() - start
     atomic_text(json.dumps({"predict_seconds": round(secs, 3), "images": len(todo),
                             "workers": workers, "threads": torch.get_num_threads(),
@@ -182,76 +191,71 @@ def final_table(sample_set: SampleSet, partial: Path, classes: tuple[str, ...],
     rows = pd.read_csv(partial, dtype={"model_prediction": str, "error": str},
                        keep_default_na=False, na_values={c: [""] for c in classes})
     rows = rows.drop_duplicates("position", keep="last").set_index("position").sort_index()
-    df = pd.DataFrame({"PATH": [str(s.path) for s in sample_set.samples]})
-    if any(s.row is not None for s in sample_set.samples):
-        df["row"] = [s.row for s in sample_set.samples]
-    if has_labels:
-        df["CLASSIFICATION"] = [s.label for s in sample_set.samples]
-    if sample_set.has_patients:
-        df["PATIENT"] = [s.patient or str(s.path) for s in sample_set.samples]
-    for c in classes:
-        df[c] = rows[c].reindex(range(len(df))).to_numpy(dtype=float)
-    df["model_prediction"] = rows["model_prediction"].reindex(range(len(df))).fillna("").to_numpy()
-    df["error"] = rows["error"].reindex(range(len(df))).fillna("").to_numpy()
-    df["threshold"] = threshold
-    slide_rows = [i for i in range(len(df)) if is_slide[i] and not df.at[i, "error"]]
-    if slide_rows:
-        props = {i: slides.properties(sample_set.samples[i].path) for i in slide_rows}
-        for col in slides.SLIDE_COLUMNS:
-            df[col] = [props[i][col] if i in props else None for i in range(len(df))]
-    return df
+    rows = rows.reindex(range(len(sample_set)))
+    errors = rows["error"].fillna("").to_numpy()
+    slide_properties = [slides.properties(s.path) if slide and not err else None
+                        for s, slide, err in zip(sample_set.samples, is_slide, errors)]
+    return table_io.build(sample_set.samples, rows[list(classes)].to_numpy(dtype=float), classes,
+                          rows["model_prediction"].fillna("").to_numpy(), threshold=threshold,
+                          labels=has_labels, patients=sample_set.has_patients,
+                          rows=any(s.row is not None for s in sample_set.samples),
+                          errors=errors, slide_properties=slide_properties)
 
 
-def explain_section(folder: Path, table: pd.DataFrame, models: list[LoadedModel],
-                    params: DeployParams, device: torch.device) -> list[tuple[str, str]]:
-    """Grad-CAM overlays (first model of an ensemble) as a report section."""
-    from . import report
-    from .explain import write_gallery
+def finished(folder: Path) -> bool:
+    """A deploy whose every step is done: the report is written last."""
+    return ((folder / layout.PREDICTIONS).is_file() and (folder / layout.REPORT).is_file()
+            and not (folder / layout.PARTIAL).is_file())
 
-    if params.gradcam <= 0:
-        return []
-    m = models[0]
-    fig = write_gallery({None: m.model}, table.drop(columns=["fold"], errors="ignore"),
-                        list(m.classes), prep=m.prep, norm=m.norm, arch=m.arch,
-                        per_class=params.gradcam, out=folder, device=device)
-    if fig is None:
-        return []
-    note = " (first model of the ensemble)" if len(models) > 1 else ""
-    return [("Grad-CAM", report.img(fig, "Grad-CAM") + f"<p class=muted>Where the model{note} "
-             "looked: the most confident slides of each decision and the least certain Undecided "
-             "ones; one PNG per slide in gradcam/&lt;decision&gt;/.</p>")]
+
+def export_thumbnails(readable: list[tuple[Path, str, bool]], folder: Path, slide_size: int,
+                      slide_cache: Path) -> int:
+    """Slide thumbnails as thumbnails/<slide name>.png (names made safe and unique)."""
+    taken: set[str] = set()
+    jobs = [(slides.cached_thumbnail(path, slide_size, slide_cache),
+             layout.unique_file(folder / "thumbnails", path.stem, ".png", str(path), taken))
+            for path, _, slide in readable if slide]
+    made, kept = copy_all(jobs)
+    return made + kept
 
 
 def run(params: DeployParams, *, resume: bool = False, quiet: bool = False) -> Path:
     """Deploy as the experiment file says; return the results folder."""
-    from .evaluate import evaluate_run, summarise_decisions
-
     folder = params.output
-    if resume and (folder / "predictions.csv").is_file() and not (folder / PARTIAL).is_file():
-        raise OutputError(f"{folder}: this deploy finished already (predictions.csv is "
-                          "complete); nothing to resume. Use --output NEW_FOLDER for a new run")
+    if resume and finished(folder):
+        raise OutputError(f"{folder}: this deploy finished already (predictions.csv and "
+                          "report.html are complete); nothing to resume. Use --output NEW_FOLDER "
+                          "for a new run")
     models = load_models(params)
     classes = models[0].classes
     check_class_names(classes, models[0].path)
     cm_layout(classes, params.cm_sortlabels, params.cm_xlabels, params.cm_ylabels, params.source)
     sample_set = discover(params.thumb_data, need_labels=params.has_labels,
-                          target_labels=params.target_labels if params.has_labels else None)
+                          target_labels=params.target_labels if params.has_labels else None,
+                          exclude=(folder, params.cache_root))
     if params.has_labels:
         unknown = sorted({s.label for s in sample_set.samples} - set(classes))
         if unknown:
             log.warning("labels the model does not know (counted as errors in the metrics): %s",
                         ", ".join(unknown))
     write_config(params, folder, resume)
-    threshold, why = choose_threshold(params, models)
+    chosen = threshold_in_force(given=params.prediction_threshold,
+                                stored=[m.threshold for m in models])
+    threshold, why = chosen.value, chosen.reason
     log.info("%d images; model classes: %s; threshold %.3f (%s)", len(sample_set),
              ", ".join(classes), threshold, why)
     device = pick_device(params.device)
-    partial = predict_stream(models, sample_set, folder, params=params, threshold=threshold,
-                             device=device, quiet=quiet)
     is_slide = [slides.is_slide(s.path) for s in sample_set.samples]
-    table = final_table(sample_set, partial, classes, params.has_labels, threshold, is_slide)
-    atomic_csv(table, folder / "predictions.csv")
-    partial.unlink(missing_ok=True)
+    done = folder / layout.PREDICTIONS
+    if resume and done.is_file() and not (folder / layout.PARTIAL).is_file():
+        log.info("resuming after prediction: %s is complete; finishing the steps after it", done)
+        table, _ = table_io.read(done, classes)
+    else:
+        partial = predict_stream(models, sample_set, folder, params=params, threshold=threshold,
+                                 device=device, quiet=quiet, resume=resume)
+        table = final_table(sample_set, partial, classes, params.has_labels, threshold, is_slide)
+        atomic_csv(table, done)
+        partial.unlink(missing_ok=True)
     failed = int((table["error"] != "").sum())
     counts = table.loc[table["error"] == "", "model_prediction"].value_counts()
     log.info("decisions: %s%s", ", ".join(f"{k} {v}" for k, v in counts.items()),
@@ -261,17 +265,20 @@ def run(params: DeployParams, *, resume: bool = False, quiet: bool = False) -> P
     readable = [(Path(p), d, slide) for p, d, err, slide in
                 zip(table["PATH"], table["model_prediction"], table["error"], is_slide) if not err]
     if params.export_thumbnails:
-        for path, _, slide in readable:
-            if slide:
-                copy_verified(slides.cached_thumbnail(path, slide_size, slide_cache),
-                              folder / "thumbnails" / f"{path.stem}.png")
+        n = export_thumbnails(readable, folder, slide_size, slide_cache)
+        log.info("slide thumbnails: %d in %s", n, folder / "thumbnails")
     if params.sort_thumbs:
         items = [(path, decision,
                   slides.cached_thumbnail(path, slide_size, slide_cache) if slide else None)
                  for path, decision, slide in readable]
-        made = sort_copies(items, folder / "sorted", with_slides=params.sort_slides)
-        log.info("sorted copies of %d files into %s", made, folder / "sorted")
-    extra = explain_section(folder, table, models, params, device)
+        n = sort_copies(items, folder / "sorted", with_slides=params.sort_slides)
+        log.info("sorted copies of %d files into %s", n, folder / "sorted")
+    first = models[0]
+    extra = explain.section(folder, table.drop(columns=["fold"], errors="ignore"),
+                            {0: first.model}, list(classes), prep=first.prep, norm=first.norm,
+                            arch=first.arch, per_class=params.gradcam, device=device,
+                            note="made with the first model of the ensemble" if len(models) > 1
+                            else "made with the model")
     notes = [f"Threshold {threshold:.3f} ({why}); "
              f"{len(models)} model{'s averaged' if len(models) > 1 else ''}"
              f"{'; test-time augmentation (8 flips/rotations)' if params.tta else ''}."]

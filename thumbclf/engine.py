@@ -7,15 +7,19 @@ import copy
 import dataclasses
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
+from scipy import special
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import machine
 from .data import Normalisation, augment, to_input
+from .errors import ConfigError
 from .models import train_mode
 
 log = logging.getLogger(__name__)
@@ -25,13 +29,17 @@ Batches = Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]
 def pick_device(requested: str = "auto") -> torch.device:
     """CUDA when available (or asked for), otherwise the CPU."""
     if requested == "cuda" and not torch.cuda.is_available():
-        from .errors import ConfigError
-
         raise ConfigError("device: cuda was asked for but no CUDA GPU is available; "
                           "use device: auto or cpu")
     if requested in ("auto", "cuda") and torch.cuda.is_available():
         return torch.device("cuda")
     return torch.device("cpu")
+
+
+def configure_threads(device: torch.device) -> None:
+    """On the CPU, torch computes with every core this process may use."""
+    if device.type == "cpu":
+        torch.set_num_threads(machine.cores())
 
 
 def autocast(device: torch.device):
@@ -79,8 +87,6 @@ class EpochStats:
 
 def _prefetch(it: Iterable, pin: bool = False) -> Iterator:
     """Prepare the next batch in a thread (pinned for CUDA) while the model works on this one."""
-    from concurrent.futures import ThreadPoolExecutor
-
     it = iter(it) if not pin else ((x.pin_memory(), y) for x, y in it)
     with ThreadPoolExecutor(max_workers=1) as pool:
         fut = pool.submit(next, it, None)
@@ -153,21 +159,13 @@ def recalibrate_bn(model: nn.Module, batches: Iterable, *, norm: Normalisation,
 
 @torch.inference_mode()
 def predict_logits(model: nn.Module, batches: Iterable, *, norm: Normalisation,
-                   device: torch.device, tta: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                   device: torch.device) -> tuple[np.ndarray, np.ndarray]:
     """Logits (n, classes) and the targets (or empty) of every batch, in order."""
     model.eval()
     outs, ys = [], []
     for x, y in _prefetch(batches, pin=device.type == "cuda"):
-        inputs = to_input(x, norm, device)
         with autocast(device):
-            logits = model(inputs).float()
-            if tta:
-                from .data import dihedral
-
-                views = [model(dihedral(inputs, k).contiguous(memory_format=torch.channels_last)
-                               ).float() for k in range(1, 8)]
-                logits = torch.stack([logits, *views]).mean(0)
-        outs.append(logits.cpu())
+            outs.append(model(to_input(x, norm, device)).float().cpu())
         if y is not None:
             ys.append(y)
     logits = torch.cat(outs).numpy() if outs else np.zeros((0, 0))
@@ -289,8 +287,5 @@ def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
 
 
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    """Row-wise softmax of logits / temperature."""
-    z = np.asarray(logits, dtype=np.float64) / temperature
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
+    """Row-wise softmax of logits / temperature (float64)."""
+    return special.softmax(np.asarray(logits, dtype=np.float64) / temperature, axis=1)

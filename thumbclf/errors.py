@@ -1,8 +1,30 @@
-"""The project's own exception types; cli.py prints them as one line."""
+"""The project's own exception types; cli.py prints them as one line each."""
+
+from __future__ import annotations
+
+import re
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def clean(text: str) -> str:
+    """One printable line: control characters (line breaks, terminal escapes) shown escaped."""
+    return _CONTROL.sub(lambda m: repr(m.group())[1:-1], str(text))
 
 
 class ThumbclfError(Exception):
-    """Base class: an error the user can fix, printed without a traceback."""
+    """Base class: an error the user can fix, printed without a traceback.
+
+    Several problems (e.g. of one experiment file) may be given; each becomes one line.
+    """
+
+    def __init__(self, *problems: str):
+        self.problems = tuple(str(p) for p in problems)
+        super().__init__("\n".join(self.problems))
+
+    def lines(self) -> list[str]:
+        """The problems, one printable line each."""
+        return [clean(p) for p in self.problems] or [clean(str(self))]
 
 
 class ConfigError(ThumbclfError):
@@ -19,3 +41,7 @@ class ModelError(ThumbclfError):
 
 class OutputError(ThumbclfError):
     """The results folder cannot be written or would be overwritten."""
+
+
+class ImageReadError(DataError):
+    """One image or slide could not be read; the run goes on without it."""

@@ -17,29 +17,19 @@ import numpy as np
 import pandas as pd
 
 from . import metrics as M
-from . import plots, report
-from .decide import UNDECIDED, decide
-from .config import cm_layout  # noqa: F401 - re-exported for callers
-from .errors import ConfigError, DataError, ThumbclfError
-from .results import atomic_csv, atomic_text
+from . import plots, report, table
+from .decide import UNDECIDED, decide, threshold_in_force
+from .config import cm_layout, params_to_dict
+from .decode import load_array
+from .errors import ConfigError, DataError, ImageReadError, ThumbclfError
+from .images import Preprocessing
+from .results import atomic_csv, atomic_text, prepare_output, setup_logging
 
 log = logging.getLogger(__name__)
-NON_CLASS_COLUMNS = {"PATH", "row", "CLASSIFICATION", "PATIENT", "fold"}
-
-
-def class_columns(df: pd.DataFrame) -> list[str]:
-    """The per-class probability columns: between the leading columns and model_prediction."""
-    if "model_prediction" not in df.columns:
-        raise DataError("the table has no model_prediction column; is it a thumbclf "
-                        "predictions.csv?")
-    cols = list(df.columns[: list(df.columns).index("model_prediction")])
-    return [c for c in cols if c not in NON_CLASS_COLUMNS]
 
 
 def _thumb_loader(size: int = 160, slide_size: int = 512, slide_cache: Path | None = None):
     """Small images for galleries; slides come from the run's thumbnail cache when given."""
-    from .images import ImageReadError, Preprocessing, load_array
-
     prep = Preprocessing(size=size, slide_size=slide_size)
 
     def load(path: str):
@@ -96,9 +86,9 @@ def evaluate_table(df: pd.DataFrame, classes: list[str], out: Path, *, threshold
     """Write metrics, confusion matrices, plots and the report for one labelled table."""
     if threshold is not None:
         df = df.assign(model_prediction=decide(df[classes].to_numpy(float), classes, threshold))
-    used = threshold if threshold is not None else (
-        float(df["threshold"].median()) if "threshold" in df and len(df) else None)
-    m = M.compute(df, classes, threshold=None, resamples=resamples, seed=seed)
+    used = threshold_in_force(given=threshold, default=None,
+                              table=df["threshold"] if "threshold" in df else ()).value
+    m = M.compute(df, classes, resamples=resamples, seed=seed)
     m["threshold"] = used
     m["notes"] = list(notes) + m["notes"]
     scopes = {"all": m}
@@ -192,17 +182,11 @@ def run_thumb_loader(params):
 
 
 def evaluate_run(folder: Path, table: pd.DataFrame, *, classes, params, kind: str, sample_set,
-                 split_df, failures: int = 0, extra_sections=(), notes=()) -> dict[str, Any]:
+                 split_df, failures: int = 0, extra_sections=(), notes=(),
+                 histories: dict[str, pd.DataFrame] | None = None) -> dict[str, Any]:
     """Evaluation after training or a labelled deploy, with the run's settings."""
-    from .config import params_to_dict
-
     order, xt, yt = cm_layout(classes, params.cm_sortlabels, params.cm_xlabels,
                               params.cm_ylabels, params.source)
-    histories = {}
-    for h in sorted(folder.glob("fold_*/history.csv"), key=lambda p: int(p.parent.name[5:])):
-        histories[h.parent.name.replace("_", " ")] = pd.read_csv(h)
-    if (folder / "full" / "history.csv").is_file():
-        histories["full training"] = pd.read_csv(folder / "full" / "history.csv")
     split_named = None
     if split_df is not None:
         split_named = split_df.assign(CLASSIFICATION=[sample_set.samples[i].label
@@ -212,7 +196,7 @@ def evaluate_run(folder: Path, table: pd.DataFrame, *, classes, params, kind: st
               "deploy": "Deployment on labelled data"}
     return evaluate_table(table, list(classes), folder, threshold=None, order=order, xt=xt,
                           yt=yt, resamples=params.bootstrap, seed=params.seed,
-                          histories=histories, title=f"thumbclf — {params.source.stem}",
+                          histories=histories or {}, title=f"thumbclf — {params.source.stem}",
                           kind=titles.get(kind, kind), params=params_to_dict(params),
                           split_df=split_named, failures=failures, extra_sections=extra_sections,
                           notes=notes, thumbs=run_thumb_loader(params))
@@ -221,8 +205,6 @@ def evaluate_run(folder: Path, table: pd.DataFrame, *, classes, params, kind: st
 def summarise_decisions(folder: Path, table: pd.DataFrame, *, classes, params, failures: int,
                         extra_sections=(), notes=()) -> None:
     """Deploy without labels: the distribution of decisions, as a table, a plot and a report."""
-    from .config import params_to_dict
-
     ok = table[table["error"] == ""]
     counts = ok["model_prediction"].value_counts().reindex(list(classes) + [UNDECIDED], fill_value=0)
     summary = pd.DataFrame({"decision": counts.index, "images": counts.to_numpy(),
@@ -254,26 +236,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (default 1000)")
     ap.add_argument("--seed", type=int, default=1)
     args = ap.parse_args(argv)
-    from .results import prepare_output, setup_logging
-
+    lock = None
     try:
         if args.threshold is not None and not 0 <= args.threshold <= 1:
             raise ConfigError(f"--threshold must be between 0 and 1; got {args.threshold}")
-        if not args.predictions.is_file():
-            raise DataError(f"{args.predictions}: not found")
-        df = pd.read_csv(args.predictions, dtype={"PATH": str, "CLASSIFICATION": str,
-                                                  "model_prediction": str, "error": str},
-                         keep_default_na=False, na_values={"": []})
-        classes = class_columns(df)
-        if "CLASSIFICATION" not in df.columns:
+        df, classes = table.read(args.predictions)
+        if table.LABEL not in df.columns:
             raise DataError(f"{args.predictions}: no CLASSIFICATION column; evaluation needs labels")
-        if "error" in df.columns:
-            df = df[df["error"].fillna("") == ""]
-        df = df.copy()
-        df[classes] = df[classes].apply(pd.to_numeric, errors="coerce")
+        if table.ERROR in df.columns:
+            df = df[df[table.ERROR].fillna("") == ""]
+        unknown = sorted(set(df[table.LABEL]) - set(classes))
+        if unknown:
+            log.warning("%s: labels without a probability column (counted as errors): %s",
+                        args.predictions, ", ".join(unknown))
         suffix = f"-{args.threshold:g}" if args.threshold is not None else ""
         out = args.output or args.predictions.parent / f"evaluation{suffix}"
-        prepare_output(out, resume=False)
+        lock = prepare_output(out, resume=False)
         setup_logging(out)
         order, xt, yt = cm_layout(classes, None, None, None, args.predictions)
         evaluate_table(df, classes, out, threshold=args.threshold, order=order, xt=xt, yt=yt,
@@ -284,8 +262,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"results in {out}")
         return 0
     except ThumbclfError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        for line in exc.lines():
+            print(f"error: {line}", file=sys.stderr)
         return 2
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import html
+import io
 import logging
 from pathlib import Path
 
@@ -10,11 +12,17 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import nn
+import matplotlib
 
+from . import layout, report
 from .data import Normalisation, to_input
 from .decide import UNDECIDED
-from .images import ImageReadError, Preprocessing, load_array
+from .decode import load_array
+from .errors import ImageReadError
+from .images import Preprocessing
 from .models import arch_name
+from .plots import image_grid, plt, save_figure
+from .results import atomic_bytes
 
 log = logging.getLogger(__name__)
 TARGET_LAYERS = {"resnet18": "layer4", "resnet34": "layer4", "resnet50": "layer4",
@@ -49,8 +57,6 @@ def gradcam(model: nn.Module, arch: str, x: torch.Tensor, class_index: int) -> n
 
 def overlay(image: np.ndarray, cam: np.ndarray, alpha: float = 0.45) -> np.ndarray:
     """The heat map (jet colours) blended onto the RGB image."""
-    import matplotlib
-
     colours = matplotlib.colormaps["jet"](cam)[..., :3]
     return np.clip((1 - alpha) * image / 255.0 + alpha * colours, 0, 1)
 
@@ -69,22 +75,19 @@ def write_gallery(models: dict, table: pd.DataFrame, classes: list[str], *, prep
                   device: torch.device) -> Path | None:
     """Grad-CAM PNGs per selected image (gradcam/<decision>/) and one overview figure.
 
-    ``models`` maps a fold number (or None) to its model; a row uses its fold's model.
+    ``models`` maps a fold number (0: full training or deployment) to its model; a row uses
+    its fold's model.
     """
-    import matplotlib.pyplot as plt
-
-    from .plots import _save, image_grid
-
     if per_class <= 0 or table.empty:
         return None
     chosen = select(table, classes, per_class)
     if chosen.empty:
         return None
     panels = []
+    folders = layout.component_map([*classes, UNDECIDED, *chosen["model_prediction"].astype(str)])
+    taken: set[str] = set()
     for _, row in chosen.iterrows():
-        model = models.get(row["fold"] if "fold" in row and row["fold"] in models else None)
-        if model is None:
-            model = next(iter(models.values()))
+        model = models.get(int(row["fold"]) if "fold" in row else 0) or next(iter(models.values()))
         try:
             img = load_array(Path(row["PATH"]), prep)
         except ImageReadError:
@@ -94,11 +97,13 @@ def write_gallery(models: dict, table: pd.DataFrame, classes: list[str], *, prep
         target = int(np.argmax(probs))
         cam = gradcam(model.to(device), arch, x, target)
         blended = overlay(img, cam)
-        decision = row["model_prediction"]
-        target_dir = out / "gradcam" / decision
-        target_dir.mkdir(parents=True, exist_ok=True)
+        decision = str(row["model_prediction"])
         name = Path(row["PATH"]).stem
-        plt.imsave(target_dir / f"{name}.png", blended)
+        png = layout.unique_file(out / "gradcam" / folders[decision], name, ".png",
+                                 str(row["PATH"]), taken)
+        buf = io.BytesIO()
+        plt.imsave(buf, blended, format="png")
+        atomic_bytes(buf.getvalue(), png)
         panels.append((blended, row.get("CLASSIFICATION"), decision, classes[target], probs[target], name))
     if not panels:
         return None
@@ -110,4 +115,23 @@ def write_gallery(models: dict, table: pd.DataFrame, classes: list[str], *, prep
         ax.text(0.5, -0.04, name[:28], transform=ax.transAxes, ha="center", va="top", fontsize=6)
     fig.suptitle("Grad-CAM: where the model looked (red = most important)", fontsize=10)
     fig.tight_layout()
-    return _save(fig, out / "plots" / "gradcam.png")
+    return save_figure(fig, out / "plots" / "gradcam.png")
+
+
+def section(out: Path, table: pd.DataFrame, models: dict[int, nn.Module], classes: list[str], *,
+            prep: Preprocessing, norm: Normalisation, arch: str, per_class: int,
+            device: torch.device, note: str) -> list[tuple[str, str]]:
+    """Grad-CAM overlays as a report section (none when ``per_class`` is 0).
+
+    ``models`` maps a fold to its model (0: full training or deployment); a row of a fold uses
+    that fold's model. ``note`` says which model made the overlays.
+    """
+    if per_class <= 0:
+        return []
+    fig = write_gallery(models, table, classes, prep=prep, norm=norm, arch=arch,
+                        per_class=per_class, out=out, device=device)
+    if fig is None:
+        return []
+    return [("Grad-CAM", report.img(fig, "Grad-CAM") + "<p class=muted>Where the model looked: "
+             "the most confident slides of each decision and the least certain Undecided ones, "
+             f"{html.escape(note)}; one PNG per slide in gradcam/&lt;decision&gt;/.</p>")]

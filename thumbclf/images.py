@@ -15,12 +15,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import DataError
+from .errors import ImageReadError
 
 Image.MAX_IMAGE_PIXELS = None  # we apply our own, clearer limit (max_pixels)
 EXIF_ORIENTATION = 0x0112
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+DEFAULT_MAX_PIXELS = 400_000_000  # refuse (non-JPEG) images with more pixels (max_image_pixels)
+DEFAULT_SLIDE_SIZE = 1024  # long side of thumbnails rendered from slides (slide_thumbnail_size)
 
 
 @dataclass(frozen=True)
@@ -29,8 +29,8 @@ class Preprocessing:
 
     size: int = 224
     recipe: str = "thumbclf"  # or "legacy"
-    max_pixels: int = 400_000_000
-    slide_size: int = 1024
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    slide_size: int = DEFAULT_SLIDE_SIZE
 
     @property
     def key(self) -> str:
@@ -38,10 +38,6 @@ class Preprocessing:
         d = asdict(self)
         d.pop("max_pixels")
         return "-".join(f"{k}={v}" for k, v in sorted(d.items())) + "-v1"
-
-
-class ImageReadError(DataError):
-    """One image or slide could not be read; the run goes on without it."""
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -126,21 +122,3 @@ def legacy_square(img: Image.Image, size: int) -> np.ndarray:
     canvas = Image.new("RGB", (side, side), (0, 0, 0))
     canvas.paste(img, (int((side - w) / 2), int((side - h) / 2)))
     return np.asarray(canvas.resize((size, size), Image.Resampling.BICUBIC), dtype=np.uint8)
-
-
-def load_rgb(path: Path, prep: Preprocessing, *, slide_cache: Path | None = None) -> Image.Image:
-    """The RGB picture of an image file, or the rendered thumbnail of a slide."""
-    from . import slides  # slides import openslide lazily
-
-    if slides.is_slide(path):
-        return slides.thumbnail(path, prep.slide_size, cache_dir=slide_cache)
-    target = prep.size if prep.recipe == "thumbclf" else None
-    return open_rgb(path, target=target, max_pixels=prep.max_pixels)
-
-
-def load_array(path: Path, prep: Preprocessing, *, slide_cache: Path | None = None) -> np.ndarray:
-    """File -> preprocessed ``size`` x ``size`` x 3 uint8 array; raises ImageReadError."""
-    img = load_rgb(path, prep, slide_cache=slide_cache)
-    if prep.recipe == "legacy":
-        return legacy_square(img, prep.size)
-    return fit_square(img, prep.size)

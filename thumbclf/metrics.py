@@ -18,7 +18,7 @@ import pandas as pd
 from sklearn.metrics import (average_precision_score, balanced_accuracy_score, f1_score,
                              roc_auc_score)
 
-from .decide import UNDECIDED, decide, threshold_for_accuracy
+from .decide import UNDECIDED, threshold_for_accuracy
 
 ECE_BINS = 15
 CHUNK = 100  # resamples evaluated together
@@ -159,8 +159,7 @@ def _nanmean(a: np.ndarray) -> np.ndarray:
 
 
 def compute(df: pd.DataFrame, classes: list[str] | tuple[str, ...], *,
-            threshold: float | None = None, resamples: int = 1000, seed: int = 1
-            ) -> dict[str, Any]:
+            resamples: int = 1000, seed: int = 1) -> dict[str, Any]:
     """All metrics of a labelled predictions table (rows with errors must be removed)."""
     classes = list(classes)
     notes: list[str] = []
@@ -168,16 +167,13 @@ def compute(df: pd.DataFrame, classes: list[str] | tuple[str, ...], *,
     labels = df["CLASSIFICATION"].astype(str).to_numpy()
     known = np.isin(labels, classes)
     y = np.array([classes.index(v) if v in classes else -1 for v in labels])
-    if threshold is not None:
-        decisions = np.array(decide(probs, classes, threshold), dtype=object)
-    else:
-        decisions = df["model_prediction"].astype(str).to_numpy()
+    decisions = df["model_prediction"].astype(str).to_numpy()
     n = len(df)
     decided = decisions != UNDECIDED
     conf = probs.max(axis=1) if n else np.zeros(0)
     correct = (probs.argmax(axis=1) == y) if n else np.zeros(0, bool)
     dec_correct = decisions == labels
-    out: dict[str, Any] = {"n": int(n), "threshold": threshold, "classes": classes}
+    out: dict[str, Any] = {"n": int(n), "threshold": None, "classes": classes}
     if (~known).any():
         notes.append(f"{int((~known).sum())} images have labels the model does not know: "
                      f"{', '.join(sorted(set(labels[~known])))}; they count as errors")
@@ -248,18 +244,13 @@ def compute(df: pd.DataFrame, classes: list[str] | tuple[str, ...], *,
     return out
 
 
-def confusion(df: pd.DataFrame, order: list[str], decisions: np.ndarray | None = None
-              ) -> pd.DataFrame:
+def confusion(df: pd.DataFrame, order: list[str]) -> pd.DataFrame:
     """Counts: rows = true classes (``order``, then unknown labels), columns = decisions + Undecided."""
-    labels = df["CLASSIFICATION"].astype(str).to_numpy()
-    dec = df["model_prediction"].astype(str).to_numpy() if decisions is None else decisions
+    labels = df["CLASSIFICATION"].astype(str)
     rows = list(order) + sorted(set(labels) - set(order))
-    cols = list(order) + [UNDECIDED]
-    cm = pd.DataFrame(0, index=rows, columns=cols, dtype=int)
-    for t, d in zip(labels, dec):
-        if d in cm.columns:
-            cm.loc[t, d] += 1
-    cm.index.name = "true \\ decision"
+    cm = pd.crosstab(labels, df["model_prediction"].astype(str)).reindex(
+        index=rows, columns=list(order) + [UNDECIDED], fill_value=0).astype(int)
+    cm.index.name, cm.columns.name = "true \\ decision", None
     return cm
 
 

@@ -14,9 +14,10 @@ import torch
 from torch import nn
 from torchvision import models as tvm
 
-from .data import Normalisation
+from .data import UNNORMALISED, Normalisation
 from .errors import ModelError
-from .images import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
+from .images import DEFAULT_MAX_PIXELS, DEFAULT_SLIDE_SIZE, Preprocessing
+from .results import atomic_torch_save
 
 log = logging.getLogger(__name__)
 FORMAT = "thumbclf-model"
@@ -62,6 +63,11 @@ def arch_name(name: str) -> str:
     if key not in ARCHS:
         raise ModelError(f"model_name {name!r} is unknown; valid names: {', '.join(ARCHS)}")
     return key
+
+
+def input_size(name: str) -> int:
+    """The input size (pixels, square) a backbone is trained at."""
+    return ARCHS[arch_name(name)].input_size
 
 
 def _get(m: nn.Module, dotted: str) -> nn.Module:
@@ -215,8 +221,6 @@ def save_model(path: Path, model: nn.Module, *, arch: str, classes: tuple[str, .
                prep: Preprocessing, norm: Normalisation, threshold: float | None,
                temperature: float, meta: dict[str, Any]) -> None:
     """Write a self-describing model file, loadable with torch.load(weights_only=True)."""
-    from .results import atomic_torch_save
-
     payload = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "arch": arch,
         "classes": list(classes), "input_size": prep.size, "recipe": prep.recipe,
@@ -228,7 +232,7 @@ def save_model(path: Path, model: nn.Module, *, arch: str, classes: tuple[str, .
 
 
 def load_model(path: Path, *, model_name: str | None = None,
-               target_labels: tuple[str, ...] | None = None, max_pixels: int = 400_000_000,
+               target_labels: tuple[str, ...] | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
                slide_size: int | None = None) -> LoadedModel:
     """Load a thumbclf model file, or a prototype state dict (needs target_labels)."""
     obj = read_weights(path, "model file (modelAdr)")
@@ -250,7 +254,7 @@ def _load_thumbclf(path, obj, model_name, target_labels, max_pixels, slide_size)
     model = build_model(arch, len(classes))
     _load_state(model, obj["state_dict"], path)
     prep = Preprocessing(size=int(obj["input_size"]), recipe=obj["recipe"], max_pixels=max_pixels,
-                         slide_size=slide_size or int(obj.get("slide_size", 1024)))
+                         slide_size=slide_size or int(obj.get("slide_size", DEFAULT_SLIDE_SIZE)))
     norm = Normalisation(tuple(obj["mean"]), tuple(obj["std"]))
     return LoadedModel(model.eval(), arch, classes, prep, norm, obj.get("threshold"),
                        float(obj.get("temperature", 1.0)), path, False, obj.get("meta", {}))
@@ -274,9 +278,8 @@ def _load_legacy(path, state, model_name, target_labels, max_pixels, slide_size)
     log.info("%s: prototype model (%s); classes in alphabetical order: %s", path, arch,
              ", ".join(classes))
     prep = Preprocessing(size=ARCHS[arch].input_size, recipe="legacy", max_pixels=max_pixels,
-                         slide_size=slide_size or 1024)
-    norm = Normalisation((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
-    return LoadedModel(model.eval(), arch, classes, prep, norm, None, 1.0, path, True, {})
+                         slide_size=slide_size or DEFAULT_SLIDE_SIZE)
+    return LoadedModel(model.eval(), arch, classes, prep, UNNORMALISED, None, 1.0, path, True, {})
 
 
 def _load_state(model: nn.Module, state: dict, path: Path) -> None:
@@ -288,6 +291,3 @@ def _load_state(model: nn.Module, state: dict, path: Path) -> None:
                          f"({'; '.join(first)[:200]}); check model_name and target_labels"
                          ) from None
 
-
-def imagenet_normalisation() -> Normalisation:
-    return Normalisation(IMAGENET_MEAN, IMAGENET_STD)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
 
@@ -14,14 +15,13 @@ import pandas as pd  # noqa: E402
 from sklearn.metrics import roc_curve  # noqa: E402
 
 from .decide import UNDECIDED  # noqa: E402
+from .results import atomic_bytes  # noqa: E402
 
 DPI = 110
 
 
-def _save(fig, path: Path) -> Path:
-    from .results import atomic_bytes
-    import io
-
+def save_figure(fig, path: Path) -> Path:
+    """Write a figure as PNG (atomically) and close it."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight")
     plt.close(fig)
@@ -50,7 +50,7 @@ def roc_curves(df: pd.DataFrame, classes: list[str], metrics: dict[str, Any], pa
     ax.set_title("ROC, one class vs rest" + (f" — macro AUROC {macro:.3f}" if macro else ""))
     ax.legend(loc="lower right", fontsize=8, title="AUROC [95% CI]", title_fontsize=8)
     ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def selective_curve(metrics: dict[str, Any], threshold: float, path: Path) -> Path:
@@ -69,7 +69,7 @@ def selective_curve(metrics: dict[str, Any], threshold: float, path: Path) -> Pa
            if metrics.get("aurc") is not None else "Accuracy and coverage by threshold")
     ax.legend(loc="lower left", fontsize=8)
     ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def reliability(metrics: dict[str, Any], path: Path) -> Path:
@@ -90,7 +90,7 @@ def reliability(metrics: dict[str, Any], path: Path) -> Path:
            ylabel="accuracy", aspect="equal",
            title="Reliability" + (f" — ECE {ece:.3f}" if ece is not None else ""))
     ax.legend(loc="upper left", fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def confusion_heatmap(cm: pd.DataFrame, xlabels: list[str], ylabels: list[str], path: Path,
@@ -108,7 +108,7 @@ def confusion_heatmap(cm: pd.DataFrame, xlabels: list[str], ylabels: list[str], 
     ax.set_yticks(range(len(ylabels)), ylabels)
     ax.set(xlabel="decision", ylabel="true class", title=title)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def training_curves(histories: dict[str, pd.DataFrame], path: Path) -> Path:
@@ -127,7 +127,7 @@ def training_curves(histories: dict[str, pd.DataFrame], path: Path) -> Path:
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def image_grid(n: int):
@@ -156,7 +156,7 @@ def gallery(items: list[dict[str, Any]], path: Path, title: str, thumb_loader) -
                 va="top", fontsize=6)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def decision_bars(counts: pd.Series, path: Path, title: str) -> Path:
@@ -168,4 +168,4 @@ def decision_bars(counts: pd.Series, path: Path, title: str) -> Path:
         ax.text(i, v, str(v), ha="center", va="bottom", fontsize=8)
     ax.set_xticks(range(len(counts)), counts.index, rotation=35, ha="right")
     ax.set(ylabel="images", title=title)
-    return _save(fig, path)
+    return save_figure(fig, path)

@@ -11,6 +11,7 @@ from typing import Any
 import pandas as pd
 
 from . import __version__
+from .results import atomic_text
 
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em auto;max-width:1100px;
@@ -83,8 +84,6 @@ def per_class_table(m: dict[str, Any]) -> str:
 def write(path: Path, *, title: str, kind: str, params: dict[str, Any], data_summary: str,
           sections: list[tuple[str, str]], notes: list[str]) -> Path:
     """Assemble and write the report atomically."""
-    from .results import atomic_text
-
     now = dt.datetime.now().strftime("%Y-%m-%d %H:%M")
     note_html = "".join(f"<div class=note>{html.escape(n)}</div>" for n in notes)
     params_rows = "".join(f"<tr><td>{html.escape(k)}</td><td style='text-align:left'>"

@@ -2,38 +2,117 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import logging
 import os
 import shutil
+import socket
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import yaml
 
-from .errors import OutputError
+from . import layout
+from .config import params_to_dict
+from .errors import ConfigError, OutputError, clean
 
 log = logging.getLogger(__name__)
 
 
-SETUP_ONLY = {"run.log", "config.yaml", ".write-test"}  # a run that never got going
+SETUP_ONLY = {layout.RUN_LOG, layout.CONFIG, layout.LOCK, ".write-test"}  # a run that never got going
 
 
-def prepare_output(folder: Path, *, resume: bool) -> None:
-    """Create the results folder; refuse one with results in it unless resuming.
+def _current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+FILE_MODE = 0o666 & ~_current_umask()  # result files as any tool makes them (group-readable)
+
+
+class OutputLock:
+    """Ownership of a results folder: one run at a time. The operating system releases it when
+    the process ends, however it ends; a lock file left by a crash is reclaimed."""
+
+    def __init__(self, folder: Path):
+        self.path = folder / layout.LOCK
+        self._fd: int | None = None
+
+    def acquire(self) -> "OutputLock":
+        for _ in range(20):  # retry if another run removed the file between open and lock
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, FILE_MODE)
+            if not _try_lock(fd):
+                holder = os.read(fd, 200).decode("utf-8", "replace").strip() or "unknown"
+                os.close(fd)
+                raise OutputError(f"{self.path.parent}: another thumbclf run is using this results "
+                                  f"folder ({holder}); wait for it to finish, or choose another "
+                                  "--output")
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if not same:
+                os.close(fd)
+                continue
+            stale = os.read(fd, 200).decode("utf-8", "replace").strip()
+            if stale:
+                log.warning("%s: reclaimed the lock of an earlier run (%s) that ended without "
+                            "releasing it", self.path.parent, stale)
+            os.lseek(fd, 0, os.SEEK_SET)
+            os.ftruncate(fd, 0)
+            os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, started "
+                         f"{time.strftime('%Y-%m-%d %H:%M:%S')}".encode())
+            self._fd = fd
+            return self
+        raise OutputError(f"{self.path.parent}: cannot lock the results folder; try again")
+
+    def release(self) -> None:
+        """Give the folder up (remove the lock file, then unlock)."""
+        if self._fd is None:
+            return
+        self.path.unlink(missing_ok=True)
+        os.close(self._fd)  # closing releases the lock
+        self._fd = None
+
+    def __enter__(self) -> "OutputLock":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _try_lock(fd: int) -> bool:
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        import msvcrt
+
+        try:
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+            return True
+        except OSError:
+            return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError:
+        return False
+
+
+def prepare_output(folder: Path, *, resume: bool) -> OutputLock:
+    """Create and lock the results folder; refuse one with results in it unless resuming.
 
     A folder holding only what a failed start leaves (run.log, config.yaml, the experiment
-    copy, caches) is reused, so fixing the input and running again just works.
+    copy, caches) is reused, so fixing the input and running again just works. The caller
+    owns the returned lock until it releases it (or the process ends).
     """
     if folder.exists() and not folder.is_dir():
         raise OutputError(f"{folder}: exists and is not a folder; choose another --output")
-    if folder.is_dir() and not resume and any(p.name not in SETUP_ONLY and not
-                                              p.name.startswith("experiment.")
-                                              for p in folder.iterdir()):
-        raise OutputError(f"{folder}: results folder is not empty; thumbclf never overwrites a "
-                          "run. Use --resume to continue it, or --output NEW_FOLDER")
     if resume and not folder.is_dir():
         raise OutputError(f"{folder}: nothing to resume (no such results folder); run without "
                           "--resume")
@@ -45,12 +124,21 @@ def prepare_output(folder: Path, *, resume: bool) -> None:
     except OSError as exc:
         raise OutputError(f"{folder}: cannot write the results folder ({exc.strerror or exc}); "
                           "choose a writable --output") from None
+    lock = OutputLock(folder).acquire()
+    if not resume and any(p.name not in SETUP_ONLY and not p.name.startswith("experiment.")
+                          for p in folder.iterdir()):
+        lock.release()
+        raise OutputError(f"{folder}: results folder is not empty; thumbclf never overwrites a "
+                          "run. Use --resume to continue it, or --output NEW_FOLDER")
+    return lock
 
 
 def _atomic(path: Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        if hasattr(os, "fchmod"):  # mkstemp makes 0600 files; results are shared as usual
+            os.fchmod(fd, FILE_MODE)
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -85,25 +173,91 @@ def atomic_yaml(data: Any, path: Path) -> None:
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
-    import torch
+    import torch  # here, not above: decoding workers import this module without torch
 
     buf = io.BytesIO()
     torch.save(obj, buf)
     atomic_bytes(buf.getvalue(), path)
 
 
-def copy_verified(src: Path, dst: Path) -> None:
-    """Copy (never move) ``src`` to ``dst`` atomically and check the size of the copy."""
+def copy_verified(src: Path, dst: Path, *, exclusive: bool = False) -> None:
+    """Copy (never move) ``src`` to ``dst`` atomically and check the size of the copy.
+
+    ``exclusive``: never replace an existing ``dst`` (OutputError instead).
+    """
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.tmp")
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
     try:
         shutil.copy2(src, tmp)
         if tmp.stat().st_size != src.stat().st_size:
             raise OutputError(f"{dst}: copy is incomplete (size differs from {src})")
-        os.replace(tmp, dst)
+        if exclusive:
+            try:
+                os.link(tmp, dst)  # fails if dst exists: no copy ever replaces another
+            except FileExistsError:
+                raise OutputError(f"{dst}: exists already; refusing to overwrite it with a copy "
+                                  f"of {src}") from None
+            except OSError as exc:
+                if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EXDEV, errno.EMLINK,
+                                     errno.ENOSYS):
+                    raise
+                if dst.exists():  # no hard links here: check, then rename
+                    raise OutputError(f"{dst}: exists already; refusing to overwrite it with a "
+                                      f"copy of {src}") from None
+                os.replace(tmp, dst)
+            tmp.unlink(missing_ok=True)
+        else:
+            os.replace(tmp, dst)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         raise OutputError(f"{dst}: cannot copy {src} ({exc.strerror or exc})") from None
+
+
+def append_whole(path: Path, data: bytes) -> None:
+    """Append ``data`` (whole lines) to ``path`` so that a crash or a full disk never leaves
+    part of it: one write, synced; on failure the file is cut back to its previous end."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, FILE_MODE)
+    try:
+        end = os.fstat(fd).st_size
+        try:
+            written = os.write(fd, data)
+            while written < len(data):  # a short write: finish it or fail below
+                n = os.write(fd, data[written:])
+                if n == 0:
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                written += n
+            os.fsync(fd)
+        except OSError as exc:
+            try:
+                os.ftruncate(fd, end)
+            except OSError:
+                pass  # repair_tail drops a torn line on --resume
+            raise OutputError(f"{path}: cannot write ({exc.strerror or exc}); is the disk full? "
+                              "Free space, then continue with the same command plus --resume"
+                              ) from None
+    finally:
+        os.close(fd)
+
+
+def repair_tail(path: Path) -> int:
+    """Cut a torn last line (no newline: the write was interrupted) off ``path``; return the
+    number of bytes dropped."""
+    if not path.is_file():
+        return 0
+    with open(path, "rb+") as f:
+        size = f.seek(0, os.SEEK_END)
+        if size == 0:
+            return 0
+        f.seek(size - 1)
+        if f.read(1) == b"\n":
+            return 0
+        back = min(size, 1 << 20)
+        f.seek(size - back)
+        tail = f.read(back)
+        cut = tail.rfind(b"\n")
+        keep = size - back + cut + 1 if cut >= 0 else 0
+        f.truncate(keep)
+        return size - keep
 
 
 def write_config(params, folder: Path, resume: bool) -> None:
@@ -111,9 +265,6 @@ def write_config(params, folder: Path, resume: bool) -> None:
 
     On --resume the settings must equal the interrupted run's.
     """
-    from .config import params_to_dict
-    from .errors import ConfigError
-
     resolved = params_to_dict(params)
     resolved.pop("output", None)
     cfg = folder / "config.yaml"
@@ -130,6 +281,21 @@ def write_config(params, folder: Path, resume: bool) -> None:
     atomic_bytes(params.source.read_bytes(), folder / f"experiment{params.source.suffix}")
 
 
+class _PlainFormatter(logging.Formatter):
+    """Console lines never carry control characters from data (file names, labels)."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's name
+        record.message = clean(record.message)
+        return super().formatMessage(record)
+
+
+def check_writable(folder: Path, what: str) -> None:
+    """OutputError unless ``folder`` is, or can be made, a writable folder."""
+    why = layout.writable_or_creatable(folder)
+    if why is not None:
+        raise OutputError(f"{folder}: cannot write the {what} ({why}); choose a writable folder")
+
+
 def setup_logging(folder: Path | None, *, quiet: bool = False, debug: bool = False) -> None:
     """INFO (WARNING if quiet) to the console; DEBUG to <folder>/run.log."""
     root = logging.getLogger()
@@ -140,7 +306,7 @@ def setup_logging(folder: Path | None, *, quiet: bool = False, debug: bool = Fal
     root.setLevel(logging.DEBUG)
     console = logging.StreamHandler()
     console.setLevel(logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO)
-    console.setFormatter(logging.Formatter("%(message)s"))
+    console.setFormatter(_PlainFormatter("%(message)s"))
     console._thumbclf = True  # type: ignore[attr-defined]
     root.addHandler(console)
     if folder is not None:

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
 from .config import to_local_path
+from . import layout
+from .decide import UNDECIDED
 from .errors import DataError
+from .table import OWN_COLUMNS
 
 log = logging.getLogger(__name__)
 
@@ -20,8 +24,7 @@ INPUT_SUFFIXES = IMAGE_SUFFIXES + SLIDE_SUFFIXES
 TABLE_SUFFIXES = (".csv", ".tsv", ".xlsx", ".xls")
 
 
-RESERVED_COLUMNS = {"PATH", "CLASSIFICATION", "PATIENT", "fold", "model_prediction", "error",
-                    "confidence", "row", "threshold", "Undecided"}
+RESERVED_COLUMNS = OWN_COLUMNS | {UNDECIDED}  # class names become columns of the table
 
 
 @dataclass(frozen=True)
@@ -67,16 +70,32 @@ def is_input_file(path: Path) -> bool:
             and path.is_file())
 
 
-def _find_files(folder: Path) -> list[Path]:
+@dataclass
+class _Skipped:
+    """Folders that folder inputs leave out: thumbclf results and caches (never inputs)."""
+
+    exclude: tuple[Path, ...] = ()
+    folders: list[Path] = field(default_factory=list)
+    files: int = 0
+
+    def skip(self, folder: Path) -> bool:
+        resolved = folder.resolve()
+        if (any(resolved == e for e in self.exclude) or layout.is_results_folder(folder)
+                or layout.is_cache_folder(folder)):
+            self.folders.append(folder)
+            self.files += sum(1 for p in folder.rglob("*") if is_input_file(p))
+            return True
+        return False
+
+
+def _find_files(folder: Path, skipped: _Skipped) -> list[Path]:
     found = []
-    for p in sorted(folder.rglob("*")):
-        rel = p.relative_to(folder)
-        if any(part.startswith(".") for part in rel.parts):
-            continue
-        # .mrxs companion folders hold .dat files only; nothing to skip explicitly
-        if is_input_file(p):
-            found.append(p)
-    return found
+    for dirpath, dirnames, filenames in os.walk(folder):
+        here = Path(dirpath)
+        dirnames[:] = sorted(d for d in dirnames
+                             if not d.startswith(".") and not skipped.skip(here / d))
+        found += [here / f for f in filenames if is_input_file(here / f)]
+    return sorted(found)
 
 
 def read_table(path: Path) -> pd.DataFrame:
@@ -131,20 +150,22 @@ def _samples_from_table(path: Path, need_labels: bool) -> tuple[list[Sample], bo
     return samples, patient_col is not None
 
 
-def _samples_from_folder(folder: Path, need_labels: bool) -> list[Sample]:
-    subdirs = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
-    top_files = [p for p in sorted(folder.iterdir()) if is_input_file(p)]
+def _samples_from_folder(folder: Path, need_labels: bool, skipped: _Skipped) -> list[Sample]:
     if not need_labels:
-        files = _find_files(folder)
+        files = _find_files(folder, skipped) if not skipped.skip(folder) else []
         if not files:
             raise DataError(f"{folder}: no images or slides found (searched recursively for "
-                            f"{', '.join(INPUT_SUFFIXES)})")
+                            f"{', '.join(INPUT_SUFFIXES)}, leaving out thumbclf results and "
+                            "cache folders)")
         return [Sample(p) for p in files]
+    top_files = [p for p in sorted(folder.iterdir()) if is_input_file(p)]
     if top_files:
         raise DataError(f"{folder}: has images directly inside (e.g. {top_files[0].name}); for "
                         "labelled input put them into one subfolder per class, or set "
                         "hasLabels: false")
-    samples = [Sample(p, d.name) for d in subdirs for p in _find_files(d)]
+    subdirs = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")
+                     and not skipped.skip(p))
+    samples = [Sample(p, d.name) for d in subdirs for p in _find_files(d, skipped)]
     if not samples:
         raise DataError(f"{folder}: no images found; expected one subfolder per class with "
                         f"images ({', '.join(INPUT_SUFFIXES)}) inside")
@@ -201,20 +222,37 @@ def _drop_duplicates(samples: list[Sample], source: Path) -> list[Sample]:
     return kept
 
 
-def discover(thumb_data: Path, *, need_labels: bool,
-             target_labels: tuple[str, ...] | None = None) -> SampleSet:
-    """Find the samples at ``thumb_data`` (table or folder) and the classes in output order."""
-    has_patients = False
+def check_input(thumb_data: Path) -> None:
+    """DataError unless ``thumb_data`` is a folder or a table."""
     if thumb_data.is_dir():
-        samples = _samples_from_folder(thumb_data, need_labels)
-    elif thumb_data.is_file():
-        if thumb_data.suffix.lower() not in TABLE_SUFFIXES:
-            raise DataError(f"{thumb_data}: thumbData must be a folder or a table "
-                            f"({', '.join(TABLE_SUFFIXES)})")
-        samples, has_patients = _samples_from_table(thumb_data, need_labels)
-    else:
+        return
+    if not thumb_data.is_file():
         raise DataError(f"{thumb_data}: thumbData not found; check the path (relative paths "
                         "start at the experiment file's folder)")
+    if thumb_data.suffix.lower() not in TABLE_SUFFIXES:
+        raise DataError(f"{thumb_data}: thumbData must be a folder or a table "
+                        f"({', '.join(TABLE_SUFFIXES)})")
+
+
+def discover(thumb_data: Path, *, need_labels: bool,
+             target_labels: tuple[str, ...] | None = None,
+             exclude: tuple[Path, ...] = ()) -> SampleSet:
+    """Find the samples at ``thumb_data`` (table or folder) and the classes in output order.
+
+    A folder input never includes ``exclude`` (the run's own results and cache folders) nor any
+    thumbclf results or cache folder inside it.
+    """
+    check_input(thumb_data)
+    has_patients = False
+    if thumb_data.is_dir():
+        skipped = _Skipped(tuple(p.resolve() for p in exclude))
+        samples = _samples_from_folder(thumb_data, need_labels, skipped)
+        if skipped.folders:
+            log.info("%s: left out %d files in %d thumbclf results or cache folders (%s)",
+                     thumb_data, skipped.files, len(skipped.folders),
+                     ", ".join(str(p) for p in skipped.folders[:3]))
+    else:
+        samples, has_patients = _samples_from_table(thumb_data, need_labels)
     if need_labels:
         samples = _normalise_labels(samples, thumb_data, target_labels)
     samples = _drop_duplicates(samples, thumb_data)

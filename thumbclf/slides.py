@@ -8,21 +8,23 @@ thumbnail size, so later runs and every fold reuse them.
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import math
-import os
 from functools import lru_cache
 from pathlib import Path
 
 from PIL import Image
 
-from .images import ImageReadError, to_rgb
+from . import layout
+from .errors import ImageReadError
+from .images import to_rgb
+from .results import atomic_bytes
 from .samples import SLIDE_SUFFIXES
+from .table import SLIDE_COLUMNS
 
 log = logging.getLogger(__name__)
 SINGLE_READ_PIXELS = 64_000_000  # larger levels are read and shrunk in strips
-SLIDE_COLUMNS = ("slide_vendor", "slide_objective_power", "slide_mpp_x", "slide_mpp_y",
-                 "slide_level_count", "slide_width", "slide_height")
 
 
 @lru_cache(maxsize=1)
@@ -128,9 +130,10 @@ def thumbnail(path: Path, long_side: int, *, cache_dir: Path | None = None) -> I
         slide.close()
     if cached is not None:
         cached.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cached.with_name(f".{cached.name}.{os.getpid()}.tmp")
-        img.save(tmp, format="PNG", compress_level=1)
-        os.replace(tmp, cached)
+        layout.tag_cache_folder(cached.parent)
+        buf = io.BytesIO()
+        img.save(buf, format="PNG", compress_level=1)
+        atomic_bytes(buf.getvalue(), cached)
     return img
 
 
@@ -147,14 +150,9 @@ def properties(path: Path) -> dict[str, object]:
             except (KeyError, ValueError):
                 return None
 
-        return {
-            "slide_vendor": p.get(openslide.PROPERTY_NAME_VENDOR),
-            "slide_objective_power": num(openslide.PROPERTY_NAME_OBJECTIVE_POWER),
-            "slide_mpp_x": num(openslide.PROPERTY_NAME_MPP_X),
-            "slide_mpp_y": num(openslide.PROPERTY_NAME_MPP_Y),
-            "slide_level_count": slide.level_count,
-            "slide_width": slide.dimensions[0],
-            "slide_height": slide.dimensions[1],
-        }
+        return dict(zip(SLIDE_COLUMNS, (
+            p.get(openslide.PROPERTY_NAME_VENDOR), num(openslide.PROPERTY_NAME_OBJECTIVE_POWER),
+            num(openslide.PROPERTY_NAME_MPP_X), num(openslide.PROPERTY_NAME_MPP_Y),
+            slide.level_count, slide.dimensions[0], slide.dimensions[1])))
     finally:
         slide.close()

@@ -2,65 +2,78 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import re
 import shutil
 from pathlib import Path
 
+from . import layout
 from .errors import OutputError
 from .results import copy_verified
 
 log = logging.getLogger(__name__)
 
 
-def safe_name(text: str) -> str:
-    """A single, harmless path component: no separators, no '..', no control characters."""
-    name = re.sub(r'[\\/:*?"<>|\x00-\x1f]', "_", text).strip().strip(".")
-    return name or "_"
+def plan_copies(items: list[tuple[Path, str, Path | None]], root: Path, *,
+                with_slides: bool = False) -> list[tuple[Path, Path]]:
+    """(source, destination) of every copy: each (file, decision, thumbnail-or-None) goes to
+    root/<decision>/ under a name that no other copy of this run has (case-insensitively)."""
+    folders = layout.component_map(decision for _, decision, _ in items)
+    taken: set[str] = set()
+    jobs = []
+    for src, decision, thumb in items:
+        folder = root / folders[decision]
+        if thumb is not None:
+            jobs.append((thumb, layout.unique_file(folder, src.stem, ".png", str(src), taken)))
+            if with_slides:
+                jobs.append((src, layout.unique_file(folder, src.stem, src.suffix, str(src), taken)))
+        else:
+            jobs.append((src, layout.unique_file(folder, src.stem, src.suffix, str(src), taken)))
+    for _, dst in jobs:
+        if not layout.inside(root, dst):
+            raise OutputError(f"{dst}: would land outside {root}; refused")
+    return jobs
 
 
-def _target(root: Path, decision: str, src: Path, taken: set[Path], suffix: str | None = None) -> Path:
-    folder = root / safe_name(decision)
-    base = safe_name(src.name if suffix is None else src.stem + suffix)
-    dst = folder / base
-    if dst in taken:  # same file name from another folder: add a hash of the full path
-        tag = hashlib.sha1(str(src).encode()).hexdigest()[:8]
-        p = Path(base)
-        dst = folder / f"{p.stem}__{tag}{p.suffix}"
-    resolved = dst.resolve()
-    if root.resolve() not in resolved.parents:
-        raise OutputError(f"{src}: its sorted copy would land outside {root}; refused")
-    taken.add(dst)
-    return dst
+def copy_all(jobs: list[tuple[Path, Path]]) -> tuple[int, int]:
+    """Make each copy; one left by an earlier attempt of this run (same size) is kept.
+
+    Returns (copies made now, copies kept). Names are unique by construction, so a new copy is
+    created exclusively and never replaces another file.
+    """
+    made = kept = 0
+    for source, dst in jobs:
+        if dst.is_file():
+            if dst.stat().st_size == source.stat().st_size:
+                kept += 1
+                continue
+            dst.unlink()  # this run's own copy from an attempt before the source changed
+        copy_verified(source, dst, exclusive=True)
+        made += 1
+        data_dir = source.with_suffix("")
+        if source.suffix.lower() == ".mrxs" and data_dir.is_dir():
+            target_dir = dst.with_suffix("")
+            if not target_dir.exists():
+                shutil.copytree(data_dir, target_dir)
+    return made, kept
 
 
 def sort_copies(items: list[tuple[Path, str, Path | None]], root: Path, *,
                 with_slides: bool = False) -> int:
-    """Copy each (source, decision, thumbnail-or-None) into root/decision/; return copies made.
+    """Copy each (source, decision, thumbnail-or-None) into root/decision/; return the number
+    of copies now on disk (made now or kept from an interrupted attempt).
 
     For slides, ``thumbnail`` is the rendered PNG: it is copied, and the slide file itself (with
-    a .mrxs data folder) only when ``with_slides``. Existing identical copies are kept (resume).
+    a .mrxs data folder) only when ``with_slides``.
     """
-    taken: set[Path] = set()
-    made = 0
-    for src, decision, thumb in items:
-        if thumb is not None:
-            jobs = [(thumb, _target(root, decision, src, taken, suffix=".png"))]
-            if with_slides:
-                jobs.append((src, _target(root, decision, src, taken)))
-        else:
-            jobs = [(src, _target(root, decision, src, taken))]
-        for source, dst in jobs:
-            if dst.is_file() and dst.stat().st_size == source.stat().st_size:
-                continue
-            copy_verified(source, dst)
-            made += 1
-            data_dir = source.with_suffix("")
-            if source.suffix.lower() == ".mrxs" and data_dir.is_dir() and source == src:
-                target_dir = dst.with_suffix("")
-                if not target_dir.exists():
-                    shutil.copytree(data_dir, target_dir)
+    jobs = plan_copies(items, root, with_slides=with_slides)
+    made, kept = copy_all(jobs)
+    on_disk = sum(1 for _, dst in jobs if dst.is_file())
+    if on_disk != len(jobs):
+        raise OutputError(f"{root}: {len(jobs) - on_disk} sorted copies are missing after copying; "
+                          "is another program deleting files there?")
+    if kept:
+        log.info("sorted copies: %d made now, %d kept from the interrupted attempt", made, kept)
     for folder in sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []:
-        log.info("sorted/%s: %d files", folder.name, sum(1 for _ in folder.iterdir()))
-    return made
+        log.info("sorted/%s: %d files", folder.name,
+                 sum(1 for p in folder.iterdir() if not p.name.startswith(".")))
+    return on_disk

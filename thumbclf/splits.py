@@ -10,6 +10,7 @@ import pandas as pd
 from sklearn.model_selection import GroupShuffleSplit, StratifiedGroupKFold, StratifiedKFold, StratifiedShuffleSplit
 
 from .errors import DataError
+from .results import atomic_csv
 
 
 def _val_split(y: np.ndarray, groups: np.ndarray | None, fraction: float,
@@ -77,8 +78,6 @@ def positions(splits: pd.DataFrame, fold: int, role: str) -> np.ndarray:
 def save(splits: pd.DataFrame, paths: list[str], labels: list[str], patients: list[str] | None,
          path: Path) -> None:
     """Write splits.csv with the image path and label on every row."""
-    from .results import atomic_csv
-
     out = splits.copy()
     out.insert(1, "PATH", [paths[i] for i in out["position"]])
     out.insert(2, "CLASSIFICATION", [labels[i] for i in out["position"]])

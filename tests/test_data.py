@@ -1,0 +1,75 @@
+"""Tensors from images: augmentation, training batches, balanced sampling, normalisation."""
+
+import numpy as np
+import torch
+
+from thumbclf.cache import DecodedImages
+from thumbclf.data import IMAGENET, augment, dihedral, to_input, training_batches
+
+
+def decoded(n=10, size=16):
+    arr = np.stack([np.full((size, size, 3), i, np.uint8) for i in range(n)])
+    return DecodedImages(arr, np.arange(n))
+
+
+def test_augmentation_keeps_shape_dtype_and_range():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.full((6, 32, 32, 3), 255, dtype=torch.uint8)  # empty glass
+    x[:, 8:24, 8:24] = torch.tensor([200, 100, 150], dtype=torch.uint8)  # tissue
+    out = augment(x, gen)
+    assert out.shape == x.shape and out.dtype == torch.uint8
+    assert int(out.min()) >= 0 and int(out.max()) <= 255
+    assert (out[:, 0, 0] >= 200).all()  # glass stays light: colour jitter is mild
+    assert not torch.equal(out, x)
+    again = augment(x, torch.Generator().manual_seed(0))
+    assert torch.equal(out, again)  # the generator decides everything
+
+
+def test_the_eight_dihedral_views_are_distinct_and_invertible():
+    x = torch.arange(16.0).view(1, 4, 4)
+    views = [dihedral(x, k) for k in range(8)]
+    assert len({tuple(v.flatten().tolist()) for v in views}) == 8
+
+
+def test_batches_cover_every_position_once():
+    d = decoded(10)
+    y = np.arange(10) % 2
+    positions = np.array([0, 2, 3, 5, 7, 9])
+    seen = []
+    for x, t in training_batches(d, positions, y, batch_size=4, rng=np.random.default_rng(0),
+                                 drop_single=False):
+        seen += x[:, 0, 0, 0].tolist()
+        assert t.tolist() == [v % 2 for v in x[:, 0, 0, 0].tolist()]
+    assert sorted(seen) == positions.tolist()
+
+
+def test_a_batch_of_one_is_dropped_only_when_asked():
+    d, y = decoded(5), np.zeros(5, int)
+    sizes = [len(x) for x, _ in training_batches(d, np.arange(5), y, batch_size=4,
+                                                 rng=np.random.default_rng(0))]
+    assert sizes == [4]
+    sizes = [len(x) for x, _ in training_batches(d, np.arange(5), y, batch_size=4, shuffle=False,
+                                                 rng=np.random.default_rng(0), drop_single=False)]
+    assert sizes == [4, 1]
+
+
+def test_a_weighted_sampler_draws_rare_classes_more_often():
+    n = 100
+    y = np.array([1] * 10 + [0] * 90)  # class 1 is rare
+    d = decoded(n)
+    weights = np.where(y == 1, 9.0, 1.0)
+    drawn = []
+    for _ in range(20):
+        for _, t in training_batches(d, np.arange(n), y, batch_size=50, weights=weights,
+                                     rng=np.random.default_rng(len(drawn))):
+            drawn += t.tolist()
+    share = np.mean(drawn)
+    assert 0.4 < share < 0.6  # balanced, not 10%
+
+
+def test_to_input_normalises_channels_last():
+    x = torch.full((2, 8, 8, 3), 255, dtype=torch.uint8)
+    out = to_input(x, IMAGENET, torch.device("cpu"))
+    assert out.shape == (2, 3, 8, 8) and out.is_contiguous(memory_format=torch.channels_last)
+    expected = (1 - torch.tensor(IMAGENET.mean)) / torch.tensor(IMAGENET.std)
+    assert torch.allclose(out[0, :, 0, 0], expected)
