@@ -93,9 +93,9 @@ def execute(params: Params, *, resume: bool = False, quiet: bool = False, debug:
     ``raw``: the dict an experiment came from; it is saved as experiment.yaml in the results
     folder, which then stands for the experiment file (the copy beside config.yaml).
     """
-    from .config import TRAIN, TrainParams
     import yaml
 
+    from .config import TRAIN, TrainParams
     from .results import atomic_text, prepare_output, setup_logging
 
     workflow = TRAIN if isinstance(params, TrainParams) else "deploy"
@@ -227,6 +227,11 @@ class Classifier:
     threshold: float
     threshold_reason: str
     device: Any
+
+    def __repr__(self) -> str:
+        files = ", ".join(str(m.path) for m in self.models)
+        return (f"Classifier(classes={list(self.classes)}, threshold={self.threshold:g} "
+                f"({self.threshold_reason}), models=[{files}])")
 
     @property
     def classes(self) -> tuple[str, ...]:
