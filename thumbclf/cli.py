@@ -152,7 +152,9 @@ def command(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "evaluate":  # evaluate parses its own options (and --help)
         from .evaluate import main as evaluate_main
 
-        return evaluate_main(argv[1:], prog="thumbclf evaluate")
+        codes = []
+        return guarded(lambda: codes.append(evaluate_main(argv[1:], prog="thumbclf evaluate"))
+                       ) or codes[0]
     ap = command_parser()
     args = ap.parse_args(argv)
     if args.command == "init":
