@@ -4,13 +4,18 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 RUN := runs/demo-$(shell date +%Y%m%d-%H%M%S)
+# exact versions the tests passed with; `make test CONSTRAINTS=` installs without them
+CONSTRAINTS ?= constraints.txt
+PIN := $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 
-.PHONY: demo test setup bench clean-demo
+.PHONY: demo test setup bench lock clean-demo
 
-$(VENV)/.installed: requirements.txt
+# reinstalled whenever a file that decides what gets installed changes
+$(VENV)/.installed: requirements.txt pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet $(PIN) -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $@
 
 setup: $(VENV)/.installed
@@ -25,3 +30,9 @@ test: setup
 
 bench: setup
 	$(PY) bench/bench.py
+
+# write the versions installed in .venv to constraints.txt (keeps its header); see the README
+lock: setup
+	grep '^#' constraints.txt > constraints.txt.new
+	$(PY) -m pip freeze --all --exclude pip --exclude-editable --exclude thumbclf >> constraints.txt.new
+	mv constraints.txt.new constraints.txt

@@ -97,7 +97,7 @@ def model_only(device: torch.device, batch: int, freeze_ratio: float, steps: int
 
 
 def thumbclf_train(table: Path, epochs: int, batch: int, freeze_ratio: float, device: str) -> dict:
-    from thumbclf import train
+    from thumbclf.train import run  # thumbclf.train itself is the API function
 
     out = OUT / "train-run"
     shutil.rmtree(out, ignore_errors=True)
@@ -109,7 +109,7 @@ def thumbclf_train(table: Path, epochs: int, batch: int, freeze_ratio: float, de
     exp.write_text(json.dumps(raw))
     params = load_params(exp, workflow=TRAIN, output=out)
     setup_logging(out, quiet=True)
-    train.run(params, quiet=True)
+    run(params, quiet=True)
     import pandas as pd
 
     hist = pd.read_csv(out / "full" / "history.csv")

@@ -1,7 +1,9 @@
-"""Command lines of both scripts; the only place that knows exit codes.
+"""Command lines: ``thumbclf train|deploy|evaluate|init`` and the two prototype scripts; the only
+place that knows exit codes.
 
 The project's own errors reach the user as one line each on stderr (``--debug`` shows the
-traceback); Ctrl-C and SIGTERM stop a run cleanly and say how to resume it.
+traceback); Ctrl-C and SIGTERM stop a run cleanly and say how to resume it. The work itself is
+done by the functions of the Python API (api.py), which raise those errors.
 """
 
 from __future__ import annotations
@@ -9,14 +11,14 @@ from __future__ import annotations
 import argparse
 import errno
 import logging
-import os
 import signal
 import sys
 from pathlib import Path
 
+from . import __version__
 from .config import DEPLOY, TRAIN, load_params
 from .errors import ThumbclfError, clean
-from .results import prepare_output, setup_logging
+from .results import setup_logging
 
 log = logging.getLogger(__name__)
 EXIT_ERROR, EXIT_BUG, EXIT_INTERRUPTED = 2, 1, 130
@@ -30,11 +32,18 @@ DESCRIPTIONS = {
 }
 
 
+EPILOG = ("Experiment-file keys: see experiments/template.yaml, the README, or write a "
+          "commented starting file with: thumbclf init FILE")
+
+
 def parser(workflow: str) -> argparse.ArgumentParser:
     script = f"{workflow}_thumbclassifier.py"
-    ap = argparse.ArgumentParser(
-        prog=script, description=DESCRIPTIONS[workflow],
-        epilog="Experiment-file keys: see experiments/template.yaml and the README.")
+    ap = argparse.ArgumentParser(prog=script, description=DESCRIPTIONS[workflow], epilog=EPILOG)
+    return add_run_options(ap)
+
+
+def add_run_options(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The options of train and deploy (the scripts and the subcommands alike)."""
     ap.add_argument("experiment", nargs="?", type=Path,
                     help="experiment file (.yaml, .yml, .json, or .txt with JSON)")
     ap.add_argument("--ExpFile", dest="expfile", type=Path, help="the same, as the prototype took it")
@@ -49,36 +58,69 @@ def parser(workflow: str) -> argparse.ArgumentParser:
     return ap
 
 
+def command_parser() -> argparse.ArgumentParser:
+    """``thumbclf``: one command with a subcommand per task, as git or pip have."""
+    ap = argparse.ArgumentParser(
+        prog="thumbclf", description="Classify whole-slide-image thumbnails by slide type.",
+        epilog="Run 'thumbclf COMMAND --help' for a command's options. Start with: thumbclf "
+               "init --train my_experiment.yaml")
+    ap.add_argument("--version", action="version", version=f"thumbclf {__version__}")
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for workflow in (TRAIN, DEPLOY):
+        sp = sub.add_parser(workflow, help=DESCRIPTIONS[workflow], description=DESCRIPTIONS[workflow],
+                            epilog=EPILOG)
+        add_run_options(sp).set_defaults(subparser=sp)
+    sub.add_parser("evaluate", add_help=False, help="Recompute metrics, plots and the report from "
+                   "a predictions.csv (options: thumbclf evaluate --help).")
+    sp = sub.add_parser("init", help="Write a commented experiment file to start from.",
+                        description="Write a commented experiment file (YAML) to start from: the "
+                        "required keys set to examples, every other key commented out with its "
+                        "default and meaning. Never overwrites a file.")
+    which = sp.add_mutually_exclusive_group()
+    which.add_argument("--train", dest="workflow", action="store_const", const=TRAIN,
+                       help="only the keys of training")
+    which.add_argument("--deploy", dest="workflow", action="store_const", const=DEPLOY,
+                       help="only the keys of deployment")
+    sp.add_argument("file", type=Path, help="the experiment file to write (.yaml or .yml)")
+    return ap
+
+
 def _sigterm(signum, frame):  # noqa: ARG001
     raise KeyboardInterrupt
 
 
 def main(workflow: str, argv: list[str] | None = None) -> int:
-    """Parse argv, run the workflow, and turn every outcome into an exit code."""
-    args = parser(workflow).parse_args(argv)
+    """The prototype scripts: parse argv, run the workflow, turn every outcome into an exit code."""
+    ap = parser(workflow)
+    return run_workflow(workflow, ap.parse_args(argv), ap)
+
+
+def run_workflow(workflow: str, args: argparse.Namespace, ap: argparse.ArgumentParser) -> int:
+    """Run train or deploy as parsed; every outcome becomes an exit code."""
     experiment = args.experiment or args.expfile
     if experiment is None or (args.experiment and args.expfile):
-        parser(workflow).error("give one experiment file (EXPERIMENT or --ExpFile EXPERIMENT)")
+        ap.error("give one experiment file (EXPERIMENT or --ExpFile EXPERIMENT)")
     signal.signal(signal.SIGTERM, _sigterm)
+    from .api import execute
 
     setup_logging(None, quiet=args.quiet, debug=args.debug)
-    folder = lock = None
-    try:
+    folder = None
+
+    def work() -> None:
+        nonlocal folder
         params = load_params(experiment, workflow=workflow, overrides=args.overrides,
                              output=args.output)
-        if workflow == TRAIN:
-            from .train import preflight, run
-        else:
-            # decoding workers share the cores with the model: idle OpenMP threads should sleep,
-            # not spin (measured +10% on PNG thumbnails on 2 cores); read when torch loads
-            os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-            from .deploy import preflight, run
-        preflight(params)  # everything that can be checked before the first file is written
         folder = params.output
-        lock = prepare_output(folder, resume=args.resume)
-        setup_logging(folder, quiet=args.quiet, debug=args.debug)
-        log.info("thumbclf %s: %s -> %s", workflow, params.source, folder)
-        run(params, resume=args.resume, quiet=args.quiet or not sys.stderr.isatty())
+        execute(params, resume=args.resume, quiet=args.quiet, debug=args.debug,
+                progress=not (args.quiet or not sys.stderr.isatty()))
+
+    return guarded(work, lambda: folder)
+
+
+def guarded(work, folder=lambda: None) -> int:
+    """Run ``work()``; the project's errors, interruptions and bugs become exit codes."""
+    try:
+        work()
         return 0
     except ThumbclfError as exc:
         log.debug("stopped with an error: %s", exc, exc_info=True)  # run.log; console if --debug
@@ -87,23 +129,20 @@ def main(workflow: str, argv: list[str] | None = None) -> int:
         return EXIT_ERROR
     except KeyboardInterrupt:
         log.debug("interrupted (Ctrl-C or SIGTERM)")
-        where = f" in {folder}" if folder else ""
+        where = f" in {folder()}" if folder() else ""
         print(f"\ninterrupted: finished work is kept{where}; continue with the same command "
               "plus --resume", file=sys.stderr)
         return EXIT_INTERRUPTED
     except OSError as exc:
         if exc.errno not in USER_OS_ERRORS:
-            return _bug(exc, folder)
+            return _bug(exc, folder())
         log.debug("stopped with an error", exc_info=True)
-        where = exc.filename or folder or experiment
+        where = exc.filename or folder() or "thumbclf"
         print(f"error: {clean(where)}: {exc.strerror}; free space or fix the permissions, then "
               "run the same command plus --resume", file=sys.stderr)
         return EXIT_ERROR
     except Exception as exc:  # noqa: BLE001 - last resort: one line, traceback in run.log
-        return _bug(exc, folder)
-    finally:
-        if lock is not None:
-            lock.release()
+        return _bug(exc, folder())
 
 
 def _bug(exc: BaseException, folder: Path | None) -> int:
@@ -112,6 +151,36 @@ def _bug(exc: BaseException, folder: Path | None) -> int:
     print(f"error: unexpected {type(exc).__name__}: {clean(str(exc))[:300]} (a bug in thumbclf? "
           f"{where}--debug shows it)", file=sys.stderr)
     return EXIT_BUG
+
+
+def init_file(path: Path, workflow: str | None) -> None:
+    """``thumbclf init``: write the starting file and say what to do next."""
+    from .api import init_experiment
+
+    init_experiment(path, workflow=workflow)
+    keys = "thumbData and modelAdr" if workflow == DEPLOY else "thumbData"
+    print(f"wrote {path}: set {keys}, then run: thumbclf {workflow or TRAIN} {path}")
+
+
+def command(argv: list[str] | None = None) -> int:
+    """``thumbclf COMMAND ...``: dispatch to a subcommand; return the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "evaluate":  # evaluate parses its own options (and --help)
+        from .evaluate import main as evaluate_main
+
+        codes = []
+        return guarded(lambda: codes.append(evaluate_main(argv[1:], prog="thumbclf evaluate"))
+                       ) or codes[0]
+    ap = command_parser()
+    args = ap.parse_args(argv)
+    if args.command == "init":
+        return guarded(lambda: init_file(args.file, args.workflow))
+    return run_workflow(args.command, args, args.subparser)
+
+
+def command_main() -> None:
+    """Entry point of the ``thumbclf`` console script and ``python -m thumbclf``."""
+    sys.exit(command())
 
 
 def train_main() -> None:

@@ -535,5 +535,39 @@ def template_text() -> str:
     return "\n".join(lines)
 
 
+STARTER_VALUES = {"thumb_data": "data/labels.csv   # a table (PATH, CLASSIFICATION) or a folder",
+                  "model_path": "my_training   # a training results folder, a model.pt, or a list"}
+
+
+def starter_text(workflow: str | None = None) -> str:
+    """``thumbclf init``: the required keys set to examples, the others commented out with their
+    defaults and meanings; ``workflow`` None serves both scripts."""
+    import textwrap
+
+    what = {TRAIN: "training", DEPLOY: "deployment", None: "training and deployment"}[workflow]
+    needed = {TRAIN: ("thumb_data",), DEPLOY: ("thumb_data", "model_path"), None: ("thumb_data",)}
+    lines = [f"# thumbclf experiment file for {what}, written by 'thumbclf init'.",
+             "# Set the keys that are not commented out. Every other key takes the default shown;",
+             "# remove the '# ' in front of one to change it. Relative paths start at this file's",
+             "# folder. The prototype's spellings (thumbData, foldNumber, ...) and the snake_case",
+             "# names (thumb_data, fold_number, ...) both work.", ""]
+    for key in KEYS:
+        if workflow is not None and workflow not in key.workflows:
+            continue
+        name = spelling(key)
+        where = "" if workflow is not None or len(key.workflows) == 2 else f"[{key.workflows[0]}] "
+        lines += ["# " + line for line in textwrap.wrap(where + key.doc, 90)]
+        if key.name in needed[workflow]:
+            lines += [f"{name}: {STARTER_VALUES[key.name]}", ""]
+            continue
+        if key.name == "model_path":
+            value = STARTER_VALUES["model_path"]
+        else:
+            value = yaml.safe_dump(key.default, default_flow_style=True).strip()
+            value = value.removesuffix("...").strip()
+        lines += [f"# {name}: {value}", ""]
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":  # python -m thumbclf.config > experiments/template.yaml
     print(template_text(), end="")

@@ -226,9 +226,9 @@ def summarise_decisions(folder: Path, table: pd.DataFrame, *, classes, params, f
                  data_summary=data, sections=sections + list(extra_sections), notes=list(notes))
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m thumbclf.evaluate") -> int:
     """Recompute metrics, plots and report from a predictions table."""
-    ap = argparse.ArgumentParser(prog="python -m thumbclf.evaluate", description=main.__doc__)
+    ap = argparse.ArgumentParser(prog=prog, description=main.__doc__)
     ap.add_argument("predictions", type=Path, help="a predictions.csv written by thumbclf")
     ap.add_argument("--threshold", type=float, help="decide again with this threshold (0-1)")
     ap.add_argument("--output", type=Path, help="folder for the results (default: "

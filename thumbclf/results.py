@@ -104,6 +104,24 @@ def _try_lock(fd: int) -> bool:
         return False
 
 
+def check_output(folder: Path, *, resume: bool) -> None:
+    """OutputError unless ``folder`` may take this run: a new or set-up-only folder, or, with
+    ``resume``, an existing one. (prepare_output checks again, under the lock.)"""
+    if folder.exists() and not folder.is_dir():
+        raise OutputError(f"{folder}: exists and is not a folder; choose another --output")
+    if resume and not folder.is_dir():
+        raise OutputError(f"{folder}: nothing to resume (no such results folder); run without "
+                          "--resume")
+    if not resume and folder.is_dir() and _has_results(folder):
+        raise OutputError(f"{folder}: results folder is not empty; thumbclf never overwrites a "
+                          "run. Use --resume to continue it, or --output NEW_FOLDER")
+
+
+def _has_results(folder: Path) -> bool:
+    return any(p.name not in SETUP_ONLY and not p.name.startswith("experiment.")
+               for p in folder.iterdir())
+
+
 def prepare_output(folder: Path, *, resume: bool) -> OutputLock:
     """Create and lock the results folder; refuse one with results in it unless resuming.
 
@@ -111,11 +129,7 @@ def prepare_output(folder: Path, *, resume: bool) -> OutputLock:
     copy, caches) is reused, so fixing the input and running again just works. The caller
     owns the returned lock until it releases it (or the process ends).
     """
-    if folder.exists() and not folder.is_dir():
-        raise OutputError(f"{folder}: exists and is not a folder; choose another --output")
-    if resume and not folder.is_dir():
-        raise OutputError(f"{folder}: nothing to resume (no such results folder); run without "
-                          "--resume")
+    check_output(folder, resume=resume)
     try:
         folder.mkdir(parents=True, exist_ok=True)
         probe = folder / ".write-test"
@@ -125,11 +139,11 @@ def prepare_output(folder: Path, *, resume: bool) -> OutputLock:
         raise OutputError(f"{folder}: cannot write the results folder ({exc.strerror or exc}); "
                           "choose a writable --output") from None
     lock = OutputLock(folder).acquire()
-    if not resume and any(p.name not in SETUP_ONLY and not p.name.startswith("experiment.")
-                          for p in folder.iterdir()):
+    try:
+        check_output(folder, resume=resume)  # again: another run may have written meanwhile
+    except OutputError:
         lock.release()
-        raise OutputError(f"{folder}: results folder is not empty; thumbclf never overwrites a "
-                          "run. Use --resume to continue it, or --output NEW_FOLDER")
+        raise
     return lock
 
 

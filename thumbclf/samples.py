@@ -128,7 +128,11 @@ def _column(df: pd.DataFrame, name: str) -> str | None:
 
 
 def _samples_from_table(path: Path, need_labels: bool) -> tuple[list[Sample], bool]:
-    df = read_table(path)
+    return _samples_from_frame(read_table(path), path, path.parent, need_labels)
+
+
+def _samples_from_frame(df: pd.DataFrame, path: Path, base: Path,
+                        need_labels: bool) -> tuple[list[Sample], bool]:
     path_col, label_col, patient_col = (_column(df, n) for n in ("PATH", "CLASSIFICATION", "PATIENT"))
     if path_col is None:
         raise DataError(f"{path}: no PATH column (columns: {', '.join(df.columns) or 'none'}); "
@@ -146,7 +150,7 @@ def _samples_from_table(path: Path, need_labels: bool) -> tuple[list[Sample], bo
             raise DataError(f"{path}: row {row}: PATH is empty; fill it in or delete the row")
         label = str(rec[label_col]) if label_col else None
         patient = str(rec[patient_col]).strip() if patient_col else None
-        samples.append(Sample(to_local_path(text, path.parent), label, patient or None, row))
+        samples.append(Sample(to_local_path(text, base), label, patient or None, row))
     return samples, patient_col is not None
 
 
@@ -253,6 +257,24 @@ def discover(thumb_data: Path, *, need_labels: bool,
                      ", ".join(str(p) for p in skipped.folders[:3]))
     else:
         samples, has_patients = _samples_from_table(thumb_data, need_labels)
+    return _sample_set(samples, has_patients, thumb_data, need_labels, target_labels)
+
+
+def samples_from_frame(df: pd.DataFrame, *, source: Path, base: Path, need_labels: bool,
+                       target_labels: tuple[str, ...] | None = None) -> SampleSet:
+    """The samples of a table already in memory (cells as text), read as a table file would
+    be; relative paths start at ``base``, messages name ``source``."""
+    samples, has_patients = _samples_from_frame(df, source, base, need_labels)
+    return _sample_set(samples, has_patients, source, need_labels, target_labels)
+
+
+def has_column(df: pd.DataFrame, name: str) -> bool:
+    """True when the table has the column ``name`` (upper case), in any case."""
+    return _column(df, name) is not None
+
+
+def _sample_set(samples: list[Sample], has_patients: bool, thumb_data: Path, need_labels: bool,
+                target_labels: tuple[str, ...] | None) -> SampleSet:
     if need_labels:
         samples = _normalise_labels(samples, thumb_data, target_labels)
     samples = _drop_duplicates(samples, thumb_data)

@@ -1,0 +1,158 @@
+"""The Python API: the same work, the same results and the same errors as the command line."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+import thumbclf
+from conftest import ROOT, TINY_CLASSES, write_yaml
+from thumbclf.api import load_experiment
+
+FAST = {"model_name": "resnet18", "pretrained": False, "batch_size": 8, "max_epochs": 1,
+        "stopEpoch": 1, "patience": 1, "foldNumber": 2, "gradcam": 0, "bootstrap": 0,
+        "num_workers": 0, "lr": 0.001}
+
+
+def thumbclf_cli(*args, cwd=ROOT) -> subprocess.CompletedProcess:
+    """``python -m thumbclf ARGS`` in a subprocess, as a user would type ``thumbclf ARGS``."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="2")
+    return subprocess.run([sys.executable, "-m", "thumbclf", *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, timeout=600, env=env)
+
+
+def error_lines(stderr: str) -> str:
+    """The command line's error lines without their 'error: ' prefix, as one message."""
+    lines = stderr.strip().splitlines()
+    assert lines and all(line.startswith("error: ") for line in lines), stderr
+    return "\n".join(line.removeprefix("error: ") for line in lines)
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_data, tmp_path_factory):
+    """A cross-validation trained through the API from a dict; relative paths from the cwd."""
+    work = tmp_path_factory.mktemp("api")
+    old = os.getcwd()
+    os.chdir(tiny_data.parent)
+    try:
+        folder = thumbclf.train({"thumbData": tiny_data.name, **FAST}, output=work / "cv",
+                                quiet=True)
+    finally:
+        os.chdir(old)
+    return folder
+
+
+@pytest.mark.slow
+def test_train_from_a_dict_returns_the_results_folder(trained):
+    assert trained.is_dir() and (trained / "fold_2" / "model.pt").is_file()
+    assert (trained / "predictions.csv").is_file() and (trained / "report.html").is_file()
+    copy = (trained / "experiment.yaml").read_text()
+    assert "as a dict" in copy and "thumbData: labels.csv" in copy  # the dict, as given
+    import logging
+    assert not any(getattr(h, "_thumbclf", False) for h in logging.getLogger().handlers)
+
+
+@pytest.mark.slow
+def test_predict_gives_the_command_lines_predictions(trained, tiny_data, tmp_path):
+    exp = write_yaml(tmp_path / "dep.yaml", f"thumbData: {tiny_data}\nmodelAdr: {trained}\n"
+                     "gradcam: 0\nbootstrap: 0\nnum_workers: 0\n")
+    r = thumbclf_cli("deploy", exp, "--quiet")
+    assert r.returncode == 0, r.stderr
+    cli = pd.read_csv(tmp_path / "dep" / "predictions.csv", keep_default_na=False)
+    classes = list(TINY_CLASSES)
+
+    model = thumbclf.load_model(trained)
+    assert model.classes == TINY_CLASSES
+    api = model.predict(tiny_data)  # the same table file
+    assert list(api.columns) == list(cli.columns)
+    pd.testing.assert_frame_equal(api, cli, check_dtype=False)
+    assert np.array_equal(api[classes].to_numpy(), cli[classes].to_numpy())  # identical
+
+    table = pd.read_csv(tiny_data)  # a DataFrame: relative paths start at the cwd
+    table["PATH"] = [str(tiny_data.parent / p) for p in table["PATH"]]
+    pd.testing.assert_frame_equal(model.predict(table), cli, check_dtype=False)
+
+    paths = model.predict(list(cli["PATH"]))  # a list of paths: no labels, no row numbers
+    assert list(paths.columns) == ["PATH", *classes, "model_prediction", "error", "threshold"]
+    assert np.array_equal(paths[classes].to_numpy(), cli[classes].to_numpy())
+    assert list(paths["model_prediction"]) == list(cli["model_prediction"])
+
+    pictures = [Image.open(p) for p in cli["PATH"][:5]]  # PIL images, preprocessed as files are
+    pics = model.predict(pictures)
+    assert np.array_equal(pics[classes].to_numpy(), cli[classes].to_numpy()[:5])
+    assert list(pics["PATH"]) == list(cli["PATH"][:5])
+
+
+@pytest.mark.slow
+def test_deploy_from_a_file_with_settings(trained, tiny_data, tmp_path):
+    exp = write_yaml(tmp_path / "d.yaml", "thumbData: data/labels.csv\nhasLabels: false\n")
+    (tmp_path / "data").symlink_to(tiny_data.parent)
+    folder = thumbclf.deploy(exp, modelAdr=trained / "fold_1" / "model.pt", num_workers=0,
+                             gradcam=0, quiet=True)
+    assert folder == tmp_path / "d"  # the default: named after the file, beside it
+    pred = pd.read_csv(folder / "predictions.csv")
+    assert len(pred) == 18 and "CLASSIFICATION" not in pred.columns
+
+
+@pytest.mark.slow
+def test_api_errors_are_the_command_lines_messages(trained, tmp_path):
+    bad = write_yaml(tmp_path / "bad.yaml", "thumbData: nowhere\nfreezeRatio: 2\nfreezeRatoi: 1\n")
+    r = thumbclf_cli("train", bad)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    with pytest.raises(thumbclf.ConfigError) as err:
+        thumbclf.train(bad)
+    assert str(err.value) == error_lines(r.stderr)
+    assert len(str(err.value).splitlines()) == 2
+
+    done = write_yaml(tmp_path / "again.yaml", f"thumbData: {trained.parent}\n")
+    (tmp_path / "again").mkdir()
+    (tmp_path / "again" / "predictions.csv").write_text("x")
+    r = thumbclf_cli("train", done)
+    assert r.returncode == 2
+    with pytest.raises(thumbclf.OutputError) as err:
+        thumbclf.train(done)
+    assert str(err.value) == error_lines(r.stderr)
+
+    with pytest.raises(thumbclf.ModelError, match="model file not found"):
+        thumbclf.load_model(tmp_path / "missing.pt")
+    with pytest.raises(thumbclf.ConfigError, match=r"load_model\(\): batch_size must be an integer"):
+        thumbclf.load_model(trained, batch_size="many")
+
+
+def test_a_dict_is_validated_like_a_file_and_needs_an_output(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(thumbclf.ConfigError, match="output is required when the experiment is a dict"):
+        thumbclf.train({"thumbData": "data"})
+    with pytest.raises(thumbclf.ConfigError) as err:
+        thumbclf.train({"thumbData": "data", "freezeRatoi": 1}, output="runs/x")
+    assert str(err.value) == ("<experiment dict>: freezeRatoi: unknown key; did you mean "
+                              "'freezeRatio'?")
+    assert not (tmp_path / "runs").exists()  # nothing written before the experiment is valid
+    params, raw = load_experiment({"thumbData": tmp_path.joinpath("t.csv").relative_to(tmp_path),
+                                   "cm_sortlabels": ("A", "B")}, workflow="train",
+                                  output="runs/x", settings={"fold_number": 4})
+    assert params.thumb_data == tmp_path / "t.csv"  # relative to the current directory
+    assert params.output == tmp_path / "runs" / "x" and params.fold_number == 4
+    assert raw["cm_sortlabels"] == ["A", "B"]  # Python values as a file would hold them
+
+
+def test_settings_override_any_spelling_like_set(tmp_path):
+    exp = write_yaml(tmp_path / "e.yaml", "thumbData: d\nfoldNumber: 5\n")
+    params, raw = load_experiment(exp, workflow="train", settings={"fold_number": 2})
+    assert params.fold_number == 2 and raw is None
+    assert params.thumb_data == tmp_path / "d" and params.output == tmp_path / "e"
+
+
+def test_import_is_light_and_the_api_names_stay_functions():
+    code = ("import sys, thumbclf; assert 'torch' not in sys.modules and 'pandas' not in "
+            "sys.modules; import thumbclf.train, thumbclf.deploy; from thumbclf.train import run; "
+            "assert callable(thumbclf.train) and thumbclf.train.__module__ == 'thumbclf.api'; "
+            "assert thumbclf.deploy.__module__ == 'thumbclf.api'; print(thumbclf.__version__)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       env=dict(os.environ, PYTHONPATH=str(ROOT)), cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == thumbclf.__version__
