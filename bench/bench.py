@@ -97,7 +97,7 @@ def model_only(device: torch.device, batch: int, freeze_ratio: float, steps: int
 
 
 def thumbclf_train(table: Path, epochs: int, batch: int, freeze_ratio: float, device: str) -> dict:
-    from thumbclf.train import run  # thumbclf.train itself is the API function
+    from thumbclf.training import run
 
     out = OUT / "train-run"
     shutil.rmtree(out, ignore_errors=True)

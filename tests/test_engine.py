@@ -91,7 +91,7 @@ def _fit(model, x, y, epochs, checkpoints, *, resume=None, interrupt_after=None)
 
     gen = torch.Generator().manual_seed(1)
     rng = np.random.default_rng(1)
-    if resume is not None:  # as train.py does: the random generators from the checkpoint
+    if resume is not None:  # as training.py does: the random generators from the checkpoint
         rng.bit_generator.state = resume["rng"]
         gen.set_state(resume["gen"])
 

@@ -150,7 +150,7 @@ def test_debug_shows_the_traceback(tmp_path):
 
 
 def test_rare_classes_are_reported(caplog):
-    from thumbclf.train import report_rare_classes
+    from thumbclf.training import report_rare_classes
 
     assert report_rare_classes({"A": 100, "B": 90, "C": 5}, "loss") == ["C"]
     assert "rare classes: C (5 images, 3%)" in caplog.text

@@ -101,12 +101,12 @@ def execute(params: Params, *, resume: bool = False, quiet: bool = False, debug:
 
     workflow = TRAIN if isinstance(params, TrainParams) else "deploy"
     if workflow == TRAIN:
-        from .train import preflight, run
+        from .training import preflight, run
     else:
         # decoding workers share the cores with the model: idle OpenMP threads should sleep,
         # not spin (measured +10% on PNG thumbnails on 2 cores); read when torch loads
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-        from .deploy import preflight, run
+        from .deployment import preflight, run
     check_output(params.output, resume=resume)  # everything that can be checked before the
     preflight(params)  # first file is written: the folder, the inputs, weights, caches
     folder = params.output
@@ -209,7 +209,7 @@ def load_model(path: str | os.PathLike | Iterable[str | os.PathLike], **settings
     """
     from .config import DEPLOY, validate
     from .decide import threshold_in_force
-    from .deploy import load_models
+    from .deployment import load_models
     from .engine import pick_device
 
     paths = _plain(path) if isinstance(path, (str, os.PathLike)) else [_plain(p) for p in path]
@@ -305,7 +305,7 @@ class Classifier:
     def _predict_samples(self, sample_set, has_labels: bool) -> pd.DataFrame:
         """Files through the command line's own streaming code, into a temporary folder."""
         from . import slides
-        from .deploy import final_table, predict_stream
+        from .deployment import final_table, predict_stream
 
         with tempfile.TemporaryDirectory(prefix="thumbclf-predict-") as tmp:
             folder = Path(tmp) / "predictions"
@@ -327,7 +327,7 @@ class Classifier:
         from . import table
         from .decide import decide
         from .decode import load_array
-        from .deploy import ensemble_probs
+        from .deployment import ensemble_probs
         from .errors import ImageReadError
 
         prep = self.models[0].prep
