@@ -20,12 +20,18 @@ $(VENV)/.installed: requirements.txt pyproject.toml $(CONSTRAINTS)
 
 setup: $(VENV)/.installed
 
+# the optional parts, so that the tests cover them too (pyproject's extras)
+EXTRAS := openvino
+$(VENV)/.extras: $(VENV)/.installed
+	$(PY) -m pip install --quiet $(PIN) --no-build-isolation -e ".[$(EXTRAS)]"
+	touch $@
+
 demo: setup
 	$(PY) train_thumbclassifier.py experiments/demo_train.yaml --output $(RUN)/train
 	$(PY) deploy_thumbclassifier.py experiments/demo_deploy.yaml --output $(RUN)/deploy --set modelAdr=../$(RUN)/train
 	@echo "Demo finished: open $(RUN)/train/report.html and $(RUN)/deploy/report.html"
 
-test: setup
+test: setup $(VENV)/.extras
 	$(PY) -m pytest -q
 
 bench: setup

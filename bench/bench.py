@@ -118,14 +118,15 @@ def thumbclf_train(table: Path, epochs: int, batch: int, freeze_ratio: float, de
             "n_images": timings["images"]}
 
 
-def thumbclf_deploy(table_or_folder: Path, model: Path, batch: int, device: str, tag: str) -> dict:
+def thumbclf_deploy(table_or_folder: Path, model: Path, batch: int, device: str, tag: str,
+                    extra: dict | None = None) -> dict:
     """Run deploy in a subprocess; return its throughput and peak memory (main process)."""
     out = OUT / f"deploy-{tag}"
     shutil.rmtree(out, ignore_errors=True)
     exp = OUT / f"deploy-{tag}.json"
     exp.write_text(json.dumps({"thumbData": str(table_or_folder), "modelAdr": str(model),
                                "hasLabels": False, "batch_size": batch, "device": device,
-                               "gradcam": 0}))
+                               "gradcam": 0, **(extra or {})}))
     t = time.perf_counter()
     proc = subprocess.Popen([sys.executable, str(ROOT / "deploy_thumbclassifier.py"), str(exp),
                              "--quiet"], cwd=ROOT)
@@ -135,7 +136,8 @@ def thumbclf_deploy(table_or_folder: Path, model: Path, batch: int, device: str,
         raise SystemExit(f"deploy failed (status {status})")
     timings = json.loads((out / "timings.json").read_text())
     return {"images": timings["images"], "predict_s": timings["predict_seconds"], "wall_s": wall,
-            "peak_rss_mb": timings["peak_memory_mb"], "workers": timings["workers"]}
+            "peak_rss_mb": timings["peak_memory_mb"], "workers": timings["workers"],
+            "inference": timings.get("inference", "")}
 
 
 def many_links(table: Path, n: int, suffix: str | None = None) -> Path:

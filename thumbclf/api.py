@@ -209,7 +209,8 @@ def load_model(path: str | os.PathLike | Iterable[str | os.PathLike], **settings
     """
     from .config import DEPLOY, validate
     from .decide import threshold_in_force
-    from .deployment import load_models
+    from .deployment import load_models, prepare_runners
+    from .samples import SampleSet
     from .engine import pick_device
 
     paths = _plain(path) if isinstance(path, (str, os.PathLike)) else [_plain(p) for p in path]
@@ -220,7 +221,11 @@ def load_model(path: str | os.PathLike | Iterable[str | os.PathLike], **settings
     models = load_models(params)
     chosen = threshold_in_force(given=params.prediction_threshold,
                                 stored=[m.threshold for m in models])
-    return Classifier(params, models, chosen.value, chosen.reason, pick_device(params.device))
+    device = pick_device(params.device)
+    nothing = SampleSet((), (), False, Path.cwd())  # verified on verify_data or the model's own
+    runners, _ = prepare_runners(models, dataclasses.replace(params, has_labels=False), nothing,
+                                 device, chosen.value)
+    return Classifier(params, models, chosen.value, chosen.reason, device, runners)
 
 
 @dataclasses.dataclass
@@ -232,6 +237,7 @@ class Classifier:
     threshold: float
     threshold_reason: str
     device: Any
+    runners: list
 
     def __repr__(self) -> str:
         files = ", ".join(str(m.path) for m in self.models)
@@ -313,7 +319,7 @@ class Classifier:
             params = dataclasses.replace(self.params, output=folder, has_labels=has_labels)
             partial = predict_stream(self.models, sample_set, folder, params=params,
                                      threshold=self.threshold, device=self.device,
-                                     quiet=True, resume=False)
+                                     quiet=True, resume=False, runners=self.runners)
             is_slide = [slides.is_slide(s.path) for s in sample_set.samples]
             return final_table(sample_set, partial, self.classes, has_labels, self.threshold,
                                is_slide)
@@ -356,7 +362,7 @@ class Classifier:
         for start in range(0, len(ok), size):
             rows = ok[start:start + size]
             x = torch.from_numpy(np.stack([arrays[i] for i in rows]))
-            p = ensemble_probs(self.models, x, self.device, self.params.tta)
+            p = ensemble_probs(self.models, self.runners, x, self.device, self.params.tta)
             probs[rows] = [[float(f"{v:.6g}") for v in r] for r in p]  # as predictions.csv
         decisions = [""] * len(items)
         if ok:

@@ -98,6 +98,16 @@ KEYS: tuple[Key, ...] = (
     Key("calibrate", "bool", True, "Fit temperature scaling on the validation split (needs 30 "
         "or more validation images; the temperature stays within 0.5-5).", (), (TRAIN,)),
     Key("tta", "bool", False, "Deploy: average predictions over flips and rotations.", (), (DEPLOY,)),
+    Key("engine", "choice", "auto", "Deploy: inference engine: 'torch', 'openvino' (pip install "
+        "\"thumbclf[openvino]\") or 'auto' (the fastest verified one installed).", (), (DEPLOY,),
+        choices=("auto", "torch", "openvino")),
+    Key("precision", "choice", "auto", "Deploy: 'fp32', 'bf16' (CPUs with AVX-512 BF16 or AMX, "
+        "GPUs), 'int8' (OpenVINO on CPUs with VNNI or AMX) or 'auto'. A reduced precision is "
+        "used only after passing the quality gate on labelled images.", (), (DEPLOY,),
+        choices=("auto", "fp32", "bf16", "int8")),
+    Key("verify_data", "path", None, "Deploy: labelled images (table or class folders) for the "
+        "reduced-precision quality gate. Default: the validation split recorded in the model "
+        "file, else the deploy's own labels.", (), (DEPLOY,)),
     Key("gradcam", "int", 2, "Grad-CAM overlays per class (and for Undecided); 0 turns them off.",
         (), BOTH, 0, 1000),
     Key("bootstrap", "int", 1000, "Bootstrap resamples for confidence intervals (0: none).",
@@ -193,6 +203,9 @@ class DeployParams(Params):
     sort_thumbs: bool = _d("sort_thumbs")
     sort_slides: bool = _d("sort_slides")
     tta: bool = _d("tta")
+    engine: str = _d("engine")
+    precision: str = _d("precision")
+    verify_data: Path | None = None
 
 
 PARAMS_CLASS = {TRAIN: TrainParams, DEPLOY: DeployParams}

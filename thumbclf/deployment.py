@@ -15,13 +15,14 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from . import explain, layout, machine, slides
+from . import explain, inference, layout, machine, slides
 from . import table as table_io
 from .config import DeployParams, cm_layout
 from .data import dihedral, stream_loader, to_input
 from .decide import UNDECIDED, decide, threshold_in_force
-from .engine import autocast, configure_threads, pick_device, softmax
-from .errors import ModelError, OutputError
+from .decode import load_array
+from .engine import configure_threads, pick_device, softmax
+from .errors import ImageReadError, ModelError, OutputError
 from .evaluate import evaluate_run, summarise_decisions
 from .models import LoadedModel, load_model
 from .results import append_whole, atomic_csv, atomic_text, check_writable, repair_tail, write_config
@@ -75,22 +76,111 @@ def load_models(params: DeployParams) -> list[LoadedModel]:
     return loaded
 
 
+def exact_runners(models: list[LoadedModel], device: torch.device) -> list[inference.Runner]:
+    """PyTorch fp32 (on CUDA: its autocast) for every model: the reference arithmetic."""
+    return [inference.torch_runner(m.model, device, "fp32", not m.legacy) for m in models]
+
+
+def prepare_runners(models: list[LoadedModel], params: DeployParams, sample_set: SampleSet,
+                    device: torch.device, threshold: float) -> tuple[list[inference.Runner], str]:
+    """The inference engine and precision of each model (engine, precision keys), verified."""
+    first = models[0]
+    decoded: list = []
+
+    def verify():  # decoded once, for every model and candidate
+        if not decoded:
+            decoded.append(verification_images(models, params, sample_set))
+        return decoded[0]
+
+    def calibration():  # int8: unlabelled deploy images, as the model will see them
+        paths = [s.path for s in sample_set.samples[:256]]
+        arrays = _readable_arrays(paths, first.prep, params.cache_root / "slides")
+        for i in range(0, len(arrays), 32):
+            yield to_input(torch.from_numpy(np.stack(arrays[i:i + 32])), first.norm,
+                           torch.device("cpu"), channels_last=False)
+
+    runners, notes = [], []
+    for m in models:
+        runner, why = inference.choose(
+            m.model, model_file=m.path, size=m.prep.size, channels_last=not m.legacy,
+            device=device, engine=params.engine, precision=params.precision,
+            cache_dir=params.cache_root, verify=verify, calibration=calibration,
+            temperature=m.temperature, classes=m.classes, threshold=threshold)
+        runners.append(runner)
+        notes.append(why)
+    why = notes[0] if len(set(notes)) == 1 else "; ".join(
+        f"{m.path.name}: {n}" for m, n in zip(models, notes))
+    log.info("inference: %s", why)
+    return runners, why
+
+
+def _readable_arrays(paths: list[Path], prep, slide_cache: Path) -> list[np.ndarray]:
+    arrays = []
+    for path in paths:
+        try:
+            arrays.append(load_array(path, prep, slide_cache=slide_cache))
+        except ImageReadError:
+            continue
+    return arrays
+
+
+MIN_VERIFY_IMAGES = 10
+
+
+def verification_images(models: list[LoadedModel], params: DeployParams, sample_set: SampleSet,
+                        limit: int = 512):
+    """Labelled images for the quality gate, from the first source with at least 10: the
+    verify_data key, the validation split recorded in the model file, the deploy's own labels.
+    None when no source has enough."""
+    first = models[0]
+    classes = first.classes
+    sources = []
+    if params.verify_data is not None:
+        sources.append([(s.path, s.label) for s in
+                        discover(params.verify_data, need_labels=True).samples])
+    sources.append([(Path(p), lab) for p, lab in first.meta.get("validation", [])])
+    if params.has_labels:
+        sources.append([(s.path, s.label) for s in sample_set.samples])
+    for pairs in sources:
+        images, labels = [], []
+        for path, label in pairs:
+            if label not in classes or len(images) >= limit:
+                continue
+            try:
+                images.append(load_array(path, first.prep,
+                                         slide_cache=params.cache_root / "slides"))
+                labels.append(classes.index(label))
+            except ImageReadError:
+                continue
+        if len(images) >= MIN_VERIFY_IMAGES:
+            x = to_input(torch.from_numpy(np.stack(images)), first.norm, torch.device("cpu"),
+                         channels_last=False)
+            return x, np.array(labels)
+    return None
+
+
 @torch.inference_mode()
-def ensemble_probs(models: list[LoadedModel], x: torch.Tensor, device: torch.device,
-                   tta: bool) -> np.ndarray:
+def ensemble_probs(models: list[LoadedModel], runners: list[inference.Runner], x: torch.Tensor,
+                   device: torch.device, tta: bool) -> np.ndarray:
     """Average of each model's calibrated softmax (over 8 flips/rotations with TTA)."""
     first = models[0]
     inputs = to_input(x, first.norm, device, channels_last=not first.legacy)
     total = None
-    for m in models:
-        with autocast(device):
-            if tta:
-                logits = torch.stack([m.model(dihedral(inputs, k)).float() for k in range(8)]).mean(0)
-            else:
-                logits = m.model(inputs).float()
-        p = softmax(logits.cpu().numpy(), m.temperature)
+    for m, run in zip(models, runners):
+        if tta:
+            logits = torch.stack([run(dihedral(inputs, k)) for k in range(8)]).mean(0)
+        else:
+            logits = run(inputs)
+        p = softmax(logits.numpy(), m.temperature)
         total = p if total is None else total + p
     return total / len(models)
+
+
+def _timings(folder: Path) -> dict:
+    try:
+        return json.loads((folder / "timings.json").read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def peak_memory_mb() -> float | None:
@@ -126,7 +216,9 @@ def _csv_rows(rows: list[list]) -> bytes:
 
 
 def predict_stream(models, sample_set: SampleSet, folder: Path, *, params: DeployParams,
-                   threshold: float, device: torch.device, quiet: bool, resume: bool) -> Path:
+                   threshold: float, device: torch.device, quiet: bool, resume: bool,
+                   runners: list[inference.Runner] | None = None,
+                   engine_note: str = "PyTorch fp32") -> Path:
     """Predict every sample not yet in the partial file; append rows batch by batch.
 
     Each batch's rows are appended whole (one synced write), so a crash or a full disk never
@@ -151,17 +243,14 @@ def predict_stream(models, sample_set: SampleSet, folder: Path, *, params: Deplo
     batch = params.batch_size * (4 if device.type == "cuda" else 1)  # inference: no gradients
     loader = stream_loader(paths, prep, batch_size=batch, workers=workers,
                            pin_memory=device.type == "cuda", slide_cache=cache_dir / "slides")
-    for m in models:
-        m.model.to(device)
-        if not m.legacy:
-            m.model.to(memory_format=torch.channels_last)
+    runners = runners or exact_runners(models, device)
     header = ["position", *classes, "model_prediction", "error"]
     new_file = not partial.is_file() or partial.stat().st_size == 0
     n_err = 0
     start = time.perf_counter()
     bar = tqdm(total=len(todo), desc="predicting", unit="img", disable=quiet)
     for pos, x, errors in loader:
-        probs = ensemble_probs(models, x, device, params.tta)
+        probs = ensemble_probs(models, runners, x, device, params.tta)
         decisions = decide(probs, classes, threshold)
         rows = [header] if new_file else []
         new_file = False
@@ -178,8 +267,8 @@ def predict_stream(models, sample_set: SampleSet, folder: Path, *, params: Deplo
     secs = time.perf_counter() - start
     atomic_text(json.dumps({"predict_seconds": round(secs, 3), "images": len(todo),
                             "workers": workers, "threads": torch.get_num_threads(),
-                            "peak_memory_mb": peak_memory_mb()}, indent=1),
-                folder / "timings.json")
+                            "peak_memory_mb": peak_memory_mb(), "inference": engine_note},
+                           indent=1), folder / "timings.json")
     log.info("predicted %d images in %.1fs (%.1f images/s)%s", len(todo), secs,
              len(todo) / secs if secs else 0, f"; {n_err} could not be read" if n_err else "")
     return partial
@@ -250,9 +339,12 @@ def run(params: DeployParams, *, resume: bool = False, quiet: bool = False) -> P
     if resume and done.is_file() and not (folder / layout.PARTIAL).is_file():
         log.info("resuming after prediction: %s is complete; finishing the steps after it", done)
         table, _ = table_io.read(done, classes)
+        engine_note = _timings(folder).get("inference", "not recorded")
     else:
+        runners, engine_note = prepare_runners(models, params, sample_set, device, threshold)
         partial = predict_stream(models, sample_set, folder, params=params, threshold=threshold,
-                                 device=device, quiet=quiet, resume=resume)
+                                 device=device, quiet=quiet, resume=resume, runners=runners,
+                                 engine_note=engine_note)
         table = final_table(sample_set, partial, classes, params.has_labels, threshold, is_slide)
         atomic_csv(table, done)
         partial.unlink(missing_ok=True)
@@ -281,7 +373,8 @@ def run(params: DeployParams, *, resume: bool = False, quiet: bool = False) -> P
                             else "made with the model")
     notes = [f"Threshold {threshold:.3f} ({why}); "
              f"{len(models)} model{'s averaged' if len(models) > 1 else ''}"
-             f"{'; test-time augmentation (8 flips/rotations)' if params.tta else ''}."]
+             f"{'; test-time augmentation (8 flips/rotations)' if params.tta else ''}.",
+             f"Inference: {engine_note}."]
     if params.has_labels:
         evaluate_run(folder, table[table["error"] == ""], classes=classes, params=params,
                      kind="deploy", sample_set=sample_set, split_df=None, failures=failed,

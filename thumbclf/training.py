@@ -196,6 +196,9 @@ def run_fold(params: TrainParams, folder: Path, *, fold: int, sample_set: Sample
                            decide(probs, classes, threshold.value), threshold=threshold.value,
                            labels=True, patients=sample_set.has_patients, fold=fold)
     meta = {"fold": fold, "best_epoch": result.best_epoch, "frozen": frozen,
+            # the validation split, for the quality gate of reduced-precision inference
+            "validation": [[str(sample_set.samples[i].path), sample_set.samples[i].label]
+                           for i in val_pos],
             "params": {k: v for k, v in params_to_dict(params).items()
                        if isinstance(v, (int, float, str, bool, list, type(None)))}}
     model_file = layout.fold_model(folder, fold)

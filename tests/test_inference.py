@@ -1,0 +1,112 @@
+"""Inference engines and the quality gate of reduced precision (issue: deploy faster on CPUs)."""
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+
+from thumbclf import inference
+from thumbclf.errors import ConfigError
+
+CPU = torch.device("cpu")
+
+
+def test_reduced_precision_only_where_the_cpu_computes_it_natively(monkeypatch):
+    monkeypatch.setattr(inference, "cpu_flags", lambda: frozenset({"avx2"}))
+    monkeypatch.setattr(inference, "openvino_version", lambda: "2026.4")
+    assert inference.candidates("auto", "auto", CPU) == [("torch", "fp32")]
+    assert inference.candidates("openvino", "auto", CPU) == [("openvino", "fp32"), ("torch", "fp32")]
+    with pytest.raises(ConfigError, match="not computed natively by this CPU"):
+        inference.candidates("auto", "bf16", CPU)
+    monkeypatch.setattr(inference, "cpu_flags", lambda: frozenset({"avx512_bf16", "avx512_vnni"}))
+    assert inference.candidates("auto", "auto", CPU)[:2] == [("openvino", "bf16"), ("torch", "bf16")]
+    assert inference.candidates("openvino", "int8", CPU) == [("openvino", "int8")]
+    monkeypatch.setattr(inference, "openvino_version", lambda: None)
+    assert inference.candidates("auto", "auto", CPU) == [("torch", "bf16"), ("torch", "fp32")]
+    with pytest.raises(ConfigError, match=r'engine: openvino is not installed; pip install "thumbclf\[openvino\]"'):
+        inference.candidates("openvino", "auto", CPU)
+    with pytest.raises(ConfigError, match="needs engine: openvino"):
+        inference.candidates("auto", "int8", CPU)
+
+
+def test_the_quality_gate_passes_equal_and_refuses_changed_predictions():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 200)
+    p = rng.dirichlet([1, 1, 1], 200)
+    p[np.arange(200), y] += 2
+    p /= p.sum(1, keepdims=True)
+    classes = ("A", "B", "C")
+    same = inference.gate(p, p.copy(), y, classes, 0.9)
+    assert same["passed"] and same["argmax_agreement"] == 1.0 and same["auroc_change"] == 0
+    noisy = p + rng.normal(0, 0.2, p.shape).clip(-0.5, 0.5)
+    noisy = noisy.clip(1e-6, None) / noisy.clip(1e-6, None).sum(1, keepdims=True)
+    changed = inference.gate(p, noisy, y, classes, 0.9)
+    assert not changed["passed"] and changed["argmax_agreement"] < 0.99
+    assert "argmax agreement" in inference.describe_gate(changed)
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    torch.manual_seed(0)
+    return torchvision.models.resnet18(num_classes=3).eval()
+
+
+def test_openvino_fp32_computes_what_pytorch_computes(tiny_model, tmp_path):
+    pytest.importorskip("openvino", reason="OpenVINO is the optional extra thumbclf[openvino]")
+    x = torch.randn(4, 3, 64, 64)
+    ov = inference.openvino_runner(tiny_model, 64, "fp32", tmp_path / "ov")
+    ref = inference.torch_runner(tiny_model, CPU, "fp32", True)
+    assert torch.allclose(ov(x), ref(x), atol=1e-4)
+    assert (tmp_path / "ov" / "model.xml").is_file()  # converted once, cached
+    again = inference.openvino_runner(tiny_model, 64, "fp32", tmp_path / "ov")
+    assert torch.allclose(again(x), ov(x))
+
+
+def _choose(model, tmp_path, precision, verify, engine="openvino"):
+    file = tmp_path / "m.pt"
+    if not file.exists():
+        torch.save(model.state_dict(), file)
+    return inference.choose(model, model_file=file, size=64, channels_last=True, device=CPU,
+                            engine=engine, precision=precision, cache_dir=tmp_path / "cache",
+                            verify=verify, calibration=None, temperature=1.0,
+                            classes=("A", "B", "C"), threshold=0.5)
+
+
+def test_a_precision_is_used_only_after_it_passed_the_gate(tiny_model, tmp_path, monkeypatch):
+    pytest.importorskip("openvino", reason="OpenVINO is the optional extra thumbclf[openvino]")
+    monkeypatch.setattr(inference, "cpu_flags", lambda: frozenset({"avx512_bf16"}))
+    x = torch.randn(40, 3, 64, 64)
+    with torch.inference_mode():
+        y = tiny_model(x).argmax(1).numpy()
+    with pytest.raises(ConfigError, match="not verified: fewer than 10 labelled images"):
+        _choose(tiny_model, tmp_path, "bf16", lambda: None)
+    runner, why = _choose(tiny_model, tmp_path, "auto", lambda: None)
+    assert runner.name == "openvino fp32" and "not verified" in why  # engine: openvino
+    monkeypatch.setitem(inference.GATE, "agreement", 1.01)  # a gate nothing can pass
+    with pytest.raises(ConfigError, match="refused by the quality gate: 40 labelled images"):
+        _choose(tiny_model, tmp_path, "bf16", lambda: (x, y))
+    runner, why = _choose(tiny_model, tmp_path, "auto", lambda: (x, y))  # verdict is cached
+    assert runner.name == "openvino fp32" and "refused by the quality gate" in why
+
+
+@pytest.mark.slow
+def test_a_deploy_says_which_engine_computed_and_why(tiny_data, tmp_path):
+    pytest.importorskip("openvino", reason="OpenVINO is the optional extra thumbclf[openvino]")
+    if not inference.native("bf16", CPU):
+        pytest.skip("this CPU has no native bf16 (AVX-512 BF16 or AMX)")
+    from conftest import run_script, train_once, write_yaml
+
+    model = train_once(tmp_path, "m", f"thumbData: {tiny_data}\ntrainFull: true\npretrained: false\n"
+                       "max_epochs: 1\nbootstrap: 0\ngradcam: 0\nnum_workers: 0\n")[0]
+    exp = write_yaml(tmp_path / "d.yaml", f"thumbData: {tiny_data}\nmodelAdr: {model}\n"
+                     "engine: openvino\nprecision: bf16\nbootstrap: 0\ngradcam: 0\nnum_workers: 0\n")
+    r = run_script("deploy_thumbclassifier.py", str(exp))
+    if r.returncode == 2:  # refused: the figures say why, and nothing was used silently
+        assert "refused by the quality gate: 18 labelled images" in r.stderr
+        return
+    assert r.returncode == 0, r.stderr
+    import json
+
+    note = json.loads((tmp_path / "d" / "timings.json").read_text())["inference"]
+    assert note.startswith("openvino bf16 (verified on 18 labelled images")
+    assert "Inference: openvino bf16" in (tmp_path / "d" / "report.html").read_text()
