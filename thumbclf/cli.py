@@ -162,15 +162,33 @@ def init_file(path: Path, workflow: str | None) -> None:
     print(f"wrote {path}: set {keys}, then run: thumbclf {workflow or TRAIN} {path}")
 
 
+def evaluate_main(argv: list[str] | None = None, prog: str = "thumbclf evaluate") -> int:
+    """``thumbclf evaluate PREDICTIONS.csv``: recompute metrics, plots and the report."""
+    ap = argparse.ArgumentParser(prog=prog, description="Recompute metrics, plots and report "
+                                 "from a predictions table.")
+    ap.add_argument("predictions", type=Path, help="a predictions.csv written by thumbclf")
+    ap.add_argument("--threshold", type=float, help="decide again with this threshold (0-1)")
+    ap.add_argument("--output", type=Path, help="folder for the results (default: "
+                    "<table's folder>/evaluation[-T])")
+    ap.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (default 1000)")
+    ap.add_argument("--seed", type=int, default=1)
+    args = ap.parse_args(argv)
+
+    def work() -> None:
+        from .evaluate import evaluate_file
+
+        out = evaluate_file(args.predictions, threshold=args.threshold, output=args.output,
+                            bootstrap=args.bootstrap, seed=args.seed)
+        print(f"results in {out}")
+
+    return guarded(work)
+
+
 def command(argv: list[str] | None = None) -> int:
     """``thumbclf COMMAND ...``: dispatch to a subcommand; return the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "evaluate":  # evaluate parses its own options (and --help)
-        from .evaluate import main as evaluate_main
-
-        codes = []
-        return guarded(lambda: codes.append(evaluate_main(argv[1:], prog="thumbclf evaluate"))
-                       ) or codes[0]
+        return evaluate_main(argv[1:], prog="thumbclf evaluate")
     ap = command_parser()
     args = ap.parse_args(argv)
     if args.command == "init":

@@ -6,7 +6,6 @@ recomputes everything from a predictions table alone.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
@@ -21,7 +20,7 @@ from . import plots, report, table
 from .decide import UNDECIDED, decide, threshold_in_force
 from .config import cm_layout, params_to_dict
 from .decode import load_array
-from .errors import ConfigError, DataError, ImageReadError, ThumbclfError
+from .errors import ConfigError, DataError, ImageReadError
 from .images import Preprocessing
 from .results import atomic_csv, atomic_text, prepare_output, setup_logging
 
@@ -226,48 +225,37 @@ def summarise_decisions(folder: Path, table: pd.DataFrame, *, classes, params, f
                  data_summary=data, sections=sections + list(extra_sections), notes=list(notes))
 
 
-def main(argv: list[str] | None = None, prog: str = "python -m thumbclf.evaluate") -> int:
-    """Recompute metrics, plots and report from a predictions table."""
-    ap = argparse.ArgumentParser(prog=prog, description=main.__doc__)
-    ap.add_argument("predictions", type=Path, help="a predictions.csv written by thumbclf")
-    ap.add_argument("--threshold", type=float, help="decide again with this threshold (0-1)")
-    ap.add_argument("--output", type=Path, help="folder for the results (default: "
-                    "<table's folder>/evaluation[-T])")
-    ap.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (default 1000)")
-    ap.add_argument("--seed", type=int, default=1)
-    args = ap.parse_args(argv)
-    lock = None
-    try:
-        if args.threshold is not None and not 0 <= args.threshold <= 1:
-            raise ConfigError(f"--threshold must be between 0 and 1; got {args.threshold}")
-        df, classes = table.read(args.predictions)
-        if table.LABEL not in df.columns:
-            raise DataError(f"{args.predictions}: no CLASSIFICATION column; evaluation needs labels")
-        if table.ERROR in df.columns:
-            df = df[df[table.ERROR].fillna("") == ""]
-        unknown = sorted(set(df[table.LABEL]) - set(classes))
-        if unknown:
-            log.warning("%s: labels without a probability column (counted as errors): %s",
-                        args.predictions, ", ".join(unknown))
-        suffix = f"-{args.threshold:g}" if args.threshold is not None else ""
-        out = args.output or args.predictions.parent / f"evaluation{suffix}"
-        lock = prepare_output(out, resume=False)
+def evaluate_file(predictions: Path, *, threshold: float | None = None,
+                  output: Path | None = None, bootstrap: int = 1000, seed: int = 1) -> Path:
+    """Recompute metrics, plots and report from a predictions table; return the folder."""
+    if threshold is not None and not 0 <= threshold <= 1:
+        raise ConfigError(f"--threshold must be between 0 and 1; got {threshold}")
+    df, classes = table.read(predictions)
+    if table.LABEL not in df.columns:
+        raise DataError(f"{predictions}: no CLASSIFICATION column; evaluation needs labels")
+    if table.ERROR in df.columns:
+        df = df[df[table.ERROR].fillna("") == ""]
+    unknown = sorted(set(df[table.LABEL]) - set(classes))
+    if unknown:
+        log.warning("%s: labels without a probability column (counted as errors): %s",
+                    predictions, ", ".join(unknown))
+    suffix = f"-{threshold:g}" if threshold is not None else ""
+    out = output or predictions.parent / f"evaluation{suffix}"
+    with prepare_output(out, resume=False):
         setup_logging(out)
-        order, xt, yt = cm_layout(classes, None, None, None, args.predictions)
-        evaluate_table(df, classes, out, threshold=args.threshold, order=order, xt=xt, yt=yt,
-                       resamples=args.bootstrap, seed=args.seed,
-                       title=f"thumbclf — {args.predictions.name}",
+        order, xt, yt = cm_layout(classes, None, None, None, predictions)
+        evaluate_table(df, classes, out, threshold=threshold, order=order, xt=xt, yt=yt,
+                       resamples=bootstrap, seed=seed, title=f"thumbclf — {predictions.name}",
                        kind="Evaluation of a predictions table",
-                       params={"predictions": str(args.predictions), "threshold": args.threshold})
-        print(f"results in {out}")
-        return 0
-    except ThumbclfError as exc:
-        for line in exc.lines():
-            print(f"error: {line}", file=sys.stderr)
-        return 2
-    finally:
-        if lock is not None:
-            lock.release()
+                       params={"predictions": str(predictions), "threshold": threshold})
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m thumbclf.evaluate``: the same as ``thumbclf evaluate``."""
+    from .cli import evaluate_main
+
+    return evaluate_main(argv, prog="python -m thumbclf.evaluate")
 
 
 if __name__ == "__main__":
