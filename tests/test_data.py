@@ -29,6 +29,9 @@ def test_the_eight_dihedral_views_are_distinct_and_invertible():
     x = torch.arange(16.0).view(1, 4, 4)
     views = [dihedral(x, k) for k in range(8)]
     assert len({tuple(v.flatten().tolist()) for v in views}) == 8
+    for k, v in enumerate(views):  # undo the rotation, then the flip
+        back = torch.rot90(v, -(k % 4), dims=(-2, -1))
+        assert torch.equal(back.flip(-1) if k >= 4 else back, x)
 
 
 def test_batches_cover_every_position_once():

@@ -90,23 +90,35 @@ def test_a_precision_is_used_only_after_it_passed_the_gate(tiny_model, tmp_path,
 
 
 @pytest.mark.slow
-def test_a_deploy_says_which_engine_computed_and_why(tiny_data, tmp_path):
+def test_a_deploy_says_which_engine_computed_and_why(tiny_data, tmp_path, monkeypatch, capsys):
     pytest.importorskip("openvino", reason="OpenVINO is the optional extra thumbclf[openvino]")
     if not inference.native("bf16", CPU):
         pytest.skip("this CPU has no native bf16 (AVX-512 BF16 or AMX)")
-    from conftest import run_script, train_once, write_yaml
+    import json
+
+    from conftest import train_once, write_yaml
+    from thumbclf.cli import main
 
     model = train_once(tmp_path, "m", f"thumbData: {tiny_data}\ntrainFull: true\npretrained: false\n"
                        "max_epochs: 1\nbootstrap: 0\ngradcam: 0\nnum_workers: 0\n")[0]
-    exp = write_yaml(tmp_path / "d.yaml", f"thumbData: {tiny_data}\nmodelAdr: {model}\n"
-                     "engine: openvino\nprecision: bf16\nbootstrap: 0\ngradcam: 0\nnum_workers: 0\n")
-    r = run_script("deploy_thumbclassifier.py", str(exp))
-    if r.returncode == 2:  # refused: the figures say why, and nothing was used silently
-        assert "refused by the quality gate: 18 labelled images" in r.stderr
-        return
-    assert r.returncode == 0, r.stderr
-    import json
-
-    note = json.loads((tmp_path / "d" / "timings.json").read_text())["inference"]
+    text = (f"thumbData: {tiny_data}\nmodelAdr: {model}\nbootstrap: 0\ngradcam: 0\n"
+            f"num_workers: 0\nverify_data: {tiny_data}\n")
+    monkeypatch.setitem(inference.GATE, "agreement", 1.01)  # nothing passes
+    exp = write_yaml(tmp_path / "refused.yaml", text + "engine: openvino\nprecision: bf16\n")
+    assert main("deploy", [str(exp), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "precision: bf16: openvino bf16 refused by the quality gate: 18 labelled images" in err
+    assert not (tmp_path / "refused" / "predictions.csv").exists()
+    exp = write_yaml(tmp_path / "auto.yaml", text)  # auto: refused, so PyTorch fp32, and says so
+    assert main("deploy", [str(exp), "--quiet"]) == 0
+    note = json.loads((tmp_path / "auto" / "timings.json").read_text())["inference"]
+    assert "refused by the quality gate" in note and note.endswith("PyTorch fp32")
+    monkeypatch.setitem(inference.GATE, "agreement", 0.0)  # everything passes
+    monkeypatch.setitem(inference.GATE, "auroc", 1.0)
+    monkeypatch.setitem(inference.GATE, "coverage", 1.0)
+    monkeypatch.setitem(inference.GATE, "accuracy_decided", 1.0)
+    exp = write_yaml(tmp_path / "bf16.yaml", text + "engine: openvino\nprecision: bf16\n")
+    assert main("deploy", [str(exp), "--quiet"]) == 0
+    note = json.loads((tmp_path / "bf16" / "timings.json").read_text())["inference"]
     assert note.startswith("openvino bf16 (verified on 18 labelled images")
-    assert "Inference: openvino bf16" in (tmp_path / "d" / "report.html").read_text()
+    assert "Inference: openvino bf16" in (tmp_path / "bf16" / "report.html").read_text()

@@ -8,7 +8,6 @@ import hashlib
 import json
 import os
 import stat
-import time
 from pathlib import Path
 
 import numpy as np
@@ -164,6 +163,60 @@ def test_a_full_disk_during_prediction_is_one_line_and_resumable(model_dir, tmp_
     assert len(pred) == 20 and pred["PATH"].is_unique and (pred["model_prediction"] != "").all()
 
 
+def test_a_full_disk_before_the_first_row_still_resumes(tmp_path, monkeypatch):
+    from thumbclf.deployment import _done_positions
+    from thumbclf.errors import OutputError
+
+    partial = tmp_path / "predictions.partial.csv"
+
+    def full(fd, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "write", full)
+    with pytest.raises(OutputError, match="--resume"):
+        append_whole(partial, b"position,A,B\n0,0.5,0.5\n")
+    monkeypatch.undo()
+    assert _done_positions(partial) == set() and not partial.exists()
+
+
+@pytest.mark.slow
+def test_a_resume_with_other_inputs_is_refused(model_dir, tmp_path, monkeypatch, capsys):
+    synth.generate(tmp_path / "imgs", per_class=6, seed=5, min_side=60, max_side=100,
+                   classes=("IHC", "TMA"))
+    exp = write_yaml(tmp_path / "d.yaml", f"thumbData: {tmp_path / 'imgs'}\nmodelAdr: {model_dir}\n"
+                     "hasLabels: false\nbatch_size: 4\nnum_workers: 0\ngradcam: 0\n")
+    import thumbclf.deployment as deployment
+
+    real = deployment.append_whole
+    calls = []
+
+    def interrupt(path, data):
+        calls.append(path)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(path, data)
+
+    monkeypatch.setattr(deployment, "append_whole", interrupt)
+    assert main(DEPLOY, [str(exp), "--quiet"]) == 130
+    monkeypatch.undo()
+    next((tmp_path / "imgs" / "IHC").glob("*.jpg")).unlink()  # the inputs change
+    assert main(DEPLOY, [str(exp), "--quiet", "--resume"]) == 2
+    assert "the inputs differ from those of the interrupted run (12 then, 11 now" in capsys.readouterr().err
+
+
+def test_a_lock_file_that_is_a_link_is_refused_and_its_target_kept(tmp_path):
+    from thumbclf.errors import OutputError
+    from thumbclf.results import prepare_output
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / LOCK).symlink_to(victim)
+    with pytest.raises(OutputError, match="lock file"):
+        prepare_output(tmp_path / "out", resume=True)
+    assert victim.read_text() == "precious"
+
+
 # 4 ---------------------------------------------------------------------------------------------
 def test_a_crafted_name_collision_never_overwrites_a_sorted_copy(tmp_path):
     def make(path, data):
@@ -265,9 +318,7 @@ def test_a_yaml_alias_bomb_is_refused_quickly(tmp_path, capsys):
     lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x]"]
     lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 9)]
     exp = write_yaml(tmp_path / "bomb.yaml", "\n".join(lines) + "\nthumbData: *a8\n")
-    start = time.perf_counter()
-    assert main("train", [str(exp)]) == 2
-    assert time.perf_counter() - start < 5
+    assert main("train", [str(exp)]) == 2  # refused at the first alias, never expanded
     assert "aliases" in capsys.readouterr().err
 
 

@@ -317,9 +317,10 @@ class Classifier:
             folder = Path(tmp) / "predictions"
             folder.mkdir()
             params = dataclasses.replace(self.params, output=folder, has_labels=has_labels)
-            partial = predict_stream(self.models, sample_set, folder, params=params,
-                                     threshold=self.threshold, device=self.device,
-                                     quiet=True, resume=False, runners=self.runners)
+            partial, _ = predict_stream(self.models, sample_set, folder, params=params,
+                                        threshold=self.threshold, device=self.device,
+                                        quiet=True, resume=False,
+                                        choose=lambda: (self.runners, ""))
             is_slide = [slides.is_slide(s.path) for s in sample_set.samples]
             return final_table(sample_set, partial, self.classes, has_labels, self.threshold,
                                is_slide)

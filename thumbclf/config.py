@@ -171,6 +171,11 @@ class Params:
         """Caches (slide thumbnails, decoded images) shared by the runs beside this one."""
         return self.cache_dir or self.output.parent / layout.CACHE_FOLDER
 
+    @property
+    def slide_cache(self) -> Path:
+        """Where rendered slide thumbnails are cached."""
+        return self.cache_root / layout.SLIDE_THUMBNAILS
+
 
 @dataclass(frozen=True)
 class TrainParams(Params):
@@ -232,6 +237,9 @@ class _StrictLoader(yaml.SafeLoader):
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=True)
             line = key_node.start_mark.line + 1
+            if not isinstance(key, (str, int, float, bool)) and key is not None:
+                raise ConfigError(f"line {line}: a key must be a name, not a "
+                                  f"{type(key).__name__}")
             if key in seen:
                 raise ConfigError(f"{key}: given twice (lines {seen[key]} and {line}); keep one")
             seen[key] = line
@@ -282,12 +290,16 @@ def parse_experiment_text(text: str, suffix: str) -> Any:
     if suffix in (".json", ".txt"):
         try:
             return json.loads(text, object_pairs_hook=_json_pairs(text))
+        except RecursionError:
+            raise ConfigError("nested too deeply to be an experiment file") from None
         except json.JSONDecodeError as exc:
             raise ConfigError(f"line {exc.lineno}, column {exc.colno}: not valid JSON "
                               f"({exc.msg}); .json and .txt experiment files are JSON") from None
     if suffix in (".yaml", ".yml"):
         try:
             return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+        except RecursionError:
+            raise ConfigError("nested too deeply to be an experiment file") from None
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""

@@ -4,6 +4,7 @@ sorted copies -> evaluation."""
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import logging
@@ -16,13 +17,14 @@ import torch
 from tqdm.auto import tqdm
 
 from . import explain, inference, layout, machine, slides
+from . import splits as splitting
 from . import table as table_io
 from .config import DeployParams, cm_layout
 from .data import dihedral, stream_loader, to_input
 from .decide import UNDECIDED, decide, threshold_in_force
 from .decode import load_array
 from .engine import configure_threads, pick_device, softmax
-from .errors import ImageReadError, ModelError, OutputError
+from .errors import DataError, ImageReadError, ModelError, OutputError, clean
 from .evaluate import evaluate_run, summarise_decisions
 from .models import LoadedModel, load_model
 from .results import append_whole, atomic_csv, atomic_text, check_writable, repair_tail, write_config
@@ -85,27 +87,45 @@ def prepare_runners(models: list[LoadedModel], params: DeployParams, sample_set:
                     device: torch.device, threshold: float) -> tuple[list[inference.Runner], str]:
     """The inference engine and precision of each model (engine, precision keys), verified."""
     first = models[0]
+    slide_cache = params.slide_cache
+    pairs = verification_pairs(models, params)
     decoded: list = []
 
     def verify():  # decoded once, for every model and candidate
         if not decoded:
-            decoded.append(verification_images(models, params, sample_set))
+            arrays, labels = [], []
+            for path, label in pairs:
+                try:
+                    arrays.append(load_array(path, first.prep, slide_cache=slide_cache))
+                    labels.append(first.classes.index(label))
+                except ImageReadError:
+                    continue
+            decoded.append(None if len(arrays) < inference.MIN_VERIFY_IMAGES else
+                           (to_input(torch.from_numpy(np.stack(arrays)), first.norm,
+                                     torch.device("cpu"), channels_last=False), np.array(labels)))
         return decoded[0]
 
     def calibration():  # int8: unlabelled deploy images, as the model will see them
-        paths = [s.path for s in sample_set.samples[:256]]
-        arrays = _readable_arrays(paths, first.prep, params.cache_root / "slides")
+        arrays = []
+        for s in sample_set.samples[:256]:
+            try:
+                arrays.append(load_array(s.path, first.prep, slide_cache=slide_cache))
+            except ImageReadError:
+                continue
         for i in range(0, len(arrays), 32):
             yield to_input(torch.from_numpy(np.stack(arrays[i:i + 32])), first.norm,
                            torch.device("cpu"), channels_last=False)
 
+    verify_id = hashlib.sha1("\n".join(f"{p}|{lab}" for p, lab in pairs).encode(
+        "utf-8", "surrogateescape")).hexdigest()
     runners, notes = [], []
     for m in models:
         runner, why = inference.choose(
             m.model, model_file=m.path, size=m.prep.size, channels_last=not m.legacy,
             device=device, engine=params.engine, precision=params.precision,
-            cache_dir=params.cache_root, verify=verify, calibration=calibration,
-            temperature=m.temperature, classes=m.classes, threshold=threshold)
+            cache_dir=params.cache_root, verify=verify, verify_id=verify_id,
+            calibration=calibration, temperature=m.temperature, classes=m.classes,
+            threshold=threshold)
         runners.append(runner)
         notes.append(why)
     why = notes[0] if len(set(notes)) == 1 else "; ".join(
@@ -114,49 +134,27 @@ def prepare_runners(models: list[LoadedModel], params: DeployParams, sample_set:
     return runners, why
 
 
-def _readable_arrays(paths: list[Path], prep, slide_cache: Path) -> list[np.ndarray]:
-    arrays = []
-    for path in paths:
-        try:
-            arrays.append(load_array(path, prep, slide_cache=slide_cache))
-        except ImageReadError:
-            continue
-    return arrays
-
-
-MIN_VERIFY_IMAGES = 10
-
-
-def verification_images(models: list[LoadedModel], params: DeployParams, sample_set: SampleSet,
-                        limit: int = 512):
-    """Labelled images for the quality gate, from the first source with at least 10: the
-    verify_data key, the validation split recorded in the model file, the deploy's own labels.
-    None when no source has enough."""
-    first = models[0]
-    classes = first.classes
-    sources = []
+def verification_pairs(models: list[LoadedModel], params: DeployParams,
+                       limit: int = 512) -> list[tuple[Path, str]]:
+    """Labelled images for the quality gate: verify_data, else the validation splits of the
+    models' training runs (splits.csv beside them). A seeded sample, balanced over classes."""
+    classes = models[0].classes
     if params.verify_data is not None:
-        sources.append([(s.path, s.label) for s in
-                        discover(params.verify_data, need_labels=True).samples])
-    sources.append([(Path(p), lab) for p, lab in first.meta.get("validation", [])])
-    if params.has_labels:
-        sources.append([(s.path, s.label) for s in sample_set.samples])
-    for pairs in sources:
-        images, labels = [], []
-        for path, label in pairs:
-            if label not in classes or len(images) >= limit:
-                continue
-            try:
-                images.append(load_array(path, first.prep,
-                                         slide_cache=params.cache_root / "slides"))
-                labels.append(classes.index(label))
-            except ImageReadError:
-                continue
-        if len(images) >= MIN_VERIFY_IMAGES:
-            x = to_input(torch.from_numpy(np.stack(images)), first.norm, torch.device("cpu"),
-                         channels_last=False)
-            return x, np.array(labels)
-    return None
+        found = [(s.path, s.label) for s in discover(params.verify_data, need_labels=True).samples]
+    else:
+        found = [pair for m in models if m.path is not None
+                 for pair in splitting.validation_of_model(m.path)]
+    by_class: dict[str, list[Path]] = {c: [] for c in classes}
+    for path, label in sorted(set(found)):
+        if label in by_class:
+            by_class[label].append(path)
+    rng = np.random.default_rng(0)
+    for paths in by_class.values():
+        rng.shuffle(paths)
+    picked = []
+    for i in range(max((len(v) for v in by_class.values()), default=0)):  # round robin
+        picked += [(v[i], c) for c, v in by_class.items() if i < len(v)]
+    return picked[:limit]
 
 
 @torch.inference_mode()
@@ -199,6 +197,8 @@ def _done_positions(partial: Path) -> set[int]:
     if dropped:
         log.warning("%s: dropped a torn last row (%d bytes, from an interrupted write); its "
                     "images are predicted again", partial, dropped)
+    if partial.is_file() and partial.stat().st_size == 0:  # not even the header was written
+        partial.unlink()
     if not partial.is_file():
         return set()
     try:
@@ -215,14 +215,30 @@ def _csv_rows(rows: list[list]) -> bytes:
     return buf.getvalue().encode("utf-8")
 
 
+def check_same_inputs(folder: Path, sample_set: SampleSet, resume: bool) -> None:
+    """The inputs of a deploy, written once (inputs.csv); a resume must have the same ones, or
+    earlier rows would be given to other files."""
+    paths = [str(s.path) for s in sample_set.samples]
+    listed = folder / layout.INPUTS
+    if resume and listed.is_file():
+        before = pd.read_csv(listed, dtype={"PATH": str}, keep_default_na=False)["PATH"].tolist()
+        if before != paths:
+            raise DataError(f"{sample_set.source}: the inputs differ from those of the "
+                            f"interrupted run ({len(before)} then, {len(paths)} now, listed in "
+                            f"{listed}); restore them, or start a new run with --output")
+        return
+    atomic_csv(pd.DataFrame({"position": range(len(paths)), "PATH": paths}), listed)
+
+
 def predict_stream(models, sample_set: SampleSet, folder: Path, *, params: DeployParams,
                    threshold: float, device: torch.device, quiet: bool, resume: bool,
-                   runners: list[inference.Runner] | None = None,
-                   engine_note: str = "PyTorch fp32") -> Path:
-    """Predict every sample not yet in the partial file; append rows batch by batch.
+                   choose=None) -> tuple[Path, str]:
+    """Predict every sample not yet in the partial file; append rows batch by batch; return
+    the partial file and which engine computed.
 
     Each batch's rows are appended whole (one synced write), so a crash or a full disk never
-    tears a row; --resume predicts only what is missing.
+    tears a row; --resume predicts only what is missing. ``choose()`` gives the runners (and
+    why); by default PyTorch fp32.
     """
     partial = folder / layout.PARTIAL
     classes = models[0].classes
@@ -233,18 +249,18 @@ def predict_stream(models, sample_set: SampleSet, folder: Path, *, params: Deplo
     if done:
         log.info("resuming: %d images predicted earlier, %d to go", len(done), len(todo))
     if not todo:
-        return partial
+        return partial, _timings(folder).get("inference", "not recorded")
+    runners, engine_note = (choose() if choose is not None
+                            else (exact_runners(models, device), "PyTorch fp32"))
     workers = (params.num_workers if params.num_workers >= 0
                else min(16, max(1, machine.cores() - 1)))  # one core left for the model
     configure_threads(device)
     prep = models[0].prep
-    cache_dir = params.cache_root
     paths = [sample_set.samples[i].path for i in todo]
     batch = params.batch_size * (4 if device.type == "cuda" else 1)  # inference: no gradients
     loader = stream_loader(paths, prep, batch_size=batch, workers=workers,
-                           pin_memory=device.type == "cuda", slide_cache=cache_dir / "slides")
-    runners = runners or exact_runners(models, device)
-    header = ["position", *classes, "model_prediction", "error"]
+                           pin_memory=device.type == "cuda", slide_cache=params.slide_cache)
+    header = ["position", *classes, table_io.DECISION, table_io.ERROR]
     new_file = not partial.is_file() or partial.stat().st_size == 0
     n_err = 0
     start = time.perf_counter()
@@ -258,7 +274,7 @@ def predict_stream(models, sample_set: SampleSet, folder: Path, *, params: Deplo
             if errors[j]:
                 n_err += 1
                 log.debug("unreadable: %s", errors[j])
-                rows.append([todo[p], *([""] * len(classes)), "", errors[j]])
+                rows.append([todo[p], *([""] * len(classes)), "", clean(errors[j])])
             else:
                 rows.append([todo[p], *(f"{v:.6g}" for v in probs[j]), decisions[j], ""])
         append_whole(partial, _csv_rows(rows))
@@ -271,7 +287,7 @@ def predict_stream(models, sample_set: SampleSet, folder: Path, *, params: Deplo
                            indent=1), folder / "timings.json")
     log.info("predicted %d images in %.1fs (%.1f images/s)%s", len(todo), secs,
              len(todo) / secs if secs else 0, f"; {n_err} could not be read" if n_err else "")
-    return partial
+    return partial, engine_note
 
 
 def final_table(sample_set: SampleSet, partial: Path, classes: tuple[str, ...],
@@ -336,15 +352,16 @@ def run(params: DeployParams, *, resume: bool = False, quiet: bool = False) -> P
     device = pick_device(params.device)
     is_slide = [slides.is_slide(s.path) for s in sample_set.samples]
     done = folder / layout.PREDICTIONS
+    check_same_inputs(folder, sample_set, resume)
     if resume and done.is_file() and not (folder / layout.PARTIAL).is_file():
         log.info("resuming after prediction: %s is complete; finishing the steps after it", done)
         table, _ = table_io.read(done, classes)
         engine_note = _timings(folder).get("inference", "not recorded")
     else:
-        runners, engine_note = prepare_runners(models, params, sample_set, device, threshold)
-        partial = predict_stream(models, sample_set, folder, params=params, threshold=threshold,
-                                 device=device, quiet=quiet, resume=resume, runners=runners,
-                                 engine_note=engine_note)
+        partial, engine_note = predict_stream(
+            models, sample_set, folder, params=params, threshold=threshold, device=device,
+            quiet=quiet, resume=resume,
+            choose=lambda: prepare_runners(models, params, sample_set, device, threshold))
         table = final_table(sample_set, partial, classes, params.has_labels, threshold, is_slide)
         atomic_csv(table, done)
         partial.unlink(missing_ok=True)
@@ -353,7 +370,7 @@ def run(params: DeployParams, *, resume: bool = False, quiet: bool = False) -> P
     log.info("decisions: %s%s", ", ".join(f"{k} {v}" for k, v in counts.items()),
              f"; {failed} unreadable (see the error column)" if failed else "")
 
-    slide_cache, slide_size = params.cache_root / "slides", models[0].prep.slide_size
+    slide_cache, slide_size = params.slide_cache, models[0].prep.slide_size
     readable = [(Path(p), d, slide) for p, d, err, slide in
                 zip(table["PATH"], table["model_prediction"], table["error"], is_slide) if not err]
     if params.export_thumbnails:

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from . import metrics as M
-from . import plots, report, table
+from . import layout, plots, report, table
 from .decide import UNDECIDED, decide, threshold_in_force
 from .config import cm_layout, params_to_dict
 from .decode import load_array
@@ -63,7 +63,7 @@ def _data_summary(df: pd.DataFrame, classes: list[str], split_df: pd.DataFrame |
         rows["patients"] = [df.loc[df["CLASSIFICATION"] == c, "PATIENT"].nunique() for c in classes]
     parts = [report.table(rows)]
     if split_df is not None and "CLASSIFICATION" in split_df.columns:
-        piv = split_df.assign(where=lambda d: d["fold"].map(lambda f: "full" if f == 0 else f"fold {f}")
+        piv = split_df.assign(where=lambda d: d["fold"].map(layout.fold_label)
                               + " " + d["role"])
         parts.append("<p>Images per class in each fold (train / validation / test):</p>")
         counts = pd.crosstab(piv["CLASSIFICATION"], piv["where"])
@@ -177,7 +177,7 @@ def _jsonable(o):
 def run_thumb_loader(params):
     """Gallery images for a run: slide thumbnails come from its cache, not from the slides."""
     return _thumb_loader(slide_size=params.slide_thumbnail_size,
-                         slide_cache=params.cache_root / "slides")
+                         slide_cache=params.slide_cache)
 
 
 def evaluate_run(folder: Path, table: pd.DataFrame, *, classes, params, kind: str, sample_set,

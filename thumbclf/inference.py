@@ -14,7 +14,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import platform
+import shutil
 import warnings
 from dataclasses import dataclass
 from functools import lru_cache
@@ -25,14 +27,13 @@ import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
 
-from .decide import decide
-from .engine import autocast, softmax
+from .decide import UNDECIDED, decide
+from .engine import softmax
 from .errors import ConfigError
 from .results import atomic_text
 
 log = logging.getLogger(__name__)
-ENGINES = ("auto", "torch", "openvino")
-PRECISIONS = ("auto", "fp32", "bf16", "int8")
+MIN_VERIFY_IMAGES = 10
 GATE = {"auroc": 0.003, "accuracy_decided": 0.005, "coverage": 0.02, "agreement": 0.99}
 INSTALL = 'pip install "thumbclf[openvino]"'
 
@@ -103,11 +104,10 @@ def torch_runner(model: torch.nn.Module, device: torch.device, precision: str,
         model = model.to(memory_format=torch.channels_last)
 
     def forward(x: torch.Tensor) -> torch.Tensor:
-        if precision == "bf16" and device.type == "cpu":
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+        if precision == "bf16":
+            with torch.autocast(device.type, dtype=torch.bfloat16):
                 return model(x)
-        with autocast(device):  # CUDA: bf16/fp16 autocast as before; CPU fp32: nothing
-            return model(x)
+        return model(x)  # fp32: the reference arithmetic, on the CPU and on GPUs
 
     return Runner("torch", precision, forward)
 
@@ -137,11 +137,14 @@ def _ov_model(model: torch.nn.Module, size: int, cache: Path, calibration: Calla
                                  preset=nncf.QuantizationPreset.MIXED,
                                  subset_size=sum(len(b) for b in batches),
                                  fast_bias_correction=False)
-    cache.mkdir(parents=True, exist_ok=True)
-    tmp = cache / f".model.{id(ov_model)}.xml"
-    ov.save_model(ov_model, tmp, compress_to_fp16=False)
-    tmp.with_suffix(".bin").replace(xml.with_suffix(".bin"))
-    tmp.replace(xml)
+    tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")  # both files, then one rename
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    ov.save_model(ov_model, tmp / xml.name, compress_to_fp16=False)
+    try:
+        tmp.rename(cache)
+    except OSError:  # another run cached it meanwhile: theirs is as good
+        shutil.rmtree(tmp, ignore_errors=True)
     return ov_model
 
 
@@ -168,7 +171,7 @@ def gate(reference: np.ndarray, candidate: np.ndarray, y: np.ndarray, classes: t
     """The quality gate's figures: reduced precision vs PyTorch fp32 on labelled images."""
     def figures(p: np.ndarray) -> dict:
         dec = np.array(decide(p, classes, threshold), dtype=object)
-        decided = dec != "Undecided"
+        decided = dec != UNDECIDED
         truth = np.array(classes, dtype=object)[y]
         present = np.unique(y)
         try:
@@ -216,10 +219,14 @@ def candidates(engine: str, precision: str, device: torch.device) -> list[tuple[
         if engine == "openvino":
             raise ConfigError("engine: openvino runs on the CPU; with device cuda use engine: "
                               "torch or auto")
-        if precision in ("int8",):
+        if precision == "int8":
             raise ConfigError("precision: int8 is for CPUs (OpenVINO); on a GPU use auto, fp32 "
                               "or bf16")
-        return [("torch", "fp32" if precision == "fp32" else "bf16")]
+        if precision == "bf16" and not native("bf16", device):
+            raise ConfigError("precision: bf16 is not computed natively by this GPU; use auto "
+                              "or fp32")
+        bf16 = [("torch", "bf16")] if precision != "fp32" and native("bf16", device) else []
+        return bf16 + ([("torch", "fp32")] if precision != "bf16" else [])
     engines = ["openvino", "torch"] if engine == "auto" else [engine]
     if "openvino" in engines and openvino_version() is None:
         if engine == "openvino":
@@ -251,20 +258,24 @@ def candidates(engine: str, precision: str, device: torch.device) -> list[tuple[
     return pairs
 
 
-def cache_key(model_file: Path, engine: str, precision: str, size: int) -> str:
+def cache_key(model_file: Path, engine: str, precision: str, size: int, verdict: str) -> str:
+    """The converted model's key (file hash, engine version, precision, size, machine); with
+    ``verdict`` (threshold, temperature, verification images) the key of a gate's verdict."""
     digest = hashlib.sha256()
     with open(model_file, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     version = openvino_version() if engine == "openvino" else torch.__version__
-    text = f"{digest.hexdigest()}|{engine}|{version}|{precision}|{size}|{platform.machine()}"
+    cpu = hashlib.sha1(" ".join(sorted(cpu_flags())).encode()).hexdigest()[:8]
+    text = (f"{digest.hexdigest()}|{engine}|{version}|{precision}|{size}|{platform.machine()}|"
+            f"{cpu}|{verdict}")
     return hashlib.sha1(text.encode()).hexdigest()[:16]
 
 
 def choose(model, *, model_file: Path, size: int, channels_last: bool, device: torch.device,
            engine: str, precision: str, cache_dir: Path, verify: Callable | None,
            calibration: Callable | None, temperature: float, classes: tuple[str, ...],
-           threshold: float) -> tuple[Runner, str]:
+           threshold: float, verify_id: str = "") -> tuple[Runner, str]:
     """The fastest runner whose quality was verified; also what was decided and why.
 
     ``verify()`` returns (normalised images, labels) of labelled images, or None when there
@@ -273,47 +284,69 @@ def choose(model, *, model_file: Path, size: int, channels_last: bool, device: t
     exact = torch_runner(model, device, "fp32", channels_last)
     pairs = candidates(engine, precision, device)
     explicit = precision != "auto"
-    notes = []
-    reference = None
+    notes: list[str] = []
     for eng, prec in pairs:
         if (eng, prec) == ("torch", "fp32"):
             return exact, "; ".join(notes + ["PyTorch fp32"])
-        folder = cache_dir / "engines" / cache_key(model_file, eng, prec, size)
-        verdict_file = folder / "verified.json"
-        verdict = json.loads(verdict_file.read_text()) if verdict_file.is_file() else None
-        if eng == "openvino" and prec == "fp32":
-            verdict = {"passed": True, "exact": True}  # same arithmetic as PyTorch fp32
-        if verdict is None:
-            data = verify() if verify is not None else None
-            if data is None:
-                msg = (f"{eng} {prec} not verified: fewer than 10 labelled images to check it on "
-                       "(verify_data, the model file's validation split, the deploy's labels); "
-                       "give verify_data")
-                if explicit:
-                    raise ConfigError(f"precision: {prec}: {msg}")
-                notes.append(msg)
-                continue
-            images, y = data
-            runner = _runner(model, eng, prec, size, device, channels_last, folder, calibration)
-            if reference is None:
-                reference = softmax(_logits(exact, images), temperature)
-            verdict = gate(reference, softmax(_logits(runner, images), temperature), y, classes,
-                           threshold)
-            atomic_text(json.dumps(verdict, indent=1), verdict_file)
-            log.info("quality gate for %s %s: %s: %s", eng, prec,
-                     "passed" if verdict["passed"] else "FAILED", describe_gate(verdict))
-            if verdict["passed"]:
-                return runner, "; ".join(notes + [f"{runner.name} (verified on "
-                                                  f"{describe_gate(verdict)})"])
-        elif verdict["passed"]:
-            runner = _runner(model, eng, prec, size, device, channels_last, folder, calibration)
-            how = "" if verdict.get("exact") else f" (verified earlier on {describe_gate(verdict)})"
-            return runner, "; ".join(notes + [f"{runner.name}{how}"])
-        msg = f"{eng} {prec} refused by the quality gate: {describe_gate(verdict)}"
-        if explicit:
-            raise ConfigError(f"precision: {prec}: {msg}; use precision: auto or fp32")
-        notes.append(msg)
+        try:
+            return _try(model, eng, prec, model_file=model_file, size=size, device=device,
+                        channels_last=channels_last, cache_dir=cache_dir, verify=verify,
+                        verify_id=verify_id, calibration=calibration, temperature=temperature,
+                        classes=classes, threshold=threshold, exact=exact, notes=notes)
+        except _Refused as exc:
+            if explicit:
+                raise ConfigError(f"precision: {prec}: {exc}; use precision: auto or fp32"
+                                  ) from None
+            notes.append(str(exc))
+        except ConfigError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a failing engine must not end an auto run
+            if explicit or engine != "auto":
+                raise ConfigError(f"engine: {eng} {prec} failed ({type(exc).__name__}: "
+                                  f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); "
+                                  "use engine: auto or torch") from None
+            log.debug("%s %s failed", eng, prec, exc_info=True)
+            notes.append(f"{eng} {prec} failed ({type(exc).__name__}); the traceback is in run.log")
     return exact, "; ".join(notes + ["PyTorch fp32"])
+
+
+class _Refused(Exception):
+    """A candidate that was not verified or did not pass the gate."""
+
+
+def _try(model, eng, prec, *, model_file, size, device, channels_last, cache_dir, verify,
+         verify_id, calibration, temperature, classes, threshold, exact, notes) -> tuple[Runner, str]:
+    folder = cache_dir / "engines" / cache_key(model_file, eng, prec, size, "")
+    verdict_file = (cache_dir / "engines" / "verdicts" /
+                    f"{cache_key(model_file, eng, prec, size, f'{threshold}|{temperature}|{verify_id}|{GATE}')}.json")
+    try:
+        verdict = json.loads(verdict_file.read_text()) if verdict_file.is_file() else None
+    except (OSError, ValueError):
+        verdict = None  # unreadable: checked again
+    if eng == "openvino" and prec == "fp32":
+        verdict = {"passed": True, "exact": True}  # the same arithmetic as PyTorch fp32
+    if verdict is None:
+        data = verify() if verify is not None else None
+        if data is None:
+            raise _Refused(f"{eng} {prec} not verified: fewer than {MIN_VERIFY_IMAGES} labelled "
+                           "images to check it on (give verify_data, or deploy a model of a "
+                           "training results folder, whose validation split is used)")
+        images, y = data
+        runner = _runner(model, eng, prec, size, device, channels_last, folder, calibration)
+        reference = softmax(_logits(exact, images), temperature)
+        verdict = gate(reference, softmax(_logits(runner, images), temperature), y, classes,
+                       threshold)
+        atomic_text(json.dumps(verdict, indent=1), verdict_file)
+        log.info("quality gate for %s %s: %s: %s", eng, prec,
+                 "passed" if verdict["passed"] else "FAILED", describe_gate(verdict))
+        if verdict["passed"]:
+            return runner, "; ".join(notes + [f"{runner.name} (verified on "
+                                              f"{describe_gate(verdict)})"])
+    elif verdict["passed"]:
+        runner = _runner(model, eng, prec, size, device, channels_last, folder, calibration)
+        how = "" if verdict.get("exact") else f" (verified earlier on {describe_gate(verdict)})"
+        return runner, "; ".join(notes + [f"{runner.name}{how}"])
+    raise _Refused(f"{eng} {prec} refused by the quality gate: {describe_gate(verdict)}")
 
 
 def _runner(model, engine, precision, size, device, channels_last, folder, calibration) -> Runner:

@@ -14,7 +14,7 @@ import unicodedata
 from pathlib import Path
 
 MAX_COMPONENT_BYTES = 120  # well below every file system's 255-byte limit, room for suffixes
-_UNSAFE = re.compile(r'[\\/:*?"<>|\x00-\x1f\x7f-\x9f]')
+_UNSAFE = re.compile(r'[\\/:*?"<>|\x00-\x1f\x7f-\x9f\ud800-\udfff]')  # surrogates: undecodable names
 _WINDOWS_RESERVED = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)),
                      *(f"LPT{i}" for i in range(1, 10))}
 
@@ -25,12 +25,14 @@ LOCK = ".thumbclf.lock"
 SPLITS = "splits.csv"
 PREDICTIONS = "predictions.csv"
 PARTIAL = "predictions.partial.csv"
+INPUTS = "inputs.csv"  # deploy: the inputs by position, to check a resume against
 REPORT = "report.html"
 MODEL = "model.pt"
 CHECKPOINT = "checkpoint.pt"
 HISTORY = "history.csv"
 FULL = "full"  # the folder of full training (fold 0)
 CACHE_FOLDER = "thumbclf-cache"  # the default cache folder, beside the results folders
+SLIDE_THUMBNAILS = "slides"  # the cache folder's subfolder of rendered slide thumbnails
 CACHE_TAG = "CACHEDIR.TAG"  # https://bford.info/cachedir/: marks the shared cache folder
 CACHE_TAG_TEXT = ("Signature: 8a477f597d28d172789f06886806bc55\n"
                   "# This file marks a thumbclf cache folder (decoded images, slide thumbnails).\n"

@@ -8,6 +8,7 @@ import logging
 import os
 import shutil
 import socket
+import stat
 import tempfile
 import time
 from pathlib import Path
@@ -17,7 +18,7 @@ import pandas as pd
 import yaml
 
 from . import layout
-from .config import params_to_dict
+from .config import KEY_BY_NAME, params_to_dict
 from .errors import ConfigError, OutputError, clean
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,16 @@ class OutputLock:
 
     def acquire(self) -> "OutputLock":
         for _ in range(20):  # retry if another run removed the file between open and lock
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, FILE_MODE)
+            try:  # never through a link: the lock file is ours and holds nothing else
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0),
+                             FILE_MODE)
+            except OSError as exc:
+                raise OutputError(f"{self.path}: cannot create the lock file of the results "
+                                  f"folder ({exc.strerror or exc}); remove it if it is a link, "
+                                  "or choose a writable --output") from None
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                os.close(fd)
+                raise OutputError(f"{self.path}: is not a plain file; remove it")
             if not _try_lock(fd):
                 holder = os.read(fd, 200).decode("utf-8", "replace").strip() or "unknown"
                 os.close(fd)
@@ -59,7 +69,7 @@ class OutputLock:
             if not same:
                 os.close(fd)
                 continue
-            stale = os.read(fd, 200).decode("utf-8", "replace").strip()
+            stale = clean(os.read(fd, 120).decode("utf-8", "replace").strip())
             if stale:
                 log.warning("%s: reclaimed the lock of an earlier run (%s) that ended without "
                             "releasing it", self.path.parent, stale)
@@ -75,7 +85,15 @@ class OutputLock:
         """Give the folder up (remove the lock file, then unlock)."""
         if self._fd is None:
             return
-        self.path.unlink(missing_ok=True)
+        if os.name == "nt":  # Windows cannot delete an open file: close (unlock), then delete
+            os.close(self._fd)
+            self._fd = None
+            try:
+                self.path.unlink(missing_ok=True)
+            except OSError:
+                pass  # another run took it meanwhile
+            return
+        self.path.unlink(missing_ok=True)  # first: no other run can lock this file after it
         os.close(self._fd)  # closing releases the lock
         self._fd = None
 
@@ -132,13 +150,10 @@ def prepare_output(folder: Path, *, resume: bool) -> OutputLock:
     check_output(folder, resume=resume)
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / ".write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
     except OSError as exc:
         raise OutputError(f"{folder}: cannot write the results folder ({exc.strerror or exc}); "
                           "choose a writable --output") from None
-    lock = OutputLock(folder).acquire()
+    lock = OutputLock(folder).acquire()  # creating the lock file also proves the folder writable
     try:
         check_output(folder, resume=resume)  # again: another run may have written meanwhile
     except OutputError:
@@ -173,7 +188,7 @@ def atomic_bytes(data: bytes, path: Path) -> None:
 
 
 def atomic_text(text: str, path: Path) -> None:
-    atomic_bytes(text.encode("utf-8"), path)
+    atomic_bytes(text.encode("utf-8", "surrogateescape"), path)  # file names as they are
 
 
 def atomic_csv(df: pd.DataFrame, path: Path) -> None:
@@ -194,37 +209,34 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
     atomic_bytes(buf.getvalue(), path)
 
 
-def copy_verified(src: Path, dst: Path, *, exclusive: bool = False) -> None:
-    """Copy (never move) ``src`` to ``dst`` atomically and check the size of the copy.
-
-    ``exclusive``: never replace an existing ``dst`` (OutputError instead).
-    """
+def copy_verified(src: Path, dst: Path) -> None:
+    """Copy (never move) ``src`` to a new file ``dst``, atomically, checking the copy's size;
+    an existing ``dst`` is never replaced (OutputError instead)."""
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
+    fd, name = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
+    os.close(fd)
+    tmp = Path(name)
     try:
         shutil.copy2(src, tmp)
         if tmp.stat().st_size != src.stat().st_size:
             raise OutputError(f"{dst}: copy is incomplete (size differs from {src})")
-        if exclusive:
-            try:
-                os.link(tmp, dst)  # fails if dst exists: no copy ever replaces another
-            except FileExistsError:
-                raise OutputError(f"{dst}: exists already; refusing to overwrite it with a copy "
-                                  f"of {src}") from None
-            except OSError as exc:
-                if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EXDEV, errno.EMLINK,
-                                     errno.ENOSYS):
-                    raise
-                if dst.exists():  # no hard links here: check, then rename
-                    raise OutputError(f"{dst}: exists already; refusing to overwrite it with a "
-                                      f"copy of {src}") from None
-                os.replace(tmp, dst)
-            tmp.unlink(missing_ok=True)
-        else:
+        try:
+            os.link(tmp, dst)  # fails if dst exists: no copy ever replaces another file
+        except FileExistsError:
+            raise OutputError(f"{dst}: exists already; refusing to overwrite it with a copy "
+                              f"of {src}") from None
+        except OSError as exc:
+            if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EXDEV, errno.EMLINK,
+                                 errno.ENOSYS):
+                raise
+            if dst.exists():  # no hard links on this file system: check, then rename
+                raise OutputError(f"{dst}: exists already; refusing to overwrite it with a "
+                                  f"copy of {src}") from None
             os.replace(tmp, dst)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise OutputError(f"{dst}: cannot copy {src} ({exc.strerror or exc})") from None
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def append_whole(path: Path, data: bytes) -> None:
@@ -281,9 +293,11 @@ def write_config(params, folder: Path, resume: bool) -> None:
     """
     resolved = params_to_dict(params)
     resolved.pop("output", None)
-    cfg = folder / "config.yaml"
+    cfg = folder / layout.CONFIG
     if resume and cfg.is_file():
         old = yaml.safe_load(cfg.read_text())
+        # a key added since that run counts as its default there
+        old.update({k: KEY_BY_NAME[k].default for k in resolved if k not in old and k in KEY_BY_NAME})
         changed = sorted(k for k in set(old) | set(resolved)
                          if old.get(k) != resolved.get(k) and k != "source")
         if changed:
@@ -324,7 +338,7 @@ def setup_logging(folder: Path | None, *, quiet: bool = False, debug: bool = Fal
     console._thumbclf = True  # type: ignore[attr-defined]
     root.addHandler(console)
     if folder is not None:
-        fh = logging.FileHandler(folder / "run.log", encoding="utf-8")
+        fh = logging.FileHandler(folder / layout.RUN_LOG, encoding="utf-8", errors="backslashreplace")
         fh.setLevel(logging.DEBUG)
         fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         fh._thumbclf = True  # type: ignore[attr-defined]

@@ -90,7 +90,12 @@ class _Skipped:
 
 def _find_files(folder: Path, skipped: _Skipped) -> list[Path]:
     found = []
-    for dirpath, dirnames, filenames in os.walk(folder):
+
+    def unreadable(exc: OSError) -> None:
+        log.warning("%s: cannot read this folder (%s); its images are left out",
+                    exc.filename, exc.strerror or exc)
+
+    for dirpath, dirnames, filenames in os.walk(folder, onerror=unreadable):
         here = Path(dirpath)
         dirnames[:] = sorted(d for d in dirnames
                              if not d.startswith(".") and not skipped.skip(here / d))

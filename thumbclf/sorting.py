@@ -42,19 +42,31 @@ def copy_all(jobs: list[tuple[Path, Path]]) -> tuple[int, int]:
     """
     made = kept = 0
     for source, dst in jobs:
-        if dst.is_file():
-            if dst.stat().st_size == source.stat().st_size:
-                kept += 1
-                continue
-            dst.unlink()  # this run's own copy from an attempt before the source changed
-        copy_verified(source, dst, exclusive=True)
-        made += 1
+        if dst.is_file() and dst.stat().st_size == source.stat().st_size:
+            kept += 1
+        else:
+            if dst.is_file():
+                dst.unlink()  # this run's own copy, from an attempt before the source changed
+            copy_verified(source, dst)
+            made += 1
         data_dir = source.with_suffix("")
         if source.suffix.lower() == ".mrxs" and data_dir.is_dir():
-            target_dir = dst.with_suffix("")
-            if not target_dir.exists():
-                shutil.copytree(data_dir, target_dir)
+            _copy_folder(data_dir, dst.with_suffix(""))
     return made, kept
+
+
+def _copy_folder(src: Path, dst: Path) -> None:
+    """A MIRAX data folder, whole or not at all (copied beside, then renamed)."""
+    if dst.is_dir():
+        return
+    tmp = dst.with_name(f".{dst.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)  # left by an interrupted attempt
+    try:
+        shutil.copytree(src, tmp)
+        tmp.rename(dst)
+    except (OSError, shutil.Error) as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OutputError(f"{dst}: cannot copy the slide's data folder {src} ({exc})") from None
 
 
 def sort_copies(items: list[tuple[Path, str, Path | None]], root: Path, *,

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import GroupShuffleSplit, StratifiedGroupKFold, StratifiedKFold, StratifiedShuffleSplit
 
+from . import layout
 from .errors import DataError
 from .results import atomic_csv
 
@@ -84,6 +85,20 @@ def save(splits: pd.DataFrame, paths: list[str], labels: list[str], patients: li
     if patients is not None:
         out.insert(3, "PATIENT", [patients[i] for i in out["position"]])
     atomic_csv(out, path)
+
+
+def validation_of_model(model_file: Path) -> list[tuple[Path, str]]:
+    """(path, label) of the validation split a model of a training results folder was
+    calibrated on, from the run's splits.csv; empty when there is none."""
+    fold = layout.fold_of(model_file.parent)
+    run = model_file.parent.parent if fold is not None else model_file.parent
+    split_file = run / layout.SPLITS
+    try:
+        df = pd.read_csv(split_file, dtype={"PATH": str, "CLASSIFICATION": str})
+        rows = df[(df["fold"] == (fold or 0)) & (df["role"] == "val")]
+        return [(Path(p), lab) for p, lab in zip(rows["PATH"], rows["CLASSIFICATION"])]
+    except (OSError, ValueError, KeyError, pd.errors.ParserError):
+        return []
 
 
 def load(path: Path, paths: list[str]) -> pd.DataFrame:

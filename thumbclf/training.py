@@ -49,7 +49,7 @@ def load_images(params, sample_set: SampleSet, prep: Preprocessing, folder: Path
     cache_dir = params.cache_root
     paths = [s.path for s in sample_set.samples]
     decoded = cache.build(paths, prep, mode=mode, cache_dir=cache_dir,
-                          slide_cache=cache_dir / "slides", workers=params.num_workers,
+                          slide_cache=params.slide_cache, workers=params.num_workers,
                           quiet=quiet)
     n_fail = len(decoded.errors)
     if n_fail:
@@ -196,9 +196,6 @@ def run_fold(params: TrainParams, folder: Path, *, fold: int, sample_set: Sample
                            decide(probs, classes, threshold.value), threshold=threshold.value,
                            labels=True, patients=sample_set.has_patients, fold=fold)
     meta = {"fold": fold, "best_epoch": result.best_epoch, "frozen": frozen,
-            # the validation split, for the quality gate of reduced-precision inference
-            "validation": [[str(sample_set.samples[i].path), sample_set.samples[i].label]
-                           for i in val_pos],
             "params": {k: v for k, v in params_to_dict(params).items()
                        if isinstance(v, (int, float, str, bool, list, type(None)))}}
     model_file = layout.fold_model(folder, fold)
