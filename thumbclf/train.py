@@ -20,8 +20,8 @@ from .decide import decide, threshold_for_accuracy
 from .engine import EarlyStopping, fit, fit_temperature, pick_device, predict_logits, softmax
 from .errors import DataError
 from .images import Preprocessing
-from .models import (ARCHS, arch_name, build_model, freeze, imagenet_normalisation, load_ssl,
-                     read_weights, save_model)
+from .models import (arch_name, build_model, freeze, imagenet_normalisation, input_size,
+                     load_ssl, read_weights, save_model)
 from .results import atomic_csv, atomic_text, atomic_torch_save, write_config
 from .samples import SampleSet, check_class_names, check_class_sizes, discover
 from .data import training_batches
@@ -228,7 +228,7 @@ def run(params: TrainParams, *, resume: bool = False, quiet: bool = False) -> Pa
     configure_threads(device)
     log.info("device: %s%s", device, f" ({torch.get_num_threads()} threads)" if device.type == "cpu" else "")
     arch = arch_name(params.model_name)
-    prep = Preprocessing(size=ARCHS[arch].input_size, max_pixels=params.max_image_pixels,
+    prep = Preprocessing(size=input_size(arch), max_pixels=params.max_image_pixels,
                          slide_size=params.slide_thumbnail_size)
     decoded = load_images(params, sample_set, prep, folder, mode=params.cache,
                           max_failed=params.max_failed_fraction, quiet=quiet)
