@@ -512,7 +512,8 @@ def template_text() -> str:
              "# as the prototype wrote them). The prototype's spellings (thumbData, foldNumber, ...)",
              "# and the snake_case names (thumb_data, fold_number, ...) both work; give only one.",
              "# Relative paths start at this file's folder. Keys marked [train] or [deploy] are used",
-             "# by that script only; the other script accepts and ignores them.", ""]
+             "# by that script only; the other script accepts and ignores them. Booleans are true or",
+             "# false (or 1/0, as the prototype read them; never strings), numbers may be quoted.", ""]
     for key in KEYS:
         name = spelling(key)
         where = "" if len(key.workflows) == 2 else f"[{key.workflows[0]}] "

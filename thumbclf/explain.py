@@ -41,13 +41,18 @@ def gradcam(model: nn.Module, arch: str, x: torch.Tensor, class_index: int) -> n
     reach the class token).
     """
     heads = head_names(model)
+    names: list[str] = []
     outputs: list[torch.Tensor] = []
 
-    def keep(module, inputs, output):
-        if isinstance(output, torch.Tensor) and output.requires_grad and as_map(output) is not None:
-            outputs.append(output)
+    def keeper(name: str):
+        def keep(module, inputs, output):
+            if isinstance(output, torch.Tensor) and output.requires_grad \
+                    and as_map(output) is not None:
+                names.append(name)
+                outputs.append(output)
+        return keep
 
-    hooks = [b.module.register_forward_hook(keep) for b in blocks(model)
+    hooks = [b.module.register_forward_hook(keeper(b.name)) for b in blocks(model)
              if not holds_head(b.name, heads)]
     was_training = model.training
     model.eval()
@@ -61,9 +66,10 @@ def gradcam(model: nn.Module, arch: str, x: torch.Tensor, class_index: int) -> n
             h.remove()
         model.train(was_training)
     cam = torch.zeros(1, 1, *x.shape[-2:])
-    for act, grad in reversed(list(zip(outputs, grads))):
+    for name, act, grad in reversed(list(zip(names, outputs, grads))):
         grad_map = as_map(grad) if grad is not None else None
         if grad_map is not None and bool(grad_map.abs().sum() > 0):
+            log.debug("Grad-CAM target of %s: %s %s", arch, name, tuple(act.shape))
             act_map = as_map(act.detach())
             weights = grad_map.mean(dim=(2, 3), keepdim=True)
             cam = F.relu((weights * act_map).sum(dim=1, keepdim=True)).float()
