@@ -46,7 +46,6 @@ FOREIGN_KEYS = {"transformer.blocks.": "vit", "positional_embedding.": "vit",
 BUILD_KWARGS = {"inception_v3": {"aux_logits": True, "transform_input": True, "init_weights": True},
                 "googlenet": {"aux_logits": False, "transform_input": True, "init_weights": True}}
 FREEZE_SPLIT = 0.8  # a block holding more than this share of the body is split into its children
-IMAGENET_CLASSES = 1000
 
 
 @functools.cache
