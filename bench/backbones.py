@@ -82,7 +82,12 @@ def main(argv: list[str] | None = None) -> None:
     for name in args.names.split(","):
         r = measure(name, batch=args.batch, steps=args.steps, device=device)
         print(f"| `{r['name']}` | {r['arch']} | {r['size']} | {r['params']:.1f} | "
-              f"{r['trainable']:.1f} | {r['train']:.1f} | {r['infer']:.1f} |", flush=True)
+              f"{r['trainable']:.1f} | {rate(r['train'])} | {rate(r['infer'])} |", flush=True)
+
+
+def rate(value: float) -> str:
+    """Images/s with one decimal, or two significant digits below 1."""
+    return f"{value:.1f}" if value >= 1 else f"{value:.2g}"
 
 
 if __name__ == "__main__":
