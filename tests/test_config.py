@@ -67,7 +67,10 @@ def test_unknown_key_suggests_the_closest(tmp_path):
     ("freezeRatio: 1.5", r"freezeRatio must be between 0 and 1; got 1.5"),
     ("foldNumber: 1", r"foldNumber must be between 2 and 100; got 1"),
     ("prediction_threshold: 2", r"prediction_threshold must be between 0 and 1"),
-    ("batch_size: '64'", r"batch_size must be an integer; got '64'"),
+    ("batch_size: '2.5'", r"batch_size must be an integer; got '2.5'"),
+    ("seed: 'abc'", r"seed must be an integer; got 'abc'"),
+    ("lr: 'fast'", r"lr must be a number; got 'fast'"),
+    ("lr: .nan", r"lr must be a finite number; got NaN"),
     ("trainFull: 'False'", r"trainFull must be true or false"),
     ("max_epochs: 2.5", r"max_epochs must be an integer"),
     ("target_labels: Tumor", r"target_labels must be a non-empty list"),
@@ -145,3 +148,62 @@ def test_resolved_config_is_plain_data(tmp_path):
     d = params_to_dict(load_params(p, workflow=TRAIN))
     assert yaml.safe_load(yaml.safe_dump(d)) == d
     assert {k.name for k in KEYS if TRAIN in k.workflows} <= set(d)
+
+
+def test_prototype_values_are_accepted_as_the_prototype_read_them(tmp_path):
+    """0/1 booleans and numbers written as strings: the prototype used bool(), int(), float()."""
+    data = {"thumbData": "t.csv", "modelAdr": "m.pt", "hasLabels": 0, "sortThumbs": 1,
+            "trainFull": 1, "SSL": 0, "foldNumber": "4", "max_epochs": "8", "seed": " 7 ",
+            "patience": "2", "stopEpoch": "1", "lr": "1e-3", "wd": "0.0001",
+            "freezeRatio": "0.25", "prediction_threshold": "0.8", "batch_size": 16.0}
+    p = write(tmp_path, "proto.txt", data)
+    t = load_params(p, workflow=TRAIN)
+    assert t.train_full is True and t.ssl is False
+    assert (t.fold_number, t.max_epochs, t.seed, t.patience, t.stop_epoch) == (4, 8, 7, 2, 1)
+    assert isinstance(t.max_epochs, int) and t.batch_size == 16 and isinstance(t.batch_size, int)
+    assert (t.lr, t.wd, t.freeze_ratio, t.prediction_threshold) == (1e-3, 1e-4, 0.25, 0.8)
+    d = load_params(p, workflow=DEPLOY)
+    assert d.has_labels is False and d.sort_thumbs is True
+    for key in ("augment", "calibrate", "tta", "export_thumbnails", "sortSlides"):  # every bool
+        assert load_params(write(tmp_path, "b.json", {"thumbData": "t", "modelAdr": "m",
+                                                       key: 0}), workflow=DEPLOY) is not None
+
+
+@pytest.mark.parametrize("value, message", [
+    ("False", r"trainFull must be true or false \(or 1 or 0\), not a string: the prototype read "
+              r"every non-empty string as true, even \"False\".*; got 'False'$"),
+    ("True", r"not a string: the prototype read .*; got 'True'$"),
+    ("0", r"not a string.*; got '0'$"),
+    (2, r"trainFull must be true or false \(or 1 or 0\); got 2$"),
+    (0.5, r"trainFull must be true or false \(or 1 or 0\); got 0.5$"),
+    ([1], r"trainFull must be true or false \(or 1 or 0\); got \[1\]$"),
+])
+def test_booleans_refuse_strings_with_the_reason_and_describe_other_values(tmp_path, value, message):
+    p = write(tmp_path, "e.txt", {"thumbData": "d", "trainFull": value})
+    with pytest.raises(ConfigError, match=message):
+        load_params(p, workflow=TRAIN)
+
+
+def test_integer_keys_refuse_fractions_and_booleans(tmp_path):
+    p = write(tmp_path, "e.txt", {"thumbData": "d", "foldNumber": "2.5", "seed": True,
+                                  "max_epochs": 2.5})
+    with pytest.raises(ConfigError) as err:
+        load_params(p, workflow=TRAIN)
+    lines = str(err.value).splitlines()
+    assert lines == [f"{p}: foldNumber must be an integer; got '2.5'",
+                     f"{p}: seed must be an integer, not true/false; got true",
+                     f"{p}: max_epochs must be an integer; got 2.5"]
+
+
+def test_model_name_is_checked_with_the_file_and_accepts_any_torchvision_classifier(tmp_path):
+    p = write(tmp_path, "e.yaml", "thumbData: d\nmodel_name: vgg99\nfreezeRatio: 3\n")
+    with pytest.raises(ConfigError) as err:
+        load_params(p, workflow=TRAIN)
+    lines = str(err.value).splitlines()
+    assert len(lines) == 2 and all(line.startswith(f"{p}: ") for line in lines)
+    assert lines[0].startswith(f"{p}: model_name is not a known backbone; did you mean vgg")
+    assert "prototype name (resnet, resnet18, alexnet, vgg" in lines[0]
+    assert lines[0].endswith("; got 'vgg99'")
+    for name in ("convnext_tiny", "regnet_y_800mf", "vgg", "Inception", "efficient"):
+        p = write(tmp_path, "ok.yaml", f"thumbData: d\nmodel_name: {name}\n")
+        assert load_params(p, workflow=TRAIN).model_name == name

@@ -22,7 +22,7 @@ import yaml
 
 from . import layout
 from .decide import UNDECIDED
-from .errors import ConfigError
+from .errors import ConfigError, ModelError
 from .images import DEFAULT_MAX_PIXELS, DEFAULT_SLIDE_SIZE
 
 TRAIN, DEPLOY = "train", "deploy"
@@ -45,7 +45,8 @@ class Key:
 
 
 # rule names: path, paths (one path or a list), int, float, bool, labels (list of str),
-# choice, pretrained (bool or path), threshold (float or null)
+# choice, pretrained (bool or path), threshold (float or null), str, model (a backbone name).
+# As the prototype read them: numbers may be quoted ("8", "1e-4"), booleans may be 1 or 0.
 KEYS: tuple[Key, ...] = (
     Key("thumb_data", "path", None, "Table (.csv/.tsv/.xlsx with PATH, CLASSIFICATION[, PATIENT]) "
         "or folder of thumbnails/slides (one subfolder per class).", ("thumbData",)),
@@ -62,8 +63,13 @@ KEYS: tuple[Key, ...] = (
         "accuracy on the validation data instead of prediction_threshold.", (), (TRAIN,), 0.0, 1.0),
     Key("max_epochs", "int", 50, "Never train longer than this.", (), (TRAIN,), 1, 100000),
     Key("seed", "int", 1, "Seed for splits, initialisation and augmentation.", (), BOTH, 0, 2**32 - 1),
-    Key("model_name", "str", "resnet18", "Backbone: resnet18, resnet34, resnet50, densenet121, "
-        "efficientnet_b0.", ()),
+    Key("model_name", "model", "resnet18", "Backbone: any torchvision classification model "
+        "(resnet18, convnext_tiny, efficientnet_v2_s, vit_b_16, mobilenet_v3_large, ...: "
+        "torchvision.models.list_models(module=torchvision.models)), or a prototype name: resnet "
+        "(resnet50, 256 px for prototype models), resnet18, alexnet, vgg (vgg11_bn), vgg16 "
+        "(vgg16_bn), squeezenet (squeezenet1_0), densenet (densenet121), inception "
+        "(inception_v3, 299 px), vit (vit_b_32), efficient (efficientnet_b7). Input size: the "
+        "architecture's own (its ImageNet weights' crop size).", ()),
     Key("has_labels", "bool", True, "Deploy: the input has labels; evaluate against them.",
         ("hasLabels",), (DEPLOY,)),
     Key("sort_thumbs", "bool", False, "Deploy: copy each thumbnail into sorted/<decision>/.",
@@ -79,7 +85,10 @@ KEYS: tuple[Key, ...] = (
         (), (TRAIN,), 1, 100000),
     Key("stop_epoch", "int", 20, "Early stopping never stops before this epoch.", ("stopEpoch",),
         (TRAIN,), 0, 100000),
-    Key("freeze_ratio", "float", 0.5, "Fraction of the backbone's top-level children frozen.",
+    Key("freeze_ratio", "float", 0.5, "Fraction of the network's blocks frozen, in order (never "
+        "the head): its top-level children, where one holding over 80% of the parameters is "
+        "split into its own children (ResNet: conv1 ... layer4, fc; VGG: the layers of "
+        "features; ViT: its encoder layers).",
         ("freezeRatio",), (TRAIN,), 0.0, 1.0),
     Key("ssl", "bool", False, "Initialise the backbone from the self-supervised checkpoint at "
         "modelAdr.", ("SSL",), (TRAIN,)),
@@ -333,25 +342,43 @@ def to_local_path(text: str, base: Path) -> Path:
 
 
 def _check_number(key: Key, value: Any, kind: type) -> Any:
+    what = "an integer" if kind is int else "a number"
     if isinstance(value, bool):
-        raise ValueError(f"must be {'an integer' if kind is int else 'a number'}")
-    if kind is float and isinstance(value, str):  # YAML 1.1 reads 1e-4 as a string
+        raise ValueError(f"must be {what}, not true/false")
+    if isinstance(value, str):  # the prototype used int()/float(); YAML 1.1 reads 1e-4 as text
         try:
-            value = float(value)
+            value = kind(value.strip())
         except ValueError:
-            raise ValueError("must be a number") from None
+            raise ValueError(f"must be {what}") from None
     if kind is int:
         if isinstance(value, float) and value.is_integer():
             value = int(value)
         if not isinstance(value, int):
             raise ValueError("must be an integer")
-    elif not isinstance(value, (int, float)) or not math.isfinite(value):
+    elif not isinstance(value, (int, float)):
         raise ValueError("must be a number")
+    elif not math.isfinite(value):
+        raise ValueError("must be a finite number")
     else:
         value = float(value)
     if (key.lo is not None and value < key.lo) or (key.hi is not None and value > key.hi):
         raise ValueError(f"must be between {key.lo:g} and {key.hi:g}")
     return value
+
+
+BOOL_RULE = "must be true or false (or 1 or 0)"
+
+
+def _check_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):  # the prototype's bool(0) and bool(1)
+        return bool(value)
+    if isinstance(value, str):
+        raise ValueError(f"{BOOL_RULE}, not a string: the prototype read every non-empty "
+                         "string as true, even \"False\", so thumbclf will not guess; write "
+                         "true or false without quotes")
+    raise ValueError(BOOL_RULE)
 
 
 def _labels(value: Any) -> tuple[str, ...]:
@@ -375,9 +402,7 @@ def convert(key: Key, value: Any, base: Path) -> Any:
         raise ValueError("must not be empty")
     rule = key.rule
     if rule == "bool":
-        if not isinstance(value, bool):
-            raise ValueError("must be true or false (a YAML/JSON boolean, not a string)")
-        return value
+        return _check_bool(value)
     if rule == "int":
         return _check_number(key, value, int)
     if rule in ("float", "threshold"):
@@ -385,6 +410,16 @@ def convert(key: Key, value: Any, base: Path) -> Any:
     if rule == "str":
         if not isinstance(value, str) or not value.strip():
             raise ValueError("must be a non-empty string")
+        return value.strip()
+    if rule == "model":
+        if not isinstance(value, str) or not value.strip():
+            raise ValueError("must be a non-empty string")
+        from .models import arch_name, name_rule  # imports torch: only when a name is given
+
+        try:
+            arch_name(value)
+        except ModelError:
+            raise ValueError(f"is not a known backbone; {name_rule(value)}") from None
         return value.strip()
     if rule == "choice":
         if value not in key.choices:
@@ -402,8 +437,8 @@ def convert(key: Key, value: Any, base: Path) -> Any:
             raise ValueError("must be a path or a list of paths")
         return tuple(to_local_path(v.strip(), base) for v in items)
     if rule == "pretrained":
-        if isinstance(value, bool):
-            return value
+        if isinstance(value, bool) or (isinstance(value, int) and value in (0, 1)):
+            return bool(value)
         if isinstance(value, str) and value.strip():
             return to_local_path(value.strip(), base)
         raise ValueError("must be true, false or the path of a weights file")
@@ -542,7 +577,8 @@ def template_text() -> str:
              "# as the prototype wrote them). The prototype's spellings (thumbData, foldNumber, ...)",
              "# and the snake_case names (thumb_data, fold_number, ...) both work; give only one.",
              "# Relative paths start at this file's folder. Keys marked [train] or [deploy] are used",
-             "# by that script only; the other script accepts and ignores them.", ""]
+             "# by that script only; the other script accepts and ignores them. Booleans are true or",
+             "# false (or 1/0, as the prototype read them; never strings), numbers may be quoted.", ""]
     for key in KEYS:
         name = spelling(key)
         where = "" if len(key.workflows) == 2 else f"[{key.workflows[0]}] "

@@ -98,6 +98,24 @@ def _prefetch(it: Iterable, pin: bool = False) -> Iterator:
             yield item
 
 
+AUX_WEIGHT = 0.4
+
+
+def training_loss(output, y: torch.Tensor, criterion: nn.Module
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and loss of a training step. Inception v3 in training mode also returns auxiliary
+    logits: loss = main + 0.4 * auxiliary, as in torchvision's fine-tuning tutorial (in
+    evaluation it returns the main logits only)."""
+    if isinstance(output, tuple):  # InceptionOutputs(logits, aux_logits)
+        logits, *aux = output
+        loss = criterion(logits.float(), y)
+        for extra in aux:
+            if extra is not None:
+                loss = loss + AUX_WEIGHT * criterion(extra.float(), y)
+        return logits, loss
+    return output, criterion(output.float(), y)
+
+
 def train_one_epoch(model: nn.Module, batches: Iterable, *, optimizer: torch.optim.Optimizer,
                     criterion: nn.Module, norm: Normalisation, device: torch.device,
                     gen: torch.Generator | None = None, scaler=None, total: int | None = None,
@@ -115,8 +133,7 @@ def train_one_epoch(model: nn.Module, batches: Iterable, *, optimizer: torch.opt
         y = y.to(device, non_blocking=True)
         optimizer.zero_grad(set_to_none=True)
         with autocast(device):
-            logits = model(inputs)
-            loss = criterion(logits.float(), y)
+            logits, loss = training_loss(model(inputs), y, criterion)
         if scaler is not None:
             scaler.scale(loss).backward()
             scaler.step(optimizer)

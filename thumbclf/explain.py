@@ -5,6 +5,7 @@ from __future__ import annotations
 import html
 import io
 import logging
+import math
 from pathlib import Path
 
 import numpy as np
@@ -20,36 +21,67 @@ from .decide import UNDECIDED
 from .decode import load_array
 from .errors import ImageReadError
 from .images import Preprocessing
-from .models import arch_name
+from .models import blocks, head_names, holds_head
 from .plots import image_grid, plt, save_figure
 from .results import atomic_bytes
 
 log = logging.getLogger(__name__)
-TARGET_LAYERS = {"resnet18": "layer4", "resnet34": "layer4", "resnet50": "layer4",
-                 "densenet121": "features", "efficientnet_b0": "features"}
+
+
+def as_map(t: torch.Tensor) -> torch.Tensor | None:
+    """A block's output as a spatial map (N, C, H, W): feature maps as they are, ViT tokens
+    (N, 1 + h*w, C) without the class token on an h x w grid; None for anything else."""
+    if t.dim() == 4 and t.shape[2] * t.shape[3] > 1:
+        return t
+    if t.dim() == 3:
+        side = math.isqrt(t.shape[1] - 1)
+        if side > 1 and side * side == t.shape[1] - 1:
+            return t[:, 1:].transpose(1, 2).reshape(t.shape[0], t.shape[2], side, side)
+    return None
 
 
 def gradcam(model: nn.Module, arch: str, x: torch.Tensor, class_index: int) -> np.ndarray:
-    """Grad-CAM heat map in [0, 1] (H x W of the input) for one normalised image (1, 3, H, W)."""
-    layer = model.get_submodule(TARGET_LAYERS[arch_name(arch)])
-    store: dict[str, torch.Tensor] = {}
-    h1 = layer.register_forward_hook(lambda m, i, o: store.__setitem__("act", o))
-    h2 = layer.register_full_backward_hook(lambda m, gi, go: store.__setitem__("grad", go[0]))
+    """Grad-CAM heat map in [0, 1] (H x W of the input) for one normalised image (1, 3, H, W).
+
+    The target is the last block (in freezeRatio's order, heads excluded) whose output is a
+    spatial map that the class score depends on: ResNet's layer4, VGG's last convolution, a
+    ViT's tokens entering its last encoder layer (the last layer's own patch tokens do not
+    reach the class token).
+    """
+    heads = head_names(model)
+    names: list[str] = []
+    outputs: list[torch.Tensor] = []
+
+    def keeper(name: str):
+        def keep(module, inputs, output):
+            if isinstance(output, torch.Tensor) and output.requires_grad \
+                    and as_map(output) is not None:
+                names.append(name)
+                outputs.append(output)
+        return keep
+
+    hooks = [b.module.register_forward_hook(keeper(b.name)) for b in blocks(model)
+             if not holds_head(b.name, heads)]
     was_training = model.training
     model.eval()
     try:
         with torch.enable_grad():
             x = x.clone().requires_grad_(True)  # frozen layers: let gradients reach the target
-            out = model(x)
-            model.zero_grad(set_to_none=True)
-            out[0, class_index].backward()
+            score = model(x)[0, class_index]
+            grads = torch.autograd.grad(score, outputs, allow_unused=True) if outputs else ()
     finally:
-        h1.remove()
-        h2.remove()
+        for h in hooks:
+            h.remove()
         model.train(was_training)
-    act, grad = store["act"].detach(), store["grad"].detach()
-    weights = grad.mean(dim=(2, 3), keepdim=True)
-    cam = F.relu((weights * act).sum(dim=1, keepdim=True))
+    cam = torch.zeros(1, 1, *x.shape[-2:])
+    for name, act, grad in reversed(list(zip(names, outputs, grads))):
+        grad_map = as_map(grad) if grad is not None else None
+        if grad_map is not None and bool(grad_map.abs().sum() > 0):
+            log.debug("Grad-CAM target of %s: %s %s", arch, name, tuple(act.shape))
+            act_map = as_map(act.detach())
+            weights = grad_map.mean(dim=(2, 3), keepdim=True)
+            cam = F.relu((weights * act_map).sum(dim=1, keepdim=True)).float()
+            break
     cam = F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)[0, 0]
     cam = cam - cam.min()
     return (cam / cam.max()).cpu().numpy() if float(cam.max()) > 0 else cam.cpu().numpy()

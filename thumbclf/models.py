@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import difflib
+import functools
 import logging
 import math
 import pickle
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -25,64 +28,116 @@ FORMAT_VERSION = 1
 SSL_PREFIXES = ("module.", "model.", "resnet.", "backbone.", "encoder.")
 
 
-@dataclass(frozen=True)
-class Arch:
-    """How to build one backbone and where its classification head is."""
+# The prototype's model_name values and the torchvision architectures it built for them.
+PROTOTYPE_NAMES = {"resnet": "resnet50", "resnet18": "resnet18", "alexnet": "alexnet",
+                   "vgg": "vgg11_bn", "vgg16": "vgg16_bn", "squeezenet": "squeezenet1_0",
+                   "densenet": "densenet121", "inception": "inception_v3", "vit": "vit_b_32",
+                   "efficient": "efficientnet_b7"}
+# Input sizes of the prototype's models (its Initialize_model); prototype state dicts need them.
+PROTOTYPE_INPUT_SIZES = {"resnet50": 256, "inception_v3": 299}
+# Prototype names whose models came from other packages, with their own weight names.
+FOREIGN = {"vit": "the pytorch_pretrained_vit package (ViT('B_32_imagenet1k'), 384 px)",
+           "efficient": "the efficientnet_pytorch package (EfficientNet.from_pretrained("
+                        "'efficientnet-b7'))"}
+FOREIGN_KEYS = {"transformer.blocks.": "vit", "positional_embedding.": "vit",
+                "_conv_stem.": "efficient", "_blocks.": "efficient"}
+# Builder arguments that make a model the same whether or not ImageNet weights are loaded:
+# torchvision switches these on for its pretrained inception_v3/googlenet (inputs are
+# ImageNet-normalised; transform_input maps them to the [-1, 1] the weights were trained on).
+BUILD_KWARGS = {"inception_v3": {"aux_logits": True, "transform_input": True, "init_weights": True},
+                "googlenet": {"aux_logits": False, "transform_input": True, "init_weights": True}}
+FREEZE_SPLIT = 0.8  # a block holding more than this share of the body is split into its children
 
-    build: Callable[..., nn.Module]
-    weights: Any
-    head: str  # attribute path of the final nn.Linear
-    blocks: Callable[[nn.Module], list[tuple[str, nn.Module]]]
-    input_size: int = 224
 
-
-def _top_children(m: nn.Module) -> list[tuple[str, nn.Module]]:
-    return list(m.named_children())
-
-
-def _features_then_rest(m: nn.Module) -> list[tuple[str, nn.Module]]:
-    inner = [(f"features.{n}", c) for n, c in m.features.named_children()]
-    return inner + [(n, c) for n, c in m.named_children() if n != "features"]
-
-
-ARCHS: dict[str, Arch] = {
-    "resnet18": Arch(tvm.resnet18, tvm.ResNet18_Weights.IMAGENET1K_V1, "fc", _top_children),
-    "resnet34": Arch(tvm.resnet34, tvm.ResNet34_Weights.IMAGENET1K_V1, "fc", _top_children),
-    "resnet50": Arch(tvm.resnet50, tvm.ResNet50_Weights.IMAGENET1K_V2, "fc", _top_children),
-    "densenet121": Arch(tvm.densenet121, tvm.DenseNet121_Weights.IMAGENET1K_V1, "classifier",
-                        _features_then_rest),
-    "efficientnet_b0": Arch(tvm.efficientnet_b0, tvm.EfficientNet_B0_Weights.IMAGENET1K_V1,
-                            "classifier.1", _features_then_rest),
-}
-LEGACY_NAMES = {"resnet": "resnet50", "densenet": "densenet121"}  # the prototype's names
+@functools.cache
+def zoo() -> tuple[str, ...]:
+    """torchvision's classification models, by name."""
+    return tuple(tvm.list_models(module=tvm))
 
 
 def arch_name(name: str) -> str:
-    """Canonical backbone name; an unknown name lists the valid ones."""
-    key = LEGACY_NAMES.get(name, name).lower()
-    if key not in ARCHS:
-        raise ModelError(f"model_name {name!r} is unknown; valid names: {', '.join(ARCHS)}")
+    """Canonical backbone name (a prototype name maps to its architecture); unknown: ModelError."""
+    key = str(name).strip().lower()
+    key = PROTOTYPE_NAMES.get(key, key)
+    if key not in zoo():
+        raise ModelError(f"model_name {name!r} is unknown; {name_rule(name)}")
     return key
 
 
-def input_size(name: str) -> int:
-    """The input size (pixels, square) a backbone is trained at."""
-    return ARCHS[arch_name(name)].input_size
+def name_rule(name: str) -> str:
+    """What model_name accepts, with the names closest to ``name``."""
+    close = difflib.get_close_matches(str(name).lower(), [*PROTOTYPE_NAMES, *zoo()], n=3,
+                                      cutoff=0.6)
+    hint = f"did you mean {', '.join(close)}? " if close else ""
+    return (f"{hint}use a torchvision classification model (resnet18, convnext_tiny, vit_b_16, "
+            "...: torchvision.models.list_models(module=torchvision.models)) or a prototype "
+            f"name ({', '.join(PROTOTYPE_NAMES)})")
 
 
-def _get(m: nn.Module, dotted: str) -> nn.Module:
-    for part in dotted.split("."):
-        m = getattr(m, part) if not part.isdigit() else m[int(part)]
-    return m
+def _weights(arch: str):
+    try:
+        return tvm.get_model_weights(arch).DEFAULT
+    except (ValueError, AttributeError):
+        return None
 
 
-def _set_head(m: nn.Module, dotted: str, new: nn.Module) -> None:
-    *parent, last = dotted.split(".")
-    owner = _get(m, ".".join(parent)) if parent else m
-    if last.isdigit():
-        owner[int(last)] = new
-    else:
-        setattr(owner, last, new)
+@functools.cache
+def input_size(arch: str) -> int:
+    """Side in pixels the architecture is trained at: its ImageNet weights' crop size, else 224."""
+    weights = _weights(arch_name(arch))
+    crop = getattr(weights.transforms(), "crop_size", None) if weights is not None else None
+    return int(crop[0]) if crop else 224
+
+
+def prototype_input_size(arch: str) -> int:
+    """The prototype's input size for an architecture: 256 (ResNet-50), 299 (Inception v3), 224."""
+    return PROTOTYPE_INPUT_SIZES.get(arch_name(arch), 224)
+
+
+def _construct(arch: str, image_size: int | None = None) -> nn.Module:
+    kwargs = dict(BUILD_KWARGS.get(arch, {}))
+    if arch.startswith("vit_"):  # position embeddings are made for one input size
+        kwargs["image_size"] = image_size or input_size(arch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return tvm.get_model(arch, weights=None, **kwargs)
+
+
+def head_names(model: nn.Module) -> list[str]:
+    """The classification head (the last nn.Linear, or squeezenet's last Conv2d), then any
+    auxiliary heads (other layers with as many outputs, e.g. inception's AuxLogits.fc)."""
+    known = getattr(model, "_thumbclf_heads", None)
+    if known:
+        return list(known)
+    linear = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    layers = linear or [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    if not layers:
+        raise ModelError(f"{type(model).__name__}: no nn.Linear or nn.Conv2d head found")
+    main, head = layers[-1]
+    outputs = head.out_features if isinstance(head, nn.Linear) else head.out_channels
+    aux = [n for n, m in linear[:-1] if m.out_features == outputs] if linear else []
+    return [main, *aux]
+
+
+def _replace_heads(model: nn.Module, num_classes: int) -> None:
+    names = head_names(model)
+    for name in names:
+        old = model.get_submodule(name)
+        if isinstance(old, nn.Linear):
+            new: nn.Module = nn.Linear(old.in_features, num_classes)
+        else:
+            new = nn.Conv2d(old.in_channels, num_classes, kernel_size=1)
+        parent, _, last = name.rpartition(".")
+        owner = model.get_submodule(parent) if parent else model
+        if last.isdigit():
+            owner[int(last)] = new
+        else:
+            setattr(owner, last, new)
+    model._thumbclf_heads = names  # type: ignore[attr-defined]
+
+
+def _is_head_key(key: str, heads: list[str]) -> bool:
+    return any(key.startswith(h + ".") for h in heads)
 
 
 def read_weights(path: Path, what: str) -> dict[str, torch.Tensor]:
@@ -104,29 +159,34 @@ def read_weights(path: Path, what: str) -> dict[str, torch.Tensor]:
     return obj
 
 
-def build_model(name: str, num_classes: int, pretrained: bool | Path = False) -> nn.Module:
-    """A backbone with a fresh ``num_classes`` head; ImageNet weights if asked for."""
-    arch = ARCHS[arch_name(name)]
-    model = arch.build(weights=None)
+def build_model(name: str, num_classes: int, pretrained: bool | Path = False, *,
+                image_size: int | None = None) -> nn.Module:
+    """A backbone with fresh ``num_classes`` head(s); ImageNet weights if asked for."""
+    arch = arch_name(name)
+    model = _construct(arch, image_size)
+    heads = head_names(model)
     if pretrained is True:
+        weights = _weights(arch)
         try:  # torchvision's own loader would unpickle with weights_only=False
-            state = arch.weights.get_state_dict(progress=True, check_hash=True, weights_only=True)
+            if weights is None:
+                raise LookupError("torchvision has no ImageNet weights for it")
+            state = weights.get_state_dict(progress=True, check_hash=True, weights_only=True)
         except Exception as exc:  # noqa: BLE001 - urllib/ssl/hash errors all mean 'no weights'
             raise ModelError(
                 f"pretrained: cannot get the ImageNet weights of {name} ({type(exc).__name__}: "
                 f"{str(exc)[:120]}); connect once to the internet (torchvision caches them in "
                 "~/.cache/torch), set pretrained to a local weights file, or pretrained: false"
             ) from None
-        model.load_state_dict(state)
+        own = model.state_dict()  # googlenet's unused auxiliary heads are not built
+        model.load_state_dict({k: v for k, v in state.items() if k in own})
     elif isinstance(pretrained, Path):
         state = _strip_prefixes(_unwrap(read_weights(pretrained, "pretrained weights file")))
-        n = _load_matching(model, state, skip=arch.head)
+        n = _load_matching(model, state, skip=heads)
         if n == 0:
             raise ModelError(f"{pretrained}: no tensor matches {name}; is it a {name} "
                              "weights file?")
         log.info("loaded %d tensors of pretrained weights from %s", n, pretrained)
-    head = _get(model, arch.head)
-    _set_head(model, arch.head, nn.Linear(head.in_features, num_classes))
+    _replace_heads(model, num_classes)
     return model
 
 
@@ -152,10 +212,10 @@ def _strip_prefixes(state: dict[str, Any]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _load_matching(model: nn.Module, state: dict[str, torch.Tensor], skip: str) -> int:
+def _load_matching(model: nn.Module, state: dict[str, torch.Tensor], skip: list[str]) -> int:
     own = model.state_dict()
     usable = {k: v for k, v in state.items()
-              if k in own and own[k].shape == v.shape and not k.startswith(skip + ".")}
+              if k in own and own[k].shape == v.shape and not _is_head_key(k, skip)}
     model.load_state_dict(usable, strict=False)
     return sum(1 for k in usable if not k.endswith("num_batches_tracked"))
 
@@ -163,7 +223,7 @@ def _load_matching(model: nn.Module, state: dict[str, torch.Tensor], skip: str) 
 def load_ssl(model: nn.Module, path: Path, name: str) -> int:
     """Initialise the backbone from a self-supervised checkpoint; return the tensors loaded."""
     state = _strip_prefixes(_unwrap(read_weights(path, "SSL checkpoint (modelAdr)")))
-    n = _load_matching(model, state, skip=ARCHS[arch_name(name)].head)
+    n = _load_matching(model, state, skip=head_names(model))
     if n == 0:
         raise ModelError(f"{path}: no tensor of the SSL checkpoint matches {name} (after removing "
                          f"the prefixes {', '.join(SSL_PREFIXES)}); is it a {name} checkpoint?")
@@ -172,19 +232,64 @@ def load_ssl(model: nn.Module, path: Path, name: str) -> int:
     return n
 
 
+@dataclass
+class Block:
+    """One unit of freezeRatio: a submodule, plus parameters of the parents split around it."""
+
+    name: str
+    module: nn.Module
+    loose: list[nn.Parameter] = field(default_factory=list)
+
+    def size(self) -> int:
+        return sum(p.numel() for p in self.module.parameters()) + sum(p.numel() for p in self.loose)
+
+
+def blocks(model: nn.Module) -> list[Block]:
+    """The blocks freezeRatio freezes, in order: the top-level children, where a block holding
+    more than 80% of the parameters outside the head is replaced by its own children (repeatedly).
+
+    ResNet: conv1, bn1, relu, maxpool, layer1-4, avgpool, fc; VGG/AlexNet/SqueezeNet/DenseNet/
+    EfficientNet/MobileNet/ConvNeXt/Swin: the layers or stages of ``features``, then the rest;
+    ViT: conv_proj, the encoder's dropout, its 12 layers and final norm, heads.
+    A parent's own parameters (ViT's class token, position embedding) go with its first block.
+    """
+    heads = head_names(model)
+    out = [Block(n, m) for n, m in model.named_children()]
+    if out:
+        out[0].loose += list(model.parameters(recurse=False))
+    while True:
+        body = [b for b in out if not holds_head(b.name, heads)]
+        total = sum(b.size() for b in body)
+        big = max(body, key=Block.size, default=None)
+        children = list(big.module.named_children()) if big is not None else []
+        if not total or not children or big.size() <= FREEZE_SPLIT * total:
+            return out
+        inner = [Block(f"{big.name}.{n}", m) for n, m in children]
+        inner[0].loose += big.loose + list(big.module.parameters(recurse=False))
+        i = out.index(big)
+        out[i:i + 1] = inner
+
+
+def holds_head(block_name: str, heads: list[str]) -> bool:
+    """True when the block is, or contains, a classification head."""
+    return any(h == block_name or h.startswith(block_name + ".") for h in heads)
+
+
 def freeze(model: nn.Module, name: str, ratio: float) -> list[str]:
-    """Freeze the first ``ratio`` of the backbone's blocks (never the head); return their names."""
-    arch = ARCHS[arch_name(name)]
-    blocks = arch.blocks(model)  # the head counts, as in the prototype, but is never frozen
-    count = math.floor(ratio * len(blocks) + 1e-9)
+    """Freeze the first ``ratio`` of the blocks (heads never); return the names frozen."""
+    units = blocks(model)  # the head counts, as in the prototype, but is never frozen
+    heads = head_names(model)
+    count = math.floor(ratio * len(units) + 1e-9)
     frozen = []
-    for block_name, block in blocks[:count]:
-        if block_name == arch.head.split(".")[0]:
+    for block in units[:count]:
+        if holds_head(block.name, heads):
             continue
-        for p in block.parameters():
+        for p in [*block.module.parameters(), *block.loose]:
             p.requires_grad_(False)
-        block.eval()
-        frozen.append(block_name)
+        block.module.eval()
+        frozen.append(block.name)
+    log.debug("%s: %d blocks in freezing order: %s", name, len(units),
+              ", ".join(b.name for b in units))
     model._thumbclf_frozen = frozen  # type: ignore[attr-defined]
     return frozen
 
@@ -251,7 +356,7 @@ def _load_thumbclf(path, obj, model_name, target_labels, max_pixels, slide_size)
     if model_name is not None and arch_name(model_name) != arch:
         raise ModelError(f"{path}: the model is a {arch}, but model_name says {model_name}; "
                          "remove model_name or correct it")
-    model = build_model(arch, len(classes))
+    model = build_model(arch, len(classes), image_size=int(obj["input_size"]))
     _load_state(model, obj["state_dict"], path)
     prep = Preprocessing(size=int(obj["input_size"]), recipe=obj["recipe"], max_pixels=max_pixels,
                          slide_size=slide_size or int(obj.get("slide_size", DEFAULT_SLIDE_SIZE)))
@@ -267,17 +372,26 @@ def _load_legacy(path, state, model_name, target_labels, max_pixels, slide_size)
     if target_labels is None:
         raise ModelError(f"{path}: a plain state dict (prototype model) does not name its "
                          "classes; set target_labels (and model_name) in the experiment file")
-    arch = arch_name(model_name or "resnet18")
+    given = str(model_name or "resnet18").strip().lower()
+    foreign = next((v for k, v in FOREIGN_KEYS.items() if any(s.startswith(k) for s in state)),
+                   given if given in FOREIGN else None)
+    if foreign is not None:
+        raise ModelError(f"{path}: the prototype's '{foreign}' models came from {FOREIGN[foreign]}"
+                         ", whose weight names differ from torchvision's; thumbclf cannot deploy "
+                         f"them. Retrain with model_name: {foreign} (torchvision's "
+                         f"{PROTOTYPE_NAMES[foreign]})")
+    arch = arch_name(given)
     classes = tuple(sorted(target_labels))
-    head_w = state.get(ARCHS[arch].head + ".weight")
+    size = prototype_input_size(arch)
+    model = build_model(arch, len(classes), image_size=size)
+    head_w = state.get(head_names(model)[0] + ".weight")
     if head_w is not None and head_w.shape[0] != len(classes):
         raise ModelError(f"{path}: the model has {head_w.shape[0]} outputs but target_labels "
                          f"lists {len(classes)} classes; list exactly the model's classes")
-    model = build_model(arch, len(classes))
     _load_state(model, state, path)
-    log.info("%s: prototype model (%s); classes in alphabetical order: %s", path, arch,
-             ", ".join(classes))
-    prep = Preprocessing(size=ARCHS[arch].input_size, recipe="legacy", max_pixels=max_pixels,
+    log.info("%s: prototype model (%s, %d px); classes in alphabetical order: %s", path, arch,
+             size, ", ".join(classes))
+    prep = Preprocessing(size=size, recipe="legacy", max_pixels=max_pixels,
                          slide_size=slide_size or DEFAULT_SLIDE_SIZE)
     return LoadedModel(model.eval(), arch, classes, prep, UNNORMALISED, None, 1.0, path, True, {})
 
