@@ -11,12 +11,13 @@ from torchvision import models as tvm
 
 from conftest import run_script
 from thumbclf import synth
+from thumbclf.data import IMAGENET
 from thumbclf.engine import training_loss
 from thumbclf.errors import ModelError
 from thumbclf.explain import gradcam
 from thumbclf.images import Preprocessing
 from thumbclf.models import (BUILD_KWARGS, PROTOTYPE_NAMES, arch_name, blocks, build_model, freeze,
-                             head_names, holds_head, imagenet_normalisation, input_size,
+                             head_names, holds_head, input_size,
                              load_model, save_model, train_mode, zoo)
 
 # prototype name -> (architecture, side used in these tests, input size in the model file)
@@ -71,7 +72,7 @@ def test_each_prototype_backbone_freezes_trains_saves_and_reloads(tmp_path, name
 
     prep = Preprocessing(size=input_size(name))
     save_model(tmp_path / "m.pt", model, arch=arch_name(name), classes=("a", "b", "c"), prep=prep,
-               norm=imagenet_normalisation(), threshold=0.5, temperature=1.0, meta={})
+               norm=IMAGENET, threshold=0.5, temperature=1.0, meta={})
     loaded = load_model(tmp_path / "m.pt", model_name=name)
     assert loaded.arch == arch and loaded.prep.size == size
     with torch.no_grad():

@@ -89,36 +89,48 @@ def test_a_precision_is_used_only_after_it_passed_the_gate(tiny_model, tmp_path,
     assert runner.name == "openvino fp32" and "refused by the quality gate" in why
 
 
+def _deploy_with_gate(exp, gate: dict):
+    """A deploy in its own process (as a user runs it), with the gate's limits set to ``gate``."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    code = ("import sys; from thumbclf import inference; inference.GATE.update(" + repr(gate) +
+            "); from thumbclf.cli import main; sys.exit(main('deploy', [sys.argv[1], '--quiet']))")
+    return subprocess.run([sys.executable, "-c", code, str(exp)], capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=600)
+
+
 @pytest.mark.slow
-def test_a_deploy_says_which_engine_computed_and_why(tiny_data, tmp_path, monkeypatch, capsys):
+def test_a_deploy_says_which_engine_computed_and_why(tiny_data, tmp_path):
     pytest.importorskip("openvino", reason="OpenVINO is the optional extra thumbclf[openvino]")
     if not inference.native("bf16", CPU):
         pytest.skip("this CPU has no native bf16 (AVX-512 BF16 or AMX)")
     import json
 
     from conftest import train_once, write_yaml
-    from thumbclf.cli import main
 
     model = train_once(tmp_path, "m", f"thumbData: {tiny_data}\ntrainFull: true\npretrained: false\n"
                        "max_epochs: 1\nbootstrap: 0\ngradcam: 0\nnum_workers: 0\n")[0]
     text = (f"thumbData: {tiny_data}\nmodelAdr: {model}\nbootstrap: 0\ngradcam: 0\n"
             f"num_workers: 0\nverify_data: {tiny_data}\n")
-    monkeypatch.setitem(inference.GATE, "agreement", 1.01)  # nothing passes
+    nothing_passes = {"agreement": 1.01}
     exp = write_yaml(tmp_path / "refused.yaml", text + "engine: openvino\nprecision: bf16\n")
-    assert main("deploy", [str(exp), "--quiet"]) == 2
-    err = capsys.readouterr().err
-    assert "precision: bf16: openvino bf16 refused by the quality gate: 18 labelled images" in err
+    r = _deploy_with_gate(exp, nothing_passes)
+    assert r.returncode == 2, r.stderr
+    assert "precision: bf16: openvino bf16 refused by the quality gate: 18 labelled images" in r.stderr
     assert not (tmp_path / "refused" / "predictions.csv").exists()
     exp = write_yaml(tmp_path / "auto.yaml", text)  # auto: refused, so PyTorch fp32, and says so
-    assert main("deploy", [str(exp), "--quiet"]) == 0
+    r = _deploy_with_gate(exp, nothing_passes)
+    assert r.returncode == 0, r.stderr
     note = json.loads((tmp_path / "auto" / "timings.json").read_text())["inference"]
     assert "refused by the quality gate" in note and note.endswith("PyTorch fp32")
-    monkeypatch.setitem(inference.GATE, "agreement", 0.0)  # everything passes
-    monkeypatch.setitem(inference.GATE, "auroc", 1.0)
-    monkeypatch.setitem(inference.GATE, "coverage", 1.0)
-    monkeypatch.setitem(inference.GATE, "accuracy_decided", 1.0)
+    everything_passes = {"agreement": 0.0, "auroc": 1.0, "coverage": 1.0, "accuracy_decided": 1.0}
     exp = write_yaml(tmp_path / "bf16.yaml", text + "engine: openvino\nprecision: bf16\n")
-    assert main("deploy", [str(exp), "--quiet"]) == 0
+    r = _deploy_with_gate(exp, everything_passes)
+    assert r.returncode == 0, r.stderr
     note = json.loads((tmp_path / "bf16" / "timings.json").read_text())["inference"]
     assert note.startswith("openvino bf16 (verified on 18 labelled images")
     assert "Inference: openvino bf16" in (tmp_path / "bf16" / "report.html").read_text()
