@@ -4,6 +4,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 RUN := runs/demo-$(shell date +%Y%m%d-%H%M%S)
+# thumbclf itself with its ray extra (executor: ray), so that the tests cover it;
+# `pip install .` alone needs no Ray
 # exact versions the tests passed with; `make test CONSTRAINTS=` installs without them
 CONSTRAINTS ?= constraints.txt
 PIN := $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
@@ -15,7 +17,7 @@ $(VENV)/.installed: requirements.txt pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(PIN) -r requirements.txt
-	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	$(PY) -m pip install --quiet $(PIN) --no-build-isolation -e ".[ray]"
 	touch $@
 
 setup: $(VENV)/.installed

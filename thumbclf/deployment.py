@@ -3,6 +3,7 @@ sorted copies -> evaluation."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -15,10 +16,11 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from . import explain, layout, machine, slides
+from . import explain, layout, slides
 from . import table as table_io
 from .config import DeployParams, cm_layout
-from .data import dihedral, stream_loader, to_input
+from .data import dihedral, to_input
+from .execution import executor_for
 from .decide import UNDECIDED, decide, threshold_in_force
 from .engine import autocast, configure_threads, pick_device, softmax
 from .errors import ModelError, OutputError
@@ -142,42 +144,36 @@ def predict_stream(models, sample_set: SampleSet, folder: Path, *, params: Deplo
         log.info("resuming: %d images predicted earlier, %d to go", len(done), len(todo))
     if not todo:
         return partial
-    workers = (params.num_workers if params.num_workers >= 0
-               else min(16, max(1, machine.cores() - 1)))  # one core left for the model
     configure_threads(device)
-    prep = models[0].prep
     cache_dir = params.cache_root
-    paths = [sample_set.samples[i].path for i in todo]
-    batch = params.batch_size * (4 if device.type == "cuda" else 1)  # inference: no gradients
-    loader = stream_loader(paths, prep, batch_size=batch, workers=workers,
-                           pin_memory=device.type == "cuda", slide_cache=cache_dir / "slides")
-    for m in models:
-        m.model.to(device)
-        if not m.legacy:
-            m.model.to(memory_format=torch.channels_last)
     header = ["position", *classes, "model_prediction", "error"]
     new_file = not partial.is_file() or partial.stat().st_size == 0
     n_err = 0
     start = time.perf_counter()
     bar = tqdm(total=len(todo), desc="predicting", unit="img", disable=quiet)
-    for pos, x, errors in loader:
-        probs = ensemble_probs(models, x, device, params.tta)
-        decisions = decide(probs, classes, threshold)
-        rows = [header] if new_file else []
-        new_file = False
-        for j, p in enumerate(pos.tolist()):
-            if errors[j]:
-                n_err += 1
-                log.debug("unreadable: %s", errors[j])
-                rows.append([todo[p], *([""] * len(classes)), "", errors[j]])
-            else:
-                rows.append([todo[p], *(f"{v:.6g}" for v in probs[j]), decisions[j], ""])
-        append_whole(partial, _csv_rows(rows))
-        bar.update(len(pos))
+    with executor_for(params, quiet=quiet) as ex:
+        paths = [sample_set.samples[i].path for i in todo]
+        # closing: an interruption stops the executor's pipeline before the executor ends
+        with contextlib.closing(ex.predict(models, todo, paths, device=device,
+                                           slide_cache=cache_dir / "slides")) as batches:
+            for pos, probs, errors in batches:
+                decisions = decide(probs, classes, threshold)
+                rows = [header] if new_file else []
+                new_file = False
+                for j, p in enumerate(pos.tolist()):
+                    if errors[j]:
+                        n_err += 1
+                        log.debug("unreadable: %s", errors[j])
+                        rows.append([p, *([""] * len(classes)), "", errors[j]])
+                    else:
+                        rows.append([p, *(f"{v:.6g}" for v in probs[j]), decisions[j], ""])
+                append_whole(partial, _csv_rows(rows))
+                bar.update(len(pos))
+        how = ex.describe()
     bar.close()
     secs = time.perf_counter() - start
     atomic_text(json.dumps({"predict_seconds": round(secs, 3), "images": len(todo),
-                            "workers": workers, "threads": torch.get_num_threads(),
+                            **how, "threads": torch.get_num_threads(),
                             "peak_memory_mb": peak_memory_mb()}, indent=1),
                 folder / "timings.json")
     log.info("predicted %d images in %.1fs (%.1f images/s)%s", len(todo), secs,

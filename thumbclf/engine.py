@@ -36,10 +36,10 @@ def pick_device(requested: str = "auto") -> torch.device:
     return torch.device("cpu")
 
 
-def configure_threads(device: torch.device) -> None:
-    """On the CPU, torch computes with every core this process may use."""
+def configure_threads(device: torch.device, threads: int = 0) -> None:
+    """On the CPU, torch computes with ``threads`` threads (0: every core this process may use)."""
     if device.type == "cpu":
-        torch.set_num_threads(machine.cores())
+        torch.set_num_threads(threads or machine.cores())
 
 
 def autocast(device: torch.device):

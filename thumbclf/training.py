@@ -24,6 +24,7 @@ from .engine import (EarlyStopping, FitResult, configure_threads, fit, fit_tempe
                      pick_device, predict_logits, softmax)
 from .errors import DataError
 from .evaluate import evaluate_run
+from .execution import executor_for
 from .images import Preprocessing
 from .models import (arch_name, build_model, freeze, input_size, load_model, load_ssl,
                      read_weights, save_model)
@@ -208,6 +209,11 @@ def run_fold(params: TrainParams, folder: Path, *, fold: int, sample_set: Sample
     return FoldResult(fold, model, history, table)
 
 
+def _run_fold(*, fold: int, device: torch.device, params: TrainParams, **shared) -> FoldResult:
+    """run_fold as an executor calls it (keyword arguments only)."""
+    return run_fold(params, shared.pop("folder"), fold=fold, device=device, **shared)
+
+
 def finished_fold(folder: Path, fold: int) -> FoldResult | None:
     """A fold finished by an earlier, interrupted run (its predictions are written last)."""
     pred_file, model_file = layout.fold_predictions(folder, fold), layout.fold_model(folder, fold)
@@ -266,7 +272,7 @@ def run(params: TrainParams, *, resume: bool = False, quiet: bool = False) -> Pa
              ", ".join(f"{k} {v}" for k, v in sample_set.counts().items()))
     report_rare_classes(sample_set.counts(), params.class_balance)
     device = pick_device(params.device)
-    configure_threads(device)
+    configure_threads(device, params.cpus_per_fold)
     log.info("device: %s%s", device, f" ({torch.get_num_threads()} threads)" if device.type == "cpu" else "")
     arch = arch_name(params.model_name)
     prep = Preprocessing(size=input_size(arch), max_pixels=params.max_image_pixels,
@@ -279,10 +285,13 @@ def run(params: TrainParams, *, resume: bool = False, quiet: bool = False) -> Pa
     split_df = _splits(params, folder, sample_set, resume)
 
     folds = [0] if params.train_full else list(range(1, params.fold_number + 1))
-    results = [(resume and finished_fold(folder, fold)) or
-               run_fold(params, folder, fold=fold, sample_set=sample_set, decoded=decoded, y=y,
-                        split_df=split_df, prep=prep, arch=arch, device=device, quiet=quiet)
-               for fold in folds]
+    done = {fold: r for fold in folds if resume and (r := finished_fold(folder, fold))}
+    todo = [fold for fold in folds if fold not in done]
+    shared = dict(params=params, folder=folder, sample_set=sample_set, decoded=decoded, y=y,
+                  split_df=split_df, prep=prep, arch=arch, quiet=quiet)
+    with executor_for(params, quiet=quiet) as ex:  # here one after another, or Ray tasks
+        done.update(zip(todo, ex.run_folds(_run_fold, todo, shared, device=device)))
+    results = [done[fold] for fold in folds]
 
     if params.train_full:
         log.info("final model: %s", layout.fold_model(folder, 0))
