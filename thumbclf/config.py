@@ -121,11 +121,11 @@ KEYS: tuple[Key, ...] = (
     Key("executor", "choice", "local", "Where the work runs: 'local' (this process and its "
         "workers) or 'ray' (deploy on Ray Data, cross-validation folds as parallel Ray tasks; "
         "needs pip install \"thumbclf[ray]\").", (), BOTH, choices=("local", "ray")),
-    Key("ray_address", "str", None, "executor: ray: the cluster to join ('auto', or "
+    Key("ray_address", "str", None, "The Ray cluster to join with executor ray ('auto', or "
         "'ray://host:10001' / 'host:6379'). Default: start a Ray instance on this machine.", (),
         BOTH),
     Key("cpus_per_fold", "int", 0, "CPU threads that train one fold (0: every core of the "
-        "machine). With executor: ray, the CPUs each fold task reserves (0: 1 with a GPU, "
+        "machine). With executor ray, the CPUs each fold task reserves (0: 1 with a GPU, "
         "else the cluster's CPUs shared by the folds).", (), (TRAIN,), 0, 4096),
 )
 
