@@ -145,3 +145,17 @@ def test_resolved_config_is_plain_data(tmp_path):
     d = params_to_dict(load_params(p, workflow=TRAIN))
     assert yaml.safe_load(yaml.safe_dump(d)) == d
     assert {k.name for k in KEYS if TRAIN in k.workflows} <= set(d)
+
+
+def test_executor_ray_without_ray_says_how_to_install_it(monkeypatch, tmp_path):
+    from thumbclf import config
+
+    monkeypatch.setattr(config, "_ray_installed", lambda: False)
+    raw = {"thumbData": "x", "modelAdr": "m.pt", "executor": "ray"}
+    with pytest.raises(ConfigError) as err:
+        config.validate(raw, workflow="deploy", source=tmp_path / "e.yaml")
+    assert err.value.lines() == [f'{tmp_path / "e.yaml"}: executor: ray needs Ray, which is not '
+                                 'installed; pip install "thumbclf[ray]"']
+    p = config.validate({"thumbData": "x", "cpus_per_fold": 2}, workflow="train",
+                        source=tmp_path / "e.yaml")
+    assert p.executor == "local" and p.ray_address is None and p.cpus_per_fold == 2

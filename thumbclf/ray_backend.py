@@ -193,8 +193,9 @@ class RayExecutor:
         for ref in refs:
             try:
                 yield ray.get(ref)
-            except ray.exceptions.RayTaskError as exc:
-                raise exc.as_instanceof_cause() from None
+            except ray.exceptions.RayTaskError as exc:  # the fold's own error, as locally
+                cause = getattr(exc, "cause", None)
+                raise (cause if isinstance(cause, Exception) else exc) from None
 
 
 _RETRIES = 2  # Ray retries a task whose worker died this many times
