@@ -4,6 +4,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 RUN := runs/demo-$(shell date +%Y%m%d-%H%M%S)
+# thumbclf itself with its ray extra (executor: ray), so that the tests cover it;
+# `pip install .` alone needs no Ray
 # exact versions the tests passed with; `make test CONSTRAINTS=` installs without them
 CONSTRAINTS ?= constraints.txt
 PIN := $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
@@ -20,8 +22,8 @@ $(VENV)/.installed: requirements.txt pyproject.toml $(CONSTRAINTS)
 
 setup: $(VENV)/.installed
 
-# the optional parts, so that the tests cover them too (pyproject's extras)
-EXTRAS := openvino
+# the optional parts (pyproject's extras), so that the tests cover them too; the demo needs none
+EXTRAS := ray,openvino
 $(VENV)/.extras: $(VENV)/.installed
 	$(PY) -m pip install --quiet $(PIN) --no-build-isolation -e ".[$(EXTRAS)]"
 	touch $@

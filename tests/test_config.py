@@ -207,3 +207,15 @@ def test_model_name_is_checked_with_the_file_and_accepts_any_torchvision_classif
     for name in ("convnext_tiny", "regnet_y_800mf", "vgg", "Inception", "efficient"):
         p = write(tmp_path, "ok.yaml", f"thumbData: d\nmodel_name: {name}\n")
         assert load_params(p, workflow=TRAIN).model_name == name
+def test_executor_ray_without_ray_says_how_to_install_it(monkeypatch, tmp_path):
+    from thumbclf import config
+
+    monkeypatch.setattr(config, "_ray_installed", lambda: False)
+    raw = {"thumbData": "x", "modelAdr": "m.pt", "executor": "ray"}
+    with pytest.raises(ConfigError) as err:
+        config.validate(raw, workflow="deploy", source=tmp_path / "e.yaml")
+    assert err.value.lines() == [f'{tmp_path / "e.yaml"}: executor: ray needs Ray, which is not '
+                                 'installed; pip install "thumbclf[ray]"']
+    p = config.validate({"thumbData": "x", "cpus_per_fold": 2}, workflow="train",
+                        source=tmp_path / "e.yaml")
+    assert p.executor == "local" and p.ray_address is None and p.cpus_per_fold == 2

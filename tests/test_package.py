@@ -140,3 +140,27 @@ def test_pip_install_gives_a_thumbclf_command_that_runs_from_any_folder(tmp_path
                        capture_output=True, text=True, cwd=elsewhere, env=env)
     assert r.returncode == 0, r.stderr
     assert (project / "deploy" / "evaluation" / "metrics.json").is_file()
+
+
+def test_the_ray_extra_is_optional_pinned_and_installed_for_the_tests():
+    project = pyproject()["project"]
+    extra = requirements(project["optional-dependencies"]["ray"])
+    assert "ray" in extra and "data" in extra["ray"].extras
+    assert "ray" not in requirements(project["dependencies"])  # the default install needs no Ray
+    assert "ray" not in requirements((ROOT / "requirements.txt").read_text().splitlines())
+    pins = requirements((ROOT / "constraints.txt").read_text().splitlines())
+    assert extra["ray"].specifier.contains(next(iter(pins["ray"].specifier)).version)
+    for name in ("pyarrow", "msgpack", "protobuf"):  # what ray[data] brings, pinned too
+        assert name in pins, name
+    text = (ROOT / "Makefile").read_text()  # make test (CI) installs every extra: ray, openvino
+    extras = next(line for line in text.splitlines() if line.startswith("EXTRAS :="))
+    assert set(extras.split(":=")[1].strip().split(",")) == set(pyproject()["project"]["optional-dependencies"]) - {"test"}
+    assert "test: setup $(VENV)/.extras" in text
+
+
+def test_the_local_path_imports_no_ray():
+    code = ("import sys, thumbclf.deployment, thumbclf.training, thumbclf.execution, thumbclf.cli;"
+            "print('ray' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert r.returncode == 0 and r.stdout.strip() == "False", r.stderr

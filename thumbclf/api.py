@@ -107,6 +107,11 @@ def execute(params: Params, *, resume: bool = False, quiet: bool = False, debug:
         # not spin (measured +10% on PNG thumbnails on 2 cores); read when torch loads
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         from .deployment import preflight, run
+    from . import distributed
+
+    if distributed.active():  # torchrun: rank 0 owns the results folder, the others train along
+        return _execute_ranks(params, workflow, resume=resume, quiet=quiet, debug=debug,
+                              progress=progress)
     check_output(params.output, resume=resume)  # everything that can be checked before the
     preflight(params)  # first file is written: the folder, the inputs, weights, caches
     folder = params.output
@@ -121,6 +126,48 @@ def execute(params: Params, *, resume: bool = False, quiet: bool = False, debug:
         setup_logging(folder, quiet=quiet, debug=debug)
         log.info("thumbclf %s: %s -> %s", workflow, params.source, folder)
         return run(params, resume=resume, quiet=not progress)
+
+
+def _execute_ranks(params: Params, workflow: str, *, resume: bool, quiet: bool, debug: bool,
+                   progress: bool) -> Path:
+    """``execute`` for one rank of a torchrun training (see distributed.py)."""
+    from . import distributed
+    from .config import TRAIN
+    from .errors import ThumbclfError
+    from .results import check_output, prepare_output, setup_logging
+
+    where = f"{params.source}: "
+    if workflow != TRAIN:
+        raise ConfigError(f"{where}torchrun trains one model on several GPUs/processes; run "
+                          "deploy as one process (or with executor: ray for many machines)")
+    if params.executor == "ray":
+        raise ConfigError(f"{where}executor: ray and torchrun do not combine; use torchrun for "
+                          "one model on several GPUs, or executor: ray for folds in parallel")
+    from .training import preflight, run
+
+    distributed.init(params.device)
+    try:
+        problem = None
+        if distributed.is_main():
+            try:
+                check_output(params.output, resume=resume)
+                preflight(params)
+            except ThumbclfError as exc:
+                problem = exc
+        problem = distributed.share(problem)  # every rank stops on rank 0's error
+        if problem is not None:
+            raise problem
+        if not distributed.is_main():  # no files, no console but errors, no progress bars
+            setup_logging(None, quiet=True)
+            logging.getLogger().handlers[-1].setLevel(logging.ERROR)
+            return run(params, resume=resume, quiet=True)
+        with prepare_output(params.output, resume=resume):
+            setup_logging(params.output, quiet=quiet, debug=debug)
+            log.info("thumbclf %s: %s -> %s (torchrun: %d processes)", workflow, params.source,
+                     params.output, distributed.world_size())
+            return run(params, resume=resume, quiet=not progress)
+    finally:
+        distributed.finish()
 
 
 @contextlib.contextmanager

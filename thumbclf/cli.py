@@ -124,8 +124,9 @@ def guarded(work, folder=lambda: None) -> int:
         return 0
     except ThumbclfError as exc:
         log.debug("stopped with an error: %s", exc, exc_info=True)  # run.log; console if --debug
-        for line in exc.lines():
-            print(f"error: {line}", file=sys.stderr)
+        if _speaks():
+            for line in exc.lines():
+                print(f"error: {line}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         log.debug("interrupted (Ctrl-C or SIGTERM)")
@@ -143,6 +144,13 @@ def guarded(work, folder=lambda: None) -> int:
         return EXIT_ERROR
     except Exception as exc:  # noqa: BLE001 - last resort: one line, traceback in run.log
         return _bug(exc, folder())
+
+
+def _speaks() -> bool:
+    """Under torchrun only rank 0 prints (every rank meets the same errors)."""
+    from . import distributed
+
+    return distributed.is_main()
 
 
 def _bug(exc: BaseException, folder: Path | None) -> int:

@@ -137,6 +137,15 @@ KEYS: tuple[Key, ...] = (
         "from whole-slide images.", (), BOTH, 64, 16384),
     Key("export_thumbnails", "bool", False, "Write slide thumbnails as PNG to "
         "<results>/thumbnails/.", (), BOTH),
+    Key("executor", "choice", "local", "Where the work runs: 'local' (this process and its "
+        "workers) or 'ray' (deploy on Ray Data, cross-validation folds as parallel Ray tasks; "
+        "needs pip install \"thumbclf[ray]\").", (), BOTH, choices=("local", "ray")),
+    Key("ray_address", "str", None, "The Ray cluster to join with executor ray ('auto', or "
+        "'ray://host:10001' / 'host:6379'). Default: start a Ray instance on this machine.", (),
+        BOTH),
+    Key("cpus_per_fold", "int", 0, "CPU threads that train one fold (0: every core of the "
+        "machine). With executor ray, the CPUs each fold task reserves (0: 1 with a GPU, "
+        "else the cluster's CPUs shared by the folds).", (), (TRAIN,), 0, 4096),
 )
 
 KEY_BY_NAME = {k.name: k for k in KEYS}
@@ -173,6 +182,8 @@ class Params:
     max_image_pixels: int = _d("max_image_pixels")
     slide_thumbnail_size: int = _d("slide_thumbnail_size")
     export_thumbnails: bool = _d("export_thumbnails")
+    executor: str = _d("executor")
+    ray_address: str | None = None
     given: frozenset[str] = field(default=frozenset(), compare=False)
 
     @property
@@ -207,6 +218,7 @@ class TrainParams(Params):
     calibrate: bool = _d("calibrate")
     cache: str = _d("cache")
     max_failed_fraction: float = _d("max_failed_fraction")
+    cpus_per_fold: int = _d("cpus_per_fold")
 
 
 @dataclass(frozen=True)
@@ -483,6 +495,12 @@ def validate(raw: dict[str, Any], *, workflow: str, source: Path, output: Path |
         problems.append("modelAdr is required when SSL is true (the SSL checkpoint to start from)")
     if workflow == TRAIN and values.get("model_path") and len(values["model_path"]) > 1:
         problems.append("modelAdr must be one checkpoint for training with SSL; got a list")
+    if values.get("executor") == "ray" and not _ray_installed():
+        problems.append('executor: ray needs Ray, which is not installed; pip install '
+                        '"thumbclf[ray]"')
+    if values.get("ray_address") and values.get("executor") != "ray":
+        problems.append("ray_address is only used with executor: ray; add executor: ray or "
+                        "remove ray_address")
     if values.get("target_labels"):  # classes known now: check the confusion-matrix labels
         problems += cm_problems(values["target_labels"], values.get("cm_sortlabels"),
                                 values.get("cm_xlabels"), values.get("cm_ylabels"))[1]
@@ -494,6 +512,13 @@ def validate(raw: dict[str, Any], *, workflow: str, source: Path, output: Path |
     if output is None:
         output = source.parent / source.stem
     return cls(source=source, output=output, given=frozenset(values), **kwargs)
+
+
+def _ray_installed() -> bool:
+    """Whether Ray can be imported (without importing it)."""
+    import importlib.util
+
+    return importlib.util.find_spec("ray") is not None
 
 
 def cm_problems(classes: list[str] | tuple[str, ...], sortlabels, xlabels, ylabels

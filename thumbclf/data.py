@@ -81,9 +81,10 @@ def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 def training_batches(images: DecodedImages, positions: np.ndarray, targets: np.ndarray, *,
                      batch_size: int, rng: np.random.Generator, shuffle: bool = True,
-                     weights: np.ndarray | None = None, drop_single: bool = True
-                     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """uint8 image batches and class targets from the cache; ``weights`` = balanced sampling."""
+                     weights: np.ndarray | None = None, drop_single: bool = True,
+                     shard=None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """uint8 image batches and class targets from the cache; ``weights`` = balanced sampling;
+    ``shard(selection)``: this process's part of a batch (None: skip it), for DDP."""
     positions = np.asarray(positions)
     if weights is not None:
         p = weights / weights.sum()
@@ -96,6 +97,10 @@ def training_batches(images: DecodedImages, positions: np.ndarray, targets: np.n
         sel = order[start:start + batch_size]
         if drop_single and len(sel) == 1 and len(order) > 1:
             continue  # BatchNorm cannot train on a batch of one
+        if shard is not None:
+            sel = shard(sel)
+            if sel is None:
+                continue
         x = torch.from_numpy(images.get(positions[sel]))
         y = torch.from_numpy(np.asarray(targets)[positions[sel]]).long()
         yield x, y

@@ -3,6 +3,7 @@ sorted copies -> evaluation."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
@@ -16,11 +17,12 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from . import explain, inference, layout, machine, slides
+from . import explain, inference, layout, slides
 from . import splits as splitting
 from . import table as table_io
 from .config import DeployParams, cm_layout
-from .data import dihedral, stream_loader, to_input
+from .data import dihedral, to_input
+from .execution import executor_for
 from .decide import UNDECIDED, decide, threshold_in_force
 from .decode import load_array
 from .engine import configure_threads, pick_device, softmax
@@ -250,41 +252,44 @@ def predict_stream(models, sample_set: SampleSet, folder: Path, *, params: Deplo
         log.info("resuming: %d images predicted earlier, %d to go", len(done), len(todo))
     if not todo:
         return partial, _timings(folder).get("inference", "not recorded")
-    runners, engine_note = (choose() if choose is not None
-                            else (exact_runners(models, device), "PyTorch fp32"))
-    workers = (params.num_workers if params.num_workers >= 0
-               else min(16, max(1, machine.cores() - 1)))  # one core left for the model
     configure_threads(device)
-    prep = models[0].prep
-    paths = [sample_set.samples[i].path for i in todo]
-    batch = params.batch_size * (4 if device.type == "cuda" else 1)  # inference: no gradients
-    loader = stream_loader(paths, prep, batch_size=batch, workers=workers,
-                           pin_memory=device.type == "cuda", slide_cache=params.slide_cache)
     header = ["position", *classes, table_io.DECISION, table_io.ERROR]
     new_file = not partial.is_file() or partial.stat().st_size == 0
     n_err = 0
     start = time.perf_counter()
     bar = tqdm(total=len(todo), desc="predicting", unit="img", disable=quiet)
-    for pos, x, errors in loader:
-        probs = ensemble_probs(models, runners, x, device, params.tta)
-        decisions = decide(probs, classes, threshold)
-        rows = [header] if new_file else []
-        new_file = False
-        for j, p in enumerate(pos.tolist()):
-            if errors[j]:
-                n_err += 1
-                log.debug("unreadable: %s", errors[j])
-                rows.append([todo[p], *([""] * len(classes)), "", clean(errors[j])])
-            else:
-                rows.append([todo[p], *(f"{v:.6g}" for v in probs[j]), decisions[j], ""])
-        append_whole(partial, _csv_rows(rows))
-        bar.update(len(pos))
+    with executor_for(params, quiet=quiet) as ex:
+        if ex.name == "local":
+            runners, engine_note = (choose() if choose is not None
+                                    else (exact_runners(models, device), "PyTorch fp32"))
+        else:  # each Ray actor computes with PyTorch fp32
+            runners, engine_note = None, f"PyTorch fp32 on {ex.name} actors"
+        paths = [sample_set.samples[i].path for i in todo]
+        # closing: an interruption stops the executor's pipeline before the executor ends
+        with contextlib.closing(ex.predict(models, todo, paths, device=device,
+                                           slide_cache=params.slide_cache,
+                                           runners=runners)) as batches:
+            for pos, probs, errors in batches:
+                decisions = decide(probs, classes, threshold)
+                rows = [header] if new_file else []
+                new_file = False
+                for j, p in enumerate(pos.tolist()):
+                    if errors[j]:
+                        n_err += 1
+                        log.debug("unreadable: %s", errors[j])
+                        rows.append([p, *([""] * len(classes)), "", clean(errors[j])])
+                    else:
+                        rows.append([p, *(f"{v:.6g}" for v in probs[j]), decisions[j], ""])
+                append_whole(partial, _csv_rows(rows))
+                bar.update(len(pos))
+        how = ex.describe()
     bar.close()
     secs = time.perf_counter() - start
     atomic_text(json.dumps({"predict_seconds": round(secs, 3), "images": len(todo),
-                            "workers": workers, "threads": torch.get_num_threads(),
+                            **how, "threads": torch.get_num_threads(),
                             "peak_memory_mb": peak_memory_mb(), "inference": engine_note},
-                           indent=1), folder / "timings.json")
+                           indent=1),
+                folder / "timings.json")
     log.info("predicted %d images in %.1fs (%.1f images/s)%s", len(todo), secs,
              len(todo) / secs if secs else 0, f"; {n_err} could not be read" if n_err else "")
     return partial, engine_note

@@ -36,10 +36,10 @@ def pick_device(requested: str = "auto") -> torch.device:
     return torch.device("cpu")
 
 
-def configure_threads(device: torch.device) -> None:
-    """On the CPU, torch computes with every core this process may use."""
+def configure_threads(device: torch.device, threads: int = 0) -> None:
+    """On the CPU, torch computes with ``threads`` threads (0: every core this process may use)."""
     if device.type == "cpu":
-        torch.set_num_threads(machine.cores())
+        torch.set_num_threads(threads or machine.cores())
 
 
 def autocast(device: torch.device):
@@ -122,7 +122,7 @@ def train_one_epoch(model: nn.Module, batches: Iterable, *, optimizer: torch.opt
                     desc: str = "train", quiet: bool = False) -> EpochStats:
     """One pass over the training batches; ``gen`` set = augment on the fly."""
     start = time.perf_counter()
-    train_mode(model)
+    train_mode(getattr(model, "module", model))  # the model itself inside a DDP wrapper
     loss_sum, correct, n = 0.0, 0, 0
     for x, y in tqdm(_prefetch(batches, pin=device.type == "cuda"), total=total, desc=desc,
                      unit="batch", leave=False, disable=quiet):
@@ -215,12 +215,15 @@ def fit(model: nn.Module, *, train_batches: Batches, val_batches: Batches, n_tra
         optimizer: torch.optim.Optimizer, criterion: nn.Module, val_criterion: nn.Module,
         stopper: EarlyStopping, norm: Normalisation, device: torch.device,
         gen: torch.Generator | None, quiet: bool = False, label: str = "",
-        on_epoch: Callable[[dict], None] | None = None, resume: dict | None = None
+        on_epoch: Callable[[dict], None] | None = None, resume: dict | None = None,
+        trainer: nn.Module | None = None, reduce: Callable[[float], float] | None = None
         ) -> FitResult:
     """Train until early stopping; keep the best epoch's weights (lowest validation loss).
 
     ``on_epoch`` receives a checkpoint after every epoch (weights, optimizer, early stopping,
     history, best epoch); passing it back as ``resume`` continues from there.
+    ``trainer``: what runs the training steps (a DistributedDataParallel around ``model``);
+    ``reduce``: makes the validation loss the same on every process (the mean over ranks).
     """
     scaler = None
     if device.type == "cuda" and not torch.cuda.is_bf16_supported():
@@ -238,7 +241,7 @@ def fit(model: nn.Module, *, train_batches: Batches, val_batches: Batches, n_tra
     while not stopper.should_stop:
         epoch = stopper.epoch + 1
         epoch_start = time.perf_counter()
-        tr = train_one_epoch(model, train_batches(), optimizer=optimizer, criterion=criterion,
+        tr = train_one_epoch(trainer or model, train_batches(), optimizer=optimizer, criterion=criterion,
                              norm=norm, device=device, gen=gen, scaler=scaler,
                              total=n_train_batches, desc=f"{label}epoch {epoch}", quiet=quiet)
         if bn_batches is not None:
@@ -246,6 +249,8 @@ def fit(model: nn.Module, *, train_batches: Batches, val_batches: Batches, n_tra
             recalibrate_bn(model, bn_batches(), norm=norm, device=device)
         va, logits = evaluate(model, val_batches(), criterion=val_criterion, norm=norm,
                               device=device)
+        if reduce is not None:
+            va = dataclasses.replace(va, loss=reduce(va.loss))
         improved = stopper.step(va.loss)
         if improved:
             result.best_state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})

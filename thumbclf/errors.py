@@ -22,6 +22,9 @@ class ThumbclfError(Exception):
         self.problems = tuple(str(p) for p in problems)
         super().__init__("\n".join(self.problems))
 
+    def __reduce__(self):  # pickled whole (sent between processes: Ray tasks, torchrun ranks)
+        return type(self), self.problems
+
     def lines(self) -> list[str]:
         """The problems, one printable line each."""
         return [clean(p) for p in self.problems] or [clean(str(self))]

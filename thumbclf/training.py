@@ -16,14 +16,15 @@ import torch
 from sklearn.utils.class_weight import compute_class_weight
 from torch import nn
 
-from . import cache, explain, layout, splits as splitting, table as table_io
+from . import cache, distributed, explain, layout, machine, splits as splitting, table as table_io
 from .config import TrainParams, cm_layout, params_to_dict
 from .data import IMAGENET, training_batches
 from .decide import decide, threshold_in_force
 from .engine import (EarlyStopping, FitResult, configure_threads, fit, fit_temperature,
-                     pick_device, predict_logits, softmax)
+                     predict_logits, softmax)
 from .errors import DataError
 from .evaluate import evaluate_run
+from .execution import executor_for
 from .images import Preprocessing
 from .models import (arch_name, build_model, freeze, input_size, load_model, load_ssl,
                      read_weights, save_model)
@@ -48,9 +49,22 @@ def load_images(params, sample_set: SampleSet, prep: Preprocessing, folder: Path
     """Decode every image once; report failures; drop them (training) or keep them (deploy)."""
     cache_dir = params.cache_root
     paths = [s.path for s in sample_set.samples]
-    decoded = cache.build(paths, prep, mode=mode, cache_dir=cache_dir,
-                          slide_cache=params.slide_cache, workers=params.num_workers,
-                          quiet=quiet)
+
+    def build():
+        return cache.build(paths, prep, mode=mode, cache_dir=cache_dir,
+                           slide_cache=params.slide_cache, workers=params.num_workers,
+                           quiet=quiet)
+
+    if distributed.active():  # decoded once, by rank 0, into the disk cache the others read
+        mode = "disk"
+        if distributed.is_main():
+            decoded = build()
+            distributed.barrier()
+        else:
+            distributed.barrier()
+            decoded = build()
+    else:
+        decoded = build()
     n_fail = len(decoded.errors)
     if n_fail:
         for i, err in sorted(decoded.errors.items()):
@@ -113,7 +127,8 @@ def _new_model(params: TrainParams, arch: str, n_classes: int, device: torch.dev
     return model.to(device).to(memory_format=torch.channels_last), frozen
 
 
-def _fit_fold(params: TrainParams, model: nn.Module, *, decoded, y: np.ndarray, n_classes: int,
+def _fit_fold(params: TrainParams, model: nn.Module, trainer: nn.Module, *, decoded,
+              y: np.ndarray, n_classes: int,
               train_pos: np.ndarray, val_pos: np.ndarray, fold: int, device: torch.device,
               quiet: bool, checkpoint: Path, rng: np.random.Generator,
               gen: torch.Generator) -> FitResult:
@@ -130,7 +145,8 @@ def _fit_fold(params: TrainParams, model: nn.Module, *, decoded, y: np.ndarray, 
     bn_sample = np.random.default_rng([params.seed, fold, 1]).permutation(train_pos)[:bn_images]
 
     def train_batches():
-        return training_batches(decoded, train_pos, y, batch_size=bs, rng=rng, weights=sampling)
+        return training_batches(decoded, train_pos, y, batch_size=bs, rng=rng, weights=sampling,
+                                shard=distributed.shard if distributed.active() else None)
 
     def val_batches():
         return training_batches(decoded, val_pos, y, batch_size=bs * 2, rng=rng, shuffle=False,
@@ -141,6 +157,8 @@ def _fit_fold(params: TrainParams, model: nn.Module, *, decoded, y: np.ndarray, 
                                 rng=np.random.default_rng(0), shuffle=False, drop_single=True)
 
     def save_checkpoint(state: dict) -> None:
+        if not distributed.is_main():
+            return  # rank 0 writes; every rank holds the same weights
         state.update(np_rng=json.dumps(rng.bit_generator.state), torch_gen=gen.get_state(),
                      torch_rng=torch.get_rng_state(), fold=fold)
         atomic_torch_save(state, checkpoint)
@@ -160,7 +178,8 @@ def _fit_fold(params: TrainParams, model: nn.Module, *, decoded, y: np.ndarray, 
                stopper=EarlyStopping(params.patience, params.stop_epoch, params.max_epochs),
                norm=IMAGENET, device=device, gen=gen if params.augment else None, quiet=quiet,
                label=f"fold {fold}: " if fold else "", on_epoch=save_checkpoint,
-               resume=resume_state)
+               resume=resume_state, trainer=trainer,
+               reduce=distributed.mean if distributed.active() else None)
 
 
 def run_fold(params: TrainParams, folder: Path, *, fold: int, sample_set: SampleSet, decoded,
@@ -176,9 +195,11 @@ def run_fold(params: TrainParams, folder: Path, *, fold: int, sample_set: Sample
     fdir = layout.fold_dir(folder, fold)
     torch.manual_seed(params.seed * 1000 + fold)  # before the model: its initial weights
     rng = np.random.default_rng([params.seed, fold])
-    gen = torch.Generator().manual_seed(params.seed * 1000 + fold + 7)
+    # augmentation: each DDP rank draws its own (rank 0 as a single process does)
+    gen = torch.Generator().manual_seed(params.seed * 1000 + fold + 7 + 100_003 * distributed.rank())
     model, frozen = _new_model(params, arch, len(classes), device)
-    result = _fit_fold(params, model, decoded=decoded, y=y, n_classes=len(classes),
+    model, trainer = distributed.wrap(model, device)
+    result = _fit_fold(params, model, trainer, decoded=decoded, y=y, n_classes=len(classes),
                        train_pos=train_pos, val_pos=val_pos, fold=fold, device=device,
                        quiet=quiet, checkpoint=fdir / layout.CHECKPOINT, rng=rng, gen=gen)
     val_logits = result.val_logits if result.val_logits is not None else np.zeros((0, len(classes)))
@@ -187,6 +208,8 @@ def run_fold(params: TrainParams, folder: Path, *, fold: int, sample_set: Sample
                                    target_accuracy=params.target_accuracy,
                                    val_probs=softmax(val_logits, temperature), val_y=y[val_pos])
     history = pd.DataFrame(result.history)
+    if not distributed.is_main():  # the same model as rank 0's; rank 0 writes it
+        return FoldResult(fold, model, history, pd.DataFrame())
     atomic_csv(history, fdir / layout.HISTORY)
     logits, _ = predict_logits(model, training_batches(
         decoded, eval_pos, y, batch_size=params.batch_size * 2, rng=np.random.default_rng(0),
@@ -206,6 +229,11 @@ def run_fold(params: TrainParams, folder: Path, *, fold: int, sample_set: Sample
     log.info("%s: best epoch %d, temperature %.2f, model %s", fdir.name, result.best_epoch,
              temperature, model_file)
     return FoldResult(fold, model, history, table)
+
+
+def _run_fold(*, fold: int, device: torch.device, params: TrainParams, **shared) -> FoldResult:
+    """run_fold as an executor calls it (keyword arguments only)."""
+    return run_fold(params, shared.pop("folder"), fold=fold, device=device, **shared)
 
 
 def finished_fold(folder: Path, fold: int) -> FoldResult | None:
@@ -244,7 +272,8 @@ def _splits(params: TrainParams, folder: Path, sample_set: SampleSet, resume: bo
     split_df = splitting.make_splits(labels, patients, folds=params.fold_number,
                                      full=params.train_full, val_fraction=params.val_fraction,
                                      seed=params.seed)
-    splitting.save(split_df, paths, labels, patients, split_file)
+    if distributed.is_main():
+        splitting.save(split_df, paths, labels, patients, split_file)
     return split_df
 
 
@@ -261,12 +290,14 @@ def run(params: TrainParams, *, resume: bool = False, quiet: bool = False) -> Pa
         raise DataError(f"{params.thumb_data}: found only the class {sample_set.classes[0]!r}; "
                         "training needs at least two classes")
     check_class_sizes(sample_set, 2 if params.train_full else params.fold_number)
-    write_config(params, folder, resume)
+    if distributed.is_main():
+        write_config(params, folder, resume)
     log.info("%d images in %d classes: %s", len(sample_set), len(sample_set.classes),
              ", ".join(f"{k} {v}" for k, v in sample_set.counts().items()))
     report_rare_classes(sample_set.counts(), params.class_balance)
-    device = pick_device(params.device)
-    configure_threads(device)
+    device = distributed.init(params.device)  # pick_device; this rank's GPU under torchrun
+    configure_threads(device, params.cpus_per_fold or (distributed.local_threads(machine.cores())
+                                                       if distributed.active() else 0))
     log.info("device: %s%s", device, f" ({torch.get_num_threads()} threads)" if device.type == "cpu" else "")
     arch = arch_name(params.model_name)
     prep = Preprocessing(size=input_size(arch), max_pixels=params.max_image_pixels,
@@ -279,10 +310,15 @@ def run(params: TrainParams, *, resume: bool = False, quiet: bool = False) -> Pa
     split_df = _splits(params, folder, sample_set, resume)
 
     folds = [0] if params.train_full else list(range(1, params.fold_number + 1))
-    results = [(resume and finished_fold(folder, fold)) or
-               run_fold(params, folder, fold=fold, sample_set=sample_set, decoded=decoded, y=y,
-                        split_df=split_df, prep=prep, arch=arch, device=device, quiet=quiet)
-               for fold in folds]
+    done = {fold: r for fold in folds if resume and (r := finished_fold(folder, fold))}
+    todo = [fold for fold in folds if fold not in done]
+    shared = dict(params=params, folder=folder, sample_set=sample_set, decoded=decoded, y=y,
+                  split_df=split_df, prep=prep, arch=arch, quiet=quiet)
+    with executor_for(params, quiet=quiet) as ex:  # here one after another, or Ray tasks
+        done.update(zip(todo, ex.run_folds(_run_fold, todo, shared, device=device)))
+    results = [done[fold] for fold in folds]
+    if not distributed.is_main():
+        return folder  # rank 0 pools, evaluates and reports
 
     if params.train_full:
         log.info("final model: %s", layout.fold_model(folder, 0))

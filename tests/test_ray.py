@@ -1,0 +1,183 @@
+"""executor: ray — deployment on Ray Data and cross-validation folds as Ray tasks give the local
+path's results; resume, unreadable files and a file that kills its worker. A local Ray instance
+(2 CPUs) is started by each run; skipped, with the reason, where Ray is not installed."""
+
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import ROOT, run_script, train_once, write_yaml
+from test_slides import make_pyramid
+
+ray = pytest.importorskip("ray", reason='Ray is not installed: pip install "thumbclf[ray]" '
+                          "(make test installs it)")
+pytestmark = pytest.mark.slow
+
+FAST = ("pretrained: false\nbatch_size: 8\nmax_epochs: 1\nstopEpoch: 0\npatience: 1\n"
+        "bootstrap: 0\nnum_workers: 1\ngradcam: 0\n")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_data, tmp_path_factory):
+    return train_once(tmp_path_factory.mktemp("model"), "full",
+                      f"thumbData: {tiny_data}\ntrainFull: true\n{FAST}")[0]
+
+
+@pytest.fixture(scope="module")
+def archive(tiny_data, tmp_path_factory):
+    """The tiny thumbnails, a generated pyramidal slide and a corrupt file, in one table."""
+    folder = tmp_path_factory.mktemp("archive")
+    table = pd.read_csv(tiny_data)
+    table["PATH"] = [str((tiny_data.parent / p).resolve()) for p in table["PATH"]]
+    slide = make_pyramid(folder / "slide.tiff", w=1600, h=1200)
+    (folder / "broken.png").write_bytes(b"not a png")
+    extra = pd.DataFrame({"PATH": [str(slide), str(folder / "broken.png")],
+                          "CLASSIFICATION": ["IHC", "TMA"], "PATIENT": ["s1", "s2"]})
+    out = folder / "labels.csv"
+    pd.concat([table, extra], ignore_index=True).to_csv(out, index=False)
+    return out
+
+
+def deploy(exp, *args):
+    return run_script("deploy_thumbclassifier.py", str(exp), *args)
+
+
+def same_predictions(a, b):
+    """Same rows and order, probabilities within 1e-5, identical decisions and errors."""
+    x, y = pd.read_csv(a, keep_default_na=False), pd.read_csv(b, keep_default_na=False)
+    assert list(x.columns) == list(y.columns) and len(x) == len(y)
+    for col in x.columns:
+        if pd.api.types.is_float_dtype(x[col]) and pd.api.types.is_float_dtype(y[col]):
+            np.testing.assert_allclose(x[col], y[col], atol=1e-5, err_msg=col)
+        else:
+            assert x[col].tolist() == y[col].tolist(), col
+
+
+def test_ray_deploy_gives_the_local_predictions(model_dir, archive, tmp_path):
+    exp = write_yaml(tmp_path / "d.yaml", f"thumbData: {archive}\nmodelAdr: {model_dir}\n"
+                     f"{FAST}sortThumbs: true\n")
+    r = deploy(exp, "--output", str(tmp_path / "local"))
+    assert r.returncode == 0, r.stderr
+    r = deploy(exp, "--output", str(tmp_path / "ray"), "--set", "executor=ray")
+    assert r.returncode == 0, r.stderr
+    same_predictions(tmp_path / "local" / "predictions.csv", tmp_path / "ray" / "predictions.csv")
+    table = pd.read_csv(tmp_path / "ray" / "predictions.csv", keep_default_na=False)
+    broken = table[table["PATH"].str.endswith("broken.png")]
+    assert len(broken) == 1 and broken["error"].iloc[0] != ""  # reported, not fatal
+    slide = table[table["PATH"].str.endswith("slide.tiff")].iloc[0]
+    assert slide["error"] == "" and slide["slide_vendor"] == "generic-tiff"
+    for name in ("report.html", "metrics.json", "sorted"):
+        assert (tmp_path / "ray" / name).exists(), name
+    timings = pd.read_json(tmp_path / "ray" / "timings.json", typ="series")
+    assert timings["executor"] == "ray" and timings["ray_start_seconds"] > 0
+    assert not (tmp_path / "ray" / "predictions.partial.csv").exists()
+
+
+def test_an_interrupted_ray_deploy_resumes_without_duplicates_or_gaps(model_dir, archive,
+                                                                        tmp_path, monkeypatch):
+    """Ctrl-C (or SIGTERM, which thumbclf turns into the same) after the third batch's rows."""
+    from thumbclf import api, deployment, ray_backend
+
+    exp = write_yaml(tmp_path / "d.yaml", f"thumbData: {archive}\nmodelAdr: {model_dir}\n"
+                     f"{FAST.replace('batch_size: 8', 'batch_size: 1')}executor: ray\n")
+    ref = deploy(exp, "--output", str(tmp_path / "ref"), "--set", "executor=local")
+    assert ref.returncode == 0, ref.stderr
+    appended = []
+    original = deployment.append_whole
+
+    def interrupted(path, data):
+        original(path, data)
+        appended.append(data)
+        if len(appended) == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(deployment, "append_whole", interrupted)
+    monkeypatch.setattr(ray_backend, "DECODE_BATCH", 2)  # rows come back per decoded block
+    with pytest.raises(KeyboardInterrupt):
+        api.deploy(exp, quiet=True)
+    assert not ray.is_initialized()  # the run's Ray instance is shut down
+    partial = tmp_path / "d" / "predictions.partial.csv"
+    rows = pd.read_csv(partial)["position"]
+    assert 3 <= len(rows) < 20 and rows.is_unique
+    monkeypatch.setattr(deployment, "append_whole", original)
+    api.deploy(exp, quiet=True, resume=True)
+    assert "resuming:" in (tmp_path / "d" / "run.log").read_text()
+    same_predictions(tmp_path / "ref" / "predictions.csv", tmp_path / "d" / "predictions.csv")
+
+
+def test_a_file_that_kills_its_worker_is_reported_not_fatal(model_dir, tiny_data, tmp_path):
+    """A worker set-up hook makes every read of 'killer.png' end the worker process."""
+    from thumbclf import api
+
+    killer = tmp_path / "killer.png"
+    killer.write_bytes((tiny_data.parent / pd.read_csv(tiny_data)["PATH"][0]).read_bytes())
+
+    def crash_on_killer():
+        import thumbclf.data
+
+        original = thumbclf.data.load_array
+
+        def load_array(path, *args, **kwargs):
+            if str(path).endswith("killer.png"):
+                os._exit(1)
+            return original(path, *args, **kwargs)
+
+        thumbclf.data.load_array = load_array
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"worker_process_setup_hook": crash_on_killer,
+                          "env_vars": {"PYTHONPATH": str(ROOT)}})
+    try:
+        table = pd.read_csv(tiny_data)
+        table["PATH"] = [str((tiny_data.parent / p).resolve()) for p in table["PATH"]]
+        table.loc[len(table)] = [str(killer), "IHC", "k"]
+        table.to_csv(tmp_path / "labels.csv", index=False)
+        folder = api.deploy({"thumbData": str(tmp_path / "labels.csv"),
+                             "modelAdr": str(model_dir), "executor": "ray", "batch_size": 8,
+                             "bootstrap": 0, "gradcam": 0, "num_workers": 1},
+                            output=tmp_path / "out", quiet=True)
+    finally:
+        ray.shutdown()
+    result = pd.read_csv(folder / "predictions.csv", keep_default_na=False)
+    assert len(result) == len(table)
+    row = result[result["PATH"] == str(killer)].iloc[0]
+    assert "died" in row["error"] and row["model_prediction"] == ""
+    assert (result["error"] == "").sum() == len(table) - 1  # its batch-mates were predicted
+
+
+def test_executor_ray_is_validated(tmp_path):
+    exp = write_yaml(tmp_path / "d.yaml", "thumbData: x\nmodelAdr: m.pt\nexecutor: cluster\n"
+                     "ray_address: auto\n")
+    r = deploy(exp)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [
+        f"error: {exp}: executor must be one of local, ray; got 'cluster'",
+        f"error: {exp}: ray_address is only used with executor: ray; add executor: ray or "
+        "remove ray_address"]
+
+
+def test_ray_cross_validation_gives_the_local_predictions(tiny_data, tmp_path):
+    exp = write_yaml(tmp_path / "cv.yaml", f"thumbData: {tiny_data}\nfoldNumber: 2\n{FAST}"
+                     "cpus_per_fold: 1\n")
+    r = run_script("train_thumbclassifier.py", str(exp), "--output", str(tmp_path / "local"))
+    assert r.returncode == 0, r.stderr
+    r = run_script("train_thumbclassifier.py", str(exp), "--output", str(tmp_path / "ray"),
+                   "--set", "executor=ray")
+    assert r.returncode == 0, r.stderr
+    for name in ("splits.csv", "predictions.csv", "fold_1/predictions.csv",
+                 "fold_2/predictions.csv"):
+        pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "local" / name),
+                                      pd.read_csv(tmp_path / "ray" / name), obj=name)
+    log = (tmp_path / "ray" / "run.log").read_text()
+    assert "folds as Ray tasks" in log and "[fold 2, pid" in log
+    # finished folds are skipped on --resume: remove fold 2's result and resume
+    (tmp_path / "ray" / "fold_2" / "predictions.csv").unlink()
+    r = run_script("train_thumbclassifier.py", str(exp), "--output", str(tmp_path / "ray"),
+                   "--set", "executor=ray", "--resume")
+    assert r.returncode == 0, r.stderr
+    log = (tmp_path / "ray" / "run.log").read_text()
+    assert "fold_1: finished earlier; skipped" in log
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "local" / "predictions.csv"),
+                                  pd.read_csv(tmp_path / "ray" / "predictions.csv"))
