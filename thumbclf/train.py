@@ -21,7 +21,7 @@ from .engine import EarlyStopping, fit, fit_temperature, pick_device, predict_lo
 from .errors import DataError
 from .images import Preprocessing
 from .models import (ARCHS, arch_name, build_model, freeze, imagenet_normalisation, load_ssl,
-                     read_weights, save_model)
+                     read_ssl, read_weights, save_model)
 from .results import atomic_csv, atomic_text, atomic_torch_save, write_config
 from .samples import SampleSet, check_class_names, check_class_sizes, discover
 from .data import training_batches
@@ -228,6 +228,8 @@ def run(params: TrainParams, *, resume: bool = False, quiet: bool = False) -> Pa
     configure_threads(device)
     log.info("device: %s%s", device, f" ({torch.get_num_threads()} threads)" if device.type == "cpu" else "")
     arch = arch_name(params.model_name)
+    if params.ssl:  # a checkpoint for another architecture or input size fails now, not per fold
+        read_ssl(params.model_path[0], arch)
     prep = Preprocessing(size=ARCHS[arch].input_size, max_pixels=params.max_image_pixels,
                          slide_size=params.slide_thumbnail_size)
     decoded = load_images(params, sample_set, prep, folder, mode=params.cache,
