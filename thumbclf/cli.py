@@ -1,4 +1,4 @@
-"""Command lines of both scripts; the only place that knows exit codes.
+"""Command lines of the scripts; the only place that knows exit codes.
 
 The project's own errors reach the user as one line each on stderr (``--debug`` shows the
 traceback); Ctrl-C and SIGTERM stop a run cleanly and say how to resume it.
@@ -13,7 +13,7 @@ import signal
 import sys
 from pathlib import Path
 
-from .config import DEPLOY, TRAIN, load_params
+from .config import DEPLOY, PRETRAIN, TRAIN, load_params
 from .errors import ThumbclfError
 
 log = logging.getLogger(__name__)
@@ -23,6 +23,8 @@ DESCRIPTIONS = {
     TRAIN: "Train a slide-thumbnail classifier (cross-validation or full training) as an "
            "experiment file says.",
     DEPLOY: "Classify thumbnails or slides with a trained model as an experiment file says.",
+    PRETRAIN: "Pretrain a backbone self-supervised on unlabelled thumbnails or slides as an "
+              "experiment file says; train from it with SSL: true.",
 }
 
 
@@ -69,6 +71,8 @@ def main(workflow: str, argv: list[str] | None = None) -> int:
         log.info("thumbclf %s: %s -> %s", workflow, params.source, folder)
         if workflow == TRAIN:
             from .train import run
+        elif workflow == PRETRAIN:
+            from .pretrain import run
         else:
             # decoding workers share the cores with the model: idle OpenMP threads should sleep,
             # not spin (measured +10% on PNG thumbnails on 2 cores); read when torch loads
@@ -100,3 +104,7 @@ def train_main() -> None:
 
 def deploy_main() -> None:
     sys.exit(main(DEPLOY))
+
+
+def pretrain_main() -> None:
+    sys.exit(main(PRETRAIN))
