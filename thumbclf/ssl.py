@@ -141,9 +141,10 @@ class BYOL(nn.Module):
     @torch.no_grad()
     def update_target(self, momentum: float) -> None:
         """target <- momentum * target + (1 - momentum) * online; BatchNorm buffers copied."""
-        online = [*self.backbone.parameters(), *self.projector.parameters()]
-        for t, o in zip(self.target_parameters(), online):
-            t.mul_(momentum).add_(o.detach(), alpha=1 - momentum)
+        online = [p.detach() for p in (*self.backbone.parameters(), *self.projector.parameters())]
+        target = self.target_parameters()
+        torch._foreach_mul_(target, momentum)
+        torch._foreach_add_(target, online, alpha=1 - momentum)
         for tm, om in ((self.target_backbone, self.backbone),
                        (self.target_projector, self.projector)):
             for tb, ob in zip(tm.buffers(), om.buffers()):
