@@ -95,29 +95,35 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=64, help="input size in pixels")
     ap.add_argument("--train-epochs", type=int, default=15, help="supervised epochs")
     ap.add_argument("--seeds", type=int, default=2, help="label draws/initialisations averaged")
+    ap.add_argument("--reuse", type=Path, help="a finished pretraining results folder (made by "
+                    "this script at the same --size): skip pretraining, compare only")
     a = ap.parse_args()
-    shutil.rmtree(OUT, ignore_errors=True)
-    OUT.mkdir(parents=True)
+    if a.reuse is None:
+        shutil.rmtree(OUT, ignore_errors=True)
+    OUT.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(cache.default_workers(-1))
-    per = -(-a.unlabelled // len(synth.CLASSES))
-    unl_table = synth.generate(OUT / "unlabelled", per_class=per, seed=11, min_side=200,
-                               max_side=500)
     pool, y_pool = images(OUT / "pool", 20, 12, a.size)
     test, y_test = images(OUT / "test", 30, 13, a.size)
-
-    exp = OUT / "pretrain.yaml"
-    exp.write_text(f"thumbData: {unl_table.parent}\nmax_epochs: {a.epochs}\nbatch_size: {a.batch}\n"
-                   "num_workers: 2\n")
-    params = load_params(exp, workflow=PRETRAIN)
-    prepare_output(params.output, resume=False)
-    setup_logging(params.output, quiet=True)
-    start = time.perf_counter()
-    pretrain_run(params, quiet=True, input_size=a.size)
-    wall = time.perf_counter() - start
-    ckpt = params.output / SSL_CHECKPOINT
+    if a.reuse is None:
+        per = -(-a.unlabelled // len(synth.CLASSES))
+        unl_table = synth.generate(OUT / "unlabelled", per_class=per, seed=11, min_side=200,
+                                   max_side=500)
+        exp = OUT / "pretrain.yaml"
+        exp.write_text(f"thumbData: {unl_table.parent}\nmax_epochs: {a.epochs}\n"
+                       f"batch_size: {a.batch}\nnum_workers: 2\n")
+        params = load_params(exp, workflow=PRETRAIN)
+        prepare_output(params.output, resume=False)
+        setup_logging(params.output, quiet=True)
+        start = time.perf_counter()
+        pretrain_run(params, quiet=True, input_size=a.size)
+        wall = time.perf_counter() - start
+        folder = params.output
+    else:
+        folder = a.reuse
+    ckpt = folder / SSL_CHECKPOINT
     import pandas as pd
 
-    hist = pd.read_csv(params.output / "history.csv")
+    hist = pd.read_csv(folder / "history.csv")
     rows = []
     for per_class in (5, 20):
         for init in ("scratch", "ssl, fine-tuned", "ssl, backbone frozen"):
@@ -132,7 +138,9 @@ def main() -> None:
     table = pd.DataFrame(rows).to_markdown(index=False, floatfmt=".3f")
     import json
 
-    timings = json.loads((params.output / "timings.json").read_text())
+    timings = json.loads((folder / "timings.json").read_text())
+    if a.reuse is not None:
+        wall = timings["total_seconds"]
     summary = (f"pretraining: {timings['images']} unlabelled images, {a.size} px, {a.epochs} "
                f"epochs, batch {a.batch}: {wall:.0f} s wall (decoding {timings['decode_seconds']:.0f}"
                f" s, epochs {timings['pretrain_seconds_all_epochs']:.0f} s), "
