@@ -93,6 +93,7 @@ def test_interrupted_pretraining_resumes_at_the_next_epoch_with_the_same_result(
     out = tmp_path / "cut"
     assert saves == [1] and (out / pretrain.CHECKPOINT).is_file()
     assert not (out / SSL_CHECKPOINT).exists()
+    caplog.clear()  # only the resumed run's messages
     with caplog.at_level(logging.INFO):
         pretrain_in_process(tmp_path, unlabelled, "cut", resume=True, max_epochs=3)
     assert "continuing after epoch 1" in caplog.text
