@@ -96,12 +96,14 @@ def execute(params: Params, *, resume: bool = False, quiet: bool = False, debug:
     """
     import yaml
 
-    from .config import TRAIN, TrainParams
+    from .config import TRAIN, WORKFLOW_OF
     from .results import atomic_text, check_output, prepare_output, setup_logging
 
-    workflow = TRAIN if isinstance(params, TrainParams) else "deploy"
+    workflow = WORKFLOW_OF[type(params)]
     if workflow == TRAIN:
         from .training import preflight, run
+    elif workflow == "pretrain":
+        from .pretrain import preflight, run
     else:
         # decoding workers share the cores with the model: idle OpenMP threads should sleep,
         # not spin (measured +10% on PNG thumbnails on 2 cores); read when torch loads

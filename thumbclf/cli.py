@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .config import DEPLOY, TRAIN, load_params
+from .config import DEPLOY, PRETRAIN, TRAIN, load_params
 from .errors import ThumbclfError, clean
 from .results import setup_logging
 
@@ -29,6 +29,8 @@ DESCRIPTIONS = {
     TRAIN: "Train a slide-thumbnail classifier (cross-validation or full training) as an "
            "experiment file says.",
     DEPLOY: "Classify thumbnails or slides with a trained model as an experiment file says.",
+    PRETRAIN: "Pretrain a backbone self-supervised on unlabelled thumbnails or slides as an "
+              "experiment file says; train from it with SSL: true.",
 }
 
 
@@ -66,7 +68,7 @@ def command_parser() -> argparse.ArgumentParser:
                "init --train my_experiment.yaml")
     ap.add_argument("--version", action="version", version=f"thumbclf {__version__}")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for workflow in (TRAIN, DEPLOY):
+    for workflow in (TRAIN, DEPLOY, PRETRAIN):
         sp = sub.add_parser(workflow, help=DESCRIPTIONS[workflow], description=DESCRIPTIONS[workflow],
                             epilog=EPILOG)
         add_run_options(sp).set_defaults(subparser=sp)
@@ -215,3 +217,7 @@ def train_main() -> None:
 
 def deploy_main() -> None:
     sys.exit(main(DEPLOY))
+
+
+def pretrain_main() -> None:
+    sys.exit(main(PRETRAIN))

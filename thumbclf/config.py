@@ -25,8 +25,10 @@ from .decide import UNDECIDED
 from .errors import ConfigError, ModelError
 from .images import DEFAULT_MAX_PIXELS, DEFAULT_SLIDE_SIZE
 
-TRAIN, DEPLOY = "train", "deploy"
+TRAIN, DEPLOY, PRETRAIN = "train", "deploy", "pretrain"
 BOTH = (TRAIN, DEPLOY)
+ALL = (TRAIN, DEPLOY, PRETRAIN)
+TRAIN_PRETRAIN = (TRAIN, PRETRAIN)
 
 
 @dataclass(frozen=True)
@@ -49,27 +51,31 @@ class Key:
 # As the prototype read them: numbers may be quoted ("8", "1e-4"), booleans may be 1 or 0.
 KEYS: tuple[Key, ...] = (
     Key("thumb_data", "path", None, "Table (.csv/.tsv/.xlsx with PATH, CLASSIFICATION[, PATIENT]) "
-        "or folder of thumbnails/slides (one subfolder per class).", ("thumbData",)),
+        "or folder of thumbnails/slides (one subfolder per class, or for pretrain any folder: no "
+        "labels needed).", ("thumbData",), ALL),
     Key("target_labels", "labels", None, "Classes to use, in this order; rows with other labels "
         "are left out. Default: every label present.", ()),
     Key("model_path", "paths", None, "Deploy: model file, list of model files, or a training "
         "results folder (its fold models are averaged). Train with SSL: the SSL checkpoint.",
         ("modelAdr",)),
-    Key("batch_size", "int", 64, "Images per batch.", (), BOTH, 1, 65536),
+    Key("batch_size", "int", 64, "Images per batch (pretrain: images per batch, two views "
+        "each).", (), ALL, 1, 65536),
     Key("prediction_threshold", "threshold", None, "A decision needs at least this probability, "
         "else 'Undecided'. Default 0.9 (deploy: the model file's threshold, if it has one).",
         (), BOTH, 0.0, 1.0),
     Key("target_accuracy", "threshold", None, "Choose the threshold that reaches this "
         "accuracy on the validation data instead of prediction_threshold.", (), (TRAIN,), 0.0, 1.0),
-    Key("max_epochs", "int", 50, "Never train longer than this.", (), (TRAIN,), 1, 100000),
-    Key("seed", "int", 1, "Seed for splits, initialisation and augmentation.", (), BOTH, 0, 2**32 - 1),
+    Key("max_epochs", "int", 50, "Never train longer than this (pretrain: the epochs to run; "
+        "default 100).", (), TRAIN_PRETRAIN, 1, 100000),
+    Key("seed", "int", 1, "Seed for splits, initialisation and augmentation.", (), ALL, 0,
+        2**32 - 1),
     Key("model_name", "model", "resnet18", "Backbone: any torchvision classification model "
         "(resnet18, convnext_tiny, efficientnet_v2_s, vit_b_16, mobilenet_v3_large, ...: "
         "torchvision.models.list_models(module=torchvision.models)), or a prototype name: resnet "
         "(resnet50, 256 px for prototype models), resnet18, alexnet, vgg (vgg11_bn), vgg16 "
         "(vgg16_bn), squeezenet (squeezenet1_0), densenet (densenet121), inception "
         "(inception_v3, 299 px), vit (vit_b_32), efficient (efficientnet_b7). Input size: the "
-        "architecture's own (its ImageNet weights' crop size).", ()),
+        "architecture's own (its ImageNet weights' crop size).", (), ALL),
     Key("has_labels", "bool", True, "Deploy: the input has labels; evaluate against them.",
         ("hasLabels",), (DEPLOY,)),
     Key("sort_thumbs", "bool", False, "Deploy: copy each thumbnail into sorted/<decision>/.",
@@ -79,8 +85,10 @@ KEYS: tuple[Key, ...] = (
     Key("train_full", "bool", False, "Train one final model on all data (minus a validation "
         "split) instead of cross-validation.", ("trainFull",), (TRAIN,)),
     Key("fold_number", "int", 3, "Number of cross-validation folds.", ("foldNumber",), (TRAIN,), 2, 100),
-    Key("lr", "float", 1e-4, "Adam learning rate.", ("learning_rate",), (TRAIN,), 0.0, 10.0),
-    Key("wd", "float", 1e-4, "Adam weight decay.", ("weight_decay",), (TRAIN,), 0.0, 10.0),
+    Key("lr", "float", 1e-4, "Adam learning rate (pretrain: peak of the warm-up/cosine "
+        "schedule; default 1e-3).", ("learning_rate",), TRAIN_PRETRAIN, 0.0, 10.0),
+    Key("wd", "float", 1e-4, "Adam weight decay (pretrain: default 1e-6).", ("weight_decay",),
+        TRAIN_PRETRAIN, 0.0, 10.0),
     Key("patience", "int", 10, "Early stopping: epochs without a better validation loss.",
         (), (TRAIN,), 1, 100000),
     Key("stop_epoch", "int", 20, "Early stopping never stops before this epoch.", ("stopEpoch",),
@@ -93,7 +101,8 @@ KEYS: tuple[Key, ...] = (
     Key("ssl", "bool", False, "Initialise the backbone from the self-supervised checkpoint at "
         "modelAdr.", ("SSL",), (TRAIN,)),
     Key("pretrained", "pretrained", True, "true: ImageNet weights (torchvision download/cache); "
-        "false: from scratch; or a path to a local weights file.", (), (TRAIN,)),
+        "false: from scratch; or a path to a local weights file (pretrain: the starting point; "
+        "default false).", (), TRAIN_PRETRAIN),
     Key("val_fraction", "float", 0.2, "Share of the training data held out for early stopping.",
         (), (TRAIN,), 0.01, 0.5),
     Key("cm_sortlabels", "labels", None, "Order of classes in the confusion matrix.", ()),
@@ -121,20 +130,21 @@ KEYS: tuple[Key, ...] = (
         (), BOTH, 0, 1000),
     Key("bootstrap", "int", 1000, "Bootstrap resamples for confidence intervals (0: none).",
         (), BOTH, 0, 100000),
-    Key("device", "choice", "auto", "'auto' (CUDA if available), 'cpu' or 'cuda'.", (), BOTH,
+    Key("device", "choice", "auto", "'auto' (CUDA if available), 'cpu' or 'cuda'.", (), ALL,
         choices=("auto", "cpu", "cuda")),
     Key("num_workers", "int", -1, "Image decoding worker processes (-1: sized to the machine).",
-        (), BOTH, -1, 256),
+        (), ALL, -1, 256),
     Key("cache", "choice", "auto", "Decoded-image cache: 'memory', 'disk' (memory-mapped file) "
-        "or 'auto' (memory when it fits).", (), (TRAIN,), choices=("auto", "memory", "disk")),
+        "or 'auto' (memory when it fits).", (), TRAIN_PRETRAIN, choices=("auto", "memory", "disk")),
     Key("cache_dir", "path", None, "Folder of the on-disk caches (decoded images, slide "
-        "thumbnails), reused across runs. Default: thumbclf-cache/ beside the results folder.", ()),
+        "thumbnails), reused across runs. Default: thumbclf-cache/ beside the results folder.", (),
+        ALL),
     Key("max_failed_fraction", "float", 0.05, "Train: stop before training when more than this "
-        "share of images cannot be read.", (), (TRAIN,), 0.0, 1.0),
-    Key("max_image_pixels", "int", DEFAULT_MAX_PIXELS, "Refuse (non-JPEG) images with more pixels.",
-        (), BOTH, 1, 10**12),
-    Key("slide_thumbnail_size", "int", DEFAULT_SLIDE_SIZE, "Long side in pixels of thumbnails rendered "
-        "from whole-slide images.", (), BOTH, 64, 16384),
+        "share of images cannot be read.", (), TRAIN_PRETRAIN, 0.0, 1.0),
+    Key("max_image_pixels", "int", DEFAULT_MAX_PIXELS, "Refuse (non-JPEG) images with more "
+        "pixels.", (), ALL, 1, 10**12),
+    Key("slide_thumbnail_size", "int", DEFAULT_SLIDE_SIZE, "Long side in pixels of thumbnails "
+        "rendered from whole-slide images.", (), ALL, 64, 16384),
     Key("export_thumbnails", "bool", False, "Write slide thumbnails as PNG to "
         "<results>/thumbnails/.", (), BOTH),
     Key("executor", "choice", "local", "Where the work runs: 'local' (this process and its "
@@ -146,11 +156,20 @@ KEYS: tuple[Key, ...] = (
     Key("cpus_per_fold", "int", 0, "CPU threads that train one fold (0: every core of the "
         "machine). With executor ray, the CPUs each fold task reserves (0: 1 with a GPU, "
         "else the cluster's CPUs shared by the folds).", (), (TRAIN,), 0, 4096),
+    Key("ssl_method", "choice", "byol", "Pretrain: the self-supervised method; 'byol' "
+        "(bootstrap your own latent: no negative pairs, so small batches work).", (), (PRETRAIN,),
+        choices=("byol",)),
+    Key("projection_dim", "int", 256, "Pretrain: size of the projection (and prediction) output; "
+        "the hidden layers are 4x as wide.", (), (PRETRAIN,), 8, 8192),
+    Key("momentum", "float", 0.99, "Pretrain: starting momentum of the target network's moving "
+        "average; it rises to 1 along a cosine over the run (0.99 suits runs of a few thousand "
+        "steps, 0.996 much longer ones).", (), (PRETRAIN,), 0.0, 0.99999),
 )
 
 KEY_BY_NAME = {k.name: k for k in KEYS}
 SPELLINGS = {spelling: k for k in KEYS for spelling in (k.name, *k.aliases)}
-REQUIRED = {TRAIN: ("thumb_data",), DEPLOY: ("thumb_data", "model_path")}
+REQUIRED = {TRAIN: ("thumb_data",), DEPLOY: ("thumb_data", "model_path"),
+            PRETRAIN: ("thumb_data",)}
 
 
 def _d(name: str) -> Any:
@@ -234,7 +253,23 @@ class DeployParams(Params):
     verify_data: Path | None = None
 
 
-PARAMS_CLASS = {TRAIN: TrainParams, DEPLOY: DeployParams}
+@dataclass(frozen=True)
+class PretrainParams(Params):
+    """Settings of pretrain_thumbclassifier.py (self-supervised; defaults differ from train's)."""
+
+    max_epochs: int = 100
+    lr: float = 1e-3
+    wd: float = 1e-6
+    pretrained: bool | Path = False
+    cache: str = _d("cache")
+    max_failed_fraction: float = _d("max_failed_fraction")
+    ssl_method: str = _d("ssl_method")
+    projection_dim: int = _d("projection_dim")
+    momentum: float = _d("momentum")
+
+
+PARAMS_CLASS = {TRAIN: TrainParams, DEPLOY: DeployParams, PRETRAIN: PretrainParams}
+WORKFLOW_OF = {cls: name for name, cls in PARAMS_CLASS.items()}
 
 
 # ---------------------------------------------------------------------------- reading files
@@ -558,7 +593,7 @@ def cm_layout(classes, sortlabels, xlabels, ylabels, source: Any = "experiment f
 
 def load_params(path: str | Path, *, workflow: str, overrides: list[str] = (),
                 output: str | Path | None = None) -> Params:
-    """Read, override and validate an experiment file for ``workflow`` ('train' or 'deploy')."""
+    """Read, override and validate an experiment file for ``workflow`` ('train', 'deploy' or 'pretrain')."""
     source = Path(path).absolute()
     raw = read_experiment_file(source)
     for text in overrides:
@@ -575,16 +610,22 @@ def load_params(path: str | Path, *, workflow: str, overrides: list[str] = (),
 def params_to_dict(params: Params) -> dict[str, Any]:
     """The resolved params as plain YAML-able values (paths as strings), for config.yaml."""
     out: dict[str, Any] = {}
+    workflow = WORKFLOW_OF.get(type(params))
     for f in dataclasses.fields(params):
         if f.name == "given":
             continue
+        key = KEY_BY_NAME.get(f.name)
+        if workflow and key is not None and workflow not in key.workflows:
+            continue  # e.g. gradcam in a pretraining run: not used there
+
         value = getattr(params, f.name)
         if isinstance(value, Path):
             value = str(value)
         elif isinstance(value, tuple):
             value = [str(v) for v in value]
         out[f.name] = value
-    out["prediction_threshold"] = params.prediction_threshold
+    if "prediction_threshold" in out:
+        out["prediction_threshold"] = params.prediction_threshold
     return out
 
 
@@ -601,12 +642,13 @@ def template_text() -> str:
              "# set thumbData (and modelAdr for deploy). YAML (.yaml/.yml) or JSON (.json, or .txt",
              "# as the prototype wrote them). The prototype's spellings (thumbData, foldNumber, ...)",
              "# and the snake_case names (thumb_data, fold_number, ...) both work; give only one.",
-             "# Relative paths start at this file's folder. Keys marked [train] or [deploy] are used",
-             "# by that script only; the other script accepts and ignores them. Booleans are true or",
-             "# false (or 1/0, as the prototype read them; never strings), numbers may be quoted.", ""]
+             "# Relative paths start at this file's folder. Keys marked [train], [deploy] or",
+             "# [pretrain] are used by those scripts only; the others accept and ignore them.",
+             "# Booleans are true or false (or 1/0, as the prototype read them; never strings),",
+             "# numbers may be quoted.", ""]
     for key in KEYS:
         name = spelling(key)
-        where = "" if len(key.workflows) == 2 else f"[{key.workflows[0]}] "
+        where = "" if set(key.workflows) == set(ALL) else f"[{', '.join(key.workflows)}] "
         others = [a for a in (key.name, *key.aliases) if a != name]
         also = f" (also: {', '.join(others)})" if others else ""
         lines += ["# " + line for line in textwrap.wrap(where + key.doc + also, 90)]

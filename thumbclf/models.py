@@ -26,6 +26,9 @@ log = logging.getLogger(__name__)
 FORMAT = "thumbclf-model"
 FORMAT_VERSION = 1
 SSL_PREFIXES = ("module.", "model.", "resnet.", "backbone.", "encoder.")
+SSL_FORMAT = "thumbclf-ssl"  # a pretraining checkpoint (pretrain_thumbclassifier.py)
+SSL_FORMAT_VERSION = 1
+SSL_CHECKPOINT = "ssl_checkpoint.pt"  # its name in a pretraining results folder
 
 
 # The prototype's model_name values and the torchvision architectures it built for them.
@@ -87,6 +90,9 @@ def input_size(arch: str) -> int:
     weights = _weights(arch_name(arch))
     crop = getattr(weights.transforms(), "crop_size", None) if weights is not None else None
     return int(crop[0]) if crop else 224
+
+
+_input_size = input_size  # read_ssl's parameter of the same name hides it
 
 
 def prototype_input_size(arch: str) -> int:
@@ -220,15 +226,100 @@ def _load_matching(model: nn.Module, state: dict[str, torch.Tensor], skip: list[
     return sum(1 for k in usable if not k.endswith("num_batches_tracked"))
 
 
-def load_ssl(model: nn.Module, path: Path, name: str) -> int:
-    """Initialise the backbone from a self-supervised checkpoint; return the tensors loaded."""
-    state = _strip_prefixes(_unwrap(read_weights(path, "SSL checkpoint (modelAdr)")))
-    n = _load_matching(model, state, skip=head_names(model))
+def backbone_only(name: str, pretrained: bool | Path = False) -> tuple[nn.Module, int]:
+    """The backbone of ``name`` with an identity in place of its head, and its feature size."""
+    model = build_model(name, 1, pretrained)
+    head = head_names(model)[0]
+    old = model.get_submodule(head)
+    dim = old.in_features if isinstance(old, nn.Linear) else old.in_channels
+    parent, _, last = head.rpartition(".")
+    owner = model.get_submodule(parent) if parent else model
+    if last.isdigit():
+        owner[int(last)] = nn.Identity()
+    else:
+        setattr(owner, last, nn.Identity())
+    return model, dim
+
+
+def save_ssl_checkpoint(path: Path, backbone: nn.Module, *, arch: str, prep: Preprocessing,
+                        norm: Normalisation, description: dict[str, Any]) -> None:
+    """Write a pretraining checkpoint: backbone weights plus what they were made from and how."""
+    payload = {
+        "format": SSL_FORMAT, "format_version": SSL_FORMAT_VERSION, "arch": arch,
+        "input_size": prep.size, "recipe": prep.recipe, "slide_size": prep.slide_size,
+        "mean": list(norm.mean), "std": list(norm.std), **description,
+        "state_dict": {k: v.detach().cpu() for k, v in backbone.state_dict().items()},
+    }
+    atomic_torch_save(payload, path)
+
+
+def read_ssl(path: Path, name: str, input_size: int | None = None
+             ) -> tuple[Path, dict[str, torch.Tensor], dict[str, Any] | None]:
+    """The file, weights and description (None: not made by thumbclf) of an SSL checkpoint.
+
+    ``path`` may be a pretraining results folder. A thumbclf checkpoint made for another
+    architecture or input size is refused.
+    """
+    path = Path(path)
+    if path.is_dir():
+        if not (path / SSL_CHECKPOINT).is_file():
+            raise ModelError(f"{path}: the folder holds no {SSL_CHECKPOINT}; point modelAdr at a "
+                             "finished pretraining results folder or at the checkpoint file")
+        path = path / SSL_CHECKPOINT
+    obj = read_weights(path, "SSL checkpoint (modelAdr)")
+    if obj.get("format") != SSL_FORMAT:
+        return path, _strip_prefixes(_unwrap(obj)), None
+    arch = arch_name(name)
+    size = input_size or _input_size(arch)
+    if int(obj.get("format_version", 0)) > SSL_FORMAT_VERSION:
+        raise ModelError(f"{path}: made by a newer thumbclf (format version "
+                         f"{obj['format_version']}); update thumbclf to use it")
+    if obj.get("arch") != arch:
+        raise ModelError(f"{path}: pretrained as a {obj.get('arch')}, but model_name is {name}; "
+                         f"set model_name: {obj.get('arch')}, or pretrain again with model_name: "
+                         f"{name}")
+    if int(obj.get("input_size", -1)) != size:
+        raise ModelError(f"{path}: pretrained on {obj.get('input_size')}-pixel inputs, but {arch} "
+                         f"here takes {size}-pixel inputs; pretrain again at {size} pixels")
+    description = {k: v for k, v in obj.items() if k != "state_dict"}
+    return path, obj["state_dict"], description
+
+
+def load_ssl(model: nn.Module, path: Path, name: str, input_size: int | None = None) -> int:
+    """Initialise the backbone from a self-supervised checkpoint; return the tensors loaded.
+
+    A thumbclf pretraining checkpoint must supply every backbone tensor; a checkpoint made
+    elsewhere loads what matches (after removing the prefixes SSL_PREFIXES).
+    """
+    path, state, description = read_ssl(path, name, input_size)
+    heads = head_names(model)
+    own = model.state_dict()
+    backbone = [k for k in own if not _is_head_key(k, heads)]
+    countable = [k for k in backbone if not k.endswith("num_batches_tracked")]
+    if description is not None:
+        missing = [k for k in backbone if k not in state]
+        wrong = [k for k in backbone if k in state and state[k].shape != own[k].shape]
+        if missing or wrong:
+            raise ModelError(f"{path}: {len(missing)} backbone tensors missing and {len(wrong)} "
+                             f"of another shape (first: {(missing + wrong)[0]}); the checkpoint is "
+                             "damaged or altered; pretrain again")
+        result = model.load_state_dict({k: state[k] for k in backbone}, strict=False)
+        left = [k for k in result.missing_keys if not _is_head_key(k, heads)]
+        if left:  # cannot happen after the checks above; never train from a half-loaded backbone
+            raise ModelError(f"{path}: {len(left)} backbone tensors did not load (first: {left[0]})")
+        log.info("SSL: loaded all %d backbone tensors from %s (%s, %s epochs on %s images)",
+                 len(countable), path, description.get("method"), description.get("epochs"),
+                 description.get("images"))
+        return len(countable)
+    n = _load_matching(model, state, skip=heads)
     if n == 0:
         raise ModelError(f"{path}: no tensor of the SSL checkpoint matches {name} (after removing "
                          f"the prefixes {', '.join(SSL_PREFIXES)}); is it a {name} checkpoint?")
-    total = sum(1 for k in model.state_dict() if not k.endswith("num_batches_tracked"))
+    total = sum(1 for k in own if not k.endswith("num_batches_tracked"))
     log.info("SSL: loaded %d of %d tensors from %s", n, total, path)
+    if n < len(countable):
+        log.warning("SSL: %d of the %d backbone tensors of %s were not in %s and start from "
+                    "random values", len(countable) - n, len(countable), name, path)
     return n
 
 

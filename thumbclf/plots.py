@@ -169,3 +169,19 @@ def decision_bars(counts: pd.Series, path: Path, title: str) -> Path:
     ax.set_xticks(range(len(counts)), counts.index, rotation=35, ha="right")
     ax.set(ylabel="images", title=title)
     return save_figure(fig, path)
+
+
+def pretrain_loss(history: pd.DataFrame, path: Path, method: str = "BYOL") -> Path:
+    """Self-supervised loss per epoch, with the learning rate on a second axis."""
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    ax.plot(history["epoch"], history["loss"], "-o", ms=3, lw=1.8, label=f"{method} loss")
+    ax.set(xlabel="epoch", ylabel="loss (0 = the two views agree)",
+           title=f"Self-supervised pretraining ({method}): loss per epoch")
+    ax.grid(alpha=0.3)
+    lr_ax = ax.twinx()
+    lr_ax.plot(history["epoch"], history["lr"], color="grey", ls=":", lw=1, label="learning rate")
+    lr_ax.set_ylabel("learning rate", color="grey")
+    lines = ax.get_lines()[:1] + lr_ax.get_lines()
+    ax.legend(lines, [line.get_label() for line in lines], fontsize=8, loc="upper right")
+    fig.tight_layout()
+    return save_figure(fig, path)

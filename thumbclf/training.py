@@ -108,13 +108,20 @@ def class_weights(y: np.ndarray, n_classes: int) -> np.ndarray:
 def preflight(params: TrainParams) -> None:
     """What can be checked before the results folder is written: the backbone, its pretrained
     or SSL weights (fetched now where they must be downloaded), the cache folder."""
+    preflight_common(params)
+    if params.ssl:  # a checkpoint for another architecture or input size fails now
+        arch = arch_name(params.model_name)
+        load_ssl(build_model(arch, 2, False), params.model_path[0], arch)
+
+
+def preflight_common(params) -> None:
+    """Training and pretraining: inputs, results and cache folders, backbone and its
+    pretrained weights (fetched now where they must be downloaded)."""
     check_input(params.thumb_data)
     check_writable(params.output, "results folder")
     check_writable(params.cache_root, "cache folder (cache_dir)")
-    arch = arch_name(params.model_name)
-    model = build_model(arch, 2, params.pretrained if not params.ssl else False)
-    if params.ssl:
-        load_ssl(model, params.model_path[0], arch)
+    build_model(arch_name(params.model_name), 2,
+                params.pretrained if not getattr(params, "ssl", False) else False)
 
 
 def _new_model(params: TrainParams, arch: str, n_classes: int, device: torch.device
