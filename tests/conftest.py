@@ -43,3 +43,17 @@ def train_once(folder: Path, name: str, text: str) -> tuple[Path, Path, subproce
     r = run_script("train_thumbclassifier.py", str(exp))
     assert r.returncode == 0, r.stderr
     return folder / name, exp, r
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_pyfunc_call(pyfuncitem):
+    """Tests marked ``isolated`` run in a fresh Python process, as a user's run would: OpenVINO
+    compiled in a process that has run many torch tests before has crashed it (exit 139)."""
+    if pyfuncitem.get_closest_marker("isolated") is None or os.environ.get("THUMBCLF_ISOLATED"):
+        return None
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                        pyfuncitem.nodeid], cwd=ROOT, capture_output=True, text=True,
+                       timeout=900, env=dict(os.environ, THUMBCLF_ISOLATED="1"))
+    if r.returncode != 0:
+        pytest.fail(f"in a fresh process:\n{r.stdout[-4000:]}\n{r.stderr[-2000:]}", pytrace=False)
+    return True

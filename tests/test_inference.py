@@ -51,6 +51,7 @@ def tiny_model():
     return torchvision.models.resnet18(num_classes=3).eval()
 
 
+@pytest.mark.isolated
 def test_openvino_fp32_computes_what_pytorch_computes(tiny_model, tmp_path):
     pytest.importorskip("openvino", reason="OpenVINO is the optional extra thumbclf[openvino]")
     x = torch.randn(4, 3, 64, 64)
@@ -72,6 +73,7 @@ def _choose(model, tmp_path, precision, verify, engine="openvino"):
                             classes=("A", "B", "C"), threshold=0.5)
 
 
+@pytest.mark.isolated
 def test_a_precision_is_used_only_after_it_passed_the_gate(tiny_model, tmp_path, monkeypatch):
     pytest.importorskip("openvino", reason="OpenVINO is the optional extra thumbclf[openvino]")
     monkeypatch.setattr(inference, "cpu_flags", lambda: frozenset({"avx512_bf16"}))
