@@ -77,7 +77,8 @@ def test_predict_gives_the_command_lines_predictions(trained, tiny_data, tmp_pat
     pd.testing.assert_frame_equal(model.predict(table), cli, check_dtype=False)
 
     paths = model.predict(list(cli["PATH"]))  # a list of paths: no labels, no row numbers
-    assert list(paths.columns) == ["PATH", *classes, "model_prediction", "error", "threshold"]
+    assert list(paths.columns) == ["PATH", *classes, "model_prediction", "undecided_reason",
+                                   "error", "threshold"]
     assert np.array_equal(paths[classes].to_numpy(), cli[classes].to_numpy())
     assert list(paths["model_prediction"]) == list(cli["model_prediction"])
 

@@ -51,19 +51,36 @@ def test_temperature_scaling_softens_overconfident_logits():
     logits = rng.normal(0, 1, (400, 3))
     logits[np.arange(400), y] += 1.0
     logits *= 8  # overconfident
-    t = fit_temperature(logits, y)
-    assert t > 2
+    cal = fit_temperature(logits, y)
+    t = cal.temperature
+    assert t > 2 and cal.status == "fitted"
     nll = lambda T: -np.log(softmax(logits, T)[np.arange(400), y]).mean()  # noqa: E731
     assert nll(t) < nll(1.0)
     assert np.allclose(softmax(logits, t).sum(1), 1)
 
 
-def test_temperature_is_left_alone_on_tiny_splits_and_bounded_on_separable_ones():
+def test_temperature_is_left_alone_on_tiny_splits_and_finite_on_separable_ones():
     y = np.arange(12) % 3
     logits = np.eye(3)[y] * 4.0
-    assert fit_temperature(logits, y) == 1.0  # 12 images: too few
+    tiny = fit_temperature(logits, y)
+    assert tiny.temperature == 1.0 and tiny.status == "skipped"  # 12 images: too few
+    assert "skipped" in tiny.describe() and "12" in tiny.describe()
     y = np.arange(60) % 3
-    assert fit_temperature(np.eye(3)[y] * 4.0, y) == 0.5  # all correct: NLL falls as T -> 0
+    sep = fit_temperature(np.eye(3)[y] * 4.0, y)  # all correct: the likelihood alone -> T = 0
+    assert sep.status == "separable" and 0.05 < sep.temperature < 1.0
+    assert "prior" in sep.describe()
+
+
+def test_temperature_of_an_under_confident_model_is_not_clamped():
+    # the old fit clamped T to 0.5-5; an under-confident model on 200 images wants T well below
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 3, 200)
+    logits = rng.normal(0, 1, (200, 3))
+    logits[np.arange(200), y] += 1.5
+    logits *= 0.1  # under-confident: probabilities near 1/3
+    cal = fit_temperature(logits, y)
+    assert cal.status == "fitted" and cal.temperature < 0.3
+    assert "under-confident" in cal.describe()
 
 
 def _tiny_problem():
@@ -80,7 +97,8 @@ def _tiny_problem():
     return model, x, y
 
 
-def _fit(model, x, y, epochs, checkpoints, *, resume=None, interrupt_after=None):
+def _fit(model, x, y, epochs, checkpoints, *, resume=None, interrupt_after=None,
+         lr_schedule="constant"):
     import copy
 
     import torch
@@ -113,7 +131,7 @@ def _fit(model, x, y, epochs, checkpoints, *, resume=None, interrupt_after=None)
                criterion=nn.CrossEntropyLoss(), val_criterion=nn.CrossEntropyLoss(),
                stopper=EarlyStopping(patience=100, stop_epoch=0, max_epochs=epochs),
                norm=UNNORMALISED, device=torch.device("cpu"), gen=gen, quiet=True,
-               on_epoch=keep, resume=resume)
+               on_epoch=keep, resume=resume, lr_schedule=lr_schedule)
 
 
 def test_fit_resumed_at_an_epoch_gives_the_same_weights_as_not_stopping():
@@ -132,6 +150,27 @@ def test_fit_resumed_at_an_epoch_gives_the_same_weights_as_not_stopping():
     assert [h["epoch"] for h in resumed.history] == [1, 2, 3, 4]
     assert all(torch.equal(final[k], v) for k, v in resumed_model.state_dict().items())
     assert resumed.best_epoch == straight.best_epoch
+
+
+def test_cosine_schedule_resumes_from_a_weights_only_checkpoint_to_the_same_weights(tmp_path):
+    import torch
+
+    model, x, y = _tiny_problem()
+    straight = _fit(model, x, y, 4, [], lr_schedule="cosine")
+    final = model.state_dict()
+    lrs = [h["lr"] for h in straight.history]  # after each epoch: the peak, then down to 0
+    assert lrs[0] == pytest.approx(0.05) and lrs[1] < 0.05 and lrs[-1] < 1e-9
+    checkpoints = []
+    interrupted, _, _ = _tiny_problem()
+    with pytest.raises(KeyboardInterrupt):
+        _fit(interrupted, x, y, 4, checkpoints, interrupt_after=2, lr_schedule="cosine")
+    saved = {k: v for k, v in checkpoints[-1].items() if k not in ("rng", "gen")}
+    torch.save(saved, tmp_path / "checkpoint.pt")  # as training.py writes and reads it
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    state.update(rng=checkpoints[-1]["rng"], gen=checkpoints[-1]["gen"])
+    resumed_model, _, _ = _tiny_problem()
+    _fit(resumed_model, x, y, 4, [], resume=state, lr_schedule="cosine")
+    assert all(torch.equal(final[k], v) for k, v in resumed_model.state_dict().items())
 
 
 def test_batchnorm_statistics_are_re_estimated_with_the_final_weights():

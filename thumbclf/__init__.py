@@ -11,6 +11,6 @@ The Python API (see the README's "Install as a package"):
 from .api import Classifier, deploy, load_model, train
 from .errors import ConfigError, DataError, ModelError, OutputError, ThumbclfError
 
-__version__ = "1.0.0"
+__version__ = "1.1.0"
 __all__ = ["train", "deploy", "load_model", "Classifier", "ThumbclfError", "ConfigError",
            "DataError", "ModelError", "OutputError", "__version__"]

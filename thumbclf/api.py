@@ -381,9 +381,9 @@ class Classifier:
         from PIL import Image
 
         from . import table
-        from .decide import decide
+        from .decide import decide_with_reasons
         from .decode import load_array
-        from .deployment import ensemble_probs
+        from .deployment import ensemble_predict
         from .errors import ImageReadError
 
         prep = self.models[0].prep
@@ -408,18 +408,24 @@ class Classifier:
                 m.model.to(memory_format=torch.channels_last)
         ok = [i for i, a in enumerate(arrays) if a is not None]
         probs = np.full((len(items), len(self.classes)), np.nan)
+        unfamiliarity = np.full(len(items), np.nan)
         size = self.params.batch_size
         for start in range(0, len(ok), size):
             rows = ok[start:start + size]
             x = torch.from_numpy(np.stack([arrays[i] for i in rows]))
-            p = ensemble_probs(self.models, self.runners, x, self.device, self.params.tta)
+            p, u = ensemble_predict(self.models, self.runners, x, self.device, self.params.tta)
             probs[rows] = [[float(f"{v:.6g}") for v in r] for r in p]  # as predictions.csv
-        decisions = [""] * len(items)
+            if u is not None:
+                unfamiliarity[rows] = [float(f"{v:.4g}") for v in u]
+        decisions, reasons = [""] * len(items), [""] * len(items)
         if ok:
-            for i, d in zip(ok, decide(probs[ok], self.classes, self.threshold)):
-                decisions[i] = d
+            for i, d, r in zip(ok, *decide_with_reasons(probs[ok], self.classes, self.threshold,
+                                                        unfamiliarity[ok])):
+                decisions[i], reasons[i] = d, r
         samples = [types.SimpleNamespace(path=n, row=None, label=None, patient=None) for n in names]
+        has_rule = self.models[0].familiarity is not None
         return table.build(samples, probs, self.classes, decisions, threshold=self.threshold,
+                           reasons=reasons, unfamiliarity=unfamiliarity if has_rule else None,
                            labels=False, patients=False, errors=errors)
 
 

@@ -113,8 +113,23 @@ KEYS: tuple[Key, ...] = (
         "(training only).", (), (TRAIN,)),
     Key("class_balance", "choice", "loss", "Imbalance: 'loss' (class-weighted loss), 'sampler' "
         "(balanced sampling) or 'none'.", (), (TRAIN,), choices=("loss", "sampler", "none")),
+    Key("stain_augment", "float", 0.0, "Training: strength (0-1) of lab-to-lab augmentation: "
+        "haematoxylin/eosin/DAB stain colour and strength (colour deconvolution), glass tint, "
+        "blur, noise and JPEG artefacts; 0 turns it off, 0.5 is a moderate lab-to-lab change.",
+        (), (TRAIN,), 0.0, 1.0),
+    Key("lr_schedule", "choice", "constant", "Training: learning rate over the epochs: "
+        "'constant' (lr throughout) or 'cosine' (one warm-up epoch up to lr, then cosine decay "
+        "to 0 at max_epochs).", (), (TRAIN,), choices=("constant", "cosine")),
     Key("calibrate", "bool", True, "Fit temperature scaling on the validation split (needs 30 "
-        "or more validation images; the temperature stays within 0.5-5).", (), (TRAIN,)),
+        "or more validation images; maximum a posteriori with a N(0, 1) prior on log T, so no "
+        "bounds are needed; the report says when it was skipped or set by the prior).", (),
+        (TRAIN,)),
+    Key("unfamiliar", "bool", True, "Training: store the features of the training images in "
+        "the model file; deploy: a slide whose features lie far from all of them is "
+        "'Undecided' (reason 'unfamiliar'), whatever its confidence.", (), BOTH),
+    Key("adapt_bn", "bool", False, "Deploy: re-estimate BatchNorm statistics on the deploy "
+        "images (up to 512) before predicting, to adapt to another lab's look; the model file "
+        "is unchanged, the adapted statistics are saved in the results folder.", (), (DEPLOY,)),
     Key("tta", "bool", False, "Deploy: average predictions over flips and rotations.", (), (DEPLOY,)),
     Key("engine", "choice", "auto", "Deploy: inference engine: 'torch', 'openvino' (pip install "
         "\"thumbclf[openvino]\") or 'auto' (the fastest verified one installed).", (), (DEPLOY,),
@@ -235,6 +250,9 @@ class TrainParams(Params):
     augment: bool = _d("augment")
     class_balance: str = _d("class_balance")
     calibrate: bool = _d("calibrate")
+    stain_augment: float = _d("stain_augment")
+    lr_schedule: str = _d("lr_schedule")
+    unfamiliar: bool = _d("unfamiliar")
     cache: str = _d("cache")
     max_failed_fraction: float = _d("max_failed_fraction")
     cpus_per_fold: int = _d("cpus_per_fold")
@@ -251,6 +269,8 @@ class DeployParams(Params):
     engine: str = _d("engine")
     precision: str = _d("precision")
     verify_data: Path | None = None
+    unfamiliar: bool = _d("unfamiliar")
+    adapt_bn: bool = _d("adapt_bn")
 
 
 @dataclass(frozen=True)

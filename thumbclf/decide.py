@@ -11,6 +11,7 @@ import numpy as np
 log = logging.getLogger(__name__)
 UNDECIDED = "Undecided"
 DEFAULT_THRESHOLD = 0.9
+LOW_CONFIDENCE, UNFAMILIAR = "low confidence", "unfamiliar"  # why a case is Undecided
 
 
 def decide(probs: np.ndarray, classes: tuple[str, ...] | list[str], threshold: float) -> list[str]:
@@ -21,6 +22,18 @@ def decide(probs: np.ndarray, classes: tuple[str, ...] | list[str], threshold: f
     best = probs.argmax(axis=1)
     top = probs[np.arange(len(probs)), best]
     return [classes[b] if p >= threshold else UNDECIDED for b, p in zip(best, top)]
+
+
+def decide_with_reasons(probs: np.ndarray, classes: tuple[str, ...] | list[str], threshold: float,
+                        unfamiliarity: np.ndarray | None = None) -> tuple[list[str], list[str]]:
+    """Decisions and, for each Undecided, why: 'unfamiliar' (unfamiliarity above 1, whatever
+    the confidence; familiarity.py) before 'low confidence' (below the threshold)."""
+    decisions = decide(probs, classes, threshold)
+    reasons = [LOW_CONFIDENCE if d == UNDECIDED else "" for d in decisions]
+    if unfamiliarity is not None:
+        for i in np.flatnonzero(np.asarray(unfamiliarity, dtype=float) > 1.0):
+            decisions[i], reasons[i] = UNDECIDED, UNFAMILIAR
+    return decisions, reasons
 
 
 def threshold_for_accuracy(probs: np.ndarray, y: np.ndarray, target: float) -> float | None:

@@ -4,7 +4,9 @@ sorted copies -> evaluation."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import csv
+import dataclasses
 import hashlib
 import io
 import json
@@ -17,19 +19,20 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from . import explain, inference, layout, slides
+from . import explain, familiarity, inference, layout, slides
 from . import splits as splitting
 from . import table as table_io
 from .config import DeployParams, cm_layout
 from .data import dihedral, to_input
 from .execution import executor_for
-from .decide import UNDECIDED, decide, threshold_in_force
+from .decide import UNDECIDED, decide_with_reasons, threshold_in_force
 from .decode import load_array
-from .engine import configure_threads, pick_device, softmax
+from .engine import configure_threads, pick_device, recalibrate_bn, softmax
 from .errors import DataError, ImageReadError, ModelError, OutputError, clean
 from .evaluate import evaluate_run, summarise_decisions
-from .models import LoadedModel, load_model
-from .results import append_whole, atomic_csv, atomic_text, check_writable, repair_tail, write_config
+from .models import LoadedModel, load_model, read_weights
+from .results import (append_whole, atomic_csv, atomic_text, atomic_torch_save, check_writable,
+                      repair_tail, write_config)
 from .samples import SampleSet, check_class_names, check_input, discover
 from .sorting import copy_all, sort_copies
 
@@ -77,12 +80,39 @@ def load_models(params: DeployParams) -> list[LoadedModel]:
     if len(loaded) > 1:
         log.info("ensemble of %d models (probabilities averaged): %s", len(loaded),
                  ", ".join(str(m.path) for m in loaded))
-    return loaded
+    return with_unfamiliar_rule(loaded, params.unfamiliar)
+
+
+def with_unfamiliar_rule(models: list[LoadedModel], wanted: bool) -> list[LoadedModel]:
+    """The models, with the unfamiliar-slide rule where asked for and every model has it."""
+    if not wanted:
+        log.info("unfamiliar-slide rule off (unfamiliar: false): Undecided by confidence only")
+        return [dataclasses.replace(m, familiarity=None) for m in models]
+    missing = [m for m in models if m.familiarity is None]
+    if missing:
+        log.warning("%s has no training features (a model file from before thumbclf 1.1, or "
+                    "trained with unfamiliar: false): Undecided by confidence only; unfamiliar "
+                    "slides are not detected", missing[0].path
+                    if len(missing) == 1 else f"{len(missing)} of the {len(models)} model files")
+        return [dataclasses.replace(m, familiarity=None) for m in models]
+    return models
+
+
+def rule_note(models: list[LoadedModel]) -> str:
+    """What the report says about the unfamiliar-slide rule."""
+    rule = models[0].familiarity
+    if rule is None:
+        return ("Unfamiliar-slide rule: off (the model files have no training features, or "
+                "unfamiliar: false); Undecided means low confidence only.")
+    return (f"Unfamiliar-slide rule: on; a slide whose features lie {familiarity.MARGIN:g} times "
+            f"further from the training images than {rule.quantile:.0%} of the validation images "
+            f"did (cosine distance to the {rule.k}th nearest of {len(rule.bank)} training images)"
+            " is Undecided (undecided_reason 'unfamiliar').")
 
 
 def exact_runners(models: list[LoadedModel], device: torch.device) -> list[inference.Runner]:
     """PyTorch fp32 (on CUDA: its autocast) for every model: the reference arithmetic."""
-    return [inference.torch_runner(m.model, device, "fp32", not m.legacy) for m in models]
+    return [inference.torch_runner(m.runnable(), device, "fp32", not m.legacy) for m in models]
 
 
 def prepare_runners(models: list[LoadedModel], params: DeployParams, sample_set: SampleSet,
@@ -123,7 +153,7 @@ def prepare_runners(models: list[LoadedModel], params: DeployParams, sample_set:
     runners, notes = [], []
     for m in models:
         runner, why = inference.choose(
-            m.model, model_file=m.path, size=m.prep.size, channels_last=not m.legacy,
+            m.runnable(), model_file=m.path, size=m.prep.size, channels_last=not m.legacy,
             device=device, engine=params.engine, precision=params.precision,
             cache_dir=params.cache_root, verify=verify, verify_id=verify_id,
             calibration=calibration, temperature=m.temperature, classes=m.classes,
@@ -160,20 +190,85 @@ def verification_pairs(models: list[LoadedModel], params: DeployParams,
 
 
 @torch.inference_mode()
-def ensemble_probs(models: list[LoadedModel], runners: list[inference.Runner], x: torch.Tensor,
-                   device: torch.device, tta: bool) -> np.ndarray:
-    """Average of each model's calibrated softmax (over 8 flips/rotations with TTA)."""
+def ensemble_predict(models: list[LoadedModel], runners: list[inference.Runner], x: torch.Tensor,
+                     device: torch.device, tta: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """Average of each model's calibrated softmax (over 8 flips/rotations with TTA), and the
+    mean unfamiliarity (None without the unfamiliar-slide rule)."""
     first = models[0]
+    n_classes = len(first.classes)
     inputs = to_input(x, first.norm, device, channels_last=not first.legacy)
-    total = None
+    total, features = None, []
     for m, run in zip(models, runners):
         if tta:
-            logits = torch.stack([run(dihedral(inputs, k)) for k in range(8)]).mean(0)
+            out = torch.stack([run(dihedral(inputs, k)) for k in range(8)]).mean(0)
         else:
-            logits = run(inputs)
-        p = softmax(logits.numpy(), m.temperature)
+            out = run(inputs)
+        logits, feats = familiarity.split(out.float().numpy(), n_classes)
+        features.append(feats)
+        p = softmax(logits, m.temperature)
         total = p if total is None else total + p
-    return total / len(models)
+    unfamiliarity = familiarity.ensemble_unfamiliarity([m.familiarity for m in models], features)
+    return total / len(models), unfamiliarity
+
+
+ADAPT_IMAGES = 512
+
+
+def adapt_batchnorm(models: list[LoadedModel], sample_set: SampleSet, folder: Path, *,
+                    device: torch.device, slide_cache: Path, resume: bool) -> list[LoadedModel]:
+    """Copies of the models whose BatchNorm statistics are re-estimated on up to 512 deploy
+    images (a seeded sample; no labels used), so that another lab's stain and scanner look
+    normal to them. Only the layers that trained are adapted: a frozen layer (freezeRatio)
+    kept its ImageNet or initial statistics in training, and the layers after it learned with
+    those. The model files are not changed; the statistics are saved as
+    adapted_bn/model_<i>.pt and read back on --resume, so a resumed run predicts with the
+    same ones."""
+    out = folder / layout.ADAPTED_BN
+    picked = np.random.default_rng(0).permutation(len(sample_set))[:ADAPT_IMAGES * 2]
+    arrays: list[np.ndarray] = []
+
+    def batches():
+        if not arrays:  # decoded once, for every model
+            for i in picked:
+                try:
+                    arrays.append(load_array(sample_set.samples[i].path, models[0].prep,
+                                             slide_cache=slide_cache))
+                except ImageReadError:
+                    continue
+                if len(arrays) == ADAPT_IMAGES:
+                    break
+        for i in range(0, len(arrays), 32):
+            chunk = arrays[i:i + 32]
+            if len(chunk) > 1:  # BatchNorm needs two images
+                yield torch.from_numpy(np.stack(chunk)), None
+
+    adapted = []
+    for i, m in enumerate(models, 1):
+        model = copy.deepcopy(m.model).eval()
+        frozen = tuple(m.meta.get("frozen", ()))  # their statistics were never the training's
+        bns = {name: mod for name, mod in model.named_modules()
+               if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm) and mod.track_running_stats
+               and not any(name == f or name.startswith(f + ".") for f in frozen)}
+        saved = out / f"model_{i}.pt"
+        if not bns:
+            log.warning("%s has no trainable BatchNorm layers: adapt_bn changes nothing", m.path)
+        elif resume and saved.is_file():
+            model.load_state_dict(read_weights(saved, "adapted BatchNorm statistics"),
+                                  strict=False)
+            log.info("adapt_bn: the BatchNorm statistics of the interrupted run (%s)", saved)
+        else:
+            for mod in bns.values():
+                mod.train()
+            recalibrate_bn(model.to(device), batches(), norm=m.norm, device=device,
+                           max_images=ADAPT_IMAGES)
+            model.eval()
+            atomic_torch_save({k: v.detach().cpu() for k, v in model.named_buffers()
+                               if k.rpartition(".")[0] in bns}, saved)  # statistics only
+            log.info("adapt_bn: BatchNorm statistics of %s re-estimated on %d deploy images; "
+                     "saved in %s (the model file is unchanged)", m.path.name if m.path else
+                     "the model", len(arrays), saved)
+        adapted.append(dataclasses.replace(m, model=model.cpu().eval()))
+    return adapted
 
 
 def _timings(folder: Path) -> dict:
@@ -253,8 +348,11 @@ def predict_stream(models, sample_set: SampleSet, folder: Path, *, params: Deplo
     if not todo:
         return partial, _timings(folder).get("inference", "not recorded")
     configure_threads(device)
-    header = ["position", *classes, table_io.DECISION, table_io.ERROR]
+    header = ["position", *classes, table_io.DECISION, table_io.REASON, table_io.UNFAMILIARITY,
+              table_io.ERROR]
     new_file = not partial.is_file() or partial.stat().st_size == 0
+    if not new_file:
+        check_partial_header(partial, header)
     n_err = 0
     start = time.perf_counter()
     bar = tqdm(total=len(todo), desc="predicting", unit="img", disable=quiet)
@@ -269,17 +367,19 @@ def predict_stream(models, sample_set: SampleSet, folder: Path, *, params: Deplo
         with contextlib.closing(ex.predict(models, todo, paths, device=device,
                                            slide_cache=params.slide_cache,
                                            runners=runners)) as batches:
-            for pos, probs, errors in batches:
-                decisions = decide(probs, classes, threshold)
+            for pos, probs, unfamiliarity, errors in batches:
+                decisions, reasons = decide_with_reasons(probs, classes, threshold, unfamiliarity)
                 rows = [header] if new_file else []
                 new_file = False
                 for j, p in enumerate(pos.tolist()):
                     if errors[j]:
                         n_err += 1
                         log.debug("unreadable: %s", errors[j])
-                        rows.append([p, *([""] * len(classes)), "", clean(errors[j])])
+                        rows.append([p, *([""] * len(classes)), "", "", "", clean(errors[j])])
                     else:
-                        rows.append([p, *(f"{v:.6g}" for v in probs[j]), decisions[j], ""])
+                        rows.append([p, *(f"{v:.6g}" for v in probs[j]), decisions[j], reasons[j],
+                                     "" if unfamiliarity is None else f"{unfamiliarity[j]:.4g}",
+                                     ""])
                 append_whole(partial, _csv_rows(rows))
                 bar.update(len(pos))
         how = ex.describe()
@@ -295,18 +395,32 @@ def predict_stream(models, sample_set: SampleSet, folder: Path, *, params: Deplo
     return partial, engine_note
 
 
+def check_partial_header(partial: Path, header: list[str]) -> None:
+    """An interrupted run's partial file has the columns this version writes."""
+    with open(partial, newline="", encoding="utf-8") as f:
+        found = next(csv.reader(f), [])
+    if found != header:
+        raise OutputError(f"{partial}: written with other columns ({', '.join(found[:12])}) by "
+                          "another thumbclf version or model; start a new run with --output "
+                          "(or delete the file to predict every image again)")
+
+
 def final_table(sample_set: SampleSet, partial: Path, classes: tuple[str, ...],
                 has_labels: bool, threshold: float, is_slide: list[bool]) -> pd.DataFrame:
     """The predictions table in input order, with slide properties where there are slides."""
-    rows = pd.read_csv(partial, dtype={"model_prediction": str, "error": str},
-                       keep_default_na=False, na_values={c: [""] for c in classes})
+    rows = pd.read_csv(partial, dtype={table_io.DECISION: str, table_io.REASON: str,
+                                       table_io.ERROR: str}, keep_default_na=False,
+                       na_values={c: [""] for c in (*classes, table_io.UNFAMILIARITY)})
     rows = rows.drop_duplicates("position", keep="last").set_index("position").sort_index()
     rows = rows.reindex(range(len(sample_set)))
     errors = rows["error"].fillna("").to_numpy()
+    unfamiliarity = rows[table_io.UNFAMILIARITY].to_numpy(dtype=float)
     slide_properties = [slides.properties(s.path) if slide and not err else None
                         for s, slide, err in zip(sample_set.samples, is_slide, errors)]
     return table_io.build(sample_set.samples, rows[list(classes)].to_numpy(dtype=float), classes,
                           rows["model_prediction"].fillna("").to_numpy(), threshold=threshold,
+                          reasons=rows[table_io.REASON].fillna("").to_numpy(),
+                          unfamiliarity=None if np.isnan(unfamiliarity).all() else unfamiliarity,
                           labels=has_labels, patients=sample_set.has_patients,
                           rows=any(s.row is not None for s in sample_set.samples),
                           errors=errors, slide_properties=slide_properties)
@@ -358,6 +472,12 @@ def run(params: DeployParams, *, resume: bool = False, quiet: bool = False) -> P
     is_slide = [slides.is_slide(s.path) for s in sample_set.samples]
     done = folder / layout.PREDICTIONS
     check_same_inputs(folder, sample_set, resume)
+    choose = lambda: prepare_runners(models, params, sample_set, device, threshold)  # noqa: E731
+    if params.adapt_bn:
+        configure_threads(device)
+        models = adapt_batchnorm(models, sample_set, folder, device=device,
+                                 slide_cache=params.slide_cache, resume=resume)
+        choose = None  # PyTorch fp32: the engines' conversions are of the model files
     if resume and done.is_file() and not (folder / layout.PARTIAL).is_file():
         log.info("resuming after prediction: %s is complete; finishing the steps after it", done)
         table, _ = table_io.read(done, classes)
@@ -365,8 +485,7 @@ def run(params: DeployParams, *, resume: bool = False, quiet: bool = False) -> P
     else:
         partial, engine_note = predict_stream(
             models, sample_set, folder, params=params, threshold=threshold, device=device,
-            quiet=quiet, resume=resume,
-            choose=lambda: prepare_runners(models, params, sample_set, device, threshold))
+            quiet=quiet, resume=resume, choose=choose)
         table = final_table(sample_set, partial, classes, params.has_labels, threshold, is_slide)
         atomic_csv(table, done)
         partial.unlink(missing_ok=True)
@@ -396,7 +515,11 @@ def run(params: DeployParams, *, resume: bool = False, quiet: bool = False) -> P
     notes = [f"Threshold {threshold:.3f} ({why}); "
              f"{len(models)} model{'s averaged' if len(models) > 1 else ''}"
              f"{'; test-time augmentation (8 flips/rotations)' if params.tta else ''}.",
-             f"Inference: {engine_note}."]
+             f"Inference: {engine_note}.", rule_note(models)]
+    if params.adapt_bn:
+        notes.append("Adaptation: BatchNorm statistics re-estimated on up to "
+                     f"{ADAPT_IMAGES} of these deploy images (adapt_bn), saved in "
+                     f"{layout.ADAPTED_BN}/; the model files are unchanged.")
     if params.has_labels:
         evaluate_run(folder, table[table["error"] == ""], classes=classes, params=params,
                      kind="deploy", sample_set=sample_set, split_df=None, failures=failed,

@@ -6,6 +6,7 @@ import contextlib
 import copy
 import dataclasses
 import logging
+import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -119,8 +120,10 @@ def training_loss(output, y: torch.Tensor, criterion: nn.Module
 def train_one_epoch(model: nn.Module, batches: Iterable, *, optimizer: torch.optim.Optimizer,
                     criterion: nn.Module, norm: Normalisation, device: torch.device,
                     gen: torch.Generator | None = None, scaler=None, total: int | None = None,
-                    desc: str = "train", quiet: bool = False) -> EpochStats:
-    """One pass over the training batches; ``gen`` set = augment on the fly."""
+                    desc: str = "train", quiet: bool = False, stain: float = 0.0,
+                    schedule: Callable[[], None] | None = None) -> EpochStats:
+    """One pass over the training batches; ``gen`` set = augment on the fly (``stain``: the
+    lab-to-lab part's strength); ``schedule()`` after every step sets the next learning rate."""
     start = time.perf_counter()
     train_mode(getattr(model, "module", model))  # the model itself inside a DDP wrapper
     loss_sum, correct, n = 0.0, 0, 0
@@ -128,7 +131,7 @@ def train_one_epoch(model: nn.Module, batches: Iterable, *, optimizer: torch.opt
                      unit="batch", leave=False, disable=quiet):
         x = x.to(device, non_blocking=True)
         if gen is not None:
-            x = augment(x, gen)
+            x = augment(x, gen, stain)
         inputs = to_input(x, norm, device)
         y = y.to(device, non_blocking=True)
         optimizer.zero_grad(set_to_none=True)
@@ -141,6 +144,8 @@ def train_one_epoch(model: nn.Module, batches: Iterable, *, optimizer: torch.opt
         else:
             loss.backward()
             optimizer.step()
+        if schedule is not None:
+            schedule()
         loss_sum += float(loss.detach()) * len(y)
         correct += int((logits.argmax(1) == y).sum())
         n += len(y)
@@ -216,9 +221,13 @@ def fit(model: nn.Module, *, train_batches: Batches, val_batches: Batches, n_tra
         stopper: EarlyStopping, norm: Normalisation, device: torch.device,
         gen: torch.Generator | None, quiet: bool = False, label: str = "",
         on_epoch: Callable[[dict], None] | None = None, resume: dict | None = None,
-        trainer: nn.Module | None = None, reduce: Callable[[float], float] | None = None
-        ) -> FitResult:
+        trainer: nn.Module | None = None, reduce: Callable[[float], float] | None = None,
+        stain: float = 0.0, lr_schedule: str = "constant") -> FitResult:
     """Train until early stopping; keep the best epoch's weights (lowest validation loss).
+
+    ``lr_schedule``: 'constant', or 'cosine' (linear warm-up over the first epoch to the
+    optimizer's lr, then cosine decay to 0 at ``stopper.max_epochs``; stepped every batch).
+    ``stain``: strength of the lab-to-lab augmentation (data.stain_shift).
 
     ``on_epoch`` receives a checkpoint after every epoch (weights, optimizer, early stopping,
     history, best epoch); passing it back as ``resume`` continues from there.
@@ -229,9 +238,17 @@ def fit(model: nn.Module, *, train_batches: Batches, val_batches: Batches, n_tra
     if device.type == "cuda" and not torch.cuda.is_bf16_supported():
         scaler = torch.amp.GradScaler("cuda")
     result = FitResult()
+    scheduler = None
+    if lr_schedule == "cosine":
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, warmup_cosine(max(1, n_train_batches), stopper.max_epochs))
     if resume is not None:
         model.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
+        if scheduler is not None and resume.get("scheduler") is not None:
+            scheduler.load_state_dict(resume["scheduler"])
+            for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
+                group["lr"] = lr
         for k, v in resume["stopper"].items():
             setattr(stopper, k, v)
         result.history = list(resume["history"])
@@ -243,7 +260,8 @@ def fit(model: nn.Module, *, train_batches: Batches, val_batches: Batches, n_tra
         epoch_start = time.perf_counter()
         tr = train_one_epoch(trainer or model, train_batches(), optimizer=optimizer, criterion=criterion,
                              norm=norm, device=device, gen=gen, scaler=scaler,
-                             total=n_train_batches, desc=f"{label}epoch {epoch}", quiet=quiet)
+                             total=n_train_batches, desc=f"{label}epoch {epoch}", quiet=quiet,
+                             stain=stain, schedule=scheduler.step if scheduler else None)
         if bn_batches is not None:
             train_mode(model)
             recalibrate_bn(model, bn_batches(), norm=norm, device=device)
@@ -267,6 +285,7 @@ def fit(model: nn.Module, *, train_batches: Batches, val_batches: Batches, n_tra
                  " *" if improved else "")
         if on_epoch is not None:
             on_epoch({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                      "scheduler": scheduler.state_dict() if scheduler else None,
                       "stopper": dataclasses.asdict(stopper), "history": result.history,
                       "best_state": result.best_state,
                       "val_logits": None if result.val_logits is None
@@ -277,35 +296,86 @@ def fit(model: nn.Module, *, train_batches: Batches, val_batches: Batches, n_tra
     return result
 
 
+def warmup_cosine(steps_per_epoch: int, epochs: int) -> Callable[[int], float]:
+    """Learning-rate factor at a step: 0.1 -> 1 over the first epoch, then a cosine to 0 at
+    the end of ``epochs``."""
+    total = steps_per_epoch * max(epochs, 1)
+
+    def factor(step: int) -> float:
+        if step < steps_per_epoch:
+            return 0.1 + 0.9 * step / steps_per_epoch
+        done = (step - steps_per_epoch) / max(1, total - steps_per_epoch)
+        return 0.5 * (1 + math.cos(math.pi * min(done, 1.0)))
+
+    return factor
+
+
 MIN_CALIBRATION_IMAGES = 30
-TEMPERATURE_RANGE = (0.5, 5.0)
+PRIOR_SD = 1.0  # prior on log T: N(0, 1), i.e. T within 1/7-7 with 95% prior belief
 
 
-def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
-    """Temperature T minimising the validation NLL of softmax(logits / T), within 0.5-5.
+@dataclass(frozen=True)
+class Calibration:
+    """A fitted temperature and how far to trust it, as the model file and the report keep it."""
 
-    Fewer than 30 validation images give 1.0 (no change): when a small split is classified
-    perfectly, the NLL keeps falling as T -> 0 and would make every prediction certain.
+    temperature: float
+    status: str  # "fitted", "separable" (set by the prior), "skipped" or "off"
+    images: int
+
+    def describe(self) -> str:
+        if self.status == "off":
+            return "calibration off (calibrate: false)"
+        if self.status == "skipped":
+            return (f"calibration skipped: {self.images} validation images (need "
+                    f"{MIN_CALIBRATION_IMAGES}); probabilities are the model's own")
+        if self.status == "separable":
+            return (f"temperature {self.temperature:.2f}: every one of the {self.images} "
+                    "validation images was classified correctly, so the data alone would make "
+                    "every prediction certain; the prior set the temperature")
+        side = ("the model was under-confident; probabilities sharpened" if self.temperature < 1
+                else "the model was over-confident; probabilities softened")
+        return f"temperature {self.temperature:.2f} on {self.images} validation images ({side})"
+
+    def to_file(self) -> dict:
+        return {"temperature": self.temperature, "status": self.status, "images": self.images,
+                "method": "temperature scaling, MAP with a N(0, 1) prior on log T"}
+
+
+def fit_temperature(logits: np.ndarray, y: np.ndarray) -> Calibration:
+    """Temperature T maximising the validation likelihood of softmax(logits / T) times a
+    N(0, 1) prior on log T (maximum a posteriori). No clamp is needed: on an ordinary split
+    the data decide (30 images outweigh the prior), and on a perfectly classified split,
+    where the likelihood alone keeps rising as T -> 0, the prior stops it at a finite T.
+
+    Fewer than 30 validation images give T = 1 (status "skipped").
     """
-    if len(y) < MIN_CALIBRATION_IMAGES:
-        log.info("validation split too small (%d images, need %d) for temperature scaling; "
-                 "probabilities left uncalibrated", len(y), MIN_CALIBRATION_IMAGES)
-        return 1.0
+    n = len(y)
+    if n < MIN_CALIBRATION_IMAGES:
+        log.warning("calibration skipped: the validation split has %d images (need %d); "
+                    "probabilities left uncalibrated", n, MIN_CALIBRATION_IMAGES)
+        return Calibration(1.0, "skipped", n)
     z = torch.from_numpy(np.asarray(logits, dtype=np.float64))
     t = torch.from_numpy(np.asarray(y)).long()
     log_t = torch.zeros(1, dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([log_t], lr=0.1, max_iter=200, line_search_fn="strong_wolfe")
-    nll = nn.CrossEntropyLoss()
+    opt = torch.optim.LBFGS([log_t], lr=0.5, max_iter=200, line_search_fn="strong_wolfe")
+    nll = nn.CrossEntropyLoss(reduction="sum")
 
     def closure():
         opt.zero_grad()
-        loss = nll(z / log_t.exp(), t)
+        loss = nll(z / log_t.exp(), t) + 0.5 * (log_t / PRIOR_SD).pow(2).sum()
         loss.backward()
         return loss
 
     opt.step(closure)
     temp = float(log_t.detach().exp())
-    return float(np.clip(temp, *TEMPERATURE_RANGE)) if np.isfinite(temp) else 1.0
+    if not np.isfinite(temp):  # cannot happen with the prior; kept as a guard
+        log.warning("calibration failed (temperature not finite); probabilities left "
+                    "uncalibrated")
+        return Calibration(1.0, "skipped", n)
+    separable = bool((z.argmax(1) == t).all())
+    result = Calibration(temp, "separable" if separable else "fitted", n)
+    (log.warning if separable else log.info)("calibration: %s", result.describe())
+    return result
 
 
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:

@@ -17,7 +17,7 @@ import pandas as pd
 
 from . import metrics as M
 from . import layout, plots, report, table
-from .decide import UNDECIDED, decide, threshold_in_force
+from .decide import UNDECIDED, decide_with_reasons, threshold_in_force
 from .config import cm_layout, params_to_dict
 from .decode import load_array
 from .errors import ConfigError, DataError, ImageReadError
@@ -51,8 +51,33 @@ def _gallery_items(df: pd.DataFrame, classes: list[str], errors: bool, k: int = 
         mask = dec == UNDECIDED
     idx = np.flatnonzero(mask)
     idx = idx[np.argsort(-top[idx], kind="stable")][:k]
-    return [{"path": df["PATH"].iloc[i], "label": lab[i], "decision": dec[i], "prob": float(top[i])}
-            for i in idx]
+    why = (df[table.REASON].fillna("").astype(str).to_numpy() if table.REASON in df.columns
+           else np.array([""] * len(df)))
+    return [{"path": df["PATH"].iloc[i], "label": lab[i], "decision": dec[i], "prob": float(top[i]),
+             "note": f"{top[i]:.2f}, {why[i]}" if why[i] else ""} for i in idx]
+
+
+def unfamiliar_section(df: pd.DataFrame, out: Path, load, k: int = 12) -> list[tuple[str, str]]:
+    """The most unfamiliar slides as a gallery, with how many were Undecided for each reason
+    (nothing when the table has no unfamiliarity column: a model without the rule)."""
+    if table.UNFAMILIARITY not in df.columns:
+        return []
+    unf = pd.to_numeric(df[table.UNFAMILIARITY], errors="coerce").to_numpy(float)
+    reasons = (df[table.REASON].fillna("").astype(str) if table.REASON in df.columns
+               else pd.Series([""] * len(df)))
+    n_unf, n_low = int((reasons == "unfamiliar").sum()), int((reasons == "low confidence").sum())
+    idx = np.flatnonzero(np.isfinite(unf))
+    idx = idx[np.argsort(-unf[idx], kind="stable")][:k]
+    lab = df[table.LABEL].astype(str).to_numpy() if table.LABEL in df else np.array([""] * len(df))
+    items = [{"path": df["PATH"].iloc[i], "label": lab[i],
+              "decision": str(df["model_prediction"].iloc[i]), "prob": 0.0,
+              "note": f"unfamiliarity {unf[i]:.2f}"} for i in idx]
+    fig = plots.gallery(items, out / "plots" / "gallery_unfamiliar.png",
+                        "Most unfamiliar slides (above 1: Undecided as unfamiliar)", load)
+    text = (f"<p>Undecided as <b>unfamiliar</b> (features far from every training image): "
+            f"{n_unf}; as <b>low confidence</b>: {n_low}. The undecided_reason and "
+            "unfamiliarity columns of predictions.csv give each slide's.</p>")
+    return [("Unfamiliar slides", text + report.img(fig, "most unfamiliar slides"))]
 
 
 def _data_summary(df: pd.DataFrame, classes: list[str], split_df: pd.DataFrame | None,
@@ -83,8 +108,12 @@ def evaluate_table(df: pd.DataFrame, classes: list[str], out: Path, *, threshold
                    extra_sections: list[tuple[str, str]] = (), notes: list[str] = (),
                    thumbs=None) -> dict[str, Any]:
     """Write metrics, confusion matrices, plots and the report for one labelled table."""
-    if threshold is not None:
-        df = df.assign(model_prediction=decide(df[classes].to_numpy(float), classes, threshold))
+    if threshold is not None:  # the unfamiliar rule still holds (unfamiliarity column)
+        unf = (pd.to_numeric(df[table.UNFAMILIARITY], errors="coerce").to_numpy(float)
+               if table.UNFAMILIARITY in df.columns else None)
+        decisions, reasons = decide_with_reasons(df[classes].to_numpy(float), classes, threshold,
+                                                 unf)
+        df = df.assign(model_prediction=decisions, undecided_reason=reasons)
     used = threshold_in_force(given=threshold, default=None,
                               table=df["threshold"] if "threshold" in df else ()).value
     m = M.compute(df, classes, resamples=resamples, seed=seed)
@@ -151,6 +180,7 @@ def evaluate_table(df: pd.DataFrame, classes: list[str], out: Path, *, threshold
     sections.append(("Where it goes wrong", (report.img(figs["errors"], "errors") or
                      "<p>No confident errors.</p>") + (report.img(figs["undecided"], "undecided")
                                                        or "<p>No Undecided slides.</p>")))
+    sections += unfamiliar_section(df, out, load)
     sections += list(extra_sections)
     report.write(out / "report.html", title=title, kind=kind, params=params or {},
                  data_summary=_data_summary(df, classes, split_df, failures),
@@ -220,6 +250,7 @@ def summarise_decisions(folder: Path, table: pd.DataFrame, *, classes, params, f
                  "reason in the error column.</div>")
     sections = [("Decisions", report.table(summary, index=False) + report.img(fig, "decisions")),
                 ("Undecided", report.img(gallery, "undecided") or "<p>No Undecided slides.</p>")]
+    sections += unfamiliar_section(ok, folder, run_thumb_loader(params))
     report.write(folder / "report.html", title=f"thumbclf — {params.source.stem}",
                  kind="Deployment without labels", params=params_to_dict(params),
                  data_summary=data, sections=sections + list(extra_sections), notes=list(notes))

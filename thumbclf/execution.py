@@ -2,7 +2,8 @@
 
 An executor does two jobs for the workflows, which read the same whatever runs them:
 
-- ``predict(...)``: batches of (sample positions, probabilities, error messages) for the images
+- ``predict(...)``: batches of (sample positions, probabilities, unfamiliarity, error messages)
+  for the images
   to predict, in any order; deployment appends them to its partial file (resume, flat memory).
 - ``run_folds(fn, folds, shared)``: ``fn(fold=k, device=..., **shared)`` for every fold, in
   fold order of the results.
@@ -23,7 +24,8 @@ import numpy as np
 from . import machine
 
 log = logging.getLogger(__name__)
-Batch = tuple[np.ndarray, np.ndarray, list[str]]  # positions, probabilities (n, classes), errors
+# positions, probabilities (n, classes), unfamiliarity (n; None without the rule), errors
+Batch = tuple[np.ndarray, np.ndarray, "np.ndarray | None", list[str]]
 RAY_INSTALL = 'pip install "thumbclf[ray]"'
 
 
@@ -41,7 +43,7 @@ class LocalExecutor:
         import torch
 
         from .data import stream_loader
-        from .deployment import ensemble_probs, exact_runners
+        from .deployment import ensemble_predict, exact_runners
 
         params = self.params
         workers = decode_workers(params.num_workers)
@@ -52,8 +54,8 @@ class LocalExecutor:
         todo = np.asarray(positions)
         for pos, x, errors in loader:
             with torch.inference_mode():
-                probs = ensemble_probs(models, runners, x, device, params.tta)
-            yield todo[pos.numpy()], probs, list(errors)
+                probs, unfamiliarity = ensemble_predict(models, runners, x, device, params.tta)
+            yield todo[pos.numpy()], probs, unfamiliarity, list(errors)
 
     def run_folds(self, fn: Callable, folds: list[int], shared: dict[str, Any], *,
                   device) -> Iterator:

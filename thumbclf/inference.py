@@ -30,6 +30,7 @@ from sklearn.metrics import roc_auc_score
 from .decide import UNDECIDED, decide
 from .engine import softmax
 from .errors import ConfigError
+from .familiarity import WithFeatures
 from .results import atomic_text
 
 log = logging.getLogger(__name__)
@@ -316,9 +317,10 @@ class _Refused(Exception):
 
 def _try(model, eng, prec, *, model_file, size, device, channels_last, cache_dir, verify,
          verify_id, calibration, temperature, classes, threshold, exact, notes) -> tuple[Runner, str]:
-    folder = cache_dir / "engines" / cache_key(model_file, eng, prec, size, "")
+    variant = "features" if isinstance(model, WithFeatures) else ""  # another exported graph
+    folder = cache_dir / "engines" / cache_key(model_file, eng, prec, size, variant)
     verdict_file = (cache_dir / "engines" / "verdicts" /
-                    f"{cache_key(model_file, eng, prec, size, f'{threshold}|{temperature}|{verify_id}|{GATE}')}.json")
+                    f"{cache_key(model_file, eng, prec, size, f'{threshold}|{temperature}|{verify_id}|{GATE}|{variant}')}.json")
     try:
         verdict = json.loads(verdict_file.read_text()) if verdict_file.is_file() else None
     except (OSError, ValueError):
@@ -333,9 +335,10 @@ def _try(model, eng, prec, *, model_file, size, device, channels_last, cache_dir
                            "training results folder, whose validation split is used)")
         images, y = data
         runner = _runner(model, eng, prec, size, device, channels_last, folder, calibration)
-        reference = softmax(_logits(exact, images), temperature)
-        verdict = gate(reference, softmax(_logits(runner, images), temperature), y, classes,
-                       threshold)
+        n = len(classes)  # a model with features computes [logits, features]
+        reference = softmax(_logits(exact, images)[:, :n], temperature)
+        verdict = gate(reference, softmax(_logits(runner, images)[:, :n], temperature), y,
+                       classes, threshold)
         atomic_text(json.dumps(verdict, indent=1), verdict_file)
         log.info("quality gate for %s %s: %s: %s", eng, prec,
                  "passed" if verdict["passed"] else "FAILED", describe_gate(verdict))

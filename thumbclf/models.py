@@ -18,6 +18,7 @@ from torch import nn
 from torchvision import models as tvm
 
 from .data import UNNORMALISED, Normalisation
+from .familiarity import Familiarity, WithFeatures
 from .errors import ModelError
 from .images import DEFAULT_MAX_PIXELS, DEFAULT_SLIDE_SIZE, Preprocessing
 from .results import atomic_torch_save
@@ -411,11 +412,21 @@ class LoadedModel:
     path: Path | None = None
     legacy: bool = False
     meta: dict[str, Any] = field(default_factory=dict)
+    familiarity: Familiarity | None = None  # None: older model files, confidence only
+    calibration: dict[str, Any] = field(default_factory=dict)
+
+    def runnable(self) -> nn.Module:
+        """What inference runs: the model, with its features beside the logits where the model
+        file has the unfamiliar-slide rule."""
+        if self.familiarity is None:
+            return self.model
+        return WithFeatures(self.model, head_names(self.model)[0]).eval()
 
 
 def save_model(path: Path, model: nn.Module, *, arch: str, classes: tuple[str, ...],
                prep: Preprocessing, norm: Normalisation, threshold: float | None,
-               temperature: float, meta: dict[str, Any]) -> None:
+               temperature: float, meta: dict[str, Any], familiarity=None,
+               calibration: dict[str, Any] | None = None) -> None:
     """Write a self-describing model file, loadable with torch.load(weights_only=True)."""
     payload = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "arch": arch,
@@ -424,6 +435,10 @@ def save_model(path: Path, model: nn.Module, *, arch: str, classes: tuple[str, .
         "threshold": threshold, "temperature": float(temperature), "meta": meta,
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
     }
+    if familiarity is not None:
+        payload["familiarity"] = familiarity.to_file()
+    if calibration:
+        payload["calibration"] = calibration
     atomic_torch_save(payload, path)
 
 
@@ -453,7 +468,9 @@ def _load_thumbclf(path, obj, model_name, target_labels, max_pixels, slide_size)
                          slide_size=slide_size or int(obj.get("slide_size", DEFAULT_SLIDE_SIZE)))
     norm = Normalisation(tuple(obj["mean"]), tuple(obj["std"]))
     return LoadedModel(model.eval(), arch, classes, prep, norm, obj.get("threshold"),
-                       float(obj.get("temperature", 1.0)), path, False, obj.get("meta", {}))
+                       float(obj.get("temperature", 1.0)), path, False, obj.get("meta", {}),
+                       Familiarity.from_file(obj.get("familiarity")),
+                       dict(obj.get("calibration") or {}))
 
 
 def _load_legacy(path, state, model_name, target_labels, max_pixels, slide_size) -> LoadedModel:

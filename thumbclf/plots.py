@@ -149,9 +149,12 @@ def gallery(items: list[dict[str, Any]], path: Path, title: str, thumb_loader) -
         img = thumb_loader(it["path"])
         if img is not None:
             ax.imshow(img)
-        colour = "crimson" if it["decision"] not in (it["label"], UNDECIDED) else "darkorange"
-        ax.set_title(f"true: {it['label']}\n→ {it['decision']} ({it['prob']:.2f})",
-                     fontsize=7, color=colour)
+        label = it["label"]
+        colour = ("darkorange" if it["decision"] == UNDECIDED else "dimgray" if not label
+                  else "crimson" if it["decision"] != label else "black")
+        score = it.get("note") or f"{it['prob']:.2f}"
+        ax.set_title(f"{f'true: {label}' if label else 'unlabelled'}\n→ {it['decision']} "
+                     f"({score})", fontsize=7, color=colour)
         ax.text(0.5, -0.04, Path(it["path"]).name[:28], transform=ax.transAxes, ha="center",
                 va="top", fontsize=6)
     fig.suptitle(title, fontsize=10)

@@ -109,7 +109,7 @@ class RayExecutor:
 
     def predict(self, models, positions: list[int], paths: list[Path], *, device,
                 slide_cache: Path | None, runners=None) -> Iterator:
-        """Batches (positions, probabilities, errors) as Ray Data streams them back."""
+        """Batches (positions, probabilities, unfamiliarity, errors) as Ray Data streams them."""
         from .execution import decode_workers
 
         ray, params = self.ray, self.params
@@ -137,14 +137,17 @@ class RayExecutor:
                 for out in stream:
                     pos = np.asarray(out["position"], dtype=np.int64)
                     seen.update(pos.tolist())
-                    yield pos, np.asarray(out["probs"], dtype=float), [str(e) for e in out["error"]]
+                    unfamiliarity = np.asarray(out["unfamiliarity"], dtype=float)
+                    yield (pos, np.asarray(out["probs"], dtype=float),
+                           None if np.isnan(unfamiliarity).all() else unfamiliarity,
+                           [str(e) for e in out["error"]])
             finally:  # stopped early (Ctrl-C): end Ray Data's execution before Ray itself
                 getattr(stream, "close", lambda: None)()
             todo = [(p, path) for p, path in todo if p not in seen]
         if todo:  # still missing after a task per file: these files kill their worker
             msg = WORKER_DIED.format(n=1 + _RETRIES)
             yield (np.array([p for p, _ in todo], dtype=np.int64), np.zeros((len(todo), n_classes)),
-                   [f"{path}: {msg}" for _, path in todo])
+                   None, [f"{path}: {msg}" for _, path in todo])
 
     def _dataset(self, todo, block: int, models_ref, prep, slide_cache, *, gpus: bool,
                  decoders: int | None, threads: int, batch: int):
@@ -232,12 +235,15 @@ class _Infer:
     def __call__(self, batch: dict) -> dict:
         import torch
 
-        from .deployment import ensemble_probs
+        from .deployment import ensemble_predict
 
-        probs = ensemble_probs(self.models, self.runners,
-                               torch.from_numpy(np.ascontiguousarray(batch["image"])),
-                               self.device, self.tta)
-        return {"position": batch["position"], "probs": probs, "error": batch["error"]}
+        probs, unfamiliarity = ensemble_predict(
+            self.models, self.runners, torch.from_numpy(np.ascontiguousarray(batch["image"])),
+            self.device, self.tta)
+        if unfamiliarity is None:  # a column Ray Data can carry
+            unfamiliarity = np.full(len(probs), np.nan)
+        return {"position": batch["position"], "probs": probs, "unfamiliarity": unfamiliarity,
+                "error": batch["error"]}
 
 
 def _fold_task(fn: Callable, fold: int, shared: dict, threads: int, device_name: str,

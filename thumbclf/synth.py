@@ -3,6 +3,7 @@ varied sizes, aspect ratios and orientations, on white glass. No download, seede
 
     python -m thumbclf.synth OUT_FOLDER [--per-class 10] [--seed 1] [--min-side 300]
                              [--max-side 900] [--format jpg|png] [--patients 0]
+                             [--shift 0.0] [--classes Biopsy,Fat,...]
 
 writes OUT_FOLDER/<class>/<name>.<ext> and OUT_FOLDER/labels.csv (PATH, CLASSIFICATION, PATIENT).
 """
@@ -87,10 +88,33 @@ def draw_slide(kind: str, w: int, h: int, rng: np.random.Generator) -> Image.Ima
     return Image.fromarray(arr)
 
 
+# Another lab's optical-density mixing (stain hue), applied as OD @ (I + shift * LAB_MIX)
+LAB_MIX = np.array([[0.10, -0.12, 0.08], [-0.10, 0.18, -0.06], [0.12, -0.04, 0.10]])
+
+
+def other_lab(img: Image.Image, shift: float, rng: np.random.Generator) -> Image.Image:
+    """The same slide as another lab would scan it, ``shift`` 0-1 (1: a strong but realistic
+    difference): stain hue (optical densities mixed), stain strength (+35%), yellowish glass,
+    scanner blur and sensor noise, each with a little slide-to-slide variation."""
+    if shift <= 0:
+        return img
+    x = np.asarray(img, dtype=np.float64) / 255
+    od = -np.log((x * 255 + 1) / 256)
+    od = od @ (np.eye(3) + shift * LAB_MIX) * (1 + shift * rng.uniform(0.25, 0.45))
+    x = (256 * np.exp(-np.clip(od, 0, None)) - 1) / 255
+    x = x * (1 - shift * np.array([0.0, 0.03, 0.09]) * rng.uniform(0.8, 1.2))  # glass tint
+    out = Image.fromarray((np.clip(x, 0, 1) * 255).round().astype(np.uint8))
+    out = out.filter(ImageFilter.GaussianBlur(radius=shift * rng.uniform(1.0, 2.0)
+                                              * min(img.size) / 300))
+    noise = rng.normal(0, 7 * shift, (img.size[1], img.size[0], 3))
+    return Image.fromarray(np.clip(np.asarray(out, np.float64) + noise, 0, 255).astype(np.uint8))
+
+
 def generate(out: Path, *, per_class: int = 10, seed: int = 1, min_side: int = 300,
              max_side: int = 900, fmt: str = "jpg", classes=CLASSES, patients: int = 0,
-             prefix: str = "slide") -> Path:
-    """Write ``per_class`` thumbnails per class and labels.csv; return the table's path."""
+             prefix: str = "slide", shift: float = 0.0) -> Path:
+    """Write ``per_class`` thumbnails per class and labels.csv; return the table's path.
+    ``shift`` > 0: as another lab would have scanned them (other_lab)."""
     rng = np.random.default_rng(seed)
     rows = []
     for kind in classes:
@@ -101,6 +125,8 @@ def generate(out: Path, *, per_class: int = 10, seed: int = 1, min_side: int = 3
             short = max(8, int(long_side / rng.uniform(1.0, 2.5)))
             w, h = (long_side, short) if rng.random() < 0.5 else (short, long_side)
             img = draw_slide(kind, w, h, rng)
+            if shift > 0:  # its own generator: the slides are the same with or without it
+                img = other_lab(img, shift, np.random.default_rng([seed, len(rows), 7]))
             name = f"{prefix}_{kind.lower()}_{i:03d}.{fmt}"
             if fmt == "jpg":
                 img.save(folder / name, quality=88)
@@ -126,10 +152,19 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-side", type=int, default=900)
     ap.add_argument("--format", choices=("jpg", "png"), default="jpg")
     ap.add_argument("--patients", type=int, default=0, help="patients per class (0: no PATIENT column)")
+    ap.add_argument("--shift", type=float, default=0.0,
+                    help="another lab's stain, glass, blur and noise, 0-1 (0: none)")
+    ap.add_argument("--classes", default=",".join(CLASSES),
+                    help="comma-separated slide types to draw (leave one out to hold it out)")
     a = ap.parse_args(argv)
+    classes = tuple(c for c in a.classes.split(",") if c)
+    unknown = sorted(set(classes) - set(CLASSES))
+    if unknown:
+        ap.error(f"--classes: unknown slide types {', '.join(unknown)}; known: {', '.join(CLASSES)}")
     table = generate(a.out, per_class=a.per_class, seed=a.seed, min_side=a.min_side,
-                     max_side=a.max_side, fmt=a.format, patients=a.patients)
-    print(f"wrote {a.per_class * len(CLASSES)} thumbnails and {table}")
+                     max_side=a.max_side, fmt=a.format, patients=a.patients, classes=classes,
+                     shift=a.shift)
+    print(f"wrote {a.per_class * len(classes)} thumbnails and {table}")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,9 @@
 
 Columns, in order: PATH, row (tables only), CLASSIFICATION (with labels), PATIENT (with
 patients), fold (cross-validation), one probability column per class (in the model's class
-order), model_prediction, error (deploy), threshold, then the slide columns (slides only).
+order), model_prediction, undecided_reason ('low confidence', 'unfamiliar' or empty),
+unfamiliarity (models with the unfamiliar-slide rule; above 1: unfamiliar), error (deploy),
+threshold, then the slide columns (slides only).
 Class columns are found by name, never by position: from the model's classes where they are
 known, else as the columns that are none of the table's own.
 """
@@ -22,17 +24,19 @@ if TYPE_CHECKING:
 
 PATH, ROW, LABEL, PATIENT, FOLD = "PATH", "row", "CLASSIFICATION", "PATIENT", "fold"
 DECISION, ERROR, THRESHOLD = "model_prediction", "error", "threshold"
+REASON, UNFAMILIARITY = "undecided_reason", "unfamiliarity"  # familiarity.py
 SLIDE_COLUMNS = ("slide_vendor", "slide_objective_power", "slide_mpp_x", "slide_mpp_y",
                  "slide_level_count", "slide_width", "slide_height")
-OWN_COLUMNS = {PATH, ROW, LABEL, PATIENT, FOLD, DECISION, ERROR, THRESHOLD, "confidence",
-               *SLIDE_COLUMNS}
-TEXT_COLUMNS = {PATH: str, LABEL: str, PATIENT: str, DECISION: str, ERROR: str}
+OWN_COLUMNS = {PATH, ROW, LABEL, PATIENT, FOLD, DECISION, REASON, UNFAMILIARITY, ERROR,
+               THRESHOLD, "confidence", *SLIDE_COLUMNS}
+TEXT_COLUMNS = {PATH: str, LABEL: str, PATIENT: str, DECISION: str, REASON: str, ERROR: str}
 SUM_TOLERANCE = 1e-3  # probabilities are written with 6 significant digits
 
 
 def build(samples: Sequence["Sample"], probs: np.ndarray, classes: Sequence[str],
           decisions: Sequence[str], *, threshold: float, labels: bool, patients: bool,
           rows: bool = False, fold: int | None = None, errors: Sequence[str] | None = None,
+          reasons: Sequence[str] | None = None, unfamiliarity: np.ndarray | None = None,
           slide_properties: Sequence[dict | None] | None = None) -> pd.DataFrame:
     """The predictions table of ``samples`` (one row each, in order), in the documented column
     order. ``fold`` (cross-validation) adds the fold column; full training (fold 0) has none."""
@@ -49,6 +53,10 @@ def build(samples: Sequence["Sample"], probs: np.ndarray, classes: Sequence[str]
     for j, c in enumerate(classes):
         df[c] = probs[:, j]
     df[DECISION] = list(decisions)
+    if reasons is not None:
+        df[REASON] = list(reasons)
+    if unfamiliarity is not None:
+        df[UNFAMILIARITY] = np.asarray(unfamiliarity, dtype=float)
     if errors is not None:
         df[ERROR] = list(errors)
     df[THRESHOLD] = threshold
@@ -60,7 +68,8 @@ def build(samples: Sequence["Sample"], probs: np.ndarray, classes: Sequence[str]
 
 def read_fold(path: Path) -> pd.DataFrame:
     """A finished fold's predictions, as written (read back when resuming)."""
-    return pd.read_csv(path, dtype={PATH: str, LABEL: str, PATIENT: str, DECISION: str})
+    return pd.read_csv(path, dtype={PATH: str, LABEL: str, PATIENT: str, DECISION: str,
+                                    REASON: str})
 
 
 def class_columns(df: pd.DataFrame) -> list[str]:

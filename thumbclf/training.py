@@ -16,18 +16,19 @@ import torch
 from sklearn.utils.class_weight import compute_class_weight
 from torch import nn
 
-from . import cache, distributed, explain, layout, machine, splits as splitting, table as table_io
+from . import cache, distributed, explain, familiarity, layout, machine, splits as splitting, table as table_io
 from .config import TrainParams, cm_layout, params_to_dict
 from .data import IMAGENET, training_batches
-from .decide import decide, threshold_in_force
-from .engine import (EarlyStopping, FitResult, configure_threads, fit, fit_temperature,
-                     predict_logits, softmax)
+from .decide import decide_with_reasons, threshold_in_force
+from .engine import (Calibration, EarlyStopping, FitResult, configure_threads, fit,
+                     fit_temperature, predict_logits, softmax)
+from .familiarity import WithFeatures
 from .errors import DataError
 from .evaluate import evaluate_run
 from .execution import executor_for
 from .images import Preprocessing
-from .models import (arch_name, build_model, freeze, input_size, load_model, load_ssl,
-                     read_weights, save_model)
+from .models import (arch_name, build_model, freeze, head_names, input_size, load_model,
+                     load_ssl, read_weights, save_model)
 from .results import atomic_csv, atomic_text, atomic_torch_save, check_writable, write_config
 from .samples import SampleSet, check_class_names, check_class_sizes, check_input, discover
 
@@ -42,6 +43,8 @@ class FoldResult:
     model: nn.Module
     history: pd.DataFrame
     table: pd.DataFrame
+    calibration: str = ""  # Calibration.describe()
+    unfamiliar_rule: bool = False  # the model file has the unfamiliar-slide rule
 
 
 def load_images(params, sample_set: SampleSet, prep: Preprocessing, folder: Path, *,
@@ -186,7 +189,9 @@ def _fit_fold(params: TrainParams, model: nn.Module, trainer: nn.Module, *, deco
                norm=IMAGENET, device=device, gen=gen if params.augment else None, quiet=quiet,
                label=f"fold {fold}: " if fold else "", on_epoch=save_checkpoint,
                resume=resume_state, trainer=trainer,
-               reduce=distributed.mean if distributed.active() else None)
+               reduce=distributed.mean if distributed.active() else None,
+               stain=params.stain_augment if params.augment else 0.0,
+               lr_schedule=params.lr_schedule)
 
 
 def run_fold(params: TrainParams, folder: Path, *, fold: int, sample_set: SampleSet, decoded,
@@ -210,7 +215,9 @@ def run_fold(params: TrainParams, folder: Path, *, fold: int, sample_set: Sample
                        train_pos=train_pos, val_pos=val_pos, fold=fold, device=device,
                        quiet=quiet, checkpoint=fdir / layout.CHECKPOINT, rng=rng, gen=gen)
     val_logits = result.val_logits if result.val_logits is not None else np.zeros((0, len(classes)))
-    temperature = fit_temperature(val_logits, y[val_pos]) if params.calibrate else 1.0
+    calibration = (fit_temperature(val_logits, y[val_pos]) if params.calibrate
+                   else Calibration(1.0, "off", len(val_pos)))
+    temperature = calibration.temperature
     threshold = threshold_in_force(given=params.prediction_threshold,
                                    target_accuracy=params.target_accuracy,
                                    val_probs=softmax(val_logits, temperature), val_y=y[val_pos])
@@ -218,24 +225,60 @@ def run_fold(params: TrainParams, folder: Path, *, fold: int, sample_set: Sample
     if not distributed.is_main():  # the same model as rank 0's; rank 0 writes it
         return FoldResult(fold, model, history, pd.DataFrame())
     atomic_csv(history, fdir / layout.HISTORY)
-    logits, _ = predict_logits(model, training_batches(
-        decoded, eval_pos, y, batch_size=params.batch_size * 2, rng=np.random.default_rng(0),
-        shuffle=False, drop_single=False), norm=IMAGENET, device=device)
+
+    def outputs(positions):  # logits and features (unaugmented, evaluation mode), in order
+        out, _ = predict_logits(WithFeatures(model, head_names(model)[0]), training_batches(
+            decoded, positions, y, batch_size=params.batch_size * 2,
+            rng=np.random.default_rng(0), shuffle=False, drop_single=False),
+            norm=IMAGENET, device=device)
+        return familiarity.split(out, len(classes))
+
+    rule = None
+    logits, eval_features = outputs(eval_pos)
+    if params.unfamiliar:
+        bank_pos = np.sort(np.random.default_rng([params.seed, fold, 2]).permutation(
+            train_pos)[:familiarity.BANK_SIZE])
+        val_features = eval_features if fold == 0 else outputs(val_pos)[1]
+        rule = familiarity.fit(outputs(bank_pos)[1], val_features, seed=params.seed)
     probs = softmax(logits, temperature)
+    unfamiliarity = rule.unfamiliarity(eval_features) if rule is not None else None
+    decisions, reasons = decide_with_reasons(probs, classes, threshold.value, unfamiliarity)
     table = table_io.build([sample_set.samples[i] for i in eval_pos], probs, classes,
-                           decide(probs, classes, threshold.value), threshold=threshold.value,
+                           decisions, threshold=threshold.value, reasons=reasons,
+                           unfamiliarity=unfamiliarity,
                            labels=True, patients=sample_set.has_patients, fold=fold)
     meta = {"fold": fold, "best_epoch": result.best_epoch, "frozen": frozen,
             "params": {k: v for k, v in params_to_dict(params).items()
                        if isinstance(v, (int, float, str, bool, list, type(None)))}}
     model_file = layout.fold_model(folder, fold)
     save_model(model_file, model, arch=arch, classes=classes, prep=prep, norm=IMAGENET,
-               threshold=threshold.value, temperature=temperature, meta=meta)
+               threshold=threshold.value, temperature=temperature, meta=meta,
+               familiarity=rule, calibration=calibration.to_file())
     atomic_csv(table, layout.fold_predictions(folder, fold))  # last: marks the fold finished
     (fdir / layout.CHECKPOINT).unlink(missing_ok=True)
-    log.info("%s: best epoch %d, temperature %.2f, model %s", fdir.name, result.best_epoch,
-             temperature, model_file)
-    return FoldResult(fold, model, history, table)
+    log.info("%s: best epoch %d, %s; model %s", fdir.name, result.best_epoch,
+             calibration.describe(), model_file)
+    return FoldResult(fold, model, history, table, calibration.describe(), rule is not None)
+
+
+def training_notes(results: list[FoldResult], params: TrainParams) -> list[str]:
+    """What the report says about calibration and the unfamiliar-slide rule of each model."""
+    label = (lambda r: f"{layout.fold_label(r.fold)}: ") if len(results) > 1 else (lambda r: "")
+    described = [f"{label(r)}{r.calibration}" for r in results if r.calibration]
+    notes = ["Calibration: " + "; ".join(described) + "."] if described else []
+    if params.unfamiliar:
+        off = [r for r in results if not r.unfamiliar_rule]
+        if off:
+            notes.append(f"Unfamiliar-slide rule off for {len(off)} of {len(results)} models: "
+                         f"their validation split has fewer than {familiarity.MIN_VALIDATION} "
+                         "images to choose its threshold; their Undecided means low confidence "
+                         "only.")
+        else:
+            notes.append(f"Unfamiliar-slide rule: on; a slide whose features lie "
+                         f"{familiarity.MARGIN:g} times further from the training images than "
+                         f"{familiarity.QUANTILE:.0%} of the validation images did is Undecided "
+                         "(undecided_reason 'unfamiliar').")
+    return notes
 
 
 def _run_fold(*, fold: int, device: torch.device, params: TrainParams, **shared) -> FoldResult:
@@ -250,7 +293,12 @@ def finished_fold(folder: Path, fold: int) -> FoldResult | None:
         return None
     log.info("%s: finished earlier; skipped", layout.fold_dir(folder, fold).name)
     history = pd.read_csv(layout.fold_dir(folder, fold) / layout.HISTORY)
-    return FoldResult(fold, load_model(model_file).model, history, table_io.read_fold(pred_file))
+    loaded = load_model(model_file)
+    cal = loaded.calibration
+    described = (Calibration(float(cal["temperature"]), cal["status"], int(cal["images"])).describe()
+                 if cal else "")
+    return FoldResult(fold, loaded.model, history, table_io.read_fold(pred_file), described,
+                      loaded.familiarity is not None)
 
 
 def _decoded_without_failures(decoded, sample_set: SampleSet, params: TrainParams):
@@ -343,6 +391,7 @@ def run(params: TrainParams, *, resume: bool = False, quiet: bool = False) -> Pa
                      "validation split (target_accuracy): "
                      + ", ".join(f"{'fold ' + str(k) + ' ' if 'fold' in table else ''}{v:.3f}"
                                  for k, v in per.items()) + "; the coverage they give is below.")
+    notes += training_notes(results, params)
     evaluate_run(folder, table, classes=classes, params=params, kind=kind,
                  sample_set=sample_set, split_df=split_df, extra_sections=extra, notes=notes,
                  histories={layout.fold_label(r.fold): r.history for r in results})

@@ -1,0 +1,200 @@
+"""'Undecided' that can be trusted: lab-to-lab augmentation, adaptation at deployment, the
+unfamiliar-slide rule and its columns, the learning-rate schedule (issue 15)."""
+
+import hashlib
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from conftest import run_script, train_once, write_yaml
+from thumbclf import familiarity, synth
+from thumbclf.data import augment, stain_shift
+from thumbclf.decide import LOW_CONFIDENCE, UNDECIDED, UNFAMILIAR, decide_with_reasons
+from thumbclf.engine import warmup_cosine
+from thumbclf.evaluate import main as evaluate_main
+
+CLASSES = ("Biopsy", "IHC", "TMA")
+# 3 x 36 images, 20% validation: 21+ validation images, enough for the unfamiliar rule
+FAST = ("pretrained: false\nbatch_size: 16\nmax_epochs: 3\nstopEpoch: 0\npatience: 1\n"
+        "bootstrap: 0\nnum_workers: 0\ngradcam: 0\ntrainFull: true\nlr: 0.001\n")
+
+
+def _slides(n: int = 4, size: int = 64) -> torch.Tensor:
+    """uint8 (n, H, W, 3): white glass with a pink-purple square of tissue in the middle."""
+    x = torch.full((n, size, size, 3), 250, dtype=torch.uint8)
+    x[:, size // 4: 3 * size // 4, size // 4: 3 * size // 4] = torch.tensor([200, 110, 170],
+                                                                             dtype=torch.uint8)
+    return x
+
+
+def _u(gen):
+    return lambda lo, hi, *shape: lo + (hi - lo) * torch.rand(*shape, generator=gen)
+
+
+def test_stain_augmentation_keeps_shapes_ranges_and_white_glass():
+    x = _slides().permute(0, 3, 1, 2).float() / 255
+    gen = torch.Generator().manual_seed(0)
+    y = stain_shift(x, 1.0, _u(gen), gen)
+    assert y.shape == x.shape and y.dtype == x.dtype
+    assert float(y.min()) >= 0 and float(y.max()) <= 1
+    glass = y[:, :, :4, :4]  # a corner: glass only
+    assert float(glass.mean()) > 0.9  # at most a slight tint and noise
+    tissue_change = (y[:, :, 28:36, 28:36] - x[:, :, 28:36, 28:36]).abs().mean()
+    assert float(tissue_change) > 0.02  # the stain did change
+    out = augment(_slides(), torch.Generator().manual_seed(1), stain=1.0)
+    assert out.shape == (4, 64, 64, 3) and out.dtype == torch.uint8
+
+
+def test_stain_augmentation_is_reproducible_and_off_at_zero():
+    a = augment(_slides(), torch.Generator().manual_seed(3), stain=0.7)
+    b = augment(_slides(), torch.Generator().manual_seed(3), stain=0.7)
+    assert torch.equal(a, b)
+    plain = augment(_slides(), torch.Generator().manual_seed(3))
+    off = augment(_slides(), torch.Generator().manual_seed(3), stain=0.0)
+    assert torch.equal(plain, off)
+
+
+def test_other_lab_shift_of_the_synthetic_generator():
+    img = synth.draw_slide("Resection", 120, 90, np.random.default_rng(0))
+    assert synth.other_lab(img, 0.0, np.random.default_rng(1)) is img
+    shifted = synth.other_lab(img, 1.0, np.random.default_rng(1))
+    a, b = np.asarray(img, float), np.asarray(shifted, float)
+    assert shifted.size == img.size and np.abs(a - b).mean() > 5
+    assert b[:5, :5, 2].mean() < a[:5, :5, 2].mean() - 10  # yellowish glass: less blue
+
+
+def test_reasons_unfamiliar_wins_over_confidence():
+    probs = np.array([[0.99, 0.01], [0.6, 0.4], [0.97, 0.03], [0.5, 0.5]])
+    decisions, reasons = decide_with_reasons(probs, ["A", "B"], 0.9,
+                                             np.array([0.3, 0.5, 1.7, np.nan]))
+    assert decisions == ["A", UNDECIDED, UNDECIDED, UNDECIDED]
+    assert reasons == ["", LOW_CONFIDENCE, UNFAMILIAR, LOW_CONFIDENCE]
+
+
+def test_familiarity_threshold_is_a_validation_quantile_and_survives_the_file():
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(3, 32))
+    train = np.concatenate([c + 0.1 * rng.normal(size=(40, 32)) for c in centres])
+    val = np.concatenate([c + 0.1 * rng.normal(size=(10, 32)) for c in centres])
+    rule = familiarity.fit(train, val)
+    assert rule is not None and (rule.unfamiliarity(val) > 1).mean() <= 0.05
+    far = rng.normal(size=(10, 32)) * 3
+    assert (rule.unfamiliarity(far) > 1).all()
+    again = familiarity.Familiarity.from_file(rule.to_file())
+    assert np.allclose(again.unfamiliarity(far), rule.unfamiliarity(far), rtol=1e-3)
+    assert familiarity.fit(train, val[:5]) is None  # too few validation images: rule off
+
+
+def test_warmup_cosine_schedule_peaks_at_lr_and_ends_at_zero():
+    f = warmup_cosine(10, 5)
+    assert f(0) == pytest.approx(0.1) and f(10) == pytest.approx(1.0)
+    assert f(30) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert f(50) == pytest.approx(0.0, abs=1e-12) and f(60) == pytest.approx(0.0, abs=1e-12)
+    assert all(f(s) >= f(s + 1) for s in range(10, 50))
+
+
+# ------------------------------------------------------------------ through the commands
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A full training with a validation split big enough for the unfamiliar rule."""
+    folder = tmp_path_factory.mktemp("trust")
+    table = synth.generate(folder / "data", per_class=36, seed=11, min_side=60, max_side=150,
+                           classes=CLASSES)
+    return train_once(folder, "full", f"thumbData: {table}\n{FAST}")[0]
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory):
+    """6 slides of known types and 6 random-noise images, unlabelled, in one folder."""
+    folder = tmp_path_factory.mktemp("mixed")
+    synth.generate(folder / "known", per_class=2, seed=12, min_side=60, max_side=150,
+                   classes=CLASSES)
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 256, (120, 120, 3), dtype=np.uint8)).save(
+            folder / f"noise_{i}.png")
+    (folder / "known" / "labels.csv").unlink()
+    return folder
+
+
+def _deploy(tmp_path, model: str, data, name="dep", extra=""):
+    exp = write_yaml(tmp_path / f"{name}.yaml",
+                     f"thumbData: {data}\nmodelAdr: {model}\nhasLabels: false\ngradcam: 0\n"
+                     f"num_workers: 0\nengine: torch\n{extra}")
+    r = run_script("deploy_thumbclassifier.py", str(exp))
+    assert r.returncode == 0, r.stderr
+    return tmp_path / name, r
+
+
+def test_training_stores_the_rule_and_the_columns_appear(trained):
+    model = torch.load(trained / "model.pt", weights_only=True)
+    assert model["familiarity"]["bank"].dtype == torch.float16
+    assert model["calibration"]["status"] in ("fitted", "separable", "skipped")
+    assert (trained / "config.yaml").read_text().count("lr_schedule: constant") == 1
+    df = pd.read_csv(trained / "full" / "val_predictions.csv", keep_default_na=False)
+    assert {"undecided_reason", "unfamiliarity"} <= set(df.columns)
+    undecided = df["model_prediction"] == UNDECIDED
+    assert set(df.loc[undecided, "undecided_reason"]) <= {LOW_CONFIDENCE, UNFAMILIAR}
+    assert (df.loc[~undecided, "undecided_reason"] == "").all()
+
+
+def test_unfamiliar_rule_marks_random_noise_undecided(trained, mixed, tmp_path):
+    out, _ = _deploy(tmp_path, trained, mixed)
+    df = pd.read_csv(out / "predictions.csv", keep_default_na=False)
+    noise = df["PATH"].str.contains("noise_")
+    assert noise.sum() == 6
+    assert (df.loc[noise, "model_prediction"] == UNDECIDED).all()
+    assert (df.loc[noise, "undecided_reason"] == UNFAMILIAR).all()
+    assert (df.loc[noise, "unfamiliarity"].astype(float) > 1).all()
+    assert (df.loc[~noise, "undecided_reason"] != UNFAMILIAR).sum() >= 5
+    report = (out / "report.html").read_text()
+    assert "Unfamiliar slides" in report and "Unfamiliar-slide rule: on" in report
+    assert (out / "plots" / "gallery_unfamiliar.png").is_file()
+
+
+def test_evaluate_reads_the_new_columns_and_keeps_the_rule(trained, tmp_path):
+    df = pd.read_csv(trained / "full" / "val_predictions.csv", keep_default_na=False)
+    df.loc[0, "unfamiliarity"] = 5.0  # an unfamiliar slide stays Undecided at any threshold
+    table = tmp_path / "predictions.csv"
+    df.to_csv(table, index=False)
+    assert evaluate_main([str(table), "--threshold", "0", "--bootstrap", "0"]) == 0
+    out = tmp_path / "evaluation-0"
+    m = json.loads((out / "metrics.json").read_text())["all"]
+    unfamiliar = (df["unfamiliarity"].astype(float) > 1).sum()
+    assert unfamiliar >= 1
+    assert m["coverage"] == pytest.approx((len(df) - unfamiliar) / len(df))
+    assert "Unfamiliar slides" in (out / "report.html").read_text()
+
+
+def test_adaptation_never_changes_the_model_file_and_is_saved_with_the_run(trained, mixed,
+                                                                          tmp_path):
+    before = hashlib.sha256((trained / "model.pt").read_bytes()).hexdigest()
+    out, _ = _deploy(tmp_path, trained, mixed, extra="adapt_bn: true\n")
+    assert hashlib.sha256((trained / "model.pt").read_bytes()).hexdigest() == before
+    saved = torch.load(out / "adapted_bn" / "model_1.pt", weights_only=True)
+    assert saved and all(k.rsplit(".", 1)[1] in ("running_mean", "running_var",
+                                                  "num_batches_tracked") for k in saved)
+    original = torch.load(trained / "model.pt", weights_only=True)["state_dict"]
+    assert any(not torch.equal(saved[k], original[k]) for k in saved if "running_mean" in k)
+    assert "Adaptation: BatchNorm statistics re-estimated" in (out / "report.html").read_text()
+
+
+def test_a_model_file_without_features_deploys_by_confidence_and_says_so_once(trained, mixed,
+                                                                             tmp_path):
+    old = torch.load(trained / "model.pt", weights_only=True)
+    del old["familiarity"], old["calibration"]  # as thumbclf 1.0 wrote them
+    torch.save(old, tmp_path / "old.pt")
+    out, r = _deploy(tmp_path, tmp_path / "old.pt", mixed)
+    df = pd.read_csv(out / "predictions.csv", keep_default_na=False)
+    assert "unfamiliarity" not in df.columns and "undecided_reason" in df.columns
+    assert set(df["undecided_reason"]) <= {"", LOW_CONFIDENCE}
+    log = (out / "run.log").read_text()
+    assert log.count("has no training features") == 1
+    assert "Unfamiliar-slide rule: off" in (out / "report.html").read_text()
