@@ -196,5 +196,6 @@ def test_a_model_file_without_features_deploys_by_confidence_and_says_so_once(tr
     assert "unfamiliarity" not in df.columns and "undecided_reason" in df.columns
     assert set(df["undecided_reason"]) <= {"", LOW_CONFIDENCE}
     log = (out / "run.log").read_text()
-    assert log.count("has no training features") == 1
+    assert log.count("has no training features") == 1  # said once, naming the file
+    assert "old.pt has no training features" in log
     assert "Unfamiliar-slide rule: off" in (out / "report.html").read_text()

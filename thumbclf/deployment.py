@@ -90,10 +90,12 @@ def with_unfamiliar_rule(models: list[LoadedModel], wanted: bool) -> list[Loaded
         return [dataclasses.replace(m, familiarity=None) for m in models]
     missing = [m for m in models if m.familiarity is None]
     if missing:
-        log.warning("%s has no training features (a model file from before thumbclf 1.1, or "
-                    "trained with unfamiliar: false): Undecided by confidence only; unfamiliar "
-                    "slides are not detected", missing[0].path
-                    if len(missing) == 1 else f"{len(missing)} of the {len(models)} model files")
+        who = (f"{missing[0].path} has" if len(missing) == 1
+               else f"{len(missing)} of the {len(models)} model files have")
+        log.warning("%s no training features (written before thumbclf 1.1, trained with "
+                    "unfamiliar: false, or with a validation split too small to set the rule's "
+                    "threshold): Undecided by confidence only; unfamiliar slides are not "
+                    "detected", who)
         return [dataclasses.replace(m, familiarity=None) for m in models]
     return models
 
@@ -102,8 +104,8 @@ def rule_note(models: list[LoadedModel]) -> str:
     """What the report says about the unfamiliar-slide rule."""
     rule = models[0].familiarity
     if rule is None:
-        return ("Unfamiliar-slide rule: off (the model files have no training features, or "
-                "unfamiliar: false); Undecided means low confidence only.")
+        return ("Unfamiliar-slide rule: off (unfamiliar: false, or model files without training "
+                "features); Undecided means low confidence only.")
     return (f"Unfamiliar-slide rule: on; a slide whose features lie {familiarity.MARGIN:g} times "
             f"further from the training images than {rule.quantile:.0%} of the validation images "
             f"did (cosine distance to the {rule.k}th nearest of {len(rule.bank)} training images)"

@@ -336,6 +336,13 @@ class Calibration:
                 else "the model was over-confident; probabilities softened")
         return f"temperature {self.temperature:.2f} on {self.images} validation images ({side})"
 
+    def short(self) -> str:
+        """A few words, for a list of folds."""
+        return {"off": "off", "skipped": f"skipped ({self.images} images)",
+                "separable": f"T {self.temperature:.2f} (set by the prior: all {self.images} "
+                             "images correct)"}.get(self.status,
+                                                    f"T {self.temperature:.2f} ({self.images} images)")
+
     def to_file(self) -> dict:
         return {"temperature": self.temperature, "status": self.status, "images": self.images,
                 "method": "temperature scaling, MAP with a N(0, 1) prior on log T"}
@@ -351,8 +358,9 @@ def fit_temperature(logits: np.ndarray, y: np.ndarray) -> Calibration:
     """
     n = len(y)
     if n < MIN_CALIBRATION_IMAGES:
-        log.warning("calibration skipped: the validation split has %d images (need %d); "
-                    "probabilities left uncalibrated", n, MIN_CALIBRATION_IMAGES)
+        log.warning("calibration skipped: the validation split has %d images (need %d: more "
+                    "images or a larger val_fraction); probabilities left uncalibrated", n,
+                    MIN_CALIBRATION_IMAGES)
         return Calibration(1.0, "skipped", n)
     z = torch.from_numpy(np.asarray(logits, dtype=np.float64))
     t = torch.from_numpy(np.asarray(y)).long()

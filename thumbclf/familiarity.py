@@ -129,8 +129,9 @@ def fit(train_features: np.ndarray, val_features: np.ndarray, *, seed: int = 0
     """The bank (a seeded sample of the training features) and the validation threshold;
     None (with the reason logged) when the validation split is too small to choose it."""
     if len(val_features) < MIN_VALIDATION or len(train_features) < K:
-        log.info("unfamiliar-slide rule off: %d validation images (need %d) to choose its "
-                 "threshold", len(val_features), MIN_VALIDATION)
+        log.warning("unfamiliar-slide rule off for this model: %d validation images (need %d "
+                    "to choose its threshold: more images or a larger val_fraction)",
+                    len(val_features), MIN_VALIDATION)
         return None
     train = normalise(train_features)
     if len(train) > BANK_SIZE:

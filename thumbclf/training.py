@@ -20,8 +20,8 @@ from . import cache, distributed, explain, familiarity, layout, machine, splits 
 from .config import TrainParams, cm_layout, params_to_dict
 from .data import IMAGENET, training_batches
 from .decide import decide_with_reasons, threshold_in_force
-from .engine import (Calibration, EarlyStopping, FitResult, configure_threads, fit,
-                     fit_temperature, predict_logits, softmax)
+from .engine import (MIN_CALIBRATION_IMAGES, Calibration, EarlyStopping, FitResult,
+                     configure_threads, fit, fit_temperature, predict_logits, softmax)
 from .familiarity import WithFeatures
 from .errors import DataError
 from .evaluate import evaluate_run
@@ -43,7 +43,7 @@ class FoldResult:
     model: nn.Module
     history: pd.DataFrame
     table: pd.DataFrame
-    calibration: str = ""  # Calibration.describe()
+    calibration: Calibration | None = None
     unfamiliar_rule: bool = False  # the model file has the unfamiliar-slide rule
 
 
@@ -258,14 +258,19 @@ def run_fold(params: TrainParams, folder: Path, *, fold: int, sample_set: Sample
     (fdir / layout.CHECKPOINT).unlink(missing_ok=True)
     log.info("%s: best epoch %d, %s; model %s", fdir.name, result.best_epoch,
              calibration.describe(), model_file)
-    return FoldResult(fold, model, history, table, calibration.describe(), rule is not None)
+    return FoldResult(fold, model, history, table, calibration, rule is not None)
 
 
 def training_notes(results: list[FoldResult], params: TrainParams) -> list[str]:
     """What the report says about calibration and the unfamiliar-slide rule of each model."""
-    label = (lambda r: f"{layout.fold_label(r.fold)}: ") if len(results) > 1 else (lambda r: "")
-    described = [f"{label(r)}{r.calibration}" for r in results if r.calibration]
-    notes = ["Calibration: " + "; ".join(described) + "."] if described else []
+    cals = [r for r in results if r.calibration is not None]
+    if len(cals) == 1:
+        notes = [f"Calibration: {cals[0].calibration.describe()}."]
+    else:
+        notes = [f"Calibration (temperature scaling on each validation split; it needs "
+                 f"{MIN_CALIBRATION_IMAGES} images): " + "; ".join(
+                     f"{layout.fold_label(r.fold)} {r.calibration.short()}" for r in cals)
+                 + ". T below 1 sharpens an under-confident model's probabilities."] if cals else []
     if params.unfamiliar:
         off = [r for r in results if not r.unfamiliar_rule]
         if off:
@@ -295,9 +300,9 @@ def finished_fold(folder: Path, fold: int) -> FoldResult | None:
     history = pd.read_csv(layout.fold_dir(folder, fold) / layout.HISTORY)
     loaded = load_model(model_file)
     cal = loaded.calibration
-    described = (Calibration(float(cal["temperature"]), cal["status"], int(cal["images"])).describe()
-                 if cal else "")
-    return FoldResult(fold, loaded.model, history, table_io.read_fold(pred_file), described,
+    calibration = (Calibration(float(cal["temperature"]), cal["status"], int(cal["images"]))
+                   if cal else None)
+    return FoldResult(fold, loaded.model, history, table_io.read_fold(pred_file), calibration,
                       loaded.familiarity is not None)
 
 
