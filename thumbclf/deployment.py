@@ -106,10 +106,7 @@ def rule_note(models: list[LoadedModel]) -> str:
     if rule is None:
         return ("Unfamiliar-slide rule: off (unfamiliar: false, or model files without training "
                 "features); Undecided means low confidence only.")
-    return (f"Unfamiliar-slide rule: on; a slide whose features lie {familiarity.MARGIN:g} times "
-            f"further from the training images than {rule.quantile:.0%} of the validation images "
-            f"did (cosine distance to the {rule.k}th nearest of {len(rule.bank)} training images)"
-            " is Undecided (undecided_reason 'unfamiliar').")
+    return familiarity.rule_sentence(rule)
 
 
 def exact_runners(models: list[LoadedModel], device: torch.device) -> list[inference.Runner]:

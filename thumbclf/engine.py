@@ -343,6 +343,13 @@ class Calibration:
                              "images correct)"}.get(self.status,
                                                     f"T {self.temperature:.2f} ({self.images} images)")
 
+    @classmethod
+    def from_file(cls, obj: dict | None) -> "Calibration | None":
+        """As ``to_file`` wrote it (None: a model file from before calibration was recorded)."""
+        if not obj:
+            return None
+        return cls(float(obj["temperature"]), str(obj["status"]), int(obj["images"]))
+
     def to_file(self) -> dict:
         return {"temperature": self.temperature, "status": self.status, "images": self.images,
                 "method": "temperature scaling, MAP with a N(0, 1) prior on log T"}

@@ -17,7 +17,7 @@ import pandas as pd
 
 from . import metrics as M
 from . import layout, plots, report, table
-from .decide import UNDECIDED, decide_with_reasons, threshold_in_force
+from .decide import LOW_CONFIDENCE, UNDECIDED, UNFAMILIAR, decide_with_reasons, threshold_in_force
 from .config import cm_layout, params_to_dict
 from .decode import load_array
 from .errors import ConfigError, DataError, ImageReadError
@@ -65,7 +65,7 @@ def unfamiliar_section(df: pd.DataFrame, out: Path, load, k: int = 12) -> list[t
     unf = pd.to_numeric(df[table.UNFAMILIARITY], errors="coerce").to_numpy(float)
     reasons = (df[table.REASON].fillna("").astype(str) if table.REASON in df.columns
                else pd.Series([""] * len(df)))
-    n_unf, n_low = int((reasons == "unfamiliar").sum()), int((reasons == "low confidence").sum())
+    n_unf, n_low = int((reasons == UNFAMILIAR).sum()), int((reasons == LOW_CONFIDENCE).sum())
     idx = np.flatnonzero(np.isfinite(unf))
     idx = idx[np.argsort(-unf[idx], kind="stable")][:k]
     lab = df[table.LABEL].astype(str).to_numpy() if table.LABEL in df else np.array([""] * len(df))
@@ -113,7 +113,7 @@ def evaluate_table(df: pd.DataFrame, classes: list[str], out: Path, *, threshold
                if table.UNFAMILIARITY in df.columns else None)
         decisions, reasons = decide_with_reasons(df[classes].to_numpy(float), classes, threshold,
                                                  unf)
-        df = df.assign(model_prediction=decisions, undecided_reason=reasons)
+        df = df.assign(**{table.DECISION: decisions, table.REASON: reasons})
     used = threshold_in_force(given=threshold, default=None,
                               table=df["threshold"] if "threshold" in df else ()).value
     m = M.compute(df, classes, resamples=resamples, seed=seed)

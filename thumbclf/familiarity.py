@@ -48,30 +48,25 @@ class WithFeatures(nn.Module):
     def __init__(self, model: nn.Module, head: str):
         super().__init__()
         self.model = model
-        self._features: list[torch.Tensor] = []
-        self._on = False  # the plain model (Grad-CAM) keeps nothing
-        model.get_submodule(head).register_forward_pre_hook(self._keep)
-
-    def _keep(self, _module, inputs):
-        if not self._on:
-            return
-        x = inputs[0]
-        if x.dim() == 4:  # a feature map (squeezenet's conv head): average over space
-            x = x.mean(dim=(2, 3))
-        self._features.append(x.flatten(1))
+        self.head = head  # the head's name: its input are the features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._features.clear()
-        self._on = True
+        kept: list[torch.Tensor] = []
+
+        def keep(_module, inputs):
+            f = inputs[0]
+            kept.append(f.mean(dim=(2, 3)) if f.dim() == 4 else f.flatten(1))  # squeezenet:
+            # a conv head whose input is a feature map, averaged over space
+
+        # the hook lives for this call only: the plain model (Grad-CAM, training) is untouched
+        hook = self.model.get_submodule(self.head).register_forward_pre_hook(keep)
         try:
             logits = self.model(x)
         finally:
-            self._on = False
+            hook.remove()
         if isinstance(logits, tuple):  # inception in training mode; not used for features
             logits = logits[0]
-        feats = self._features[-1]
-        self._features.clear()
-        return torch.cat([logits, feats.to(logits.dtype)], dim=1)
+        return torch.cat([logits, kept[-1].to(logits.dtype)], dim=1)
 
 
 def split(output: torch.Tensor | np.ndarray, n_classes: int):
@@ -124,21 +119,27 @@ class Familiarity:
                    float(obj["quantile"]))
 
 
-def fit(train_features: np.ndarray, val_features: np.ndarray, *, seed: int = 0
-        ) -> Familiarity | None:
-    """The bank (a seeded sample of the training features) and the validation threshold;
-    None (with the reason logged) when the validation split is too small to choose it."""
+def fit(train_features: np.ndarray, val_features: np.ndarray) -> Familiarity | None:
+    """The bank (the features of at most BANK_SIZE training images, which the caller picks)
+    and the validation threshold; None (with the reason logged) when the validation split is
+    too small to choose it."""
     if len(val_features) < MIN_VALIDATION or len(train_features) < K:
         log.warning("unfamiliar-slide rule off for this model: %d validation images (need %d "
                     "to choose its threshold: more images or a larger val_fraction)",
                     len(val_features), MIN_VALIDATION)
         return None
-    train = normalise(train_features)
-    if len(train) > BANK_SIZE:
-        train = train[np.sort(np.random.default_rng(seed).permutation(len(train))[:BANK_SIZE])]
-    bank = train.astype(np.float16).astype(np.float32)  # as the model file stores it
+    bank = normalise(train_features).astype(np.float16).astype(np.float32)  # as the file has it
     threshold = float(np.quantile(scores(val_features, bank), QUANTILE))
     return Familiarity(bank, max(threshold, 1e-6))
+
+
+def rule_sentence(rule: Familiarity | None = None) -> str:
+    """What the report says of the rule in force (``rule``: with its bank's size)."""
+    how = (f" (cosine distance to the {rule.k}th nearest of {len(rule.bank)} training images)"
+           if rule is not None else "")
+    return (f"Unfamiliar-slide rule: on; a slide whose features lie {MARGIN:g} times further "
+            f"from the training images than {QUANTILE:.0%} of the validation images did{how} "
+            "is Undecided (undecided_reason 'unfamiliar').")
 
 
 def ensemble_unfamiliarity(rules: list[Familiarity | None], features: list[np.ndarray]

@@ -30,7 +30,7 @@ from sklearn.metrics import roc_auc_score
 from .decide import UNDECIDED, decide
 from .engine import softmax
 from .errors import ConfigError
-from .familiarity import WithFeatures
+from .familiarity import WithFeatures, split
 from .results import atomic_text
 
 log = logging.getLogger(__name__)
@@ -335,10 +335,9 @@ def _try(model, eng, prec, *, model_file, size, device, channels_last, cache_dir
                            "training results folder, whose validation split is used)")
         images, y = data
         runner = _runner(model, eng, prec, size, device, channels_last, folder, calibration)
-        n = len(classes)  # a model with features computes [logits, features]
-        reference = softmax(_logits(exact, images)[:, :n], temperature)
-        verdict = gate(reference, softmax(_logits(runner, images)[:, :n], temperature), y,
-                       classes, threshold)
+        reference = softmax(split(_logits(exact, images), len(classes))[0], temperature)
+        verdict = gate(reference, softmax(split(_logits(runner, images), len(classes))[0],
+                                          temperature), y, classes, threshold)
         atomic_text(json.dumps(verdict, indent=1), verdict_file)
         log.info("quality gate for %s %s: %s: %s", eng, prec,
                  "passed" if verdict["passed"] else "FAILED", describe_gate(verdict))

@@ -425,7 +425,7 @@ class LoadedModel:
 
 def save_model(path: Path, model: nn.Module, *, arch: str, classes: tuple[str, ...],
                prep: Preprocessing, norm: Normalisation, threshold: float | None,
-               temperature: float, meta: dict[str, Any], familiarity=None,
+               temperature: float, meta: dict[str, Any], familiarity: Familiarity | None = None,
                calibration: dict[str, Any] | None = None) -> None:
     """Write a self-describing model file, loadable with torch.load(weights_only=True)."""
     payload = {

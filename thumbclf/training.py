@@ -239,7 +239,7 @@ def run_fold(params: TrainParams, folder: Path, *, fold: int, sample_set: Sample
         bank_pos = np.sort(np.random.default_rng([params.seed, fold, 2]).permutation(
             train_pos)[:familiarity.BANK_SIZE])
         val_features = eval_features if fold == 0 else outputs(val_pos)[1]
-        rule = familiarity.fit(outputs(bank_pos)[1], val_features, seed=params.seed)
+        rule = familiarity.fit(outputs(bank_pos)[1], val_features)
     probs = softmax(logits, temperature)
     unfamiliarity = rule.unfamiliarity(eval_features) if rule is not None else None
     decisions, reasons = decide_with_reasons(probs, classes, threshold.value, unfamiliarity)
@@ -279,10 +279,7 @@ def training_notes(results: list[FoldResult], params: TrainParams) -> list[str]:
                          "images to choose its threshold; their Undecided means low confidence "
                          "only.")
         else:
-            notes.append(f"Unfamiliar-slide rule: on; a slide whose features lie "
-                         f"{familiarity.MARGIN:g} times further from the training images than "
-                         f"{familiarity.QUANTILE:.0%} of the validation images did is Undecided "
-                         "(undecided_reason 'unfamiliar').")
+            notes.append(familiarity.rule_sentence())
     return notes
 
 
@@ -299,11 +296,8 @@ def finished_fold(folder: Path, fold: int) -> FoldResult | None:
     log.info("%s: finished earlier; skipped", layout.fold_dir(folder, fold).name)
     history = pd.read_csv(layout.fold_dir(folder, fold) / layout.HISTORY)
     loaded = load_model(model_file)
-    cal = loaded.calibration
-    calibration = (Calibration(float(cal["temperature"]), cal["status"], int(cal["images"]))
-                   if cal else None)
-    return FoldResult(fold, loaded.model, history, table_io.read_fold(pred_file), calibration,
-                      loaded.familiarity is not None)
+    return FoldResult(fold, loaded.model, history, table_io.read_fold(pred_file),
+                      Calibration.from_file(loaded.calibration), loaded.familiarity is not None)
 
 
 def _decoded_without_failures(decoded, sample_set: SampleSet, params: TrainParams):
