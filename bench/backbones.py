@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from thumbclf.engine import autocast, training_loss  # noqa: E402
-from thumbclf.models import (PROTOTYPE_NAMES, build_model, freeze, input_size,  # noqa: E402
-                             train_mode)
+from thumbclf.nn.engine import autocast, training_loss  # noqa: E402
+from thumbclf.core.backbones import PROTOTYPE_NAMES
+from thumbclf.nn.models import build_model, freeze, input_size, train_mode
 
 
 def measure(name: str, *, batch: int, steps: int, device: torch.device) -> dict:

@@ -29,11 +29,11 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from thumbclf import synth  # noqa: E402
-from thumbclf.machine import cores  # noqa: E402
+from thumbclf.inputs import synth  # noqa: E402
+from thumbclf.core.machine import cores  # noqa: E402
 from thumbclf.config import TRAIN, load_params  # noqa: E402
-from thumbclf.models import build_model, freeze  # noqa: E402
-from thumbclf.results import setup_logging  # noqa: E402
+from thumbclf.nn.models import build_model, freeze  # noqa: E402
+from thumbclf.workflows.run import setup_logging  # noqa: E402
 
 OUT = ROOT / "bench" / "out"
 
@@ -66,8 +66,8 @@ def model_only(device: torch.device, batch: int, freeze_ratio: float, steps: int
     x = torch.randn(batch, 3, 224, 224, device=device).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 6, (batch,), device=device)
     loss_fn = torch.nn.CrossEntropyLoss()
-    from thumbclf.engine import autocast
-    from thumbclf.models import train_mode
+    from thumbclf.nn.engine import autocast
+    from thumbclf.nn.models import train_mode
 
     def step():
         train_mode(model)
@@ -97,7 +97,7 @@ def model_only(device: torch.device, batch: int, freeze_ratio: float, steps: int
 
 
 def thumbclf_train(table: Path, epochs: int, batch: int, freeze_ratio: float, device: str) -> dict:
-    from thumbclf.training import run
+    from thumbclf.workflows.train import run
 
     out = OUT / "train-run"
     shutil.rmtree(out, ignore_errors=True)

@@ -19,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench as B  # noqa: E402
 
-from thumbclf import inference  # noqa: E402
+from thumbclf.predict import inference  # noqa: E402
 
 COMBOS = [("torch", "fp32"), ("torch", "bf16"), ("openvino", "fp32"), ("openvino", "bf16"),
           ("openvino", "int8")]

@@ -32,14 +32,14 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from thumbclf import cache, synth  # noqa: E402
+from thumbclf.inputs import cache, synth  # noqa: E402
 from thumbclf.config import PRETRAIN, load_params  # noqa: E402
-from thumbclf.data import IMAGENET, training_batches  # noqa: E402
-from thumbclf.engine import predict_logits, recalibrate_bn, train_one_epoch  # noqa: E402
-from thumbclf.images import Preprocessing  # noqa: E402
-from thumbclf.models import SSL_CHECKPOINT, build_model, freeze, load_ssl, train_mode  # noqa: E402
-from thumbclf.pretrain import run as pretrain_run  # noqa: E402
-from thumbclf.results import prepare_output, setup_logging  # noqa: E402
+from thumbclf.nn.data import IMAGENET, training_batches  # noqa: E402
+from thumbclf.nn.engine import predict_logits, recalibrate_bn, train_one_epoch  # noqa: E402
+from thumbclf.inputs.images import Preprocessing  # noqa: E402
+from thumbclf.nn.models import SSL_CHECKPOINT, build_model, freeze, load_ssl, train_mode  # noqa: E402
+from thumbclf.workflows.pretrain import run as pretrain_run  # noqa: E402
+from thumbclf.workflows.run import prepare_output, setup_logging  # noqa: E402
 
 OUT = ROOT / "bench" / "out" / "pretrain"
 CPU = torch.device("cpu")

@@ -31,10 +31,10 @@ from bench import OUT, make_data  # noqa: E402
 
 def model_file() -> Path:
     """An untrained ResNet-18 in thumbclf's model format (7 classes)."""
-    from thumbclf import synth
-    from thumbclf.data import IMAGENET
-    from thumbclf.images import Preprocessing
-    from thumbclf.models import build_model, save_model
+    from thumbclf.inputs import synth
+    from thumbclf.nn.data import IMAGENET
+    from thumbclf.inputs.images import Preprocessing
+    from thumbclf.nn.models import build_model, save_model
 
     path = OUT / "scale-model.pt"
     if not path.is_file():

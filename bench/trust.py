@@ -42,8 +42,9 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from thumbclf import metrics, synth  # noqa: E402
-from thumbclf.decide import UNDECIDED  # noqa: E402
+from thumbclf.outputs import metrics  # noqa: E402
+from thumbclf.inputs import synth
+from thumbclf.core.decide import UNDECIDED  # noqa: E402
 
 OUT = ROOT / "bench" / "out" / "trust"
 VARIANT_KEYS = {"main": {}, "default": {}, "stain": {"stain_augment": 0.5},

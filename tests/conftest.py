@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from thumbclf import synth
+from thumbclf.inputs import synth
 
 ROOT = Path(__file__).resolve().parents[1]
 REALDATA = ROOT.parent / "shared" / "realdata"

@@ -150,7 +150,7 @@ def test_settings_override_any_spelling_like_set(tmp_path):
 
 def test_import_is_light_and_the_api_names_stay_functions():
     code = ("import sys, thumbclf; assert 'torch' not in sys.modules and 'pandas' not in "
-            "sys.modules; import thumbclf.training, thumbclf.deployment; "
+            "sys.modules; import thumbclf.workflows.train, thumbclf.workflows.deploy; "
             "assert callable(thumbclf.train) and thumbclf.train.__module__ == 'thumbclf.api'; "
             "assert thumbclf.deploy.__module__ == 'thumbclf.api'; print(thumbclf.__version__)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

@@ -10,15 +10,15 @@ from torch import nn
 from torchvision import models as tvm
 
 from conftest import run_script
-from thumbclf import synth
-from thumbclf.data import IMAGENET
-from thumbclf.engine import training_loss
-from thumbclf.errors import ModelError
-from thumbclf.explain import gradcam
-from thumbclf.images import Preprocessing
-from thumbclf.models import (BUILD_KWARGS, PROTOTYPE_NAMES, arch_name, blocks, build_model, freeze,
-                             head_names, holds_head, input_size,
-                             load_model, save_model, train_mode, zoo)
+from thumbclf.inputs import synth
+from thumbclf.nn.data import IMAGENET
+from thumbclf.nn.engine import training_loss
+from thumbclf.core.errors import ModelError
+from thumbclf.outputs.explain import gradcam
+from thumbclf.inputs.images import Preprocessing
+from thumbclf.nn.models import (BUILD_KWARGS, blocks, build_model, freeze, head_names, holds_head,
+                                input_size, load_model, save_model, train_mode)
+from thumbclf.core.backbones import PROTOTYPE_NAMES, arch_name, zoo
 
 # prototype name -> (architecture, side used in these tests, input size in the model file)
 PROTOTYPE = {"resnet": ("resnet50", 64, 224), "resnet18": ("resnet18", 64, 224),

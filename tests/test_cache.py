@@ -3,8 +3,8 @@ import os
 import numpy as np
 from PIL import Image
 
-from thumbclf import cache
-from thumbclf.images import Preprocessing
+from thumbclf.inputs import cache
+from thumbclf.inputs.images import Preprocessing
 
 PREP = Preprocessing(size=32)
 

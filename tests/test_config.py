@@ -3,10 +3,11 @@ from pathlib import Path
 
 import pytest
 
-from thumbclf.decide import threshold_in_force
+from thumbclf.core.decide import threshold_in_force
 from thumbclf.config import (DEPLOY, KEYS, TRAIN, DeployParams, TrainParams, load_params,
-                             params_to_dict, to_local_path)
-from thumbclf.errors import ConfigError
+                             params_to_dict)
+from thumbclf.core.layout import to_local_path
+from thumbclf.core.errors import ConfigError
 
 PROTOTYPE_KEYS = ("thumbData, target_labels, modelAdr, batch_size, prediction_threshold, "
                   "max_epochs, seed, model_name, hasLabels, sortThumbs, trainFull, foldNumber, "
@@ -208,9 +209,9 @@ def test_model_name_is_checked_with_the_file_and_accepts_any_torchvision_classif
         p = write(tmp_path, "ok.yaml", f"thumbData: d\nmodel_name: {name}\n")
         assert load_params(p, workflow=TRAIN).model_name == name
 def test_executor_ray_without_ray_says_how_to_install_it(monkeypatch, tmp_path):
-    from thumbclf import config
+    from thumbclf.config import validate as config_validate
 
-    monkeypatch.setattr(config, "_ray_installed", lambda: False)
+    monkeypatch.setattr(config_validate, "_ray_installed", lambda: False)
     raw = {"thumbData": "x", "modelAdr": "m.pt", "executor": "ray"}
     with pytest.raises(ConfigError) as err:
         config.validate(raw, workflow="deploy", source=tmp_path / "e.yaml")

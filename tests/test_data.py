@@ -3,8 +3,8 @@
 import numpy as np
 import torch
 
-from thumbclf.cache import DecodedImages
-from thumbclf.data import IMAGENET, augment, dihedral, to_input, training_batches
+from thumbclf.inputs.cache import DecodedImages
+from thumbclf.nn.data import IMAGENET, augment, dihedral, to_input, training_batches
 
 
 def decoded(n=10, size=16):

@@ -12,7 +12,7 @@ import pytest
 import torch.distributed as dist
 
 from conftest import ROOT, write_yaml
-from thumbclf import distributed
+from thumbclf.predict import distributed
 
 pytestmark = pytest.mark.slow
 
@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 # on (a hash per image) and the weights it ended with (a hash per fold).
 RECORDER = textwrap.dedent('''
     import hashlib, json, os, sys
-    import thumbclf.engine as engine, thumbclf.training as training
+    import thumbclf.nn.engine as engine, thumbclf.workflows.train as training
     from thumbclf import cli
 
     seen, weights = [], {}  # images per epoch (in order), weights per fold

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import ROOT, TINY_CLASSES, run_script, train_once, write_yaml
-from thumbclf.models import build_model
+from thumbclf.nn.models import build_model
 
 pytestmark = pytest.mark.slow
 FAST = ("model_name: resnet18\npretrained: false\nbatch_size: 8\nmax_epochs: 2\nstopEpoch: 1\n"

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from thumbclf.decide import UNDECIDED, decide, threshold_for_accuracy
-from thumbclf.engine import EarlyStopping, fit_temperature, softmax
+from thumbclf.core.decide import UNDECIDED, decide, threshold_for_accuracy
+from thumbclf.nn.engine import EarlyStopping, fit_temperature, softmax
 
 
 def run(stopper, losses):
@@ -104,8 +104,8 @@ def _fit(model, x, y, epochs, checkpoints, *, resume=None, interrupt_after=None,
     import torch
     from torch import nn
 
-    from thumbclf.data import UNNORMALISED
-    from thumbclf.engine import fit
+    from thumbclf.nn.data import UNNORMALISED
+    from thumbclf.nn.engine import fit
 
     gen = torch.Generator().manual_seed(1)
     rng = np.random.default_rng(1)
@@ -176,8 +176,8 @@ def test_cosine_schedule_resumes_from_a_weights_only_checkpoint_to_the_same_weig
 def test_batchnorm_statistics_are_re_estimated_with_the_final_weights():
     import torch
 
-    from thumbclf.data import UNNORMALISED
-    from thumbclf.engine import recalibrate_bn
+    from thumbclf.nn.data import UNNORMALISED
+    from thumbclf.nn.engine import recalibrate_bn
 
     model, x, y = _tiny_problem()
     bn = model[1]
@@ -197,7 +197,7 @@ def test_batchnorm_statistics_are_re_estimated_with_the_final_weights():
 
 
 def test_one_rule_decides_the_threshold_in_force():
-    from thumbclf.decide import threshold_in_force
+    from thumbclf.core.decide import threshold_in_force
 
     assert threshold_in_force().value == 0.9
     assert threshold_in_force(given=0.7, stored=[0.8]).reason.startswith("prediction_threshold")

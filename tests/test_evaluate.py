@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pandas as pd
 
-from thumbclf.decide import decide
+from thumbclf.core.decide import decide
 from thumbclf.evaluate import main
 
 CLASSES = ["Fat", "IHC", "TMA"]

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from thumbclf.decode import load_array
-from thumbclf.errors import ImageReadError
-from thumbclf.images import Preprocessing, fit_square, legacy_square, to_rgb
+from thumbclf.inputs.decode import load_array
+from thumbclf.core.errors import ImageReadError
+from thumbclf.inputs.images import Preprocessing, fit_square, legacy_square, to_rgb
 
 PREP = Preprocessing(size=32)
 

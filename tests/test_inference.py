@@ -5,8 +5,8 @@ import pytest
 import torch
 import torchvision
 
-from thumbclf import inference
-from thumbclf.errors import ConfigError
+from thumbclf.predict import inference
+from thumbclf.core.errors import ConfigError
 
 CPU = torch.device("cpu")
 

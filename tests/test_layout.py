@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from thumbclf import layout
+from thumbclf.core import layout
 
 
 @pytest.mark.parametrize("text", ["..", ".", "../../x", "/abs/x", "a\\b", ".hidden", "a\x1b[31m",

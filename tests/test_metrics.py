@@ -3,9 +3,9 @@ import pandas as pd
 import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from thumbclf import metrics as M
-from thumbclf.errors import ConfigError
-from thumbclf.evaluate import cm_layout
+from thumbclf.outputs import metrics as M
+from thumbclf.core.errors import ConfigError
+from thumbclf.outputs.confusion import cm_layout
 
 CLASSES = ["A", "B", "C"]
 
@@ -17,7 +17,7 @@ def table(labels, probs, threshold=0.5, patients=None):
         df["PATIENT"] = patients
     for j, c in enumerate(CLASSES):
         df[c] = probs[:, j]
-    from thumbclf.decide import decide
+    from thumbclf.core.decide import decide
     df["model_prediction"] = decide(probs, CLASSES, threshold)
     return df
 

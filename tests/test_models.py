@@ -5,10 +5,10 @@ import pytest
 import torch
 from torch import nn
 
-from thumbclf.data import Normalisation
-from thumbclf.errors import ModelError
-from thumbclf.images import Preprocessing
-from thumbclf.models import build_model, freeze, load_model, load_ssl, save_model, train_mode
+from thumbclf.nn.data import Normalisation
+from thumbclf.core.errors import ModelError
+from thumbclf.inputs.images import Preprocessing
+from thumbclf.nn.models import build_model, freeze, load_model, load_ssl, save_model, train_mode
 
 
 def test_the_backbones_of_earlier_model_files_build_with_the_right_head():

@@ -15,14 +15,14 @@ import pandas as pd
 import pytest
 
 from conftest import run_script, train_once, write_yaml
-from thumbclf import synth
+from thumbclf.inputs import synth
 from thumbclf.cli import main
 from thumbclf.config import DEPLOY
-from thumbclf.decide import decide
+from thumbclf.core.decide import decide
 from thumbclf.evaluate import main as evaluate_main
-from thumbclf.layout import LOCK
-from thumbclf.results import FILE_MODE, append_whole, atomic_text, repair_tail
-from thumbclf.sorting import sort_copies
+from thumbclf.core.layout import LOCK
+from thumbclf.core.files import FILE_MODE, append_whole, atomic_text, repair_tail
+from thumbclf.outputs.sorting import sort_copies
 
 FAST = ("pretrained: false\nbatch_size: 8\nmax_epochs: 1\nstopEpoch: 0\npatience: 1\n"
         "bootstrap: 0\nnum_workers: 0\ngradcam: 0\n")
@@ -70,7 +70,7 @@ def test_hostile_labels_write_only_inside_the_results_folder(tmp_path):
 # 2 ---------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_a_results_folder_has_one_owner_at_a_time(model_dir, tmp_path):
-    from thumbclf.results import prepare_output
+    from thumbclf.workflows.run import prepare_output
 
     synth.generate(tmp_path / "many", per_class=10, seed=9, min_side=60, max_side=120,
                    classes=("IHC", "TMA"))
@@ -96,7 +96,7 @@ def test_a_results_folder_has_one_owner_at_a_time(model_dir, tmp_path):
 
 
 def test_a_lock_left_by_a_crashed_run_is_reclaimed(tmp_path, caplog):
-    from thumbclf.results import prepare_output
+    from thumbclf.workflows.run import prepare_output
 
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / LOCK).write_text("pid 999999 on elsewhere, started 2026-01-01")
@@ -108,7 +108,7 @@ def test_a_lock_left_by_a_crashed_run_is_reclaimed(tmp_path, caplog):
 
 # 3 ---------------------------------------------------------------------------------------------
 def test_an_append_is_whole_or_not_at_all(tmp_path, monkeypatch):
-    from thumbclf.errors import OutputError
+    from thumbclf.core.errors import OutputError
 
     f = tmp_path / "p.csv"
     append_whole(f, b"position,A\n0,1\n")
@@ -164,8 +164,8 @@ def test_a_full_disk_during_prediction_is_one_line_and_resumable(model_dir, tmp_
 
 
 def test_a_full_disk_before_the_first_row_still_resumes(tmp_path, monkeypatch):
-    from thumbclf.deployment import _done_positions
-    from thumbclf.errors import OutputError
+    from thumbclf.workflows.deploy import _done_positions
+    from thumbclf.core.errors import OutputError
 
     partial = tmp_path / "predictions.partial.csv"
 
@@ -185,7 +185,7 @@ def test_a_resume_with_other_inputs_is_refused(model_dir, tmp_path, monkeypatch,
                    classes=("IHC", "TMA"))
     exp = write_yaml(tmp_path / "d.yaml", f"thumbData: {tmp_path / 'imgs'}\nmodelAdr: {model_dir}\n"
                      "hasLabels: false\nbatch_size: 4\nnum_workers: 0\ngradcam: 0\n")
-    import thumbclf.deployment as deployment
+    import thumbclf.workflows.deploy as deployment
 
     real = deployment.append_whole
     calls = []
@@ -205,8 +205,8 @@ def test_a_resume_with_other_inputs_is_refused(model_dir, tmp_path, monkeypatch,
 
 
 def test_a_lock_file_that_is_a_link_is_refused_and_its_target_kept(tmp_path):
-    from thumbclf.errors import OutputError
-    from thumbclf.results import prepare_output
+    from thumbclf.core.errors import OutputError
+    from thumbclf.workflows.run import prepare_output
 
     victim = tmp_path / "victim.txt"
     victim.write_text("precious")
@@ -256,7 +256,7 @@ def test_results_folders_inside_a_flat_input_folder_are_not_input(model_dir, tmp
 @pytest.mark.slow
 def test_an_interruption_while_sorting_is_resumed(model_dir, tiny_data, tmp_path, monkeypatch,
                                                   capsys):
-    import thumbclf.sorting as sorting
+    import thumbclf.outputs.sorting as sorting
 
     exp = write_yaml(tmp_path / "d.yaml", f"thumbData: {tiny_data}\nmodelAdr: {model_dir}\n"
                      "sortThumbs: true\nnum_workers: 0\ngradcam: 0\nbootstrap: 0\n")

@@ -14,7 +14,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 from conftest import ROOT, TINY_CLASSES
-from thumbclf import synth
+from thumbclf.inputs import synth
 
 try:
     import tomllib
@@ -159,7 +159,7 @@ def test_the_ray_extra_is_optional_pinned_and_installed_for_the_tests():
 
 
 def test_the_local_path_imports_no_ray():
-    code = ("import sys, thumbclf.deployment, thumbclf.training, thumbclf.execution, thumbclf.cli;"
+    code = ("import sys, thumbclf.workflows.deploy, thumbclf.workflows.train, thumbclf.predict.execution, thumbclf.cli;"
             "print('ray' in sys.modules)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        env=dict(os.environ, PYTHONPATH=str(ROOT)))

@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from conftest import TINY_CLASSES, run_script, write_yaml
-from thumbclf import synth
-from thumbclf import pretrain
+from thumbclf.inputs import synth
+from thumbclf.workflows import pretrain
 from thumbclf.config import PRETRAIN, TRAIN, PretrainParams, load_params
-from thumbclf.errors import ConfigError, ModelError
-from thumbclf.models import SSL_CHECKPOINT, build_model, head_names, load_ssl
+from thumbclf.core.errors import ConfigError, ModelError
+from thumbclf.nn.models import SSL_CHECKPOINT, build_model, head_names, load_ssl
 
 SMALL = 64  # input size of the in-process runs (the workflow's own size is the backbone's)
 

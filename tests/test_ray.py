@@ -78,7 +78,9 @@ def test_ray_deploy_gives_the_local_predictions(model_dir, archive, tmp_path):
 def test_an_interrupted_ray_deploy_resumes_without_duplicates_or_gaps(model_dir, archive,
                                                                         tmp_path, monkeypatch):
     """Ctrl-C (or SIGTERM, which thumbclf turns into the same) after the third batch's rows."""
-    from thumbclf import api, deployment, ray_backend
+    from thumbclf import api
+    from thumbclf.workflows import deploy as deployment
+    from thumbclf.predict import ray_backend
 
     exp = write_yaml(tmp_path / "d.yaml", f"thumbData: {archive}\nmodelAdr: {model_dir}\n"
                      f"{FAST.replace('batch_size: 8', 'batch_size: 1')}executor: ray\n")
@@ -115,16 +117,16 @@ def test_a_file_that_kills_its_worker_is_reported_not_fatal(model_dir, tiny_data
     killer.write_bytes((tiny_data.parent / pd.read_csv(tiny_data)["PATH"][0]).read_bytes())
 
     def crash_on_killer():
-        import thumbclf.data
+        import thumbclf.nn.data as data
 
-        original = thumbclf.data.load_array
+        original = data.load_array
 
         def load_array(path, *args, **kwargs):
             if str(path).endswith("killer.png"):
                 os._exit(1)
             return original(path, *args, **kwargs)
 
-        thumbclf.data.load_array = load_array
+        data.load_array = load_array
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"worker_process_setup_hook": crash_on_killer,

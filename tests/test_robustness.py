@@ -12,9 +12,10 @@ import pandas as pd
 import pytest
 
 from conftest import ROOT, run_script, train_once, write_yaml
-from thumbclf import synth
-from thumbclf.errors import OutputError
-from thumbclf.results import atomic_text, prepare_output
+from thumbclf.inputs import synth
+from thumbclf.core.errors import OutputError
+from thumbclf.core.files import atomic_text
+from thumbclf.workflows.run import prepare_output
 
 FAST = ("pretrained: false\nbatch_size: 8\nmax_epochs: 1\nstopEpoch: 0\npatience: 1\n"
         "bootstrap: 0\nnum_workers: 0\ngradcam: 0\n")
@@ -150,7 +151,7 @@ def test_debug_shows_the_traceback(tmp_path):
 
 
 def test_rare_classes_are_reported(caplog):
-    from thumbclf.training import report_rare_classes
+    from thumbclf.workflows.train import report_rare_classes
 
     assert report_rare_classes({"A": 100, "B": 90, "C": 5}, "loss") == ["C"]
     assert "rare classes: C (5 images, 3%)" in caplog.text

@@ -4,8 +4,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from thumbclf.errors import DataError
-from thumbclf.samples import check_class_sizes, discover
+from thumbclf.core.errors import DataError
+from thumbclf.inputs.samples import check_class_sizes, discover
 
 
 def img(path, size=(20, 10)):

@@ -7,10 +7,10 @@ import tifffile
 from PIL import Image
 
 from conftest import REALDATA, run_script, write_yaml
-from thumbclf import slides
-from thumbclf.decode import load_array
-from thumbclf.errors import ImageReadError
-from thumbclf.images import Preprocessing
+from thumbclf.inputs import slides
+from thumbclf.inputs.decode import load_array
+from thumbclf.core.errors import ImageReadError
+from thumbclf.inputs.images import Preprocessing
 
 REAL_SLIDES = sorted((REALDATA / "slides").glob("*.svs")) if REALDATA.is_dir() else []
 

@@ -1,7 +1,7 @@
 
 
-from thumbclf.layout import safe_component
-from thumbclf.sorting import sort_copies
+from thumbclf.core.layout import safe_component
+from thumbclf.outputs.sorting import sort_copies
 
 
 def make(path, data=b"abc"):

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from thumbclf.splits import make_splits, positions
+from thumbclf.inputs.splits import make_splits, positions
 
 
 def labels(n_per=(12, 8, 6)):

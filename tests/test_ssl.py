@@ -5,11 +5,11 @@ import math
 import numpy as np
 import torch
 
-from thumbclf import synth
-from thumbclf.data import IMAGENET, to_input
+from thumbclf.inputs import synth
+from thumbclf.nn.data import IMAGENET, to_input
 
-from thumbclf.models import backbone_only
-from thumbclf.ssl import BYOL, lr_at, momentum_at, ssl_view
+from thumbclf.nn.models import backbone_only
+from thumbclf.nn.ssl import BYOL, lr_at, momentum_at, ssl_view
 
 NORM = IMAGENET
 

@@ -8,9 +8,14 @@ The Python API (see the README's "Install as a package"):
     table = model.predict(["a.png", "b.jpg"])           # a DataFrame like predictions.csv
 """
 
-from .api import Classifier, deploy, load_model, train
-from .errors import ConfigError, DataError, ModelError, OutputError, ThumbclfError
+from thumbclf.api import Classifier, deploy, load_model, train
+from thumbclf.core.errors import (
+           ConfigError,
+           DataError,
+           ModelError,
+           OutputError,
+           ThumbclfError,
+)
 
-__version__ = "1.1.0"
 __all__ = ["train", "deploy", "load_model", "Classifier", "ThumbclfError", "ConfigError",
            "DataError", "ModelError", "OutputError", "__version__"]

@@ -1,6 +1,6 @@
 """python -m thumbclf: the same as the thumbclf command."""
 
-from .cli import command_main
+from thumbclf.cli import command_main
 
 if __name__ == "__main__":
     command_main()

@@ -22,12 +22,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
-from .errors import ConfigError, DataError
+from thumbclf.core.errors import ConfigError, DataError
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
 
-    from .config import DeployParams, Params
+    from thumbclf.config import DeployParams, Params
 
 log = logging.getLogger(__name__)
 DICT_SOURCE = Path("<experiment dict>")  # how error messages name an experiment given as a dict
@@ -48,7 +48,7 @@ def _plain(value: Any) -> Any:
 
 def _override(raw: dict[str, Any], settings: Mapping[str, Any]) -> dict[str, Any]:
     """Replace keys of ``raw`` by ``settings`` whatever their spelling, as ``--set`` does."""
-    from .config import SPELLINGS
+    from thumbclf.config import SPELLINGS
 
     raw = dict(raw)
     for key, value in settings.items():
@@ -69,7 +69,7 @@ def load_experiment(experiment: str | os.PathLike | Mapping[str, Any], *, workfl
     results folder defaults to one named after it, beside it). A dict is validated by the same
     rules; its relative paths start at the current directory and ``output`` must be given.
     """
-    from .config import read_experiment_file, validate
+    from thumbclf.config import read_experiment_file, validate
 
     out = Path(output).absolute() if output is not None else None
     if isinstance(experiment, Mapping):
@@ -96,20 +96,21 @@ def execute(params: Params, *, resume: bool = False, quiet: bool = False, debug:
     """
     import yaml
 
-    from .config import TRAIN, WORKFLOW_OF
-    from .results import atomic_text, check_output, prepare_output, setup_logging
+    from thumbclf.config import TRAIN, WORKFLOW_OF
+    from thumbclf.core.files import atomic_text
+    from thumbclf.workflows.run import check_output, prepare_output, setup_logging
 
     workflow = WORKFLOW_OF[type(params)]
     if workflow == TRAIN:
-        from .training import preflight, run
+        from thumbclf.workflows.train import preflight, run
     elif workflow == "pretrain":
-        from .pretrain import preflight, run
+        from thumbclf.workflows.pretrain import preflight, run
     else:
         # decoding workers share the cores with the model: idle OpenMP threads should sleep,
         # not spin (measured +10% on PNG thumbnails on 2 cores); read when torch loads
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-        from .deployment import preflight, run
-    from . import distributed
+        from thumbclf.workflows.deploy import preflight, run
+    from thumbclf.predict import distributed
 
     if distributed.active():  # torchrun: rank 0 owns the results folder, the others train along
         return _execute_ranks(params, workflow, resume=resume, quiet=quiet, debug=debug,
@@ -133,10 +134,10 @@ def execute(params: Params, *, resume: bool = False, quiet: bool = False, debug:
 def _execute_ranks(params: Params, workflow: str, *, resume: bool, quiet: bool, debug: bool,
                    progress: bool) -> Path:
     """``execute`` for one rank of a torchrun training (see distributed.py)."""
-    from . import distributed
-    from .config import TRAIN
-    from .errors import ThumbclfError
-    from .results import check_output, prepare_output, setup_logging
+    from thumbclf.config import TRAIN
+    from thumbclf.core.errors import ThumbclfError
+    from thumbclf.predict import distributed
+    from thumbclf.workflows.run import check_output, prepare_output, setup_logging
 
     where = f"{params.source}: "
     if workflow != TRAIN:
@@ -145,7 +146,7 @@ def _execute_ranks(params: Params, workflow: str, *, resume: bool, quiet: bool, 
     if params.executor == "ray":
         raise ConfigError(f"{where}executor: ray and torchrun do not combine; use torchrun for "
                           "one model on several GPUs, or executor: ray for folds in parallel")
-    from .training import preflight, run
+    from thumbclf.workflows.train import preflight, run
 
     distributed.init(params.device)
     try:
@@ -203,7 +204,7 @@ def train(experiment: str | os.PathLike | Mapping[str, Any], *,
     named after the file, beside it). Errors are raised as ConfigError, DataError, ModelError
     or OutputError (all ThumbclfError) with the message the command line prints.
     """
-    from .config import TRAIN
+    from thumbclf.config import TRAIN
 
     return _run(TRAIN, experiment, output, resume, quiet, settings)
 
@@ -215,7 +216,7 @@ def deploy(experiment: str | os.PathLike | Mapping[str, Any], *,
 
     The same options and errors as :func:`train`; e.g. ``deploy("d.yaml", modelAdr="runs/cv")``.
     """
-    from .config import DEPLOY
+    from thumbclf.config import DEPLOY
 
     return _run(DEPLOY, experiment, output, resume, quiet, settings)
 
@@ -225,8 +226,8 @@ def init_experiment(path: str | os.PathLike, *, workflow: str | None = None) -> 
 
     ``workflow``: 'train' or 'deploy' for only that workflow's keys; None for both.
     """
-    from .config import starter_text
-    from .errors import OutputError
+    from thumbclf.config import starter_text
+    from thumbclf.core.errors import OutputError
 
     path = Path(path)
     if path.suffix.lower() not in (".yaml", ".yml"):
@@ -256,11 +257,11 @@ def load_model(path: str | os.PathLike | Iterable[str | os.PathLike], **settings
     prediction_threshold, tta, device, num_workers, target_labels and model_name (prototype
     models), max_image_pixels, slide_thumbnail_size, cache_dir.
     """
-    from .config import DEPLOY, validate
-    from .decide import threshold_in_force
-    from .deployment import load_models, prepare_runners
-    from .samples import SampleSet
-    from .engine import pick_device
+    from thumbclf.config import DEPLOY, validate
+    from thumbclf.core.decide import threshold_in_force
+    from thumbclf.inputs.samples import SampleSet
+    from thumbclf.nn.engine import pick_device
+    from thumbclf.workflows.deploy import load_models, prepare_runners
 
     paths = _plain(path) if isinstance(path, (str, os.PathLike)) else [_plain(p) for p in path]
     raw = _override({"thumbData": "."}, {**settings, "modelAdr": paths})
@@ -329,7 +330,7 @@ class Classifier:
         if bad:
             raise DataError(f"predict: images must be paths or PIL images; got a "
                             f"{type(bad[0]).__name__}")
-        from .samples import Sample, SampleSet
+        from thumbclf.inputs.samples import Sample, SampleSet
 
         samples = tuple(Sample(Path(i).absolute()) for i in items)
         return self._predict_samples(SampleSet(samples, (), False, Path.cwd()), False)
@@ -337,7 +338,7 @@ class Classifier:
     # -- inputs
 
     def _discover(self, path: Path, has_labels: bool | None):
-        from .samples import discover, has_column, read_table
+        from thumbclf.inputs.samples import discover, has_column, read_table
 
         if has_labels is None:  # a table: when it has labels; a folder: a flat folder
             has_labels = (_is_table(path) and path.is_file()
@@ -345,7 +346,7 @@ class Classifier:
         return discover(path, need_labels=has_labels), has_labels
 
     def _frame_samples(self, df, has_labels: bool | None):
-        from .samples import has_column, samples_from_frame
+        from thumbclf.inputs.samples import has_column, samples_from_frame
 
         df = df.copy()
         df.columns = [str(c).strip() for c in df.columns]
@@ -359,8 +360,8 @@ class Classifier:
 
     def _predict_samples(self, sample_set, has_labels: bool) -> pd.DataFrame:
         """Files through the command line's own streaming code, into a temporary folder."""
-        from . import slides
-        from .deployment import final_table, predict_stream
+        from thumbclf.inputs import slides
+        from thumbclf.workflows.deploy import final_table, predict_stream
 
         with tempfile.TemporaryDirectory(prefix="thumbclf-predict-") as tmp:
             folder = Path(tmp) / "predictions"
@@ -380,11 +381,11 @@ class Classifier:
         import torch
         from PIL import Image
 
-        from . import table
-        from .decide import decide_with_reasons
-        from .decode import load_array
-        from .deployment import ensemble_predict
-        from .errors import ImageReadError
+        from thumbclf.core import table
+        from thumbclf.core.decide import decide_with_reasons
+        from thumbclf.core.errors import ImageReadError
+        from thumbclf.inputs.decode import load_array
+        from thumbclf.predict.ensemble import ensemble_predict
 
         prep = self.models[0].prep
         names, arrays, errors = [], [], []
@@ -433,7 +434,12 @@ def picture_array(img, prep) -> Any:
     """A PIL image -> the model's uint8 input array, as ``decode.load_array`` makes it from a file."""
     from PIL import ImageOps
 
-    from .images import EXIF_ORIENTATION, fit_square, legacy_square, to_rgb
+    from thumbclf.inputs.images import (
+        EXIF_ORIENTATION,
+        fit_square,
+        legacy_square,
+        to_rgb,
+    )
 
     if img.getexif().get(EXIF_ORIENTATION, 1) != 1:
         img = ImageOps.exif_transpose(img)
@@ -442,7 +448,7 @@ def picture_array(img, prep) -> Any:
 
 
 def _is_table(path: Path) -> bool:
-    from .samples import TABLE_SUFFIXES
+    from thumbclf.inputs.samples import TABLE_SUFFIXES
 
     return path.suffix.lower() in TABLE_SUFFIXES
 

@@ -15,10 +15,10 @@ import signal
 import sys
 from pathlib import Path
 
-from . import __version__
-from .config import DEPLOY, PRETRAIN, TRAIN, load_params
-from .errors import ThumbclfError, clean
-from .results import setup_logging
+from thumbclf.config import DEPLOY, PRETRAIN, TRAIN, load_params
+from thumbclf.core.errors import ThumbclfError, clean
+from thumbclf.core.version import __version__
+from thumbclf.workflows.run import setup_logging
 
 log = logging.getLogger(__name__)
 EXIT_ERROR, EXIT_BUG, EXIT_INTERRUPTED = 2, 1, 130
@@ -103,7 +103,7 @@ def run_workflow(workflow: str, args: argparse.Namespace, ap: argparse.ArgumentP
     if experiment is None or (args.experiment and args.expfile):
         ap.error("give one experiment file (EXPERIMENT or --ExpFile EXPERIMENT)")
     signal.signal(signal.SIGTERM, _sigterm)
-    from .api import execute
+    from thumbclf.api import execute
 
     setup_logging(None, quiet=args.quiet, debug=args.debug)
     folder = None
@@ -150,7 +150,7 @@ def guarded(work, folder=lambda: None) -> int:
 
 def _speaks() -> bool:
     """Under torchrun only rank 0 prints (every rank meets the same errors)."""
-    from . import distributed
+    from thumbclf.predict import distributed
 
     return distributed.is_main()
 
@@ -165,7 +165,7 @@ def _bug(exc: BaseException, folder: Path | None) -> int:
 
 def init_file(path: Path, workflow: str | None) -> None:
     """``thumbclf init``: write the starting file and say what to do next."""
-    from .api import init_experiment
+    from thumbclf.api import init_experiment
 
     init_experiment(path, workflow=workflow)
     keys = "thumbData and modelAdr" if workflow == DEPLOY else "thumbData"
@@ -185,7 +185,7 @@ def evaluate_main(argv: list[str] | None = None, prog: str = "thumbclf evaluate"
     args = ap.parse_args(argv)
 
     def work() -> None:
-        from .evaluate import evaluate_file
+        from thumbclf.workflows.evaluate import evaluate_file
 
         out = evaluate_file(args.predictions, threshold=args.threshold, output=args.output,
                             bootstrap=args.bootstrap, seed=args.seed)

@@ -1,0 +1,82 @@
+"""Text made from the key table: experiments/template.yaml and ``thumbclf init``'s starter file."""
+
+from __future__ import annotations
+
+import textwrap
+
+import yaml
+
+from thumbclf.config.schema import ALL, DEPLOY, KEYS, TRAIN, Key
+
+
+def spelling(key: Key) -> str:
+    """The spelling used in docs: the prototype's where it had one."""
+    legacy = [a for a in key.aliases if a not in ("learning_rate", "weight_decay")]
+    return legacy[0] if legacy else key.name
+
+
+def template_text() -> str:
+    """experiments/template.yaml: every key with its meaning and default (kept in sync by a test)."""
+    lines = ["# thumbclf experiment file: every key, its meaning and its default.",
+             "# Copy this file, delete what you don't need (absent keys take their defaults) and",
+             "# set thumbData (and modelAdr for deploy). YAML (.yaml/.yml) or JSON (.json, or .txt",
+             "# as the prototype wrote them). The prototype's spellings (thumbData, foldNumber, ...)",
+             "# and the snake_case names (thumb_data, fold_number, ...) both work; give only one.",
+             "# Relative paths start at this file's folder. Keys marked [train], [deploy] or",
+             "# [pretrain] are used by those scripts only; the others accept and ignore them.",
+             "# Booleans are true or false (or 1/0, as the prototype read them; never strings),",
+             "# numbers may be quoted.", ""]
+    for key in KEYS:
+        name = spelling(key)
+        where = "" if set(key.workflows) == set(ALL) else f"[{', '.join(key.workflows)}] "
+        others = [a for a in (key.name, *key.aliases) if a != name]
+        also = f" (also: {', '.join(others)})" if others else ""
+        lines += ["# " + line for line in textwrap.wrap(where + key.doc + also, 90)]
+        if key.name == "thumb_data":
+            value = "data/labels.csv"
+        elif key.name == "model_path":
+            value = "null   # deploy: a training results folder, a model.pt, or a list of them"
+        else:
+            value = yaml.safe_dump(key.default, default_flow_style=True).strip()
+            value = value.removesuffix("...").strip()
+        lines += [f"{name}: {value}", ""]
+    return "\n".join(lines)
+
+
+STARTER_VALUES = {"thumb_data": "data/labels.csv   # a table (PATH, CLASSIFICATION) or a folder",
+                  "model_path": "my_training   # a training results folder, a model.pt, or a list"}
+
+
+def starter_text(workflow: str | None = None) -> str:
+    """``thumbclf init``: the required keys set to examples, the others commented out with their
+    defaults and meanings; ``workflow`` None serves both scripts."""
+    import textwrap
+
+    what = {TRAIN: "training", DEPLOY: "deployment", None: "training and deployment"}[workflow]
+    needed = {TRAIN: ("thumb_data",), DEPLOY: ("thumb_data", "model_path"), None: ("thumb_data",)}
+    lines = [f"# thumbclf experiment file for {what}, written by 'thumbclf init'.",
+             "# Set the keys that are not commented out. Every other key takes the default shown;",
+             "# remove the '# ' in front of one to change it. Relative paths start at this file's",
+             "# folder. The prototype's spellings (thumbData, foldNumber, ...) and the snake_case",
+             "# names (thumb_data, fold_number, ...) both work.", ""]
+    for key in KEYS:
+        if workflow is not None and workflow not in key.workflows:
+            continue
+        name = spelling(key)
+        where = "" if workflow is not None or len(key.workflows) == 2 else f"[{key.workflows[0]}] "
+        lines += ["# " + line for line in textwrap.wrap(where + key.doc, 90)]
+        if key.name in needed[workflow]:
+            lines += [f"{name}: {STARTER_VALUES[key.name]}", ""]
+            continue
+        if key.name == "model_path":
+            value = STARTER_VALUES["model_path"]
+        else:
+            value = yaml.safe_dump(key.default, default_flow_style=True).strip()
+            value = value.removesuffix("...").strip()
+        lines += [f"# {name}: {value}", ""]
+    return "\n".join(lines)
+
+
+
+if __name__ == "__main__":  # python -m thumbclf.config.render > experiments/template.yaml
+    print(template_text(), end="")

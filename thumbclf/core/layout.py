@@ -1,0 +1,196 @@
+"""The results folder's layout: every path a run builds or parses, and names made from data.
+
+Nothing else joins a label, a file name or a fold number to a path. Data (class names,
+decisions, file and slide names) becomes a path component only through ``safe_component``,
+so a label such as ``../../x`` can never write outside the results folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import unicodedata
+from pathlib import Path, PureWindowsPath
+
+MAX_COMPONENT_BYTES = 120  # well below every file system's 255-byte limit, room for suffixes
+_UNSAFE = re.compile(r'[\\/:*?"<>|\x00-\x1f\x7f-\x9f\ud800-\udfff]')  # surrogates: undecodable names
+_WINDOWS_RESERVED = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)),
+                     *(f"LPT{i}" for i in range(1, 10))}
+
+# files of a results folder
+CONFIG = "config.yaml"
+RUN_LOG = "run.log"
+LOCK = ".thumbclf.lock"
+SPLITS = "splits.csv"
+PREDICTIONS = "predictions.csv"
+PARTIAL = "predictions.partial.csv"
+INPUTS = "inputs.csv"  # deploy: the inputs by position, to check a resume against
+ADAPTED_BN = "adapted_bn"  # deploy with adapt_bn: each model's re-estimated BatchNorm statistics
+REPORT = "report.html"
+MODEL = "model.pt"
+CHECKPOINT = "checkpoint.pt"
+HISTORY = "history.csv"
+FULL = "full"  # the folder of full training (fold 0)
+CACHE_FOLDER = "thumbclf-cache"  # the default cache folder, beside the results folders
+SLIDE_THUMBNAILS = "slides"  # the cache folder's subfolder of rendered slide thumbnails
+CACHE_TAG = "CACHEDIR.TAG"  # https://bford.info/cachedir/: marks the shared cache folder
+CACHE_TAG_TEXT = ("Signature: 8a477f597d28d172789f06886806bc55\n"
+                  "# This file marks a thumbclf cache folder (decoded images, slide thumbnails).\n"
+                  "# thumbclf never reads images from it as input; it can be deleted at any time.\n")
+
+
+# ---------------------------------------------------------------------------- names from data
+
+
+def _short_hash(text: str) -> str:
+    return hashlib.sha1(text.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+
+
+def safe_component(text: str) -> str:
+    """Data as one harmless path component: no separators, no '.'/'..', no leading dot, no
+    control characters, at most MAX_COMPONENT_BYTES bytes. Changed names carry a hash of the
+    original, so two different texts never give the same name."""
+    raw = str(text)
+    name = unicodedata.normalize("NFC", raw)
+    name = _UNSAFE.sub("_", name).strip().lstrip(".").rstrip(". ")
+    if name.split(".")[0].upper() in _WINDOWS_RESERVED:
+        name = "_" + name
+    if name and name == raw and len(name.encode("utf-8", "surrogatepass")) <= MAX_COMPONENT_BYTES:
+        return name
+    tag = _short_hash(raw)
+    encoded = name.encode("utf-8", "surrogatepass")[:MAX_COMPONENT_BYTES - 10]
+    name = encoded.decode("utf-8", "ignore").rstrip(". ")
+    return f"{name}~{tag}" if name else f"_~{tag}"
+
+
+def component_map(texts) -> dict[str, str]:
+    """Each text's safe component, unique even where a file system ignores case."""
+    out: dict[str, str] = {}
+    used: set[str] = set()
+    for text in dict.fromkeys(str(t) for t in texts):
+        name = safe_component(text)
+        if name.casefold() in used:  # e.g. 'Tumor' and 'tumor' on macOS or Windows
+            name = f"{name}~{_short_hash(text)}"
+        used.add(name.casefold())
+        out[text] = name
+    return out
+
+
+def safe_file_name(stem: str, suffix: str) -> str:
+    """A file name from a data stem and a (trusted or data) suffix, e.g. ('slide 1', '.png')."""
+    suffix = suffix if re.fullmatch(r"\.[A-Za-z0-9]{1,8}", suffix or "") else ""
+    return safe_component(stem) + suffix.lower() if suffix else safe_component(stem)
+
+
+def unique_file(folder: Path, stem: str, suffix: str, source: str, taken: set[str]) -> Path:
+    """A new path ``folder/<safe stem><suffix>`` not in ``taken`` (compared case-insensitively,
+    as macOS and Windows do); a collision adds a hash of ``source``, then a counter."""
+    base = safe_file_name(stem, suffix)
+    candidates = [base]
+    p = Path(base)
+    tag = _short_hash(source)
+    candidates += [f"{p.stem}__{tag}{p.suffix}"]
+    candidates += [f"{p.stem}__{tag}-{i}{p.suffix}" for i in range(2, 10_000)]
+    for name in candidates:
+        key = str(folder / name).casefold()
+        if key not in taken:
+            taken.add(key)
+            return folder / name
+    raise AssertionError("no free name")  # 10,000 files of one name and hash: not reachable
+
+
+def inside(root: Path, path: Path) -> bool:
+    """True when ``path`` (resolved) lies inside ``root`` (resolved)."""
+    root_r, path_r = root.resolve(), path.resolve()
+    return path_r == root_r or root_r in path_r.parents
+
+
+# ---------------------------------------------------------------------------- folds
+
+
+def fold_dir(folder: Path, fold: int) -> Path:
+    """The folder of one fold: fold_<k>/, or full/ for full training (fold 0)."""
+    return folder / (FULL if fold == 0 else f"fold_{fold}")
+
+
+def fold_label(fold: int) -> str:
+    """How a fold is named in logs and reports."""
+    return "full training" if fold == 0 else f"fold {fold}"
+
+
+def fold_of(path: Path) -> int | None:
+    """The fold number of a fold folder (full/ -> 0), or None for any other folder."""
+    if path.name == FULL:
+        return 0
+    m = re.fullmatch(r"fold_(\d+)", path.name)
+    return int(m.group(1)) if m else None
+
+
+def fold_model(folder: Path, fold: int) -> Path:
+    """A fold's model file; the final model of full training lies in the results folder."""
+    return folder / MODEL if fold == 0 else fold_dir(folder, fold) / MODEL
+
+
+def fold_predictions(folder: Path, fold: int) -> Path:
+    """A fold's test predictions (full training: its validation predictions)."""
+    return fold_dir(folder, fold) / ("val_predictions.csv" if fold == 0 else PREDICTIONS)
+
+
+def fold_folders(folder: Path) -> list[tuple[int, Path]]:
+    """(fold, folder) of every fold folder, in fold order."""
+    found = [(fold_of(p), p) for p in folder.iterdir() if p.is_dir()] if folder.is_dir() else []
+    return sorted((k, p) for k, p in found if k is not None)
+
+
+def model_files_in(folder: Path) -> list[Path]:
+    """The model files of a training results folder: model.pt, else fold_*/model.pt."""
+    if (folder / MODEL).is_file():
+        return [folder / MODEL]
+    return [p / MODEL for k, p in fold_folders(folder) if k > 0 and (p / MODEL).is_file()]
+
+
+# ---------------------------------------------------------------------------- recognising folders
+
+
+def is_results_folder(path: Path) -> bool:
+    """A thumbclf results folder (marked by its config.yaml and run.log, or its lock)."""
+    return ((path / CONFIG).is_file() and (path / RUN_LOG).is_file()) or (path / LOCK).is_file()
+
+
+def is_cache_folder(path: Path) -> bool:
+    """A cache folder (tagged with CACHEDIR.TAG, as thumbclf tags its own)."""
+    return (path / CACHE_TAG).is_file()
+
+
+def tag_cache_folder(path: Path) -> None:
+    """Mark a cache folder so that folder inputs never read it (and backup tools skip it)."""
+    tag = path / CACHE_TAG
+    if not tag.exists():
+        try:
+            tag.write_text(CACHE_TAG_TEXT)
+        except OSError:
+            pass  # an unwritable cache is reported where it is written
+
+
+def writable_or_creatable(path: Path) -> str | None:
+    """None when ``path`` is (or could be made) a writable folder, else the reason why not."""
+    probe = path
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        return f"{probe} is a file, not a folder"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return f"{probe} is not writable"
+    return None
+
+
+def to_local_path(text: str, base: Path) -> Path:
+    """A path string from a file (POSIX or Windows style), resolved against ``base``."""
+    if os.sep == "/" and "\\" in text:
+        text = PureWindowsPath(text).as_posix()
+    path = Path(os.path.expanduser(text))
+    return path if path.is_absolute() else (base / path)
+

@@ -1,0 +1,141 @@
+"""The predictions table: its columns, how it is read back, and how it is validated.
+
+Columns, in order: PATH, row (tables only), CLASSIFICATION (with labels), PATIENT (with
+patients), fold (cross-validation), one probability column per class (in the model's class
+order), model_prediction, undecided_reason ('low confidence', 'unfamiliar' or empty),
+unfamiliarity (models with the unfamiliar-slide rule; above 1: unfamiliar), error (deploy),
+threshold, then the slide columns (slides only).
+Class columns are found by name, never by position: from the model's classes where they are
+known, else as the columns that are none of the table's own.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
+
+import numpy as np
+import pandas as pd
+
+from thumbclf.core.errors import DataError
+
+if TYPE_CHECKING:
+    from thumbclf.inputs.samples import Sample
+
+PATH, ROW, LABEL, PATIENT, FOLD = "PATH", "row", "CLASSIFICATION", "PATIENT", "fold"
+DECISION, ERROR, THRESHOLD = "model_prediction", "error", "threshold"
+REASON, UNFAMILIARITY = "undecided_reason", "unfamiliarity"  # familiarity.py
+SLIDE_COLUMNS = ("slide_vendor", "slide_objective_power", "slide_mpp_x", "slide_mpp_y",
+                 "slide_level_count", "slide_width", "slide_height")
+OWN_COLUMNS = {PATH, ROW, LABEL, PATIENT, FOLD, DECISION, REASON, UNFAMILIARITY, ERROR,
+               THRESHOLD, "confidence", *SLIDE_COLUMNS}
+TEXT_COLUMNS = {PATH: str, LABEL: str, PATIENT: str, DECISION: str, REASON: str, ERROR: str}
+SUM_TOLERANCE = 1e-3  # probabilities are written with 6 significant digits
+
+
+def build(samples: Sequence["Sample"], probs: np.ndarray, classes: Sequence[str],
+          decisions: Sequence[str], *, threshold: float, labels: bool, patients: bool,
+          rows: bool = False, fold: int | None = None, errors: Sequence[str] | None = None,
+          reasons: Sequence[str] | None = None, unfamiliarity: np.ndarray | None = None,
+          slide_properties: Sequence[dict | None] | None = None) -> pd.DataFrame:
+    """The predictions table of ``samples`` (one row each, in order), in the documented column
+    order. ``fold`` (cross-validation) adds the fold column; full training (fold 0) has none."""
+    df = pd.DataFrame({PATH: [str(s.path) for s in samples]})
+    if rows:
+        df[ROW] = [s.row for s in samples]
+    if labels:
+        df[LABEL] = [s.label for s in samples]
+    if patients:
+        df[PATIENT] = [s.patient or str(s.path) for s in samples]
+    if fold:
+        df[FOLD] = fold
+    probs = np.asarray(probs, dtype=float).reshape(len(samples), len(classes))
+    for j, c in enumerate(classes):
+        df[c] = probs[:, j]
+    df[DECISION] = list(decisions)
+    if reasons is not None:
+        df[REASON] = list(reasons)
+    if unfamiliarity is not None:
+        df[UNFAMILIARITY] = np.asarray(unfamiliarity, dtype=float)
+    if errors is not None:
+        df[ERROR] = list(errors)
+    df[THRESHOLD] = threshold
+    if slide_properties is not None and any(p is not None for p in slide_properties):
+        for col in SLIDE_COLUMNS:
+            df[col] = [p[col] if p is not None else None for p in slide_properties]
+    return df
+
+
+def read_fold(path: Path) -> pd.DataFrame:
+    """A finished fold's predictions, as written (read back when resuming)."""
+    return pd.read_csv(path, dtype={PATH: str, LABEL: str, PATIENT: str, DECISION: str,
+                                    REASON: str})
+
+
+def class_columns(df: pd.DataFrame) -> list[str]:
+    """The probability columns of a table whose classes are not known otherwise."""
+    return [c for c in df.columns if c not in OWN_COLUMNS]
+
+
+def read(path: Path, classes: list[str] | tuple[str, ...] | None = None
+         ) -> tuple[pd.DataFrame, list[str]]:
+    """A predictions table and its classes, validated; DataError naming the file otherwise."""
+    try:
+        df = pd.read_csv(path, dtype=TEXT_COLUMNS, keep_default_na=False, na_values={"": []})
+    except FileNotFoundError:
+        raise DataError(f"{path}: not found") from None
+    except pd.errors.EmptyDataError:
+        raise DataError(f"{path}: the file is empty; is it a thumbclf predictions.csv?") from None
+    except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as exc:
+        raise DataError(f"{path}: not a readable CSV table ({str(exc).splitlines()[0][:160]})"
+                        ) from None
+    classes = list(classes) if classes is not None else class_columns(df)
+    validate(df, classes, path)
+    df = df.copy()
+    df[classes] = df[classes].apply(pd.to_numeric, errors="coerce")
+    return df, classes
+
+
+def _rows(mask: np.ndarray, df: pd.DataFrame) -> str:
+    """Table row numbers (header = row 1) of the first few rows in ``mask``."""
+    idx = np.flatnonzero(mask)
+    shown = ", ".join(str(int(i) + 2) for i in idx[:5])
+    return f"row{'s' if len(idx) > 1 else ''} {shown}{', ...' if len(idx) > 5 else ''}"
+
+
+def validate(df: pd.DataFrame, classes: list[str], source: Path | str,
+             *, need_labels: bool = False) -> None:
+    """Required columns present; class columns numeric, finite, in [0, 1] and summing to 1 on
+    every readable row. DataError listing every problem otherwise."""
+    problems = []
+    for col in (PATH, DECISION) + ((LABEL,) if need_labels else ()):
+        if col not in df.columns:
+            problems.append(f"no {col} column; is it a thumbclf predictions.csv?")
+    if len(classes) < 2:
+        problems.append(f"found {len(classes)} class probability columns "
+                        f"({', '.join(classes) or 'none'}); a predictions table has one per class")
+    missing = [c for c in classes if c not in df.columns]
+    if missing:
+        problems.append(f"no probability column for the classes {', '.join(missing)}")
+    if problems:
+        raise DataError(*(f"{source}: {p}" for p in problems))
+    ok = (df[ERROR].fillna("") == "").to_numpy() if ERROR in df.columns else np.ones(len(df), bool)
+    probs = df[classes].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=float)
+    for j, c in enumerate(classes):
+        bad = ok & ~np.isfinite(probs[:, j])
+        if bad.any():
+            problems.append(f"column {c}: {bad.sum()} values are not numbers ({_rows(bad, df)}); "
+                            "probabilities must be numbers between 0 and 1")
+        out = ok & np.isfinite(probs[:, j]) & ((probs[:, j] < 0) | (probs[:, j] > 1))
+        if out.any():
+            problems.append(f"column {c}: {out.sum()} values lie outside 0-1 ({_rows(out, df)})")
+    if not problems:
+        sums = probs[ok].sum(axis=1)
+        off = np.zeros(len(df), bool)
+        off[np.flatnonzero(ok)] = np.abs(sums - 1) > SUM_TOLERANCE
+        if off.any():
+            problems.append(f"the class probabilities of {off.sum()} rows do not sum to 1 "
+                            f"({_rows(off, df)}: {probs[off].sum(axis=1)[0]:.3f}); is a class "
+                            f"column missing or extra? (classes: {', '.join(classes)})")
+    if problems:
+        raise DataError(*(f"{source}: {p}" for p in problems))

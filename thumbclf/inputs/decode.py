@@ -1,0 +1,30 @@
+"""File -> model-ready pixels: a slide (through OpenSlide) or a picture (through Pillow).
+
+The one place that decides "slide or picture?"; both readers stay unaware of each other.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from thumbclf.inputs import slides
+from thumbclf.inputs.images import Preprocessing, fit_square, legacy_square, open_rgb
+
+
+def load_rgb(path: Path, prep: Preprocessing, *, slide_cache: Path | None = None) -> Image.Image:
+    """The RGB picture of an image file, or the rendered thumbnail of a slide."""
+    if slides.is_slide(path):
+        return slides.thumbnail(path, prep.slide_size, cache_dir=slide_cache)
+    target = prep.size if prep.recipe == "thumbclf" else None
+    return open_rgb(path, target=target, max_pixels=prep.max_pixels)
+
+
+def load_array(path: Path, prep: Preprocessing, *, slide_cache: Path | None = None) -> np.ndarray:
+    """File -> preprocessed ``size`` x ``size`` x 3 uint8 array; raises ImageReadError."""
+    img = load_rgb(path, prep, slide_cache=slide_cache)
+    if prep.recipe == "legacy":
+        return legacy_square(img, prep.size)
+    return fit_square(img, prep.size)

@@ -1,0 +1,124 @@
+"""Open one image (or slide), normalise it to RGB on white, pad to a square and resize.
+
+The same deterministic function serves training and deployment. Two recipes exist:
+``thumbclf`` (aspect-preserving resize, then centre on a white square; JPEGs are decoded at
+reduced size, which is much faster) and ``legacy`` (the prototype's: pad with black to a
+square, then Pillow's bicubic resize; no normalisation), used for its released models.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from thumbclf.core.errors import ImageReadError
+
+Image.MAX_IMAGE_PIXELS = None  # we apply our own, clearer limit (max_pixels)
+EXIF_ORIENTATION = 0x0112
+DEFAULT_MAX_PIXELS = 400_000_000  # refuse (non-JPEG) images with more pixels (max_image_pixels)
+DEFAULT_SLIDE_SIZE = 1024  # long side of thumbnails rendered from slides (slide_thumbnail_size)
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How a file becomes a ``size`` x ``size`` x 3 uint8 array."""
+
+    size: int = 224
+    recipe: str = "thumbclf"  # or "legacy"
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    slide_size: int = DEFAULT_SLIDE_SIZE
+
+    @property
+    def key(self) -> str:
+        """A string that changes whenever the pixels produced could change."""
+        d = asdict(self)
+        d.pop("max_pixels")
+        return "-".join(f"{k}={v}" for k, v in sorted(d.items())) + "-v1"
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any Pillow mode -> RGB; transparency becomes white, 16-bit is scaled to 8-bit."""
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+        mode = img.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        top = arr.max() if arr.size else 0
+        if mode.startswith("I;16") or 255 < top <= 65535:
+            arr = arr / 257.0
+        elif top > 65535:
+            arr = (arr - arr.min()) * (255.0 / max(top - arr.min(), 1))
+        img = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "L")
+        mode = "L"
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def _open(path: Path) -> Image.Image:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return Image.open(path)
+    except FileNotFoundError:
+        raise ImageReadError(f"{path}: file not found") from None
+    except UnidentifiedImageError:
+        size = path.stat().st_size if path.exists() else 0
+        why = "empty file (0 bytes)" if size == 0 else "not an image Pillow can read"
+        raise ImageReadError(f"{path}: {why}") from None
+    except OSError as exc:
+        raise ImageReadError(f"{path}: cannot open ({exc})") from None
+
+
+def open_rgb(path: Path, *, target: int | None, max_pixels: int) -> Image.Image:
+    """Decode an image file to RGB (EXIF orientation applied); JPEGs at reduced size if ``target``."""
+    img = _open(path)
+    try:
+        if target and img.format == "JPEG":
+            w, h = img.size
+            s = target / max(w, h)
+            img.draft("RGB", (max(1, int(w * s + 1)), max(1, int(h * s + 1))))
+        w, h = img.size
+        if w * h > max_pixels:
+            raise ImageReadError(f"{path}: {w} x {h} pixels is more than max_image_pixels "
+                                 f"({max_pixels:,}); shrink it, or raise max_image_pixels")
+        img.load()
+        if img.getexif().get(EXIF_ORIENTATION, 1) != 1:  # exif_transpose copies even when upright
+            img = ImageOps.exif_transpose(img)
+        return to_rgb(img)
+    except ImageReadError:
+        raise
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise ImageReadError(f"{path}: corrupt or truncated image ({exc})") from None
+    except MemoryError:
+        raise ImageReadError(f"{path}: too large to decode in memory; shrink it") from None
+
+
+def fit_square(img: Image.Image, size: int) -> np.ndarray:
+    """Resize (keeping the aspect ratio) so the long side is ``size``; centre on white."""
+    w, h = img.size
+    scale = size / max(w, h)
+    nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
+    if (nw, nh) != (w, h):
+        img = img.resize((nw, nh), Image.Resampling.BICUBIC, reducing_gap=3.0)
+    canvas = Image.new("RGB", (size, size), (255, 255, 255))
+    canvas.paste(img, ((size - nw) // 2, (size - nh) // 2))
+    return np.asarray(canvas, dtype=np.uint8)
+
+
+def legacy_square(img: Image.Image, size: int) -> np.ndarray:
+    """The prototype's recipe: pad to a square with black, then bicubic resize."""
+    w, h = img.size
+    side = max(w, h)
+    canvas = Image.new("RGB", (side, side), (0, 0, 0))
+    canvas.paste(img, (int((side - w) / 2), int((side - h) / 2)))
+    return np.asarray(canvas.resize((size, size), Image.Resampling.BICUBIC), dtype=np.uint8)

@@ -1,0 +1,398 @@
+"""The training loop: train_one_epoch, evaluate, predict, early stopping, fit. No file I/O."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import logging
+import math
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+import torch
+from scipy import special
+from torch import nn
+from tqdm.auto import tqdm
+
+from thumbclf.core import machine
+from thumbclf.core.errors import ConfigError
+from thumbclf.nn.data import Normalisation, augment, to_input
+from thumbclf.nn.models import train_mode
+
+log = logging.getLogger(__name__)
+Batches = Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]
+
+
+def pick_device(requested: str = "auto") -> torch.device:
+    """CUDA when available (or asked for), otherwise the CPU."""
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device: cuda was asked for but no CUDA GPU is available; "
+                          "use device: auto or cpu")
+    if requested in ("auto", "cuda") and torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def configure_threads(device: torch.device, threads: int = 0) -> None:
+    """On the CPU, torch computes with ``threads`` threads (0: every core this process may use)."""
+    if device.type == "cpu":
+        torch.set_num_threads(threads or machine.cores())
+
+
+def autocast(device: torch.device):
+    """Mixed precision on CUDA (bf16 where supported, else fp16); a no-op on the CPU."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast("cuda", dtype=dtype)
+
+
+@dataclass
+class EarlyStopping:
+    """Stop after ``patience`` epochs without a lower validation loss, never before
+    ``stop_epoch``, never after ``max_epochs``; remembers the best epoch."""
+
+    patience: int
+    stop_epoch: int
+    max_epochs: int
+    best_loss: float = float("inf")
+    best_epoch: int = 0
+    epoch: int = 0
+
+    def step(self, val_loss: float) -> bool:
+        """Record one finished epoch; True when it is the best so far."""
+        self.epoch += 1
+        if val_loss < self.best_loss:
+            self.best_loss, self.best_epoch = val_loss, self.epoch
+            return True
+        return False
+
+    @property
+    def should_stop(self) -> bool:
+        if self.epoch >= self.max_epochs:
+            return True
+        return self.epoch >= self.stop_epoch and self.epoch - self.best_epoch >= self.patience
+
+
+@dataclass
+class EpochStats:
+    loss: float
+    accuracy: float
+    n: int
+    seconds: float
+
+
+def _prefetch(it: Iterable, pin: bool = False) -> Iterator:
+    """Prepare the next batch in a thread (pinned for CUDA) while the model works on this one."""
+    it = iter(it) if not pin else ((x.pin_memory(), y) for x, y in it)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        fut = pool.submit(next, it, None)
+        while True:
+            item = fut.result()
+            if item is None:
+                return
+            fut = pool.submit(next, it, None)
+            yield item
+
+
+AUX_WEIGHT = 0.4
+
+
+def training_loss(output, y: torch.Tensor, criterion: nn.Module
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and loss of a training step. Inception v3 in training mode also returns auxiliary
+    logits: loss = main + 0.4 * auxiliary, as in torchvision's fine-tuning tutorial (in
+    evaluation it returns the main logits only)."""
+    if isinstance(output, tuple):  # InceptionOutputs(logits, aux_logits)
+        logits, *aux = output
+        loss = criterion(logits.float(), y)
+        for extra in aux:
+            if extra is not None:
+                loss = loss + AUX_WEIGHT * criterion(extra.float(), y)
+        return logits, loss
+    return output, criterion(output.float(), y)
+
+
+def train_one_epoch(model: nn.Module, batches: Iterable, *, optimizer: torch.optim.Optimizer,
+                    criterion: nn.Module, norm: Normalisation, device: torch.device,
+                    gen: torch.Generator | None = None, scaler=None, total: int | None = None,
+                    desc: str = "train", quiet: bool = False, stain: float = 0.0,
+                    schedule: Callable[[], None] | None = None) -> EpochStats:
+    """One pass over the training batches; ``gen`` set = augment on the fly (``stain``: the
+    lab-to-lab part's strength); ``schedule()`` after every step sets the next learning rate."""
+    start = time.perf_counter()
+    train_mode(getattr(model, "module", model))  # the model itself inside a DDP wrapper
+    loss_sum, correct, n = 0.0, 0, 0
+    for x, y in tqdm(_prefetch(batches, pin=device.type == "cuda"), total=total, desc=desc,
+                     unit="batch", leave=False, disable=quiet):
+        x = x.to(device, non_blocking=True)
+        if gen is not None:
+            x = augment(x, gen, stain)
+        inputs = to_input(x, norm, device)
+        y = y.to(device, non_blocking=True)
+        optimizer.zero_grad(set_to_none=True)
+        with autocast(device):
+            logits, loss = training_loss(model(inputs), y, criterion)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        if schedule is not None:
+            schedule()
+        loss_sum += float(loss.detach()) * len(y)
+        correct += int((logits.argmax(1) == y).sum())
+        n += len(y)
+    return EpochStats(loss_sum / max(n, 1), correct / max(n, 1), n, time.perf_counter() - start)
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, batches: Iterable, *, norm: Normalisation,
+                   device: torch.device, max_images: int = 256) -> None:
+    """Re-estimate trainable BatchNorm statistics with the epoch's final weights ("precise BN").
+
+    Running averages collected while the weights were still changing lag behind them; on small
+    data trained from scratch that can wreck evaluation-mode predictions. Frozen BN is untouched.
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+           and m.training and m.track_running_stats]
+    if not bns:
+        return
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the batches below
+    seen = 0
+    for x, _ in batches:
+        with autocast(device):
+            model(to_input(x.to(device, non_blocking=True), norm, device))
+        seen += len(x)
+        if seen >= max_images:
+            break
+    for m, mom in zip(bns, saved):
+        m.momentum = mom
+
+
+@torch.inference_mode()
+def predict_logits(model: nn.Module, batches: Iterable, *, norm: Normalisation,
+                   device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+    """Logits (n, classes) and the targets (or empty) of every batch, in order."""
+    model.eval()
+    outs, ys = [], []
+    for x, y in _prefetch(batches, pin=device.type == "cuda"):
+        with autocast(device):
+            outs.append(model(to_input(x, norm, device)).float().cpu())
+        if y is not None:
+            ys.append(y)
+    logits = torch.cat(outs).numpy() if outs else np.zeros((0, 0))
+    return logits, (torch.cat(ys).numpy() if ys else np.zeros(0, dtype=int))
+
+
+def evaluate(model: nn.Module, batches: Iterable, *, criterion: nn.Module, norm: Normalisation,
+             device: torch.device) -> tuple[EpochStats, np.ndarray]:
+    """Loss and accuracy on labelled batches, plus the logits."""
+    start = time.perf_counter()
+    logits, y = predict_logits(model, batches, norm=norm, device=device)
+    if len(y) == 0:
+        return EpochStats(float("nan"), float("nan"), 0, 0.0), logits
+    t = torch.from_numpy(logits)
+    loss = float(criterion(t, torch.from_numpy(y).long()))
+    acc = float((t.argmax(1).numpy() == y).mean())
+    return EpochStats(loss, acc, len(y), time.perf_counter() - start), logits
+
+
+@dataclass
+class FitResult:
+    history: list[dict] = field(default_factory=list)
+    best_epoch: int = 0
+    best_state: dict | None = None
+    val_logits: np.ndarray | None = None
+
+
+def fit(model: nn.Module, *, train_batches: Batches, val_batches: Batches, n_train_batches: int,
+        bn_batches: Batches | None = None,
+        optimizer: torch.optim.Optimizer, criterion: nn.Module, val_criterion: nn.Module,
+        stopper: EarlyStopping, norm: Normalisation, device: torch.device,
+        gen: torch.Generator | None, quiet: bool = False, label: str = "",
+        on_epoch: Callable[[dict], None] | None = None, resume: dict | None = None,
+        trainer: nn.Module | None = None, reduce: Callable[[float], float] | None = None,
+        stain: float = 0.0, lr_schedule: str = "constant") -> FitResult:
+    """Train until early stopping; keep the best epoch's weights (lowest validation loss).
+
+    ``lr_schedule``: 'constant', or 'cosine' (linear warm-up over the first epoch to the
+    optimizer's lr, then cosine decay to 0 at ``stopper.max_epochs``; stepped every batch).
+    ``stain``: strength of the lab-to-lab augmentation (data.stain_shift).
+
+    ``on_epoch`` receives a checkpoint after every epoch (weights, optimizer, early stopping,
+    history, best epoch); passing it back as ``resume`` continues from there.
+    ``trainer``: what runs the training steps (a DistributedDataParallel around ``model``);
+    ``reduce``: makes the validation loss the same on every process (the mean over ranks).
+    """
+    scaler = None
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        scaler = torch.amp.GradScaler("cuda")
+    result = FitResult()
+    scheduler = None
+    if lr_schedule == "cosine":
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, warmup_cosine(max(1, n_train_batches), stopper.max_epochs))
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        if scheduler is not None and resume.get("scheduler") is not None:
+            scheduler.load_state_dict(resume["scheduler"])
+            for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
+                group["lr"] = lr
+        for k, v in resume["stopper"].items():
+            setattr(stopper, k, v)
+        result.history = list(resume["history"])
+        result.best_state = resume["best_state"]
+        result.val_logits = resume["val_logits"].numpy() if resume["val_logits"] is not None else None
+        log.info("%scontinuing after epoch %d", label, stopper.epoch)
+    while not stopper.should_stop:
+        epoch = stopper.epoch + 1
+        epoch_start = time.perf_counter()
+        tr = train_one_epoch(trainer or model, train_batches(), optimizer=optimizer, criterion=criterion,
+                             norm=norm, device=device, gen=gen, scaler=scaler,
+                             total=n_train_batches, desc=f"{label}epoch {epoch}", quiet=quiet,
+                             stain=stain, schedule=scheduler.step if scheduler else None)
+        if bn_batches is not None:
+            train_mode(model)
+            recalibrate_bn(model, bn_batches(), norm=norm, device=device)
+        va, logits = evaluate(model, val_batches(), criterion=val_criterion, norm=norm,
+                              device=device)
+        if reduce is not None:
+            va = dataclasses.replace(va, loss=reduce(va.loss))
+        improved = stopper.step(va.loss)
+        if improved:
+            result.best_state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
+            result.val_logits = logits
+        row = {"epoch": epoch, "train_loss": tr.loss, "train_accuracy": tr.accuracy,
+               "val_loss": va.loss, "val_accuracy": va.accuracy,
+               "lr": optimizer.param_groups[0]["lr"],
+               "seconds": time.perf_counter() - epoch_start,  # training, BN statistics, validation
+               "train_images_per_s": tr.n / tr.seconds if tr.seconds else float("nan"),
+               "best": improved}
+        result.history.append(row)
+        log.info("%sepoch %d: train loss %.4f acc %.3f | val loss %.4f acc %.3f | %.1fs%s",
+                 label, epoch, tr.loss, tr.accuracy, va.loss, va.accuracy, row["seconds"],
+                 " *" if improved else "")
+        if on_epoch is not None:
+            on_epoch({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                      "scheduler": scheduler.state_dict() if scheduler else None,
+                      "stopper": dataclasses.asdict(stopper), "history": result.history,
+                      "best_state": result.best_state,
+                      "val_logits": None if result.val_logits is None
+                      else torch.from_numpy(result.val_logits)})
+    result.best_epoch = stopper.best_epoch
+    if result.best_state is not None:
+        model.load_state_dict(result.best_state)
+    return result
+
+
+def warmup_cosine(steps_per_epoch: int, epochs: int) -> Callable[[int], float]:
+    """Learning-rate factor at a step: 0.1 -> 1 over the first epoch, then a cosine to 0 at
+    the end of ``epochs``."""
+    total = steps_per_epoch * max(epochs, 1)
+
+    def factor(step: int) -> float:
+        if step < steps_per_epoch:
+            return 0.1 + 0.9 * step / steps_per_epoch
+        done = (step - steps_per_epoch) / max(1, total - steps_per_epoch)
+        return 0.5 * (1 + math.cos(math.pi * min(done, 1.0)))
+
+    return factor
+
+
+MIN_CALIBRATION_IMAGES = 30
+PRIOR_SD = 1.0  # prior on log T: N(0, 1), i.e. T within 1/7-7 with 95% prior belief
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """A fitted temperature and how far to trust it, as the model file and the report keep it."""
+
+    temperature: float
+    status: str  # "fitted", "separable" (set by the prior), "skipped" or "off"
+    images: int
+
+    def describe(self) -> str:
+        if self.status == "off":
+            return "calibration off (calibrate: false)"
+        if self.status == "skipped":
+            return (f"calibration skipped: {self.images} validation images (need "
+                    f"{MIN_CALIBRATION_IMAGES}); probabilities are the model's own")
+        if self.status == "separable":
+            return (f"temperature {self.temperature:.2f}: every one of the {self.images} "
+                    "validation images was classified correctly, so the data alone would make "
+                    "every prediction certain; the prior set the temperature")
+        side = ("the model was under-confident; probabilities sharpened" if self.temperature < 1
+                else "the model was over-confident; probabilities softened")
+        return f"temperature {self.temperature:.2f} on {self.images} validation images ({side})"
+
+    def short(self) -> str:
+        """A few words, for a list of folds."""
+        return {"off": "off", "skipped": f"skipped ({self.images} images)",
+                "separable": f"T {self.temperature:.2f} (set by the prior: all {self.images} "
+                             "images correct)"}.get(self.status,
+                                                    f"T {self.temperature:.2f} ({self.images} images)")
+
+    @classmethod
+    def from_file(cls, obj: dict | None) -> "Calibration | None":
+        """As ``to_file`` wrote it (None: a model file from before calibration was recorded)."""
+        if not obj:
+            return None
+        return cls(float(obj["temperature"]), str(obj["status"]), int(obj["images"]))
+
+    def to_file(self) -> dict:
+        return {"temperature": self.temperature, "status": self.status, "images": self.images,
+                "method": "temperature scaling, MAP with a N(0, 1) prior on log T"}
+
+
+def fit_temperature(logits: np.ndarray, y: np.ndarray) -> Calibration:
+    """Temperature T maximising the validation likelihood of softmax(logits / T) times a
+    N(0, 1) prior on log T (maximum a posteriori). No clamp is needed: on an ordinary split
+    the data decide (30 images outweigh the prior), and on a perfectly classified split,
+    where the likelihood alone keeps rising as T -> 0, the prior stops it at a finite T.
+
+    Fewer than 30 validation images give T = 1 (status "skipped").
+    """
+    n = len(y)
+    if n < MIN_CALIBRATION_IMAGES:
+        log.warning("calibration skipped: the validation split has %d images (need %d: more "
+                    "images or a larger val_fraction); probabilities left uncalibrated", n,
+                    MIN_CALIBRATION_IMAGES)
+        return Calibration(1.0, "skipped", n)
+    z = torch.from_numpy(np.asarray(logits, dtype=np.float64))
+    t = torch.from_numpy(np.asarray(y)).long()
+    log_t = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([log_t], lr=0.5, max_iter=200, line_search_fn="strong_wolfe")
+    nll = nn.CrossEntropyLoss(reduction="sum")
+
+    def closure():
+        opt.zero_grad()
+        loss = nll(z / log_t.exp(), t) + 0.5 * (log_t / PRIOR_SD).pow(2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    temp = float(log_t.detach().exp())
+    if not np.isfinite(temp):  # cannot happen with the prior; kept as a guard
+        log.warning("calibration failed (temperature not finite); probabilities left "
+                    "uncalibrated")
+        return Calibration(1.0, "skipped", n)
+    separable = bool((z.argmax(1) == t).all())
+    result = Calibration(temp, "separable" if separable else "fitted", n)
+    (log.warning if separable else log.info)("calibration: %s", result.describe())
+    return result
+
+
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """Row-wise softmax of logits / temperature (float64)."""
+    return special.softmax(np.asarray(logits, dtype=np.float64) / temperature, axis=1)

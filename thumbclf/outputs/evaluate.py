@@ -1,0 +1,235 @@
+"""Evaluate a predictions table: metrics.json/csv, confusion matrices, plots and report.html.
+
+Also a command: ``python -m thumbclf.evaluate PREDICTIONS.csv [--threshold T] [--output DIR]``
+recomputes everything from a predictions table alone.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from thumbclf.core import layout, table
+from thumbclf.core.decide import (
+    LOW_CONFIDENCE,
+    UNDECIDED,
+    UNFAMILIAR,
+    decide_with_reasons,
+    threshold_in_force,
+)
+from thumbclf.core.errors import ImageReadError
+from thumbclf.core.files import atomic_csv, atomic_text
+from thumbclf.inputs.decode import load_array
+from thumbclf.inputs.images import Preprocessing
+from thumbclf.outputs import metrics as M
+from thumbclf.outputs import plots, report
+
+log = logging.getLogger(__name__)
+
+
+def _thumb_loader(size: int = 160, slide_size: int = 512, slide_cache: Path | None = None):
+    """Small images for galleries; slides come from the run's thumbnail cache when given."""
+    prep = Preprocessing(size=size, slide_size=slide_size)
+
+    def load(path: str):
+        try:
+            return load_array(Path(path), prep, slide_cache=slide_cache)
+        except (ImageReadError, OSError):
+            return None
+
+    return load
+
+
+def _gallery_items(df: pd.DataFrame, classes: list[str], errors: bool, k: int = 12) -> list[dict]:
+    probs = df[classes].to_numpy(dtype=float)
+    top = probs.max(axis=1)
+    dec = df["model_prediction"].astype(str).to_numpy()
+    lab = df["CLASSIFICATION"].astype(str).to_numpy() if "CLASSIFICATION" in df else np.array([""] * len(df))
+    if errors:
+        mask = (dec != UNDECIDED) & (dec != lab)
+    else:
+        mask = dec == UNDECIDED
+    idx = np.flatnonzero(mask)
+    idx = idx[np.argsort(-top[idx], kind="stable")][:k]
+    why = (df[table.REASON].fillna("").astype(str).to_numpy() if table.REASON in df.columns
+           else np.array([""] * len(df)))
+    return [{"path": df["PATH"].iloc[i], "label": lab[i], "decision": dec[i], "prob": float(top[i]),
+             "note": f"{top[i]:.2f}, {why[i]}" if why[i] else ""} for i in idx]
+
+
+def unfamiliar_section(df: pd.DataFrame, out: Path, load, k: int = 12) -> list[tuple[str, str]]:
+    """The most unfamiliar slides as a gallery, with how many were Undecided for each reason
+    (nothing when the table has no unfamiliarity column: a model without the rule)."""
+    if table.UNFAMILIARITY not in df.columns:
+        return []
+    unf = pd.to_numeric(df[table.UNFAMILIARITY], errors="coerce").to_numpy(float)
+    reasons = (df[table.REASON].fillna("").astype(str) if table.REASON in df.columns
+               else pd.Series([""] * len(df)))
+    n_unf, n_low = int((reasons == UNFAMILIAR).sum()), int((reasons == LOW_CONFIDENCE).sum())
+    idx = np.flatnonzero(np.isfinite(unf))
+    idx = idx[np.argsort(-unf[idx], kind="stable")][:k]
+    lab = df[table.LABEL].astype(str).to_numpy() if table.LABEL in df else np.array([""] * len(df))
+    items = [{"path": df["PATH"].iloc[i], "label": lab[i],
+              "decision": str(df["model_prediction"].iloc[i]), "prob": 0.0,
+              "note": f"unfamiliarity {unf[i]:.2f}"} for i in idx]
+    fig = plots.gallery(items, out / "plots" / "gallery_unfamiliar.png",
+                        "Most unfamiliar slides (above 1: Undecided as unfamiliar)", load)
+    text = (f"<p>Undecided as <b>unfamiliar</b> (features far from every training image): "
+            f"{n_unf}; as <b>low confidence</b>: {n_low}. The undecided_reason and "
+            "unfamiliarity columns of predictions.csv give each slide's.</p>")
+    return [("Unfamiliar slides", text + report.img(fig, "most unfamiliar slides"))]
+
+
+def _data_summary(df: pd.DataFrame, classes: list[str], split_df: pd.DataFrame | None,
+                  failures: int) -> str:
+    counts = df["CLASSIFICATION"].astype(str).value_counts()
+    rows = pd.DataFrame({"images": [int(counts.get(c, 0)) for c in classes]}, index=classes)
+    if "PATIENT" in df.columns:
+        rows["patients"] = [df.loc[df["CLASSIFICATION"] == c, "PATIENT"].nunique() for c in classes]
+    parts = [report.table(rows)]
+    if split_df is not None and "CLASSIFICATION" in split_df.columns:
+        piv = split_df.assign(where=lambda d: d["fold"].map(layout.fold_label)
+                              + " " + d["role"])
+        parts.append("<p>Images per class in each fold (train / validation / test):</p>")
+        counts = pd.crosstab(piv["CLASSIFICATION"], piv["where"])
+        counts.index.name, counts.columns.name = "class", None
+        parts.append(report.table(counts))
+    if failures:
+        parts.append(f"<div class=note>{failures} images could not be read; see the error "
+                     "column of predictions.csv and run.log.</div>")
+    return "".join(parts)
+
+
+def evaluate_table(df: pd.DataFrame, classes: list[str], out: Path, *, threshold: float | None,
+                   order: list[str], xt: list[str], yt: list[str], resamples: int, seed: int,
+                   histories: dict[str, pd.DataFrame] | None = None, title: str = "thumbclf",
+                   kind: str = "evaluation", params: dict[str, Any] | None = None,
+                   split_df: pd.DataFrame | None = None, failures: int = 0,
+                   extra_sections: list[tuple[str, str]] = (), notes: list[str] = (),
+                   thumbs=None) -> dict[str, Any]:
+    """Write metrics, confusion matrices, plots and the report for one labelled table."""
+    if threshold is not None:  # the unfamiliar rule still holds (unfamiliarity column)
+        unf = (pd.to_numeric(df[table.UNFAMILIARITY], errors="coerce").to_numpy(float)
+               if table.UNFAMILIARITY in df.columns else None)
+        decisions, reasons = decide_with_reasons(df[classes].to_numpy(float), classes, threshold,
+                                                 unf)
+        df = df.assign(**{table.DECISION: decisions, table.REASON: reasons})
+    used = threshold_in_force(given=threshold, default=None,
+                              table=df["threshold"] if "threshold" in df else ()).value
+    m = M.compute(df, classes, resamples=resamples, seed=seed)
+    m["threshold"] = used
+    m["notes"] = list(notes) + m["notes"]
+    scopes = {"all": m}
+    if "fold" in df.columns and df["fold"].nunique() > 1:
+        for f, part in df.groupby("fold"):
+            scopes[f"fold {f}"] = M.compute(part, classes, resamples=resamples, seed=seed)
+    pdir = out / "plots"
+    cm = M.confusion(df, order)
+    cm_norm = M.row_normalised(cm)
+    atomic_csv(cm.reset_index(), out / "confusion_matrix.csv")
+    atomic_csv(cm_norm.reset_index(), out / "confusion_matrix_normalised.csv")
+    yt_all = yt + list(cm.index[len(order):])
+    figs = {
+        "confusion": plots.confusion_heatmap(cm, xt, yt_all, pdir / "confusion_matrix.png",
+                                             f"Confusion matrix (threshold {used:.2f})"
+                                             if used is not None else "Confusion matrix"),
+        "roc": plots.roc_curves(df, classes, m, pdir / "roc_curves.png"),
+        "selective": plots.selective_curve(m, used if used is not None else 0.0,
+                                           pdir / "accuracy_vs_threshold.png"),
+        "reliability": plots.reliability(m, pdir / "reliability.png"),
+    }
+    if histories:
+        figs["training"] = plots.training_curves(histories, pdir / "training_curves.png")
+    load = thumbs or _thumb_loader()
+    figs["errors"] = plots.gallery(_gallery_items(df, classes, True), pdir / "gallery_errors.png",
+                                   "Most confident errors", load)
+    figs["undecided"] = plots.gallery(_gallery_items(df, classes, False),
+                                      pdir / "gallery_undecided.png",
+                                      "Undecided slides (highest probability first)", load)
+    atomic_text(json.dumps(_jsonable(scopes), indent=1), out / "metrics.json")
+    rows = [r for scope, mm in scopes.items() for r in M.summary_rows(mm, scope)]
+    atomic_csv(pd.DataFrame(rows), out / "metrics.csv")
+
+    fold_table = ""
+    if len(scopes) > 1:
+        ft = pd.DataFrame({s: {"n": mm["n"], "macro AUROC (ovo)": mm["macro_auroc_ovo"],
+                               "macro AUROC (ovr)": mm["macro_auroc_ovr"],
+                               "coverage": mm["coverage"], "accuracy (decided)": mm["accuracy_decided"],
+                               "macro F1": mm["macro_f1"]} for s, mm in scopes.items()}).T
+        ft["n"] = ft["n"].astype(int)
+        fold_table = "<p>Per fold (each fold's test images; 'all' = pooled):</p>" + report.table(ft)
+    thr_text = (f"<p>Threshold in use: <b>{used:.3f}</b>. On this data a threshold of "
+                f"{report.fmt(m['threshold_for_95'])} would reach 95% accuracy and "
+                f"{report.fmt(m['threshold_for_99'])} 99% (among decided slides).</p>"
+                if used is not None else "")
+    sections = [
+        ("Results", report.cards(m) + thr_text + fold_table),
+        ("Per class", report.per_class_table(m) +
+         "<p class=muted>AUROC and average precision: one class vs the rest, from the "
+         "probabilities; sensitivity and specificity: from the decisions (Undecided counts as "
+         f"not that class). 95% CIs: {resamples} bootstrap resamples"
+         f"{' of patients' if 'PATIENT' in df.columns else ''}.</p>"),
+        ("Confusion matrix", report.img(figs["confusion"], "confusion matrix") +
+         report.table(cm)),
+        ("ROC curves", report.img(figs["roc"], "ROC curves")),
+        ("Undecided threshold", report.img(figs["selective"], "accuracy vs threshold")),
+        ("Calibration", report.img(figs["reliability"], "reliability diagram")),
+    ]
+    if "training" in figs:
+        sections.append(("Training curves", report.img(figs["training"], "training curves")))
+    sections.append(("Where it goes wrong", (report.img(figs["errors"], "errors") or
+                     "<p>No confident errors.</p>") + (report.img(figs["undecided"], "undecided")
+                                                       or "<p>No Undecided slides.</p>")))
+    sections += unfamiliar_section(df, out, load)
+    sections += list(extra_sections)
+    report.write(out / "report.html", title=title, kind=kind, params=params or {},
+                 data_summary=_data_summary(df, classes, split_df, failures),
+                 sections=sections, notes=m["notes"])
+    log.info("macro AUROC %s (ovo) / %s (ovr); coverage %s; accuracy among decided %s; report %s",
+             report.fmt(m["macro_auroc_ovo"]), report.fmt(m["macro_auroc_ovr"]),
+             report.fmt(m["coverage"], True), report.fmt(m["accuracy_decided"], True),
+             out / "report.html")
+    return m
+
+
+def decisions_report(folder: Path, table: pd.DataFrame, *, classes, failures: int, title: str,
+                     settings: dict[str, Any], thumbs, extra_sections=(), notes=()) -> None:
+    """Deploy without labels: the distribution of decisions, as a table, a plot and a report."""
+    ok = table[table["error"] == ""]
+    counts = ok["model_prediction"].value_counts().reindex(list(classes) + [UNDECIDED], fill_value=0)
+    summary = pd.DataFrame({"decision": counts.index, "images": counts.to_numpy(),
+                            "share": counts.to_numpy() / max(len(ok), 1)})
+    atomic_csv(summary, folder / "decisions.csv")
+    fig = plots.decision_bars(counts, folder / "plots" / "decisions.png",
+                              f"Decisions for {len(ok)} images")
+    gallery = plots.gallery(_gallery_items(ok, list(classes), False),
+                            folder / "plots" / "gallery_undecided.png",
+                            "Undecided slides (highest probability first)", thumbs)
+    data = f"<p>{len(table)} images, {failures} unreadable.</p>"
+    if failures:
+        data += ("<div class=note>Unreadable images keep their row in predictions.csv with the "
+                 "reason in the error column.</div>")
+    sections = [("Decisions", report.table(summary, index=False) + report.img(fig, "decisions")),
+                ("Undecided", report.img(gallery, "undecided") or "<p>No Undecided slides.</p>")]
+    sections += unfamiliar_section(ok, folder, thumbs)
+    report.write(folder / "report.html", title=title,
+                 kind="Deployment without labels", params=settings,
+                 data_summary=data, sections=sections + list(extra_sections), notes=list(notes))
+
+
+def _jsonable(o):
+    if isinstance(o, dict):
+        return {str(k): _jsonable(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_jsonable(v) for v in o]
+    if isinstance(o, (np.floating, float)):
+        return None if not np.isfinite(o) else float(o)
+    if isinstance(o, np.integer):
+        return int(o)
+    return o
+

@@ -1,0 +1,190 @@
+"""Figures from predictions and metrics (matplotlib, Agg backend), written as PNG files."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from sklearn.metrics import roc_curve  # noqa: E402
+
+from thumbclf.core.decide import UNDECIDED  # noqa: E402
+from thumbclf.core.files import atomic_bytes  # noqa: E402
+
+DPI = 110
+
+
+def save_figure(fig, path: Path) -> Path:
+    """Write a figure as PNG (atomically) and close it."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight")
+    plt.close(fig)
+    atomic_bytes(buf.getvalue(), path)
+    return path
+
+
+def roc_curves(df: pd.DataFrame, classes: list[str], metrics: dict[str, Any], path: Path) -> Path:
+    """One-vs-rest ROC curve per class on the full data, AUROC in the legend."""
+    fig, ax = plt.subplots(figsize=(6.2, 6))
+    y = df["CLASSIFICATION"].astype(str).to_numpy()
+    aucs = {r["class"]: r for r in metrics["per_class"]}
+    for c in classes:
+        pos = y == c
+        if pos.all() or not pos.any():
+            continue
+        fpr, tpr, _ = roc_curve(pos, df[c].to_numpy(dtype=float))
+        r = aucs[c]
+        ci = r["auroc_ci"]
+        ci_text = f" [{ci[0]:.3f}-{ci[1]:.3f}]" if ci[0] is not None else ""
+        ax.plot(fpr, tpr, lw=1.8, label=f"{c}: {r['auroc']:.3f}{ci_text} (n={r['n']})")
+    ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1)
+    ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="1 - specificity (false positive rate)",
+           ylabel="sensitivity (true positive rate)", aspect="equal")
+    macro = metrics.get("macro_auroc_ovr")
+    ax.set_title("ROC, one class vs rest" + (f" — macro AUROC {macro:.3f}" if macro else ""))
+    ax.legend(loc="lower right", fontsize=8, title="AUROC [95% CI]", title_fontsize=8)
+    ax.grid(alpha=0.3)
+    return save_figure(fig, path)
+
+
+def selective_curve(metrics: dict[str, Any], threshold: float, path: Path) -> Path:
+    """Accuracy among decided slides and coverage against the threshold."""
+    curve = pd.DataFrame(metrics["selective"])
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.plot(curve["threshold"], curve["accuracy"], label="accuracy among decided", lw=2)
+    ax.plot(curve["threshold"], curve["coverage"], label="coverage (share decided)", lw=2)
+    ax.axvline(threshold, color="crimson", ls="--", lw=1.5, label=f"threshold in use ({threshold:.2f})")
+    for t, name in ((metrics.get("threshold_for_95"), "95%"), (metrics.get("threshold_for_99"), "99%")):
+        if t is not None:
+            ax.axvline(t, color="grey", ls=":", lw=1)
+            ax.text(t, 0.02, f" {name} acc.", rotation=90, fontsize=7, color="grey", va="bottom")
+    ax.set(xlabel="probability threshold", ylabel="share", ylim=(0, 1.02), xlim=(0, 1),
+           title=f"What the Undecided threshold costs and buys (AURC {metrics['aurc']:.3f})"
+           if metrics.get("aurc") is not None else "Accuracy and coverage by threshold")
+    ax.legend(loc="lower left", fontsize=8)
+    ax.grid(alpha=0.3)
+    return save_figure(fig, path)
+
+
+def reliability(metrics: dict[str, Any], path: Path) -> Path:
+    """Reliability diagram: accuracy against confidence per bin."""
+    bins = pd.DataFrame(metrics["reliability"])
+    fig, ax = plt.subplots(figsize=(5.5, 5.5))
+    ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="perfect calibration")
+    if len(bins):
+        width = bins["hi"] - bins["lo"]
+        ax.bar(bins["lo"], bins["accuracy"], width=width, align="edge", alpha=0.6,
+               edgecolor="black", label="accuracy in bin")
+        ax.plot(bins["confidence"], bins["accuracy"], "o", color="black", ms=3)
+        for _, b in bins.iterrows():  # how many slides stand behind each bar
+            ax.text((b["lo"] + b["hi"]) / 2, min(b["accuracy"] + 0.02, 0.95), f"n={int(b['n'])}",
+                    ha="center", fontsize=6, rotation=90)
+    ece = metrics.get("ece")
+    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence (highest probability)",
+           ylabel="accuracy", aspect="equal",
+           title="Reliability" + (f" — ECE {ece:.3f}" if ece is not None else ""))
+    ax.legend(loc="upper left", fontsize=8)
+    return save_figure(fig, path)
+
+
+def confusion_heatmap(cm: pd.DataFrame, xlabels: list[str], ylabels: list[str], path: Path,
+                      title: str) -> Path:
+    """Row-normalised colours with the counts written in the cells."""
+    counts = cm.to_numpy()
+    norm = counts / np.clip(counts.sum(axis=1, keepdims=True), 1, None)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.9 * len(xlabels), 0.9 + 0.7 * len(ylabels)))
+    im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    for i in range(counts.shape[0]):
+        for j in range(counts.shape[1]):
+            ax.text(j, i, f"{counts[i, j]}\n{norm[i, j]:.0%}", ha="center", va="center",
+                    fontsize=8, color="white" if norm[i, j] > 0.6 else "black")
+    ax.set_xticks(range(len(xlabels)), xlabels, rotation=35, ha="right")
+    ax.set_yticks(range(len(ylabels)), ylabels)
+    ax.set(xlabel="decision", ylabel="true class", title=title)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
+    return save_figure(fig, path)
+
+
+def training_curves(histories: dict[str, pd.DataFrame], path: Path) -> Path:
+    """Loss and accuracy per epoch for every fold, best (kept) epoch marked."""
+    k = len(histories)
+    fig, axes = plt.subplots(2, k, figsize=(4.2 * k, 6.5), squeeze=False)
+    for j, (name, h) in enumerate(histories.items()):
+        best = h.loc[h["val_loss"].idxmin(), "epoch"] if len(h) else None
+        for i, (metric, label) in enumerate((("loss", "loss"), ("accuracy", "accuracy"))):
+            ax = axes[i, j]
+            ax.plot(h["epoch"], h[f"train_{metric}"], "-o", ms=3, label="train")
+            ax.plot(h["epoch"], h[f"val_{metric}"], "-o", ms=3, label="validation")
+            if best is not None:
+                ax.axvline(best, color="crimson", ls="--", lw=1, label=f"kept epoch {best}")
+            ax.set(xlabel="epoch", ylabel=label, title=f"{name}: {label}")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def image_grid(n: int):
+    """A figure with n image panels, six per row, axes hidden."""
+    cols = min(6, n)
+    rows = int(np.ceil(n / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(2.3 * cols, 3.0 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    return fig, list(axes.flat)
+
+
+def gallery(items: list[dict[str, Any]], path: Path, title: str, thumb_loader) -> Path | None:
+    """Small thumbnails with true label, decision and probability (most confident first)."""
+    if not items:
+        return None
+    fig, axes = image_grid(len(items))
+    for ax, it in zip(axes, items):
+        img = thumb_loader(it["path"])
+        if img is not None:
+            ax.imshow(img)
+        label = it["label"]
+        colour = ("darkorange" if it["decision"] == UNDECIDED else "dimgray" if not label
+                  else "crimson" if it["decision"] != label else "black")
+        score = it.get("note") or f"{it['prob']:.2f}"
+        ax.set_title(f"{f'true: {label}' if label else 'unlabelled'}\n→ {it['decision']} "
+                     f"({score})", fontsize=7, color=colour)
+        ax.text(0.5, -0.04, Path(it["path"]).name[:28], transform=ax.transAxes, ha="center",
+                va="top", fontsize=6)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def decision_bars(counts: pd.Series, path: Path, title: str) -> Path:
+    """Bar chart of how many images got each decision."""
+    fig, ax = plt.subplots(figsize=(1.2 + 0.8 * len(counts), 4))
+    colours = ["#bbbbbb" if k == UNDECIDED else "#4a7ab8" for k in counts.index]
+    ax.bar(range(len(counts)), counts.to_numpy(), color=colours)
+    for i, v in enumerate(counts.to_numpy()):
+        ax.text(i, v, str(v), ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(range(len(counts)), counts.index, rotation=35, ha="right")
+    ax.set(ylabel="images", title=title)
+    return save_figure(fig, path)
+
+
+def pretrain_loss(history: pd.DataFrame, path: Path, method: str = "BYOL") -> Path:
+    """Self-supervised loss per epoch, with the learning rate on a second axis."""
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    ax.plot(history["epoch"], history["loss"], "-o", ms=3, lw=1.8, label=f"{method} loss")
+    ax.set(xlabel="epoch", ylabel="loss (0 = the two views agree)",
+           title=f"Self-supervised pretraining ({method}): loss per epoch")
+    ax.grid(alpha=0.3)
+    lr_ax = ax.twinx()
+    lr_ax.plot(history["epoch"], history["lr"], color="grey", ls=":", lw=1, label="learning rate")
+    lr_ax.set_ylabel("learning rate", color="grey")
+    lines = ax.get_lines()[:1] + lr_ax.get_lines()
+    ax.legend(lines, [line.get_label() for line in lines], fontsize=8, loc="upper right")
+    fig.tight_layout()
+    return save_figure(fig, path)

@@ -1,0 +1,1 @@
+"""Prediction: ensembles, inference engines and their quality gate, executors (local, Ray), DDP."""

@@ -1,0 +1,112 @@
+"""An ensemble of loaded models: their reference runners, the averaged calibrated prediction
+(with test-time augmentation) and BatchNorm adaptation to a deploy's images."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from thumbclf.core import layout
+from thumbclf.core.errors import ImageReadError
+from thumbclf.core.files import atomic_torch_save
+from thumbclf.inputs.decode import load_array
+from thumbclf.inputs.samples import SampleSet
+from thumbclf.nn import familiarity
+from thumbclf.nn.data import dihedral, to_input
+from thumbclf.nn.engine import recalibrate_bn, softmax
+from thumbclf.nn.models import LoadedModel, read_weights
+from thumbclf.predict import inference
+
+log = logging.getLogger(__name__)
+
+
+def exact_runners(models: list[LoadedModel], device: torch.device) -> list[inference.Runner]:
+    """PyTorch fp32 (on CUDA: its autocast) for every model: the reference arithmetic."""
+    return [inference.torch_runner(m.runnable(), device, "fp32", not m.legacy) for m in models]
+
+
+@torch.inference_mode()
+def ensemble_predict(models: list[LoadedModel], runners: list[inference.Runner], x: torch.Tensor,
+                     device: torch.device, tta: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """Average of each model's calibrated softmax (over 8 flips/rotations with TTA), and the
+    mean unfamiliarity (None without the unfamiliar-slide rule)."""
+    first = models[0]
+    n_classes = len(first.classes)
+    inputs = to_input(x, first.norm, device, channels_last=not first.legacy)
+    total, features = None, []
+    for m, run in zip(models, runners):
+        if tta:
+            out = torch.stack([run(dihedral(inputs, k)) for k in range(8)]).mean(0)
+        else:
+            out = run(inputs)
+        logits, feats = familiarity.split(out.float().numpy(), n_classes)
+        features.append(feats)
+        p = softmax(logits, m.temperature)
+        total = p if total is None else total + p
+    unfamiliarity = familiarity.ensemble_unfamiliarity([m.familiarity for m in models], features)
+    return total / len(models), unfamiliarity
+
+
+ADAPT_IMAGES = 512
+
+
+def adapt_batchnorm(models: list[LoadedModel], sample_set: SampleSet, folder: Path, *,
+                    device: torch.device, slide_cache: Path, resume: bool) -> list[LoadedModel]:
+    """Copies of the models whose BatchNorm statistics are re-estimated on up to 512 deploy
+    images (a seeded sample; no labels used), so that another lab's stain and scanner look
+    normal to them. Only the layers that trained are adapted: a frozen layer (freezeRatio)
+    kept its ImageNet or initial statistics in training, and the layers after it learned with
+    those. The model files are not changed; the statistics are saved as
+    adapted_bn/model_<i>.pt and read back on --resume, so a resumed run predicts with the
+    same ones."""
+    out = folder / layout.ADAPTED_BN
+    picked = np.random.default_rng(0).permutation(len(sample_set))[:ADAPT_IMAGES * 2]
+    arrays: list[np.ndarray] = []
+
+    def batches():
+        if not arrays:  # decoded once, for every model
+            for i in picked:
+                try:
+                    arrays.append(load_array(sample_set.samples[i].path, models[0].prep,
+                                             slide_cache=slide_cache))
+                except ImageReadError:
+                    continue
+                if len(arrays) == ADAPT_IMAGES:
+                    break
+        for i in range(0, len(arrays), 32):
+            chunk = arrays[i:i + 32]
+            if len(chunk) > 1:  # BatchNorm needs two images
+                yield torch.from_numpy(np.stack(chunk)), None
+
+    adapted = []
+    for i, m in enumerate(models, 1):
+        model = copy.deepcopy(m.model).eval()
+        frozen = tuple(m.meta.get("frozen", ()))  # their statistics were never the training's
+        bns = {name: mod for name, mod in model.named_modules()
+               if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm) and mod.track_running_stats
+               and not any(name == f or name.startswith(f + ".") for f in frozen)}
+        saved = out / f"model_{i}.pt"
+        if not bns:
+            log.warning("%s has no trainable BatchNorm layers: adapt_bn changes nothing", m.path)
+        elif resume and saved.is_file():
+            model.load_state_dict(read_weights(saved, "adapted BatchNorm statistics"),
+                                  strict=False)
+            log.info("adapt_bn: the BatchNorm statistics of the interrupted run (%s)", saved)
+        else:
+            for mod in bns.values():
+                mod.train()
+            recalibrate_bn(model.to(device), batches(), norm=m.norm, device=device,
+                           max_images=ADAPT_IMAGES)
+            model.eval()
+            atomic_torch_save({k: v.detach().cpu() for k, v in model.named_buffers()
+                               if k.rpartition(".")[0] in bns}, saved)  # statistics only
+            log.info("adapt_bn: BatchNorm statistics of %s re-estimated on %d deploy images; "
+                     "saved in %s (the model file is unchanged)", m.path.name if m.path else
+                     "the model", len(arrays), saved)
+        adapted.append(dataclasses.replace(m, model=model.cpu().eval()))
+    return adapted

@@ -1,0 +1,40 @@
+"""Where the work runs: this machine (the default) or a Ray cluster, chosen here and only here.
+
+An executor does two jobs for the workflows, which read the same whatever runs them:
+
+- ``predict(...)``: batches of (sample positions, probabilities, unfamiliarity, error messages)
+  for the images
+  to predict, in any order; deployment appends them to its partial file (resume, flat memory).
+- ``run_folds(fn, folds, shared)``: ``fn(fold=k, device=..., **shared)`` for every fold, in
+  fold order of the results.
+
+``executor: local`` runs in this process with decoding worker processes, as before. ``executor:
+ray`` lives in ray_backend.py, the only module that imports Ray; it is imported only when chosen.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Iterator
+
+from thumbclf.predict.local import LocalExecutor
+
+log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def executor_for(params, *, quiet: bool = False) -> Iterator[LocalExecutor]:
+    """The executor the params ask for (``executor`` key), released when the block ends."""
+    if getattr(params, "executor", "local") != "ray":
+        yield LocalExecutor(params)
+        return
+    from thumbclf.predict.ray_backend import (
+        RayExecutor,  # the only import of the Ray backend
+    )
+
+    ex = RayExecutor(params, quiet=quiet)
+    try:
+        yield ex
+    finally:
+        ex.close()

@@ -1,0 +1,63 @@
+"""The local executor: this process predicts while a DataLoader's worker processes decode; folds
+run one after another."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+from thumbclf.core import machine
+
+log = logging.getLogger(__name__)
+
+
+# positions, probabilities (n, classes), unfamiliarity (n; None without the rule), errors
+Batch = tuple[np.ndarray, np.ndarray, "np.ndarray | None", list[str]]
+
+
+RAY_INSTALL = 'pip install "thumbclf[ray]"'
+
+
+class LocalExecutor:
+    """This process: a DataLoader's worker processes decode while the model predicts; folds
+    one after another."""
+
+    name = "local"
+
+    def __init__(self, params):
+        self.params = params
+
+    def predict(self, models, positions: list[int], paths: list[Path], *, device,
+                slide_cache: Path | None, runners=None) -> Iterator[Batch]:
+        import torch
+
+        from thumbclf.nn.data import stream_loader
+        from thumbclf.predict.ensemble import ensemble_predict, exact_runners
+
+        params = self.params
+        workers = decode_workers(params.num_workers)
+        batch = params.batch_size * (4 if device.type == "cuda" else 1)  # no gradients to store
+        loader = stream_loader(paths, models[0].prep, batch_size=batch, workers=workers,
+                               pin_memory=device.type == "cuda", slide_cache=slide_cache)
+        runners = runners or exact_runners(models, device)
+        todo = np.asarray(positions)
+        for pos, x, errors in loader:
+            with torch.inference_mode():
+                probs, unfamiliarity = ensemble_predict(models, runners, x, device, params.tta)
+            yield todo[pos.numpy()], probs, unfamiliarity, list(errors)
+
+    def run_folds(self, fn: Callable, folds: list[int], shared: dict[str, Any], *,
+                  device) -> Iterator:
+        for fold in folds:
+            yield fn(fold=fold, device=device, **shared)
+
+    def describe(self) -> dict:
+        return {"executor": self.name, "workers": decode_workers(self.params.num_workers)}
+
+
+def decode_workers(requested: int) -> int:
+    """Decoding processes next to the model: num_workers, or (-1) all cores but the model's one."""
+    return requested if requested >= 0 else min(16, max(1, machine.cores() - 1))

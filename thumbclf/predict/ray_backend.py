@@ -1,0 +1,278 @@
+"""executor: ray — deployment on Ray Data and cross-validation folds as Ray tasks.
+
+The only module that imports Ray (``pip install "thumbclf[ray]"``); execution.py imports it when
+an experiment asks for ``executor: ray``. The workflows see the interface of execution.py only.
+
+Deployment: paths -> decoding on CPU workers (``map_batches`` tasks) -> inference in an actor
+pool (``map_batches`` with a class and ``concurrency``; one GPU per actor where the cluster has
+GPUs, the models sent once per actor through the object store) -> rows streamed back to the
+driver (``iter_batches``), which appends them to the partial file as the local path does.
+A decoding task whose worker dies is retried by Ray (``max_retries``); a block that still fails
+is dropped (``DataContext.max_errored_blocks``) and its files are tried again one per task, so
+that a file which keeps killing its worker is reported as unreadable and the run goes on.
+
+Folds: one Ray task per unfinished fold (``num_gpus=1`` each with GPUs, ``cpus_per_fold`` CPUs
+otherwise), the decoded images shared through the object store; each task writes its fold
+folder exactly as the local run does (the results folder must be visible to every node).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+from thumbclf.core.errors import ConfigError
+
+log = logging.getLogger(__name__)
+DECODE_BATCH = 16  # images per decoding task: small enough that a retried task redoes little
+MAX_BLOCKS = 2000  # ... but no more input blocks than this (the driver keeps track of each)
+WORKER_DIED = ("the worker reading this file died {n} times (killed by the system, e.g. out of "
+               "memory, or a crash in the image/slide reader); left out")
+
+
+def _import_ray():
+    try:
+        import ray
+    except ImportError:
+        from thumbclf.predict.local import RAY_INSTALL
+
+        raise ConfigError(f"executor: ray needs Ray, which is not installed; {RAY_INSTALL}") from None
+    return ray
+
+
+class RayExecutor:
+    """Joins (``ray_address``) or starts a Ray instance; predicts and trains folds on it."""
+
+    name = "ray"
+
+    def __init__(self, params, *, quiet: bool = False):
+        ray = _import_ray()
+        self.params, self.quiet, self.ray = params, quiet, ray
+        start = time.perf_counter()
+        self.started_here = False
+        if not ray.is_initialized():  # a notebook may have connected already: use that
+            kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": not quiet,
+                                      "logging_level": logging.ERROR,
+                                      "configure_logging": True}
+            if params.ray_address:
+                kwargs["address"] = params.ray_address
+            else:
+                from thumbclf.core import machine
+
+                kwargs["num_cpus"] = machine.cores()
+            handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                ray.init(**kwargs)
+            except (ConnectionError, RuntimeError, ValueError) as exc:
+                where = params.ray_address or "a local instance"
+                raise ConfigError(f"{params.source}: ray_address: cannot start or join Ray at "
+                                  f"{where} ({str(exc).splitlines()[0]}); check the address, or "
+                                  "remove ray_address to start Ray on this machine") from None
+            finally:  # Ray's own handlers abort the process; Ctrl-C/SIGTERM stay a clean stop
+                for sig, handler in handlers.items():
+                    if handler is not None:
+                        signal.signal(sig, handler)
+            self.started_here = True
+        self.start_seconds = time.perf_counter() - start
+        resources = ray.cluster_resources()
+        self.cpus = int(resources.get("CPU", 1))
+        self.gpus = int(resources.get("GPU", 0)) if params.device != "cpu" else 0
+        self.nodes = max(1, sum(1 for n in ray.nodes() if n.get("Alive")))
+        log.info("Ray: %s, %d CPUs, %d GPUs on %d node(s) (ready in %.1fs)",
+                 params.ray_address or "local instance", self.cpus, self.gpus, self.nodes,
+                 self.start_seconds)
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = False  # thumbclf's own bar counts the rows
+        ctx.print_on_execution_start = False
+        ctx.max_errored_blocks = -1  # a block whose worker keeps dying: retried one file at a time
+        logging.getLogger("ray.data").setLevel(logging.ERROR)
+        self.actors = 0
+
+    def close(self) -> None:
+        if self.started_here:
+            self.ray.shutdown()
+
+    def describe(self) -> dict:
+        return {"executor": self.name, "ray_start_seconds": round(self.start_seconds, 3),
+                "cluster_cpus": self.cpus, "cluster_gpus": self.gpus,
+                "inference_actors": self.actors}
+
+    # ---------------------------------------------------------------- deployment
+
+    def predict(self, models, positions: list[int], paths: list[Path], *, device,
+                slide_cache: Path | None, runners=None) -> Iterator:
+        """Batches (positions, probabilities, unfamiliarity, errors) as Ray Data streams them."""
+        from thumbclf.predict.local import decode_workers
+
+        ray, params = self.ray, self.params
+        models_ref = ray.put(models)  # sent once; each actor loads it once
+        gpus = self.gpus > 0  # 0 when device: cpu
+        self.actors = self.gpus if gpus else self.nodes  # one per GPU, else one per node
+        # on this machine: the same decoding workers as the local path; on a cluster: Ray's choice
+        decoders = decode_workers(params.num_workers) if not params.ray_address else None
+        threads = max(1, self.cpus // self.nodes)  # a CPU actor computes with its node's cores,
+        # as the local path's model does beside its decoding workers
+        batch = params.batch_size * (4 if gpus else 1)
+        n_classes = len(models[0].classes)
+        seen: set[int] = set()
+        todo = list(zip(positions, (str(p) for p in paths)))
+        for attempt, block in ((1, DECODE_BATCH), (2, 1)):
+            if not todo:
+                break
+            if attempt == 2:
+                log.warning("%d images were in decoding tasks whose worker died; trying them "
+                            "again one file per task", len(todo))
+            ds = self._dataset(todo, block, models_ref, models[0].prep, slide_cache, gpus=gpus,
+                               decoders=decoders, threads=threads, batch=batch)
+            stream = iter(ds.iter_batches(batch_size=None, batch_format="numpy"))
+            try:
+                for out in stream:
+                    pos = np.asarray(out["position"], dtype=np.int64)
+                    seen.update(pos.tolist())
+                    unfamiliarity = np.asarray(out["unfamiliarity"], dtype=float)
+                    yield (pos, np.asarray(out["probs"], dtype=float),
+                           None if np.isnan(unfamiliarity).all() else unfamiliarity,
+                           [str(e) for e in out["error"]])
+            finally:  # stopped early (Ctrl-C): end Ray Data's execution before Ray itself
+                getattr(stream, "close", lambda: None)()
+            todo = [(p, path) for p, path in todo if p not in seen]
+        if todo:  # still missing after a task per file: these files kill their worker
+            msg = WORKER_DIED.format(n=1 + _RETRIES)
+            yield (np.array([p for p, _ in todo], dtype=np.int64), np.zeros((len(todo), n_classes)),
+                   None, [f"{path}: {msg}" for _, path in todo])
+
+    def _dataset(self, todo, block: int, models_ref, prep, slide_cache, *, gpus: bool,
+                 decoders: int | None, threads: int, batch: int):
+        import pandas as pd
+
+        ray = self.ray
+        frame = pd.DataFrame({"position": [p for p, _ in todo], "path": [s for _, s in todo]})
+        rows = max(block, -(-len(todo) // MAX_BLOCKS))  # a task decodes one block; few blocks
+        ds = ray.data.from_pandas([frame.iloc[i:i + rows] for i in range(0, len(frame), rows)])
+        decode_args: dict[str, Any] = {"num_cpus": 1, "max_retries": _RETRIES}
+        if decoders:
+            decode_args["concurrency"] = decoders
+        with warnings.catch_warnings():  # max_retries & co. have no named parameter (Ray 2.60)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return self._stages(ds, block, models_ref, prep, slide_cache, gpus=gpus,
+                                decode_args=decode_args, threads=threads, batch=batch)
+
+    def _stages(self, ds, block, models_ref, prep, slide_cache, *, gpus, decode_args, threads,
+                batch):
+        ds = ds.map_batches(_decode_batch, batch_size=block, batch_format="numpy",
+                            fn_kwargs={"prep": prep, "slide_cache": slide_cache}, **decode_args)
+        return ds.map_batches(
+            _Infer, batch_size=batch, batch_format="numpy", concurrency=self.actors,
+            num_cpus=1, num_gpus=1 if gpus else 0,
+            fn_constructor_kwargs={"models": models_ref, "tta": self.params.tta,
+                                   "device": "cuda" if gpus else "cpu", "threads": threads},
+            max_restarts=_RETRIES, max_task_retries=_RETRIES)
+
+    # ---------------------------------------------------------------- folds
+
+    def run_folds(self, fn: Callable, folds: list[int], shared: dict[str, Any], *,
+                  device) -> Iterator:
+        """One Ray task per fold; results in fold order (each waits for its own fold)."""
+        ray, params = self.ray, self.params
+        per_fold = params.cpus_per_fold
+        if self.gpus:
+            options = {"num_gpus": 1, "num_cpus": per_fold or 1}
+        else:
+            options = {"num_cpus": per_fold or max(1, self.cpus // max(1, len(folds)))}
+        shared_ref = ray.put(shared)  # the decoded images once, not once per fold
+        task = ray.remote(_fold_task).options(max_retries=0, **options)
+        log.info("%d folds as Ray tasks, each with %s", len(folds),
+                 ", ".join(f"{v} {k.removeprefix('num_')}" for k, v in options.items()))
+        refs = [task.remote(fn, fold, shared_ref, options["num_cpus"], params.device,
+                            self.quiet) for fold in folds]
+        for ref in refs:
+            try:
+                yield ray.get(ref)
+            except ray.exceptions.RayTaskError as exc:  # the fold's own error, as locally
+                cause = getattr(exc, "cause", None)
+                raise (cause if isinstance(cause, Exception) else exc) from None
+
+
+_RETRIES = 2  # Ray retries a task whose worker died this many times
+
+
+def _decode_batch(batch: dict, *, prep, slide_cache) -> dict:
+    """Ray Data task: decode a batch of files (unreadable ones: white image plus the reason)."""
+    from thumbclf.nn.data import FileImages, _collate
+
+    files = FileImages([Path(p) for p in batch["path"]], prep, slide_cache)
+    _, images, errors = _collate([files[i] for i in range(len(files))], prep.size)
+    return {"position": batch["position"], "image": images.numpy(),
+            "error": np.array(errors, dtype=object)}
+
+
+class _Infer:
+    """Ray Data actor: the models loaded once, then batch after batch of images -> probabilities."""
+
+    def __init__(self, models, tta: bool, device: str, threads: int):
+        import ray
+        import torch
+
+        from thumbclf.nn.engine import pick_device
+        from thumbclf.predict.ensemble import exact_runners
+
+        if isinstance(models, ray.ObjectRef):
+            models = ray.get(models)
+        self.models, self.tta = models, tta
+        self.device = pick_device(device)
+        if self.device.type == "cpu":
+            torch.set_num_threads(threads)
+        self.runners = exact_runners(self.models, self.device)  # PyTorch fp32 on every actor
+
+    def __call__(self, batch: dict) -> dict:
+        import torch
+
+        from thumbclf.predict.ensemble import ensemble_predict
+
+        probs, unfamiliarity = ensemble_predict(
+            self.models, self.runners, torch.from_numpy(np.ascontiguousarray(batch["image"])),
+            self.device, self.tta)
+        if unfamiliarity is None:  # a column Ray Data can carry
+            unfamiliarity = np.full(len(probs), np.nan)
+        return {"position": batch["position"], "probs": probs, "unfamiliarity": unfamiliarity,
+                "error": batch["error"]}
+
+
+def _fold_task(fn: Callable, fold: int, shared: dict, threads: int, device_name: str,
+               quiet: bool):
+    """Ray task: train one fold with ``threads`` CPU threads, logging into the run's run.log."""
+    import torch
+
+    from thumbclf.nn.engine import pick_device
+
+    folder = Path(shared["folder"])
+    root = logging.getLogger()
+    root.setLevel(logging.DEBUG)
+    handlers = [logging.FileHandler(folder / "run.log", encoding="utf-8")]  # appends
+    handlers[0].setLevel(logging.DEBUG)
+    handlers[0].setFormatter(logging.Formatter(
+        f"%(asctime)s %(levelname)s %(name)s [fold {fold}, pid {os.getpid()}]: %(message)s"))
+    if not quiet:
+        console = logging.StreamHandler(sys.stderr)
+        console.setLevel(logging.INFO)
+        console.setFormatter(logging.Formatter("%(message)s"))
+        handlers.append(console)
+    for h in handlers:
+        root.addHandler(h)
+    try:
+        device = pick_device(device_name)
+        if device.type == "cpu":
+            torch.set_num_threads(threads)
+        return fn(fold=fold, device=device, **{**shared, "quiet": True})
+    finally:
+        for h in handlers:
+            root.removeHandler(h)
+            h.close()

@@ -1,0 +1,80 @@
+"""Evaluation as a step of a run (training, deployment) and as its own command
+(``thumbclf evaluate``): a predictions table in, metrics, plots and the report out."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from thumbclf.config import params_to_dict
+from thumbclf.core import table
+from thumbclf.core.errors import ConfigError, DataError
+from thumbclf.outputs.confusion import cm_layout
+from thumbclf.outputs.evaluate import _thumb_loader, decisions_report, evaluate_table
+from thumbclf.workflows.run import prepare_output, setup_logging
+
+log = logging.getLogger(__name__)
+
+
+def run_thumb_loader(params):
+    """Gallery images for a run: slide thumbnails come from its cache, not from the slides."""
+    return _thumb_loader(slide_size=params.slide_thumbnail_size,
+                         slide_cache=params.slide_cache)
+
+
+def evaluate_run(folder: Path, table: pd.DataFrame, *, classes, params, kind: str, sample_set,
+                 split_df, failures: int = 0, extra_sections=(), notes=(),
+                 histories: dict[str, pd.DataFrame] | None = None) -> dict[str, Any]:
+    """Evaluation after training or a labelled deploy, with the run's settings."""
+    order, xt, yt = cm_layout(classes, params.cm_sortlabels, params.cm_xlabels,
+                              params.cm_ylabels, params.source)
+    split_named = None
+    if split_df is not None:
+        split_named = split_df.assign(CLASSIFICATION=[sample_set.samples[i].label
+                                                      for i in split_df["position"]])
+    titles = {"cross-validation": "Cross-validation (out-of-fold test predictions)",
+              "validation": "Full training (validation split: used for early stopping, so optimistic)",
+              "deploy": "Deployment on labelled data"}
+    return evaluate_table(table, list(classes), folder, threshold=None, order=order, xt=xt,
+                          yt=yt, resamples=params.bootstrap, seed=params.seed,
+                          histories=histories or {}, title=f"thumbclf — {params.source.stem}",
+                          kind=titles.get(kind, kind), params=params_to_dict(params),
+                          split_df=split_named, failures=failures, extra_sections=extra_sections,
+                          notes=notes, thumbs=run_thumb_loader(params))
+
+
+def summarise_decisions(folder: Path, table: pd.DataFrame, *, classes, params, failures: int,
+                        extra_sections=(), notes=()) -> None:
+    """Deploy without labels: the distribution of decisions, as a table, a plot and a report."""
+    decisions_report(folder, table, classes=classes, failures=failures,
+                     title=f"thumbclf — {params.source.stem}", settings=params_to_dict(params),
+                     thumbs=run_thumb_loader(params), extra_sections=extra_sections, notes=notes)
+
+
+def evaluate_file(predictions: Path, *, threshold: float | None = None,
+                  output: Path | None = None, bootstrap: int = 1000, seed: int = 1) -> Path:
+    """Recompute metrics, plots and report from a predictions table; return the folder."""
+    if threshold is not None and not 0 <= threshold <= 1:
+        raise ConfigError(f"--threshold must be between 0 and 1; got {threshold}")
+    df, classes = table.read(predictions)
+    if table.LABEL not in df.columns:
+        raise DataError(f"{predictions}: no CLASSIFICATION column; evaluation needs labels")
+    if table.ERROR in df.columns:
+        df = df[df[table.ERROR].fillna("") == ""]
+    unknown = sorted(set(df[table.LABEL]) - set(classes))
+    if unknown:
+        log.warning("%s: labels without a probability column (counted as errors): %s",
+                    predictions, ", ".join(unknown))
+    suffix = f"-{threshold:g}" if threshold is not None else ""
+    out = output or predictions.parent / f"evaluation{suffix}"
+    with prepare_output(out, resume=False):
+        setup_logging(out)
+        order, xt, yt = cm_layout(classes, None, None, None, predictions)
+        evaluate_table(df, classes, out, threshold=threshold, order=order, xt=xt, yt=yt,
+                       resamples=bootstrap, seed=seed, title=f"thumbclf — {predictions.name}",
+                       kind="Evaluation of a predictions table",
+                       params={"predictions": str(predictions), "threshold": threshold})
+    return out

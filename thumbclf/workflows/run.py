@@ -1,0 +1,113 @@
+"""The run lifecycle: refuse to overwrite a results folder, lock it, log to run.log, save the
+resolved settings."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import yaml
+
+from thumbclf.config import KEY_BY_NAME, params_to_dict
+from thumbclf.core import layout
+from thumbclf.core.errors import ConfigError, OutputError, clean
+from thumbclf.core.files import OutputLock, atomic_bytes, atomic_yaml
+
+log = logging.getLogger(__name__)
+
+
+SETUP_ONLY = {layout.RUN_LOG, layout.CONFIG, layout.LOCK, ".write-test"}  # a run that never got going
+
+
+def check_output(folder: Path, *, resume: bool) -> None:
+    """OutputError unless ``folder`` may take this run: a new or set-up-only folder, or, with
+    ``resume``, an existing one. (prepare_output checks again, under the lock.)"""
+    if folder.exists() and not folder.is_dir():
+        raise OutputError(f"{folder}: exists and is not a folder; choose another --output")
+    if resume and not folder.is_dir():
+        raise OutputError(f"{folder}: nothing to resume (no such results folder); run without "
+                          "--resume")
+    if not resume and folder.is_dir() and _has_results(folder):
+        raise OutputError(f"{folder}: results folder is not empty; thumbclf never overwrites a "
+                          "run. Use --resume to continue it, or --output NEW_FOLDER")
+
+
+def _has_results(folder: Path) -> bool:
+    return any(p.name not in SETUP_ONLY and not p.name.startswith("experiment.")
+               for p in folder.iterdir())
+
+
+def prepare_output(folder: Path, *, resume: bool) -> OutputLock:
+    """Create and lock the results folder; refuse one with results in it unless resuming.
+
+    A folder holding only what a failed start leaves (run.log, config.yaml, the experiment
+    copy, caches) is reused, so fixing the input and running again just works. The caller
+    owns the returned lock until it releases it (or the process ends).
+    """
+    check_output(folder, resume=resume)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"{folder}: cannot write the results folder ({exc.strerror or exc}); "
+                          "choose a writable --output") from None
+    lock = OutputLock(folder).acquire()  # creating the lock file also proves the folder writable
+    try:
+        check_output(folder, resume=resume)  # again: another run may have written meanwhile
+    except OutputError:
+        lock.release()
+        raise
+    return lock
+
+
+def write_config(params, folder: Path, resume: bool) -> None:
+    """config.yaml (resolved params) and a verbatim copy of the experiment file.
+
+    On --resume the settings must equal the interrupted run's.
+    """
+    resolved = params_to_dict(params)
+    resolved.pop("output", None)
+    cfg = folder / layout.CONFIG
+    if resume and cfg.is_file():
+        old = yaml.safe_load(cfg.read_text())
+        # a key added since that run counts as its default there
+        old.update({k: KEY_BY_NAME[k].default for k in resolved if k not in old and k in KEY_BY_NAME})
+        changed = sorted(k for k in set(old) | set(resolved)
+                         if old.get(k) != resolved.get(k) and k != "source")
+        if changed:
+            raise ConfigError(f"{params.source}: differs from the interrupted run in "
+                              f"{', '.join(changed)}; --resume needs the same settings (or start "
+                              "a new run with --output)")
+        return
+    atomic_yaml(resolved, cfg)
+    atomic_bytes(params.source.read_bytes(), folder / f"experiment{params.source.suffix}")
+
+
+class _PlainFormatter(logging.Formatter):
+    """Console lines never carry control characters from data (file names, labels)."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's name
+        record.message = clean(record.message)
+        return super().formatMessage(record)
+
+
+def setup_logging(folder: Path | None, *, quiet: bool = False, debug: bool = False) -> None:
+    """INFO (WARNING if quiet) to the console; DEBUG to <folder>/run.log."""
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        if getattr(h, "_thumbclf", False):
+            root.removeHandler(h)
+            h.close()
+    root.setLevel(logging.DEBUG)
+    console = logging.StreamHandler()
+    console.setLevel(logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO)
+    console.setFormatter(_PlainFormatter("%(message)s"))
+    console._thumbclf = True  # type: ignore[attr-defined]
+    root.addHandler(console)
+    if folder is not None:
+        fh = logging.FileHandler(folder / layout.RUN_LOG, encoding="utf-8", errors="backslashreplace")
+        fh.setLevel(logging.DEBUG)
+        fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        fh._thumbclf = True  # type: ignore[attr-defined]
+        root.addHandler(fh)
+    for noisy in ("PIL", "matplotlib", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -1,0 +1,438 @@
+"""The training workflow, top to bottom: samples -> cache -> splits -> folds -> predictions ->
+evaluation."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from sklearn.utils.class_weight import compute_class_weight
+from torch import nn
+
+from thumbclf.config import TrainParams, params_to_dict
+from thumbclf.core import layout, machine
+from thumbclf.core import table as table_io
+from thumbclf.core.backbones import arch_name
+from thumbclf.core.decide import decide_with_reasons, threshold_in_force
+from thumbclf.core.errors import DataError
+from thumbclf.core.files import (
+    atomic_csv,
+    atomic_text,
+    atomic_torch_save,
+    check_writable,
+)
+from thumbclf.inputs import cache
+from thumbclf.inputs import splits as splitting
+from thumbclf.inputs.images import Preprocessing
+from thumbclf.inputs.samples import (
+    SampleSet,
+    check_class_names,
+    check_class_sizes,
+    check_input,
+    discover,
+)
+from thumbclf.nn import familiarity
+from thumbclf.nn.data import IMAGENET, training_batches
+from thumbclf.nn.engine import (
+    MIN_CALIBRATION_IMAGES,
+    Calibration,
+    EarlyStopping,
+    FitResult,
+    configure_threads,
+    fit,
+    fit_temperature,
+    predict_logits,
+    softmax,
+)
+from thumbclf.nn.familiarity import WithFeatures
+from thumbclf.nn.models import (
+    build_model,
+    freeze,
+    head_names,
+    input_size,
+    load_model,
+    load_ssl,
+    read_weights,
+    save_model,
+)
+from thumbclf.outputs import explain
+from thumbclf.outputs.confusion import cm_layout
+from thumbclf.predict import distributed
+from thumbclf.predict.execution import executor_for
+from thumbclf.workflows.evaluate import evaluate_run
+from thumbclf.workflows.run import write_config
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FoldResult:
+    """One trained fold (fold 0: full training), kept in memory for evaluation and Grad-CAM."""
+
+    fold: int
+    model: nn.Module
+    history: pd.DataFrame
+    table: pd.DataFrame
+    calibration: Calibration | None = None
+    unfamiliar_rule: bool = False  # the model file has the unfamiliar-slide rule
+
+
+def load_images(params, sample_set: SampleSet, prep: Preprocessing, folder: Path, *,
+                mode: str, max_failed: float | None, quiet: bool):
+    """Decode every image once; report failures; drop them (training) or keep them (deploy)."""
+    cache_dir = params.cache_root
+    paths = [s.path for s in sample_set.samples]
+
+    def build():
+        return cache.build(paths, prep, mode=mode, cache_dir=cache_dir,
+                           slide_cache=params.slide_cache, workers=params.num_workers,
+                           quiet=quiet)
+
+    if distributed.active():  # decoded once, by rank 0, into the disk cache the others read
+        mode = "disk"
+        if distributed.is_main():
+            decoded = build()
+            distributed.barrier()
+        else:
+            distributed.barrier()
+            decoded = build()
+    else:
+        decoded = build()
+    n_fail = len(decoded.errors)
+    if n_fail:
+        for i, err in sorted(decoded.errors.items()):
+            s = sample_set.samples[i]
+            log.debug("unreadable: %s", f"row {s.row}: {err}" if s.row else err)
+        first = sample_set.samples[min(decoded.errors)]
+        log.warning("%d of %d images could not be read and are left out (first: %s%s); the "
+                    "full list is in run.log", n_fail, len(paths),
+                    f"row {first.row}: " if first.row else "", decoded.errors[min(decoded.errors)])
+        if max_failed is not None and n_fail / len(paths) > max_failed:
+            raise DataError(f"{sample_set.source}: {n_fail} of {len(paths)} images "
+                            f"({n_fail / len(paths):.0%}) cannot be read, more than "
+                            f"max_failed_fraction ({max_failed:.0%}); fix the inputs (see "
+                            f"{folder / 'run.log'}) or raise max_failed_fraction")
+    log.info("images ready in %.1fs", decoded.seconds)
+    return decoded
+
+
+def report_rare_classes(counts: dict[str, int], balance: str) -> list[str]:
+    """Warn about classes with under a third of the average class size; return their names."""
+    mean = sum(counts.values()) / max(len(counts), 1)
+    rare = [c for c, n in counts.items() if n < mean / 3]
+    if rare:
+        how = {"loss": "the loss weights them up (class_balance: loss)",
+               "sampler": "they are drawn more often (class_balance: sampler)",
+               "none": "nothing compensates (class_balance: none)"}[balance]
+        log.warning("rare classes: %s; %s. Check their per-class sensitivity in the report",
+                    ", ".join(f"{c} ({counts[c]} images, {counts[c] / sum(counts.values()):.0%})"
+                              for c in rare), how)
+    return rare
+
+
+def class_weights(y: np.ndarray, n_classes: int) -> np.ndarray:
+    """Balanced class weights (scikit-learn's), 0 for a class absent from ``y``."""
+    present = np.unique(y)
+    w = np.zeros(n_classes)
+    w[present] = compute_class_weight("balanced", classes=present, y=y)
+    return w
+
+
+def preflight(params: TrainParams) -> None:
+    """What can be checked before the results folder is written: the backbone, its pretrained
+    or SSL weights (fetched now where they must be downloaded), the cache folder."""
+    preflight_common(params)
+    if params.ssl:  # a checkpoint for another architecture or input size fails now
+        arch = arch_name(params.model_name)
+        load_ssl(build_model(arch, 2, False), params.model_path[0], arch)
+
+
+def preflight_common(params) -> None:
+    """Training and pretraining: inputs, results and cache folders, backbone and its
+    pretrained weights (fetched now where they must be downloaded)."""
+    check_input(params.thumb_data)
+    check_writable(params.output, "results folder")
+    check_writable(params.cache_root, "cache folder (cache_dir)")
+    build_model(arch_name(params.model_name), 2,
+                params.pretrained if not getattr(params, "ssl", False) else False)
+
+
+def _new_model(params: TrainParams, arch: str, n_classes: int, device: torch.device
+               ) -> tuple[nn.Module, list[str]]:
+    model = build_model(arch, n_classes, params.pretrained if not params.ssl else False)
+    if params.ssl:
+        load_ssl(model, params.model_path[0], arch)
+    frozen = freeze(model, arch, params.freeze_ratio)
+    log.info("frozen (freezeRatio %.2f): %s", params.freeze_ratio, ", ".join(frozen) or "nothing")
+    return model.to(device).to(memory_format=torch.channels_last), frozen
+
+
+def _fit_fold(params: TrainParams, model: nn.Module, trainer: nn.Module, *, decoded,
+              y: np.ndarray, n_classes: int,
+              train_pos: np.ndarray, val_pos: np.ndarray, fold: int, device: torch.device,
+              quiet: bool, checkpoint: Path, rng: np.random.Generator,
+              gen: torch.Generator) -> FitResult:
+    """Fit with early stopping, checkpointing every epoch (with the random generators)."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(trainable, lr=params.lr, weight_decay=params.wd)
+    y_train = y[train_pos]
+    cw = class_weights(y_train, n_classes)
+    loss_weights = (torch.tensor(cw, dtype=torch.float32)
+                    if params.class_balance == "loss" else None)
+    sampling = cw[y_train] if params.class_balance == "sampler" else None
+    bs = params.batch_size
+    bn_images = min(256, max(64, len(train_pos) // 10))  # a forward pass over these per epoch
+    bn_sample = np.random.default_rng([params.seed, fold, 1]).permutation(train_pos)[:bn_images]
+
+    def train_batches():
+        return training_batches(decoded, train_pos, y, batch_size=bs, rng=rng, weights=sampling,
+                                shard=distributed.shard if distributed.active() else None)
+
+    def val_batches():
+        return training_batches(decoded, val_pos, y, batch_size=bs * 2, rng=rng, shuffle=False,
+                                drop_single=False)
+
+    def bn_batches():  # unaugmented training images, for BatchNorm statistics
+        return training_batches(decoded, bn_sample, y, batch_size=bs,
+                                rng=np.random.default_rng(0), shuffle=False, drop_single=True)
+
+    def save_checkpoint(state: dict) -> None:
+        if not distributed.is_main():
+            return  # rank 0 writes; every rank holds the same weights
+        state.update(np_rng=json.dumps(rng.bit_generator.state), torch_gen=gen.get_state(),
+                     torch_rng=torch.get_rng_state(), fold=fold)
+        atomic_torch_save(state, checkpoint)
+
+    resume_state = None
+    if checkpoint.is_file():
+        resume_state = read_weights(checkpoint, "checkpoint of the interrupted fold")
+        rng.bit_generator.state = json.loads(resume_state["np_rng"])
+        gen.set_state(resume_state["torch_gen"])
+        torch.set_rng_state(resume_state["torch_rng"])
+    return fit(model, train_batches=train_batches, val_batches=val_batches,
+               n_train_batches=math.ceil(len(train_pos) / bs), bn_batches=bn_batches,
+               optimizer=optimizer,
+               criterion=nn.CrossEntropyLoss(weight=None if loss_weights is None
+                                             else loss_weights.to(device)),
+               val_criterion=nn.CrossEntropyLoss(weight=loss_weights),
+               stopper=EarlyStopping(params.patience, params.stop_epoch, params.max_epochs),
+               norm=IMAGENET, device=device, gen=gen if params.augment else None, quiet=quiet,
+               label=f"fold {fold}: " if fold else "", on_epoch=save_checkpoint,
+               resume=resume_state, trainer=trainer,
+               reduce=distributed.mean if distributed.active() else None,
+               stain=params.stain_augment if params.augment else 0.0,
+               lr_schedule=params.lr_schedule)
+
+
+def run_fold(params: TrainParams, folder: Path, *, fold: int, sample_set: SampleSet, decoded,
+             y: np.ndarray, split_df: pd.DataFrame, prep: Preprocessing, arch: str,
+             device: torch.device, quiet: bool) -> FoldResult:
+    """Train, calibrate and evaluate one fold; write its model, history and predictions."""
+    classes = sample_set.classes
+    train_pos = splitting.positions(split_df, fold, "train")
+    val_pos = splitting.positions(split_df, fold, "val")
+    eval_pos = val_pos if fold == 0 else splitting.positions(split_df, fold, "test")
+    log.info("%s: %d train, %d validation%s", layout.fold_label(fold), len(train_pos),
+             len(val_pos), "" if fold == 0 else f", {len(eval_pos)} test")
+    fdir = layout.fold_dir(folder, fold)
+    torch.manual_seed(params.seed * 1000 + fold)  # before the model: its initial weights
+    rng = np.random.default_rng([params.seed, fold])
+    # augmentation: each DDP rank draws its own (rank 0 as a single process does)
+    gen = torch.Generator().manual_seed(params.seed * 1000 + fold + 7 + 100_003 * distributed.rank())
+    model, frozen = _new_model(params, arch, len(classes), device)
+    model, trainer = distributed.wrap(model, device)
+    result = _fit_fold(params, model, trainer, decoded=decoded, y=y, n_classes=len(classes),
+                       train_pos=train_pos, val_pos=val_pos, fold=fold, device=device,
+                       quiet=quiet, checkpoint=fdir / layout.CHECKPOINT, rng=rng, gen=gen)
+    val_logits = result.val_logits if result.val_logits is not None else np.zeros((0, len(classes)))
+    calibration = (fit_temperature(val_logits, y[val_pos]) if params.calibrate
+                   else Calibration(1.0, "off", len(val_pos)))
+    temperature = calibration.temperature
+    threshold = threshold_in_force(given=params.prediction_threshold,
+                                   target_accuracy=params.target_accuracy,
+                                   val_probs=softmax(val_logits, temperature), val_y=y[val_pos])
+    history = pd.DataFrame(result.history)
+    if not distributed.is_main():  # the same model as rank 0's; rank 0 writes it
+        return FoldResult(fold, model, history, pd.DataFrame())
+    atomic_csv(history, fdir / layout.HISTORY)
+
+    def outputs(positions):  # logits and features (unaugmented, evaluation mode), in order
+        out, _ = predict_logits(WithFeatures(model, head_names(model)[0]), training_batches(
+            decoded, positions, y, batch_size=params.batch_size * 2,
+            rng=np.random.default_rng(0), shuffle=False, drop_single=False),
+            norm=IMAGENET, device=device)
+        return familiarity.split(out, len(classes))
+
+    rule = None
+    logits, eval_features = outputs(eval_pos)
+    if params.unfamiliar:
+        bank_pos = np.sort(np.random.default_rng([params.seed, fold, 2]).permutation(
+            train_pos)[:familiarity.BANK_SIZE])
+        val_features = eval_features if fold == 0 else outputs(val_pos)[1]
+        rule = familiarity.fit(outputs(bank_pos)[1], val_features)
+    probs = softmax(logits, temperature)
+    unfamiliarity = rule.unfamiliarity(eval_features) if rule is not None else None
+    decisions, reasons = decide_with_reasons(probs, classes, threshold.value, unfamiliarity)
+    table = table_io.build([sample_set.samples[i] for i in eval_pos], probs, classes,
+                           decisions, threshold=threshold.value, reasons=reasons,
+                           unfamiliarity=unfamiliarity,
+                           labels=True, patients=sample_set.has_patients, fold=fold)
+    meta = {"fold": fold, "best_epoch": result.best_epoch, "frozen": frozen,
+            "params": {k: v for k, v in params_to_dict(params).items()
+                       if isinstance(v, (int, float, str, bool, list, type(None)))}}
+    model_file = layout.fold_model(folder, fold)
+    save_model(model_file, model, arch=arch, classes=classes, prep=prep, norm=IMAGENET,
+               threshold=threshold.value, temperature=temperature, meta=meta,
+               familiarity=rule, calibration=calibration.to_file())
+    atomic_csv(table, layout.fold_predictions(folder, fold))  # last: marks the fold finished
+    (fdir / layout.CHECKPOINT).unlink(missing_ok=True)
+    log.info("%s: best epoch %d, %s; model %s", fdir.name, result.best_epoch,
+             calibration.describe(), model_file)
+    return FoldResult(fold, model, history, table, calibration, rule is not None)
+
+
+def training_notes(results: list[FoldResult], params: TrainParams) -> list[str]:
+    """What the report says about calibration and the unfamiliar-slide rule of each model."""
+    cals = [r for r in results if r.calibration is not None]
+    if len(cals) == 1:
+        notes = [f"Calibration: {cals[0].calibration.describe()}."]
+    else:
+        notes = [f"Calibration (temperature scaling on each validation split; it needs "
+                 f"{MIN_CALIBRATION_IMAGES} images): " + "; ".join(
+                     f"{layout.fold_label(r.fold)} {r.calibration.short()}" for r in cals)
+                 + ". T below 1 sharpens an under-confident model's probabilities."] if cals else []
+    if params.unfamiliar:
+        off = [r for r in results if not r.unfamiliar_rule]
+        if off:
+            notes.append(f"Unfamiliar-slide rule off for {len(off)} of {len(results)} models: "
+                         f"their validation split has fewer than {familiarity.MIN_VALIDATION} "
+                         "images to choose its threshold; their Undecided means low confidence "
+                         "only.")
+        else:
+            notes.append(familiarity.rule_sentence())
+    return notes
+
+
+def _run_fold(*, fold: int, device: torch.device, params: TrainParams, **shared) -> FoldResult:
+    """run_fold as an executor calls it (keyword arguments only)."""
+    return run_fold(params, shared.pop("folder"), fold=fold, device=device, **shared)
+
+
+def finished_fold(folder: Path, fold: int) -> FoldResult | None:
+    """A fold finished by an earlier, interrupted run (its predictions are written last)."""
+    pred_file, model_file = layout.fold_predictions(folder, fold), layout.fold_model(folder, fold)
+    if not (pred_file.is_file() and model_file.is_file()):
+        return None
+    log.info("%s: finished earlier; skipped", layout.fold_dir(folder, fold).name)
+    history = pd.read_csv(layout.fold_dir(folder, fold) / layout.HISTORY)
+    loaded = load_model(model_file)
+    return FoldResult(fold, loaded.model, history, table_io.read_fold(pred_file),
+                      Calibration.from_file(loaded.calibration), loaded.familiarity is not None)
+
+
+def _decoded_without_failures(decoded, sample_set: SampleSet, params: TrainParams):
+    """Leave out the images that could not be read (training needs every image it uses)."""
+    if decoded.ok.all():
+        return decoded, sample_set
+    keep = np.flatnonzero(decoded.ok)
+    sample_set = SampleSet(tuple(sample_set.samples[i] for i in keep), sample_set.classes,
+                           sample_set.has_patients, sample_set.source)
+    decoded.rows = decoded.rows[keep]
+    decoded.errors = {}
+    check_class_sizes(sample_set, 2 if params.train_full else params.fold_number)
+    return decoded, sample_set
+
+
+def _splits(params: TrainParams, folder: Path, sample_set: SampleSet, resume: bool) -> pd.DataFrame:
+    """The folds (written once, reused on resume)."""
+    paths = [str(s.path) for s in sample_set.samples]
+    labels = [s.label for s in sample_set.samples]
+    patients = ([s.patient or str(s.path) for s in sample_set.samples]
+                if sample_set.has_patients else None)
+    split_file = folder / layout.SPLITS
+    if resume and split_file.is_file():
+        log.info("resuming with the splits in %s", split_file)
+        return splitting.load(split_file, paths)
+    split_df = splitting.make_splits(labels, patients, folds=params.fold_number,
+                                     full=params.train_full, val_fraction=params.val_fraction,
+                                     seed=params.seed)
+    if distributed.is_main():
+        splitting.save(split_df, paths, labels, patients, split_file)
+    return split_df
+
+
+def run(params: TrainParams, *, resume: bool = False, quiet: bool = False) -> Path:
+    """Train as the experiment file says; return the results folder."""
+    folder = params.output
+    started = time.perf_counter()
+    sample_set = discover(params.thumb_data, need_labels=True, target_labels=params.target_labels,
+                          exclude=(folder, params.cache_root))
+    check_class_names(sample_set.classes, params.thumb_data)
+    cm_layout(sample_set.classes, params.cm_sortlabels, params.cm_xlabels, params.cm_ylabels,
+              params.source)  # a bad confusion-matrix option fails now, not after training
+    if len(sample_set.classes) < 2:
+        raise DataError(f"{params.thumb_data}: found only the class {sample_set.classes[0]!r}; "
+                        "training needs at least two classes")
+    check_class_sizes(sample_set, 2 if params.train_full else params.fold_number)
+    if distributed.is_main():
+        write_config(params, folder, resume)
+    log.info("%d images in %d classes: %s", len(sample_set), len(sample_set.classes),
+             ", ".join(f"{k} {v}" for k, v in sample_set.counts().items()))
+    report_rare_classes(sample_set.counts(), params.class_balance)
+    device = distributed.init(params.device)  # pick_device; this rank's GPU under torchrun
+    configure_threads(device, params.cpus_per_fold or (distributed.local_threads(machine.cores())
+                                                       if distributed.active() else 0))
+    log.info("device: %s%s", device, f" ({torch.get_num_threads()} threads)" if device.type == "cpu" else "")
+    arch = arch_name(params.model_name)
+    prep = Preprocessing(size=input_size(arch), max_pixels=params.max_image_pixels,
+                         slide_size=params.slide_thumbnail_size)
+    decoded = load_images(params, sample_set, prep, folder, mode=params.cache,
+                          max_failed=params.max_failed_fraction, quiet=quiet)
+    decoded, sample_set = _decoded_without_failures(decoded, sample_set, params)
+    classes = sample_set.classes
+    y = np.array([classes.index(s.label) for s in sample_set.samples])
+    split_df = _splits(params, folder, sample_set, resume)
+
+    folds = [0] if params.train_full else list(range(1, params.fold_number + 1))
+    done = {fold: r for fold in folds if resume and (r := finished_fold(folder, fold))}
+    todo = [fold for fold in folds if fold not in done]
+    shared = dict(params=params, folder=folder, sample_set=sample_set, decoded=decoded, y=y,
+                  split_df=split_df, prep=prep, arch=arch, quiet=quiet)
+    with executor_for(params, quiet=quiet) as ex:  # here one after another, or Ray tasks
+        done.update(zip(todo, ex.run_folds(_run_fold, todo, shared, device=device)))
+    results = [done[fold] for fold in folds]
+    if not distributed.is_main():
+        return folder  # rank 0 pools, evaluates and reports
+
+    if params.train_full:
+        log.info("final model: %s", layout.fold_model(folder, 0))
+        table, kind = results[0].table, "validation"
+    else:
+        table, kind = pd.concat([r.table for r in results], ignore_index=True), "cross-validation"
+        atomic_csv(table, folder / layout.PREDICTIONS)
+    extra = explain.section(folder, table, {r.fold: r.model for r in results}, list(classes),
+                            prep=prep, norm=IMAGENET, arch=arch, per_class=params.gradcam,
+                            device=device, note="each with its own fold's model")
+    notes = []
+    if params.target_accuracy is not None:
+        per = table.groupby("fold")["threshold"].first() if "fold" in table else table["threshold"].iloc[:1]
+        notes.append(f"Thresholds chosen to reach {params.target_accuracy:.1%} accuracy on each "
+                     "validation split (target_accuracy): "
+                     + ", ".join(f"{'fold ' + str(k) + ' ' if 'fold' in table else ''}{v:.3f}"
+                                 for k, v in per.items()) + "; the coverage they give is below.")
+    notes += training_notes(results, params)
+    evaluate_run(folder, table, classes=classes, params=params, kind=kind,
+                 sample_set=sample_set, split_df=split_df, extra_sections=extra, notes=notes,
+                 histories={layout.fold_label(r.fold): r.history for r in results})
+    timings = {"decode_seconds": round(decoded.seconds, 3),
+               "total_seconds": round(time.perf_counter() - started, 3), "images": len(sample_set)}
+    atomic_text(json.dumps(timings, indent=1), folder / "timings.json")
+    log.info("done in %.0fs; results in %s", time.perf_counter() - started, folder)
+    return folder
