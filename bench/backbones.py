@@ -19,7 +19,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from thumbclf.nn.engine import autocast, training_loss  # noqa: E402
 from thumbclf.core.backbones import PROTOTYPE_NAMES
-from thumbclf.nn.models import build_model, freeze, input_size, train_mode
+from thumbclf.nn.models import build_model, input_size
+from thumbclf.nn.freeze import freeze, train_mode
 
 
 def measure(name: str, *, batch: int, steps: int, device: torch.device) -> dict:

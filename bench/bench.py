@@ -32,8 +32,9 @@ import torch  # noqa: E402
 from thumbclf.inputs import synth  # noqa: E402
 from thumbclf.core.machine import cores  # noqa: E402
 from thumbclf.config import TRAIN, load_params  # noqa: E402
-from thumbclf.nn.models import build_model, freeze  # noqa: E402
-from thumbclf.workflows.run import setup_logging  # noqa: E402
+from thumbclf.nn.models import build_model  # noqa: E402
+from thumbclf.nn.freeze import freeze
+from thumbclf.core.logs import setup_logging  # noqa: E402
 
 OUT = ROOT / "bench" / "out"
 
@@ -67,7 +68,7 @@ def model_only(device: torch.device, batch: int, freeze_ratio: float, steps: int
     y = torch.randint(0, 6, (batch,), device=device)
     loss_fn = torch.nn.CrossEntropyLoss()
     from thumbclf.nn.engine import autocast
-    from thumbclf.nn.models import train_mode
+    from thumbclf.nn.freeze import train_mode
 
     def step():
         train_mode(model)

@@ -37,9 +37,11 @@ from thumbclf.config import PRETRAIN, load_params  # noqa: E402
 from thumbclf.nn.data import IMAGENET, training_batches  # noqa: E402
 from thumbclf.nn.engine import predict_logits, recalibrate_bn, train_one_epoch  # noqa: E402
 from thumbclf.inputs.images import Preprocessing  # noqa: E402
-from thumbclf.nn.models import SSL_CHECKPOINT, build_model, freeze, load_ssl, train_mode  # noqa: E402
+from thumbclf.nn.models import SSL_CHECKPOINT, build_model, load_ssl  # noqa: E402
+from thumbclf.nn.freeze import freeze, train_mode
 from thumbclf.workflows.pretrain import run as pretrain_run  # noqa: E402
-from thumbclf.workflows.run import prepare_output, setup_logging  # noqa: E402
+from thumbclf.workflows.run import prepare_output  # noqa: E402
+from thumbclf.core.logs import setup_logging
 
 OUT = ROOT / "bench" / "out" / "pretrain"
 CPU = torch.device("cpu")

@@ -81,8 +81,8 @@ def scores(pred: Path, classes: list[str]) -> dict:
     df["CLASSIFICATION"] = [Path(p).parent.name for p in df["PATH"]]
     m = metrics.compute(df, classes, resamples=0)
     reasons = df.get("undecided_reason", pd.Series([""] * len(df)))
-    return {"macro AUROC": m["macro_auroc_ovr"], "accuracy (decided)": m["accuracy_decided"],
-            "coverage": m["coverage"], "ECE": m["ece"],
+    return {"macro AUROC": m.macro_auroc_ovr, "accuracy (decided)": m.accuracy_decided,
+            "coverage": m.coverage, "ECE": m.ece,
             "unfamiliar": float((reasons == "unfamiliar").mean())}
 
 

@@ -16,8 +16,9 @@ from thumbclf.nn.engine import training_loss
 from thumbclf.core.errors import ModelError
 from thumbclf.outputs.explain import gradcam
 from thumbclf.inputs.images import Preprocessing
-from thumbclf.nn.models import (BUILD_KWARGS, blocks, build_model, freeze, head_names, holds_head,
-                                input_size, load_model, save_model, train_mode)
+from thumbclf.nn.models import (BUILD_KWARGS, build_model, head_names, input_size, load_model,
+                                save_model)
+from thumbclf.nn.freeze import blocks, freeze, holds_head, train_mode
 from thumbclf.core.backbones import PROTOTYPE_NAMES, arch_name, zoo
 
 # prototype name -> (architecture, side used in these tests, input size in the model file)

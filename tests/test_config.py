@@ -209,9 +209,10 @@ def test_model_name_is_checked_with_the_file_and_accepts_any_torchvision_classif
         p = write(tmp_path, "ok.yaml", f"thumbData: d\nmodel_name: {name}\n")
         assert load_params(p, workflow=TRAIN).model_name == name
 def test_executor_ray_without_ray_says_how_to_install_it(monkeypatch, tmp_path):
-    from thumbclf.config import validate as config_validate
+    from thumbclf import config
+    from thumbclf.config import rules
 
-    monkeypatch.setattr(config_validate, "_ray_installed", lambda: False)
+    monkeypatch.setattr(rules, "_ray_installed", lambda: False)
     raw = {"thumbData": "x", "modelAdr": "m.pt", "executor": "ray"}
     with pytest.raises(ConfigError) as err:
         config.validate(raw, workflow="deploy", source=tmp_path / "e.yaml")

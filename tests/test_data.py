@@ -4,7 +4,8 @@ import numpy as np
 import torch
 
 from thumbclf.inputs.cache import DecodedImages
-from thumbclf.nn.data import IMAGENET, augment, dihedral, to_input, training_batches
+from thumbclf.nn.data import IMAGENET, to_input, training_batches
+from thumbclf.nn.augment import augment, dihedral
 
 
 def decoded(n=10, size=16):

@@ -105,7 +105,7 @@ def _fit(model, x, y, epochs, checkpoints, *, resume=None, interrupt_after=None,
     from torch import nn
 
     from thumbclf.nn.data import UNNORMALISED
-    from thumbclf.nn.engine import fit
+    from thumbclf.nn.engine import FitSpec, fit
 
     gen = torch.Generator().manual_seed(1)
     rng = np.random.default_rng(1)
@@ -126,12 +126,13 @@ def _fit(model, x, y, epochs, checkpoints, *, resume=None, interrupt_after=None,
         if len(checkpoints) == interrupt_after:
             raise KeyboardInterrupt
 
-    return fit(model, train_batches=batches, val_batches=lambda: batches(False),
-               n_train_batches=3, optimizer=torch.optim.Adam(model.parameters(), lr=0.05),
-               criterion=nn.CrossEntropyLoss(), val_criterion=nn.CrossEntropyLoss(),
-               stopper=EarlyStopping(patience=100, stop_epoch=0, max_epochs=epochs),
-               norm=UNNORMALISED, device=torch.device("cpu"), gen=gen, quiet=True,
-               on_epoch=keep, resume=resume, lr_schedule=lr_schedule)
+    spec = FitSpec(train_batches=batches, val_batches=lambda: batches(False),
+                   n_train_batches=3, optimizer=torch.optim.Adam(model.parameters(), lr=0.05),
+                   criterion=nn.CrossEntropyLoss(), val_criterion=nn.CrossEntropyLoss(),
+                   stopper=EarlyStopping(patience=100, stop_epoch=0, max_epochs=epochs),
+                   norm=UNNORMALISED, device=torch.device("cpu"), gen=gen,
+                   lr_schedule=lr_schedule)
+    return fit(model, spec, quiet=True, on_epoch=keep, resume=resume)
 
 
 def test_fit_resumed_at_an_epoch_gives_the_same_weights_as_not_stopping():

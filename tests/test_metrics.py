@@ -33,36 +33,36 @@ Y = ["A"] * 4 + ["B"] * 4 + ["C"] * 4
 
 def test_perfect_classifier():
     m = M.compute(table(Y, onehot(Y)), CLASSES, resamples=200)
-    assert m["macro_auroc_ovr"] == 1 and m["macro_auroc_ovo"] == 1
-    assert all(r["auroc"] == 1 and r["average_precision"] == 1 for r in m["per_class"])
-    assert m["coverage"] == 1 and m["accuracy_decided"] == 1 and m["accuracy_all"] == 1
-    assert m["macro_f1"] == 1 and m["per_class"][0]["sensitivity"] == 1
-    assert m["macro_auroc_ovr_ci"] == [1.0, 1.0]
-    assert m["ece"] == pytest.approx(0.1)  # always 90% sure, always right
+    assert m.macro_auroc_ovr == 1 and m.macro_auroc_ovo == 1
+    assert all(r["auroc"] == 1 and r["average_precision"] == 1 for r in m.per_class)
+    assert m.coverage == 1 and m.accuracy_decided == 1 and m.accuracy_all == 1
+    assert m.macro_f1 == 1 and m.per_class[0]["sensitivity"] == 1
+    assert m.macro_auroc_ovr_ci == [1.0, 1.0]
+    assert m.ece == pytest.approx(0.1)  # always 90% sure, always right
 
 
 def test_reversed_classifier_has_auroc_zero():
     m = M.compute(table(Y, (1 - onehot(Y)) / 2, threshold=0.4), CLASSES, resamples=0)
-    assert all(r["auroc"] == 0 for r in m["per_class"])
-    assert m["macro_auroc_ovr"] == 0 and m["macro_auroc_ovo"] == 0
-    assert m["accuracy_all"] == 0 and m["per_class"][0]["sensitivity"] == 0
+    assert all(r["auroc"] == 0 for r in m.per_class)
+    assert m.macro_auroc_ovr == 0 and m.macro_auroc_ovo == 0
+    assert m.accuracy_all == 0 and m.per_class[0]["sensitivity"] == 0
 
 
 def test_constant_classifier_is_chance_and_all_undecided():
     m = M.compute(table(Y, np.full((12, 3), 1 / 3)), CLASSES, resamples=100)
-    assert m["macro_auroc_ovr"] == 0.5 and m["macro_auroc_ovo"] == 0.5
-    assert m["coverage"] == 0 and m["accuracy_decided"] is None and m["accuracy_all"] == 0
+    assert m.macro_auroc_ovr == 0.5 and m.macro_auroc_ovo == 0.5
+    assert m.coverage == 0 and m.accuracy_decided is None and m.accuracy_all == 0
 
 
 def test_a_missing_class_is_reported_not_fatal():
     y = ["A"] * 4 + ["B"] * 4
     m = M.compute(table(y, onehot(y)), CLASSES, resamples=50)
-    c = m["per_class"][2]
+    c = m.per_class[2]
     assert c["n"] == 0 and c["auroc"] is None and c["sensitivity"] is None
-    assert m["macro_auroc_ovr"] == 1
-    assert any("class C is absent" in n for n in m["notes"])
+    assert m.macro_auroc_ovr == 1
+    assert any("class C is absent" in n for n in m.notes)
     one = M.compute(table(["A", "B", "C", "A"], onehot(["A", "B", "C", "A"])), CLASSES, resamples=50)
-    assert any("single image" in n for n in one["notes"])
+    assert any("single image" in n for n in one.notes)
 
 
 def test_weighted_bootstrap_metrics_equal_scikit_learn():
@@ -83,9 +83,9 @@ def test_bootstrap_is_seeded_and_resamples_patients():
     probs = rng.dirichlet([1, 1, 1], 12)
     a = M.compute(table(Y, probs), CLASSES, resamples=300, seed=5)
     b = M.compute(table(Y, probs), CLASSES, resamples=300, seed=5)
-    assert a["macro_auroc_ovr_ci"] == b["macro_auroc_ovr_ci"]
-    lo, hi = a["macro_auroc_ovr_ci"]
-    assert lo < a["macro_auroc_ovr"] < hi
+    assert a.macro_auroc_ovr_ci == b.macro_auroc_ovr_ci
+    lo, hi = a.macro_auroc_ovr_ci
+    assert lo < a.macro_auroc_ovr < hi
     w = M.bootstrap_weights(6, np.array(["p1", "p1", "p2", "p2", "p3", "p3"]), 50, 0)
     assert (w[:, 0] == w[:, 1]).all() and (w[:, 2] == w[:, 3]).all()
 
@@ -98,18 +98,18 @@ def test_ovo_bootstrap_point_matches_scikit_learn_ovo():
     ones = np.ones((1, 30))
     yy = np.array([CLASSES.index(v) for v in y])
     assert M._macro_ovo_weighted(yy, probs, [0, 1, 2], ones)[0] == pytest.approx(ref)
-    assert M.compute(table(list(y), probs), CLASSES, resamples=0)["macro_auroc_ovo"] == pytest.approx(ref)
+    assert M.compute(table(list(y), probs), CLASSES, resamples=0).macro_auroc_ovo == pytest.approx(ref)
 
 
 def test_selective_prediction_and_thresholds():
     probs = onehot(Y, hi=0.9)
     probs[0] = [0.1, 0.6, 0.3]  # one confident-ish error
     m = M.compute(table(Y, probs, threshold=0.7), CLASSES, resamples=0)
-    assert m["coverage"] == pytest.approx(11 / 12) and m["accuracy_decided"] == 1
-    assert m["threshold_for_99"] == pytest.approx(0.9)
-    curve = {r["threshold"]: r for r in m["selective"]}
+    assert m.coverage == pytest.approx(11 / 12) and m.accuracy_decided == 1
+    assert m.threshold_for_99 == pytest.approx(0.9)
+    curve = {r["threshold"]: r for r in m.selective}
     assert curve[0.0]["coverage"] == 1 and curve[0.0]["accuracy"] == pytest.approx(11 / 12)
-    assert m["aurc"] == pytest.approx(np.mean([0] * 11 + [1 / 12]))
+    assert m.aurc == pytest.approx(np.mean([0] * 11 + [1 / 12]))
 
 
 def test_confusion_matrix_rows_true_columns_decisions_with_undecided():

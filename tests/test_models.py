@@ -8,7 +8,8 @@ from torch import nn
 from thumbclf.nn.data import Normalisation
 from thumbclf.core.errors import ModelError
 from thumbclf.inputs.images import Preprocessing
-from thumbclf.nn.models import build_model, freeze, load_model, load_ssl, save_model, train_mode
+from thumbclf.nn.models import build_model, load_model, load_ssl, save_model
+from thumbclf.nn.freeze import freeze, train_mode
 
 
 def test_the_backbones_of_earlier_model_files_build_with_the_right_head():

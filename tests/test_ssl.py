@@ -9,7 +9,8 @@ from thumbclf.inputs import synth
 from thumbclf.nn.data import IMAGENET, to_input
 
 from thumbclf.nn.models import backbone_only
-from thumbclf.nn.ssl import BYOL, lr_at, momentum_at, ssl_view
+from thumbclf.nn.ssl import BYOL, lr_at, momentum_at
+from thumbclf.nn.augment import ssl_view
 
 NORM = IMAGENET
 

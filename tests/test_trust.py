@@ -14,7 +14,7 @@ from PIL import Image
 from conftest import run_script, train_once, write_yaml
 from thumbclf.nn import familiarity
 from thumbclf.inputs import synth
-from thumbclf.nn.data import augment, stain_shift
+from thumbclf.nn.augment import augment, stain_shift
 from thumbclf.core.decide import LOW_CONFIDENCE, UNDECIDED, UNFAMILIAR, decide_with_reasons
 from thumbclf.nn.engine import warmup_cosine
 from thumbclf.evaluate import main as evaluate_main

@@ -12,7 +12,6 @@ Heavy modules (torch, pandas) are imported when a function runs, so ``import thu
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import os
@@ -20,177 +19,29 @@ import tempfile
 import types
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Iterable
 
+from thumbclf.config.files import load_experiment
 from thumbclf.core.errors import ConfigError, DataError
+from thumbclf.workflows.execute import execute
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
 
-    from thumbclf.config import DeployParams, Params
+    from thumbclf.config import DeployParams
 
 log = logging.getLogger(__name__)
-DICT_SOURCE = Path("<experiment dict>")  # how error messages name an experiment given as a dict
-EXPERIMENT_COPY = "experiment.yaml"  # a dict experiment is saved as this in its results folder
 
 
 # ---------------------------------------------------------------------------- experiments
 
 
-def _plain(value: Any) -> Any:
-    """Python values as an experiment file would hold them: paths as strings, tuples as lists."""
-    if isinstance(value, os.PathLike):
-        return os.fspath(value)
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
-
-
-def _override(raw: dict[str, Any], settings: Mapping[str, Any]) -> dict[str, Any]:
-    """Replace keys of ``raw`` by ``settings`` whatever their spelling, as ``--set`` does."""
-    from thumbclf.config import SPELLINGS
-
-    raw = dict(raw)
-    for key, value in settings.items():
-        canonical = SPELLINGS.get(key)
-        if canonical is not None:
-            for spelling in (canonical.name, *canonical.aliases):
-                raw.pop(spelling, None)
-        raw[key] = _plain(value)
-    return raw
-
-
-def load_experiment(experiment: str | os.PathLike | Mapping[str, Any], *, workflow: str,
-                    output: str | os.PathLike | None = None,
-                    settings: Mapping[str, Any] | None = None) -> tuple[Params, dict | None]:
-    """Validated params from an experiment file or dict; also the dict itself (None for a file).
-
-    A file is read like the command line reads it (relative paths start at its folder, the
-    results folder defaults to one named after it, beside it). A dict is validated by the same
-    rules; its relative paths start at the current directory and ``output`` must be given.
-    """
-    from thumbclf.config import read_experiment_file, validate
-
-    out = Path(output).absolute() if output is not None else None
-    if isinstance(experiment, Mapping):
-        raw = _override({str(k): _plain(v) for k, v in experiment.items()}, settings or {})
-        if out is None:
-            raise ConfigError(f"{DICT_SOURCE}: output is required when the experiment is a dict "
-                              "(the results folder to write), e.g. output='runs/my_run'")
-        params = validate(raw, workflow=workflow, source=DICT_SOURCE, output=out, base=Path.cwd())
-        return params, raw
-    if not isinstance(experiment, (str, os.PathLike)):
-        raise ConfigError(f"experiment must be the path of an experiment file or a dict of its "
-                          f"keys; got a {type(experiment).__name__}")
-    source = Path(experiment).absolute()
-    raw = _override(read_experiment_file(source), settings or {})
-    return validate(raw, workflow=workflow, source=source, output=out), None
-
-
-def execute(params: Params, *, resume: bool = False, quiet: bool = False, debug: bool = False,
-            progress: bool = True, raw: dict | None = None) -> Path:
-    """Prepare the results folder, log into it and run the params' workflow; return the folder.
-
-    ``raw``: the dict an experiment came from; it is saved as experiment.yaml in the results
-    folder, which then stands for the experiment file (the copy beside config.yaml).
-    """
-    import yaml
-
-    from thumbclf.config import TRAIN, WORKFLOW_OF
-    from thumbclf.core.files import atomic_text
-    from thumbclf.workflows.run import check_output, prepare_output, setup_logging
-
-    workflow = WORKFLOW_OF[type(params)]
-    if workflow == TRAIN:
-        from thumbclf.workflows.train import preflight, run
-    elif workflow == "pretrain":
-        from thumbclf.workflows.pretrain import preflight, run
-    else:
-        # decoding workers share the cores with the model: idle OpenMP threads should sleep,
-        # not spin (measured +10% on PNG thumbnails on 2 cores); read when torch loads
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-        from thumbclf.workflows.deploy import preflight, run
-    from thumbclf.predict import distributed
-
-    if distributed.active():  # torchrun: rank 0 owns the results folder, the others train along
-        return _execute_ranks(params, workflow, resume=resume, quiet=quiet, debug=debug,
-                              progress=progress)
-    check_output(params.output, resume=resume)  # everything that can be checked before the
-    preflight(params)  # first file is written: the folder, the inputs, weights, caches
-    folder = params.output
-    with prepare_output(folder, resume=resume):  # the folder is this run's until it returns
-        if raw is not None:
-            copy = folder / EXPERIMENT_COPY
-            if not (resume and copy.is_file()):
-                atomic_text(f"# given to thumbclf.{workflow}() as a dict; its relative paths "
-                            f"start at {Path.cwd()}\n"
-                            + yaml.safe_dump(raw, sort_keys=False, allow_unicode=True), copy)
-            params = dataclasses.replace(params, source=copy)
-        setup_logging(folder, quiet=quiet, debug=debug)
-        log.info("thumbclf %s: %s -> %s", workflow, params.source, folder)
-        return run(params, resume=resume, quiet=not progress)
-
-
-def _execute_ranks(params: Params, workflow: str, *, resume: bool, quiet: bool, debug: bool,
-                   progress: bool) -> Path:
-    """``execute`` for one rank of a torchrun training (see distributed.py)."""
-    from thumbclf.config import TRAIN
-    from thumbclf.core.errors import ThumbclfError
-    from thumbclf.predict import distributed
-    from thumbclf.workflows.run import check_output, prepare_output, setup_logging
-
-    where = f"{params.source}: "
-    if workflow != TRAIN:
-        raise ConfigError(f"{where}torchrun trains one model on several GPUs/processes; run "
-                          "deploy as one process (or with executor: ray for many machines)")
-    if params.executor == "ray":
-        raise ConfigError(f"{where}executor: ray and torchrun do not combine; use torchrun for "
-                          "one model on several GPUs, or executor: ray for folds in parallel")
-    from thumbclf.workflows.train import preflight, run
-
-    distributed.init(params.device)
-    try:
-        problem = None
-        if distributed.is_main():
-            try:
-                check_output(params.output, resume=resume)
-                preflight(params)
-            except ThumbclfError as exc:
-                problem = exc
-        problem = distributed.share(problem)  # every rank stops on rank 0's error
-        if problem is not None:
-            raise problem
-        if not distributed.is_main():  # no files, no console but errors, no progress bars
-            setup_logging(None, quiet=True)
-            logging.getLogger().handlers[-1].setLevel(logging.ERROR)
-            return run(params, resume=resume, quiet=True)
-        with prepare_output(params.output, resume=resume):
-            setup_logging(params.output, quiet=quiet, debug=debug)
-            log.info("thumbclf %s: %s -> %s (torchrun: %d processes)", workflow, params.source,
-                     params.output, distributed.world_size())
-            return run(params, resume=resume, quiet=not progress)
-    finally:
-        distributed.finish()
-
-
-@contextlib.contextmanager
-def _own_logging() -> Iterator[None]:
-    """Leave the caller's logging as it was: remove the handlers a run adds (console, run.log)."""
-    root = logging.getLogger()
-    level, before = root.level, set(root.handlers)
-    try:
-        yield
-    finally:
-        for h in list(root.handlers):
-            if h not in before and getattr(h, "_thumbclf", False):
-                root.removeHandler(h)
-                h.close()
-        root.setLevel(level)
-
-
 def _run(workflow: str, experiment, output, resume: bool, quiet: bool, settings) -> Path:
+    from thumbclf.config.files import load_experiment
+    from thumbclf.workflows.execute import execute, own_logging
+
     params, raw = load_experiment(experiment, workflow=workflow, output=output, settings=settings)
-    with _own_logging():
+    with own_logging():
         return execute(params, resume=resume, quiet=quiet, progress=not quiet, raw=raw)
 
 
@@ -258,13 +109,14 @@ def load_model(path: str | os.PathLike | Iterable[str | os.PathLike], **settings
     models), max_image_pixels, slide_thumbnail_size, cache_dir.
     """
     from thumbclf.config import DEPLOY, validate
+    from thumbclf.config.files import override, plain
     from thumbclf.core.decide import threshold_in_force
     from thumbclf.inputs.samples import SampleSet
     from thumbclf.nn.engine import pick_device
     from thumbclf.workflows.deploy import load_models, prepare_runners
 
-    paths = _plain(path) if isinstance(path, (str, os.PathLike)) else [_plain(p) for p in path]
-    raw = _override({"thumbData": "."}, {**settings, "modelAdr": paths})
+    paths = plain(path) if isinstance(path, (str, os.PathLike)) else [plain(p) for p in path]
+    raw = override({"thumbData": "."}, {**settings, "modelAdr": paths})
     # thumbData and output are placeholders: predict() names the images and a temporary folder
     params = validate(raw, workflow=DEPLOY, source=Path("load_model()"), output=Path.cwd(),
                       base=Path.cwd())
@@ -376,16 +228,18 @@ class Classifier:
                                is_slide)
 
     def _predict_pictures(self, items: list) -> pd.DataFrame:
-        """In-memory pictures (and paths beside them), preprocessed as files are."""
+        """In-memory pictures (and paths beside them), preprocessed as files are, through the
+        command line's own rows and table (``append_batches``, ``final_table``)."""
         import numpy as np
         import torch
         from PIL import Image
 
-        from thumbclf.core import table
-        from thumbclf.core.decide import decide_with_reasons
+        from thumbclf.core import layout
         from thumbclf.core.errors import ImageReadError
-        from thumbclf.inputs.decode import load_array
+        from thumbclf.inputs.decode import load_array, picture_array
+        from thumbclf.inputs.samples import SampleSet
         from thumbclf.predict.ensemble import ensemble_predict
+        from thumbclf.workflows.stream import append_batches, final_table
 
         prep = self.models[0].prep
         names, arrays, errors = [], [], []
@@ -407,44 +261,26 @@ class Classifier:
             m.model.to(self.device)
             if not m.legacy:
                 m.model.to(memory_format=torch.channels_last)
-        ok = [i for i, a in enumerate(arrays) if a is not None]
-        probs = np.full((len(items), len(self.classes)), np.nan)
-        unfamiliarity = np.full(len(items), np.nan)
-        size = self.params.batch_size
-        for start in range(0, len(ok), size):
-            rows = ok[start:start + size]
-            x = torch.from_numpy(np.stack([arrays[i] for i in rows]))
-            p, u = ensemble_predict(self.models, self.runners, x, self.device, self.params.tta)
-            probs[rows] = [[float(f"{v:.6g}") for v in r] for r in p]  # as predictions.csv
-            if u is not None:
-                unfamiliarity[rows] = [float(f"{v:.4g}") for v in u]
-        decisions, reasons = [""] * len(items), [""] * len(items)
-        if ok:
-            for i, d, r in zip(ok, *decide_with_reasons(probs[ok], self.classes, self.threshold,
-                                                        unfamiliarity[ok])):
-                decisions[i], reasons[i] = d, r
-        samples = [types.SimpleNamespace(path=n, row=None, label=None, patient=None) for n in names]
-        has_rule = self.models[0].familiarity is not None
-        return table.build(samples, probs, self.classes, decisions, threshold=self.threshold,
-                           reasons=reasons, unfamiliarity=unfamiliarity if has_rule else None,
-                           labels=False, patients=False, errors=errors)
 
+        def batches():
+            ok = [i for i, a in enumerate(arrays) if a is not None]
+            for start in range(0, len(ok), self.params.batch_size):
+                rows = ok[start:start + self.params.batch_size]
+                x = torch.from_numpy(np.stack([arrays[i] for i in rows]))
+                p, u = ensemble_predict(self.models, self.runners, x, self.device, self.params.tta)
+                yield np.array(rows), p, u, [""] * len(rows)
+            failed = [i for i, a in enumerate(arrays) if a is None]
+            if failed:
+                yield (np.array(failed), np.zeros((len(failed), len(self.classes))), None,
+                       [errors[i] for i in failed])
 
-def picture_array(img, prep) -> Any:
-    """A PIL image -> the model's uint8 input array, as ``decode.load_array`` makes it from a file."""
-    from PIL import ImageOps
-
-    from thumbclf.inputs.images import (
-        EXIF_ORIENTATION,
-        fit_square,
-        legacy_square,
-        to_rgb,
-    )
-
-    if img.getexif().get(EXIF_ORIENTATION, 1) != 1:
-        img = ImageOps.exif_transpose(img)
-    img = to_rgb(img)
-    return legacy_square(img, prep.size) if prep.recipe == "legacy" else fit_square(img, prep.size)
+        samples = tuple(types.SimpleNamespace(path=n, row=None, label=None, patient=None)
+                        for n in names)
+        with tempfile.TemporaryDirectory(prefix="thumbclf-predict-") as tmp:
+            partial = Path(tmp) / layout.PARTIAL
+            append_batches(batches(), partial, self.classes, self.threshold)
+            return final_table(SampleSet(samples, (), False, Path.cwd()), partial, self.classes,
+                               False, self.threshold, [False] * len(samples))
 
 
 def _is_table(path: Path) -> bool:

@@ -18,7 +18,7 @@ from pathlib import Path
 from thumbclf.config import DEPLOY, PRETRAIN, TRAIN, load_params
 from thumbclf.core.errors import ThumbclfError, clean
 from thumbclf.core.version import __version__
-from thumbclf.workflows.run import setup_logging
+from thumbclf.core.logs import setup_logging
 
 log = logging.getLogger(__name__)
 EXIT_ERROR, EXIT_BUG, EXIT_INTERRUPTED = 2, 1, 130
@@ -103,7 +103,7 @@ def run_workflow(workflow: str, args: argparse.Namespace, ap: argparse.ArgumentP
     if experiment is None or (args.experiment and args.expfile):
         ap.error("give one experiment file (EXPERIMENT or --ExpFile EXPERIMENT)")
     signal.signal(signal.SIGTERM, _sigterm)
-    from thumbclf.api import execute
+    from thumbclf.workflows.execute import execute
 
     setup_logging(None, quiet=args.quiet, debug=args.debug)
     folder = None

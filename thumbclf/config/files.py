@@ -5,14 +5,17 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+import os
+from collections.abc import Mapping
 from typing import Any
 
 import yaml
 
 from thumbclf.config.schema import SPELLINGS, Params
-from thumbclf.config.validate import validate
+from thumbclf.config.rules import validate
 from thumbclf.core.errors import ConfigError
 
+DICT_SOURCE = Path("<experiment dict>")  # how error messages name an experiment given as a dict
 MAX_EXPERIMENT_BYTES = 1_000_000  # experiment files are a few kB; refuse anything absurd
 
 
@@ -119,13 +122,54 @@ def load_params(path: str | Path, *, workflow: str, overrides: list[str] = (),
                 output: str | Path | None = None) -> Params:
     """Read, override and validate an experiment file for ``workflow`` ('train', 'deploy' or 'pretrain')."""
     source = Path(path).absolute()
-    raw = read_experiment_file(source)
-    for text in overrides:
-        key, value = parse_override(text)
-        canonical = SPELLINGS.get(key)
-        if canonical is not None:  # an override replaces the key whatever its spelling
-            for spelling in (canonical.name, *canonical.aliases):
-                raw.pop(spelling, None)
-        raw[key] = value
+    raw = override(read_experiment_file(source), dict(parse_override(t) for t in overrides))
     out = Path(output).absolute() if output is not None else None
     return validate(raw, workflow=workflow, source=source, output=out)
+
+
+def plain(value: Any) -> Any:
+    """Python values as an experiment file would hold them: paths as strings, tuples as lists."""
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    return value
+
+
+def override(raw: dict[str, Any], settings: Mapping[str, Any]) -> dict[str, Any]:
+    """Replace keys of ``raw`` by ``settings`` whatever their spelling: the one rule of ``--set``
+    and of the API's keyword settings."""
+    raw = dict(raw)
+    for key, value in settings.items():
+        canonical = SPELLINGS.get(key)
+        if canonical is not None:
+            for spelling in (canonical.name, *canonical.aliases):
+                raw.pop(spelling, None)
+        raw[key] = plain(value)
+    return raw
+
+
+def load_experiment(experiment: str | os.PathLike | Mapping[str, Any], *, workflow: str,
+                    output: str | os.PathLike | None = None,
+                    settings: Mapping[str, Any] | None = None) -> tuple[Params, dict | None]:
+    """Validated params from an experiment file or dict; also the dict itself (None for a file).
+
+    A file is read like the command line reads it (relative paths start at its folder, the
+    results folder defaults to one named after it, beside it). A dict is validated by the same
+    rules; its relative paths start at the current directory and ``output`` must be given.
+    """
+    out = Path(output).absolute() if output is not None else None
+    if isinstance(experiment, Mapping):
+        raw = override({str(k): plain(v) for k, v in experiment.items()}, settings or {})
+        if out is None:
+            raise ConfigError(f"{DICT_SOURCE}: output is required when the experiment is a dict "
+                              "(the results folder to write), e.g. output='runs/my_run'")
+        params = validate(raw, workflow=workflow, source=DICT_SOURCE, output=out, base=Path.cwd())
+        return params, raw
+    if not isinstance(experiment, (str, os.PathLike)):
+        raise ConfigError(f"experiment must be the path of an experiment file or a dict of its "
+                          f"keys; got a {type(experiment).__name__}")
+    source = Path(experiment).absolute()
+    raw = override(read_experiment_file(source), settings or {})
+    return validate(raw, workflow=workflow, source=source, output=out), None
+

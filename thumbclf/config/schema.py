@@ -34,6 +34,13 @@ class Key:
     lo: float | None = None
     hi: float | None = None
     choices: tuple[str, ...] = ()
+    pretrain_default: Any = "same"  # pretraining's own default, where it differs
+
+    def default_for(self, workflow: str) -> Any:
+        """The default in ``workflow`` (pretraining has its own for a few keys)."""
+        if workflow == PRETRAIN and self.pretrain_default != "same":
+            return self.pretrain_default
+        return self.default
 
 
 # rule names: path, paths (one path or a list), int, float, bool, labels (list of str),
@@ -56,7 +63,7 @@ KEYS: tuple[Key, ...] = (
     Key("target_accuracy", "threshold", None, "Choose the threshold that reaches this "
         "accuracy on the validation data instead of prediction_threshold.", (), (TRAIN,), 0.0, 1.0),
     Key("max_epochs", "int", 50, "Never train longer than this (pretrain: the epochs to run; "
-        "default 100).", (), TRAIN_PRETRAIN, 1, 100000),
+        "default 100).", (), TRAIN_PRETRAIN, 1, 100000, pretrain_default=100),
     Key("seed", "int", 1, "Seed for splits, initialisation and augmentation.", (), ALL, 0,
         2**32 - 1),
     Key("model_name", "model", "resnet18", "Backbone: any torchvision classification model "
@@ -76,9 +83,10 @@ KEYS: tuple[Key, ...] = (
         "split) instead of cross-validation.", ("trainFull",), (TRAIN,)),
     Key("fold_number", "int", 3, "Number of cross-validation folds.", ("foldNumber",), (TRAIN,), 2, 100),
     Key("lr", "float", 1e-4, "Adam learning rate (pretrain: peak of the warm-up/cosine "
-        "schedule; default 1e-3).", ("learning_rate",), TRAIN_PRETRAIN, 0.0, 10.0),
+        "schedule; default 1e-3).", ("learning_rate",), TRAIN_PRETRAIN, 0.0, 10.0,
+        pretrain_default=1e-3),
     Key("wd", "float", 1e-4, "Adam weight decay (pretrain: default 1e-6).", ("weight_decay",),
-        TRAIN_PRETRAIN, 0.0, 10.0),
+        TRAIN_PRETRAIN, 0.0, 10.0, pretrain_default=1e-6),
     Key("patience", "int", 10, "Early stopping: epochs without a better validation loss.",
         (), (TRAIN,), 1, 100000),
     Key("stop_epoch", "int", 20, "Early stopping never stops before this epoch.", ("stopEpoch",),
@@ -92,7 +100,7 @@ KEYS: tuple[Key, ...] = (
         "modelAdr.", ("SSL",), (TRAIN,)),
     Key("pretrained", "pretrained", True, "true: ImageNet weights (torchvision download/cache); "
         "false: from scratch; or a path to a local weights file (pretrain: the starting point; "
-        "default false).", (), TRAIN_PRETRAIN),
+        "default false).", (), TRAIN_PRETRAIN, pretrain_default=False),
     Key("val_fraction", "float", 0.2, "Share of the training data held out for early stopping.",
         (), (TRAIN,), 0.01, 0.5),
     Key("cm_sortlabels", "labels", None, "Order of classes in the confusion matrix.", ()),
@@ -177,9 +185,9 @@ REQUIRED = {TRAIN: ("thumb_data",), DEPLOY: ("thumb_data", "model_path"),
             PRETRAIN: ("thumb_data",)}
 
 
-def _d(name: str) -> Any:
+def _d(name: str, workflow: str = TRAIN) -> Any:
     """The default of a key, as the key table declares it (the one place defaults live)."""
-    return KEY_BY_NAME[name].default
+    return KEY_BY_NAME[name].default_for(workflow)
 
 
 @dataclass(frozen=True)
@@ -267,10 +275,10 @@ class DeployParams(Params):
 class PretrainParams(Params):
     """Settings of pretrain_thumbclassifier.py (self-supervised; defaults differ from train's)."""
 
-    max_epochs: int = 100
-    lr: float = 1e-3
-    wd: float = 1e-6
-    pretrained: bool | Path = False
+    max_epochs: int = _d("max_epochs", PRETRAIN)
+    lr: float = _d("lr", PRETRAIN)
+    wd: float = _d("wd", PRETRAIN)
+    pretrained: bool | Path = _d("pretrained", PRETRAIN)
     cache: str = _d("cache")
     max_failed_fraction: float = _d("max_failed_fraction")
     ssl_method: str = _d("ssl_method")

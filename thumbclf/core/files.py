@@ -36,8 +36,10 @@ class OutputLock:
     """Ownership of a results folder: one run at a time. The operating system releases it when
     the process ends, however it ends; a lock file left by a crash is reclaimed."""
 
-    def __init__(self, folder: Path):
-        self.path = folder / layout.LOCK
+    def __init__(self, folder: Path, *, name: str = layout.LOCK, wait: bool = False,
+                 what: str = "results folder", fix: str = "choose another --output"):
+        self.path = folder / name
+        self.wait, self.what, self.fix = wait, what, fix
         self._fd: int | None = None
 
     def acquire(self) -> "OutputLock":
@@ -46,18 +48,18 @@ class OutputLock:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0),
                              FILE_MODE)
             except OSError as exc:
-                raise OutputError(f"{self.path}: cannot create the lock file of the results "
-                                  f"folder ({exc.strerror or exc}); remove it if it is a link, "
-                                  "or choose a writable --output") from None
+                raise OutputError(f"{self.path}: cannot create the lock file of the {self.what} "
+                                  f"({exc.strerror or exc}); remove it if it is a link, "
+                                  f"or {self.fix}") from None
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 os.close(fd)
                 raise OutputError(f"{self.path}: is not a plain file; remove it")
-            if not _try_lock(fd):
+            if not _try_lock(fd, self.wait):
                 holder = os.read(fd, 200).decode("utf-8", "replace").strip() or "unknown"
                 os.close(fd)
-                raise OutputError(f"{self.path.parent}: another thumbclf run is using this results "
-                                  f"folder ({holder}); wait for it to finish, or choose another "
-                                  "--output")
+                raise OutputError(f"{self.path.parent}: another thumbclf run is using this "
+                                  f"{self.what} ({holder}); wait for it to finish, or "
+                                  f"{self.fix}")
             try:
                 same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
             except FileNotFoundError:
@@ -75,7 +77,7 @@ class OutputLock:
                          f"{time.strftime('%Y-%m-%d %H:%M:%S')}".encode())
             self._fd = fd
             return self
-        raise OutputError(f"{self.path.parent}: cannot lock the results folder; try again")
+        raise OutputError(f"{self.path.parent}: cannot lock the {self.what}; try again")
 
     def release(self) -> None:
         """Give the folder up (remove the lock file, then unlock)."""
@@ -100,19 +102,20 @@ class OutputLock:
         self.release()
 
 
-def _try_lock(fd: int) -> bool:
+def _try_lock(fd: int, wait: bool = False) -> bool:
+    """Lock ``fd`` exclusively: at once or not at all, or (``wait``) when its holder is done."""
     try:
         import fcntl
     except ImportError:  # Windows
         import msvcrt
 
         try:
-            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+            msvcrt.locking(fd, msvcrt.LK_LOCK if wait else msvcrt.LK_NBLCK, 1)
             return True
         except OSError:
             return False
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         return True
     except OSError:
         return False

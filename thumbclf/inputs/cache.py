@@ -9,7 +9,6 @@ No torch import: workers stay light.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -23,7 +22,7 @@ from tqdm.auto import tqdm
 
 from thumbclf.core import layout, machine
 from thumbclf.core.errors import ImageReadError, OutputError
-from thumbclf.core.files import atomic_text
+from thumbclf.core.files import OutputLock, atomic_text
 from thumbclf.inputs.decode import load_array
 from thumbclf.inputs.images import Preprocessing
 
@@ -166,23 +165,16 @@ def build(paths: list[Path], prep: Preprocessing, *, mode: str = "auto",
         return _build_on_disk(paths, prep, cache_dir, slide_dir, workers, quiet, start)
 
 
-@contextlib.contextmanager
-def _locked(folder: Path):
+def _locked(folder: Path) -> OutputLock:
+    """The image cache's folder, locked: two runs sharing a cache folder take turns."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
         layout.tag_cache_folder(folder)
-        handle = open(folder / ".lock", "a+")
     except OSError as exc:
         raise OutputError(f"{folder}: cannot write the image cache ({exc.strerror or exc}); set "
                           "cache_dir to a writable folder") from None
-    with handle:
-        try:
-            import fcntl
-
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        except ImportError:  # Windows: no advisory locks; do not share a cache between runs
-            pass
-        yield
+    return OutputLock(folder, name=".lock", wait=True, what="image cache",
+                      fix="set cache_dir to a writable folder").acquire()
 
 
 def _build_on_disk(paths, prep, cache_dir, slide_dir, workers, quiet, start) -> DecodedImages:

@@ -8,10 +8,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from thumbclf.inputs import slides
-from thumbclf.inputs.images import Preprocessing, fit_square, legacy_square, open_rgb
+from thumbclf.inputs.images import (EXIF_ORIENTATION, Preprocessing, fit_square, legacy_square,
+                                    open_rgb, to_rgb)
 
 
 def load_rgb(path: Path, prep: Preprocessing, *, slide_cache: Path | None = None) -> Image.Image:
@@ -24,7 +25,19 @@ def load_rgb(path: Path, prep: Preprocessing, *, slide_cache: Path | None = None
 
 def load_array(path: Path, prep: Preprocessing, *, slide_cache: Path | None = None) -> np.ndarray:
     """File -> preprocessed ``size`` x ``size`` x 3 uint8 array; raises ImageReadError."""
-    img = load_rgb(path, prep, slide_cache=slide_cache)
+    return square(load_rgb(path, prep, slide_cache=slide_cache), prep)
+
+
+def square(img: Image.Image, prep: Preprocessing) -> np.ndarray:
+    """An RGB picture -> the model's square uint8 array, by the model's recipe."""
     if prep.recipe == "legacy":
         return legacy_square(img, prep.size)
     return fit_square(img, prep.size)
+
+
+def picture_array(img: Image.Image, prep: Preprocessing) -> np.ndarray:
+    """An in-memory picture (any mode, EXIF orientation applied) -> the model's array, as
+    ``load_array`` makes it from a file."""
+    if img.getexif().get(EXIF_ORIENTATION, 1) != 1:
+        img = ImageOps.exif_transpose(img)
+    return square(to_rgb(img), prep)

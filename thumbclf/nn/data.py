@@ -10,7 +10,6 @@ from typing import Iterator
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from thumbclf.core.errors import ImageReadError
@@ -39,108 +38,6 @@ def to_input(batch: torch.Tensor, norm: Normalisation, device: torch.device,
     std = torch.tensor(norm.std, device=device).view(1, 3, 1, 1)
     x = (x - mean) / std
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x.contiguous()
-
-
-def dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
-    """One of the 8 flips/rotations of images (…, H, W): k in 0..7."""
-    if k >= 4:
-        x = x.flip(-1)
-    return torch.rot90(x, k % 4, dims=(-2, -1))
-
-
-# Haematoxylin, eosin and DAB optical-density vectors (Ruifrok & Johnston 2001, as in
-# scikit-image's rgb2hed); rows: stains, columns: R, G, B.
-RGB_FROM_HED = torch.tensor([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
-RGB_FROM_HED = RGB_FROM_HED / RGB_FROM_HED.norm(dim=1, keepdim=True)
-HED_FROM_RGB = torch.linalg.inv(RGB_FROM_HED)
-
-
-def stain_shift(x: torch.Tensor, strength: float, u, gen: torch.Generator) -> torch.Tensor:
-    """Another lab's look on float images (n, 3, H, W) in [0, 1], ``strength`` 0-1.
-
-    - stain colour and strength: each image's haematoxylin, eosin and DAB amounts (colour
-      deconvolution of optical density) scaled by up to ±40% x strength and shifted by up to
-      ±0.08 x strength where there is tissue; glass (no stain) stays glass;
-    - glass tint: every channel dimmed by up to 6% x strength (yellowish or bluish glass);
-    - scanner blur (Gaussian, sigma up to 1.5 px x strength) and sensor noise (up to 3% x
-      strength).
-    ``u(lo, hi, *shape)`` draws the random parameters, ``gen`` the noise. JPEG artefacts:
-    ``jpeg_artefacts``.
-    """
-    n, dev = x.shape[0], x.device
-    od = -torch.log((x * 255 + 1) / 256)  # optical density; 0 on white glass
-    hed = torch.einsum("nchw,cs->nshw", od, HED_FROM_RGB.to(dev)).clamp_min(0)
-    tissue = od.sum(1, keepdim=True)
-    tissue = tissue / (tissue + 0.15)  # ~0 on glass, ~1 in tissue
-    hed = hed * u(1 - 0.4 * strength, 1 + 0.4 * strength, n, 3, 1, 1) \
-        + u(-0.08 * strength, 0.08 * strength, n, 3, 1, 1) * tissue
-    od = torch.einsum("nshw,sc->nchw", hed.clamp_min(0), RGB_FROM_HED.to(dev))
-    x = (256 * torch.exp(-od) - 1) / 255
-    x = x * u(1 - 0.06 * strength, 1.0, n, 3, 1, 1)  # glass tint
-    sigma = float(u(0.0, 1.5 * strength, 1))
-    if sigma > 0.3:
-        radius = max(1, math.ceil(2 * sigma))
-        t = torch.arange(-radius, radius + 1, dtype=x.dtype, device=dev)
-        kernel = torch.exp(-t ** 2 / (2 * sigma ** 2))
-        kernel = (kernel / kernel.sum()).view(1, 1, 1, -1).repeat(3, 1, 1, 1)
-        x = F.pad(x, (radius, radius, radius, radius), mode="replicate")
-        x = F.conv2d(F.conv2d(x, kernel, groups=3), kernel.transpose(2, 3), groups=3)
-    noise = u(0.0, 0.03 * strength, n, 1, 1, 1)
-    x = x + noise * torch.randn(x.shape, generator=gen).to(dev)
-    return x.clamp(0, 1)
-
-
-def jpeg_artefacts(x: torch.Tensor, strength: float, gen: torch.Generator) -> torch.Tensor:
-    """uint8 (n, 3, H, W): with probability strength / 2 each image is JPEG-compressed at a
-    quality of 30-90 and decoded again."""
-    from torchvision.io import decode_jpeg, encode_jpeg
-
-    pick = torch.rand(x.shape[0], generator=gen) < strength / 2
-    quality = torch.randint(30, 91, (x.shape[0],), generator=gen)
-    if not pick.any():
-        return x
-    out = x.clone()
-    for i in torch.nonzero(pick).flatten().tolist():
-        img = x[i].cpu().contiguous()
-        out[i] = decode_jpeg(encode_jpeg(img, quality=int(quality[i]))).to(x.device)
-    return out
-
-
-def augment(x: torch.Tensor, gen: torch.Generator, stain: float = 0.0) -> torch.Tensor:
-    """Random flips, 90° rotations, mild colour/stain jitter and scale on uint8 (n, H, W, 3);
-    ``stain`` > 0: also another lab's stain, glass, blur, noise and JPEG (stain_shift).
-
-    Runs on whatever device ``x`` is on; random parameters come from the CPU ``gen``.
-    """
-    n = x.shape[0]
-    ks = torch.randint(0, 8, (n,), generator=gen)
-    x = x.permute(0, 3, 1, 2).float().div_(255.0)  # n, 3, H, W in [0, 1]
-    x = torch.stack([dihedral(x[i], int(ks[i])) for i in range(n)])
-    dev = x.device
-
-    def u(lo: float, hi: float, *shape: int) -> torch.Tensor:  # parameters drawn on the CPU
-        return (lo + (hi - lo) * torch.rand(*shape, generator=gen)).to(dev)
-
-    if stain > 0:
-        x = stain_shift(x, stain, u, gen)
-
-    # stain/colour: per-channel gain, brightness, contrast and saturation around 1
-    x = x * u(0.95, 1.05, n, 3, 1, 1) * u(0.9, 1.1, n, 1, 1, 1)
-    mean = x.mean(dim=(1, 2, 3), keepdim=True)
-    x = (x - mean) * u(0.9, 1.1, n, 1, 1, 1) + mean
-    grey = x.mean(dim=1, keepdim=True)
-    x = (x - grey) * u(0.85, 1.15, n, 1, 1, 1) + grey
-    # scale 0.9-1.1 about the centre, glass (white) where the picture moves in
-    s = u(0.9, 1.1, n)
-    theta = torch.zeros(n, 2, 3, device=dev)
-    theta[:, 0, 0] = 1 / s
-    theta[:, 1, 1] = 1 / s
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    x = 1 - F.grid_sample(1 - x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    x = x.clamp_(0, 1).mul_(255.0).round_().to(torch.uint8)
-    if stain > 0:
-        x = jpeg_artefacts(x, stain, gen)
-    return x.permute(0, 2, 3, 1).contiguous()
 
 
 def training_batches(images: DecodedImages, positions: np.ndarray, targets: np.ndarray, *,

@@ -20,8 +20,9 @@ from tqdm.auto import tqdm
 
 from thumbclf.core import machine
 from thumbclf.core.errors import ConfigError
-from thumbclf.nn.data import Normalisation, augment, to_input
-from thumbclf.nn.models import train_mode
+from thumbclf.nn.data import Normalisation, to_input
+from thumbclf.nn.augment import augment
+from thumbclf.nn.freeze import train_mode
 
 log = logging.getLogger(__name__)
 Batches = Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]
@@ -137,13 +138,7 @@ def train_one_epoch(model: nn.Module, batches: Iterable, *, optimizer: torch.opt
         optimizer.zero_grad(set_to_none=True)
         with autocast(device):
             logits, loss = training_loss(model(inputs), y, criterion)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
+        backward_step(loss, optimizer, scaler)
         if schedule is not None:
             schedule()
         loss_sum += float(loss.detach()) * len(y)
@@ -215,99 +210,154 @@ class FitResult:
     val_logits: np.ndarray | None = None
 
 
-def fit(model: nn.Module, *, train_batches: Batches, val_batches: Batches, n_train_batches: int,
-        bn_batches: Batches | None = None,
-        optimizer: torch.optim.Optimizer, criterion: nn.Module, val_criterion: nn.Module,
-        stopper: EarlyStopping, norm: Normalisation, device: torch.device,
-        gen: torch.Generator | None, quiet: bool = False, label: str = "",
-        on_epoch: Callable[[dict], None] | None = None, resume: dict | None = None,
-        trainer: nn.Module | None = None, reduce: Callable[[float], float] | None = None,
-        stain: float = 0.0, lr_schedule: str = "constant") -> FitResult:
-    """Train until early stopping; keep the best epoch's weights (lowest validation loss).
+@dataclass(frozen=True)
+class FitSpec:
+    """What ``fit`` trains with: the batches, the losses, the optimiser and its schedule, early
+    stopping, and (DDP) the module that runs the steps and the reduction of the validation loss.
 
     ``lr_schedule``: 'constant', or 'cosine' (linear warm-up over the first epoch to the
     optimizer's lr, then cosine decay to 0 at ``stopper.max_epochs``; stepped every batch).
     ``stain``: strength of the lab-to-lab augmentation (data.stain_shift).
+    ``bn_batches``: unaugmented training batches to re-estimate BatchNorm statistics after each
+    epoch. ``trainer``: what runs the training steps (a DistributedDataParallel around the
+    model); ``reduce``: makes the validation loss the same on every process (mean over ranks).
+    """
+
+    train_batches: Batches
+    val_batches: Batches
+    n_train_batches: int
+    optimizer: torch.optim.Optimizer
+    criterion: nn.Module
+    val_criterion: nn.Module
+    stopper: EarlyStopping
+    norm: Normalisation
+    device: torch.device
+    gen: torch.Generator | None = None
+    bn_batches: Batches | None = None
+    stain: float = 0.0
+    lr_schedule: str = "constant"
+    trainer: nn.Module | None = None
+    reduce: Callable[[float], float] | None = None
+
+
+def fit(model: nn.Module, spec: FitSpec, *, quiet: bool = False, label: str = "",
+        on_epoch: Callable[[dict], None] | None = None, resume: dict | None = None) -> FitResult:
+    """Train until early stopping; keep the best epoch's weights (lowest validation loss).
 
     ``on_epoch`` receives a checkpoint after every epoch (weights, optimizer, early stopping,
     history, best epoch); passing it back as ``resume`` continues from there.
-    ``trainer``: what runs the training steps (a DistributedDataParallel around ``model``);
-    ``reduce``: makes the validation loss the same on every process (the mean over ranks).
     """
-    scaler = None
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        scaler = torch.amp.GradScaler("cuda")
-    result = FitResult()
+    scaler = grad_scaler(spec.device)
     scheduler = None
-    if lr_schedule == "cosine":
+    if spec.lr_schedule == "cosine":
         scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, warmup_cosine(max(1, n_train_batches), stopper.max_epochs))
+            spec.optimizer, warmup_cosine(max(1, spec.n_train_batches), spec.stopper.max_epochs))
+    result = FitResult()
     if resume is not None:
-        model.load_state_dict(resume["model"])
-        optimizer.load_state_dict(resume["optimizer"])
-        if scheduler is not None and resume.get("scheduler") is not None:
-            scheduler.load_state_dict(resume["scheduler"])
-            for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
-                group["lr"] = lr
-        for k, v in resume["stopper"].items():
-            setattr(stopper, k, v)
-        result.history = list(resume["history"])
-        result.best_state = resume["best_state"]
-        result.val_logits = resume["val_logits"].numpy() if resume["val_logits"] is not None else None
-        log.info("%scontinuing after epoch %d", label, stopper.epoch)
-    while not stopper.should_stop:
-        epoch = stopper.epoch + 1
-        epoch_start = time.perf_counter()
-        tr = train_one_epoch(trainer or model, train_batches(), optimizer=optimizer, criterion=criterion,
-                             norm=norm, device=device, gen=gen, scaler=scaler,
-                             total=n_train_batches, desc=f"{label}epoch {epoch}", quiet=quiet,
-                             stain=stain, schedule=scheduler.step if scheduler else None)
-        if bn_batches is not None:
-            train_mode(model)
-            recalibrate_bn(model, bn_batches(), norm=norm, device=device)
-        va, logits = evaluate(model, val_batches(), criterion=val_criterion, norm=norm,
-                              device=device)
-        if reduce is not None:
-            va = dataclasses.replace(va, loss=reduce(va.loss))
-        improved = stopper.step(va.loss)
-        if improved:
-            result.best_state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
-            result.val_logits = logits
-        row = {"epoch": epoch, "train_loss": tr.loss, "train_accuracy": tr.accuracy,
-               "val_loss": va.loss, "val_accuracy": va.accuracy,
-               "lr": optimizer.param_groups[0]["lr"],
-               "seconds": time.perf_counter() - epoch_start,  # training, BN statistics, validation
-               "train_images_per_s": tr.n / tr.seconds if tr.seconds else float("nan"),
-               "best": improved}
-        result.history.append(row)
+        _restore(model, spec, scheduler, result, resume)
+        log.info("%scontinuing after epoch %d", label, spec.stopper.epoch)
+    while not spec.stopper.should_stop:
+        row = _epoch(model, spec, result, scaler=scaler, scheduler=scheduler, quiet=quiet,
+                     label=label)
         log.info("%sepoch %d: train loss %.4f acc %.3f | val loss %.4f acc %.3f | %.1fs%s",
-                 label, epoch, tr.loss, tr.accuracy, va.loss, va.accuracy, row["seconds"],
-                 " *" if improved else "")
+                 label, row["epoch"], row["train_loss"], row["train_accuracy"], row["val_loss"],
+                 row["val_accuracy"], row["seconds"], " *" if row["best"] else "")
         if on_epoch is not None:
-            on_epoch({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            on_epoch({"model": model.state_dict(), "optimizer": spec.optimizer.state_dict(),
                       "scheduler": scheduler.state_dict() if scheduler else None,
-                      "stopper": dataclasses.asdict(stopper), "history": result.history,
+                      "stopper": dataclasses.asdict(spec.stopper), "history": result.history,
                       "best_state": result.best_state,
                       "val_logits": None if result.val_logits is None
                       else torch.from_numpy(result.val_logits)})
-    result.best_epoch = stopper.best_epoch
+    result.best_epoch = spec.stopper.best_epoch
     if result.best_state is not None:
         model.load_state_dict(result.best_state)
     return result
 
 
+def _restore(model: nn.Module, spec: FitSpec, scheduler, result: FitResult, resume: dict) -> None:
+    """Continue from a checkpoint that ``fit``'s ``on_epoch`` received."""
+    model.load_state_dict(resume["model"])
+    spec.optimizer.load_state_dict(resume["optimizer"])
+    if scheduler is not None and resume.get("scheduler") is not None:
+        scheduler.load_state_dict(resume["scheduler"])
+        for group, lr in zip(spec.optimizer.param_groups, scheduler.get_last_lr()):
+            group["lr"] = lr
+    for k, v in resume["stopper"].items():
+        setattr(spec.stopper, k, v)
+    result.history = list(resume["history"])
+    result.best_state = resume["best_state"]
+    result.val_logits = (resume["val_logits"].numpy() if resume["val_logits"] is not None
+                         else None)
+
+
+def _epoch(model: nn.Module, spec: FitSpec, result: FitResult, *, scaler, scheduler,
+           quiet: bool, label: str) -> dict:
+    """One epoch: train, BatchNorm statistics, validation, early stopping; its history row."""
+    epoch = spec.stopper.epoch + 1
+    epoch_start = time.perf_counter()
+    tr = train_one_epoch(spec.trainer or model, spec.train_batches(), optimizer=spec.optimizer,
+                         criterion=spec.criterion, norm=spec.norm, device=spec.device,
+                         gen=spec.gen, scaler=scaler, total=spec.n_train_batches,
+                         desc=f"{label}epoch {epoch}", quiet=quiet, stain=spec.stain,
+                         schedule=scheduler.step if scheduler else None)
+    if spec.bn_batches is not None:
+        train_mode(model)
+        recalibrate_bn(model, spec.bn_batches(), norm=spec.norm, device=spec.device)
+    va, logits = evaluate(model, spec.val_batches(), criterion=spec.val_criterion,
+                          norm=spec.norm, device=spec.device)
+    if spec.reduce is not None:
+        va = dataclasses.replace(va, loss=spec.reduce(va.loss))
+    improved = spec.stopper.step(va.loss)
+    if improved:
+        result.best_state = copy.deepcopy({k: v.detach().cpu()
+                                           for k, v in model.state_dict().items()})
+        result.val_logits = logits
+    row = {"epoch": epoch, "train_loss": tr.loss, "train_accuracy": tr.accuracy,
+           "val_loss": va.loss, "val_accuracy": va.accuracy,
+           "lr": spec.optimizer.param_groups[0]["lr"],
+           "seconds": time.perf_counter() - epoch_start,  # training, BN statistics, validation
+           "train_images_per_s": tr.n / tr.seconds if tr.seconds else float("nan"),
+           "best": improved}
+    result.history.append(row)
+    return row
+
+
+def backward_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler=None) -> None:
+    """Back-propagate ``loss`` and step the optimiser (through the fp16 gradient scaler on GPUs
+    without bf16)."""
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
+
+
+def grad_scaler(device: torch.device):
+    """The fp16 gradient scaler where autocast computes in fp16 (CUDA without bf16), else None."""
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return torch.amp.GradScaler("cuda")
+    return None
+
+
+def warmup_cosine_at(step: int, *, warm: int, total: int, start: float = 0.1,
+                     offset: int = 0) -> float:
+    """The learning-rate factor at ``step``: linear from ``start`` to 1 over ``warm`` steps
+    (counting from ``step + offset``), then a cosine to 0 at ``total``. The one schedule of
+    supervised training and pretraining."""
+    if step < warm:
+        return start + (1 - start) * (step + offset) / warm
+    done = (step - warm) / max(1, total - warm)
+    return 0.5 * (1 + math.cos(math.pi * min(done, 1.0)))
+
+
 def warmup_cosine(steps_per_epoch: int, epochs: int) -> Callable[[int], float]:
-    """Learning-rate factor at a step: 0.1 -> 1 over the first epoch, then a cosine to 0 at
-    the end of ``epochs``."""
+    """Supervised training's factor at a step: 0.1 -> 1 over the first epoch, then a cosine to
+    0 at the end of ``epochs``."""
     total = steps_per_epoch * max(epochs, 1)
-
-    def factor(step: int) -> float:
-        if step < steps_per_epoch:
-            return 0.1 + 0.9 * step / steps_per_epoch
-        done = (step - steps_per_epoch) / max(1, total - steps_per_epoch)
-        return 0.5 * (1 + math.cos(math.pi * min(done, 1.0)))
-
-    return factor
+    return lambda step: warmup_cosine_at(step, warm=steps_per_epoch, total=total)
 
 
 MIN_CALIBRATION_IMAGES = 30

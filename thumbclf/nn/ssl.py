@@ -22,82 +22,15 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from thumbclf.nn.data import Normalisation, dihedral, to_input
-from thumbclf.nn.engine import _prefetch, autocast
+from thumbclf.core.errors import ConfigError
+from thumbclf.nn.augment import ssl_view
+from thumbclf.nn.data import Normalisation, to_input
+from thumbclf.nn.engine import _prefetch, autocast, backward_step, grad_scaler, warmup_cosine_at
 
 log = logging.getLogger(__name__)
 METHODS = ("byol",)
 HIDDEN_FACTOR = 4  # hidden layers of projector and predictor: 4 x projection_dim
 WARMUP_SHARE = 0.1  # of all steps: linear learning-rate warm-up, then cosine decay to 0
-
-def _hed_matrices(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stain vectors of haematoxylin, eosin and DAB (Ruifrok & Johnston 2001) and the inverse."""
-    rgb_from_hed = torch.tensor([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
-    rgb_from_hed = rgb_from_hed / rgb_from_hed.norm(dim=1, keepdim=True)
-    return rgb_from_hed.to(device), torch.linalg.inv(rgb_from_hed).to(device)
-
-
-def _blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """Gaussian blur of (n, 3, H, W) with one sigma (pixels) per image; sigma 0 = unchanged."""
-    n, c, h, w = x.shape
-    radius = max(1, int(math.ceil(3 * float(sigma.max()))))
-    t = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
-    s = sigma.clamp_min(1e-3).view(n, 1)
-    k = torch.exp(-0.5 * (t.view(1, -1) / s) ** 2)
-    k = k / k.sum(1, keepdim=True)  # n, K; sigma ~0 gives a delta
-    k = k.repeat_interleave(c, 0)  # n*c, K
-    y = x.reshape(1, n * c, h, w)
-    y = F.pad(y, (radius, radius, radius, radius), mode="replicate")
-    y = F.conv2d(y, k.view(n * c, 1, 1, -1), groups=n * c)
-    y = F.conv2d(y, k.view(n * c, 1, -1, 1), groups=n * c)
-    return y.view(n, c, h, w)
-
-
-def ssl_view(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """One random view of uint8 (n, H, W, 3) thumbnails, as uint8 (n, H, W, 3).
-
-    Flips and 90-degree rotations; stain jitter in haematoxylin/eosin/DAB space; brightness,
-    contrast and saturation; scale 0.85-1.15 and a shift of up to 8% (glass fills in);
-    Gaussian blur on half of the images. Colour changes stay moderate: colour tells IHC from
-    H&E, and the representation should keep that.
-    """
-    n, size = x.shape[0], x.shape[1]
-    dev = x.device
-
-    def u(lo: float, hi: float, *shape: int) -> torch.Tensor:  # parameters drawn on the CPU
-        return (lo + (hi - lo) * torch.rand(*shape, generator=gen)).to(dev)
-
-    ks = torch.randint(0, 8, (n,), generator=gen)
-    v = x.permute(0, 3, 1, 2).float().div_(255.0)
-    v = torch.stack([dihedral(v[i], int(ks[i])) for i in range(n)])
-    # geometry: mild scale and shift about the centre, glass where the picture moves in (before
-    # the colour changes, which then tint that glass like the rest)
-    s = u(0.85, 1.15, n)
-    theta = torch.zeros(n, 2, 3, device=dev)
-    theta[:, 0, 0] = 1 / s
-    theta[:, 1, 1] = 1 / s
-    theta[:, :, 2] = u(-0.16, 0.16, n, 2)  # normalised coordinates: 0.16 = 8% of the side
-    grid = F.affine_grid(theta, list(v.shape), align_corners=False)
-    v = 1 - F.grid_sample(1 - v, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    # stain: optical density -> H, E, DAB concentrations, scaled and shifted per image
-    rgb_from_hed, hed_from_rgb = _hed_matrices(dev)
-    od = -torch.log(v.clamp(1 / 255, 1)).permute(0, 2, 3, 1)  # n, H, W, 3
-    hed = od @ hed_from_rgb
-    hed = hed * u(0.9, 1.1, n, 1, 1, 3) + u(-0.03, 0.03, n, 1, 1, 3)
-    v = torch.exp(-(hed @ rgb_from_hed)).permute(0, 3, 1, 2).clamp(0, 1)
-    # scanner: brightness, contrast, saturation
-    v = v * u(0.85, 1.15, n, 1, 1, 1)
-    mean = v.mean(dim=(1, 2, 3), keepdim=True)
-    v = (v - mean) * u(0.8, 1.2, n, 1, 1, 1) + mean
-    grey = v.mean(dim=1, keepdim=True)
-    v = (v - grey) * u(0.8, 1.2, n, 1, 1, 1) + grey
-    v = v.clamp(0, 1)
-    # focus: blur half of the images (sigma up to 1.5 px at 224 px)
-    sigma = u(0.1, 1.5, n) * (size / 224) * (torch.rand(n, generator=gen) < 0.5).to(dev)
-    if float(sigma.max()) > 0.05:
-        v = _blur(v, sigma)
-    v = v.clamp_(0, 1).mul_(255.0).round_().to(torch.uint8)
-    return v.permute(0, 2, 3, 1).contiguous()
 
 
 def mlp(in_dim: int, hidden: int, out: int) -> nn.Sequential:
@@ -164,9 +97,7 @@ def momentum_at(step: int, total: int, base: float) -> float:
 def lr_at(step: int, total: int, peak: float) -> float:
     """Linear warm-up over the first tenth of the steps, then cosine decay to 0."""
     warm = max(1, int(WARMUP_SHARE * total))
-    if step < warm:
-        return peak * (step + 1) / warm
-    return peak * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+    return peak * warmup_cosine_at(step, warm=warm, total=total, start=0.0, offset=1)
 
 
 @dataclass
@@ -178,68 +109,81 @@ class PretrainState:
     history: list = dataclasses.field(default_factory=list)
 
 
-def pretrain(learner: BYOL, *, batches: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]],
-             steps_per_epoch: int, max_epochs: int, optimizer: torch.optim.Optimizer,
-             lr: float, base_momentum: float, norm: Normalisation, device: torch.device,
-             gen: torch.Generator, quiet: bool = False,
+@dataclass(frozen=True)
+class PretrainSpec:
+    """What ``pretrain`` trains with: the batches, the optimiser, its peak learning rate and the
+    target network's base momentum, and how long."""
+
+    batches: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]
+    steps_per_epoch: int
+    max_epochs: int
+    optimizer: torch.optim.Optimizer
+    lr: float
+    base_momentum: float
+    norm: Normalisation
+    device: torch.device
+    gen: torch.Generator
+
+
+def pretrain(learner: BYOL, spec: PretrainSpec, *, quiet: bool = False,
              on_epoch: Callable[[dict], None] | None = None, resume: dict | None = None
              ) -> list[dict]:
-    """Run BYOL epochs until ``max_epochs``; return the history (one row per epoch).
+    """Run BYOL epochs until ``spec.max_epochs``; return the history (one row per epoch).
 
     ``on_epoch`` receives a checkpoint after every epoch (learner, optimizer, progress);
     passing it back as ``resume`` continues from there.
     """
-    scaler = None
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        scaler = torch.amp.GradScaler("cuda")
+    scaler = grad_scaler(spec.device)
     state = PretrainState()
     if resume is not None:
         learner.load_state_dict(resume["learner"])
-        optimizer.load_state_dict(resume["optimizer"])
+        spec.optimizer.load_state_dict(resume["optimizer"])
         state = PretrainState(int(resume["epoch"]), int(resume["step"]), list(resume["history"]))
         log.info("continuing after epoch %d", state.epoch)
-    total = max_epochs * steps_per_epoch
-    while state.epoch < max_epochs:
-        epoch = state.epoch + 1
-        start = time.perf_counter()
-        learner.train()
-        loss_sum, n = 0.0, 0
-        for x, _ in tqdm(_prefetch(batches(), pin=device.type == "cuda"), total=steps_per_epoch,
-                         desc=f"pretrain epoch {epoch}", unit="batch", leave=False,
-                         disable=quiet):
-            x = x.to(device, non_blocking=True)
-            v1 = to_input(ssl_view(x, gen), norm, device)
-            v2 = to_input(ssl_view(x, gen), norm, device)
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(state.step, total, lr)
-            optimizer.zero_grad(set_to_none=True)
-            with autocast(device):
-                loss = learner(v1, v2)
-            if not torch.isfinite(loss):
-                from thumbclf.core.errors import ConfigError
-
-                raise ConfigError(f"pretraining diverged at epoch {epoch} (loss {float(loss)}); "
-                                  "lower lr")
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                loss.backward()
-                optimizer.step()
-            learner.update_target(momentum_at(state.step, total, base_momentum))
-            state.step += 1
-            loss_sum += float(loss.detach()) * len(x)
-            n += len(x)
-        seconds = time.perf_counter() - start
-        row = {"epoch": epoch, "loss": loss_sum / max(n, 1), "lr": lr_at(state.step - 1, total, lr),
-               "momentum": momentum_at(state.step, total, base_momentum), "images": n,
-               "seconds": seconds, "images_per_s": n / seconds if seconds else float("nan")}
-        state.history.append(row)
-        state.epoch = epoch
-        log.info("pretrain epoch %d/%d: loss %.4f | lr %.2g | %.1fs (%.1f images/s)", epoch,
-                 max_epochs, row["loss"], row["lr"], seconds, row["images_per_s"])
+    while state.epoch < spec.max_epochs:
+        row = _pretrain_epoch(learner, spec, state, scaler, quiet)
+        log.info("pretrain epoch %d/%d: loss %.4f | lr %.2g | %.1fs (%.1f images/s)",
+                 row["epoch"], spec.max_epochs, row["loss"], row["lr"], row["seconds"],
+                 row["images_per_s"])
         if on_epoch is not None:
-            on_epoch({"learner": learner.state_dict(), "optimizer": optimizer.state_dict(),
+            on_epoch({"learner": learner.state_dict(), "optimizer": spec.optimizer.state_dict(),
                       "epoch": state.epoch, "step": state.step, "history": state.history})
     return state.history
+
+
+def _pretrain_epoch(learner: BYOL, spec: PretrainSpec, state: PretrainState, scaler,
+                    quiet: bool) -> dict:
+    """One epoch of BYOL steps (two views of every image); its history row."""
+    epoch = state.epoch + 1
+    total = spec.max_epochs * spec.steps_per_epoch
+    device = spec.device
+    start = time.perf_counter()
+    learner.train()
+    loss_sum, n = 0.0, 0
+    for x, _ in tqdm(_prefetch(spec.batches(), pin=device.type == "cuda"),
+                     total=spec.steps_per_epoch, desc=f"pretrain epoch {epoch}", unit="batch",
+                     leave=False, disable=quiet):
+        x = x.to(device, non_blocking=True)
+        v1 = to_input(ssl_view(x, spec.gen), spec.norm, device)
+        v2 = to_input(ssl_view(x, spec.gen), spec.norm, device)
+        for group in spec.optimizer.param_groups:
+            group["lr"] = lr_at(state.step, total, spec.lr)
+        spec.optimizer.zero_grad(set_to_none=True)
+        with autocast(device):
+            loss = learner(v1, v2)
+        if not torch.isfinite(loss):
+            raise ConfigError(f"pretraining diverged at epoch {epoch} (loss {float(loss)}); "
+                              "lower lr")
+        backward_step(loss, spec.optimizer, scaler)
+        learner.update_target(momentum_at(state.step, total, spec.base_momentum))
+        state.step += 1
+        loss_sum += float(loss.detach()) * len(x)
+        n += len(x)
+    seconds = time.perf_counter() - start
+    row = {"epoch": epoch, "loss": loss_sum / max(n, 1),
+           "lr": lr_at(state.step - 1, total, spec.lr),
+           "momentum": momentum_at(state.step, total, spec.base_momentum), "images": n,
+           "seconds": seconds, "images_per_s": n / seconds if seconds else float("nan")}
+    state.history.append(row)
+    state.epoch = epoch
+    return row

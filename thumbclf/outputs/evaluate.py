@@ -15,13 +15,8 @@ import numpy as np
 import pandas as pd
 
 from thumbclf.core import layout, table
-from thumbclf.core.decide import (
-    LOW_CONFIDENCE,
-    UNDECIDED,
-    UNFAMILIAR,
-    decide_with_reasons,
-    threshold_in_force,
-)
+from thumbclf.core.decide import (LOW_CONFIDENCE, UNDECIDED, UNFAMILIAR, decide_with_reasons,
+                                  threshold_in_force)
 from thumbclf.core.errors import ImageReadError
 from thumbclf.core.files import atomic_csv, atomic_text
 from thumbclf.inputs.decode import load_array
@@ -77,7 +72,7 @@ def unfamiliar_section(df: pd.DataFrame, out: Path, load, k: int = 12) -> list[t
     items = [{"path": df["PATH"].iloc[i], "label": lab[i],
               "decision": str(df["model_prediction"].iloc[i]), "prob": 0.0,
               "note": f"unfamiliarity {unf[i]:.2f}"} for i in idx]
-    fig = plots.gallery(items, out / "plots" / "gallery_unfamiliar.png",
+    fig = plots.gallery(items, out / layout.PLOTS / "gallery_unfamiliar.png",
                         "Most unfamiliar slides (above 1: Undecided as unfamiliar)", load)
     text = (f"<p>Undecided as <b>unfamiliar</b> (features far from every training image): "
             f"{n_unf}; as <b>low confidence</b>: {n_low}. The undecided_reason and "
@@ -122,20 +117,41 @@ def evaluate_table(df: pd.DataFrame, classes: list[str], out: Path, *, threshold
     used = threshold_in_force(given=threshold, default=None,
                               table=df["threshold"] if "threshold" in df else ()).value
     m = M.compute(df, classes, resamples=resamples, seed=seed)
-    m["threshold"] = used
-    m["notes"] = list(notes) + m["notes"]
+    m.threshold = used
+    m.notes = list(notes) + m.notes
     scopes = {"all": m}
     if "fold" in df.columns and df["fold"].nunique() > 1:
         for f, part in df.groupby("fold"):
             scopes[f"fold {f}"] = M.compute(part, classes, resamples=resamples, seed=seed)
-    pdir = out / "plots"
     cm = M.confusion(df, order)
-    cm_norm = M.row_normalised(cm)
-    atomic_csv(cm.reset_index(), out / "confusion_matrix.csv")
-    atomic_csv(cm_norm.reset_index(), out / "confusion_matrix_normalised.csv")
-    yt_all = yt + list(cm.index[len(order):])
+    atomic_csv(cm.reset_index(), out / layout.CONFUSION)
+    atomic_csv(M.row_normalised(cm).reset_index(), out / layout.CONFUSION_NORMALISED)
+    load = thumbs or _thumb_loader()
+    figs = _figures(df, classes, m, cm, out / layout.PLOTS, used=used, xt=xt,
+                    yt=yt + list(cm.index[len(order):]), histories=histories, load=load)
+    atomic_text(json.dumps(_jsonable({k: v.as_dict() for k, v in scopes.items()}), indent=1),
+                out / layout.METRICS_JSON)
+    rows = [r for scope, mm in scopes.items() for r in M.summary_rows(mm, scope)]
+    atomic_csv(pd.DataFrame(rows), out / layout.METRICS_CSV)
+    sections = _sections(m, scopes, cm, figs, used=used, resamples=resamples,
+                         patients="PATIENT" in df.columns)
+    sections += unfamiliar_section(df, out, load)
+    sections += list(extra_sections)
+    report.write(out / layout.REPORT, title=title, kind=kind, params=params or {},
+                 data_summary=_data_summary(df, classes, split_df, failures),
+                 sections=sections, notes=m.notes)
+    log.info("macro AUROC %s (ovo) / %s (ovr); coverage %s; accuracy among decided %s; report %s",
+             report.fmt(m.macro_auroc_ovo), report.fmt(m.macro_auroc_ovr),
+             report.fmt(m.coverage, True), report.fmt(m.accuracy_decided, True),
+             out / layout.REPORT)
+    return m
+
+
+def _figures(df: pd.DataFrame, classes: list[str], m: M.Metrics, cm: pd.DataFrame, pdir: Path, *,
+             used: float | None, xt: list[str], yt: list[str], histories, load) -> dict:
+    """The report's figures, as files under plots/."""
     figs = {
-        "confusion": plots.confusion_heatmap(cm, xt, yt_all, pdir / "confusion_matrix.png",
+        "confusion": plots.confusion_heatmap(cm, xt, yt, pdir / "confusion_matrix.png",
                                              f"Confusion matrix (threshold {used:.2f})"
                                              if used is not None else "Confusion matrix"),
         "roc": plots.roc_curves(df, classes, m, pdir / "roc_curves.png"),
@@ -145,27 +161,28 @@ def evaluate_table(df: pd.DataFrame, classes: list[str], out: Path, *, threshold
     }
     if histories:
         figs["training"] = plots.training_curves(histories, pdir / "training_curves.png")
-    load = thumbs or _thumb_loader()
     figs["errors"] = plots.gallery(_gallery_items(df, classes, True), pdir / "gallery_errors.png",
                                    "Most confident errors", load)
     figs["undecided"] = plots.gallery(_gallery_items(df, classes, False),
                                       pdir / "gallery_undecided.png",
                                       "Undecided slides (highest probability first)", load)
-    atomic_text(json.dumps(_jsonable(scopes), indent=1), out / "metrics.json")
-    rows = [r for scope, mm in scopes.items() for r in M.summary_rows(mm, scope)]
-    atomic_csv(pd.DataFrame(rows), out / "metrics.csv")
+    return figs
 
+
+def _sections(m: M.Metrics, scopes: dict[str, M.Metrics], cm: pd.DataFrame, figs: dict, *,
+              used: float | None, resamples: int, patients: bool) -> list[tuple[str, str]]:
+    """The report's sections of figures and tables (title, HTML)."""
     fold_table = ""
     if len(scopes) > 1:
-        ft = pd.DataFrame({s: {"n": mm["n"], "macro AUROC (ovo)": mm["macro_auroc_ovo"],
-                               "macro AUROC (ovr)": mm["macro_auroc_ovr"],
-                               "coverage": mm["coverage"], "accuracy (decided)": mm["accuracy_decided"],
-                               "macro F1": mm["macro_f1"]} for s, mm in scopes.items()}).T
+        ft = pd.DataFrame({s: {"n": mm.n, "macro AUROC (ovo)": mm.macro_auroc_ovo,
+                               "macro AUROC (ovr)": mm.macro_auroc_ovr,
+                               "coverage": mm.coverage, "accuracy (decided)": mm.accuracy_decided,
+                               "macro F1": mm.macro_f1} for s, mm in scopes.items()}).T
         ft["n"] = ft["n"].astype(int)
         fold_table = "<p>Per fold (each fold's test images; 'all' = pooled):</p>" + report.table(ft)
     thr_text = (f"<p>Threshold in use: <b>{used:.3f}</b>. On this data a threshold of "
-                f"{report.fmt(m['threshold_for_95'])} would reach 95% accuracy and "
-                f"{report.fmt(m['threshold_for_99'])} 99% (among decided slides).</p>"
+                f"{report.fmt(m.threshold_for_95)} would reach 95% accuracy and "
+                f"{report.fmt(m.threshold_for_99)} 99% (among decided slides).</p>"
                 if used is not None else "")
     sections = [
         ("Results", report.cards(m) + thr_text + fold_table),
@@ -173,7 +190,7 @@ def evaluate_table(df: pd.DataFrame, classes: list[str], out: Path, *, threshold
          "<p class=muted>AUROC and average precision: one class vs the rest, from the "
          "probabilities; sensitivity and specificity: from the decisions (Undecided counts as "
          f"not that class). 95% CIs: {resamples} bootstrap resamples"
-         f"{' of patients' if 'PATIENT' in df.columns else ''}.</p>"),
+         f"{' of patients' if patients else ''}.</p>"),
         ("Confusion matrix", report.img(figs["confusion"], "confusion matrix") +
          report.table(cm)),
         ("ROC curves", report.img(figs["roc"], "ROC curves")),
@@ -185,16 +202,7 @@ def evaluate_table(df: pd.DataFrame, classes: list[str], out: Path, *, threshold
     sections.append(("Where it goes wrong", (report.img(figs["errors"], "errors") or
                      "<p>No confident errors.</p>") + (report.img(figs["undecided"], "undecided")
                                                        or "<p>No Undecided slides.</p>")))
-    sections += unfamiliar_section(df, out, load)
-    sections += list(extra_sections)
-    report.write(out / "report.html", title=title, kind=kind, params=params or {},
-                 data_summary=_data_summary(df, classes, split_df, failures),
-                 sections=sections, notes=m["notes"])
-    log.info("macro AUROC %s (ovo) / %s (ovr); coverage %s; accuracy among decided %s; report %s",
-             report.fmt(m["macro_auroc_ovo"]), report.fmt(m["macro_auroc_ovr"]),
-             report.fmt(m["coverage"], True), report.fmt(m["accuracy_decided"], True),
-             out / "report.html")
-    return m
+    return sections
 
 
 def decisions_report(folder: Path, table: pd.DataFrame, *, classes, failures: int, title: str,
@@ -204,11 +212,11 @@ def decisions_report(folder: Path, table: pd.DataFrame, *, classes, failures: in
     counts = ok["model_prediction"].value_counts().reindex(list(classes) + [UNDECIDED], fill_value=0)
     summary = pd.DataFrame({"decision": counts.index, "images": counts.to_numpy(),
                             "share": counts.to_numpy() / max(len(ok), 1)})
-    atomic_csv(summary, folder / "decisions.csv")
-    fig = plots.decision_bars(counts, folder / "plots" / "decisions.png",
+    atomic_csv(summary, folder / layout.DECISIONS)
+    fig = plots.decision_bars(counts, folder / layout.PLOTS / "decisions.png",
                               f"Decisions for {len(ok)} images")
     gallery = plots.gallery(_gallery_items(ok, list(classes), False),
-                            folder / "plots" / "gallery_undecided.png",
+                            folder / layout.PLOTS / "gallery_undecided.png",
                             "Undecided slides (highest probability first)", thumbs)
     data = f"<p>{len(table)} images, {failures} unreadable.</p>"
     if failures:
@@ -217,7 +225,7 @@ def decisions_report(folder: Path, table: pd.DataFrame, *, classes, failures: in
     sections = [("Decisions", report.table(summary, index=False) + report.img(fig, "decisions")),
                 ("Undecided", report.img(gallery, "undecided") or "<p>No Undecided slides.</p>")]
     sections += unfamiliar_section(ok, folder, thumbs)
-    report.write(folder / "report.html", title=title,
+    report.write(folder / layout.REPORT, title=title,
                  kind="Deployment without labels", params=settings,
                  data_summary=data, sections=sections + list(extra_sections), notes=list(notes))
 

@@ -22,7 +22,8 @@ from thumbclf.core.files import atomic_bytes
 from thumbclf.inputs.decode import load_array
 from thumbclf.inputs.images import Preprocessing
 from thumbclf.nn.data import Normalisation, to_input
-from thumbclf.nn.models import blocks, head_names, holds_head
+from thumbclf.nn.models import head_names
+from thumbclf.nn.freeze import blocks, holds_head
 from thumbclf.outputs import report
 from thumbclf.outputs.plots import image_grid, plt, save_figure
 

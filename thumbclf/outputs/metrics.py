@@ -9,18 +9,17 @@ all resamples at once; tests check both paths agree.
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
+
 import math
 import warnings
 from typing import Any
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import (
-    average_precision_score,
-    balanced_accuracy_score,
-    f1_score,
-    roc_auc_score,
-)
+from sklearn.metrics import (average_precision_score, balanced_accuracy_score, f1_score,
+                             roc_auc_score)
 
 from thumbclf.core.decide import UNDECIDED, threshold_for_accuracy
 
@@ -162,11 +161,41 @@ def _nanmean(a: np.ndarray) -> np.ndarray:
         return np.nanmean(a, axis=0)
 
 
+@dataclass
+class Metrics:
+    """Every figure of one labelled predictions table; None where it cannot be computed.
+    ``as_dict()`` is what metrics.json holds, per scope."""
+
+    n: int
+    threshold: float | None
+    classes: list[str]
+    per_class: list[dict[str, Any]]  # class, n, auroc(_ci), average_precision(_ci), ...
+    macro_auroc_ovr: float | None
+    macro_auroc_ovo: float | None
+    macro_auroc_ovr_ci: list
+    macro_auroc_ovo_ci: list
+    coverage: float | None
+    accuracy_decided: float | None
+    balanced_accuracy_decided: float | None
+    accuracy_all: float | None
+    macro_f1: float | None
+    accuracy_top1: float | None
+    ece: float | None
+    reliability: list[dict[str, Any]]
+    selective: list[dict[str, Any]]
+    aurc: float | None
+    threshold_for_95: float | None
+    threshold_for_99: float | None
+    notes: list[str]
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
 def compute(df: pd.DataFrame, classes: list[str] | tuple[str, ...], *,
-            resamples: int = 1000, seed: int = 1) -> dict[str, Any]:
+            resamples: int = 1000, seed: int = 1) -> Metrics:
     """All metrics of a labelled predictions table (rows with errors must be removed)."""
     classes = list(classes)
-    notes: list[str] = []
     probs = df[classes].to_numpy(dtype=float)
     labels = df["CLASSIFICATION"].astype(str).to_numpy()
     known = np.isin(labels, classes)
@@ -177,11 +206,44 @@ def compute(df: pd.DataFrame, classes: list[str] | tuple[str, ...], *,
     conf = probs.max(axis=1) if n else np.zeros(0)
     correct = (probs.argmax(axis=1) == y) if n else np.zeros(0, bool)
     dec_correct = decisions == labels
-    out: dict[str, Any] = {"n": int(n), "threshold": None, "classes": classes}
+    notes = _data_notes(classes, labels, known, y)
+    present = [i for i in range(len(classes)) if (y == i).any()]
+    groups = df["PATIENT"].astype(str).to_numpy() if "PATIENT" in df.columns else None
+    W = bootstrap_weights(n, groups, resamples, seed) if resamples and n else np.zeros((0, n))
+    macro = _macro_aurocs(y, probs, present, W)
+    if len(present) < len(classes) and len(present) >= 2:
+        notes.append("macro AUROC is over the classes present in the data only")
+    ece, bins = expected_calibration_error(conf, correct)
+    sel = selective(conf, correct)
+    return Metrics(
+        n=int(n), threshold=None, classes=classes,
+        per_class=[_class_row(c, y == i, probs[:, i], decisions, W) for i, c in enumerate(classes)],
+        **macro,
+        coverage=float(decided.mean()) if n else None,
+        accuracy_decided=float(dec_correct[decided].mean()) if decided.any() else None,
+        balanced_accuracy_decided=(
+            _safe(balanced_accuracy_score, labels[decided], decisions[decided].astype(str))
+            if decided.any() else None),
+        accuracy_all=float(dec_correct.mean()) if n else None,
+        macro_f1=(_safe(f1_score, labels, decisions.astype(str),
+                        labels=[classes[i] for i in present], average="macro", zero_division=0)
+                  if present else None),
+        accuracy_top1=float(correct.mean()) if n else None,
+        ece=ece, reliability=bins, selective=sel["curve"], aurc=sel["aurc"],
+        threshold_for_95=(threshold_for_accuracy(probs[known], y[known], 0.95)
+                          if known.any() else None),
+        threshold_for_99=(threshold_for_accuracy(probs[known], y[known], 0.99)
+                          if known.any() else None),
+        notes=notes)
+
+
+def _data_notes(classes: list[str], labels: np.ndarray, known: np.ndarray,
+                y: np.ndarray) -> list[str]:
+    """What the report must say about the labels: unknown ones, absent and single classes."""
+    notes = []
     if (~known).any():
         notes.append(f"{int((~known).sum())} images have labels the model does not know: "
                      f"{', '.join(sorted(set(labels[~known])))}; they count as errors")
-    present = [i for i in range(len(classes)) if (y == i).any()]
     for i, c in enumerate(classes):
         cnt = int((y == i).sum())
         if cnt == 0:
@@ -189,36 +251,38 @@ def compute(df: pd.DataFrame, classes: list[str] | tuple[str, ...], *,
                          "cannot be computed")
         elif cnt == 1:
             notes.append(f"class {c} has a single image: its confidence intervals are unreliable")
-    groups = df["PATIENT"].astype(str).to_numpy() if "PATIENT" in df.columns else None
-    W = bootstrap_weights(n, groups, resamples, seed) if resamples and n else np.zeros((0, n))
+    return notes
 
-    per_class = []
-    for i, c in enumerate(classes):
-        pos = y == i
-        npos = int(pos.sum())
-        tp = int((decisions[pos] == c).sum())
-        tn = int((decisions[~pos] != c).sum())
-        row = {"class": c, "n": npos,
-               "auroc": _safe(roc_auc_score, pos, probs[:, i]) if 0 < npos < n else None,
-               "average_precision": _safe(average_precision_score, pos, probs[:, i]) if npos else None,
-               "sensitivity": tp / npos if npos else None,
-               "specificity": tn / int((~pos).sum()) if (~pos).any() else None,
-               "decided_as": int((decisions == c).sum())}
-        row["auroc_ci"], row["average_precision_ci"] = [None, None], [None, None]
-        if len(W) and row["auroc"] is not None:
-            aucs, aps = [], []
-            for k in range(0, len(W), CHUNK):
-                aucs.append(weighted_auroc(probs[:, i], pos, W[k:k + CHUNK]))
-                aps.append(weighted_ap(probs[:, i], pos, W[k:k + CHUNK]))
-            row["auroc_ci"], row["average_precision_ci"] = _ci(np.concatenate(aucs)), _ci(np.concatenate(aps))
-        per_class.append(row)
-    out["per_class"] = per_class
 
-    out["macro_auroc_ovr"] = _binary_or_multi_auc(y, probs, present, "ovr")
-    out["macro_auroc_ovo"] = _binary_or_multi_auc(y, probs, present, "ovo")
-    out["macro_auroc_ovr_ci"] = out["macro_auroc_ovo_ci"] = [None, None]
-    if len(present) < len(classes) and len(present) >= 2:
-        notes.append("macro AUROC is over the classes present in the data only")
+def _class_row(c: str, pos: np.ndarray, p: np.ndarray, decisions: np.ndarray,
+               W: np.ndarray) -> dict[str, Any]:
+    """One class against the rest: AUROC and AP (with bootstrap CIs), sensitivity, specificity."""
+    n, npos = len(pos), int(pos.sum())
+    tp = int((decisions[pos] == c).sum())
+    tn = int((decisions[~pos] != c).sum())
+    row = {"class": c, "n": npos,
+           "auroc": _safe(roc_auc_score, pos, p) if 0 < npos < n else None,
+           "average_precision": _safe(average_precision_score, pos, p) if npos else None,
+           "sensitivity": tp / npos if npos else None,
+           "specificity": tn / int((~pos).sum()) if (~pos).any() else None,
+           "decided_as": int((decisions == c).sum())}
+    row["auroc_ci"], row["average_precision_ci"] = [None, None], [None, None]
+    if len(W) and row["auroc"] is not None:
+        aucs, aps = [], []
+        for k in range(0, len(W), CHUNK):
+            aucs.append(weighted_auroc(p, pos, W[k:k + CHUNK]))
+            aps.append(weighted_ap(p, pos, W[k:k + CHUNK]))
+        row["auroc_ci"] = _ci(np.concatenate(aucs))
+        row["average_precision_ci"] = _ci(np.concatenate(aps))
+    return row
+
+
+def _macro_aurocs(y: np.ndarray, probs: np.ndarray, present: list[int],
+                  W: np.ndarray) -> dict[str, Any]:
+    """Macro AUROC one-vs-rest and one-vs-one over the classes present, with bootstrap CIs."""
+    out = {"macro_auroc_ovr": _binary_or_multi_auc(y, probs, present, "ovr"),
+           "macro_auroc_ovo": _binary_or_multi_auc(y, probs, present, "ovo"),
+           "macro_auroc_ovr_ci": [None, None], "macro_auroc_ovo_ci": [None, None]}
     if len(W) and out["macro_auroc_ovr"] is not None:
         ovr, ovo = [], []
         for k in range(0, len(W), CHUNK):
@@ -228,23 +292,6 @@ def compute(df: pd.DataFrame, classes: list[str] | tuple[str, ...], *,
             ovo.append(_macro_ovo_weighted(y, probs, present, w))
         out["macro_auroc_ovr_ci"] = _ci(np.concatenate(ovr))
         out["macro_auroc_ovo_ci"] = _ci(np.concatenate(ovo))
-
-    out["coverage"] = float(decided.mean()) if n else None
-    out["accuracy_decided"] = float(dec_correct[decided].mean()) if decided.any() else None
-    out["balanced_accuracy_decided"] = (
-        _safe(balanced_accuracy_score, labels[decided], decisions[decided].astype(str))
-        if decided.any() else None)
-    out["accuracy_all"] = float(dec_correct.mean()) if n else None
-    out["macro_f1"] = (_safe(f1_score, labels, decisions.astype(str), labels=[classes[i] for i in present],
-                             average="macro", zero_division=0) if present else None)
-    out["accuracy_top1"] = float(correct.mean()) if n else None
-    out["ece"], out["reliability"] = expected_calibration_error(conf, correct)
-    sel = selective(conf, correct)
-    out["selective"] = sel["curve"]
-    out["aurc"] = sel["aurc"]
-    out["threshold_for_95"] = threshold_for_accuracy(probs[known], y[known], 0.95) if known.any() else None
-    out["threshold_for_99"] = threshold_for_accuracy(probs[known], y[known], 0.99) if known.any() else None
-    out["notes"] = notes
     return out
 
 
@@ -264,7 +311,7 @@ def row_normalised(cm: pd.DataFrame) -> pd.DataFrame:
     return cm.div(totals, axis=0)
 
 
-def summary_rows(m: dict[str, Any], scope: str) -> list[dict[str, Any]]:
+def summary_rows(m: Metrics, scope: str) -> list[dict[str, Any]]:
     """Flat rows (scope, metric, class, value, ci_low, ci_high) for metrics.csv."""
     rows = []
 
@@ -272,13 +319,13 @@ def summary_rows(m: dict[str, Any], scope: str) -> list[dict[str, Any]]:
         rows.append({"scope": scope, "metric": metric, "class": cls, "value": value,
                      "ci_low": ci[0], "ci_high": ci[1]})
 
-    add("n", m["n"])
-    add("macro_auroc_ovr", m["macro_auroc_ovr"], ci=m["macro_auroc_ovr_ci"])
-    add("macro_auroc_ovo", m["macro_auroc_ovo"], ci=m["macro_auroc_ovo_ci"])
+    add("n", m.n)
+    add("macro_auroc_ovr", m.macro_auroc_ovr, ci=m.macro_auroc_ovr_ci)
+    add("macro_auroc_ovo", m.macro_auroc_ovo, ci=m.macro_auroc_ovo_ci)
     for key in ("coverage", "accuracy_decided", "balanced_accuracy_decided", "accuracy_all",
                 "macro_f1", "ece", "aurc", "threshold_for_95", "threshold_for_99"):
-        add(key, m[key])
-    for r in m["per_class"]:
+        add(key, getattr(m, key))
+    for r in m.per_class:
         add("auroc", r["auroc"], r["class"], r["auroc_ci"])
         add("average_precision", r["average_precision"], r["class"], r["average_precision_ci"])
         add("sensitivity", r["sensitivity"], r["class"])

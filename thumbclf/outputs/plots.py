@@ -16,6 +16,7 @@ from sklearn.metrics import roc_curve  # noqa: E402
 
 from thumbclf.core.decide import UNDECIDED  # noqa: E402
 from thumbclf.core.files import atomic_bytes  # noqa: E402
+from thumbclf.outputs.metrics import Metrics  # noqa: E402
 
 DPI = 110
 
@@ -29,11 +30,11 @@ def save_figure(fig, path: Path) -> Path:
     return path
 
 
-def roc_curves(df: pd.DataFrame, classes: list[str], metrics: dict[str, Any], path: Path) -> Path:
+def roc_curves(df: pd.DataFrame, classes: list[str], metrics: Metrics, path: Path) -> Path:
     """One-vs-rest ROC curve per class on the full data, AUROC in the legend."""
     fig, ax = plt.subplots(figsize=(6.2, 6))
     y = df["CLASSIFICATION"].astype(str).to_numpy()
-    aucs = {r["class"]: r for r in metrics["per_class"]}
+    aucs = {r["class"]: r for r in metrics.per_class}
     for c in classes:
         pos = y == c
         if pos.all() or not pos.any():
@@ -46,35 +47,35 @@ def roc_curves(df: pd.DataFrame, classes: list[str], metrics: dict[str, Any], pa
     ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1)
     ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="1 - specificity (false positive rate)",
            ylabel="sensitivity (true positive rate)", aspect="equal")
-    macro = metrics.get("macro_auroc_ovr")
+    macro = metrics.macro_auroc_ovr
     ax.set_title("ROC, one class vs rest" + (f" — macro AUROC {macro:.3f}" if macro else ""))
     ax.legend(loc="lower right", fontsize=8, title="AUROC [95% CI]", title_fontsize=8)
     ax.grid(alpha=0.3)
     return save_figure(fig, path)
 
 
-def selective_curve(metrics: dict[str, Any], threshold: float, path: Path) -> Path:
+def selective_curve(metrics: Metrics, threshold: float, path: Path) -> Path:
     """Accuracy among decided slides and coverage against the threshold."""
-    curve = pd.DataFrame(metrics["selective"])
+    curve = pd.DataFrame(metrics.selective)
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ax.plot(curve["threshold"], curve["accuracy"], label="accuracy among decided", lw=2)
     ax.plot(curve["threshold"], curve["coverage"], label="coverage (share decided)", lw=2)
     ax.axvline(threshold, color="crimson", ls="--", lw=1.5, label=f"threshold in use ({threshold:.2f})")
-    for t, name in ((metrics.get("threshold_for_95"), "95%"), (metrics.get("threshold_for_99"), "99%")):
+    for t, name in ((metrics.threshold_for_95, "95%"), (metrics.threshold_for_99, "99%")):
         if t is not None:
             ax.axvline(t, color="grey", ls=":", lw=1)
             ax.text(t, 0.02, f" {name} acc.", rotation=90, fontsize=7, color="grey", va="bottom")
     ax.set(xlabel="probability threshold", ylabel="share", ylim=(0, 1.02), xlim=(0, 1),
-           title=f"What the Undecided threshold costs and buys (AURC {metrics['aurc']:.3f})"
-           if metrics.get("aurc") is not None else "Accuracy and coverage by threshold")
+           title=f"What the Undecided threshold costs and buys (AURC {metrics.aurc:.3f})"
+           if metrics.aurc is not None else "Accuracy and coverage by threshold")
     ax.legend(loc="lower left", fontsize=8)
     ax.grid(alpha=0.3)
     return save_figure(fig, path)
 
 
-def reliability(metrics: dict[str, Any], path: Path) -> Path:
+def reliability(metrics: Metrics, path: Path) -> Path:
     """Reliability diagram: accuracy against confidence per bin."""
-    bins = pd.DataFrame(metrics["reliability"])
+    bins = pd.DataFrame(metrics.reliability)
     fig, ax = plt.subplots(figsize=(5.5, 5.5))
     ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="perfect calibration")
     if len(bins):
@@ -85,7 +86,7 @@ def reliability(metrics: dict[str, Any], path: Path) -> Path:
         for _, b in bins.iterrows():  # how many slides stand behind each bar
             ax.text((b["lo"] + b["hi"]) / 2, min(b["accuracy"] + 0.02, 0.95), f"n={int(b['n'])}",
                     ha="center", fontsize=6, rotation=90)
-    ece = metrics.get("ece")
+    ece = metrics.ece
     ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence (highest probability)",
            ylabel="accuracy", aspect="equal",
            title="Reliability" + (f" — ECE {ece:.3f}" if ece is not None else ""))

@@ -12,6 +12,7 @@ import pandas as pd
 
 from thumbclf.core.files import atomic_text
 from thumbclf.core.version import __version__
+from thumbclf.outputs.metrics import Metrics
 
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em auto;max-width:1100px;
@@ -54,25 +55,25 @@ def table(df: pd.DataFrame, index: bool = True) -> str:
     return df.to_html(index=index, border=0, float_format=lambda x: f"{x:.3f}", escape=True)
 
 
-def cards(m: dict[str, Any]) -> str:
+def cards(m: Metrics) -> str:
     items = [
-        (ci(m.get("macro_auroc_ovo"), m.get("macro_auroc_ovo_ci")), "macro AUROC (one-vs-one)"),
-        (ci(m.get("macro_auroc_ovr"), m.get("macro_auroc_ovr_ci")), "macro AUROC (one-vs-rest)"),
-        (fmt(m.get("coverage"), True), "coverage (not Undecided)"),
-        (fmt(m.get("accuracy_decided"), True), "accuracy among decided"),
-        (fmt(m.get("accuracy_all"), True), "accuracy, Undecided = wrong"),
-        (fmt(m.get("balanced_accuracy_decided"), True), "balanced accuracy (decided)"),
-        (fmt(m.get("macro_f1")), "macro F1"),
-        (fmt(m.get("ece")), "calibration error (ECE)"),
+        (ci(m.macro_auroc_ovo, m.macro_auroc_ovo_ci), "macro AUROC (one-vs-one)"),
+        (ci(m.macro_auroc_ovr, m.macro_auroc_ovr_ci), "macro AUROC (one-vs-rest)"),
+        (fmt(m.coverage, True), "coverage (not Undecided)"),
+        (fmt(m.accuracy_decided, True), "accuracy among decided"),
+        (fmt(m.accuracy_all, True), "accuracy, Undecided = wrong"),
+        (fmt(m.balanced_accuracy_decided, True), "balanced accuracy (decided)"),
+        (fmt(m.macro_f1), "macro F1"),
+        (fmt(m.ece), "calibration error (ECE)"),
     ]
     return '<div class=cards>' + "".join(f"<div class=card><b>{v}</b><span>{k}</span></div>"
                                          for v, k in items) + "</div>"
 
 
-def per_class_table(m: dict[str, Any]) -> str:
+def per_class_table(m: Metrics) -> str:
     rows = ["<table><tr><th>class</th><th>n</th><th>AUROC [95% CI]</th><th>average precision "
             "[95% CI]</th><th>sensitivity</th><th>specificity</th><th>decided as</th></tr>"]
-    for r in m["per_class"]:
+    for r in m.per_class:
         rows.append(f"<tr><td>{html.escape(r['class'])}</td><td>{r['n']}</td>"
                     f"<td>{ci(r['auroc'], r['auroc_ci'])}</td>"
                     f"<td>{ci(r['average_precision'], r['average_precision_ci'])}</td>"

@@ -17,7 +17,8 @@ from thumbclf.core.files import atomic_torch_save
 from thumbclf.inputs.decode import load_array
 from thumbclf.inputs.samples import SampleSet
 from thumbclf.nn import familiarity
-from thumbclf.nn.data import dihedral, to_input
+from thumbclf.nn.data import to_input
+from thumbclf.nn.augment import dihedral
 from thumbclf.nn.engine import recalibrate_bn, softmax
 from thumbclf.nn.models import LoadedModel, read_weights
 from thumbclf.predict import inference

@@ -18,22 +18,20 @@ import contextlib
 import logging
 from typing import Iterator
 
-from thumbclf.predict.local import LocalExecutor
+from thumbclf.predict.local import ExecutorSpec, LocalExecutor
 
 log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
-def executor_for(params, *, quiet: bool = False) -> Iterator[LocalExecutor]:
-    """The executor the params ask for (``executor`` key), released when the block ends."""
-    if getattr(params, "executor", "local") != "ray":
-        yield LocalExecutor(params)
+def executor_for(spec: ExecutorSpec, *, quiet: bool = False) -> Iterator[LocalExecutor]:
+    """The executor ``spec`` asks for (``executor`` key), released when the block ends."""
+    if spec.executor != "ray":
+        yield LocalExecutor(spec)
         return
-    from thumbclf.predict.ray_backend import (
-        RayExecutor,  # the only import of the Ray backend
-    )
+    from thumbclf.predict.ray_backend import RayExecutor
 
-    ex = RayExecutor(params, quiet=quiet)
+    ex = RayExecutor(spec, quiet=quiet)
     try:
         yield ex
     finally:

@@ -4,6 +4,7 @@ run one after another."""
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -12,6 +13,22 @@ import numpy as np
 from thumbclf.core import machine
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ExecutorSpec:
+    """Where and how predictions and folds run: the executor keys of an experiment
+    (executor, ray_address, num_workers, cpus_per_fold) and what predicting needs (batch_size,
+    tta, device). ``source`` names the experiment in messages."""
+
+    executor: str = "local"
+    num_workers: int = -1
+    batch_size: int = 64
+    tta: bool = False
+    device: str = "auto"
+    ray_address: str | None = None
+    cpus_per_fold: int = 0
+    source: Path | str = "experiment"
 
 
 # positions, probabilities (n, classes), unfamiliarity (n; None without the rule), errors
@@ -27,8 +44,8 @@ class LocalExecutor:
 
     name = "local"
 
-    def __init__(self, params):
-        self.params = params
+    def __init__(self, spec: ExecutorSpec):
+        self.params = spec
 
     def predict(self, models, positions: list[int], paths: list[Path], *, device,
                 slide_cache: Path | None, runners=None) -> Iterator[Batch]:

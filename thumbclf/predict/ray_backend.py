@@ -21,7 +21,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -30,6 +29,8 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from thumbclf.core.errors import ConfigError
+from thumbclf.core.logs import remove_handlers, setup_logging
+from thumbclf.predict.local import ExecutorSpec
 
 log = logging.getLogger(__name__)
 DECODE_BATCH = 16  # images per decoding task: small enough that a retried task redoes little
@@ -53,7 +54,7 @@ class RayExecutor:
 
     name = "ray"
 
-    def __init__(self, params, *, quiet: bool = False):
+    def __init__(self, params: ExecutorSpec, *, quiet: bool = False):
         ray = _import_ray()
         self.params, self.quiet, self.ray = params, quiet, ray
         start = time.perf_counter()
@@ -253,26 +254,11 @@ def _fold_task(fn: Callable, fold: int, shared: dict, threads: int, device_name:
 
     from thumbclf.nn.engine import pick_device
 
-    folder = Path(shared["folder"])
-    root = logging.getLogger()
-    root.setLevel(logging.DEBUG)
-    handlers = [logging.FileHandler(folder / "run.log", encoding="utf-8")]  # appends
-    handlers[0].setLevel(logging.DEBUG)
-    handlers[0].setFormatter(logging.Formatter(
-        f"%(asctime)s %(levelname)s %(name)s [fold {fold}, pid {os.getpid()}]: %(message)s"))
-    if not quiet:
-        console = logging.StreamHandler(sys.stderr)
-        console.setLevel(logging.INFO)
-        console.setFormatter(logging.Formatter("%(message)s"))
-        handlers.append(console)
-    for h in handlers:
-        root.addHandler(h)
+    setup_logging(Path(shared["folder"]), quiet=quiet, tag=f"fold {fold}, pid {os.getpid()}")
     try:
         device = pick_device(device_name)
         if device.type == "cpu":
             torch.set_num_threads(threads)
         return fn(fold=fold, device=device, **{**shared, "quiet": True})
     finally:
-        for h in handlers:
-            root.removeHandler(h)
-            h.close()
+        remove_handlers()

@@ -3,54 +3,32 @@ sorted copies -> evaluation."""
 
 from __future__ import annotations
 
-import contextlib
-import csv
 import dataclasses
-import hashlib
-import io
-import json
 import logging
-import time
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
+
 
 from thumbclf.config import DeployParams
 from thumbclf.core import layout
 from thumbclf.core import table as table_io
-from thumbclf.core.decide import UNDECIDED, decide_with_reasons, threshold_in_force
-from thumbclf.core.errors import (
-    DataError,
-    ImageReadError,
-    ModelError,
-    OutputError,
-    clean,
-)
-from thumbclf.core.files import (
-    append_whole,
-    atomic_csv,
-    atomic_text,
-    check_writable,
-    repair_tail,
-)
+from thumbclf.core.decide import UNDECIDED, threshold_in_force
+from thumbclf.core.errors import ModelError, OutputError
+from thumbclf.core.files import atomic_csv, check_writable
 from thumbclf.inputs import slides
-from thumbclf.inputs import splits as splitting
-from thumbclf.inputs.decode import load_array
 from thumbclf.inputs.samples import SampleSet, check_class_names, check_input, discover
 from thumbclf.nn import familiarity
-from thumbclf.nn.data import to_input
 from thumbclf.nn.engine import configure_threads, pick_device
 from thumbclf.nn.models import LoadedModel, load_model
 from thumbclf.outputs import explain
 from thumbclf.outputs.confusion import cm_layout
 from thumbclf.outputs.sorting import copy_all, sort_copies
-from thumbclf.predict import inference
-from thumbclf.predict.ensemble import ADAPT_IMAGES, adapt_batchnorm, exact_runners
-from thumbclf.predict.execution import executor_for
+from thumbclf.predict.ensemble import ADAPT_IMAGES, adapt_batchnorm
+from thumbclf.workflows.engines import prepare_runners
 from thumbclf.workflows.evaluate import evaluate_run, summarise_decisions
+from thumbclf.workflows.stream import _timings, check_same_inputs, final_table, predict_stream
 from thumbclf.workflows.run import write_config
 
 log = logging.getLogger(__name__)
@@ -126,235 +104,6 @@ def rule_note(models: list[LoadedModel]) -> str:
     return familiarity.rule_sentence(rule)
 
 
-def prepare_runners(models: list[LoadedModel], params: DeployParams, sample_set: SampleSet,
-                    device: torch.device, threshold: float) -> tuple[list[inference.Runner], str]:
-    """The inference engine and precision of each model (engine, precision keys), verified."""
-    first = models[0]
-    slide_cache = params.slide_cache
-    pairs = verification_pairs(models, params)
-    decoded: list = []
-
-    def verify():  # decoded once, for every model and candidate
-        if not decoded:
-            arrays, labels = [], []
-            for path, label in pairs:
-                try:
-                    arrays.append(load_array(path, first.prep, slide_cache=slide_cache))
-                    labels.append(first.classes.index(label))
-                except ImageReadError:
-                    continue
-            decoded.append(None if len(arrays) < inference.MIN_VERIFY_IMAGES else
-                           (to_input(torch.from_numpy(np.stack(arrays)), first.norm,
-                                     torch.device("cpu"), channels_last=False), np.array(labels)))
-        return decoded[0]
-
-    def calibration():  # int8: unlabelled deploy images, as the model will see them
-        arrays = []
-        for s in sample_set.samples[:256]:
-            try:
-                arrays.append(load_array(s.path, first.prep, slide_cache=slide_cache))
-            except ImageReadError:
-                continue
-        for i in range(0, len(arrays), 32):
-            yield to_input(torch.from_numpy(np.stack(arrays[i:i + 32])), first.norm,
-                           torch.device("cpu"), channels_last=False)
-
-    verify_id = hashlib.sha1("\n".join(f"{p}|{lab}" for p, lab in pairs).encode(
-        "utf-8", "surrogateescape")).hexdigest()
-    runners, notes = [], []
-    for m in models:
-        runner, why = inference.choose(
-            m.runnable(), model_file=m.path, size=m.prep.size, channels_last=not m.legacy,
-            device=device, engine=params.engine, precision=params.precision,
-            cache_dir=params.cache_root, verify=verify, verify_id=verify_id,
-            calibration=calibration, temperature=m.temperature, classes=m.classes,
-            threshold=threshold)
-        runners.append(runner)
-        notes.append(why)
-    why = notes[0] if len(set(notes)) == 1 else "; ".join(
-        f"{m.path.name}: {n}" for m, n in zip(models, notes))
-    log.info("inference: %s", why)
-    return runners, why
-
-
-def verification_pairs(models: list[LoadedModel], params: DeployParams,
-                       limit: int = 512) -> list[tuple[Path, str]]:
-    """Labelled images for the quality gate: verify_data, else the validation splits of the
-    models' training runs (splits.csv beside them). A seeded sample, balanced over classes."""
-    classes = models[0].classes
-    if params.verify_data is not None:
-        found = [(s.path, s.label) for s in discover(params.verify_data, need_labels=True).samples]
-    else:
-        found = [pair for m in models if m.path is not None
-                 for pair in splitting.validation_of_model(m.path)]
-    by_class: dict[str, list[Path]] = {c: [] for c in classes}
-    for path, label in sorted(set(found)):
-        if label in by_class:
-            by_class[label].append(path)
-    rng = np.random.default_rng(0)
-    for paths in by_class.values():
-        rng.shuffle(paths)
-    picked = []
-    for i in range(max((len(v) for v in by_class.values()), default=0)):  # round robin
-        picked += [(v[i], c) for c, v in by_class.items() if i < len(v)]
-    return picked[:limit]
-
-
-def _timings(folder: Path) -> dict:
-    try:
-        return json.loads((folder / "timings.json").read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def peak_memory_mb() -> float | None:
-    """This process's peak resident memory (Linux: VmHWM, which exec resets), else None."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return round(int(line.split()[1]) / 1024, 1)
-    except OSError:
-        pass
-    return None
-
-
-def _done_positions(partial: Path) -> set[int]:
-    dropped = repair_tail(partial)
-    if dropped:
-        log.warning("%s: dropped a torn last row (%d bytes, from an interrupted write); its "
-                    "images are predicted again", partial, dropped)
-    if partial.is_file() and partial.stat().st_size == 0:  # not even the header was written
-        partial.unlink()
-    if not partial.is_file():
-        return set()
-    try:
-        df = pd.read_csv(partial, usecols=["position"])
-    except (ValueError, pd.errors.EmptyDataError, pd.errors.ParserError):
-        raise OutputError(f"{partial}: unreadable ({partial.stat().st_size} bytes); delete it to "
-                          "predict every image again, or start a new run with --output") from None
-    return set(int(p) for p in df["position"])
-
-
-def _csv_rows(rows: list[list]) -> bytes:
-    buf = io.StringIO()
-    csv.writer(buf).writerows(rows)
-    return buf.getvalue().encode("utf-8")
-
-
-def check_same_inputs(folder: Path, sample_set: SampleSet, resume: bool) -> None:
-    """The inputs of a deploy, written once (inputs.csv); a resume must have the same ones, or
-    earlier rows would be given to other files."""
-    paths = [str(s.path) for s in sample_set.samples]
-    listed = folder / layout.INPUTS
-    if resume and listed.is_file():
-        before = pd.read_csv(listed, dtype={"PATH": str}, keep_default_na=False)["PATH"].tolist()
-        if before != paths:
-            raise DataError(f"{sample_set.source}: the inputs differ from those of the "
-                            f"interrupted run ({len(before)} then, {len(paths)} now, listed in "
-                            f"{listed}); restore them, or start a new run with --output")
-        return
-    atomic_csv(pd.DataFrame({"position": range(len(paths)), "PATH": paths}), listed)
-
-
-def predict_stream(models, sample_set: SampleSet, folder: Path, *, params: DeployParams,
-                   threshold: float, device: torch.device, quiet: bool, resume: bool,
-                   choose=None) -> tuple[Path, str]:
-    """Predict every sample not yet in the partial file; append rows batch by batch; return
-    the partial file and which engine computed.
-
-    Each batch's rows are appended whole (one synced write), so a crash or a full disk never
-    tears a row; --resume predicts only what is missing. ``choose()`` gives the runners (and
-    why); by default PyTorch fp32.
-    """
-    partial = folder / layout.PARTIAL
-    classes = models[0].classes
-    if partial.is_file() and not resume:
-        raise OutputError(f"{partial}: left by an interrupted run; continue it with --resume")
-    done = _done_positions(partial)
-    todo = [i for i in range(len(sample_set)) if i not in done]
-    if done:
-        log.info("resuming: %d images predicted earlier, %d to go", len(done), len(todo))
-    if not todo:
-        return partial, _timings(folder).get("inference", "not recorded")
-    configure_threads(device)
-    header = ["position", *classes, table_io.DECISION, table_io.REASON, table_io.UNFAMILIARITY,
-              table_io.ERROR]
-    new_file = not partial.is_file() or partial.stat().st_size == 0
-    if not new_file:
-        check_partial_header(partial, header)
-    n_err = 0
-    start = time.perf_counter()
-    bar = tqdm(total=len(todo), desc="predicting", unit="img", disable=quiet)
-    with executor_for(params, quiet=quiet) as ex:
-        if ex.name == "local":
-            runners, engine_note = (choose() if choose is not None
-                                    else (exact_runners(models, device), "PyTorch fp32"))
-        else:  # each Ray actor computes with PyTorch fp32
-            runners, engine_note = None, f"PyTorch fp32 on {ex.name} actors"
-        paths = [sample_set.samples[i].path for i in todo]
-        # closing: an interruption stops the executor's pipeline before the executor ends
-        with contextlib.closing(ex.predict(models, todo, paths, device=device,
-                                           slide_cache=params.slide_cache,
-                                           runners=runners)) as batches:
-            for pos, probs, unfamiliarity, errors in batches:
-                decisions, reasons = decide_with_reasons(probs, classes, threshold, unfamiliarity)
-                rows = [header] if new_file else []
-                new_file = False
-                for j, p in enumerate(pos.tolist()):
-                    if errors[j]:
-                        n_err += 1
-                        log.debug("unreadable: %s", errors[j])
-                        rows.append([p, *([""] * len(classes)), "", "", "", clean(errors[j])])
-                    else:
-                        rows.append([p, *(f"{v:.6g}" for v in probs[j]), decisions[j], reasons[j],
-                                     "" if unfamiliarity is None else f"{unfamiliarity[j]:.4g}",
-                                     ""])
-                append_whole(partial, _csv_rows(rows))
-                bar.update(len(pos))
-        how = ex.describe()
-    bar.close()
-    secs = time.perf_counter() - start
-    atomic_text(json.dumps({"predict_seconds": round(secs, 3), "images": len(todo),
-                            **how, "threads": torch.get_num_threads(),
-                            "peak_memory_mb": peak_memory_mb(), "inference": engine_note},
-                           indent=1),
-                folder / "timings.json")
-    log.info("predicted %d images in %.1fs (%.1f images/s)%s", len(todo), secs,
-             len(todo) / secs if secs else 0, f"; {n_err} could not be read" if n_err else "")
-    return partial, engine_note
-
-
-def check_partial_header(partial: Path, header: list[str]) -> None:
-    """An interrupted run's partial file has the columns this version writes."""
-    with open(partial, newline="", encoding="utf-8") as f:
-        found = next(csv.reader(f), [])
-    if found != header:
-        raise OutputError(f"{partial}: written with other columns ({', '.join(found[:12])}) by "
-                          "another thumbclf version or model; start a new run with --output "
-                          "(or delete the file to predict every image again)")
-
-
-def final_table(sample_set: SampleSet, partial: Path, classes: tuple[str, ...],
-                has_labels: bool, threshold: float, is_slide: list[bool]) -> pd.DataFrame:
-    """The predictions table in input order, with slide properties where there are slides."""
-    rows = pd.read_csv(partial, dtype={table_io.DECISION: str, table_io.REASON: str,
-                                       table_io.ERROR: str}, keep_default_na=False,
-                       na_values={c: [""] for c in (*classes, table_io.UNFAMILIARITY)})
-    rows = rows.drop_duplicates("position", keep="last").set_index("position").sort_index()
-    rows = rows.reindex(range(len(sample_set)))
-    errors = rows["error"].fillna("").to_numpy()
-    unfamiliarity = rows[table_io.UNFAMILIARITY].to_numpy(dtype=float)
-    slide_properties = [slides.properties(s.path) if slide and not err else None
-                        for s, slide, err in zip(sample_set.samples, is_slide, errors)]
-    return table_io.build(sample_set.samples, rows[list(classes)].to_numpy(dtype=float), classes,
-                          rows["model_prediction"].fillna("").to_numpy(), threshold=threshold,
-                          reasons=rows[table_io.REASON].fillna("").to_numpy(),
-                          unfamiliarity=None if np.isnan(unfamiliarity).all() else unfamiliarity,
-                          labels=has_labels, patients=sample_set.has_patients,
-                          rows=any(s.row is not None for s in sample_set.samples),
-                          errors=errors, slide_properties=slide_properties)
-
-
 def finished(folder: Path) -> bool:
     """A deploy whose every step is done: the report is written last."""
     return ((folder / layout.PREDICTIONS).is_file() and (folder / layout.REPORT).is_file()
@@ -366,7 +115,7 @@ def export_thumbnails(readable: list[tuple[Path, str, bool]], folder: Path, slid
     """Slide thumbnails as thumbnails/<slide name>.png (names made safe and unique)."""
     taken: set[str] = set()
     jobs = [(slides.cached_thumbnail(path, slide_size, slide_cache),
-             layout.unique_file(folder / "thumbnails", path.stem, ".png", str(path), taken))
+             layout.unique_file(folder / layout.THUMBNAILS, path.stem, ".png", str(path), taken))
             for path, _, slide in readable if slide]
     made, kept = copy_all(jobs)
     return made + kept
@@ -422,20 +171,34 @@ def run(params: DeployParams, *, resume: bool = False, quiet: bool = False) -> P
     counts = table.loc[table["error"] == "", "model_prediction"].value_counts()
     log.info("decisions: %s%s", ", ".join(f"{k} {v}" for k, v in counts.items()),
              f"; {failed} unreadable (see the error column)" if failed else "")
+    _copies(params, folder, table, is_slide, models[0].prep.slide_size)
+    _report(params, folder, table, models, sample_set, failed=failed, device=device,
+            threshold=threshold, why=why, engine_note=engine_note)
+    return folder
 
-    slide_cache, slide_size = params.slide_cache, models[0].prep.slide_size
+
+def _copies(params: DeployParams, folder: Path, table: pd.DataFrame, is_slide: list[bool],
+            slide_size: int) -> None:
+    """Slide thumbnails (export_thumbnails) and sorted copies by decision (sortThumbs)."""
+    slide_cache = params.slide_cache
     readable = [(Path(p), d, slide) for p, d, err, slide in
                 zip(table["PATH"], table["model_prediction"], table["error"], is_slide) if not err]
     if params.export_thumbnails:
         n = export_thumbnails(readable, folder, slide_size, slide_cache)
-        log.info("slide thumbnails: %d in %s", n, folder / "thumbnails")
+        log.info("slide thumbnails: %d in %s", n, folder / layout.THUMBNAILS)
     if params.sort_thumbs:
         items = [(path, decision,
                   slides.cached_thumbnail(path, slide_size, slide_cache) if slide else None)
                  for path, decision, slide in readable]
-        n = sort_copies(items, folder / "sorted", with_slides=params.sort_slides)
-        log.info("sorted copies of %d files into %s", n, folder / "sorted")
-    first = models[0]
+        n = sort_copies(items, folder / layout.SORTED, with_slides=params.sort_slides)
+        log.info("sorted copies of %d files into %s", n, folder / layout.SORTED)
+
+
+def _report(params: DeployParams, folder: Path, table: pd.DataFrame, models: list[LoadedModel],
+            sample_set: SampleSet, *, failed: int, device: torch.device, threshold: float,
+            why: str, engine_note: str) -> None:
+    """Grad-CAM, then metrics and the report (labelled) or the decisions' summary."""
+    first, classes = models[0], models[0].classes
     extra = explain.section(folder, table.drop(columns=["fold"], errors="ignore"),
                             {0: first.model}, list(classes), prep=first.prep, norm=first.norm,
                             arch=first.arch, per_class=params.gradcam, device=device,
@@ -456,7 +219,5 @@ def run(params: DeployParams, *, resume: bool = False, quiet: bool = False) -> P
     else:
         summarise_decisions(folder, table, classes=classes, params=params, failures=failed,
                             extra_sections=extra, notes=notes)
-    return folder
-
 
 __all__ = ["run", "UNDECIDED"]

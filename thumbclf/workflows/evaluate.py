@@ -14,7 +14,8 @@ from thumbclf.core import table
 from thumbclf.core.errors import ConfigError, DataError
 from thumbclf.outputs.confusion import cm_layout
 from thumbclf.outputs.evaluate import _thumb_loader, decisions_report, evaluate_table
-from thumbclf.workflows.run import prepare_output, setup_logging
+from thumbclf.workflows.run import prepare_output
+from thumbclf.core.logs import setup_logging
 
 log = logging.getLogger(__name__)
 

@@ -17,6 +17,7 @@ import pandas as pd
 import torch
 
 from thumbclf.config import PretrainParams
+from thumbclf.core import layout
 from thumbclf.core.backbones import arch_name
 from thumbclf.core.errors import DataError
 from thumbclf.core.files import atomic_csv, atomic_text, atomic_torch_save
@@ -25,19 +26,15 @@ from thumbclf.inputs.images import Preprocessing
 from thumbclf.inputs.samples import discover
 from thumbclf.nn.data import IMAGENET, training_batches
 from thumbclf.nn.engine import configure_threads, pick_device, recalibrate_bn
-from thumbclf.nn.models import (
-    SSL_CHECKPOINT,
-    backbone_only,
-    read_weights,
-    save_ssl_checkpoint,
-)
+from thumbclf.nn.models import SSL_CHECKPOINT, backbone_only, read_weights, save_ssl_checkpoint
 from thumbclf.nn.models import input_size as arch_input_size
-from thumbclf.nn.ssl import BYOL, pretrain
+from thumbclf.nn.ssl import BYOL, PretrainSpec, pretrain
+from thumbclf.outputs.plots import pretrain_loss
 from thumbclf.workflows.run import write_config
-from thumbclf.workflows.train import load_images, preflight_common
+from thumbclf.workflows.prepare import load_images, preflight_common
 
 log = logging.getLogger(__name__)
-CHECKPOINT = "checkpoint.pt"  # training state after the last finished epoch; gone when done
+CHECKPOINT = layout.CHECKPOINT  # training state after the last finished epoch; gone when done
 BN_IMAGES = 512  # unaugmented images for the final BatchNorm statistics
 
 
@@ -81,9 +78,31 @@ def run(params: PretrainParams, *, resume: bool = False, quiet: bool = False,
         raise DataError(f"{params.thumb_data}: pretraining needs at least 2 readable images; "
                         f"found {len(positions)}")
     digest = _digest([str(sample_set.samples[i].path) for i in positions])
+    train_start = time.perf_counter()
+    learner, history = _byol(params, folder, decoded, positions, digest, arch=arch,
+                             device=device, resume=resume, quiet=quiet)
+    train_seconds = time.perf_counter() - train_start
+    _finish(params, folder, learner, history, decoded, positions, arch=arch, prep=prep,
+            device=device)
+    timings = {"decode_seconds": round(decoded.seconds, 3),
+               "pretrain_seconds_this_session": round(train_seconds, 3),
+               "pretrain_seconds_all_epochs": round(float(sum(r["seconds"] for r in history)), 3),
+               "total_seconds": round(time.perf_counter() - started, 3),
+               "images": int(len(positions))}
+    atomic_text(json.dumps(timings, indent=1), folder / layout.TIMINGS)
+    ckpt_file.unlink(missing_ok=True)  # finished: the SSL checkpoint is what remains
+    log.info("SSL checkpoint: %s (%s, %d epochs, %d images, %.0fs); train from it with "
+             "SSL: true and modelAdr: %s", folder / SSL_CHECKPOINT, arch, len(history),
+             len(positions), time.perf_counter() - started, folder)
+    return folder
+
+
+def _byol(params: PretrainParams, folder: Path, decoded, positions: np.ndarray, digest: str, *,
+          arch: str, device: torch.device, resume: bool, quiet: bool) -> tuple[BYOL, list[dict]]:
+    """The BYOL epochs, a checkpoint after each (continued from it on --resume)."""
+    ckpt_file = folder / CHECKPOINT
     bs = min(params.batch_size, len(positions))
     steps = len(positions) // bs + (1 if len(positions) % bs > 1 else 0)  # batches of 1 dropped
-
     torch.manual_seed(params.seed)
     rng = np.random.default_rng([params.seed, 16])
     gen = torch.Generator().manual_seed(params.seed * 1000 + 16)
@@ -91,19 +110,15 @@ def run(params: PretrainParams, *, resume: bool = False, quiet: bool = False,
     learner = BYOL(backbone, features, params.projection_dim)
     learner = learner.to(device).to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(learner.online_parameters(), lr=params.lr, weight_decay=params.wd)
-    norm = IMAGENET
     no_labels = np.zeros(len(decoded.rows), dtype=np.int64)
     log.info("%s on %s: %d images, batch %d (two views each), %d steps per epoch, %d epochs",
              params.ssl_method.upper(), arch, len(positions), bs, steps, params.max_epochs)
-
-    def batches():
-        return training_batches(decoded, positions, no_labels, batch_size=bs, rng=rng)
 
     def save_checkpoint(state: dict) -> None:  # every epoch, with the random generators
         state.update(np_rng=json.dumps(rng.bit_generator.state), torch_gen=gen.get_state(),
                      torch_rng=torch.get_rng_state(), images=digest)
         atomic_torch_save(state, ckpt_file)
-        atomic_csv(pd.DataFrame(state["history"]), folder / "history.csv")
+        atomic_csv(pd.DataFrame(state["history"]), folder / layout.HISTORY)
 
     resume_state = None
     if resume and ckpt_file.is_file():
@@ -117,21 +132,28 @@ def run(params: PretrainParams, *, resume: bool = False, quiet: bool = False,
         torch.set_rng_state(resume_state["torch_rng"])
     elif resume:
         log.info("no checkpoint in %s: starting at epoch 1", folder)
-    train_start = time.perf_counter()
-    history = pretrain(learner, batches=batches, steps_per_epoch=steps,
-                       max_epochs=params.max_epochs, optimizer=optimizer, lr=params.lr,
-                       base_momentum=params.momentum, norm=norm, device=device, gen=gen,
-                       quiet=quiet, on_epoch=save_checkpoint, resume=resume_state)
-    train_seconds = time.perf_counter() - train_start
+    spec = PretrainSpec(
+        batches=lambda: training_batches(decoded, positions, no_labels, batch_size=bs, rng=rng),
+        steps_per_epoch=steps, max_epochs=params.max_epochs, optimizer=optimizer, lr=params.lr,
+        base_momentum=params.momentum, norm=IMAGENET, device=device, gen=gen)
+    history = pretrain(learner, spec, quiet=quiet, on_epoch=save_checkpoint,
+                       resume=resume_state)
+    return learner, history
 
-    # BatchNorm statistics for the images training will see (unaugmented), not the views
+
+def _finish(params: PretrainParams, folder: Path, learner: BYOL, history: list[dict], decoded,
+            positions: np.ndarray, *, arch: str, prep: Preprocessing,
+            device: torch.device) -> None:
+    """BatchNorm statistics for the images training will see (unaugmented, not the views);
+    the SSL checkpoint, the history and the loss curve."""
+    bs = min(params.batch_size, len(positions))
+    no_labels = np.zeros(len(decoded.rows), dtype=np.int64)
     sample = np.random.default_rng([params.seed, 17]).permutation(positions)[:BN_IMAGES]
     learner.backbone.train()
     recalibrate_bn(learner.backbone, training_batches(
         decoded, sample, no_labels, batch_size=bs, rng=np.random.default_rng(0), shuffle=False),
-        norm=norm, device=device, max_images=BN_IMAGES)
+        norm=IMAGENET, device=device, max_images=BN_IMAGES)
     learner.backbone.eval()
-
     description = {
         "method": params.ssl_method, "epochs": len(history), "images": int(len(positions)),
         "final_loss": float(history[-1]["loss"]) if history else None,
@@ -141,20 +163,7 @@ def run(params: PretrainParams, *, resume: bool = False, quiet: bool = False,
                      "pretrained": str(params.pretrained)},
     }
     save_ssl_checkpoint(folder / SSL_CHECKPOINT, learner.backbone, arch=arch, prep=prep,
-                        norm=norm, description=description)
+                        norm=IMAGENET, description=description)
     history_df = pd.DataFrame(history)
-    atomic_csv(history_df, folder / "history.csv")
-    from thumbclf.outputs.plots import pretrain_loss
-
-    pretrain_loss(history_df, folder / "plots" / "loss_curve.png", params.ssl_method.upper())
-    timings = {"decode_seconds": round(decoded.seconds, 3),
-               "pretrain_seconds_this_session": round(train_seconds, 3),
-               "pretrain_seconds_all_epochs": round(float(history_df["seconds"].sum()), 3),
-               "total_seconds": round(time.perf_counter() - started, 3),
-               "images": int(len(positions))}
-    atomic_text(json.dumps(timings, indent=1), folder / "timings.json")
-    ckpt_file.unlink(missing_ok=True)  # finished: the SSL checkpoint is what remains
-    log.info("SSL checkpoint: %s (%s, %d epochs, %d images, %.0fs); train from it with "
-             "SSL: true and modelAdr: %s", folder / SSL_CHECKPOINT, arch, len(history),
-             len(positions), time.perf_counter() - started, folder)
-    return folder
+    atomic_csv(history_df, folder / layout.HISTORY)
+    pretrain_loss(history_df, folder / layout.PLOTS / "loss_curve.png", params.ssl_method.upper())

@@ -8,9 +8,11 @@ from pathlib import Path
 
 import yaml
 
-from thumbclf.config import KEY_BY_NAME, params_to_dict
+from thumbclf.config import KEY_BY_NAME, WORKFLOW_OF, params_to_dict
 from thumbclf.core import layout
-from thumbclf.core.errors import ConfigError, OutputError, clean
+from thumbclf.core.errors import ConfigError, OutputError
+from thumbclf.predict.local import ExecutorSpec
+
 from thumbclf.core.files import OutputLock, atomic_bytes, atomic_yaml
 
 log = logging.getLogger(__name__)
@@ -70,7 +72,9 @@ def write_config(params, folder: Path, resume: bool) -> None:
     if resume and cfg.is_file():
         old = yaml.safe_load(cfg.read_text())
         # a key added since that run counts as its default there
-        old.update({k: KEY_BY_NAME[k].default for k in resolved if k not in old and k in KEY_BY_NAME})
+        workflow = WORKFLOW_OF.get(type(params), "train")
+        old.update({k: KEY_BY_NAME[k].default_for(workflow) for k in resolved
+                    if k not in old and k in KEY_BY_NAME})
         changed = sorted(k for k in set(old) | set(resolved)
                          if old.get(k) != resolved.get(k) and k != "source")
         if changed:
@@ -82,32 +86,9 @@ def write_config(params, folder: Path, resume: bool) -> None:
     atomic_bytes(params.source.read_bytes(), folder / f"experiment{params.source.suffix}")
 
 
-class _PlainFormatter(logging.Formatter):
-    """Console lines never carry control characters from data (file names, labels)."""
-
-    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's name
-        record.message = clean(record.message)
-        return super().formatMessage(record)
-
-
-def setup_logging(folder: Path | None, *, quiet: bool = False, debug: bool = False) -> None:
-    """INFO (WARNING if quiet) to the console; DEBUG to <folder>/run.log."""
-    root = logging.getLogger()
-    for h in list(root.handlers):
-        if getattr(h, "_thumbclf", False):
-            root.removeHandler(h)
-            h.close()
-    root.setLevel(logging.DEBUG)
-    console = logging.StreamHandler()
-    console.setLevel(logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO)
-    console.setFormatter(_PlainFormatter("%(message)s"))
-    console._thumbclf = True  # type: ignore[attr-defined]
-    root.addHandler(console)
-    if folder is not None:
-        fh = logging.FileHandler(folder / layout.RUN_LOG, encoding="utf-8", errors="backslashreplace")
-        fh.setLevel(logging.DEBUG)
-        fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        fh._thumbclf = True  # type: ignore[attr-defined]
-        root.addHandler(fh)
-    for noisy in ("PIL", "matplotlib", "urllib3"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+def executor_spec(params) -> ExecutorSpec:
+    """The executor keys of a run's params, for predict.execution.executor_for."""
+    return ExecutorSpec(executor=params.executor, num_workers=params.num_workers,
+                        batch_size=params.batch_size, tta=getattr(params, "tta", False),
+                        device=params.device, ray_address=params.ray_address,
+                        cpus_per_fold=getattr(params, "cpus_per_fold", 0), source=params.source)

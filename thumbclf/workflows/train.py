@@ -22,52 +22,26 @@ from thumbclf.core import table as table_io
 from thumbclf.core.backbones import arch_name
 from thumbclf.core.decide import decide_with_reasons, threshold_in_force
 from thumbclf.core.errors import DataError
-from thumbclf.core.files import (
-    atomic_csv,
-    atomic_text,
-    atomic_torch_save,
-    check_writable,
-)
-from thumbclf.inputs import cache
+from thumbclf.core.files import atomic_csv, atomic_text, atomic_torch_save
 from thumbclf.inputs import splits as splitting
 from thumbclf.inputs.images import Preprocessing
-from thumbclf.inputs.samples import (
-    SampleSet,
-    check_class_names,
-    check_class_sizes,
-    check_input,
-    discover,
-)
+from thumbclf.inputs.samples import (SampleSet, check_class_names, check_class_sizes, discover)
 from thumbclf.nn import familiarity
 from thumbclf.nn.data import IMAGENET, training_batches
-from thumbclf.nn.engine import (
-    MIN_CALIBRATION_IMAGES,
-    Calibration,
-    EarlyStopping,
-    FitResult,
-    configure_threads,
-    fit,
-    fit_temperature,
-    predict_logits,
-    softmax,
-)
+from thumbclf.nn.engine import (MIN_CALIBRATION_IMAGES, Calibration, EarlyStopping, FitResult,
+                                FitSpec, configure_threads, fit, fit_temperature, predict_logits,
+                                softmax)
 from thumbclf.nn.familiarity import WithFeatures
-from thumbclf.nn.models import (
-    build_model,
-    freeze,
-    head_names,
-    input_size,
-    load_model,
-    load_ssl,
-    read_weights,
-    save_model,
-)
+from thumbclf.nn.models import (build_model, head_names, input_size, load_model, load_ssl,
+                                read_weights, save_model)
+from thumbclf.nn.freeze import freeze
 from thumbclf.outputs import explain
 from thumbclf.outputs.confusion import cm_layout
 from thumbclf.predict import distributed
 from thumbclf.predict.execution import executor_for
 from thumbclf.workflows.evaluate import evaluate_run
-from thumbclf.workflows.run import write_config
+from thumbclf.workflows.prepare import load_images, preflight_common
+from thumbclf.workflows.run import executor_spec, write_config
 
 log = logging.getLogger(__name__)
 
@@ -82,45 +56,6 @@ class FoldResult:
     table: pd.DataFrame
     calibration: Calibration | None = None
     unfamiliar_rule: bool = False  # the model file has the unfamiliar-slide rule
-
-
-def load_images(params, sample_set: SampleSet, prep: Preprocessing, folder: Path, *,
-                mode: str, max_failed: float | None, quiet: bool):
-    """Decode every image once; report failures; drop them (training) or keep them (deploy)."""
-    cache_dir = params.cache_root
-    paths = [s.path for s in sample_set.samples]
-
-    def build():
-        return cache.build(paths, prep, mode=mode, cache_dir=cache_dir,
-                           slide_cache=params.slide_cache, workers=params.num_workers,
-                           quiet=quiet)
-
-    if distributed.active():  # decoded once, by rank 0, into the disk cache the others read
-        mode = "disk"
-        if distributed.is_main():
-            decoded = build()
-            distributed.barrier()
-        else:
-            distributed.barrier()
-            decoded = build()
-    else:
-        decoded = build()
-    n_fail = len(decoded.errors)
-    if n_fail:
-        for i, err in sorted(decoded.errors.items()):
-            s = sample_set.samples[i]
-            log.debug("unreadable: %s", f"row {s.row}: {err}" if s.row else err)
-        first = sample_set.samples[min(decoded.errors)]
-        log.warning("%d of %d images could not be read and are left out (first: %s%s); the "
-                    "full list is in run.log", n_fail, len(paths),
-                    f"row {first.row}: " if first.row else "", decoded.errors[min(decoded.errors)])
-        if max_failed is not None and n_fail / len(paths) > max_failed:
-            raise DataError(f"{sample_set.source}: {n_fail} of {len(paths)} images "
-                            f"({n_fail / len(paths):.0%}) cannot be read, more than "
-                            f"max_failed_fraction ({max_failed:.0%}); fix the inputs (see "
-                            f"{folder / 'run.log'}) or raise max_failed_fraction")
-    log.info("images ready in %.1fs", decoded.seconds)
-    return decoded
 
 
 def report_rare_classes(counts: dict[str, int], balance: str) -> list[str]:
@@ -152,16 +87,6 @@ def preflight(params: TrainParams) -> None:
     if params.ssl:  # a checkpoint for another architecture or input size fails now
         arch = arch_name(params.model_name)
         load_ssl(build_model(arch, 2, False), params.model_path[0], arch)
-
-
-def preflight_common(params) -> None:
-    """Training and pretraining: inputs, results and cache folders, backbone and its
-    pretrained weights (fetched now where they must be downloaded)."""
-    check_input(params.thumb_data)
-    check_writable(params.output, "results folder")
-    check_writable(params.cache_root, "cache folder (cache_dir)")
-    build_model(arch_name(params.model_name), 2,
-                params.pretrained if not getattr(params, "ssl", False) else False)
 
 
 def _new_model(params: TrainParams, arch: str, n_classes: int, device: torch.device
@@ -216,19 +141,19 @@ def _fit_fold(params: TrainParams, model: nn.Module, trainer: nn.Module, *, deco
         rng.bit_generator.state = json.loads(resume_state["np_rng"])
         gen.set_state(resume_state["torch_gen"])
         torch.set_rng_state(resume_state["torch_rng"])
-    return fit(model, train_batches=train_batches, val_batches=val_batches,
-               n_train_batches=math.ceil(len(train_pos) / bs), bn_batches=bn_batches,
-               optimizer=optimizer,
-               criterion=nn.CrossEntropyLoss(weight=None if loss_weights is None
-                                             else loss_weights.to(device)),
-               val_criterion=nn.CrossEntropyLoss(weight=loss_weights),
-               stopper=EarlyStopping(params.patience, params.stop_epoch, params.max_epochs),
-               norm=IMAGENET, device=device, gen=gen if params.augment else None, quiet=quiet,
-               label=f"fold {fold}: " if fold else "", on_epoch=save_checkpoint,
-               resume=resume_state, trainer=trainer,
-               reduce=distributed.mean if distributed.active() else None,
-               stain=params.stain_augment if params.augment else 0.0,
-               lr_schedule=params.lr_schedule)
+    spec = FitSpec(
+        train_batches=train_batches, val_batches=val_batches,
+        n_train_batches=math.ceil(len(train_pos) / bs), bn_batches=bn_batches,
+        optimizer=optimizer,
+        criterion=nn.CrossEntropyLoss(weight=None if loss_weights is None
+                                      else loss_weights.to(device)),
+        val_criterion=nn.CrossEntropyLoss(weight=loss_weights),
+        stopper=EarlyStopping(params.patience, params.stop_epoch, params.max_epochs),
+        norm=IMAGENET, device=device, gen=gen if params.augment else None, trainer=trainer,
+        reduce=distributed.mean if distributed.active() else None,
+        stain=params.stain_augment if params.augment else 0.0, lr_schedule=params.lr_schedule)
+    return fit(model, spec, quiet=quiet, label=f"fold {fold}: " if fold else "",
+               on_epoch=save_checkpoint, resume=resume_state)
 
 
 def run_fold(params: TrainParams, folder: Path, *, fold: int, sample_set: SampleSet, decoded,
@@ -251,17 +176,47 @@ def run_fold(params: TrainParams, folder: Path, *, fold: int, sample_set: Sample
     result = _fit_fold(params, model, trainer, decoded=decoded, y=y, n_classes=len(classes),
                        train_pos=train_pos, val_pos=val_pos, fold=fold, device=device,
                        quiet=quiet, checkpoint=fdir / layout.CHECKPOINT, rng=rng, gen=gen)
-    val_logits = result.val_logits if result.val_logits is not None else np.zeros((0, len(classes)))
-    calibration = (fit_temperature(val_logits, y[val_pos]) if params.calibrate
-                   else Calibration(1.0, "off", len(val_pos)))
+    calibration, threshold = _calibrate(params, result, y[val_pos], len(classes))
     temperature = calibration.temperature
-    threshold = threshold_in_force(given=params.prediction_threshold,
-                                   target_accuracy=params.target_accuracy,
-                                   val_probs=softmax(val_logits, temperature), val_y=y[val_pos])
     history = pd.DataFrame(result.history)
     if not distributed.is_main():  # the same model as rank 0's; rank 0 writes it
         return FoldResult(fold, model, history, pd.DataFrame())
     atomic_csv(history, fdir / layout.HISTORY)
+    table, rule = _fold_table(params, model, decoded, y, sample_set, fold=fold,
+                              train_pos=train_pos, val_pos=val_pos, eval_pos=eval_pos,
+                              temperature=temperature, threshold=threshold.value, device=device)
+    meta = {"fold": fold, "best_epoch": result.best_epoch, "frozen": frozen,
+            "params": {k: v for k, v in params_to_dict(params).items()
+                       if isinstance(v, (int, float, str, bool, list, type(None)))}}
+    model_file = layout.fold_model(folder, fold)
+    save_model(model_file, model, arch=arch, classes=classes, prep=prep, norm=IMAGENET,
+               threshold=threshold.value, temperature=temperature, meta=meta,
+               familiarity=rule, calibration=calibration.to_file())
+    atomic_csv(table, layout.fold_predictions(folder, fold))  # last: marks the fold finished
+    (fdir / layout.CHECKPOINT).unlink(missing_ok=True)
+    log.info("%s: best epoch %d, %s; model %s", fdir.name, result.best_epoch,
+             calibration.describe(), model_file)
+    return FoldResult(fold, model, history, table, calibration, rule is not None)
+
+
+def _calibrate(params: TrainParams, result: FitResult, val_y: np.ndarray, n_classes: int):
+    """The fold's temperature (calibrate) and the threshold in force on its validation split."""
+    val_logits = result.val_logits if result.val_logits is not None else np.zeros((0, n_classes))
+    calibration = (fit_temperature(val_logits, val_y) if params.calibrate
+                   else Calibration(1.0, "off", len(val_y)))
+    threshold = threshold_in_force(given=params.prediction_threshold,
+                                   target_accuracy=params.target_accuracy,
+                                   val_probs=softmax(val_logits, calibration.temperature),
+                                   val_y=val_y)
+    return calibration, threshold
+
+
+def _fold_table(params: TrainParams, model: nn.Module, decoded, y: np.ndarray,
+                sample_set: SampleSet, *, fold: int, train_pos, val_pos, eval_pos,
+                temperature: float, threshold: float, device: torch.device):
+    """The fold's predictions table on its evaluation images, and its unfamiliar-slide rule
+    (fitted on training features, thresholded on validation ones; None when off)."""
+    classes = sample_set.classes
 
     def outputs(positions):  # logits and features (unaugmented, evaluation mode), in order
         out, _ = predict_logits(WithFeatures(model, head_names(model)[0]), training_batches(
@@ -279,23 +234,12 @@ def run_fold(params: TrainParams, folder: Path, *, fold: int, sample_set: Sample
         rule = familiarity.fit(outputs(bank_pos)[1], val_features)
     probs = softmax(logits, temperature)
     unfamiliarity = rule.unfamiliarity(eval_features) if rule is not None else None
-    decisions, reasons = decide_with_reasons(probs, classes, threshold.value, unfamiliarity)
+    decisions, reasons = decide_with_reasons(probs, classes, threshold, unfamiliarity)
     table = table_io.build([sample_set.samples[i] for i in eval_pos], probs, classes,
-                           decisions, threshold=threshold.value, reasons=reasons,
+                           decisions, threshold=threshold, reasons=reasons,
                            unfamiliarity=unfamiliarity,
                            labels=True, patients=sample_set.has_patients, fold=fold)
-    meta = {"fold": fold, "best_epoch": result.best_epoch, "frozen": frozen,
-            "params": {k: v for k, v in params_to_dict(params).items()
-                       if isinstance(v, (int, float, str, bool, list, type(None)))}}
-    model_file = layout.fold_model(folder, fold)
-    save_model(model_file, model, arch=arch, classes=classes, prep=prep, norm=IMAGENET,
-               threshold=threshold.value, temperature=temperature, meta=meta,
-               familiarity=rule, calibration=calibration.to_file())
-    atomic_csv(table, layout.fold_predictions(folder, fold))  # last: marks the fold finished
-    (fdir / layout.CHECKPOINT).unlink(missing_ok=True)
-    log.info("%s: best epoch %d, %s; model %s", fdir.name, result.best_epoch,
-             calibration.describe(), model_file)
-    return FoldResult(fold, model, history, table, calibration, rule is not None)
+    return table, rule
 
 
 def training_notes(results: list[FoldResult], params: TrainParams) -> list[str]:
@@ -368,10 +312,8 @@ def _splits(params: TrainParams, folder: Path, sample_set: SampleSet, resume: bo
     return split_df
 
 
-def run(params: TrainParams, *, resume: bool = False, quiet: bool = False) -> Path:
-    """Train as the experiment file says; return the results folder."""
-    folder = params.output
-    started = time.perf_counter()
+def _inputs(params: TrainParams, folder: Path, resume: bool) -> SampleSet:
+    """The labelled images, checked before anything is trained; the settings saved."""
     sample_set = discover(params.thumb_data, need_labels=True, target_labels=params.target_labels,
                           exclude=(folder, params.cache_root))
     check_class_names(sample_set.classes, params.thumb_data)
@@ -386,18 +328,32 @@ def run(params: TrainParams, *, resume: bool = False, quiet: bool = False) -> Pa
     log.info("%d images in %d classes: %s", len(sample_set), len(sample_set.classes),
              ", ".join(f"{k} {v}" for k, v in sample_set.counts().items()))
     report_rare_classes(sample_set.counts(), params.class_balance)
+    return sample_set
+
+
+def _device(params: TrainParams) -> torch.device:
+    """This rank's device, with its threads set."""
     device = distributed.init(params.device)  # pick_device; this rank's GPU under torchrun
     configure_threads(device, params.cpus_per_fold or (distributed.local_threads(machine.cores())
                                                        if distributed.active() else 0))
-    log.info("device: %s%s", device, f" ({torch.get_num_threads()} threads)" if device.type == "cpu" else "")
+    log.info("device: %s%s", device,
+             f" ({torch.get_num_threads()} threads)" if device.type == "cpu" else "")
+    return device
+
+
+def run(params: TrainParams, *, resume: bool = False, quiet: bool = False) -> Path:
+    """Train as the experiment file says; return the results folder."""
+    folder = params.output
+    started = time.perf_counter()
+    sample_set = _inputs(params, folder, resume)
+    device = _device(params)
     arch = arch_name(params.model_name)
     prep = Preprocessing(size=input_size(arch), max_pixels=params.max_image_pixels,
                          slide_size=params.slide_thumbnail_size)
     decoded = load_images(params, sample_set, prep, folder, mode=params.cache,
                           max_failed=params.max_failed_fraction, quiet=quiet)
     decoded, sample_set = _decoded_without_failures(decoded, sample_set, params)
-    classes = sample_set.classes
-    y = np.array([classes.index(s.label) for s in sample_set.samples])
+    y = np.array([sample_set.classes.index(s.label) for s in sample_set.samples])
     split_df = _splits(params, folder, sample_set, resume)
 
     folds = [0] if params.train_full else list(range(1, params.fold_number + 1))
@@ -405,12 +361,24 @@ def run(params: TrainParams, *, resume: bool = False, quiet: bool = False) -> Pa
     todo = [fold for fold in folds if fold not in done]
     shared = dict(params=params, folder=folder, sample_set=sample_set, decoded=decoded, y=y,
                   split_df=split_df, prep=prep, arch=arch, quiet=quiet)
-    with executor_for(params, quiet=quiet) as ex:  # here one after another, or Ray tasks
+    with executor_for(executor_spec(params), quiet=quiet) as ex:  # here one after another, or Ray tasks
         done.update(zip(todo, ex.run_folds(_run_fold, todo, shared, device=device)))
     results = [done[fold] for fold in folds]
     if not distributed.is_main():
         return folder  # rank 0 pools, evaluates and reports
+    _evaluate(params, folder, results, sample_set, split_df, prep=prep, arch=arch, device=device)
+    timings = {"decode_seconds": round(decoded.seconds, 3),
+               "total_seconds": round(time.perf_counter() - started, 3), "images": len(sample_set)}
+    atomic_text(json.dumps(timings, indent=1), folder / layout.TIMINGS)
+    log.info("done in %.0fs; results in %s", time.perf_counter() - started, folder)
+    return folder
 
+
+def _evaluate(params: TrainParams, folder: Path, results: list[FoldResult],
+              sample_set: SampleSet, split_df: pd.DataFrame, *, prep: Preprocessing, arch: str,
+              device: torch.device) -> None:
+    """Pool the folds' predictions; Grad-CAM, metrics, plots and the report."""
+    classes = sample_set.classes
     if params.train_full:
         log.info("final model: %s", layout.fold_model(folder, 0))
         table, kind = results[0].table, "validation"
@@ -422,7 +390,8 @@ def run(params: TrainParams, *, resume: bool = False, quiet: bool = False) -> Pa
                             device=device, note="each with its own fold's model")
     notes = []
     if params.target_accuracy is not None:
-        per = table.groupby("fold")["threshold"].first() if "fold" in table else table["threshold"].iloc[:1]
+        per = (table.groupby("fold")["threshold"].first() if "fold" in table
+               else table["threshold"].iloc[:1])
         notes.append(f"Thresholds chosen to reach {params.target_accuracy:.1%} accuracy on each "
                      "validation split (target_accuracy): "
                      + ", ".join(f"{'fold ' + str(k) + ' ' if 'fold' in table else ''}{v:.3f}"
@@ -431,8 +400,3 @@ def run(params: TrainParams, *, resume: bool = False, quiet: bool = False) -> Pa
     evaluate_run(folder, table, classes=classes, params=params, kind=kind,
                  sample_set=sample_set, split_df=split_df, extra_sections=extra, notes=notes,
                  histories={layout.fold_label(r.fold): r.history for r in results})
-    timings = {"decode_seconds": round(decoded.seconds, 3),
-               "total_seconds": round(time.perf_counter() - started, 3), "images": len(sample_set)}
-    atomic_text(json.dumps(timings, indent=1), folder / "timings.json")
-    log.info("done in %.0fs; results in %s", time.perf_counter() - started, folder)
-    return folder

@@ -10,15 +10,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-from thumbclf.config.schema import (
-    KEY_BY_NAME,
-    PARAMS_CLASS,
-    REQUIRED,
-    SPELLINGS,
-    TRAIN,
-    Key,
-    Params,
-)
+from thumbclf.config.schema import (KEY_BY_NAME, PARAMS_CLASS, REQUIRED, SPELLINGS, TRAIN, Key,
+                                    Params)
 from thumbclf.core.errors import ConfigError, ModelError
 from thumbclf.core.layout import to_local_path
 from thumbclf.outputs.confusion import cm_problems

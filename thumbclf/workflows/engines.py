@@ -1,0 +1,97 @@
+"""The inference engine of a deploy: the quality gate's labelled images, then each model's
+verified engine and precision (engine, precision keys)."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from thumbclf.config import DeployParams
+from thumbclf.core.errors import ImageReadError
+from thumbclf.inputs import splits as splitting
+from thumbclf.inputs.decode import load_array
+from thumbclf.inputs.samples import SampleSet, discover
+from thumbclf.nn.data import to_input
+from thumbclf.nn.models import LoadedModel
+from thumbclf.predict import inference
+
+log = logging.getLogger(__name__)
+
+
+def prepare_runners(models: list[LoadedModel], params: DeployParams, sample_set: SampleSet,
+                    device: torch.device, threshold: float) -> tuple[list[inference.Runner], str]:
+    """The inference engine and precision of each model (engine, precision keys), verified."""
+    first = models[0]
+    slide_cache = params.slide_cache
+    pairs = verification_pairs(models, params)
+    decoded: list = []
+
+    def verify():  # decoded once, for every model and candidate
+        if not decoded:
+            arrays, labels = [], []
+            for path, label in pairs:
+                try:
+                    arrays.append(load_array(path, first.prep, slide_cache=slide_cache))
+                    labels.append(first.classes.index(label))
+                except ImageReadError:
+                    continue
+            decoded.append(None if len(arrays) < inference.MIN_VERIFY_IMAGES else
+                           (to_input(torch.from_numpy(np.stack(arrays)), first.norm,
+                                     torch.device("cpu"), channels_last=False), np.array(labels)))
+        return decoded[0]
+
+    def calibration():  # int8: unlabelled deploy images, as the model will see them
+        arrays = []
+        for s in sample_set.samples[:256]:
+            try:
+                arrays.append(load_array(s.path, first.prep, slide_cache=slide_cache))
+            except ImageReadError:
+                continue
+        for i in range(0, len(arrays), 32):
+            yield to_input(torch.from_numpy(np.stack(arrays[i:i + 32])), first.norm,
+                           torch.device("cpu"), channels_last=False)
+
+    verify_id = hashlib.sha1("\n".join(f"{p}|{lab}" for p, lab in pairs).encode(
+        "utf-8", "surrogateescape")).hexdigest()
+    runners, notes = [], []
+    for m in models:
+        runner, why = inference.choose(
+            m.runnable(), model_file=m.path, size=m.prep.size, channels_last=not m.legacy,
+            device=device, engine=params.engine, precision=params.precision,
+            cache_dir=params.cache_root, verify=verify, verify_id=verify_id,
+            calibration=calibration, temperature=m.temperature, classes=m.classes,
+            threshold=threshold)
+        runners.append(runner)
+        notes.append(why)
+    why = notes[0] if len(set(notes)) == 1 else "; ".join(
+        f"{m.path.name}: {n}" for m, n in zip(models, notes))
+    log.info("inference: %s", why)
+    return runners, why
+
+
+def verification_pairs(models: list[LoadedModel], params: DeployParams,
+                       limit: int = 512) -> list[tuple[Path, str]]:
+    """Labelled images for the quality gate: verify_data, else the validation splits of the
+    models' training runs (splits.csv beside them). A seeded sample, balanced over classes."""
+    classes = models[0].classes
+    if params.verify_data is not None:
+        found = [(s.path, s.label) for s in discover(params.verify_data, need_labels=True).samples]
+    else:
+        found = [pair for m in models if m.path is not None
+                 for pair in splitting.validation_of_model(m.path)]
+    by_class: dict[str, list[Path]] = {c: [] for c in classes}
+    for path, label in sorted(set(found)):
+        if label in by_class:
+            by_class[label].append(path)
+    rng = np.random.default_rng(0)
+    for paths in by_class.values():
+        rng.shuffle(paths)
+    picked = []
+    for i in range(max((len(v) for v in by_class.values()), default=0)):  # round robin
+        picked += [(v[i], c) for c, v in by_class.items() if i < len(v)]
+    return picked[:limit]
+

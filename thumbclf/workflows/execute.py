@@ -1,0 +1,123 @@
+"""Running a workflow: check what can be checked, then lock the results folder, log into it
+and run the params' workflow (also as one rank of a torchrun training)."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+from pathlib import Path
+from typing import Iterator
+
+from thumbclf.config import Params
+from thumbclf.core.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+EXPERIMENT_COPY = "experiment.yaml"  # a dict experiment is saved as this in its results folder
+
+
+def execute(params: Params, *, resume: bool = False, quiet: bool = False, debug: bool = False,
+            progress: bool = True, raw: dict | None = None) -> Path:
+    """Prepare the results folder, log into it and run the params' workflow; return the folder.
+
+    ``raw``: the dict an experiment came from; it is saved as experiment.yaml in the results
+    folder, which then stands for the experiment file (the copy beside config.yaml).
+    """
+    import yaml
+
+    from thumbclf.config import TRAIN, WORKFLOW_OF
+    from thumbclf.core.files import atomic_text
+    from thumbclf.workflows.run import check_output, prepare_output
+    from thumbclf.core.logs import setup_logging
+
+    workflow = WORKFLOW_OF[type(params)]
+    if workflow == TRAIN:
+        from thumbclf.workflows.train import preflight, run
+    elif workflow == "pretrain":
+        from thumbclf.workflows.pretrain import preflight, run
+    else:
+        # decoding workers share the cores with the model: idle OpenMP threads should sleep,
+        # not spin (measured +10% on PNG thumbnails on 2 cores); read when torch loads
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        from thumbclf.workflows.deploy import preflight, run
+    from thumbclf.predict import distributed
+
+    if distributed.active():  # torchrun: rank 0 owns the results folder, the others train along
+        return _execute_ranks(params, workflow, resume=resume, quiet=quiet, debug=debug,
+                              progress=progress)
+    check_output(params.output, resume=resume)  # everything that can be checked before the
+    preflight(params)  # first file is written: the folder, the inputs, weights, caches
+    folder = params.output
+    with prepare_output(folder, resume=resume):  # the folder is this run's until it returns
+        if raw is not None:
+            copy = folder / EXPERIMENT_COPY
+            if not (resume and copy.is_file()):
+                atomic_text(f"# given to thumbclf.{workflow}() as a dict; its relative paths "
+                            f"start at {Path.cwd()}\n"
+                            + yaml.safe_dump(raw, sort_keys=False, allow_unicode=True), copy)
+            params = dataclasses.replace(params, source=copy)
+        setup_logging(folder, quiet=quiet, debug=debug)
+        log.info("thumbclf %s: %s -> %s", workflow, params.source, folder)
+        return run(params, resume=resume, quiet=not progress)
+
+
+def _execute_ranks(params: Params, workflow: str, *, resume: bool, quiet: bool, debug: bool,
+                   progress: bool) -> Path:
+    """``execute`` for one rank of a torchrun training (see distributed.py)."""
+    from thumbclf.config import TRAIN
+    from thumbclf.core.errors import ThumbclfError
+    from thumbclf.predict import distributed
+    from thumbclf.workflows.run import check_output, prepare_output
+    from thumbclf.core.logs import setup_logging
+
+    where = f"{params.source}: "
+    if workflow != TRAIN:
+        raise ConfigError(f"{where}torchrun trains one model on several GPUs/processes; run "
+                          "deploy as one process (or with executor: ray for many machines)")
+    if params.executor == "ray":
+        raise ConfigError(f"{where}executor: ray and torchrun do not combine; use torchrun for "
+                          "one model on several GPUs, or executor: ray for folds in parallel")
+    from thumbclf.workflows.train import preflight, run
+
+    distributed.init(params.device)
+    try:
+        problem = None
+        if distributed.is_main():
+            try:
+                check_output(params.output, resume=resume)
+                preflight(params)
+            except ThumbclfError as exc:
+                problem = exc
+        problem = distributed.share(problem)  # every rank stops on rank 0's error
+        if problem is not None:
+            raise problem
+        if not distributed.is_main():  # no files, no console but errors, no progress bars
+            setup_logging(None, quiet=True)
+            logging.getLogger().handlers[-1].setLevel(logging.ERROR)
+            return run(params, resume=resume, quiet=True)
+        with prepare_output(params.output, resume=resume):
+            setup_logging(params.output, quiet=quiet, debug=debug)
+            log.info("thumbclf %s: %s -> %s (torchrun: %d processes)", workflow, params.source,
+                     params.output, distributed.world_size())
+            return run(params, resume=resume, quiet=not progress)
+    finally:
+        distributed.finish()
+
+
+@contextlib.contextmanager
+def own_logging() -> Iterator[None]:
+    """Leave the caller's logging as it was: remove the handlers a run adds (console, run.log)."""
+    root = logging.getLogger()
+    level, before = root.level, set(root.handlers)
+    try:
+        yield
+    finally:
+        for h in list(root.handlers):
+            if h not in before and getattr(h, "_thumbclf", False):
+                root.removeHandler(h)
+                h.close()
+        root.setLevel(level)
+

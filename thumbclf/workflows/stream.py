@@ -1,0 +1,204 @@
+"""Predictions streamed into the partial file, batch by batch (resumable, flat memory), then
+read back as the predictions table in input order."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from thumbclf.config import DeployParams
+from thumbclf.core import layout
+from thumbclf.core import table as table_io
+from thumbclf.core.decide import decide_with_reasons
+from thumbclf.core.errors import DataError, OutputError, clean
+from thumbclf.core.files import append_whole, atomic_csv, atomic_text, repair_tail
+from thumbclf.inputs import slides
+from thumbclf.inputs.samples import SampleSet
+from thumbclf.nn.engine import configure_threads
+from thumbclf.predict.ensemble import exact_runners
+from thumbclf.predict.execution import executor_for
+
+from thumbclf.workflows.run import executor_spec
+
+log = logging.getLogger(__name__)
+
+
+def _timings(folder: Path) -> dict:
+    try:
+        return json.loads((folder / layout.TIMINGS).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def peak_memory_mb() -> float | None:
+    """This process's peak resident memory (Linux: VmHWM, which exec resets), else None."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return None
+
+
+def _done_positions(partial: Path) -> set[int]:
+    dropped = repair_tail(partial)
+    if dropped:
+        log.warning("%s: dropped a torn last row (%d bytes, from an interrupted write); its "
+                    "images are predicted again", partial, dropped)
+    if partial.is_file() and partial.stat().st_size == 0:  # not even the header was written
+        partial.unlink()
+    if not partial.is_file():
+        return set()
+    try:
+        df = pd.read_csv(partial, usecols=["position"])
+    except (ValueError, pd.errors.EmptyDataError, pd.errors.ParserError):
+        raise OutputError(f"{partial}: unreadable ({partial.stat().st_size} bytes); delete it to "
+                          "predict every image again, or start a new run with --output") from None
+    return set(int(p) for p in df["position"])
+
+
+def _csv_rows(rows: list[list]) -> bytes:
+    buf = io.StringIO()
+    csv.writer(buf).writerows(rows)
+    return buf.getvalue().encode("utf-8")
+
+
+def check_same_inputs(folder: Path, sample_set: SampleSet, resume: bool) -> None:
+    """The inputs of a deploy, written once (inputs.csv); a resume must have the same ones, or
+    earlier rows would be given to other files."""
+    paths = [str(s.path) for s in sample_set.samples]
+    listed = folder / layout.INPUTS
+    if resume and listed.is_file():
+        before = pd.read_csv(listed, dtype={"PATH": str}, keep_default_na=False)["PATH"].tolist()
+        if before != paths:
+            raise DataError(f"{sample_set.source}: the inputs differ from those of the "
+                            f"interrupted run ({len(before)} then, {len(paths)} now, listed in "
+                            f"{listed}); restore them, or start a new run with --output")
+        return
+    atomic_csv(pd.DataFrame({"position": range(len(paths)), "PATH": paths}), listed)
+
+
+def predict_stream(models, sample_set: SampleSet, folder: Path, *, params: DeployParams,
+                   threshold: float, device: torch.device, quiet: bool, resume: bool,
+                   choose=None) -> tuple[Path, str]:
+    """Predict every sample not yet in the partial file; append rows batch by batch; return
+    the partial file and which engine computed.
+
+    Each batch's rows are appended whole (one synced write), so a crash or a full disk never
+    tears a row; --resume predicts only what is missing. ``choose()`` gives the runners (and
+    why); by default PyTorch fp32.
+    """
+    partial = folder / layout.PARTIAL
+    classes = models[0].classes
+    if partial.is_file() and not resume:
+        raise OutputError(f"{partial}: left by an interrupted run; continue it with --resume")
+    done = _done_positions(partial)
+    todo = [i for i in range(len(sample_set)) if i not in done]
+    if done:
+        log.info("resuming: %d images predicted earlier, %d to go", len(done), len(todo))
+    if not todo:
+        return partial, _timings(folder).get("inference", "not recorded")
+    configure_threads(device)
+    start = time.perf_counter()
+    bar = tqdm(total=len(todo), desc="predicting", unit="img", disable=quiet)
+    with executor_for(executor_spec(params), quiet=quiet) as ex:
+        if ex.name == "local":
+            runners, engine_note = (choose() if choose is not None
+                                    else (exact_runners(models, device), "PyTorch fp32"))
+        else:  # each Ray actor computes with PyTorch fp32
+            runners, engine_note = None, f"PyTorch fp32 on {ex.name} actors"
+        paths = [sample_set.samples[i].path for i in todo]
+        # closing: an interruption stops the executor's pipeline before the executor ends
+        with contextlib.closing(ex.predict(models, todo, paths, device=device,
+                                           slide_cache=params.slide_cache,
+                                           runners=runners)) as batches:
+            n_err = append_batches(batches, partial, classes, threshold, bar=bar)
+        how = ex.describe()
+    bar.close()
+    secs = time.perf_counter() - start
+    atomic_text(json.dumps({"predict_seconds": round(secs, 3), "images": len(todo),
+                            **how, "threads": torch.get_num_threads(),
+                            "peak_memory_mb": peak_memory_mb(), "inference": engine_note},
+                           indent=1),
+                folder / layout.TIMINGS)
+    log.info("predicted %d images in %.1fs (%.1f images/s)%s", len(todo), secs,
+             len(todo) / secs if secs else 0, f"; {n_err} could not be read" if n_err else "")
+    return partial, engine_note
+
+
+def check_partial_header(partial: Path, header: list[str]) -> None:
+    """An interrupted run's partial file has the columns this version writes."""
+    with open(partial, newline="", encoding="utf-8") as f:
+        found = next(csv.reader(f), [])
+    if found != header:
+        raise OutputError(f"{partial}: written with other columns ({', '.join(found[:12])}) by "
+                          "another thumbclf version or model; start a new run with --output "
+                          "(or delete the file to predict every image again)")
+
+
+def final_table(sample_set: SampleSet, partial: Path, classes: tuple[str, ...],
+                has_labels: bool, threshold: float, is_slide: list[bool]) -> pd.DataFrame:
+    """The predictions table in input order, with slide properties where there are slides."""
+    rows = pd.read_csv(partial, dtype={table_io.DECISION: str, table_io.REASON: str,
+                                       table_io.ERROR: str}, keep_default_na=False,
+                       na_values={c: [""] for c in (*classes, table_io.UNFAMILIARITY)})
+    rows = rows.drop_duplicates("position", keep="last").set_index("position").sort_index()
+    rows = rows.reindex(range(len(sample_set)))
+    errors = rows["error"].fillna("").to_numpy()
+    unfamiliarity = rows[table_io.UNFAMILIARITY].to_numpy(dtype=float)
+    slide_properties = [slides.properties(s.path) if slide and not err else None
+                        for s, slide, err in zip(sample_set.samples, is_slide, errors)]
+    return table_io.build(sample_set.samples, rows[list(classes)].to_numpy(dtype=float), classes,
+                          rows["model_prediction"].fillna("").to_numpy(), threshold=threshold,
+                          reasons=rows[table_io.REASON].fillna("").to_numpy(),
+                          unfamiliarity=None if np.isnan(unfamiliarity).all() else unfamiliarity,
+                          labels=has_labels, patients=sample_set.has_patients,
+                          rows=any(s.row is not None for s in sample_set.samples),
+                          errors=errors, slide_properties=slide_properties)
+
+
+
+def partial_header(classes) -> list[str]:
+    """The columns of the partial file: position, probabilities, decision, reason, unfamiliarity,
+    error."""
+    return ["position", *classes, table_io.DECISION, table_io.REASON, table_io.UNFAMILIARITY,
+            table_io.ERROR]
+
+
+def append_batches(batches, partial: Path, classes, threshold: float, *, bar=None) -> int:
+    """Decide every batch of (positions, probabilities, unfamiliarity, errors) and append its
+    rows whole to the partial file; the number of unreadable images. The one path from a
+    prediction to a row, for the command line and the API alike."""
+    header = partial_header(classes)
+    new_file = not partial.is_file() or partial.stat().st_size == 0
+    if not new_file:
+        check_partial_header(partial, header)
+    n_err = 0
+    for pos, probs, unfamiliarity, errors in batches:
+        decisions, reasons = decide_with_reasons(probs, classes, threshold, unfamiliarity)
+        rows = [header] if new_file else []
+        new_file = False
+        for j, p in enumerate(pos.tolist()):
+            if errors[j]:
+                n_err += 1
+                log.debug("unreadable: %s", errors[j])
+                rows.append([p, *([""] * len(classes)), "", "", "", clean(errors[j])])
+            else:
+                rows.append([p, *(f"{v:.6g}" for v in probs[j]), decisions[j], reasons[j],
+                             "" if unfamiliarity is None else f"{unfamiliarity[j]:.4g}", ""])
+        append_whole(partial, _csv_rows(rows))
+        if bar is not None:
+            bar.update(len(pos))
+    return n_err
+
