@@ -10,6 +10,7 @@ The Python API (see the README's "Install as a package"):
 
 from thumbclf.api import Classifier, deploy, load_model, train
 from thumbclf.core.errors import ConfigError, DataError, ModelError, OutputError, ThumbclfError
+from thumbclf.core.version import __version__
 
 __all__ = ["train", "deploy", "load_model", "Classifier", "ThumbclfError", "ConfigError",
            "DataError", "ModelError", "OutputError", "__version__"]
