@@ -10,8 +10,10 @@ so a change there stops the build instead of rendering an empty or stale page.
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
 import importlib
+import re
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -354,35 +356,62 @@ def table_page(table) -> str:
 
 # ---------------------------------------------------------------------------- the results folder
 
-# The meaning of each name the layout module declares; a new name there stops the build until
-# it is described here.
-LAYOUT_MEANINGS: dict[str, str] = {
-    "CONFIG": "the resolved params, every default filled in",
-    "RUN_LOG": "everything the run logged, at DEBUG level (the console shows INFO)",
-    "LOCK": "held while a run works in the folder: its process id and start time",
-    "SPLITS": "training: every image's fold and role (train, val, test), written once and "
-              "reused by `--resume`",
-    "PREDICTIONS": "the predictions table (training: the pooled out-of-fold predictions; "
-                   "deploy: every input); see [Predictions table](predictions-table.md)",
-    "PARTIAL": "deploy: the rows predicted so far, appended batch by batch; `--resume` "
-               "predicts only what is missing",
-    "INPUTS": "deploy: the inputs by position, so that `--resume` finds the same ones",
-    "ADAPTED_BN": "deploy with `adapt_bn`: each model's re-estimated BatchNorm statistics "
+# What each name of a results folder holds, by the name itself. A name the layout module
+# declares without a meaning here stops the build; so does a meaning whose name nothing in the
+# package uses any more. (Some names are still written outside the layout module; they are
+# listed apart, and found in the package's source.)
+NAME_MEANINGS: dict[str, str] = {
+    "config.yaml": "the resolved params, every default filled in",
+    "experiment.<ext>": "a verbatim copy of the experiment file (`experiment.yaml` for an "
+                        "experiment given to the Python API as a dict)",
+    "run.log": "everything the run logged, at DEBUG level (the console shows INFO)",
+    ".thumbclf.lock": "held while a run works in the folder: its process id and start time",
+    "timings.json": "seconds spent decoding, predicting and starting Ray; which engine and "
+                    "precision computed (used by `bench/`)",
+    "predictions.csv": "the predictions table (training: the pooled out-of-fold predictions; "
+                       "deploy: every input); see [Predictions table](predictions-table.md)",
+    "metrics.json": "every number of the evaluation (pooled and per fold), with 95% "
+                    "confidence intervals",
+    "metrics.csv": "the same numbers as flat rows: scope, metric, class, value, CI",
+    "confusion_matrix.csv": "counts: true classes by decisions, Undecided included",
+    "confusion_matrix_normalised.csv": "the same, each row divided by its total",
+    "report.html": "the self-contained report (images embedded; opens offline); a deploy is "
+                   "finished when it is written",
+    "plots": "figures (PNG): roc_curves, confusion_matrix, accuracy_vs_threshold, "
+             "reliability, training_curves, gallery_errors, gallery_undecided, "
+             "gallery_unfamiliar, gradcam; without labels: decisions; pretraining: loss_curve",
+    "gradcam": "`gradcam/<decision>/`: one Grad-CAM overlay per selected slide",
+    "splits.csv": "training: every image's fold and role (train, val, test), written once and "
+                  "reused by `--resume`",
+    "model.pt": "a trained model, self-describing; `torch.load(path, weights_only=True)` "
+                "reads it",
+    "history.csv": "one row per epoch (training: losses, accuracies, learning rate, seconds, "
+                   "images/s, best so far; pretraining: loss, learning rate, momentum, images, "
+                   "seconds, images/s)",
+    "checkpoint.pt": "the state to resume from, rewritten every epoch while a fold (or a "
+                     "pretraining) is unfinished, deleted when it finishes",
+    "full": "full training (`trainFull`): the folder of its history and validation "
+            "predictions",
+    "inputs.csv": "deploy: the inputs by position, so that `--resume` finds the same ones",
+    "predictions.partial.csv": "deploy: the rows predicted so far, appended batch by batch; "
+                               "`--resume` predicts only what is missing",
+    "adapted_bn": "deploy with `adapt_bn`: each model's re-estimated BatchNorm statistics "
                   "(reused by `--resume`; the model files are not changed)",
-    "REPORT": "the self-contained report (images embedded; opens offline); a deploy is "
-              "finished when it is written",
-    "MODEL": "a trained model, self-describing; `torch.load(path, weights_only=True)` reads it",
-    "CHECKPOINT": "the state to resume from, rewritten every epoch while a fold (or a "
-                  "pretraining) is unfinished, deleted when it finishes",
-    "HISTORY": "one row per epoch",
-    "FULL": "full training (`trainFull`): the folder of its history and validation predictions",
-    "CACHE_FOLDER": "the default cache folder, beside the results folders (the key "
-                    "[`cache_dir`](keys.md#cache_dir) moves it): slide thumbnails and the disk-mode decoded-image cache, shared by the runs "
-                    "next to it",
-    "SLIDE_THUMBNAILS": "in the cache folder: rendered slide thumbnails (PNG), keyed by "
-                        "slide path, size, modification time and thumbnail size",
-    "CACHE_TAG": "marks a cache folder, so that folder inputs never read it and backup "
-                 "tools may skip it",
+    "sorted": "deploy with `sortThumbs`: `sorted/<class or Undecided>/`, copies (never moves)",
+    "thumbnails": "deploy with `export_thumbnails`: the rendered slide thumbnails (PNG)",
+    "decisions.csv": "deploy without labels: how many images got each decision",
+    "ssl_checkpoint.pt": "pretraining: the backbone weights and their description; "
+                         "`modelAdr` for `SSL: true`",
+    "evaluation": "`thumbclf evaluate`'s results folder beside the table (`evaluation-T/` with "
+                  "`--threshold T`)",
+    "thumbclf-cache": "the cache folder, beside the results folders (the key "
+                      "[`cache_dir`](keys.md#cache_dir) moves it), shared by the runs next to "
+                      "it: rendered slide thumbnails, the disk-mode decoded-image cache, "
+                      "inference-engine verdicts and conversions",
+    "slides": "in the cache folder: rendered slide thumbnails (PNG), keyed by slide path, "
+              "size, modification time and thumbnail size",
+    "CACHEDIR.TAG": "marks a cache folder, so that folder inputs never read it and backup "
+                    "tools may skip it",
 }
 LAYOUT_NOT_NAMES = {"MAX_COMPONENT_BYTES", "CACHE_TAG_TEXT"}
 
@@ -394,15 +423,25 @@ def layout_names(layout) -> dict[str, str]:
             and n not in LAYOUT_NOT_NAMES}
 
 
+def named_in_source(name: str, package: Path) -> bool:
+    """Whether a string literal in the package's source starts with ``name``."""
+    stem = name.split("<")[0]
+    pattern = re.compile(r"""["']""" + re.escape(stem))
+    return any(pattern.search(p.read_text(encoding="utf-8")) for p in package.rglob("*.py"))
+
+
 def layout_page(layout) -> str:
     """Every name of a results folder, from the layout module, with what it holds."""
-    names = layout_names(layout)
-    need(len(names) >= 5, f"{layout.__name__} declares {len(names)} names")
-    undescribed = sorted(set(names) - set(LAYOUT_MEANINGS))
+    declared = layout_names(layout)
+    need(len(declared) >= 5, f"{layout.__name__} declares {len(declared)} names")
+    undescribed = sorted(v for v in declared.values() if v not in NAME_MEANINGS)
     need(not undescribed, f"{layout.__name__} declares {', '.join(undescribed)}, which the "
-         "generator does not describe")
-    gone = sorted(set(LAYOUT_MEANINGS) - set(names))
-    need(not gone, f"{layout.__name__} no longer declares {', '.join(gone)}")
+         "generator does not describe (NAME_MEANINGS)")
+    package = Path(layout.__file__).resolve().parents[layout.__name__.count(".") - 1]
+    elsewhere = [n for n in NAME_MEANINGS if n not in declared.values()]
+    gone = [n for n in elsewhere if not named_in_source(n, package)]
+    need(not gone, f"nothing in {package} names {', '.join(gone)} any more; remove it from "
+         "NAME_MEANINGS")
     root = Path("RESULTS")
     for fn in ("fold_dir", "fold_model", "fold_predictions"):
         need(callable(getattr(layout, fn, None)), f"{layout.__name__} has no {fn}()")
@@ -412,22 +451,30 @@ def layout_page(layout) -> str:
 
     lines = [GENERATED, "# Results folder\n",
              "Every run writes one results folder (by default named after the experiment "
-             "file, beside it). The names below are generated from the layout module "
-             f"(`{layout.__name__}`), the one place that builds and parses them. Why a run "
-             "never overwrites one, and how it resumes: "
+             "file, beside it). Why a run never overwrites one, and how it resumes: "
              "[Runs and results folders](../concepts/runs.md).\n",
-             "| name | what it holds |", "| --- | --- |"]
-    for const, value in names.items():
-        lines.append(f"| `{value}` | {cell(LAYOUT_MEANINGS[const])} |")
+             "## Names the layout module declares { #layout }\n",
+             f"Generated from `{layout.__name__}`, the one place that builds and parses "
+             "them:\n", "| name | constant | what it holds |", "| --- | --- | --- |"]
+    for const, value in declared.items():
+        lines.append(f"| `{value}` | `{const}` | {cell(NAME_MEANINGS[value])} |")
     lines += ["", "## Folds { #folds }\n",
+              "Built by the layout module's functions:\n",
               "| path | what it holds |", "| --- | --- |",
               f"| `{rel(layout.fold_dir(root, 1))}/`, `{rel(layout.fold_dir(root, 2))}/`, … | "
-              "cross-validation: one folder per fold |",
+              "cross-validation: one folder per fold, with its history |",
               f"| `{rel(layout.fold_model(root, 1))}` | the model of fold 1 |",
               f"| `{rel(layout.fold_predictions(root, 1))}` | fold 1's test predictions |",
               f"| `{rel(layout.fold_model(root, 0))}` | full training: the final model |",
               f"| `{rel(layout.fold_predictions(root, 0))}` | full training: the validation "
               "predictions |", ""]
+    if elsewhere:
+        lines += ["## Other names { #other }\n",
+                  "Written by the workflows and the evaluation under these names (each found "
+                  "in the package's source when this page was built):\n",
+                  "| name | what it holds |", "| --- | --- |"]
+        lines += [f"| `{n}` | {cell(NAME_MEANINGS[n])} |" for n in elsewhere]
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -451,6 +498,61 @@ def api_page(package) -> str:
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------------------- the package's layers
+
+
+def summary(path: Path) -> str:
+    """The first paragraph of a module's docstring, on one line, read without importing it."""
+    doc = ast.get_docstring(ast.parse(path.read_text(encoding="utf-8"))) or ""
+    return " ".join(doc.strip().split("\n\n")[0].split())
+
+
+def layers_page(package_dir: Path, pyproject: Path) -> str:
+    """The layers of the import-linter contract, top first, each with its modules."""
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        import tomli as tomllib
+    config = tomllib.loads(pyproject.read_text(encoding="utf-8")).get("tool", {})
+    contracts = config.get("importlinter", {}).get("contracts", [])
+    layered = [c for c in contracts if c.get("type") == "layers"]
+    need(len(layered) == 1, f"{pyproject.name} has {len(layered)} import-linter layers contracts")
+    layers = [[name.strip() for name in layer.split("|")] for layer in layered[0]["layers"]]
+    root = package_dir.name
+    modules = {}
+    for path in sorted(package_dir.rglob("*.py")):
+        rel = path.relative_to(package_dir.parent).with_suffix("")
+        parts = rel.parts[:-1] if rel.name == "__init__" else rel.parts
+        modules[".".join(parts)] = path
+    placed = set()
+    shown_layer = None
+    lines = [GENERATED, "# Package layers\n",
+             "The package is layered: each layer imports only from the layers below it. The "
+             "import-linter contract in `pyproject.toml`, checked by the test suite, says so; "
+             "this page is generated from that contract and from each module's docstring. "
+             "How to work with it: [Contributing](../contributing.md#where-each-idea-lives).\n",
+             "| layer (top first) | module | its one job |", "| --- | --- | --- |"]
+    for layer in layers:
+        for name in layer:
+            inside = sorted(m for m in modules if m == name or m.startswith(name + "."))
+            need(inside, f"the layer {name} holds no module")
+            for m in inside:
+                if m in placed:
+                    continue
+                placed.add(m)
+                if m != name and modules[m].name == "__init__.py":
+                    continue  # a subpackage's own docstring is shown on its first module row
+                job = summary(modules[m])
+                need(job, f"{m} has no docstring")
+                shown = f"`{name}`" if name != shown_layer else ""
+                shown_layer = name
+                lines.append(f"| {shown} | `{m}` | {cell(job)} |")
+    stray = sorted(set(modules) - placed - {root})
+    need(not stray, f"modules in no layer of the contract: {', '.join(stray)}")
+    lines.append("")
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------------------- the build
 
 
@@ -466,7 +568,9 @@ def pages() -> dict[str, str]:
             "reference/cli.md": cli_page(cli),
             "reference/results-folder.md": layout_page(layout),
             "reference/predictions-table.md": table_page(table),
-            "reference/api.md": api_page(thumbclf)}
+            "reference/api.md": api_page(thumbclf),
+            "reference/layers.md": layers_page(Path(thumbclf.__file__).parent,
+                                               Path(thumbclf.__file__).parents[1] / "pyproject.toml")}
 
 
 def write(all_pages: dict[str, str]) -> None:
