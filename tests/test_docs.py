@@ -23,7 +23,8 @@ from thumbclf.config import KEYS, TRAIN, spelling, template_text, validate
 
 def test_template_lists_every_key_and_is_current():
     text = (ROOT / "experiments" / "template.yaml").read_text()
-    assert text == template_text(), "regenerate: python -m thumbclf.config.render > experiments/template.yaml"
+    assert text == template_text(), ("regenerate: python -m thumbclf.config.render > "
+                                     "experiments/template.yaml")
     data = yaml.safe_load(text)
     assert set(data) == {spelling(k) for k in KEYS}
     validate(data, workflow=TRAIN, source=ROOT / "experiments" / "template.yaml")
@@ -144,7 +145,8 @@ def test_the_reference_has_the_results_folder_the_table_and_the_api(site):
                   "fold_1/model.pt", "timings.json"):
         assert value in folder, value
     columns = _text((site / "reference" / "predictions-table" / "index.html").read_text())
-    for col in (table.PATH, table.DECISION, table.REASON, table.UNFAMILIARITY, *table.SLIDE_COLUMNS):
+    for col in (table.PATH, table.DECISION, table.REASON, table.UNFAMILIARITY,
+                *table.SLIDE_COLUMNS):
         assert col in columns, col
     api = _text((site / "reference" / "api" / "index.html").read_text())
     for name in thumbclf.__all__:

@@ -44,8 +44,10 @@ def first_module(*names: str):
 
 
 def cell(text: Any) -> str:
-    """Text for one Markdown table cell: pipes escaped, on one line."""
-    return str(text).replace("|", "\\|").replace("\n", " ")
+    """Text for one Markdown table cell, on one line: pipes escaped outside code spans (inside
+    them the table extension leaves pipes alone, and an escape would show)."""
+    parts = re.split(r"(``[^`]+``|`[^`]+`)", str(text).replace("\n", " "))
+    return "".join(p if i % 2 else p.replace("|", "\\|") for i, p in enumerate(parts))
 
 
 def code(text: Any) -> str:
@@ -182,11 +184,13 @@ def option_rows(ap: argparse.ArgumentParser) -> list[str]:
         else:
             name = code(action.metavar or action.dest.upper())
         takes = action.nargs != 0
-        value = code(action.metavar or action.dest.upper()) if takes and action.option_strings else ""
+        metavar = action.metavar or action.dest.upper()
+        value = code(metavar) if takes and action.option_strings else ""
         if action.nargs == "?":
             value = "optional"
         default = action.default
-        shown = "" if default in (None, False, [], argparse.SUPPRESS) or not takes else code(default)
+        unset = default in (None, False, [], argparse.SUPPRESS) or not takes
+        shown = "" if unset else code(default)
         text = (action.help or "").replace("%(default)s", str(default))
         if isinstance(action, argparse._AppendAction):
             text += " (repeatable)" if "repeatable" not in text else ""
@@ -263,7 +267,8 @@ def cli_page(cli) -> str:
     lines += option_rows(top)
     for name, sp in subs.items():
         lines += command_section(name, sp, helps.get(name, ""))
-    scripts = [w for w in subs if hasattr(cli, f"{w}_main") and w in ("train", "deploy", "pretrain")]
+    scripts = [w for w in ("train", "deploy", "pretrain")
+               if w in subs and hasattr(cli, f"{w}_main")]
     lines += ["## The prototype's scripts { #scripts }\n",
               "The scripts in the project folder take the same arguments as the subcommands "
               "of the same name, so instructions written for the prototype keep working:\n",
@@ -564,13 +569,13 @@ def pages() -> dict[str, str]:
     cli = importlib.import_module("thumbclf.cli")
     layout = first_module("thumbclf.core.layout", "thumbclf.layout")
     table = first_module("thumbclf.core.table", "thumbclf.table")
+    package = Path(thumbclf.__file__).parent
     return {"reference/keys.md": keys_page(config),
             "reference/cli.md": cli_page(cli),
             "reference/results-folder.md": layout_page(layout),
             "reference/predictions-table.md": table_page(table),
             "reference/api.md": api_page(thumbclf),
-            "reference/layers.md": layers_page(Path(thumbclf.__file__).parent,
-                                               Path(thumbclf.__file__).parents[1] / "pyproject.toml")}
+            "reference/layers.md": layers_page(package, package.parent / "pyproject.toml")}
 
 
 def write(all_pages: dict[str, str]) -> None:
