@@ -14,9 +14,9 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
+from conftest import ROOT
 
 import thumbclf
-from conftest import ROOT
 from thumbclf.cli import command_parser, evaluate_main
 from thumbclf.config import KEYS, TRAIN, spelling, template_text, validate
 
@@ -173,14 +173,13 @@ def gen():
 
 
 def test_the_generator_stops_when_the_key_table_changes_shape(gen):
-    import thumbclf.config as config
+    from thumbclf import config
 
     assert "## thumbData" in gen.keys_page(config)
     last = KEYS[-1]
     for change in ({"rule": "colour"}, {"rule": "choice", "choices": ()}, {"doc": ""},
                    {"workflows": ("review",)}):
-        fake = SimpleNamespace(ALL=config.ALL, REQUIRED=config.REQUIRED,
-                               PARAMS_CLASS=config.PARAMS_CLASS, spelling=config.spelling,
+        fake = SimpleNamespace(ALL=config.ALL, REQUIRED=config.REQUIRED, spelling=config.spelling,
                                KEYS=(*KEYS[:-1], dataclasses.replace(last, **change)))
         with pytest.raises(gen.ShapeError):
             gen.keys_page(fake)

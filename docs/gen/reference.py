@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import dataclasses
 import importlib
 import re
 from pathlib import Path
@@ -99,17 +98,10 @@ def show_default(value: Any) -> str:
     return code(value)
 
 
-def workflow_defaults(config, key) -> dict[str, Any]:
-    """The default of ``key`` in each workflow that uses it, from the params classes."""
-    out = {}
-    for workflow in key.workflows:
-        cls = config.PARAMS_CLASS.get(workflow)
-        need(cls is not None, f"no params class for the workflow {workflow!r}")
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        need(key.name in fields, f"{cls.__name__} has no field {key.name}")
-        f = fields[key.name]
-        out[workflow] = f.default if f.default is not dataclasses.MISSING else key.default
-    return out
+def workflow_defaults(key) -> dict[str, Any]:
+    """The default of ``key`` in each workflow that uses it, as the key table declares it."""
+    need(callable(getattr(key, "default_for", None)), "config.Key has no default_for(workflow)")
+    return {workflow: key.default_for(workflow) for workflow in key.workflows}
 
 
 def default_text(config, key) -> str:
@@ -118,7 +110,7 @@ def default_text(config, key) -> str:
     if required:
         return "required" + ("" if len(required) == len(key.workflows)
                              else f" ({', '.join(required)}), else not set")
-    per = workflow_defaults(config, key)
+    per = workflow_defaults(key)
     text = show_default(key.default)
     others = {w: v for w, v in per.items() if v != key.default}
     for workflow, value in others.items():
@@ -371,8 +363,8 @@ NAME_MEANINGS: dict[str, str] = {
                         "experiment given to the Python API as a dict)",
     "run.log": "everything the run logged, at DEBUG level (the console shows INFO)",
     ".thumbclf.lock": "held while a run works in the folder: its process id and start time",
-    "timings.json": "seconds spent decoding, predicting and starting Ray; which engine and "
-                    "precision computed (used by `bench/`)",
+    "timings.json": "seconds per step, images/s, peak memory, Ray's start-up, and which "
+                    "inference engine and precision computed (read by `bench/`)",
     "predictions.csv": "the predictions table (training: the pooled out-of-fold predictions; "
                        "deploy: every input); see [Predictions table](predictions-table.md)",
     "metrics.json": "every number of the evaluation (pooled and per fold), with 95% "
