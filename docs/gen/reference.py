@@ -67,7 +67,7 @@ RULES = {
     "labels": "a list of class names",
     "choice": "one of",
     "pretrained": "`true`, `false`, or the path of a weights file",
-    "threshold": "a number, or `null`",
+    "threshold": "a number",
     "str": "a string",
     "model": "a backbone name (see the description)",
 }
@@ -85,7 +85,7 @@ def rule_text(key) -> str:
         text += f" from {key.lo:g} to {key.hi:g}"
     elif key.lo is not None:
         text += f" of at least {key.lo:g}"
-    return text
+    return text + (", or `null`" if key.rule == "threshold" else "")
 
 
 def show_default(value: Any) -> str:
@@ -143,11 +143,10 @@ def keys_page(config) -> str:
         need(isinstance(key.doc, str) and key.doc.strip(), f"key {key.name} has no doc")
         spellings = dict.fromkeys((config.spelling(key), key.name, *key.aliases))
         lines += [f"## {config.spelling(key)} {{ #{key.name} }}\n", key.doc.strip() + "\n",
-                  "| | |", "| --- | --- |",
-                  f"| spellings | {', '.join(code(s) for s in spellings)} |",
-                  f"| workflows | {', '.join(key.workflows)} |",
-                  f"| value | {cell(rule_text(key))} |",
-                  f"| default | {cell(default_text(config, key))} |", ""]
+                  f"- **spellings**: {', '.join(code(s) for s in spellings)}",
+                  f"- **workflows**: {', '.join(key.workflows)}",
+                  f"- **value**: {rule_text(key)}",
+                  f"- **default**: {default_text(config, key)}", ""]
     return "\n".join(lines)
 
 
