@@ -176,6 +176,9 @@ def test_the_generator_stops_when_the_key_table_changes_shape(gen):
     from thumbclf import config
 
     assert "## thumbData" in gen.keys_page(config)
+    # text from the code is prose: a placeholder such as <decision> shows, outside code spans
+    assert gen.prose("into sorted/<decision>/, `sorted/<decision>/`") == (
+        "into sorted/&lt;decision&gt;/, `sorted/<decision>/`")
     last = KEYS[-1]
     for change in ({"rule": "colour"}, {"rule": "choice", "choices": ()}, {"doc": ""},
                    {"workflows": ("review",)}):

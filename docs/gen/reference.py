@@ -42,10 +42,21 @@ def first_module(*names: str):
     raise ShapeError(f"none of {', '.join(names)} exists in {root}")
 
 
+CODE_SPAN = re.compile(r"(``[^`]+``|`[^`]+`)")
+
+
+def prose(text: Any) -> str:
+    """Text from the code as Markdown prose: ``&``, ``<`` and ``>`` escaped outside code spans,
+    so that a placeholder such as <decision> is shown, not taken for an HTML tag."""
+    parts = CODE_SPAN.split(str(text))
+    return "".join(p if i % 2 else p.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+                   for i, p in enumerate(parts))
+
+
 def cell(text: Any) -> str:
     """Text for one Markdown table cell, on one line: pipes escaped outside code spans (inside
     them the table extension leaves pipes alone, and an escape would show)."""
-    parts = re.split(r"(``[^`]+``|`[^`]+`)", str(text).replace("\n", " "))
+    parts = CODE_SPAN.split(str(text).replace("\n", " "))
     return "".join(p if i % 2 else p.replace("|", "\\|") for i, p in enumerate(parts))
 
 
@@ -118,6 +129,17 @@ def default_text(config, key) -> str:
     return text
 
 
+def gist(doc: str, width: int = 80) -> str:
+    """A key's doc in a few words: its first sentence, cut at a word near ``width``, never
+    inside an unclosed parenthesis."""
+    text = re.split(r"(?<=\.)\s", doc.strip(), maxsplit=1)[0].rstrip(".")
+    if len(text) > width:
+        text = text[:width].rsplit(" ", 1)[0] + " …"
+    if text.count("(") > text.count(")"):
+        text = text[:text.rfind("(")].rstrip(" ,:;") + " …"
+    return text
+
+
 def keys_page(config) -> str:
     """Every experiment-file key: name, spellings, workflows, rule, default and meaning."""
     keys = tuple(config.KEYS)
@@ -130,19 +152,19 @@ def keys_page(config) -> str:
              "spelling listed works, but give only one per key. A key that a workflow does not "
              "use is accepted and ignored by it, so one file can serve several. How files are "
              "read and checked: [Experiment files](../concepts/experiment-files.md).\n",
-             "| key | " + " | ".join(workflows) + " | default |",
-             "| --- | " + " | ".join(":-:" for _ in workflows) + " | --- |"]
+             "| key | " + " | ".join(workflows) + " | default | what |",
+             "| --- | " + " | ".join(":-:" for _ in workflows) + " | --- | --- |"]
     for key in keys:
         need(key.workflows and set(key.workflows) <= set(workflows),
              f"key {key.name} has the workflows {key.workflows!r}")
         marks = " | ".join("✓" if w in key.workflows else "" for w in workflows)
         lines.append(f"| [{code(config.spelling(key))}](#{key.name}) | {marks} | "
-                     f"{cell(default_text(config, key))} |")
+                     f"{cell(default_text(config, key))} | {cell(prose(gist(key.doc)))} |")
     lines.append("")
     for key in keys:
         need(isinstance(key.doc, str) and key.doc.strip(), f"key {key.name} has no doc")
         spellings = dict.fromkeys((config.spelling(key), key.name, *key.aliases))
-        lines += [f"## {config.spelling(key)} {{ #{key.name} }}\n", key.doc.strip() + "\n",
+        lines += [f"## {config.spelling(key)} {{ #{key.name} }}\n", prose(key.doc.strip()) + "\n",
                   f"- **spellings**: {', '.join(code(s) for s in spellings)}",
                   f"- **workflows**: {', '.join(key.workflows)}",
                   f"- **value**: {rule_text(key)}",
@@ -187,18 +209,19 @@ def option_rows(ap: argparse.ArgumentParser) -> list[str]:
             text += " (repeatable)" if "repeatable" not in text else ""
         if isinstance(action, argparse._VersionAction):
             text = text or "show the version and exit"
-        rows.append(f"| {name} | {value} | {shown} | {cell(text)} |")
+        rows.append(f"| {name} | {value} | {shown} | {cell(prose(text))} |")
     rows.append("")
     return rows
 
 
 def command_section(name: str, ap: argparse.ArgumentParser, summary: str) -> list[str]:
     usage = ap.format_usage().removeprefix("usage: ").strip()
-    lines = [f"## thumbclf {name} {{ #{name} }}\n", (ap.description or summary).strip() + "\n",
+    about = prose((ap.description or summary).strip())
+    lines = [f"## thumbclf {name} {{ #{name} }}\n", about + "\n",
              "```", usage, "```\n"]
     lines += option_rows(ap)
     if ap.epilog:
-        lines.append(ap.epilog.strip() + "\n")
+        lines.append(prose(ap.epilog.strip()) + "\n")
     return lines
 
 
@@ -253,7 +276,8 @@ def cli_page(cli) -> str:
              f"(`{cli.__name__}.command_parser`).\n",
              "```", top.format_usage().removeprefix("usage: ").strip(), "```\n",
              "| command | what it does |", "| --- | --- |"]
-    lines += [f"| [`thumbclf {name}`](#{name}) | {cell(helps.get(name, ''))} |" for name in subs]
+    lines += [f"| [`thumbclf {name}`](#{name}) | {cell(prose(helps.get(name, '')))} |"
+              for name in subs]
     lines.append("")
     lines += option_rows(top)
     for name, sp in subs.items():
@@ -542,7 +566,7 @@ def layers_page(package_dir: Path, pyproject: Path) -> str:
                 need(job, f"{m} has no docstring")
                 shown = f"`{name}`" if name != shown_layer else ""
                 shown_layer = name
-                lines.append(f"| {shown} | `{m}` | {cell(job)} |")
+                lines.append(f"| {shown} | `{m}` | {cell(prose(job))} |")
     stray = sorted(set(modules) - placed - {root})
     need(not stray, f"modules in no layer of the contract: {', '.join(stray)}")
     lines.append("")
