@@ -278,7 +278,7 @@ def cli_page(cli) -> str:
              "| command | what it does |", "| --- | --- |"]
     lines += [f"| [`thumbclf {name}`](#{name}) | {cell(prose(helps.get(name, '')))} |"
               for name in subs]
-    lines.append("")
+    lines += ["", "Options of `thumbclf` itself (besides `-h`/`--help`, which every command has):\n"]
     lines += option_rows(top)
     for name, sp in subs.items():
         lines += command_section(name, sp, helps.get(name, ""))
