@@ -10,7 +10,7 @@ RUN := runs/demo-$(shell date +%Y%m%d-%H%M%S)
 CONSTRAINTS ?= constraints.txt
 PIN := $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 
-.PHONY: demo test setup bench lock clean-demo
+.PHONY: demo test setup bench lock clean-demo docs
 
 # reinstalled whenever a file that decides what gets installed changes
 $(VENV)/.installed: requirements.txt pyproject.toml $(CONSTRAINTS)
@@ -23,7 +23,7 @@ $(VENV)/.installed: requirements.txt pyproject.toml $(CONSTRAINTS)
 setup: $(VENV)/.installed
 
 # the optional parts (pyproject's extras), so that the tests cover them too; the demo needs none
-EXTRAS := ray,openvino
+EXTRAS := ray,openvino,docs
 $(VENV)/.extras: $(VENV)/.installed
 	$(PY) -m pip install --quiet $(PIN) --no-build-isolation -e ".[$(EXTRAS)]"
 	touch $@
@@ -35,6 +35,10 @@ demo: setup
 
 test: setup $(VENV)/.extras
 	$(PY) -m pytest -q
+
+# the documentation site, built strictly (a broken link or a stale reference fails) into site/
+docs: setup $(VENV)/.extras
+	DISABLE_MKDOCS_2_WARNING=true NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --site-dir site
 
 bench: setup
 	$(PY) bench/bench.py
