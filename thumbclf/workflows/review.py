@@ -126,6 +126,7 @@ def write_previews(folder: Path, table: pd.DataFrame, *, quiet: bool = True) -> 
 
 def write_review(folder: Path, *, quiet: bool = True) -> Path:
     """review/index.html and its previews, for the results folder ``folder``."""
+    table_file(folder)  # a folder without predictions gets nothing written into it
     with _lock(folder):
         return _write_review(folder, quiet=quiet)
 
