@@ -349,3 +349,20 @@ def test_review_of_a_folder_without_predictions_is_one_line_exit_2(tmp_path, cap
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "no predictions.csv" in err
     assert list(tmp_path.iterdir()) == []   # nothing written
+
+
+def test_writing_the_page_again_keeps_the_previews_and_touches_nothing_else(tmp_path):
+    folder = results_folder(tmp_path, ["a", "b", "c"])
+    own = {"predictions.csv", "config.yaml", "run.log"}
+    run_files = {k: v for k, v in snapshot(folder).items() if k in own}
+    inputs = snapshot(tmp_path / "slides")
+    assert cli.command(["review", str(folder), "--quiet"]) == 0
+    previews = {k: v for k, v in snapshot(folder).items() if k.startswith("review/previews/")}
+    assert len(previews) == 6
+    assert cli.command(["review", str(folder), "--quiet"]) == 0
+    after = snapshot(folder)
+    assert {k: v for k, v in after.items() if k.startswith("review/previews/")} == previews
+    assert {k: v for k, v in after.items() if k in own} == run_files
+    assert set(after) == own | set(previews) | {"review/index.html"}
+    assert snapshot(tmp_path / "slides") == inputs and set(tmp_path.iterdir()) == {
+        tmp_path / "slides", folder}

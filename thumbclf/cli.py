@@ -136,8 +136,9 @@ def run_workflow(workflow: str, args: argparse.Namespace, ap: argparse.ArgumentP
     return guarded(work, lambda: folder)
 
 
-def guarded(work, folder=lambda: None) -> int:
-    """Run ``work()``; the project's errors, interruptions and bugs become exit codes."""
+def guarded(work, folder=lambda: None, again: str = "the same command plus --resume") -> int:
+    """Run ``work()``; the project's errors, interruptions and bugs become exit codes.
+    ``again`` is how to finish interrupted work."""
     try:
         work()
         return 0
@@ -150,8 +151,8 @@ def guarded(work, folder=lambda: None) -> int:
     except KeyboardInterrupt:
         log.debug("interrupted (Ctrl-C or SIGTERM)")
         where = f" in {folder()}" if folder() else ""
-        print(f"\ninterrupted: finished work is kept{where}; continue with the same command "
-              "plus --resume", file=sys.stderr)
+        print(f"\ninterrupted: finished work is kept{where}; continue with {again}",
+              file=sys.stderr)
         return EXIT_INTERRUPTED
     except OSError as exc:
         if exc.errno not in USER_OS_ERRORS:
@@ -230,7 +231,7 @@ def review_command(args: argparse.Namespace) -> int:
     if args.serve and args.apply:
         print("error: give --serve or --apply, not both", file=sys.stderr)
         return EXIT_ERROR
-    return guarded(work)
+    return guarded(work, lambda: args.results, again="the same command")
 
 
 def command(argv: list[str] | None = None) -> int:
