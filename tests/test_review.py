@@ -366,3 +366,14 @@ def test_writing_the_page_again_keeps_the_previews_and_touches_nothing_else(tmp_
     assert set(after) == own | set(previews) | {"review/index.html"}
     assert snapshot(tmp_path / "slides") == inputs and set(tmp_path.iterdir()) == {
         tmp_path / "slides", folder}
+
+
+def test_review_is_a_subcommand_with_its_options(capsys):
+    with pytest.raises(SystemExit):
+        cli.command(["--help"])
+    assert "\n    review " in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        cli.command(["review", "--help"])
+    out = capsys.readouterr().out
+    assert all(o in out for o in ("--serve", "--port", "--apply", "127.0.0.1"))
+    assert cli.command(["review", "x", "--serve", "--apply", "c.csv"]) == 2
