@@ -377,3 +377,14 @@ def test_review_is_a_subcommand_with_its_options(capsys):
     out = capsys.readouterr().out
     assert all(o in out for o in ("--serve", "--port", "--apply", "127.0.0.1"))
     assert cli.command(["review", "x", "--serve", "--apply", "c.csv"]) == 2
+
+
+def test_the_python_api_writes_the_page_and_applies_corrections(tmp_path):
+    from thumbclf import api
+
+    folder = results_folder(tmp_path, ["a", "b", "c"])
+    assert api.review(folder) == folder / "review" / "index.html"
+    path = pd.read_csv(folder / "predictions.csv")["PATH"][0]
+    csv = corrections_csv(tmp_path / "c.csv", [(path, "TMA")])
+    assert api.apply_corrections(folder, csv) == folder / "reviewed_predictions.csv"
+    assert pd.read_csv(folder / "reviewed_predictions.csv")["reviewed_class"][0] == "TMA"
