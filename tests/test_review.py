@@ -388,3 +388,27 @@ def test_the_python_api_writes_the_page_and_applies_corrections(tmp_path):
     csv = corrections_csv(tmp_path / "c.csv", [(path, "TMA")])
     assert api.apply_corrections(folder, csv) == folder / "reviewed_predictions.csv"
     assert pd.read_csv(folder / "reviewed_predictions.csv")["reviewed_class"][0] == "TMA"
+
+
+def test_a_slides_preview_and_reviewed_copy_are_its_rendered_thumbnail(tmp_path):
+    from test_slides import make_pyramid
+
+    folder = results_folder(tmp_path, ["a", "b", "c"])
+    slide = make_pyramid(tmp_path / "slides" / "slide one.tiff", colour=(40, 160, 60))
+    table = pd.read_csv(folder / "predictions.csv", keep_default_na=False)
+    table.loc[0, "PATH"] = str(slide)
+    table.to_csv(folder / "predictions.csv", index=False)
+    assert cli.command(["review", str(folder), "--quiet"]) == 0
+    large = review_page.preview_files(folder / "review", str(slide))["b"]
+    with Image.open(large) as img:
+        assert img.size[0] == 800 and abs(img.size[1] - 533) <= 1  # the whole slide, 3:2
+        arr = np.asarray(img.convert("RGB"))
+    assert tuple(arr[10, 10]) == pytest.approx((0, 0, 255), abs=40)   # its top-left mark
+    assert tuple(arr[266, 400]) == pytest.approx((40, 160, 60), abs=40)
+    csv = corrections_csv(tmp_path / "c.csv", [(str(slide), "IHC")])
+    assert cli.command(["review", str(folder), "--apply", str(csv), "--quiet"]) == 0
+    copies = list((folder / "sorted" / "IHC").iterdir())
+    assert len(copies) == 1 and copies[0].name.startswith("slide one__") and copies[0].suffix == ".png"
+    with Image.open(copies[0]) as img:
+        assert max(img.size) == 1024            # the run's thumbnail size (slide_thumbnail_size)
+    assert not (tmp_path / "thumbclf-cache").exists()  # nothing written outside the folder
