@@ -10,7 +10,7 @@ RUN := runs/demo-$(shell date +%Y%m%d-%H%M%S)
 CONSTRAINTS ?= constraints.txt
 PIN := $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 
-.PHONY: demo test setup bench lock clean-demo docs
+.PHONY: demo test setup bench lock clean-demo docs browser
 
 # reinstalled whenever a file that decides what gets installed changes
 $(VENV)/.installed: requirements.txt pyproject.toml $(CONSTRAINTS)
@@ -33,7 +33,16 @@ demo: setup
 	$(PY) deploy_thumbclassifier.py experiments/demo_deploy.yaml --output $(RUN)/deploy --set modelAdr=../$(RUN)/train
 	@echo "Demo finished: open $(RUN)/train/report.html and $(RUN)/deploy/report.html"
 
-test: setup $(VENV)/.extras
+# the review page's tests drive Chromium (Selenium): installed from Debian's packages when missing
+# and run as root; otherwise those tests are skipped and say why
+browser:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && apt-get install -y -qq chromium chromium-driver; \
+	else echo "chromium or chromedriver missing (not root, or no apt-get): the browser tests" \
+		"will be skipped; install them with: sudo apt-get install chromium chromium-driver"; fi
+
+test: setup $(VENV)/.extras browser
 	$(PY) -m pytest -q
 
 # the documentation site, built strictly (a broken link or a stale reference fails) into site/

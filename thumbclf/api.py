@@ -289,5 +289,27 @@ def _is_table(path: Path) -> bool:
     return path.suffix.lower() in TABLE_SUFFIXES
 
 
+# ---------------------------------------------------------------------------- review
+
+
+def review(results: str | os.PathLike, *, quiet: bool = True) -> Path:
+    """Write the review page of a deploy or training results folder (``review/index.html``,
+    with its previews); return the page's path. ``thumbclf review RESULTS`` does the same."""
+    from thumbclf.workflows.review import write_review
+
+    return write_review(Path(results), quiet=quiet)
+
+
+def apply_corrections(results: str | os.PathLike,
+                      corrections: str | os.PathLike | Iterable[str | os.PathLike]) -> Path:
+    """Apply corrections tables to a results folder: ``reviewed_predictions.csv`` and copies
+    under ``sorted/<reviewed class>/``; return the table's path (``thumbclf review RESULTS
+    --apply CORRECTIONS``)."""
+    from thumbclf.workflows.review import apply
+
+    tables = [corrections] if isinstance(corrections, (str, os.PathLike)) else list(corrections)
+    return apply(Path(results), [Path(t) for t in tables])
+
+
 __all__ = ["train", "deploy", "load_model", "Classifier", "init_experiment",
-           "load_experiment", "execute"]
+           "load_experiment", "execute", "review", "apply_corrections"]

@@ -34,6 +34,11 @@ DESCRIPTIONS = {
 }
 
 
+REVIEW_HELP = ("Write review/index.html into a results folder: a page (no network needed, works "
+               "as a file) to work through the Undecided slides and the disagreements with the "
+               "keyboard and export corrections.csv; train the next model with corrections: "
+               "corrections.csv, or apply them to this deploy with --apply corrections.csv.")
+
 EPILOG = ("Experiment-file keys: see experiments/template.yaml, the README, or write a "
           "commented starting file with: thumbclf init FILE")
 
@@ -74,6 +79,18 @@ def command_parser() -> argparse.ArgumentParser:
         add_run_options(sp).set_defaults(subparser=sp)
     sub.add_parser("evaluate", add_help=False, help="Recompute metrics, plots and the report from "
                    "a predictions.csv (options: thumbclf evaluate --help).")
+    sp = sub.add_parser("review", help="Write a review page for a results folder; serve it, or "
+                        "apply the corrections exported from it.", description=REVIEW_HELP)
+    sp.add_argument("results", type=Path, help="a deploy or training results folder")
+    sp.add_argument("--serve", action="store_true", help="serve the page on 127.0.0.1 (this "
+                    "machine only) and save each correction in review/journal.jsonl there")
+    sp.add_argument("--port", type=int, default=8765, help="port for --serve (default 8765; "
+                    "0: any free port)")
+    sp.add_argument("--apply", type=Path, action="append", metavar="CORRECTIONS",
+                    help="write reviewed_predictions.csv and copies in sorted/<reviewed class>/ "
+                    "from this corrections table (repeatable) instead of writing the page")
+    sp.add_argument("--quiet", action="store_true", help="warnings and errors only")
+    sp.add_argument("--debug", action="store_true", help="show tracebacks and debug messages")
     sp = sub.add_parser("init", help="Write a commented experiment file to start from.",
                         description="Write a commented experiment file (YAML) to start from: the "
                         "required keys set to examples, every other key commented out with its "
@@ -119,8 +136,9 @@ def run_workflow(workflow: str, args: argparse.Namespace, ap: argparse.ArgumentP
     return guarded(work, lambda: folder)
 
 
-def guarded(work, folder=lambda: None) -> int:
-    """Run ``work()``; the project's errors, interruptions and bugs become exit codes."""
+def guarded(work, folder=lambda: None, again: str = "the same command plus --resume") -> int:
+    """Run ``work()``; the project's errors, interruptions and bugs become exit codes.
+    ``again`` is how to finish interrupted work."""
     try:
         work()
         return 0
@@ -133,8 +151,8 @@ def guarded(work, folder=lambda: None) -> int:
     except KeyboardInterrupt:
         log.debug("interrupted (Ctrl-C or SIGTERM)")
         where = f" in {folder()}" if folder() else ""
-        print(f"\ninterrupted: finished work is kept{where}; continue with the same command "
-              "plus --resume", file=sys.stderr)
+        print(f"\ninterrupted: finished work is kept{where}; continue with {again}",
+              file=sys.stderr)
         return EXIT_INTERRUPTED
     except OSError as exc:
         if exc.errno not in USER_OS_ERRORS:
@@ -194,6 +212,28 @@ def evaluate_main(argv: list[str] | None = None, prog: str = "thumbclf evaluate"
     return guarded(work)
 
 
+def review_command(args: argparse.Namespace) -> int:
+    """``thumbclf review RESULTS [--serve | --apply CORRECTIONS]``."""
+    setup_logging(None, quiet=args.quiet, debug=args.debug)
+    signal.signal(signal.SIGTERM, _sigterm)
+
+    def work() -> None:
+        from thumbclf.workflows import review as review_flow
+
+        if args.apply:
+            print(f"reviewed table: {review_flow.apply(args.results, args.apply)}")
+        elif args.serve:
+            review_flow.serve(args.results, args.port, quiet=args.quiet)
+        else:
+            page = review_flow.write_review(args.results, quiet=args.quiet or not sys.stderr.isatty())
+            print(f"review page: {page} (open it in a browser; or serve it with --serve)")
+
+    if args.serve and args.apply:
+        print("error: give --serve or --apply, not both", file=sys.stderr)
+        return EXIT_ERROR
+    return guarded(work, lambda: args.results, again="the same command")
+
+
 def command(argv: list[str] | None = None) -> int:
     """``thumbclf COMMAND ...``: dispatch to a subcommand; return the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -203,6 +243,8 @@ def command(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.command == "init":
         return guarded(lambda: init_file(args.file, args.workflow))
+    if args.command == "review":
+        return review_command(args)
     return run_workflow(args.command, args, args.subparser)
 
 

@@ -430,6 +430,14 @@ NAME_MEANINGS: dict[str, str] = {
                       "inference-engine verdicts and conversions",
     "slides": "in the cache folder: rendered slide thumbnails (PNG), keyed by slide path, "
               "size, modification time and thumbnail size",
+    "gradcam/index.csv": "each slide's Grad-CAM overlay (PATH, overlay file), read by the "
+                         "review page",
+    "review": "`thumbclf review`: the review page, its previews and the journal of corrections",
+    "index.html": "in `review/`: the self-contained review page (opens offline)",
+    "journal.jsonl": "in `review/`: the append-only log of the corrections made on the served "
+                     "page (`thumbclf review --serve`)",
+    "reviewed_predictions.csv": "`thumbclf review --apply`: the predictions table with the "
+                                "model's decision and the reviewed class side by side",
     "CACHEDIR.TAG": "marks a cache folder, so that folder inputs never read it and backup "
                     "tools may skip it",
 }

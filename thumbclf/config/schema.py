@@ -50,6 +50,10 @@ KEYS: tuple[Key, ...] = (
     Key("thumb_data", "path", None, "Table (.csv/.tsv/.xlsx with PATH, CLASSIFICATION[, PATIENT]) "
         "or folder of thumbnails/slides (one subfolder per class, or for pretrain any folder: no "
         "labels needed).", ("thumbData",), ALL),
+    Key("corrections", "paths", None, "Training: reviewed labels (a table or a list of tables "
+        "with PATH and CLASSIFICATION, as thumbclf review exports them): they replace the "
+        "labels of the same slides (matched by resolved path) and add slides not in thumbData; "
+        "'Undecided' changes nothing.", (), (TRAIN,)),
     Key("target_labels", "labels", None, "Classes to use, in this order; rows with other labels "
         "are left out. Default: every label present.", ()),
     Key("model_path", "paths", None, "Deploy: model file, list of model files, or a training "
@@ -234,6 +238,7 @@ class TrainParams(Params):
     """Settings of train_thumbclassifier.py."""
 
     target_accuracy: float | None = None
+    corrections: tuple[Path, ...] = ()
     max_epochs: int = _d("max_epochs")
     train_full: bool = _d("train_full")
     fold_number: int = _d("fold_number")

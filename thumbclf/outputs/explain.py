@@ -18,7 +18,7 @@ from torch import nn
 from thumbclf.core import layout
 from thumbclf.core.decide import UNDECIDED
 from thumbclf.core.errors import ImageReadError
-from thumbclf.core.files import atomic_bytes
+from thumbclf.core.files import atomic_bytes, atomic_csv
 from thumbclf.inputs.decode import load_array
 from thumbclf.inputs.images import Preprocessing
 from thumbclf.nn.data import Normalisation, to_input
@@ -117,7 +117,7 @@ def write_gallery(models: dict, table: pd.DataFrame, classes: list[str], *, prep
     chosen = select(table, classes, per_class)
     if chosen.empty:
         return None
-    panels = []
+    panels, written = [], []
     folders = layout.component_map([*classes, UNDECIDED, *chosen["model_prediction"].astype(str)])
     taken: set[str] = set()
     for _, row in chosen.iterrows():
@@ -138,9 +138,11 @@ def write_gallery(models: dict, table: pd.DataFrame, classes: list[str], *, prep
         buf = io.BytesIO()
         plt.imsave(buf, blended, format="png")
         atomic_bytes(buf.getvalue(), png)
+        written.append((str(row["PATH"]), png.relative_to(out).as_posix()))
         panels.append((blended, row.get("CLASSIFICATION"), decision, classes[target], probs[target], name))
     if not panels:
         return None
+    atomic_csv(pd.DataFrame(written, columns=["PATH", "overlay"]), out / layout.GRADCAM_INDEX)
     fig, axes = image_grid(len(panels))
     for ax, (img, label, decision, target, p, name) in zip(axes, panels):
         ax.imshow(img)

@@ -24,6 +24,7 @@ from thumbclf.core.decide import decide_with_reasons, threshold_in_force
 from thumbclf.core.errors import DataError
 from thumbclf.core.files import atomic_csv, atomic_text, atomic_torch_save
 from thumbclf.inputs import splits as splitting
+from thumbclf.inputs.corrections import apply_corrections, read_corrections
 from thumbclf.inputs.images import Preprocessing
 from thumbclf.inputs.samples import (SampleSet, check_class_names, check_class_sizes, discover)
 from thumbclf.nn import familiarity
@@ -312,10 +313,23 @@ def _splits(params: TrainParams, folder: Path, sample_set: SampleSet, resume: bo
     return split_df
 
 
-def _inputs(params: TrainParams, folder: Path, resume: bool) -> SampleSet:
-    """The labelled images, checked before anything is trained; the settings saved."""
+def with_corrections(sample_set: SampleSet, params: TrainParams) -> tuple[SampleSet, str]:
+    """The samples with the corrections tables' labels, and a sentence saying what changed."""
+    if not params.corrections:
+        return sample_set, ""
+    found = read_corrections(params.corrections)
+    sample_set, applied = apply_corrections(sample_set, found, target_labels=params.target_labels,
+                                            tables=len(params.corrections))
+    log.info("%s", applied.sentence())
+    return sample_set, applied.sentence()
+
+
+def _inputs(params: TrainParams, folder: Path, resume: bool) -> tuple[SampleSet, str]:
+    """The labelled images (with the corrections), checked before anything is trained; the
+    settings saved. Also the sentence saying what the corrections changed (or '')."""
     sample_set = discover(params.thumb_data, need_labels=True, target_labels=params.target_labels,
                           exclude=(folder, params.cache_root))
+    sample_set, corrected = with_corrections(sample_set, params)
     check_class_names(sample_set.classes, params.thumb_data)
     cm_layout(sample_set.classes, params.cm_sortlabels, params.cm_xlabels, params.cm_ylabels,
               params.source)  # a bad confusion-matrix option fails now, not after training
@@ -328,7 +342,7 @@ def _inputs(params: TrainParams, folder: Path, resume: bool) -> SampleSet:
     log.info("%d images in %d classes: %s", len(sample_set), len(sample_set.classes),
              ", ".join(f"{k} {v}" for k, v in sample_set.counts().items()))
     report_rare_classes(sample_set.counts(), params.class_balance)
-    return sample_set
+    return sample_set, corrected
 
 
 def _device(params: TrainParams) -> torch.device:
@@ -345,7 +359,7 @@ def run(params: TrainParams, *, resume: bool = False, quiet: bool = False) -> Pa
     """Train as the experiment file says; return the results folder."""
     folder = params.output
     started = time.perf_counter()
-    sample_set = _inputs(params, folder, resume)
+    sample_set, corrected = _inputs(params, folder, resume)
     device = _device(params)
     arch = arch_name(params.model_name)
     prep = Preprocessing(size=input_size(arch), max_pixels=params.max_image_pixels,
@@ -366,7 +380,8 @@ def run(params: TrainParams, *, resume: bool = False, quiet: bool = False) -> Pa
     results = [done[fold] for fold in folds]
     if not distributed.is_main():
         return folder  # rank 0 pools, evaluates and reports
-    _evaluate(params, folder, results, sample_set, split_df, prep=prep, arch=arch, device=device)
+    _evaluate(params, folder, results, sample_set, split_df, prep=prep, arch=arch, device=device,
+              notes=[corrected] if corrected else [])
     timings = {"decode_seconds": round(decoded.seconds, 3),
                "total_seconds": round(time.perf_counter() - started, 3), "images": len(sample_set)}
     atomic_text(json.dumps(timings, indent=1), folder / layout.TIMINGS)
@@ -376,7 +391,7 @@ def run(params: TrainParams, *, resume: bool = False, quiet: bool = False) -> Pa
 
 def _evaluate(params: TrainParams, folder: Path, results: list[FoldResult],
               sample_set: SampleSet, split_df: pd.DataFrame, *, prep: Preprocessing, arch: str,
-              device: torch.device) -> None:
+              device: torch.device, notes: list[str]) -> None:
     """Pool the folds' predictions; Grad-CAM, metrics, plots and the report."""
     classes = sample_set.classes
     if params.train_full:
@@ -388,7 +403,7 @@ def _evaluate(params: TrainParams, folder: Path, results: list[FoldResult],
     extra = explain.section(folder, table, {r.fold: r.model for r in results}, list(classes),
                             prep=prep, norm=IMAGENET, arch=arch, per_class=params.gradcam,
                             device=device, note="each with its own fold's model")
-    notes = []
+    notes = list(notes)
     if params.target_accuracy is not None:
         per = (table.groupby("fold")["threshold"].first() if "fold" in table
                else table["threshold"].iloc[:1])

@@ -1,0 +1,395 @@
+"""thumbclf review: write the review page of a results folder, serve it on 127.0.0.1 (the
+corrections go into an append-only journal there), and apply corrections to a deploy.
+
+Everything is written inside the results folder, under the folder's lock; nothing is
+overwritten, and each step can be run again (it finishes what is missing).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from http import HTTPStatus
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Sequence
+
+import pandas as pd
+import yaml
+from PIL import Image
+from tqdm import tqdm
+
+from thumbclf.core import layout, machine
+from thumbclf.core import table as table_io
+from thumbclf.core.decide import UNDECIDED
+from thumbclf.core.errors import DataError, ImageReadError, OutputError
+from thumbclf.core.files import (OutputLock, append_whole, atomic_bytes, atomic_csv, atomic_text,
+                                 repair_tail)
+from thumbclf.inputs import slides
+from thumbclf.inputs.corrections import read_corrections, resolved_key
+from thumbclf.inputs.images import DEFAULT_MAX_PIXELS, DEFAULT_SLIDE_SIZE, open_rgb
+from thumbclf.outputs import review as review_page
+from thumbclf.outputs.sorting import copy_all
+
+log = logging.getLogger(__name__)
+HOST = "127.0.0.1"  # the page is served on this machine's loopback interface only
+EXPORT = "corrections.csv"
+COLUMNS = ["PATH", "CLASSIFICATION", "REVIEWER", "REVIEWED_AT", "MODEL_PREDICTION"]
+REVIEWED_CLASS, REVIEWER, REVIEWED_AT = "reviewed_class", "reviewer", "reviewed_at"
+
+
+# ---------------------------------------------------------------------------- the results folder
+
+
+def table_file(folder: Path) -> Path:
+    """The predictions table of a deploy or training results folder."""
+    for candidate in (folder / layout.PREDICTIONS, layout.fold_predictions(folder, 0)):
+        if candidate.is_file():
+            return candidate
+    if not folder.is_dir():
+        raise DataError(f"{folder}: no such results folder; give the folder a thumbclf deploy "
+                        "or train run wrote")
+    raise DataError(f"{folder}: no predictions.csv (nor full/val_predictions.csv); is it a "
+                    "finished thumbclf deploy or training results folder?")
+
+
+def settings(folder: Path) -> dict:
+    """The run's settings that previews and copies need (config.yaml; defaults without it)."""
+    try:
+        cfg = yaml.safe_load((folder / layout.CONFIG).read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError):
+        cfg = {}
+    cache = cfg.get("cache_dir") or str(folder.parent / layout.CACHE_FOLDER)
+    return {"slide_size": int(cfg.get("slide_thumbnail_size") or DEFAULT_SLIDE_SIZE),
+            "max_pixels": int(cfg.get("max_image_pixels") or DEFAULT_MAX_PIXELS),
+            "slide_cache": Path(cache) / layout.SLIDE_THUMBNAILS,
+            "sort_slides": bool(cfg.get("sort_slides", False))}
+
+
+def picture(path: Path, cfg: dict) -> Image.Image:
+    """What the model saw: a slide's thumbnail (its pixel levels, never the label or macro
+    image; the run's cached one where it exists, never written to the cache) or the image."""
+    if slides.is_slide(path):
+        cached = slides.cache_file(path, cfg["slide_size"], cfg["slide_cache"])
+        if cached.is_file():
+            with Image.open(cached) as img:
+                return img.convert("RGB")
+        return slides.thumbnail(path, cfg["slide_size"])
+    return open_rgb(path, target=review_page.LARGE, max_pixels=cfg["max_pixels"])
+
+
+def _lock(folder: Path) -> OutputLock:
+    if not folder.is_dir():
+        raise DataError(f"{folder}: no such results folder")
+    return OutputLock(folder).acquire()
+
+
+# ---------------------------------------------------------------------------- the page
+
+
+def write_previews(folder: Path, table: pd.DataFrame, *, quiet: bool = True) -> int:
+    """Previews of every readable row and the Grad-CAM overlays (missing ones only); returns
+    how many pictures could not be read."""
+    review, cfg = folder / layout.REVIEW, settings(folder)
+    ok = table[table_io.ERROR].fillna("") == "" if table_io.ERROR in table else [True] * len(table)
+    todo = [p for p, good in zip(table[table_io.PATH].astype(str), ok)
+            if good and not all(f.is_file() for k, f in review_page.preview_files(review, p).items()
+                                if k != "g")]
+
+    def one(path: str) -> str | None:
+        try:
+            review_page.write_previews(picture(Path(path), cfg), review_page.preview_files(review, path))
+            return None
+        except (ImageReadError, OSError) as exc:
+            return str(exc)
+
+    failed = 0
+    with ThreadPoolExecutor(max(1, min(8, machine.cores()))) as pool:
+        for err in tqdm(pool.map(one, todo), total=len(todo), desc="previews", unit="slide",
+                        disable=quiet or not todo):
+            if err:
+                failed += 1
+                log.debug("no preview: %s", err)
+    index = folder / layout.GRADCAM_INDEX
+    if index.is_file():
+        for path, overlay in pd.read_csv(index, dtype=str, keep_default_na=False).itertuples(index=False):
+            source = folder / overlay
+            if layout.inside(folder, source) and source.is_file():
+                with Image.open(source) as img:
+                    review_page.write_overlay(img, review_page.preview_files(review, path)["g"])
+    return failed
+
+
+def write_review(folder: Path, *, quiet: bool = True) -> Path:
+    """review/index.html and its previews, for the results folder ``folder``."""
+    table_file(folder)  # a folder without predictions gets nothing written into it
+    with _lock(folder):
+        return _write_review(folder, quiet=quiet)
+
+
+def _write_review(folder: Path, *, quiet: bool) -> Path:
+    source = table_file(folder)
+    table, classes = table_io.read(source)
+    failed = write_previews(folder, table, quiet=quiet)
+    if failed:
+        log.warning("%d slides have no preview (their files could not be read now)", failed)
+    records = review_page.items(table, classes, review=folder / layout.REVIEW)
+    title = f"Review: {folder.name} ({len(table)} slides)"
+    page = review_page.write(folder / layout.REVIEW, records, classes, title=title,
+                             page=review_page.page_id(source))
+    needs = sum(1 for r in records if r["d"] == UNDECIDED or (r["l"] and r["l"] != r["d"] and not r["e"]))
+    log.info("review page: %s (%d slides, %d need review)", page, len(records), needs)
+    return page
+
+
+# ---------------------------------------------------------------------------- the journal
+
+
+def journal_entries(journal: Path) -> list[dict]:
+    """The journal's entries in order (a torn last line, from a crash, is left out)."""
+    if not journal.is_file():
+        return []
+    out = []
+    for line in journal.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
+def corrections_table(entries: list[dict], table: pd.DataFrame) -> pd.DataFrame:
+    """The journal's last word on each slide, as corrections.csv (in the table's order)."""
+    last: dict[str, dict] = {}
+    for e in entries:
+        if e.get("classification") is None:
+            last.pop(e.get("path"), None)
+        else:
+            last[e["path"]] = e
+    rows = []
+    for path, decision in zip(table[table_io.PATH].astype(str), table[table_io.DECISION]):
+        e = last.get(os.path.abspath(path))
+        if e:
+            rows.append([e["path"], e["classification"], e.get("reviewer", ""), e.get("at", ""),
+                         decision])
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def write_new(df: pd.DataFrame, folder: Path, name: str) -> Path:
+    """``folder/name``, or name-2, -3 ... where another file is there (kept if identical)."""
+    stem, suffix = os.path.splitext(name)
+    text = df.to_csv(index=False)
+    for i in range(1, 10_000):
+        target = folder / (name if i == 1 else f"{stem}-{i}{suffix}")
+        if not target.exists():
+            atomic_text(text, target)
+            return target
+        if target.read_text(encoding="utf-8", errors="replace") == text:
+            return target
+    raise OutputError(f"{folder}: too many {name} files; remove old ones")
+
+
+class ReviewServer(ThreadingHTTPServer):
+    """The review folder over HTTP on 127.0.0.1, with the journal behind /api/."""
+
+    daemon_threads = True
+
+    def __init__(self, folder: Path, port: int):
+        self.folder = folder
+        self.review = folder / layout.REVIEW
+        self.journal = self.review / layout.REVIEW_JOURNAL
+        self.table, classes = table_io.read(table_file(folder))
+        self.paths = {os.path.abspath(p) for p in self.table[table_io.PATH].astype(str)}
+        self.classes = set(classes) | {UNDECIDED}
+        repair_tail(self.journal)
+        super().__init__((HOST, port), partial(_Handler, directory=str(self.review)))
+
+    @property
+    def url(self) -> str:
+        return f"http://{HOST}:{self.server_address[1]}/{layout.REVIEW_PAGE}"
+
+    def check_entry(self, entry) -> str | None:
+        """Why a journal entry is refused, or None."""
+        if not isinstance(entry, dict) or set(entry) != {"path", "classification", "reviewer", "at"}:
+            return "an entry has path, classification, reviewer and at"
+        if entry["path"] not in self.paths:
+            return "path is not a slide of this results folder"
+        if entry["classification"] is not None and entry["classification"] not in self.classes:
+            return "classification is not a class of this model"
+        if not all(isinstance(entry[k], str) and len(entry[k]) <= 200 for k in ("reviewer", "at")):
+            return "reviewer and at must be short texts"
+        return None
+
+
+class _Handler(SimpleHTTPRequestHandler):
+    server: ReviewServer
+
+    def log_message(self, format, *args):  # noqa: A002 - http.server's name
+        log.debug("review server: " + format, *args)
+
+    def _allowed(self) -> bool:
+        """Only this machine's own page: the Host (DNS rebinding) and, on writes, the Origin."""
+        port = self.server.server_address[1]
+        hosts = {f"{HOST}:{port}", f"localhost:{port}"}
+        if self.headers.get("Host") not in hosts:
+            self.send_error(HTTPStatus.FORBIDDEN, "unknown host")
+            return False
+        origin = self.headers.get("Origin")
+        if self.command == "POST" and origin is not None and origin not in {f"http://{h}" for h in hosts}:
+            self.send_error(HTTPStatus.FORBIDDEN, "cross-origin request")
+            return False
+        return True
+
+    def _reply(self, status: int, body: bytes, kind: str) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self):  # noqa: N802 - http.server's name
+        if not self._allowed():
+            return
+        if self.path.split("?")[0] == "/api/journal":
+            body = json.dumps(journal_entries(self.server.journal)).encode()
+            return self._reply(HTTPStatus.OK, body, "application/json")
+        if self.path == "/":
+            self.path = "/" + layout.REVIEW_PAGE
+        return super().do_GET()
+
+    def do_HEAD(self):  # noqa: N802
+        if self._allowed():
+            super().do_HEAD()
+
+    def do_POST(self):  # noqa: N802
+        if not self._allowed():
+            return
+        route = self.path.split("?")[0]
+        if route == "/api/journal":
+            if self.headers.get("Content-Type", "").split(";")[0].strip() != "application/json":
+                return self._reply(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, b"JSON only", "text/plain")
+            length = int(self.headers.get("Content-Length") or 0)
+            if length > 100_000:
+                return self._reply(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, b"too large", "text/plain")
+            try:
+                entry = json.loads(self.rfile.read(length))
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                return self._reply(HTTPStatus.BAD_REQUEST, b"not JSON", "text/plain")
+            why = self.server.check_entry(entry)
+            if why:
+                return self._reply(HTTPStatus.BAD_REQUEST, why.encode(), "text/plain")
+            line = json.dumps(entry, ensure_ascii=False) + "\n"
+            append_whole(self.server.journal, line.encode("utf-8", "surrogateescape"))
+            return self._reply(HTTPStatus.NO_CONTENT, b"", "text/plain")
+        if route == "/api/export":
+            df = corrections_table(journal_entries(self.server.journal), self.server.table)
+            target = write_new(df, self.server.review, EXPORT)
+            text = f"wrote {len(df)} corrections to {target}"
+            log.info("%s", text)
+            return self._reply(HTTPStatus.OK, text.encode("utf-8", "replace"), "text/plain")
+        return self._reply(HTTPStatus.NOT_FOUND, b"not found", "text/plain")
+
+
+def serve(folder: Path, port: int = 8765, *, quiet: bool = True, ready=None) -> None:
+    """Write the page, then serve it on 127.0.0.1:``port`` until interrupted (Ctrl-C).
+    ``ready(server)`` is called once it listens (tests stop it with server.shutdown())."""
+    with _lock(folder):
+        _write_review(folder, quiet=quiet)
+        try:
+            server = ReviewServer(folder, port)
+        except OSError as exc:
+            raise OutputError(f"{HOST}:{port}: cannot serve the review page ({exc.strerror or exc}); "
+                              "choose another --port") from None
+        log.info("review page at %s (this machine only; from another one: ssh -L %d:%s:%d "
+                 "HOST); corrections are saved in %s; stop with Ctrl-C", server.url,
+                 server.server_address[1], HOST, server.server_address[1], server.journal)
+        if ready is not None:
+            ready(server)
+        try:
+            server.serve_forever()
+        except KeyboardInterrupt:
+            log.info("stopped serving; the corrections are in %s", server.journal)
+        finally:
+            server.server_close()
+
+
+# ---------------------------------------------------------------------------- applying corrections
+
+
+def reviewed_table(table: pd.DataFrame, classes: list[str], corrections) -> pd.DataFrame:
+    """The predictions table plus the reviewed class (the model's decision where no correction
+    says otherwise), the reviewer and when. DataError for corrections of slides not in the
+    table or of classes the model does not have, naming the rows."""
+    index = {resolved_key(os.path.abspath(p)): i for i, p in enumerate(table[table_io.PATH].astype(str))}
+    outside = [c for c in corrections if c.key not in index]
+    if outside:
+        shown = ", ".join(f"{c.where} ({c.path})" for c in outside[:5])
+        raise DataError(f"corrections: {len(outside)} slides are not in this results folder's "
+                        f"predictions: {shown}; apply them to the run that predicted them")
+    unknown = [c for c in corrections if c.label not in classes and c.label != UNDECIDED]
+    if unknown:
+        shown = ", ".join(f"{c.where} ({c.label!r})" for c in unknown[:5])
+        raise DataError(f"corrections: classes the model does not have: {shown}; the classes "
+                        f"are {', '.join(classes)} and {UNDECIDED}")
+    out = table.copy()
+    reviewed = out[table_io.DECISION].astype(str).tolist()
+    who, when = [""] * len(out), [""] * len(out)
+    for c in corrections:
+        i = index[c.key]
+        reviewed[i], who[i], when[i] = c.label, c.reviewer, c.reviewed_at
+    out[REVIEWED_CLASS], out[REVIEWER], out[REVIEWED_AT] = reviewed, who, when
+    return out
+
+
+def reviewed_copies(folder: Path, table: pd.DataFrame, cfg: dict) -> list[tuple[Path, Path]]:
+    """(source, copy) for each slide whose reviewed class differs from the model's decision:
+    sorted/<reviewed class>/<name>__<hash of its path>, the same name on every run."""
+    root = folder / "sorted"
+    changed = table[(table[REVIEWED_CLASS] != table[table_io.DECISION])
+                    & (table[table_io.ERROR].fillna("") == "" if table_io.ERROR in table else True)]
+    folders = layout.component_map(changed[REVIEWED_CLASS].astype(str))
+    jobs = []
+    for path_text, cls in zip(changed[table_io.PATH].astype(str), changed[REVIEWED_CLASS].astype(str)):
+        src, tag = Path(path_text), review_page.preview_stem(path_text)[:8]
+        stem = f"{layout.safe_component(src.stem)}__{tag}"
+        if slides.is_slide(src):
+            thumb = folder / layout.REVIEW / "thumbnails" / f"{review_page.preview_stem(path_text)}.png"
+            if not thumb.is_file():
+                buf = io.BytesIO()
+                picture(src, cfg).save(buf, format="PNG")
+                atomic_bytes(buf.getvalue(), thumb)
+            jobs.append((thumb, root / folders[cls] / layout.safe_file_name(stem, ".png")))
+            if cfg["sort_slides"]:
+                jobs.append((src, root / folders[cls] / layout.safe_file_name(stem, src.suffix)))
+        else:
+            jobs.append((src, root / folders[cls] / layout.safe_file_name(stem, src.suffix)))
+    for _, dst in jobs:
+        if not layout.inside(root, dst):
+            raise OutputError(f"{dst}: would land outside {root}; refused")
+    return jobs
+
+
+def apply(folder: Path, tables: Sequence[Path]) -> Path:
+    """reviewed_predictions.csv and the reviewed copies in sorted/; running it again with the
+    same corrections changes nothing, with others refuses to replace the table."""
+    with _lock(folder):
+        table, classes = table_io.read(table_file(folder))
+        reviewed = reviewed_table(table, classes, read_corrections(tables))
+        target = folder / layout.REVIEWED
+        text = reviewed.to_csv(index=False)
+        if target.is_file() and target.read_text(encoding="utf-8", errors="replace") != text:
+            raise OutputError(f"{target}: exists from other corrections; thumbclf never "
+                              "overwrites it: move it away to apply these")
+        if not target.is_file():
+            atomic_csv(reviewed, target)
+        jobs = reviewed_copies(folder, reviewed, settings(folder))
+        made, kept = copy_all(jobs)
+        n = int((reviewed[REVIEWED_CLASS] != reviewed[table_io.DECISION]).sum())
+        log.info("reviewed: %d of %d slides have a class other than the model's; %s; sorted "
+                 "copies: %d made, %d there already", n, len(reviewed), target, made, kept)
+        return target
