@@ -1,6 +1,6 @@
 """thumbclf: classify whole-slide-image thumbnails into slide types.
 
-The Python API (see the README's "Install as a package"):
+The Python API (docs: how-to/python-api and reference/api):
 
     import thumbclf
     folder = thumbclf.train("experiments/crc.yaml")     # or a dict of the same keys

@@ -39,7 +39,7 @@ REVIEW_HELP = ("Write review/index.html into a results folder: a page (no networ
                "keyboard and export corrections.csv; train the next model with corrections: "
                "corrections.csv, or apply them to this deploy with --apply corrections.csv.")
 
-EPILOG = ("Experiment-file keys: see experiments/template.yaml, the README, or write a "
+EPILOG = ("Experiment-file keys: see experiments/template.yaml, the docs (reference/keys), or write a "
           "commented starting file with: thumbclf init FILE")
 
 

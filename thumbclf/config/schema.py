@@ -141,8 +141,8 @@ KEYS: tuple[Key, ...] = (
         "used only after passing the quality gate on labelled images.", (), (DEPLOY,),
         choices=("auto", "fp32", "bf16", "int8")),
     Key("verify_data", "path", None, "Deploy: labelled images (table or class folders) for the "
-        "reduced-precision quality gate. Default: the validation split recorded in the model "
-        "file, else the deploy's own labels.", (), (DEPLOY,)),
+        "reduced-precision quality gate. Default: the validation splits of the models' training "
+        "run (splits.csv beside the model files).", (), (DEPLOY,)),
     Key("gradcam", "int", 2, "Grad-CAM overlays per class (and for Undecided); 0 turns them off.",
         (), BOTH, 0, 1000),
     Key("bootstrap", "int", 1000, "Bootstrap resamples for confidence intervals (0: none).",
