@@ -24,12 +24,56 @@ def tiny_data(tmp_path_factory) -> Path:
                           classes=TINY_CLASSES, patients=4)
 
 
+SCRIPTS = {"train_thumbclassifier.py": "train", "deploy_thumbclassifier.py": "deploy",
+           "pretrain_thumbclassifier.py": "pretrain"}
+
+
 def run_script(script: str, *args: str, cwd: Path | None = None, timeout: int = 600,
-               env_extra: dict | None = None) -> subprocess.CompletedProcess:
-    """Run train_/deploy_thumbclassifier.py in a subprocess, as a user would."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="2", **(env_extra or {}))
-    return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=cwd or ROOT,
-                          capture_output=True, text=True, timeout=timeout, env=env)
+               env_extra: dict | None = None, process: bool = False
+               ) -> subprocess.CompletedProcess:
+    """Run train_/deploy_/pretrain_thumbclassifier.py as a user would and return what a process
+    would: exit code, stdout, stderr. In this process through the command-line function (as
+    fast as a test can be), or with ``process`` in a fresh Python process (for what only a
+    process shows: its environment at start, signals, a kill)."""
+    if process or script not in SCRIPTS:
+        env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="2", **(env_extra or {}))
+        return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=cwd or ROOT,
+                              capture_output=True, text=True, timeout=timeout, env=env)
+    return run_cli(SCRIPTS[script], list(args), cwd=cwd, env_extra=env_extra)
+
+
+def run_cli(workflow: str, argv: list[str], *, cwd: Path | None = None,
+            env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    """``cli.main(workflow, argv)`` in this process, with its own stdout, stderr, working folder
+    and environment, all restored afterwards."""
+    import contextlib
+    import io
+    import signal
+
+    import torch
+
+    from thumbclf import cli
+    from thumbclf.core.logs import remove_handlers
+
+    out, err = io.StringIO(), io.StringIO()
+    env, here, sigterm = dict(os.environ), os.getcwd(), signal.getsignal(signal.SIGTERM)
+    threads = torch.get_num_threads()
+    os.environ.update(env_extra or {})
+    try:
+        os.chdir(cwd or ROOT)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = cli.main(workflow, argv)
+            except SystemExit as exc:  # argparse's usage errors
+                code = exc.code if isinstance(exc.code, int) else 2
+    finally:
+        remove_handlers()
+        os.chdir(here)
+        os.environ.clear()
+        os.environ.update(env)
+        signal.signal(signal.SIGTERM, sigterm)
+        torch.set_num_threads(threads)
+    return subprocess.CompletedProcess([workflow, *argv], code, out.getvalue(), err.getvalue())
 
 
 def write_yaml(path: Path, text: str) -> Path:
