@@ -28,6 +28,18 @@ SCRIPTS = {"train_thumbclassifier.py": "train", "deploy_thumbclassifier.py": "de
            "pretrain_thumbclassifier.py": "pretrain"}
 
 
+TINY_TRAIN = ("pretrained: false\nbatch_size: 8\nmax_epochs: 1\nstopEpoch: 0\npatience: 1\n"
+              "bootstrap: 0\nnum_workers: 0\ngradcam: 0\n")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_data, tmp_path_factory) -> Path:
+    """One tiny trained model (full training, 1 epoch, from scratch), shared by the tests that
+    only need *a* model: its results folder, to read and deploy from, never to write into."""
+    return train_once(tmp_path_factory.mktemp("model"), "full",
+                      f"thumbData: {tiny_data}\ntrainFull: true\n{TINY_TRAIN}")[0]
+
+
 def run_script(script: str, *args: str, cwd: Path | None = None, timeout: int = 600,
                env_extra: dict | None = None, process: bool = False
                ) -> subprocess.CompletedProcess:

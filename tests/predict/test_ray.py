@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import ROOT, run_script, train_once, write_yaml
+from conftest import ROOT, run_script, write_yaml
 from test_slides import make_pyramid
 
 ray = pytest.importorskip("ray", reason='Ray is not installed: pip install "thumbclf[ray]" '
@@ -20,9 +20,8 @@ FAST = ("pretrained: false\nbatch_size: 8\nmax_epochs: 1\nstopEpoch: 0\npatience
 
 
 @pytest.fixture(scope="module")
-def model_dir(tiny_data, tmp_path_factory):
-    return train_once(tmp_path_factory.mktemp("model"), "full",
-                      f"thumbData: {tiny_data}\ntrainFull: true\n{FAST}")[0]
+def model_dir(tiny_model):
+    return tiny_model  # the session's tiny model (conftest)
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import time
 import pandas as pd
 import pytest
 
-from conftest import ROOT, run_script, train_once, write_yaml
+from conftest import ROOT, run_script, write_yaml
 from thumbclf.inputs import synth
 from thumbclf.core.errors import OutputError
 from thumbclf.core.files import atomic_text
@@ -22,9 +22,8 @@ FAST = ("pretrained: false\nbatch_size: 8\nmax_epochs: 1\nstopEpoch: 0\npatience
 
 
 @pytest.fixture(scope="module")
-def model_dir(tiny_data, tmp_path_factory):
-    return train_once(tmp_path_factory.mktemp("model"), "full",
-                      f"thumbData: {tiny_data}\ntrainFull: true\n{FAST}")[0]
+def model_dir(tiny_model):
+    return tiny_model  # the session's tiny model (conftest)
 
 
 def messy_table(tiny_data, tmp_path):

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import run_script, train_once, write_yaml
+from conftest import run_script, write_yaml
 from thumbclf.inputs import synth
 from thumbclf.cli import main
 from thumbclf.config import DEPLOY
@@ -34,9 +34,8 @@ def checksums(folder: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def model_dir(tiny_data, tmp_path_factory):
-    return train_once(tmp_path_factory.mktemp("model"), "full",
-                      f"thumbData: {tiny_data}\ntrainFull: true\n{FAST}")[0]
+def model_dir(tiny_model):
+    return tiny_model  # the session's tiny model (conftest)
 
 
 # 1 ---------------------------------------------------------------------------------------------
