@@ -113,3 +113,24 @@ def pytest_pyfunc_call(pyfuncitem):
     if r.returncode != 0:
         pytest.fail(f"in a fresh process:\n{r.stdout[-4000:]}\n{r.stderr[-2000:]}", pytrace=False)
     return True
+
+
+def make_pyramid(path, w=3000, h=2000, colour=(200, 100, 160), tile=256):
+    """A tiled, pyramidal RGB TIFF (generic-tiff for OpenSlide) with a blue mark top-left."""
+    import numpy as np
+    import tifffile
+    from PIL import Image
+
+    base = np.full((h, w, 3), 245, np.uint8)
+    base[h // 4: 3 * h // 4, w // 4: 3 * w // 4] = colour
+    base[: h // 8, : w // 8] = (0, 0, 255)
+    with tifffile.TiffWriter(path) as tw:
+        level = base
+        while True:
+            tw.write(level, tile=(tile, tile), photometric="rgb", compression="zlib",
+                     subfiletype=0 if level is base else 1)
+            if max(level.shape[:2]) <= 600:
+                break
+            level = np.asarray(Image.fromarray(level).reduce(2))
+    return path
+

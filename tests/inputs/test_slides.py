@@ -3,32 +3,15 @@
 import numpy as np
 import pandas as pd
 import pytest
-import tifffile
 from PIL import Image
 
-from conftest import REALDATA, run_script, write_yaml
+from conftest import REALDATA, make_pyramid, run_script, write_yaml
 from thumbclf.inputs import slides
 from thumbclf.inputs.decode import load_array
 from thumbclf.core.errors import ImageReadError
 from thumbclf.inputs.images import Preprocessing
 
 REAL_SLIDES = sorted((REALDATA / "slides").glob("*.svs")) if REALDATA.is_dir() else []
-
-
-def make_pyramid(path, w=3000, h=2000, colour=(200, 100, 160), tile=256):
-    """A tiled, pyramidal RGB TIFF (generic-tiff for OpenSlide) with a blue mark top-left."""
-    base = np.full((h, w, 3), 245, np.uint8)
-    base[h // 4: 3 * h // 4, w // 4: 3 * w // 4] = colour
-    base[: h // 8, : w // 8] = (0, 0, 255)
-    with tifffile.TiffWriter(path) as tw:
-        level = base
-        while True:
-            tw.write(level, tile=(tile, tile), photometric="rgb", compression="zlib",
-                     subfiletype=0 if level is base else 1)
-            if max(level.shape[:2]) <= 600:
-                break
-            level = np.asarray(Image.fromarray(level).reduce(2))
-    return path
 
 
 def test_generated_pyramid_is_a_slide_with_the_right_thumbnail(tmp_path):

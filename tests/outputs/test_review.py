@@ -391,7 +391,7 @@ def test_the_python_api_writes_the_page_and_applies_corrections(tmp_path):
 
 
 def test_a_slides_preview_and_reviewed_copy_are_its_rendered_thumbnail(tmp_path):
-    from test_slides import make_pyramid
+    from conftest import make_pyramid
 
     folder = results_folder(tmp_path, ["a", "b", "c"])
     slide = make_pyramid(tmp_path / "slides" / "slide one.tiff", colour=(40, 160, 60))

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from conftest import ROOT, run_script, write_yaml
-from test_slides import make_pyramid
+from conftest import make_pyramid
 
 ray = pytest.importorskip("ray", reason='Ray is not installed: pip install "thumbclf[ray]" '
                           "(make test installs it)")
