@@ -185,6 +185,9 @@ def evaluate_main(argv: list[str] | None = None, prog: str = "thumbclf evaluate"
     args = ap.parse_args(argv)
 
     def work() -> None:
+        from thumbclf.core.privacy import keep_caches_in
+
+        keep_caches_in(None)  # no cache folder: matplotlib's goes in a temporary one
         from thumbclf.workflows.evaluate import evaluate_file
 
         out = evaluate_file(args.predictions, threshold=args.threshold, output=args.output,

@@ -275,7 +275,7 @@ def finished_fold(folder: Path, fold: int) -> FoldResult | None:
     if not (pred_file.is_file() and model_file.is_file()):
         return None
     log.info("%s: finished earlier; skipped", layout.fold_dir(folder, fold).name)
-    history = pd.read_csv(layout.fold_dir(folder, fold) / layout.HISTORY)
+    history = table_io.read_csv(layout.fold_dir(folder, fold) / layout.HISTORY, numeric=True)
     loaded = load_model(model_file)
     return FoldResult(fold, loaded.model, history, table_io.read_fold(pred_file),
                       Calibration.from_file(loaded.calibration), loaded.familiarity is not None)
