@@ -377,7 +377,7 @@ def test_a_diverging_training_stops_without_a_model_file(tiny_data, tmp_path, mo
     exp.write_text(f"thumbData: {tiny_data}\ntrainFull: true\npretrained: false\nmax_epochs: 1\n"
                    f"bootstrap: 0\ngradcam: 0\nnum_workers: 0\ncache_dir: {tmp_path / 'cache'}\n")
     assert main("train", [str(exp), "--quiet"]) == 2
-    assert "training diverged: the training loss became nan" in capsys.readouterr().err
+    assert "training diverged: the training loss became nan; no model file was written" in capsys.readouterr().err
     assert not list((tmp_path / "t").rglob("*.pt"))
 
 

@@ -19,7 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from thumbclf.core import machine
-from thumbclf.core.errors import ConfigError
+from thumbclf.core.errors import ConfigError, finite_or_diverged
 from thumbclf.nn.data import Normalisation, to_input
 from thumbclf.nn.augment import augment
 from thumbclf.nn.freeze import train_mode
@@ -118,13 +118,6 @@ def training_loss(output, y: torch.Tensor, criterion: nn.Module
     return output, criterion(output.float(), y)
 
 
-def diverged(what: str) -> ConfigError:
-    """The error of a training whose numbers stopped being finite; nothing is saved after it."""
-    return ConfigError(f"training diverged: {what}; no model file was written. Lower lr, or "
-                       "check the images; then run again (a --resume continues from the last "
-                       "good epoch's checkpoint)")
-
-
 def train_one_epoch(model: nn.Module, batches: Iterable, *, optimizer: torch.optim.Optimizer,
                     criterion: nn.Module, norm: Normalisation, device: torch.device,
                     gen: torch.Generator | None = None, scaler=None, total: int | None = None,
@@ -145,8 +138,7 @@ def train_one_epoch(model: nn.Module, batches: Iterable, *, optimizer: torch.opt
         optimizer.zero_grad(set_to_none=True)
         with autocast(device):
             logits, loss = training_loss(model(inputs), y, criterion)
-        if not bool(torch.isfinite(loss.detach())):
-            raise diverged(f"the training loss became {float(loss.detach())}")
+        finite_or_diverged(float(loss.detach()), "the training loss")
         backward_step(loss, optimizer, scaler)
         if schedule is not None:
             schedule()
@@ -317,8 +309,7 @@ def _epoch(model: nn.Module, spec: FitSpec, result: FitResult, *, scaler, schedu
                           norm=spec.norm, device=spec.device)
     if spec.reduce is not None:
         va = dataclasses.replace(va, loss=spec.reduce(va.loss))
-    if not math.isfinite(va.loss) and va.n:
-        raise diverged(f"the validation loss became {va.loss}")
+    finite_or_diverged(va.loss if va.n else 0.0, "the validation loss")
     improved = spec.stopper.step(va.loss)
     if improved:
         result.best_state = copy.deepcopy({k: v.detach().cpu()

@@ -81,6 +81,22 @@ def model_files(entries: tuple[Path, ...]) -> list[Path]:
     return files
 
 
+def check_labels(sample_set: SampleSet, classes: tuple[str, ...], source: Path) -> None:
+    """Labels that differ from the model's classes only in upper/lower case are refused (as
+    training refuses them: counted as errors they would wreck the metrics); other unknown
+    labels are counted as errors, with a warning."""
+    unknown = sorted({s.label for s in sample_set.samples} - set(classes))
+    folded = {c.casefold(): c for c in classes}
+    pairs = [f"{u!r} (the model's {folded[u.casefold()]!r})" for u in unknown
+             if u.casefold() in folded]
+    if pairs:
+        raise DataError(f"{source}: labels differ from the model's classes only in upper/lower "
+                        f"case: {', '.join(pairs)}; write them exactly as the model's classes")
+    if unknown:
+        log.warning("labels the model does not know (counted as errors in the metrics): %s",
+                    ", ".join(unknown))
+
+
 def preflight(params: DeployParams) -> None:
     """What can be checked before the results folder is written: inputs, model files, cache."""
     check_input(params.thumb_data)
@@ -166,17 +182,7 @@ def run(params: DeployParams, *, resume: bool = False, quiet: bool = False) -> P
                           target_labels=params.target_labels if params.has_labels else None,
                           exclude=(folder, params.cache_root))
     if params.has_labels:
-        unknown = sorted({s.label for s in sample_set.samples} - set(classes))
-        folded = {c.casefold(): c for c in classes}
-        pairs = [f"{u!r} (the model's {folded[u.casefold()]!r})" for u in unknown
-                 if u.casefold() in folded]
-        if pairs:  # as training refuses them: counted as errors they would wreck the metrics
-            raise DataError(f"{params.thumb_data}: labels differ from the model's classes only "
-                            f"in upper/lower case: {', '.join(pairs)}; write them exactly as the "
-                            "model's classes")
-        if unknown:
-            log.warning("labels the model does not know (counted as errors in the metrics): %s",
-                        ", ".join(unknown))
+        check_labels(sample_set, classes, params.thumb_data)
     write_config(params, folder, resume)
     chosen = threshold_in_force(given=params.prediction_threshold,
                                 stored=[m.threshold for m in models])
