@@ -601,3 +601,54 @@ def test_adapt_bn_needs_enough_deploy_images(tiny_data, tmp_path, capsys):
     model = model_file(tmp_path / "model.pt")
     assert deploy(tmp_path, tmp_path / "three.csv", model, text="adapt_bn: true\n") == 2
     assert "adapt_bn needs at least 32 readable deploy images" in capsys.readouterr().err
+
+
+# 11 -- linked subfolders, many pages, NaN pictures ---------------------------------------------
+
+def test_a_linked_subfolder_of_a_folder_input_is_followed(tmp_path):
+    from thumbclf.inputs import synth
+    from thumbclf.inputs.samples import discover
+
+    real = tmp_path / "elsewhere"
+    synth.generate(real, per_class=3, seed=1, min_side=40, max_side=60, classes=("IHC",))
+    data = tmp_path / "data"
+    synth.generate(data, per_class=1, seed=2, min_side=40, max_side=60, classes=("IHC", "TMA"))
+    (data / "labels.csv").unlink()
+    (data / "IHC" / "batch2").symlink_to(real / "IHC", target_is_directory=True)
+    (real / "IHC" / "loop").symlink_to(real / "IHC", target_is_directory=True)  # no endless loop
+    (real / "IHC" / "up").symlink_to(data, target_is_directory=True)
+    assert discover(data, need_labels=True).counts() == {"IHC": 4, "TMA": 1}
+    assert len(discover(data, need_labels=False)) == 5
+
+
+def test_a_multipage_tiff_is_read_at_its_largest_page(tmp_path, caplog):
+    from PIL import Image
+
+    from thumbclf.inputs.images import open_rgb
+
+    blank = Image.new("RGB", (16, 16), "white")
+    tissue = Image.new("RGB", (120, 90), (200, 110, 170))
+    blank.save(tmp_path / "pages.tif", save_all=True, append_images=[tissue])
+    img = open_rgb(tmp_path / "pages.tif", target=None, max_pixels=10**8)
+    assert img.size == (120, 90) and img.getpixel((5, 5)) == (200, 110, 170)
+    frames = [Image.new("RGB", (40, 40), c) for c in ("white", (200, 110, 170))]
+    frames[0].save(tmp_path / "anim.png", save_all=True, append_images=frames[1:])
+    caplog.set_level("WARNING")
+    open_rgb(tmp_path / "anim.png", target=None, max_pixels=10**8)
+    assert "anim.png: 2 pages or frames of one size; page 1 is used" in caplog.text
+
+
+def test_an_all_nan_float_tiff_is_an_error(tmp_path):
+    from PIL import Image
+
+    from thumbclf.core.errors import ImageReadError
+    from thumbclf.inputs.images import open_rgb
+
+    Image.fromarray(np.full((20, 20), np.nan, dtype=np.float32), "F").save(tmp_path / "nan.tif")
+    with pytest.raises(ImageReadError, match="nan.tif: every pixel is NaN or infinite"):
+        open_rgb(tmp_path / "nan.tif", target=None, max_pixels=10**8)
+    half = np.full((20, 20), np.nan, dtype=np.float32)
+    half[:10] = 100.0
+    Image.fromarray(half, "F").save(tmp_path / "half.tif")
+    arr = np.asarray(open_rgb(tmp_path / "half.tif", target=None, max_pixels=10**8))
+    assert arr[:10].min() == 100 and arr[10:].max() == 0

@@ -95,10 +95,13 @@ def _find_files(folder: Path, skipped: _Skipped) -> list[Path]:
         log.warning("%s: cannot read this folder (%s); its images are left out",
                     exc.filename, exc.strerror or exc)
 
-    for dirpath, dirnames, filenames in os.walk(folder, onerror=unreadable):
+    seen: set[Path] = set()  # linked subfolders are followed, each folder read once (no loops)
+    for dirpath, dirnames, filenames in os.walk(folder, onerror=unreadable, followlinks=True):
         here = Path(dirpath)
-        dirnames[:] = sorted(d for d in dirnames
-                             if not d.startswith(".") and not skipped.skip(here / d))
+        seen.add(here.resolve())
+        above = {p.resolve() for p in (here.absolute(), *here.absolute().parents)} | seen
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".")
+                             and (here / d).resolve() not in above and not skipped.skip(here / d))
         found += [here / f for f in filenames if is_input_file(here / f)]
     return sorted(found)
 
