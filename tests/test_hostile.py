@@ -652,3 +652,34 @@ def test_an_all_nan_float_tiff_is_an_error(tmp_path):
     Image.fromarray(half, "F").save(tmp_path / "half.tif")
     arr = np.asarray(open_rgb(tmp_path / "half.tif", target=None, max_pixels=10**8))
     assert arr[:10].min() == 100 and arr[10:].max() == 0
+
+
+# smaller: thumbclf evaluate -------------------------------------------------------------------
+
+def _table(tmp_path, text, name="predictions.csv"):
+    folder = tmp_path / name.split(".")[0]
+    folder.mkdir(exist_ok=True)
+    (folder / name).write_text(text)
+    return folder / name
+
+
+def test_evaluate_refuses_tables_it_cannot_honestly_evaluate(tmp_path, capsys):
+    from thumbclf.cli import evaluate_main
+
+    head = "PATH,CLASSIFICATION,A,B,model_prediction,unfamiliarity\n"
+    empty = _table(tmp_path, head)
+    assert evaluate_main([str(empty), "--bootstrap", "0"]) == 2
+    assert "no rows to evaluate (only a header" in capsys.readouterr().err
+    twice = _table(tmp_path, "PATH,CLASSIFICATION,A,A,B,model_prediction\nx.png,A,0.5,0.2,0.3,A\n",
+                   "twice.csv")
+    assert evaluate_main([str(twice), "--bootstrap", "0"]) == 2
+    assert "the columns A appear twice" in capsys.readouterr().err
+    nan = _table(tmp_path, head + "x.png,A,0.9,0.1,A,nan\ny.png,B,0.2,0.8,B,0.5\n", "nan.csv")
+    assert evaluate_main([str(nan), "--bootstrap", "0"]) == 2
+    assert "column unfamiliarity: 1 values are not numbers of 0 or more (row 2)" in capsys.readouterr().err
+    good = _table(tmp_path, head + "x.png,A,0.9,0.1,A,0.2\ny.png,B,0.2,0.8,B,\n", "good.csv")
+    assert evaluate_main([str(good), "--bootstrap", "0"]) == 0
+    capsys.readouterr()
+    assert evaluate_main([str(good), "--bootstrap", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "holds an earlier evaluation" in err and "--resume" not in err

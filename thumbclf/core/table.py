@@ -167,12 +167,22 @@ def read(path: Path, classes: list[str] | tuple[str, ...] | None = None
     except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as exc:
         raise DataError(f"{path}: not a readable CSV table ({str(exc).splitlines()[0][:160]})"
                         ) from None
+    twice = _repeated_headers(path)
+    if twice:  # pandas would rename the second one 'A.1', a class of its own
+        raise DataError(f"{path}: the columns {', '.join(twice)} appear twice; keep one of each")
     classes = list(classes) if classes is not None else class_columns(df)
     validate(df, classes, path)
     df = df.copy()
     for c in [*classes, *(NUMERIC_COLUMNS & set(df.columns))]:
         df[c] = pd.to_numeric(df[c], errors="coerce")
     return df, classes
+
+
+def _repeated_headers(path: Path) -> list[str]:
+    """Header names that appear more than once in a CSV file."""
+    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
+        header = [unquote(c) for c in next(csv.reader(f), [])]
+    return sorted({c for c in header if header.count(c) > 1})
 
 
 def _rows(mask: np.ndarray, df: pd.DataFrame) -> str:
@@ -208,6 +218,13 @@ def validate(df: pd.DataFrame, classes: list[str], source: Path | str,
         out = ok & np.isfinite(probs[:, j]) & ((probs[:, j] < 0) | (probs[:, j] > 1))
         if out.any():
             problems.append(f"column {c}: {out.sum()} values lie outside 0-1 ({_rows(out, df)})")
+    if UNFAMILIARITY in df.columns:  # 'nan' here would make an unfamiliar slide decided;
+        u = pd.to_numeric(df[UNFAMILIARITY], errors="coerce").to_numpy(dtype=float)
+        given = (df[UNFAMILIARITY].astype(str).str.strip() != "").to_numpy()  # empty: rule off
+        bad = ok & given & ~(np.isfinite(u) & (u >= 0))
+        if bad.any():
+            problems.append(f"column {UNFAMILIARITY}: {bad.sum()} values are not numbers of 0 or "
+                            f"more ({_rows(bad, df)}); leave it empty where the rule was off")
     if not problems:
         sums = probs[ok].sum(axis=1)
         off = np.zeros(len(df), bool)
