@@ -683,3 +683,22 @@ def test_evaluate_refuses_tables_it_cannot_honestly_evaluate(tmp_path, capsys):
     assert evaluate_main([str(good), "--bootstrap", "0"]) == 2
     err = capsys.readouterr().err
     assert "holds an earlier evaluation" in err and "--resume" not in err
+
+
+# smaller: the Python API ------------------------------------------------------------------------
+
+def test_the_api_takes_numpy_numbers_and_gives_an_empty_picture_an_error_row(tiny_data, tmp_path):
+    from PIL import Image
+
+    import thumbclf
+    from thumbclf.config import TRAIN
+    from thumbclf.config.files import load_experiment
+
+    params, _ = load_experiment({"thumbData": str(tiny_data), "max_epochs": np.int64(2),
+                                 "lr": np.float32(0.01), "augment": np.bool_(False)},
+                                workflow=TRAIN, output=tmp_path / "o")
+    assert params.max_epochs == 2 and params.augment is False
+    model = thumbclf.load_model(model_file(tmp_path / "model.pt"))
+    table = model.predict([Image.new("RGB", (0, 0)), Image.new("RGB", (50, 40), "white")])
+    assert table["error"].tolist() == ["a picture of 0 x 0 pixels: nothing to classify", ""]
+    assert table["model_prediction"].iloc[1] != ""

@@ -246,8 +246,10 @@ class Classifier:
         for item in items:
             if isinstance(item, Image.Image):
                 names.append(str(getattr(item, "filename", "") or ""))
-                arrays.append(picture_array(item, prep))
-                errors.append("")
+                empty = 0 in item.size  # an error row, as an unreadable file gets
+                arrays.append(None if empty else picture_array(item, prep))
+                errors.append(f"a picture of {item.width} x {item.height} pixels: nothing to "
+                              "classify" if empty else "")
                 continue
             path = Path(item).absolute()
             names.append(str(path))
