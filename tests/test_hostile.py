@@ -702,3 +702,16 @@ def test_the_api_takes_numpy_numbers_and_gives_an_empty_picture_an_error_row(tin
     table = model.predict([Image.new("RGB", (0, 0)), Image.new("RGB", (50, 40), "white")])
     assert table["error"].tolist() == ["a picture of 0 x 0 pixels: nothing to classify", ""]
     assert table["model_prediction"].iloc[1] != ""
+
+
+def test_a_cache_folder_in_the_input_folder_is_refused_before_anything_is_written(tmp_path, capsys):
+    from thumbclf.inputs import synth
+
+    data = tmp_path / "data"
+    synth.generate(data, per_class=2, seed=1, min_side=40, max_side=60, classes=("IHC", "TMA"))
+    before = sorted(p.name for p in data.rglob("*"))
+    model = model_file(tmp_path / "model.pt", classes=("IHC", "TMA"))
+    (tmp_path / "dep.yaml").write_text(f"thumbData: {data}\nmodelAdr: {model}\ncache_dir: {data}\n")
+    assert deploy(tmp_path, data, model) == 2
+    assert f"cache_dir {data} is the input folder (thumbData: {data})" in capsys.readouterr().err
+    assert sorted(p.name for p in data.rglob("*")) == before
