@@ -715,3 +715,20 @@ def test_a_cache_folder_in_the_input_folder_is_refused_before_anything_is_writte
     assert deploy(tmp_path, data, model) == 2
     assert f"cache_dir {data} is the input folder (thumbData: {data})" in capsys.readouterr().err
     assert sorted(p.name for p in data.rglob("*")) == before
+
+
+def test_quiet_keeps_library_warnings_off_the_console(tmp_path, capsys):
+    import logging
+    import warnings
+
+    from thumbclf.core.logs import remove_handlers, setup_logging
+
+    setup_logging(tmp_path, quiet=True)
+    try:
+        warnings.warn("No artists with labels found to put in legend", UserWarning)
+        logging.getLogger("thumbclf.test").warning("a warning of thumbclf's own")
+    finally:
+        remove_handlers()
+    err = capsys.readouterr().err
+    assert "a warning of thumbclf's own" in err and "No artists" not in err
+    assert "No artists with labels" in (tmp_path / "run.log").read_text()
