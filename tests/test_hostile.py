@@ -732,3 +732,19 @@ def test_quiet_keeps_library_warnings_off_the_console(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "a warning of thumbclf's own" in err and "No artists" not in err
     assert "No artists with labels" in (tmp_path / "run.log").read_text()
+
+
+@pytest.mark.isolated
+def test_load_model_caches_beside_the_model_not_above_the_current_folder(tmp_path, monkeypatch):
+    pytest.importorskip("openvino", reason="OpenVINO is the optional extra thumbclf[openvino]")
+    import thumbclf
+
+    (tmp_path / "models").mkdir()
+    model = model_file(tmp_path / "models" / "model.pt")
+    work = tmp_path / "notebooks" / "here"
+    work.mkdir(parents=True)
+    monkeypatch.chdir(work)
+    thumbclf.load_model(model, engine="openvino", precision="fp32")
+    assert list((tmp_path / "models" / "thumbclf-cache" / "engines").iterdir())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["models", "notebooks"]
+    assert not list((tmp_path / "notebooks").rglob("thumbclf-cache"))
