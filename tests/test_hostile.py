@@ -748,3 +748,28 @@ def test_load_model_caches_beside_the_model_not_above_the_current_folder(tmp_pat
     assert list((tmp_path / "models" / "thumbclf-cache" / "engines").iterdir())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["models", "notebooks"]
     assert not list((tmp_path / "notebooks").rglob("thumbclf-cache"))
+
+
+@pytest.mark.slow
+def test_a_hangup_ends_like_ctrl_c(tiny_data, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT
+
+    exp = tmp_path / "t.yaml"
+    exp.write_text(f"thumbData: {tiny_data}\ntrainFull: true\npretrained: false\nmax_epochs: 20\n"
+                   "stopEpoch: 20\nbootstrap: 0\ngradcam: 0\nnum_workers: 0\n")
+    proc = subprocess.Popen([sys.executable, "-m", "thumbclf", "train", str(exp)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    deadline = time.time() + 300
+    while not (tmp_path / "t" / "full" / "checkpoint.pt").is_file() and time.time() < deadline:
+        time.sleep(0.05)
+        assert proc.poll() is None, proc.stderr.read()
+    proc.send_signal(signal.SIGHUP)  # the terminal closed
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "continue with the same command plus --resume" in err, err

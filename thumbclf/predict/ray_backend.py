@@ -93,7 +93,8 @@ class RayExecutor:
                 from thumbclf.core import machine
 
                 kwargs["num_cpus"] = machine.cores()
-            handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+            stops = [getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n)]
+            handlers = {sig: signal.getsignal(sig) for sig in stops}
             try:
                 ray.init(**kwargs)
             except (ConnectionError, RuntimeError, ValueError) as exc:
