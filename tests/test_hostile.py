@@ -773,3 +773,14 @@ def test_a_hangup_ends_like_ctrl_c(tiny_data, tmp_path):
     proc.send_signal(signal.SIGHUP)  # the terminal closed
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130 and "continue with the same command plus --resume" in err, err
+
+
+def test_a_model_whose_outputs_are_not_finite_is_an_error(tiny_data, tmp_path, capsys):
+    model = model_file(tmp_path / "model.pt")
+    obj = torch.load(model, weights_only=True)
+    obj["state_dict"]["fc.weight"] = torch.full_like(obj["state_dict"]["fc.weight"], 3e38)
+    torch.save(obj, model)  # finite weights whose logits overflow to infinity
+    assert deploy(tmp_path, tiny_data, model) == 2
+    err = capsys.readouterr().err
+    assert "model.pt: computed outputs that are not finite (NaN or infinity)" in err
+    assert not (tmp_path / "dep" / "predictions.csv").exists()
