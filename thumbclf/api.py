@@ -117,8 +117,11 @@ def load_model(path: str | os.PathLike | Iterable[str | os.PathLike], **settings
 
     paths = plain(path) if isinstance(path, (str, os.PathLike)) else [plain(p) for p in path]
     raw = override({"thumbData": "."}, {**settings, "modelAdr": paths})
-    # thumbData and output are placeholders: predict() names the images and a temporary folder
-    params = validate(raw, workflow=DEPLOY, source=Path("load_model()"), output=Path.cwd(),
+    # thumbData and output are placeholders: predict() names the images and a temporary folder.
+    # The output stands beside the first model, so that the default cache folder (converted
+    # engines, their verdicts) is the one beside it, never the parent of the current folder.
+    first = Path(paths if isinstance(paths, str) else (paths or ["."])[0]).absolute()
+    params = validate(raw, workflow=DEPLOY, source=Path("load_model()"), output=first,
                       base=Path.cwd())
     models = load_models(params)
     chosen = threshold_in_force(given=params.prediction_threshold,
@@ -246,8 +249,10 @@ class Classifier:
         for item in items:
             if isinstance(item, Image.Image):
                 names.append(str(getattr(item, "filename", "") or ""))
-                arrays.append(picture_array(item, prep))
-                errors.append("")
+                empty = 0 in item.size  # an error row, as an unreadable file gets
+                arrays.append(None if empty else picture_array(item, prep))
+                errors.append(f"a picture of {item.width} x {item.height} pixels: nothing to "
+                              "classify" if empty else "")
                 continue
             path = Path(item).absolute()
             names.append(str(path))

@@ -104,6 +104,9 @@ def command_parser() -> argparse.ArgumentParser:
     return ap
 
 
+STOP_SIGNALS = ("SIGTERM", "SIGHUP")  # SIGINT is Python's KeyboardInterrupt already
+
+
 def _sigterm(signum, frame):  # noqa: ARG001
     raise KeyboardInterrupt
 
@@ -119,7 +122,9 @@ def run_workflow(workflow: str, args: argparse.Namespace, ap: argparse.ArgumentP
     experiment = args.experiment or args.expfile
     if experiment is None or (args.experiment and args.expfile):
         ap.error("give one experiment file (EXPERIMENT or --ExpFile EXPERIMENT)")
-    signal.signal(signal.SIGTERM, _sigterm)
+    for name in STOP_SIGNALS:  # each one ends like Ctrl-C: 130, finished work kept, --resume
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), _sigterm)
     from thumbclf.workflows.execute import execute
 
     setup_logging(None, quiet=args.quiet, debug=args.debug)
@@ -203,6 +208,9 @@ def evaluate_main(argv: list[str] | None = None, prog: str = "thumbclf evaluate"
     args = ap.parse_args(argv)
 
     def work() -> None:
+        from thumbclf.core.privacy import keep_caches_in
+
+        keep_caches_in(None)  # no cache folder: matplotlib's goes in a temporary one
         from thumbclf.workflows.evaluate import evaluate_file
 
         out = evaluate_file(args.predictions, threshold=args.threshold, output=args.output,

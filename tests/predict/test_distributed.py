@@ -101,3 +101,48 @@ def test_batches_are_shared_out_and_the_loss_is_averaged(monkeypatch):
     monkeypatch.setenv("RANK", "1")
     assert distributed.shard(sel).tolist() == [1, 3, 5]
     assert distributed.shard(np.arange(3)) is None  # too small for two images per rank
+
+
+INTERRUPTER = textwrap.dedent('''
+    import os, sys, time
+    import thumbclf.nn.engine as engine
+    from thumbclf import cli
+
+    calls, real = [], engine.train_one_epoch
+
+    def epoch(*args, **kwargs):  # rank 1 dies as its second epoch begins (after checkpoint 1)
+        calls.append(1)
+        if len(calls) == 2 and os.environ["RANK"] == "1" and os.environ.get("KILL_RANK"):
+            time.sleep(20)  # rank 0 writes the checkpoint meanwhile, then waits for this rank
+            os._exit(9)
+        return real(*args, **kwargs)
+
+    engine.train_one_epoch = epoch
+    cli.train_main()
+''')
+
+
+@pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
+                    reason="this PyTorch build has no torch.distributed with gloo")
+def test_a_resumed_ddp_training_gives_the_uninterrupted_model(tiny_data, tmp_path):
+    """Issue 24.15: after a rank was killed, --resume used rank 0's augmentation stream on
+    every rank; each rank's generators are now in the checkpoint."""
+    import torch
+
+    script = tmp_path / "interrupter.py"
+    script.write_text(INTERRUPTER)
+    text = (f"thumbData: {tiny_data}\ntrainFull: true\npretrained: false\nbatch_size: 8\n"
+            "max_epochs: 2\nstopEpoch: 0\npatience: 5\nbootstrap: 0\nnum_workers: 0\n"
+            "gradcam: 0\n")
+    whole = write_yaml(tmp_path / "whole.yaml", text)
+    cut = write_yaml(tmp_path / "cut.yaml", text)
+    assert torchrun(str(script), str(whole)).returncode == 0
+    assert torchrun(str(script), str(cut), env_extra={"KILL_RANK": "1"}).returncode != 0
+    assert (tmp_path / "cut" / "full" / "checkpoint.pt").is_file()
+    r = torchrun(str(script), str(cut), "--resume")
+    assert r.returncode == 0, r.stdout + r.stderr
+    a = torch.load(tmp_path / "whole" / "model.pt", weights_only=True)["state_dict"]
+    b = torch.load(tmp_path / "cut" / "model.pt", weights_only=True)["state_dict"]
+    pa, pb = (pd.read_csv(tmp_path / run / "full" / "val_predictions.csv") for run in ("whole", "cut"))
+    gap = float((pa[["Biopsy", "IHC", "TMA"]] - pb[["Biopsy", "IHC", "TMA"]]).abs().max().max())
+    assert all(torch.equal(a[k], b[k]) for k in a), f"probabilities differ by up to {gap:.3g}"

@@ -128,7 +128,10 @@ def load_params(path: str | Path, *, workflow: str, overrides: list[str] = (),
 
 
 def plain(value: Any) -> Any:
-    """Python values as an experiment file would hold them: paths as strings, tuples as lists."""
+    """Python values as an experiment file would hold them: paths as strings, tuples as lists,
+    numpy scalars (numpy.int64(3), numpy.bool_) as the Python number or bool they hold."""
+    if type(value).__module__ == "numpy" and getattr(value, "ndim", None) == 0:
+        return value.item()
     if isinstance(value, os.PathLike):
         return os.fspath(value)
     if isinstance(value, (list, tuple)):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
@@ -48,3 +49,12 @@ class OutputError(ThumbclfError):
 
 class ImageReadError(DataError):
     """One image or slide could not be read; the run goes on without it."""
+
+
+def finite_or_diverged(value: float, what: str) -> None:
+    """ConfigError when a training's ``value`` (a loss) is NaN or infinite: it diverged, and
+    nothing trained after it may be saved."""
+    if not math.isfinite(value):
+        raise ConfigError(f"training diverged: {what} became {value}; no model file was written. "
+                          "Lower lr, or check the images; then run again (a --resume continues "
+                          "from the last good epoch's checkpoint)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import io
 import logging
 import os
@@ -146,14 +147,24 @@ def atomic_bytes(data: bytes, path: Path) -> None:
     _atomic(path, lambda f: f.write(data))
 
 
+def file_digest(path: Path) -> str:
+    """The sha256 of a file's bytes (hex)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def atomic_text(text: str, path: Path) -> None:
     atomic_bytes(text.encode("utf-8", "surrogateescape"), path)  # file names as they are
 
 
 def atomic_csv(df: pd.DataFrame, path: Path) -> None:
-    buf = io.StringIO()
-    df.to_csv(buf, index=False)
-    atomic_text(buf.getvalue(), path)
+    """Write a table (cells a spreadsheet would run as formulas neutralised: table.to_csv)."""
+    from thumbclf.core.table import to_csv
+
+    atomic_text(to_csv(df), path)
 
 
 def atomic_yaml(data: Any, path: Path) -> None:

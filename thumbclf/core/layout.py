@@ -26,6 +26,7 @@ SPLITS = "splits.csv"
 PREDICTIONS = "predictions.csv"
 PARTIAL = "predictions.partial.csv"
 INPUTS = "inputs.csv"  # deploy: the inputs by position, to check a resume against
+MODELS = "models.csv"  # deploy: the model files and their sha256, to check a resume against
 ADAPTED_BN = "adapted_bn"  # deploy with adapt_bn: each model's re-estimated BatchNorm statistics
 REPORT = "report.html"
 GRADCAM_INDEX = "gradcam/index.csv"  # PATH -> its Grad-CAM overlay (relative to the folder)

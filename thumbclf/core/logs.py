@@ -29,6 +29,9 @@ def setup_logging(folder: Path | None, *, quiet: bool = False, debug: bool = Fal
     console.setLevel(logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO)
     console.setFormatter(_PlainFormatter("%(message)s"))
     console._thumbclf = True  # type: ignore[attr-defined]
+    if quiet and not debug:  # libraries' warnings (numpy, matplotlib) go to run.log only
+        console.addFilter(lambda record: record.name != "py.warnings")
+    logging.captureWarnings(True)
     root.addHandler(console)
     if folder is not None:
         fh = logging.FileHandler(folder / layout.RUN_LOG, encoding="utf-8", errors="backslashreplace")
@@ -48,3 +51,4 @@ def remove_handlers() -> None:
         if getattr(h, "_thumbclf", False):
             root.removeHandler(h)
             h.close()
+    logging.captureWarnings(False)

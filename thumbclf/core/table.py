@@ -11,8 +11,10 @@ known, else as the columns that are none of the table's own.
 
 from __future__ import annotations
 
+import csv
+import io
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -31,6 +33,80 @@ OWN_COLUMNS = {PATH, ROW, LABEL, PATIENT, FOLD, DECISION, REASON, UNFAMILIARITY,
                THRESHOLD, "confidence", *SLIDE_COLUMNS}
 TEXT_COLUMNS = {PATH: str, LABEL: str, PATIENT: str, DECISION: str, REASON: str, ERROR: str}
 SUM_TOLERANCE = 1e-3  # probabilities are written with 6 significant digits
+NUMERIC_COLUMNS = {ROW, FOLD, UNFAMILIARITY, THRESHOLD, "confidence", "position",
+                   *(c for c in SLIDE_COLUMNS if c != "slide_vendor")}
+# A spreadsheet runs a cell starting with one of these as a formula (=HYPERLINK(...), +cmd|...)
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+QUOTE = "'"
+
+
+# ---------------------------------------------------------------------------- CSV, both ways
+
+
+def neutralise(cell):
+    """A text cell a spreadsheet would run as a formula, with a leading quote (OWASP's rule),
+    so it is shown as text. A cell that starts with the quote itself gets one more, so that
+    ``unquote`` gives back exactly what was written. Numbers are unchanged."""
+    if isinstance(cell, str) and cell.startswith((*FORMULA_START, QUOTE)):
+        return QUOTE + cell
+    return cell
+
+
+def unquote(cell):
+    """The text ``neutralise`` was given."""
+    if isinstance(cell, str) and cell.startswith(QUOTE) and cell[1:2] and \
+            cell[1:].startswith((*FORMULA_START, QUOTE)):
+        return cell[1:]
+    return cell
+
+
+def to_csv(df: pd.DataFrame) -> str:
+    """The one CSV writer of thumbclf's tables: cells and headers neutralised, no index."""
+    out = df.copy()
+    out.columns = [neutralise(str(c)) for c in out.columns]
+    for j in range(out.shape[1]):
+        if not pd.api.types.is_numeric_dtype(out.dtypes.iloc[j]):
+            out.isetitem(j, text(map(neutralise, out.iloc[:, j]), out.index))
+    buf = io.StringIO()
+    out.to_csv(buf, index=False)
+    return buf.getvalue()
+
+
+def csv_rows(rows: Iterable[Sequence]) -> str:
+    """Rows (lists of cells) as CSV text, cells neutralised as ``to_csv`` does."""
+    buf = io.StringIO()
+    csv.writer(buf).writerows([[neutralise(c) for c in row] for row in rows])
+    return buf.getvalue()
+
+
+def as_written(df: pd.DataFrame) -> pd.DataFrame:
+    """A table read as text (CSV or a spreadsheet), with neutralised cells and headers given
+    back as they were written."""
+    df.columns = [unquote(str(c)) for c in df.columns]
+    for j in range(df.shape[1]):
+        df.isetitem(j, text(map(unquote, df.iloc[:, j]), df.index))
+    return df
+
+
+def read_csv(path: Path | io.StringIO, *, numeric: Iterable[str] | bool = (),
+             usecols: Sequence[str] | None = None, sep: str = ",",
+             encoding: str = "utf-8", nrows: int | None = None) -> pd.DataFrame:
+    """The one CSV reader of every table: each cell as the text written ('NA', 'null' and
+    'None' stay text, an empty cell is ''), neutralised cells given back as they were, and
+    the ``numeric`` columns (True: all) as numbers (an empty or non-numeric cell: NaN)."""
+    df = as_written(pd.read_csv(path, dtype=object, keep_default_na=False, na_filter=False,
+                                sep=sep, encoding=encoding, usecols=usecols, nrows=nrows,
+                                encoding_errors="surrogateescape"))
+    wanted = df.columns if numeric is True else [c for c in (numeric or ()) if c in df.columns]
+    for c in dict.fromkeys(wanted):
+        df[c] = pd.to_numeric(df[c], errors="coerce")
+    return df
+
+
+def text(values, index=None) -> pd.Series:
+    """A column of text from data (names, labels, paths), as Python strings: any file name,
+    including one that is not valid UTF-8 (kept with surrogate escapes), fits."""
+    return pd.Series(list(values), dtype=object, index=index)
 
 
 def build(samples: Sequence["Sample"], probs: np.ndarray, classes: Sequence[str],
@@ -40,13 +116,15 @@ def build(samples: Sequence["Sample"], probs: np.ndarray, classes: Sequence[str]
           slide_properties: Sequence[dict | None] | None = None) -> pd.DataFrame:
     """The predictions table of ``samples`` (one row each, in order), in the documented column
     order. ``fold`` (cross-validation) adds the fold column; full training (fold 0) has none."""
-    df = pd.DataFrame({PATH: [str(s.path) for s in samples]})
+    # text as Python strings (object): file names that are not UTF-8 keep their surrogate
+    # escapes, which pandas' pyarrow strings cannot hold
+    df = pd.DataFrame({PATH: text([str(s.path) for s in samples])})
     if rows:
         df[ROW] = [s.row for s in samples]
     if labels:
-        df[LABEL] = [s.label for s in samples]
+        df[LABEL] = text([s.label for s in samples])
     if patients:
-        df[PATIENT] = [s.patient or str(s.path) for s in samples]
+        df[PATIENT] = text([s.patient or str(s.path) for s in samples])
     if fold:
         df[FOLD] = fold
     probs = np.asarray(probs, dtype=float).reshape(len(samples), len(classes))
@@ -68,8 +146,8 @@ def build(samples: Sequence["Sample"], probs: np.ndarray, classes: Sequence[str]
 
 def read_fold(path: Path) -> pd.DataFrame:
     """A finished fold's predictions, as written (read back when resuming)."""
-    return pd.read_csv(path, dtype={PATH: str, LABEL: str, PATIENT: str, DECISION: str,
-                                    REASON: str})
+    df = read_csv(path)
+    return read_csv(path, numeric=[*class_columns(df), *NUMERIC_COLUMNS])
 
 
 def class_columns(df: pd.DataFrame) -> list[str]:
@@ -81,7 +159,7 @@ def read(path: Path, classes: list[str] | tuple[str, ...] | None = None
          ) -> tuple[pd.DataFrame, list[str]]:
     """A predictions table and its classes, validated; DataError naming the file otherwise."""
     try:
-        df = pd.read_csv(path, dtype=TEXT_COLUMNS, keep_default_na=False, na_values={"": []})
+        df = read_csv(path)
     except FileNotFoundError:
         raise DataError(f"{path}: not found") from None
     except pd.errors.EmptyDataError:
@@ -89,11 +167,22 @@ def read(path: Path, classes: list[str] | tuple[str, ...] | None = None
     except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as exc:
         raise DataError(f"{path}: not a readable CSV table ({str(exc).splitlines()[0][:160]})"
                         ) from None
+    twice = _repeated_headers(path)
+    if twice:  # pandas would rename the second one 'A.1', a class of its own
+        raise DataError(f"{path}: the columns {', '.join(twice)} appear twice; keep one of each")
     classes = list(classes) if classes is not None else class_columns(df)
     validate(df, classes, path)
     df = df.copy()
-    df[classes] = df[classes].apply(pd.to_numeric, errors="coerce")
+    for c in [*classes, *(NUMERIC_COLUMNS & set(df.columns))]:
+        df[c] = pd.to_numeric(df[c], errors="coerce")
     return df, classes
+
+
+def _repeated_headers(path: Path) -> list[str]:
+    """Header names that appear more than once in a CSV file."""
+    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
+        header = [unquote(c) for c in next(csv.reader(f), [])]
+    return sorted({c for c in header if header.count(c) > 1})
 
 
 def _rows(mask: np.ndarray, df: pd.DataFrame) -> str:
@@ -129,6 +218,13 @@ def validate(df: pd.DataFrame, classes: list[str], source: Path | str,
         out = ok & np.isfinite(probs[:, j]) & ((probs[:, j] < 0) | (probs[:, j] > 1))
         if out.any():
             problems.append(f"column {c}: {out.sum()} values lie outside 0-1 ({_rows(out, df)})")
+    if UNFAMILIARITY in df.columns:  # 'nan' here would make an unfamiliar slide decided;
+        u = pd.to_numeric(df[UNFAMILIARITY], errors="coerce").to_numpy(dtype=float)
+        given = (df[UNFAMILIARITY].astype(str).str.strip() != "").to_numpy()  # empty: rule off
+        bad = ok & given & ~(np.isfinite(u) & (u >= 0))
+        if bad.any():
+            problems.append(f"column {UNFAMILIARITY}: {bad.sum()} values are not numbers of 0 or "
+                            f"more ({_rows(bad, df)}); leave it empty where the rule was off")
     if not problems:
         sums = probs[ok].sum(axis=1)
         off = np.zeros(len(df), bool)

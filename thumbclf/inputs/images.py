@@ -8,6 +8,9 @@ square, then Pillow's bicubic resize; no normalisation), used for its released m
 
 from __future__ import annotations
 
+import logging
+import os
+import stat
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -17,6 +20,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from thumbclf.core.errors import ImageReadError
 
+log = logging.getLogger(__name__)
 Image.MAX_IMAGE_PIXELS = None  # we apply our own, clearer limit (max_pixels)
 EXIF_ORIENTATION = 0x0112
 DEFAULT_MAX_PIXELS = 400_000_000  # refuse (non-JPEG) images with more pixels (max_image_pixels)
@@ -50,6 +54,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
         mode = img.mode
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         arr = np.asarray(img, dtype=np.float64)
+        arr = np.where(np.isfinite(arr), arr, 0.0)  # NaN pixels (float TIFFs): no data, black
         top = arr.max() if arr.size else 0
         if mode.startswith("I;16") or 255 < top <= 65535:
             arr = arr / 257.0
@@ -64,7 +69,43 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def _largest_page(img: Image.Image, path: Path) -> Image.Image:
+    """A multi-page TIFF at its largest page (its first may be a blank or a small label);
+    an animation (APNG, GIF, WebP), whose frames are all one size, at its first frame, with a
+    warning that the others are not read."""
+    frames = getattr(img, "n_frames", 1) if img.format in ("TIFF", "PNG", "GIF", "WEBP") else 1
+    if frames <= 1:
+        return img
+    sizes = []
+    for i in range(min(frames, 64)):
+        img.seek(i)
+        sizes.append(img.size[0] * img.size[1])
+    best = int(np.argmax(sizes))
+    img.seek(best)
+    if sizes.count(sizes[best]) > 1:
+        log.warning("%s: %d pages or frames of one size; page %d is used, the others are not "
+                    "read", path, frames, best + 1)
+    return img
+
+
+def _regular_file(path: Path) -> None:
+    """ImageReadError unless ``path`` is a regular file: a FIFO listed in a table would block
+    the run forever, a device (/dev/zero) never ends."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise ImageReadError(f"{path}: file not found") from None
+    except OSError as exc:
+        raise ImageReadError(f"{path}: cannot open ({exc})") from None
+    if not stat.S_ISREG(mode):
+        kind = ("a named pipe (FIFO)" if stat.S_ISFIFO(mode) else "a device" if
+                stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a folder" if stat.S_ISDIR(mode)
+                else "not a file")
+        raise ImageReadError(f"{path}: {kind}, not a regular file; thumbclf reads only files")
+
+
 def _open(path: Path) -> Image.Image:
+    _regular_file(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -81,7 +122,7 @@ def _open(path: Path) -> Image.Image:
 
 def open_rgb(path: Path, *, target: int | None, max_pixels: int) -> Image.Image:
     """Decode an image file to RGB (EXIF orientation applied); JPEGs at reduced size if ``target``."""
-    img = _open(path)
+    img = _largest_page(_open(path), path)
     try:
         if target and img.format == "JPEG":
             w, h = img.size
@@ -92,6 +133,9 @@ def open_rgb(path: Path, *, target: int | None, max_pixels: int) -> Image.Image:
             raise ImageReadError(f"{path}: {w} x {h} pixels is more than max_image_pixels "
                                  f"({max_pixels:,}); shrink it, or raise max_image_pixels")
         img.load()
+        if img.mode == "F" and not np.isfinite(np.asarray(img)).any():
+            raise ImageReadError(f"{path}: every pixel is NaN or infinite (a float image "
+                                 "without data)")
         if img.getexif().get(EXIF_ORIENTATION, 1) != 1:  # exif_transpose copies even when upright
             img = ImageOps.exif_transpose(img)
         return to_rgb(img)

@@ -14,7 +14,7 @@ from thumbclf.core import layout
 from thumbclf.core.decide import UNDECIDED
 from thumbclf.core.errors import DataError
 from thumbclf.core.layout import to_local_path
-from thumbclf.core.table import OWN_COLUMNS
+from thumbclf.core.table import OWN_COLUMNS, as_written, read_csv
 
 log = logging.getLogger(__name__)
 
@@ -95,12 +95,35 @@ def _find_files(folder: Path, skipped: _Skipped) -> list[Path]:
         log.warning("%s: cannot read this folder (%s); its images are left out",
                     exc.filename, exc.strerror or exc)
 
-    for dirpath, dirnames, filenames in os.walk(folder, onerror=unreadable):
+    seen: set[Path] = set()  # linked subfolders are followed, each folder read once (no loops)
+    for dirpath, dirnames, filenames in os.walk(folder, onerror=unreadable, followlinks=True):
         here = Path(dirpath)
-        dirnames[:] = sorted(d for d in dirnames
-                             if not d.startswith(".") and not skipped.skip(here / d))
+        seen.add(here.resolve())
+        above = {p.resolve() for p in (here.absolute(), *here.absolute().parents)} | seen
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".")
+                             and (here / d).resolve() not in above and not skipped.skip(here / d))
         found += [here / f for f in filenames if is_input_file(here / f)]
     return sorted(found)
+
+
+MAX_UNPACKED_TABLE_BYTES = 256_000_000  # a spreadsheet of 100,000 rows unpacks to ~30 MB
+
+
+def check_unpacked_size(path: Path, limit: int | None = None) -> None:
+    """A spreadsheet (a zip of XML files) whose parts unpack to more than ``limit`` bytes is
+    refused before it is read: a 1 MB file can inflate to gigabytes in memory. The sizes are
+    the zip's own records, which Python's zip reader also holds each part to."""
+    import zipfile
+
+    limit = limit or MAX_UNPACKED_TABLE_BYTES
+    try:
+        with zipfile.ZipFile(path) as z:
+            total = sum(info.file_size for info in z.infolist())
+    except (zipfile.BadZipFile, OSError):
+        return  # not a zip (e.g. an old .xls): the reader reports it
+    if total > limit:
+        raise DataError(f"{path}: the spreadsheet unpacks to {total:,} bytes, more than "
+                        f"{limit:,}; save it as CSV, or split it")
 
 
 def read_table(path: Path) -> pd.DataFrame:
@@ -113,11 +136,15 @@ def read_table(path: Path) -> pd.DataFrame:
         if suffix == ".csv":
             first = path.read_text(encoding="utf-8-sig", errors="replace").splitlines()[0]
             sep = max((",", ";", "\t"), key=first.count)  # European Excel writes ';'
-            df = pd.read_csv(path, dtype=str, keep_default_na=False, sep=sep, encoding="utf-8-sig")
+            df = read_csv(path, sep=sep, encoding="utf-8-sig")
         elif suffix == ".tsv":
-            df = pd.read_csv(path, dtype=str, keep_default_na=False, sep="\t")
+            df = read_csv(path, sep="\t", encoding="utf-8-sig")
         else:
-            df = pd.read_excel(path, dtype=str, keep_default_na=False)
+            check_unpacked_size(path)
+            df = as_written(pd.read_excel(path, dtype=object, keep_default_na=False,
+                                          na_filter=False))
+    except DataError:
+        raise
     except pd.errors.EmptyDataError:
         raise DataError(f"{path}: the table is empty; it needs a header row with PATH and "
                         "CLASSIFICATION and one row per image") from None
@@ -211,11 +238,20 @@ def _normalise_labels(samples: list[Sample], source: Path,
     return [s for s in samples if s.label in wanted]
 
 
+def _identity(path: Path) -> str:
+    """The file a path names (links resolved); the path itself where it names none, even
+    where the system refuses to look it up (a name over 255 bytes: that row's error says so)."""
+    try:
+        return str(path.resolve()) if path.exists() else str(path)
+    except OSError:
+        return str(path)
+
+
 def _drop_duplicates(samples: list[Sample], source: Path) -> list[Sample]:
     seen: dict[str, Sample] = {}
     kept, dupes = [], []
     for s in samples:
-        key = str(s.path.resolve()) if s.path.exists() else str(s.path)
+        key = _identity(s.path)
         first = seen.get(key)
         if first is None:
             seen[key] = s

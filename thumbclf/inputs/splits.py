@@ -13,6 +13,7 @@ from sklearn.model_selection import (GroupShuffleSplit, StratifiedGroupKFold, St
 from thumbclf.core import layout
 from thumbclf.core.errors import DataError
 from thumbclf.core.files import atomic_csv
+from thumbclf.core.table import read_csv, text
 
 
 def _val_split(y: np.ndarray, groups: np.ndarray | None, fraction: float,
@@ -81,10 +82,10 @@ def save(splits: pd.DataFrame, paths: list[str], labels: list[str], patients: li
          path: Path) -> None:
     """Write splits.csv with the image path and label on every row."""
     out = splits.copy()
-    out.insert(1, "PATH", [paths[i] for i in out["position"]])
-    out.insert(2, "CLASSIFICATION", [labels[i] for i in out["position"]])
+    out.insert(1, "PATH", text([paths[i] for i in out["position"]], out.index))
+    out.insert(2, "CLASSIFICATION", text([labels[i] for i in out["position"]], out.index))
     if patients is not None:
-        out.insert(3, "PATIENT", [patients[i] for i in out["position"]])
+        out.insert(3, "PATIENT", text([patients[i] for i in out["position"]], out.index))
     atomic_csv(out, path)
 
 
@@ -95,7 +96,7 @@ def validation_of_model(model_file: Path) -> list[tuple[Path, str]]:
     run = model_file.parent.parent if fold is not None else model_file.parent
     split_file = run / layout.SPLITS
     try:
-        df = pd.read_csv(split_file, dtype={"PATH": str, "CLASSIFICATION": str})
+        df = read_csv(split_file, numeric=["position", "fold"])
         rows = df[(df["fold"] == (fold or 0)) & (df["role"] == "val")]
         return [(Path(p), lab) for p, lab in zip(rows["PATH"], rows["CLASSIFICATION"])]
     except (OSError, ValueError, KeyError, pd.errors.ParserError):
@@ -104,7 +105,7 @@ def validation_of_model(model_file: Path) -> list[tuple[Path, str]]:
 
 def load(path: Path, paths: list[str]) -> pd.DataFrame:
     """Read splits.csv for resuming; refuse it if the images changed since."""
-    df = pd.read_csv(path, dtype={"PATH": str})
+    df = read_csv(path, numeric=["position", "fold"])
     if len(df) == 0 or df["position"].max() >= len(paths) or any(
             paths[p] != q for p, q in zip(df["position"], df["PATH"])):
         raise DataError(f"{path}: the images differ from those of the interrupted run; "

@@ -19,7 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from thumbclf.core import machine
-from thumbclf.core.errors import ConfigError
+from thumbclf.core.errors import ConfigError, finite_or_diverged
 from thumbclf.nn.data import Normalisation, to_input
 from thumbclf.nn.augment import augment
 from thumbclf.nn.freeze import train_mode
@@ -138,6 +138,7 @@ def train_one_epoch(model: nn.Module, batches: Iterable, *, optimizer: torch.opt
         optimizer.zero_grad(set_to_none=True)
         with autocast(device):
             logits, loss = training_loss(model(inputs), y, criterion)
+        finite_or_diverged(float(loss.detach()), "the training loss")
         backward_step(loss, optimizer, scaler)
         if schedule is not None:
             schedule()
@@ -308,6 +309,7 @@ def _epoch(model: nn.Module, spec: FitSpec, result: FitResult, *, scaler, schedu
                           norm=spec.norm, device=spec.device)
     if spec.reduce is not None:
         va = dataclasses.replace(va, loss=spec.reduce(va.loss))
+    finite_or_diverged(va.loss if va.n else 0.0, "the validation loss")
     improved = spec.stopper.step(va.loss)
     if improved:
         result.best_state = copy.deepcopy({k: v.detach().cpu()

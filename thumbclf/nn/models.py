@@ -22,6 +22,7 @@ from thumbclf.core.files import atomic_torch_save
 from thumbclf.inputs.images import DEFAULT_MAX_PIXELS, DEFAULT_SLIDE_SIZE, Preprocessing
 from thumbclf.nn.data import UNNORMALISED, Normalisation
 from thumbclf.nn.familiarity import Familiarity, WithFeatures
+from thumbclf.nn import modelcheck
 
 log = logging.getLogger(__name__)
 FORMAT = "thumbclf-model"
@@ -211,9 +212,21 @@ def backbone_only(name: str, pretrained: bool | Path = False) -> tuple[nn.Module
     return model, dim
 
 
+def _finite_or_refuse(model: nn.Module, path: Path) -> None:
+    """Never write a model file of NaN or infinite weights (a training that diverged)."""
+    bad = modelcheck.non_finite_tensors(model.state_dict())
+    if bad:
+        from thumbclf.core.errors import ConfigError
+
+        raise ConfigError(f"training diverged: {len(bad)} tensors of the model hold NaN or "
+                          f"infinite values (first: {bad[0]}); {path.name} was not written. "
+                          "Lower lr, or check the images")
+
+
 def save_ssl_checkpoint(path: Path, backbone: nn.Module, *, arch: str, prep: Preprocessing,
                         norm: Normalisation, description: dict[str, Any]) -> None:
     """Write a pretraining checkpoint: backbone weights plus what they were made from and how."""
+    _finite_or_refuse(backbone, path)
     payload = {
         "format": SSL_FORMAT, "format_version": SSL_FORMAT_VERSION, "arch": arch,
         "input_size": prep.size, "recipe": prep.recipe, "slide_size": prep.slide_size,
@@ -238,12 +251,15 @@ def read_ssl(path: Path, name: str, input_size: int | None = None
         path = path / SSL_CHECKPOINT
     obj = read_weights(path, "SSL checkpoint (modelAdr)")
     if obj.get("format") != SSL_FORMAT:
-        return path, _strip_prefixes(_unwrap(obj)), None
+        state = _strip_prefixes(_unwrap(obj))
+        bad = modelcheck.non_finite_tensors(state)
+        if bad:
+            raise ModelError(f"{path}: {len(bad)} tensors hold NaN or infinite weights (first: "
+                             f"{bad[0]}); the pretraining diverged or the file is damaged")
+        return path, state, None
+    modelcheck.check_ssl(path, obj, SSL_FORMAT_VERSION)
     arch = arch_name(name)
     size = input_size or _input_size(arch)
-    if int(obj.get("format_version", 0)) > SSL_FORMAT_VERSION:
-        raise ModelError(f"{path}: made by a newer thumbclf (format version "
-                         f"{obj['format_version']}); update thumbclf to use it")
     if obj.get("arch") != arch:
         raise ModelError(f"{path}: pretrained as a {obj.get('arch')}, but model_name is {name}; "
                          f"set model_name: {obj.get('arch')}, or pretrain again with model_name: "
@@ -326,6 +342,7 @@ def save_model(path: Path, model: nn.Module, *, arch: str, classes: tuple[str, .
                temperature: float, meta: dict[str, Any], familiarity: Familiarity | None = None,
                calibration: dict[str, Any] | None = None) -> None:
     """Write a self-describing model file, loadable with torch.load(weights_only=True)."""
+    _finite_or_refuse(model, path)
     payload = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "arch": arch,
         "classes": list(classes), "input_size": prep.size, "recipe": prep.recipe,
@@ -351,12 +368,13 @@ def load_model(path: Path, *, model_name: str | None = None,
 
 
 def _load_thumbclf(path, obj, model_name, target_labels, max_pixels, slide_size) -> LoadedModel:
+    modelcheck.check_model(path, obj, FORMAT_VERSION)  # every field, before anything is built
     classes = tuple(obj["classes"])
     if target_labels is not None and set(target_labels) != set(classes):
         raise ModelError(f"{path}: the model's classes ({', '.join(classes)}) differ from "
                          f"target_labels ({', '.join(target_labels)}); fix target_labels or "
                          "remove it (the model file names its classes)")
-    arch = obj["arch"]
+    arch = arch_name(obj["arch"])
     if model_name is not None and arch_name(model_name) != arch:
         raise ModelError(f"{path}: the model is a {arch}, but model_name says {model_name}; "
                          "remove model_name or correct it")
@@ -365,10 +383,14 @@ def _load_thumbclf(path, obj, model_name, target_labels, max_pixels, slide_size)
     prep = Preprocessing(size=int(obj["input_size"]), recipe=obj["recipe"], max_pixels=max_pixels,
                          slide_size=slide_size or int(obj.get("slide_size", DEFAULT_SLIDE_SIZE)))
     norm = Normalisation(tuple(obj["mean"]), tuple(obj["std"]))
+    rule = obj.get("familiarity")
+    if rule:
+        head = model.get_submodule(head_names(model)[0])
+        modelcheck.check_feature_size(path, int(rule["bank"].shape[1]), int(
+            head.in_features if isinstance(head, nn.Linear) else head.in_channels))
     return LoadedModel(model.eval(), arch, classes, prep, norm, obj.get("threshold"),
                        float(obj.get("temperature", 1.0)), path, False, obj.get("meta", {}),
-                       Familiarity.from_file(obj.get("familiarity")),
-                       dict(obj.get("calibration") or {}))
+                       Familiarity.from_file(rule), dict(obj.get("calibration") or {}))
 
 
 def _load_legacy(path, state, model_name, target_labels, max_pixels, slide_size) -> LoadedModel:
@@ -394,6 +416,10 @@ def _load_legacy(path, state, model_name, target_labels, max_pixels, slide_size)
     if head_w is not None and head_w.shape[0] != len(classes):
         raise ModelError(f"{path}: the model has {head_w.shape[0]} outputs but target_labels "
                          f"lists {len(classes)} classes; list exactly the model's classes")
+    bad = modelcheck.non_finite_tensors(state)
+    if bad:
+        raise ModelError(f"{path}: {len(bad)} tensors hold NaN or infinite weights (first: "
+                         f"{bad[0]}); the model diverged in training or the file is damaged")
     _load_state(model, state, path)
     log.info("%s: prototype model (%s, %d px); classes in alphabetical order: %s", path, arch,
              size, ", ".join(classes))

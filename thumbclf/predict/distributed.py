@@ -95,6 +95,17 @@ def share(value: Any) -> Any:
     return box[0]
 
 
+def gather(value: Any) -> list[Any]:
+    """Every rank's ``value`` (any picklable object), in rank order, on every rank."""
+    if not active():
+        return [value]
+    import torch.distributed as dist
+
+    out: list[Any] = [None] * world_size()
+    dist.all_gather_object(out, value)
+    return out
+
+
 def mean(value: float) -> float:
     """The average of ``value`` over all ranks (identical on every rank)."""
     if not active():

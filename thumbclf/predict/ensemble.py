@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from thumbclf.core import layout
-from thumbclf.core.errors import ImageReadError
+from thumbclf.core.errors import ConfigError, ImageReadError, ModelError
 from thumbclf.core.files import atomic_torch_save
 from thumbclf.inputs.decode import load_array
 from thumbclf.inputs.samples import SampleSet
@@ -46,6 +46,10 @@ def ensemble_predict(models: list[LoadedModel], runners: list[inference.Runner],
         else:
             out = run(inputs)
         logits, feats = familiarity.split(out.float().numpy(), n_classes)
+        if not (np.isfinite(logits).all() and np.isfinite(feats).all()):
+            raise ModelError(f"{m.path or 'the model'}: computed outputs that are not finite "
+                             "(NaN or infinity) for readable images; its weights are damaged or "
+                             "overflow; train again (its predictions cannot be trusted)")
         features.append(feats)
         p = softmax(logits, m.temperature)
         total = p if total is None else total + p
@@ -54,6 +58,17 @@ def ensemble_predict(models: list[LoadedModel], runners: list[inference.Runner],
 
 
 ADAPT_IMAGES = 512
+# fewer deploy images than this: BatchNorm statistics of a few images describe those images,
+# not the lab (3 images made a Fat slide a confident IHC), so adapt_bn is refused
+MIN_ADAPT_IMAGES = 32
+
+
+def check_adaptable(images: int, source) -> None:
+    """ConfigError unless there are at least MIN_ADAPT_IMAGES (readable) deploy images."""
+    if images < MIN_ADAPT_IMAGES:
+        raise ConfigError(f"{source}: adapt_bn needs at least {MIN_ADAPT_IMAGES} readable deploy "
+                          f"images to re-estimate BatchNorm statistics; got {images}. Set "
+                          "adapt_bn: false, or deploy more images at once")
 
 
 def adapt_batchnorm(models: list[LoadedModel], sample_set: SampleSet, folder: Path, *,
@@ -79,6 +94,7 @@ def adapt_batchnorm(models: list[LoadedModel], sample_set: SampleSet, folder: Pa
                     continue
                 if len(arrays) == ADAPT_IMAGES:
                     break
+            check_adaptable(len(arrays), "the readable deploy images")
         for i in range(0, len(arrays), 32):
             chunk = arrays[i:i + 32]
             if len(chunk) > 1:  # BatchNorm needs two images

@@ -5,8 +5,12 @@ PyTorch. A reduced precision is used only after it passed the quality gate on la
 (``verify``): macro AUROC within 0.003, accuracy among decided down by at most 0.5 points,
 coverage changed by at most 2 points, argmax classes agreeing on at least 99% of the images.
 The converted model and the verdict are cached in the cache folder, keyed by the model file's
-hash, the engine's version, the precision and the input size. OpenVINO is optional
-(``pip install "thumbclf[openvino]"``); nothing here imports it unless it is asked for.
+hash, the engine's version, the precision and the input size; a verdict records the hashes of
+the converted files and a hash of itself, checked on every use, so an engine changed or
+truncated after it was verified is converted and verified again (with a warning), never run.
+OpenVINO is optional (``pip install "thumbclf[openvino]"``); nothing here imports it unless it
+is asked for, and its telemetry (and NNCF's) is never loaded: nothing is written to the home
+folder or sent anywhere.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import logging
 import os
 import platform
 import shutil
+import sys
 import warnings
 from dataclasses import dataclass
 from functools import lru_cache
@@ -29,7 +34,7 @@ from sklearn.metrics import roc_auc_score
 
 from thumbclf.core.decide import UNDECIDED, decide
 from thumbclf.core.errors import ConfigError
-from thumbclf.core.files import atomic_text
+from thumbclf.core.files import atomic_text, file_digest
 from thumbclf.nn.engine import softmax
 from thumbclf.nn.familiarity import WithFeatures, split
 
@@ -68,9 +73,25 @@ def native(precision: str, device: torch.device) -> bool:
     return False
 
 
+def no_telemetry() -> None:
+    """Keep OpenVINO's and NNCF's telemetry from loading: both fall back to a stub when the
+    ``openvino_telemetry`` package cannot be imported, and so write no client id to
+    ~/intel and send nothing."""
+    if "openvino_telemetry" not in sys.modules:
+        sys.modules["openvino_telemetry"] = None  # type: ignore[assignment] - import fails
+    else:  # imported by someone else first: decline consent, so it neither writes nor sends
+        try:
+            from openvino_telemetry.utils import opt_in_checker as checker
+
+            checker.OptInChecker.check = lambda *a, **k: checker.ConsentCheckResult.DECLINED
+        except (ImportError, AttributeError):
+            pass
+
+
 @lru_cache(maxsize=1)
 def openvino_version() -> str | None:
     """OpenVINO's version, or None when it is not installed."""
+    no_telemetry()
     try:
         import openvino
     except ImportError:
@@ -116,11 +137,17 @@ def torch_runner(model: torch.nn.Module, device: torch.device, precision: str,
 def _ov_model(model: torch.nn.Module, size: int, cache: Path, calibration: Callable | None,
               precision: str):
     """The OpenVINO model (int8: quantised with NNCF on ``calibration()`` batches), cached."""
+    no_telemetry()
     import openvino as ov
 
     xml = cache / "model.xml"
     if xml.is_file():
-        return ov.Core().read_model(xml)
+        try:
+            return ov.Core().read_model(xml)
+        except Exception as exc:  # noqa: BLE001 - truncated or damaged: convert it again
+            log.warning("%s: the cached engine is unreadable (%s); converting it again", cache,
+                        type(exc).__name__)
+            shutil.rmtree(cache, ignore_errors=True)
     with warnings.catch_warnings():  # its tracer warns about torch.jit's future, not about us
         warnings.simplefilter("ignore")
         ov_model = ov.convert_model(model.cpu().eval(),
@@ -151,6 +178,7 @@ def _ov_model(model: torch.nn.Module, size: int, cache: Path, calibration: Calla
 
 def openvino_runner(model: torch.nn.Module, size: int, precision: str, cache: Path,
                     calibration: Callable | None = None) -> Runner:
+    no_telemetry()
     import openvino as ov
 
     ov_model = _ov_model(model, size, cache, calibration, precision)
@@ -259,16 +287,57 @@ def candidates(engine: str, precision: str, device: torch.device) -> list[tuple[
     return pairs
 
 
+def engine_files(folder: Path) -> dict[str, str]:
+    """The sha256 of every file of a converted engine (model.xml, model.bin); {} when absent."""
+    if not folder.is_dir():
+        return {}
+    return {p.name: file_digest(p) for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def _seal(verdict: dict) -> str:
+    body = {k: v for k, v in verdict.items() if k != "seal"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def sealed(verdict: dict, folder: Path) -> dict:
+    """The verdict bound to what it verified: the engine files' hashes, and a hash of it all."""
+    out = {**verdict, "files": engine_files(folder)}
+    return {**out, "seal": _seal(out)}
+
+
+def cached_verdict(verdict_file: Path, folder: Path, what: str) -> dict | None:
+    """A cached verdict that still describes the engine files beside it, checked on every
+    use; None (with the engine removed, to be converted and verified again, and a warning
+    saying so) when it is unreadable, altered or the files changed since."""
+    if not verdict_file.is_file():
+        return None
+    try:
+        verdict = json.loads(verdict_file.read_text())
+        ok = isinstance(verdict, dict) and verdict.get("seal") == _seal(verdict)
+    except (OSError, ValueError):
+        verdict, ok = None, False
+    if not ok:
+        why = "its verdict is unreadable or was altered"
+    else:
+        now = engine_files(folder)
+        changed = sorted(set(now) ^ set(verdict["files"]) |
+                         {k for k in now if verdict["files"].get(k) != now[k]})
+        if not changed:
+            return verdict
+        why = f"{', '.join(changed)} changed since it was verified"
+    log.warning("cache %s: the %s engine is not the one verified (%s); converting and verifying "
+                "it again", folder, what, why)
+    shutil.rmtree(folder, ignore_errors=True)
+    verdict_file.unlink(missing_ok=True)
+    return None
+
+
 def cache_key(model_file: Path, engine: str, precision: str, size: int, verdict: str) -> str:
     """The converted model's key (file hash, engine version, precision, size, machine); with
     ``verdict`` (threshold, temperature, verification images) the key of a gate's verdict."""
-    digest = hashlib.sha256()
-    with open(model_file, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
     version = openvino_version() if engine == "openvino" else torch.__version__
     cpu = hashlib.sha1(" ".join(sorted(cpu_flags())).encode()).hexdigest()[:8]
-    text = (f"{digest.hexdigest()}|{engine}|{version}|{precision}|{size}|{platform.machine()}|"
+    text = (f"{file_digest(model_file)}|{engine}|{version}|{precision}|{size}|{platform.machine()}|"
             f"{cpu}|{verdict}")
     return hashlib.sha1(text.encode()).hexdigest()[:16]
 
@@ -321,12 +390,14 @@ def _try(model, eng, prec, *, model_file, size, device, channels_last, cache_dir
     folder = cache_dir / "engines" / cache_key(model_file, eng, prec, size, variant)
     verdict_file = (cache_dir / "engines" / "verdicts" /
                     f"{cache_key(model_file, eng, prec, size, f'{threshold}|{temperature}|{verify_id}|{GATE}|{variant}')}.json")
-    try:
-        verdict = json.loads(verdict_file.read_text()) if verdict_file.is_file() else None
-    except (OSError, ValueError):
-        verdict = None  # unreadable: checked again
-    if eng == "openvino" and prec == "fp32":
-        verdict = {"passed": True, "exact": True}  # the same arithmetic as PyTorch fp32
+    verdict = cached_verdict(verdict_file, folder, f"{eng} {prec}")
+    if verdict is None and eng == "openvino" and prec == "fp32":
+        # the same arithmetic as PyTorch fp32: no gate, but converted afresh and bound to its files
+        shutil.rmtree(folder, ignore_errors=True)
+        runner = _runner(model, eng, prec, size, device, channels_last, folder, calibration)
+        atomic_text(json.dumps(sealed({"passed": True, "exact": True}, folder), indent=1),
+                    verdict_file)
+        return runner, "; ".join(notes + [runner.name])
     if verdict is None:
         data = verify() if verify is not None else None
         if data is None:
@@ -338,7 +409,7 @@ def _try(model, eng, prec, *, model_file, size, device, channels_last, cache_dir
         reference = softmax(split(_logits(exact, images), len(classes))[0], temperature)
         verdict = gate(reference, softmax(split(_logits(runner, images), len(classes))[0],
                                           temperature), y, classes, threshold)
-        atomic_text(json.dumps(verdict, indent=1), verdict_file)
+        atomic_text(json.dumps(sealed(verdict, folder), indent=1), verdict_file)
         log.info("quality gate for %s %s: %s: %s", eng, prec,
                  "passed" if verdict["passed"] else "FAILED", describe_gate(verdict))
         if verdict["passed"]:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import time
 import warnings
 from pathlib import Path
@@ -49,6 +50,22 @@ def _import_ray():
     return ray
 
 
+CONNECT_TIMEOUT = 10.0  # seconds to wait for a Ray cluster's port to answer
+
+
+def unreachable(address: str, timeout: float = CONNECT_TIMEOUT) -> str | None:
+    """Why the host:port of a Ray address does not accept a connection within ``timeout``;
+    None when it does, or for addresses without a port ('auto': Ray finds it)."""
+    host, sep, port = address.split("://", 1)[-1].rpartition(":")
+    if not sep or not port.isdigit():
+        return None
+    try:
+        socket.create_connection((host or "localhost", int(port)), timeout=timeout).close()
+    except OSError as exc:
+        return exc.strerror or type(exc).__name__
+    return None
+
+
 class RayExecutor:
     """Joins (``ray_address``) or starts a Ray instance; predicts and trains folds on it."""
 
@@ -64,12 +81,20 @@ class RayExecutor:
                                       "logging_level": logging.ERROR,
                                       "configure_logging": True}
             if params.ray_address:
+                why = unreachable(params.ray_address)
+                if why:  # Ray itself retries for many minutes, deaf to SIGTERM meanwhile
+                    raise ConfigError(f"{params.source}: ray_address: cannot reach a Ray cluster "
+                                      f"at {params.ray_address} within {CONNECT_TIMEOUT:g}s "
+                                      f"({why}); check the address and that the cluster runs "
+                                      "(ray status), or remove ray_address to start Ray on "
+                                      "this machine")
                 kwargs["address"] = params.ray_address
             else:
                 from thumbclf.core import machine
 
                 kwargs["num_cpus"] = machine.cores()
-            handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+            stops = [getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n)]
+            handlers = {sig: signal.getsignal(sig) for sig in stops}
             try:
                 ray.init(**kwargs)
             except (ConnectionError, RuntimeError, ValueError) as exc:
@@ -155,7 +180,8 @@ class RayExecutor:
         import pandas as pd
 
         ray = self.ray
-        frame = pd.DataFrame({"position": [p for p, _ in todo], "path": [s for _, s in todo]})
+        frame = pd.DataFrame({"position": [p for p, _ in todo],
+                              "path": pd.Series([s for _, s in todo], dtype=object)})
         rows = max(block, -(-len(todo) // MAX_BLOCKS))  # a task decodes one block; few blocks
         ds = ray.data.from_pandas([frame.iloc[i:i + rows] for i in range(0, len(frame), rows)])
         decode_args: dict[str, Any] = {"num_cpus": 1, "max_retries": _RETRIES}

@@ -15,7 +15,7 @@ from thumbclf.config import DeployParams
 from thumbclf.core import layout
 from thumbclf.core import table as table_io
 from thumbclf.core.decide import UNDECIDED, threshold_in_force
-from thumbclf.core.errors import ModelError, OutputError
+from thumbclf.core.errors import DataError, ModelError, OutputError
 from thumbclf.core.files import atomic_csv, check_writable
 from thumbclf.inputs import slides
 from thumbclf.inputs.samples import SampleSet, check_class_names, check_input, discover
@@ -25,20 +25,50 @@ from thumbclf.nn.models import LoadedModel, load_model
 from thumbclf.outputs import explain
 from thumbclf.outputs.confusion import cm_layout
 from thumbclf.outputs.sorting import copy_all, sort_copies
-from thumbclf.predict.ensemble import ADAPT_IMAGES, adapt_batchnorm
+from thumbclf.predict.ensemble import ADAPT_IMAGES, adapt_batchnorm, check_adaptable
 from thumbclf.workflows.engines import prepare_runners
 from thumbclf.workflows.evaluate import evaluate_run, summarise_decisions
-from thumbclf.workflows.stream import _timings, check_same_inputs, final_table, predict_stream
+from thumbclf.workflows.stream import (
+    _timings,
+    check_same_inputs,
+    check_same_models,
+    final_table,
+    predict_stream,
+)
 from thumbclf.workflows.run import write_config
 
 log = logging.getLogger(__name__)
 
 
+def check_finished_training(folder: Path) -> None:
+    """A training results folder given as modelAdr is not locked and finished (its report is
+    written last); else ModelError naming what is missing."""
+    if not layout.is_results_folder(folder):
+        return  # a folder of model files, not a training run
+    problems = []
+    if (folder / layout.LOCK).is_file():
+        problems.append(f"it is locked ({layout.LOCK}): a training runs in it or was interrupted")
+    if not (folder / layout.REPORT).is_file():
+        missing = [layout.REPORT]
+        try:
+            folds = sorted(set(table_io.read_csv(folder / layout.SPLITS, numeric=["fold"],
+                                                 usecols=["fold"])["fold"].dropna().astype(int)))
+        except (OSError, ValueError, pd.errors.ParserError, pd.errors.EmptyDataError):
+            folds = []
+        missing += [str(layout.fold_model(folder, k).relative_to(folder)) for k in folds
+                    if not layout.fold_model(folder, k).is_file()]
+        problems.append(f"the training did not finish ({', '.join(missing)} missing)")
+    if problems:
+        raise ModelError(f"{folder}: {'; '.join(problems)}; finish it with the training command "
+                         "plus --resume, or set modelAdr to one of its model files")
+
+
 def model_files(entries: tuple[Path, ...]) -> list[Path]:
-    """Model files from modelAdr: files, or training results folders (their fold models)."""
+    """Model files from modelAdr: files, or finished training results folders (their models)."""
     files: list[Path] = []
     for entry in entries:
         if entry.is_dir():
+            check_finished_training(entry)
             found = layout.model_files_in(entry)
             if not found:
                 raise ModelError(f"{entry}: no model.pt or fold_*/model.pt inside; point modelAdr "
@@ -49,6 +79,22 @@ def model_files(entries: tuple[Path, ...]) -> list[Path]:
         else:
             raise ModelError(f"{entry}: model file not found (modelAdr); check the path")
     return files
+
+
+def check_labels(sample_set: SampleSet, classes: tuple[str, ...], source: Path) -> None:
+    """Labels that differ from the model's classes only in upper/lower case are refused (as
+    training refuses them: counted as errors they would wreck the metrics); other unknown
+    labels are counted as errors, with a warning."""
+    unknown = sorted({s.label for s in sample_set.samples} - set(classes))
+    folded = {c.casefold(): c for c in classes}
+    pairs = [f"{u!r} (the model's {folded[u.casefold()]!r})" for u in unknown
+             if u.casefold() in folded]
+    if pairs:
+        raise DataError(f"{source}: labels differ from the model's classes only in upper/lower "
+                        f"case: {', '.join(pairs)}; write them exactly as the model's classes")
+    if unknown:
+        log.warning("labels the model does not know (counted as errors in the metrics): %s",
+                    ", ".join(unknown))
 
 
 def preflight(params: DeployParams) -> None:
@@ -136,10 +182,7 @@ def run(params: DeployParams, *, resume: bool = False, quiet: bool = False) -> P
                           target_labels=params.target_labels if params.has_labels else None,
                           exclude=(folder, params.cache_root))
     if params.has_labels:
-        unknown = sorted({s.label for s in sample_set.samples} - set(classes))
-        if unknown:
-            log.warning("labels the model does not know (counted as errors in the metrics): %s",
-                        ", ".join(unknown))
+        check_labels(sample_set, classes, params.thumb_data)
     write_config(params, folder, resume)
     chosen = threshold_in_force(given=params.prediction_threshold,
                                 stored=[m.threshold for m in models])
@@ -150,8 +193,10 @@ def run(params: DeployParams, *, resume: bool = False, quiet: bool = False) -> P
     is_slide = [slides.is_slide(s.path) for s in sample_set.samples]
     done = folder / layout.PREDICTIONS
     check_same_inputs(folder, sample_set, resume)
+    check_same_models(folder, models, resume)
     choose = lambda: prepare_runners(models, params, sample_set, device, threshold)  # noqa: E731
     if params.adapt_bn:
+        check_adaptable(len(sample_set), params.thumb_data)
         configure_threads(device)
         models = adapt_batchnorm(models, sample_set, folder, device=device,
                                  slide_cache=params.slide_cache, resume=resume)

@@ -11,7 +11,7 @@ import pandas as pd
 
 from thumbclf.config import params_to_dict
 from thumbclf.core import table
-from thumbclf.core.errors import ConfigError, DataError
+from thumbclf.core.errors import ConfigError, DataError, OutputError
 from thumbclf.outputs.confusion import cm_layout
 from thumbclf.outputs.evaluate import _thumb_loader, decisions_report, evaluate_table
 from thumbclf.workflows.run import prepare_output
@@ -65,12 +65,19 @@ def evaluate_file(predictions: Path, *, threshold: float | None = None,
         raise DataError(f"{predictions}: no CLASSIFICATION column; evaluation needs labels")
     if table.ERROR in df.columns:
         df = df[df[table.ERROR].fillna("") == ""]
+    if df.empty:
+        raise DataError(f"{predictions}: no rows to evaluate (only a header, or every row has "
+                        "an error)")
     unknown = sorted(set(df[table.LABEL]) - set(classes))
     if unknown:
         log.warning("%s: labels without a probability column (counted as errors): %s",
                     predictions, ", ".join(unknown))
     suffix = f"-{threshold:g}" if threshold is not None else ""
     out = output or predictions.parent / f"evaluation{suffix}"
+    if out.is_dir() and any(out.iterdir()):  # evaluate has no --resume: say what it has
+        raise OutputError(f"{out}: holds an earlier evaluation; thumbclf never overwrites one. "
+                          "Use --output NEW_FOLDER (or --threshold T, which writes "
+                          "evaluation-T)")
     with prepare_output(out, resume=False):
         setup_logging(out)
         order, xt, yt = cm_layout(classes, None, None, None, predictions)

@@ -34,6 +34,11 @@ def execute(params: Params, *, resume: bool = False, quiet: bool = False, debug:
     from thumbclf.core.logs import setup_logging
 
     workflow = WORKFLOW_OF[type(params)]
+    from thumbclf.core.privacy import keep_caches_in
+    from thumbclf.workflows.run import check_cache_apart
+
+    check_cache_apart(params)  # before anything is written into the cache folder
+    keep_caches_in(params.cache_root)  # before the workflow imports matplotlib
     if workflow == TRAIN:
         from thumbclf.workflows.train import preflight, run
     elif workflow == "pretrain":

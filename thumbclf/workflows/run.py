@@ -21,6 +21,16 @@ log = logging.getLogger(__name__)
 SETUP_ONLY = {layout.RUN_LOG, layout.CONFIG, layout.LOCK, ".write-test"}  # a run that never got going
 
 
+def check_cache_apart(params) -> None:
+    """ConfigError when the cache folder is, or lies inside, a folder input: thumbclf never
+    writes into its inputs (and would read its own cache as images)."""
+    data, cache = getattr(params, "thumb_data", None), params.cache_root
+    if data is not None and Path(data).is_dir() and layout.inside(Path(data), cache):
+        where = "the input folder" if Path(data).resolve() == cache.resolve() else "inside it"
+        raise ConfigError(f"{params.source}: cache_dir {cache} is {where} (thumbData: {data}); "
+                          "thumbclf never writes into its inputs: choose a cache_dir outside it")
+
+
 def check_output(folder: Path, *, resume: bool) -> None:
     """OutputError unless ``folder`` may take this run: a new or set-up-only folder, or, with
     ``resume``, an existing one. (prepare_output checks again, under the lock.)"""

@@ -4,8 +4,6 @@ read back as the predictions table in input order."""
 from __future__ import annotations
 
 import contextlib
-import csv
-import io
 import json
 import logging
 import time
@@ -20,8 +18,8 @@ from thumbclf.config import DeployParams
 from thumbclf.core import layout
 from thumbclf.core import table as table_io
 from thumbclf.core.decide import decide_with_reasons
-from thumbclf.core.errors import DataError, OutputError, clean
-from thumbclf.core.files import append_whole, atomic_csv, atomic_text, repair_tail
+from thumbclf.core.errors import DataError, ModelError, OutputError, clean
+from thumbclf.core.files import append_whole, atomic_csv, atomic_text, file_digest, repair_tail
 from thumbclf.inputs import slides
 from thumbclf.inputs.samples import SampleSet
 from thumbclf.nn.engine import configure_threads
@@ -61,7 +59,7 @@ def _done_positions(partial: Path) -> set[int]:
     if not partial.is_file():
         return set()
     try:
-        df = pd.read_csv(partial, usecols=["position"])
+        df = table_io.read_csv(partial, usecols=["position"], numeric=["position"])
     except (ValueError, pd.errors.EmptyDataError, pd.errors.ParserError):
         raise OutputError(f"{partial}: unreadable ({partial.stat().st_size} bytes); delete it to "
                           "predict every image again, or start a new run with --output") from None
@@ -69,9 +67,7 @@ def _done_positions(partial: Path) -> set[int]:
 
 
 def _csv_rows(rows: list[list]) -> bytes:
-    buf = io.StringIO()
-    csv.writer(buf).writerows(rows)
-    return buf.getvalue().encode("utf-8")
+    return table_io.csv_rows(rows).encode("utf-8", "surrogateescape")
 
 
 def check_same_inputs(folder: Path, sample_set: SampleSet, resume: bool) -> None:
@@ -80,13 +76,31 @@ def check_same_inputs(folder: Path, sample_set: SampleSet, resume: bool) -> None
     paths = [str(s.path) for s in sample_set.samples]
     listed = folder / layout.INPUTS
     if resume and listed.is_file():
-        before = pd.read_csv(listed, dtype={"PATH": str}, keep_default_na=False)["PATH"].tolist()
+        before = table_io.read_csv(listed)["PATH"].tolist()
         if before != paths:
             raise DataError(f"{sample_set.source}: the inputs differ from those of the "
                             f"interrupted run ({len(before)} then, {len(paths)} now, listed in "
                             f"{listed}); restore them, or start a new run with --output")
         return
-    atomic_csv(pd.DataFrame({"position": range(len(paths)), "PATH": paths}), listed)
+    atomic_csv(pd.DataFrame({"position": range(len(paths)), "PATH": table_io.text(paths)}), listed)
+
+
+def check_same_models(folder: Path, models: list, resume: bool) -> None:
+    """The model files of a deploy and their sha256, written once (models.csv); a resume must
+    use the same files, or the rows predicted before and after it would come from two models."""
+    paths = [str(m.path) for m in models]
+    digests = [file_digest(m.path) if m.path is not None else "" for m in models]
+    listed = folder / layout.MODELS
+    if resume and listed.is_file():
+        before = table_io.read_csv(listed)
+        if "sha256" not in before or before["sha256"].tolist() != digests:
+            changed = next((p for p, d, b in zip(paths, digests, before.get("sha256", []))
+                            if d != b), ", ".join(paths))
+            raise ModelError(f"{changed}: the model files differ from those the interrupted run "
+                             f"predicted with (sha256 in {listed}); restore them, or start a new "
+                             "run with --output")
+        return
+    atomic_csv(pd.DataFrame({"model": table_io.text(paths), "sha256": digests}), listed)
 
 
 def predict_stream(models, sample_set: SampleSet, folder: Path, *, params: DeployParams,
@@ -139,8 +153,10 @@ def predict_stream(models, sample_set: SampleSet, folder: Path, *, params: Deplo
 
 def check_partial_header(partial: Path, header: list[str]) -> None:
     """An interrupted run's partial file has the columns this version writes."""
-    with open(partial, newline="", encoding="utf-8") as f:
-        found = next(csv.reader(f), [])
+    try:
+        found = list(table_io.read_csv(partial, nrows=0).columns)
+    except (ValueError, pd.errors.ParserError, pd.errors.EmptyDataError):
+        found = []
     if found != header:
         raise OutputError(f"{partial}: written with other columns ({', '.join(found[:12])}) by "
                           "another thumbclf version or model; start a new run with --output "
@@ -150,9 +166,7 @@ def check_partial_header(partial: Path, header: list[str]) -> None:
 def final_table(sample_set: SampleSet, partial: Path, classes: tuple[str, ...],
                 has_labels: bool, threshold: float, is_slide: list[bool]) -> pd.DataFrame:
     """The predictions table in input order, with slide properties where there are slides."""
-    rows = pd.read_csv(partial, dtype={table_io.DECISION: str, table_io.REASON: str,
-                                       table_io.ERROR: str}, keep_default_na=False,
-                       na_values={c: [""] for c in (*classes, table_io.UNFAMILIARITY)})
+    rows = table_io.read_csv(partial, numeric=["position", *classes, table_io.UNFAMILIARITY])
     rows = rows.drop_duplicates("position", keep="last").set_index("position").sort_index()
     rows = rows.reindex(range(len(sample_set)))
     errors = rows["error"].fillna("").to_numpy()

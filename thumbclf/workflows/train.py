@@ -100,6 +100,23 @@ def _new_model(params: TrainParams, arch: str, n_classes: int, device: torch.dev
     return model.to(device).to(memory_format=torch.channels_last), frozen
 
 
+def restore_generators(state: dict, gen: torch.Generator) -> None:
+    """Each rank continues its own random streams (under torchrun every rank augments its
+    images with its own generator); a checkpoint without them (thumbclf 1.1, or another
+    number of processes) gives every rank rank 0's, and the run says so."""
+    own = state.get("rank_generators")
+    if own is not None and len(own) == distributed.world_size():
+        gen_state, torch_state = own[distributed.rank()]
+    else:
+        gen_state, torch_state = state["torch_gen"], state["torch_rng"]
+        if distributed.active():
+            log.warning("the checkpoint holds the random generators of one process only: "
+                        "every rank continues with rank 0's augmentation, so the model differs "
+                        "from an uninterrupted run")
+    gen.set_state(gen_state)
+    torch.set_rng_state(torch_state)
+
+
 def _fit_fold(params: TrainParams, model: nn.Module, trainer: nn.Module, *, decoded,
               y: np.ndarray, n_classes: int,
               train_pos: np.ndarray, val_pos: np.ndarray, fold: int, device: torch.device,
@@ -130,18 +147,18 @@ def _fit_fold(params: TrainParams, model: nn.Module, trainer: nn.Module, *, deco
                                 rng=np.random.default_rng(0), shuffle=False, drop_single=True)
 
     def save_checkpoint(state: dict) -> None:
+        own = distributed.gather([gen.get_state(), torch.get_rng_state()])  # each rank's own
         if not distributed.is_main():
             return  # rank 0 writes; every rank holds the same weights
         state.update(np_rng=json.dumps(rng.bit_generator.state), torch_gen=gen.get_state(),
-                     torch_rng=torch.get_rng_state(), fold=fold)
+                     torch_rng=torch.get_rng_state(), rank_generators=own, fold=fold)
         atomic_torch_save(state, checkpoint)
 
     resume_state = None
     if checkpoint.is_file():
         resume_state = read_weights(checkpoint, "checkpoint of the interrupted fold")
         rng.bit_generator.state = json.loads(resume_state["np_rng"])
-        gen.set_state(resume_state["torch_gen"])
-        torch.set_rng_state(resume_state["torch_rng"])
+        restore_generators(resume_state, gen)
     spec = FitSpec(
         train_batches=train_batches, val_batches=val_batches,
         n_train_batches=math.ceil(len(train_pos) / bs), bn_batches=bn_batches,
@@ -276,7 +293,7 @@ def finished_fold(folder: Path, fold: int) -> FoldResult | None:
     if not (pred_file.is_file() and model_file.is_file()):
         return None
     log.info("%s: finished earlier; skipped", layout.fold_dir(folder, fold).name)
-    history = pd.read_csv(layout.fold_dir(folder, fold) / layout.HISTORY)
+    history = table_io.read_csv(layout.fold_dir(folder, fold) / layout.HISTORY, numeric=True)
     loaded = load_model(model_file)
     return FoldResult(fold, loaded.model, history, table_io.read_fold(pred_file),
                       Calibration.from_file(loaded.calibration), loaded.familiarity is not None)
