@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from thumbclf.core import layout, machine
 from thumbclf.core.errors import ImageReadError, OutputError
 from thumbclf.core.files import OutputLock, atomic_text
+from thumbclf.inputs import dicom
 from thumbclf.inputs.decode import load_array
 from thumbclf.inputs.images import Preprocessing
 
@@ -60,6 +61,8 @@ def file_key(path: Path) -> str | None:
     """Path, size and modification time of a file, or None when it is missing."""
     try:
         st = path.stat()
+        if path.is_dir():  # a DICOM slide: the names, sizes and times of its instances
+            return f"{path.resolve()}|{dicom.fingerprint(path)}"
     except OSError:
         return None
     return f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"

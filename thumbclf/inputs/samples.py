@@ -15,6 +15,7 @@ from thumbclf.core.decide import UNDECIDED
 from thumbclf.core.errors import DataError
 from thumbclf.core.layout import to_local_path
 from thumbclf.core.table import OWN_COLUMNS
+from thumbclf.inputs.dicom import group_folders
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +101,7 @@ def _find_files(folder: Path, skipped: _Skipped) -> list[Path]:
         dirnames[:] = sorted(d for d in dirnames
                              if not d.startswith(".") and not skipped.skip(here / d))
         found += [here / f for f in filenames if is_input_file(here / f)]
-    return sorted(found)
+    return group_folders(found)  # a folder of .dcm files is one DICOM slide
 
 
 def read_table(path: Path) -> pd.DataFrame:

@@ -203,7 +203,7 @@ def _report(params: DeployParams, folder: Path, table: pd.DataFrame, models: lis
                             {0: first.model}, list(classes), prep=first.prep, norm=first.norm,
                             arch=first.arch, per_class=params.gradcam, device=device,
                             note="made with the first model of the ensemble" if len(models) > 1
-                            else "made with the model")
+                            else "made with the model", slide_cache=params.slide_cache)
     notes = [f"Threshold {threshold:.3f} ({why}); "
              f"{len(models)} model{'s averaged' if len(models) > 1 else ''}"
              f"{'; test-time augmentation (8 flips/rotations)' if params.tta else ''}.",

@@ -1,0 +1,253 @@
+"""Thumbnails from tiled slide levels at reduced scale, in bounded time and memory.
+
+A thumbnail never needs the full-resolution pixels of a large level. Each JPEG tile is decoded
+at 1/2, 1/4 or 1/8 of its size by libjpeg-turbo's DCT scaling (Pillow's ``draft``), reduced
+further by an integer box filter where the level is still much larger than the thumbnail, and
+pasted into a canvas at most about twice the thumbnail's size; one bicubic resize finishes. So
+a 48,600 x 27,760 single-level slide needs a few megabytes, not gigabytes, and its tiles are
+read one at a time from the file. TIFF levels (``tiff_levels``) and DICOM frames
+(``dicom.py``) both come here as a :class:`TiledLevel`.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from thumbclf.core.errors import ImageReadError
+
+# An Adobe APP14 segment with transform 0: the JPEG's three components are R, G, B (Aperio
+# and other TIFF writers store RGB without saying so; libjpeg would take them for YCbCr).
+ADOBE_RGB = b"\xff\xee\x00\x0eAdobe\x00\x64\x00\x00\x00\x00\x00"
+DCT_SCALES = (8, 4, 2, 1)
+CANVAS_FACTOR = 2  # the canvas keeps at least twice the thumbnail's size before the last resize
+
+
+class SlideTooLarge(ImageReadError):
+    """A slide that would take more than the per-slide budget (time or pixels)."""
+
+
+@dataclass
+class TiledLevel:
+    """One level of a slide as a grid of encoded tiles."""
+
+    width: int
+    height: int
+    tile_w: int
+    tile_h: int
+    source: Path  # the file holding the tiles
+    locate: Callable[[int, int], list[tuple[int, int]] | None]  # (offset, length) spans of the
+    # encoded tile at column, row; None or [] where the tile is not stored
+    codec: str = "jpeg"  # "jpeg", "jpeg2000" or "raw" (uint8 RGB, tile_h x tile_w x 3)
+    tables: bytes | None = None  # TIFF JPEGTables (quantisation and Huffman tables)
+    rgb: bool = False  # JPEG components are RGB (not YCbCr)
+    positions: set[tuple[int, int]] | None = None  # sparse levels: the tiles stored
+    source_of: Callable[[int, int], Path] | None = None  # tiles spread over several files
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return math.ceil(self.width / self.tile_w), math.ceil(self.height / self.tile_h)
+
+
+@dataclass
+class ReadStats:
+    """What one rendering read: the level, the scale, tiles and encoded bytes, decode time."""
+
+    level: int = 0
+    dct_scale: int = 1
+    box: int = 1
+    tiles: int = 0
+    encoded_bytes: int = 0
+    decode_seconds: float = 0.0
+    seconds: float = 0.0
+    reader: str = "tiles"
+    extra: dict = field(default_factory=dict)
+
+
+def choose_level(sizes: list[tuple[int, int]], out: tuple[int, int]) -> int:
+    """The smallest level at least as large as the thumbnail (else the largest level)."""
+    fits = [i for i, (w, h) in enumerate(sizes) if w >= out[0] and h >= out[1]]
+    if not fits:
+        return max(range(len(sizes)), key=lambda i: sizes[i][0] * sizes[i][1])
+    return min(fits, key=lambda i: sizes[i][0] * sizes[i][1])
+
+
+def reduction(level: TiledLevel, out: tuple[int, int]) -> tuple[int, int]:
+    """(DCT scale, box factor): how much smaller than the level each tile is decoded and kept."""
+    scale = 1
+    if level.codec == "jpeg":
+        for s in DCT_SCALES:
+            if (level.tile_w % (8 * s) == 0 and level.tile_h % (8 * s) == 0
+                    and level.width // s >= out[0] and level.height // s >= out[1]):
+                scale = s
+                break
+    box = 1
+    tw, th = level.tile_w // scale, level.tile_h // scale
+    while (tw % (box * 2) == 0 and th % (box * 2) == 0
+           and level.width // (scale * box * 2) >= CANVAS_FACTOR * out[0]
+           and level.height // (scale * box * 2) >= CANVAS_FACTOR * out[1]):
+        box *= 2
+    return scale, box
+
+
+def decode_jpeg(data: bytes, *, tables: bytes | None, rgb: bool, scale: int) -> Image.Image:
+    """One JPEG tile (abbreviated stream plus TIFF tables, or complete) decoded at 1/scale."""
+    if tables and len(tables) > 4:
+        data = tables[:-2] + (ADOBE_RGB if rgb else b"") + data[2:]
+    elif rgb and b"Adobe" not in data[:512]:
+        data = data[:2] + ADOBE_RGB + data[2:]
+    img = Image.open(io.BytesIO(data))
+    if scale > 1:
+        w, h = img.size
+        img.draft("RGB", (max(1, w // scale), max(1, h // scale)))
+    img.load()
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def _decode(level: TiledLevel, data: bytes, scale: int) -> Image.Image:
+    if level.codec == "jpeg":
+        img = decode_jpeg(data, tables=level.tables, rgb=level.rgb, scale=scale)
+    elif level.codec == "raw":
+        arr = np.frombuffer(data, np.uint8)[: level.tile_w * level.tile_h * 3]
+        img = Image.fromarray(arr.reshape(level.tile_h, level.tile_w, 3), "RGB")
+    else:
+        img = Image.open(io.BytesIO(data))
+        img.load()
+        img = img.convert("RGB")
+    want = (level.tile_w // scale, level.tile_h // scale)
+    if img.size != want:
+        img = img.resize(want, Image.Resampling.BOX)
+    return img
+
+
+def render(level: TiledLevel, out: tuple[int, int], *, deadline: float | None, where: str,
+           budget_s: float, stats: ReadStats | None = None) -> Image.Image:
+    """The level as an RGB image of size ``out``; SlideTooLarge once ``deadline`` passes."""
+    start = time.perf_counter()
+    scale, box = reduction(level, out)
+    step = scale * box
+    canvas = Image.new("RGB", (max(1, level.width // step), max(1, level.height // step)),
+                       (255, 255, 255))
+    run = _Run(level, canvas, scale, box, where)
+    rows = level.grid[1]
+    try:
+        for ty in range(rows):
+            if deadline is not None and time.perf_counter() > deadline:
+                raise SlideTooLarge(f"{where}: too large: reading stopped after {budget_s:g} s, "
+                                    f"the per-slide budget ({ty} of {rows} tile rows read); "
+                                    "convert it to a pyramidal slide, or raise slide_budget_s")
+            run.row(ty)
+    finally:
+        for fh in run.files.values():
+            fh.close()
+    img = canvas if canvas.size == out else canvas.resize(
+        out, Image.Resampling.BICUBIC, reducing_gap=3.0)
+    if stats is not None:
+        stats.dct_scale, stats.box, stats.tiles, stats.encoded_bytes = scale, box, run.n, run.nbytes
+        stats.decode_seconds = run.decode_s
+        stats.seconds = time.perf_counter() - start
+    return img
+
+
+@dataclass
+class _Run:
+    """One rendering's canvas and counts."""
+
+    level: TiledLevel
+    canvas: Image.Image
+    scale: int
+    box: int
+    where: str
+    n: int = 0
+    nbytes: int = 0
+    decode_s: float = 0.0
+    files: dict = field(default_factory=dict)
+
+    def _file(self, path: Path):
+        fh = self.files.get(path)
+        if fh is None:
+            try:
+                fh = self.files[path] = open(path, "rb")
+            except OSError as exc:
+                raise ImageReadError(f"{self.where}: cannot open {path.name} "
+                                     f"({exc.strerror or exc})") from None
+        return fh
+
+    def row(self, ty: int) -> None:
+        """Decode, reduce and paste one row of tiles."""
+        level, step = self.level, self.scale * self.box
+        tw, th = level.tile_w // step, level.tile_h // step
+        stored = level.positions
+        for tx in range(level.grid[0]):
+            if stored is not None and (tx, ty) not in stored:
+                continue
+            spans = level.locate(tx, ty)
+            if not spans:
+                continue
+            fh = self._file(level.source_of(tx, ty) if level.source_of else level.source)
+            data = b"".join(_read(fh, offset, length) for offset, length in spans)
+            t0 = time.perf_counter()
+            try:
+                tile = _decode(level, data, self.scale)
+            except (OSError, ValueError, SyntaxError) as exc:
+                raise ImageReadError(f"{self.where}: cannot decode tile ({tx}, {ty}) ({exc})"
+                                     ) from None
+            self.decode_s += time.perf_counter() - t0
+            if self.box > 1:
+                tile = tile.reduce(self.box)
+            self.canvas.paste(tile, (tx * tw, ty * th))
+            self.n += 1
+            self.nbytes += len(data)
+
+
+def _read(fh, offset: int, length: int) -> bytes:
+    fh.seek(offset)
+    return fh.read(length)
+
+
+def _tiff_level(path: Path, page) -> TiledLevel | None:
+    """A TIFF page as a TiledLevel when its tiles can be read here (8-bit RGB, JPEG or none)."""
+    if not page.is_tiled or page.planarconfig != 1 or page.samplesperpixel != 3:
+        return None
+    if page.bitspersample != 8 or getattr(page, "imagedepth", 1) != 1:
+        return None
+    compression, photometric = int(page.compression), int(page.photometric)
+    if compression == 7 and photometric in (2, 6):  # JPEG, RGB or YCbCr
+        codec = "jpeg"
+    elif compression == 1 and photometric == 2:
+        codec = "raw"
+    else:
+        return None
+    offsets, counts = page.dataoffsets, page.databytecounts
+    cols = math.ceil(page.imagewidth / page.tilewidth)
+
+    def locate(tx: int, ty: int) -> list[tuple[int, int]] | None:
+        i = ty * cols + tx
+        if i >= len(offsets) or not counts[i]:
+            return None
+        return [(int(offsets[i]), int(counts[i]))]
+
+    return TiledLevel(page.imagewidth, page.imagelength, page.tilewidth, page.tilelength,
+                      path, locate,
+                      codec, page.jpegtables if codec == "jpeg" else None,
+                      rgb=codec == "jpeg" and photometric == 2)
+
+
+def tiff_levels(path: Path) -> list[tuple[tuple[int, int], TiledLevel | None]] | None:
+    """The levels of a tiled TIFF slide (size, and a TiledLevel where readable here)."""
+    try:
+        import tifffile
+
+        with tifffile.TiffFile(path) as tif:
+            series = tif.series[0]
+            pages = [lv.keyframe for lv in series.levels]
+            return [((int(p.imagewidth), int(p.imagelength)), _tiff_level(path, p)) for p in pages]
+    except Exception:  # noqa: BLE001 - anything tifffile cannot parse is left to OpenSlide
+        return None
