@@ -68,7 +68,8 @@ class ReadStats:
     decode_seconds: float = 0.0
     seconds: float = 0.0
     reader: str = "tiles"
-    extra: dict = field(default_factory=dict)
+    decoded_pixels: int = 0  # pixels the decoder produced (after DCT scaling), all tiles
+    canvas_pixels: int = 0  # the largest picture held at once
 
 
 def choose_level(sizes: list[tuple[int, int]], out: tuple[int, int]) -> int:
@@ -142,7 +143,8 @@ def render(level: TiledLevel, out: tuple[int, int], *, deadline: float | None, w
             if deadline is not None and time.perf_counter() > deadline:
                 raise SlideTooLarge(f"{where}: too large: reading stopped after {budget_s:g} s, "
                                     f"the per-slide budget ({ty} of {rows} tile rows read); "
-                                    "convert it to a pyramidal slide, or raise slide_budget_s")
+                                    "convert it to a pyramidal slide, or raise "
+                                    "THUMBCLF_SLIDE_BUDGET_S")
             run.row(ty)
     finally:
         for fh in run.files.values():
@@ -151,7 +153,8 @@ def render(level: TiledLevel, out: tuple[int, int], *, deadline: float | None, w
         out, Image.Resampling.BICUBIC, reducing_gap=3.0)
     if stats is not None:
         stats.dct_scale, stats.box, stats.tiles, stats.encoded_bytes = scale, box, run.n, run.nbytes
-        stats.decode_seconds = run.decode_s
+        stats.decode_seconds, stats.decoded_pixels = run.decode_s, run.decoded
+        stats.canvas_pixels = canvas.size[0] * canvas.size[1]
         stats.seconds = time.perf_counter() - start
     return img
 
@@ -168,6 +171,7 @@ class _Run:
     n: int = 0
     nbytes: int = 0
     decode_s: float = 0.0
+    decoded: int = 0
     files: dict = field(default_factory=dict)
 
     def _file(self, path: Path):
@@ -200,6 +204,7 @@ class _Run:
                 raise ImageReadError(f"{self.where}: cannot decode tile ({tx}, {ty}) ({exc})"
                                      ) from None
             self.decode_s += time.perf_counter() - t0
+            self.decoded += tile.size[0] * tile.size[1]
             if self.box > 1:
                 tile = tile.reduce(self.box)
             self.canvas.paste(tile, (tx * tw, ty * th))

@@ -53,8 +53,8 @@ def copy_all(jobs: list[tuple[Path, Path]]) -> tuple[int, int]:
     made = kept = 0
     for source, dst in jobs:
         if source.is_dir():
-            made += _copy_dicom(source, dst)
-            kept += not made
+            now = _copy_dicom(source, dst)
+            made, kept = made + now, kept + 1 - now
             continue
         if dst.is_file() and dst.stat().st_size == source.stat().st_size:
             kept += 1
@@ -115,7 +115,7 @@ def sort_copies(items: list[tuple[Path, str, Path | None]], root: Path, *,
     """
     jobs = plan_copies(items, root, with_slides=with_slides)
     made, kept = copy_all(jobs)
-    on_disk = sum(1 for _, dst in jobs if dst.is_file())
+    on_disk = sum(1 for _, dst in jobs if dst.is_file() or dst.is_dir())  # DICOM: a folder
     if on_disk != len(jobs):
         raise OutputError(f"{root}: {len(jobs) - on_disk} sorted copies are missing after copying; "
                           "is another program deleting files there?")
