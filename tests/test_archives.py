@@ -245,7 +245,7 @@ def test_a_mixed_archive_deploys_with_one_row_per_slide(archive, tiny_data, tmp_
     rel = sorted(pred["PATH"].map(lambda p: str(p).replace(str(mixed) + "/", "")))
     assert rel == ["P1/s1.tiff", "P2/slide-7", "P3/flat.tiff", "P4/broken.svs", "P4/m.mrxs"]
     row = pred[pred["PATH"].str.endswith("slide-7")].iloc[0]
-    assert row["error"] == "" and row["slide_vendor"] == "dicom" and row["slide_width"] == 1500
+    assert row["error"] == "" and row["slide_vendor"] == "dicom" and float(row["slide_width"]) == 1500
     assert "Data0000.dat is missing" in pred.loc[pred["PATH"].str.endswith("m.mrxs"), "error"].item()
     copies = [p for p in (tmp_path / "d" / "sorted").rglob("*.dcm")]
     assert copies and not any(p.name == "label.dcm" for p in copies)
