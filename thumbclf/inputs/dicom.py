@@ -34,7 +34,7 @@ def _pydicom():
     try:
         import pydicom
     except ImportError:
-        raise ImageReadError("reading DICOM slides needs pydicom; pip install 'thumbclf[dicom]'"
+        raise ImageReadError("reading DICOM slides needs pydicom; pip install pydicom"
                              ) from None
     return pydicom
 
