@@ -35,6 +35,7 @@ from thumbclf.inputs.samples import SLIDE_SUFFIXES
 
 log = logging.getLogger(__name__)
 SINGLE_READ_PIXELS = 64_000_000  # larger levels are read and shrunk in strips
+RENDER_VERSION = 2  # 2: JPEG tiles at reduced scale; changes every cached slide thumbnail
 BUDGET_SECONDS = 120.0  # per slide; THUMBCLF_SLIDE_BUDGET_S overrides it
 FAST_SUFFIXES = (".svs", ".tif", ".tiff")  # TIFF containers whose JPEG tiles are read here
 
@@ -126,10 +127,10 @@ def cache_key(path: Path, long_side: int) -> str:
     """
     folder = dicom.slide_folder(path)
     if folder is not None:
-        text = f"{folder.resolve()}|{dicom.fingerprint(folder)}|{long_side}|v1"
+        text = f"{folder.resolve()}|{dicom.fingerprint(folder)}|{long_side}|v{RENDER_VERSION}"
     else:
         st = path.stat()
-        text = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{long_side}|v1"
+        text = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{long_side}|v{RENDER_VERSION}"
     return hashlib.sha1(text.encode("utf-8", "surrogateescape")).hexdigest()
 
 

