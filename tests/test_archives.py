@@ -4,6 +4,7 @@ with a missing data file, the per-slide budget, every input accounted for."""
 from __future__ import annotations
 
 import inspect
+import os
 import shutil
 import sys
 import tracemalloc
@@ -251,3 +252,12 @@ def test_a_mixed_archive_deploys_with_one_row_per_slide(archive, tiny_data, tmp_
     assert copies and not any(p.name == "label.dcm" for p in copies)
     assert "every input accounted for: 5 rows" in r.stderr and "slowest slides:" in r.stderr
     assert "Every input accounted for" in (tmp_path / "d" / "report.html").read_text()
+
+
+def test_many_tiles_are_decoded_in_threads_to_the_same_picture(tmp_path, monkeypatch):
+    flat = jpeg_tiff(tmp_path / "flat.tiff", picture(2048, 1536, 4), pyramid=False)
+    one = np.asarray(slides.thumbnail(flat, 256))
+    monkeypatch.setattr(tiles, "MANY_TILES", 1)
+    monkeypatch.setenv("THUMBCLF_TILE_THREADS", "2")
+    assert tiles.decode_threads(48) == min(2, os.cpu_count())
+    assert np.array_equal(np.asarray(slides.thumbnail(flat, 256)), one)

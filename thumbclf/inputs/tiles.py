@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import io
 import math
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -28,6 +30,7 @@ from thumbclf.core.errors import ImageReadError
 # and other TIFF writers store RGB without saying so; libjpeg would take them for YCbCr).
 ADOBE_RGB = b"\xff\xee\x00\x0eAdobe\x00\x64\x00\x00\x00\x00\x00"
 DCT_SCALES = (8, 4, 2, 1)
+MANY_TILES = 2_000  # a level of this many tiles (a single-level slide) is decoded in threads
 CANVAS_FACTOR = 2  # the canvas keeps at least twice the thumbnail's size before the last resize
 
 
@@ -72,6 +75,18 @@ class ReadStats:
     resize_seconds: float = 0.0  # the last resize, canvas to thumbnail
     decoded_pixels: int = 0  # pixels the decoder produced (after DCT scaling), all tiles
     canvas_pixels: int = 0  # the largest picture held at once
+
+
+def decode_threads(n_tiles: int) -> int:
+    """Threads decoding one slide's tiles: 1 for ordinary levels (worker processes share the
+    cores); THUMBCLF_TILE_THREADS (default 1) for levels of many tiles. Pillow parses each
+    tile's markers holding the GIL and decodes without it; on the 2 busy cores of the bench
+    machine, 2 threads gained nothing, so they are off unless asked for."""
+    try:
+        most = int(os.environ.get("THUMBCLF_TILE_THREADS", "1"))
+    except ValueError:
+        most = 1
+    return max(1, min(most, os.cpu_count() or 1)) if n_tiles >= MANY_TILES else 1
 
 
 def choose_level(sizes: list[tuple[int, int]], out: tuple[int, int]) -> int:
@@ -165,6 +180,8 @@ def render(level: TiledLevel, out: tuple[int, int], *, deadline: float | None, w
                        (255, 255, 255))
     run = _Run(level, canvas, scale, box, where)
     rows = level.grid[1]
+    threads = decode_threads(level.grid[0] * rows)
+    pool = ThreadPoolExecutor(threads, thread_name_prefix="tiles") if threads > 1 else None
     try:
         for ty in range(rows):
             if deadline is not None and time.perf_counter() > deadline:
@@ -172,8 +189,10 @@ def render(level: TiledLevel, out: tuple[int, int], *, deadline: float | None, w
                                     f"the per-slide budget ({ty} of {rows} tile rows read); "
                                     "convert it to a pyramidal slide, or raise "
                                     "THUMBCLF_SLIDE_BUDGET_S")
-            run.row(ty)
+            run.row(ty, pool)
     finally:
+        if pool is not None:
+            pool.shutdown()
         for fh in run.files.values():
             fh.close()
     # the canvas is 1-4x the thumbnail (the DCT scale and box did the rest): Pillow's bilinear
@@ -215,11 +234,13 @@ class _Run:
                                      f"({exc.strerror or exc})") from None
         return fh
 
-    def row(self, ty: int) -> None:
-        """Decode, reduce and paste one row of tiles."""
+    def row(self, ty: int, pool=None) -> None:
+        """Read one row of tiles (in order), decode and reduce them (in ``pool``'s threads when
+        given: the decoders release the GIL), paste them."""
         level, step = self.level, self.scale * self.box
         tw, th = level.tile_w // step, level.tile_h // step
         stored = level.positions
+        jobs = []
         for tx in range(level.grid[0]):
             if stored is not None and (tx, ty) not in stored:
                 continue
@@ -227,20 +248,25 @@ class _Run:
             if not spans:
                 continue
             fh = self._file(level.source_of(tx, ty) if level.source_of else level.source)
-            data = b"".join(_read(fh, offset, length) for offset, length in spans)
-            t0 = time.perf_counter()
-            try:
-                tile = _decode(level, data, self.scale)
-            except (OSError, ValueError, SyntaxError) as exc:
-                raise ImageReadError(f"{self.where}: cannot decode tile ({tx}, {ty}) ({exc})"
-                                     ) from None
-            self.decode_s += time.perf_counter() - t0
-            self.decoded += tile.size[0] * tile.size[1]
-            if self.box > 1:
-                tile = tile.reduce(self.box)
+            jobs.append((tx, ty, b"".join(_read(fh, offset, length) for offset, length in spans)))
+        for tx, tile, data_len, secs in (pool.map(self._tile, jobs) if pool else
+                                         map(self._tile, jobs)):
             self.canvas.paste(tile, (tx * tw, ty * th))
+            self.decode_s += secs
+            self.decoded += tile.size[0] * tile.size[1] * self.box * self.box
             self.n += 1
-            self.nbytes += len(data)
+            self.nbytes += data_len
+
+    def _tile(self, job: tuple[int, int, bytes]) -> tuple[int, Image.Image, int, float]:
+        tx, ty, data = job
+        t0 = time.perf_counter()
+        try:
+            tile = _decode(self.level, data, self.scale)
+        except (OSError, ValueError, SyntaxError) as exc:
+            raise ImageReadError(f"{self.where}: cannot decode tile ({tx}, {ty}) ({exc})"
+                                 ) from None
+        secs = time.perf_counter() - t0
+        return tx, tile.reduce(self.box) if self.box > 1 else tile, len(data), secs
 
 
 def _read(fh, offset: int, length: int) -> bytes:
