@@ -67,7 +67,7 @@ def _how(rec: dict) -> str:
 def closing_note(table: pd.DataFrame, slow: list[dict]) -> str:
     """The console's last line: counts by status and the slowest slides."""
     parts = ", ".join(f"{n} {s}" for s, n in counts(table).items())
-    note = f"every input accounted for: {len(table)} rows = {parts}"
+    note = f"every input accounted for: {len(table)} row{'s' * (len(table) != 1)} = {parts}"
     if slow:
         note += "; slowest slides: " + ", ".join(
             f"{Path(r['path']).name} {float(r['seconds']):.2f} s ({_how(r)})" for r in slow)
