@@ -57,8 +57,8 @@ def jpeg_tiff(path, img: np.ndarray, *, pyramid: bool, tile: int = 256, mpp: flo
 
 
 def dicom_slide(folder, src_tiff, *, label: bool = True):
-    """A DICOM WSI folder written by wsidicomizer from a TIFF, plus a LABEL instance whose
-    pixels are a different picture (black with a white 'name' bar)."""
+    """A DICOM WSI folder written by wsidicomizer from a TIFF, plus a LABEL and a THUMBNAIL
+    instance (copies of the smallest level with another ImageType)."""
     wsidicomizer = pytest.importorskip("wsidicomizer")
     folder.mkdir(parents=True)
     wsidicomizer.WsiDicomizer.convert(src_tiff, folder, tile_size=256, workers=1,
@@ -69,6 +69,9 @@ def dicom_slide(folder, src_tiff, *, label: bool = True):
         ds.ImageType = ["ORIGINAL", "PRIMARY", "LABEL", "NONE"]
         ds.SOPInstanceUID = pydicom.uid.generate_uid()
         ds.save_as(folder / "label.dcm")
+        ds.ImageType = ["DERIVED", "PRIMARY", "THUMBNAIL", "RESAMPLED"]
+        ds.SOPInstanceUID = pydicom.uid.generate_uid()
+        ds.save_as(folder / "thumbnail.dcm")
     return folder
 
 

@@ -195,11 +195,12 @@ class Series:
     folder: Path
     levels: tuple[Level, ...]
     kept_out: tuple[Path, ...]  # label and overview instances
+    others: tuple[Path, ...] = ()  # the series' other instances (a THUMBNAIL), never read
 
     @property
     def files(self) -> list[Path]:
         """The slide's own instances (levels and thumbnails): what sorting copies."""
-        return sorted(p.path for lv in self.levels for p in lv.parts)
+        return sorted({p.path for lv in self.levels for p in lv.parts} | set(self.others))
 
 
 def open_series(path: Path) -> Series:
@@ -225,7 +226,9 @@ def open_series(path: Path) -> Series:
         kinds = ", ".join(sorted({h.kind or "?" for h in wsi}))
         raise ImageReadError(f"{where}: incomplete DICOM slide: no VOLUME instances (only "
                              f"{kinds}); copy the whole series")
-    return Series(folder, _levels(volumes, where), kept_out)
+    others = tuple(h.path for h in wsi if h.kind not in (*NEVER_READ, "VOLUME")
+                   and h.series == volumes[0].series)
+    return Series(folder, _levels(volumes, where), kept_out, others)
 
 
 def _levels(volumes: list[Instance], where: Path) -> tuple[Level, ...]:
