@@ -23,6 +23,8 @@ from tqdm.auto import tqdm
 from thumbclf.core import layout, machine
 from thumbclf.core.errors import ImageReadError, OutputError
 from thumbclf.core.files import OutputLock, atomic_text
+from thumbclf.inputs import dicom, slides
+from thumbclf.inputs.samples import SLIDE_SUFFIXES
 from thumbclf.inputs.decode import load_array
 from thumbclf.inputs.images import Preprocessing
 
@@ -60,9 +62,14 @@ def file_key(path: Path) -> str | None:
     """Path, size and modification time of a file, or None when it is missing."""
     try:
         st = path.stat()
+        if path.is_dir():  # a DICOM slide: the names, sizes and times of its instances
+            return f"{path.resolve()}|{dicom.fingerprint(path)}|slides-v{slides.RENDER_VERSION}"
     except OSError:
         return None
-    return f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    if path.suffix.lower() in SLIDE_SUFFIXES + (".tif", ".tiff"):  # rendered: its version too
+        key += f"|slides-v{slides.RENDER_VERSION}"
+    return key
 
 
 def _decode(job: tuple[int, str, Preprocessing, str | None]) -> tuple[int, np.ndarray | None, str | None]:

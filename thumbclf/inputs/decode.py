@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from thumbclf.core.errors import ImageReadError
 from thumbclf.inputs import slides
 from thumbclf.inputs.images import (EXIF_ORIENTATION, Preprocessing, fit_square, legacy_square,
                                     open_rgb, to_rgb)
@@ -18,7 +19,11 @@ from thumbclf.inputs.images import (EXIF_ORIENTATION, Preprocessing, fit_square,
 def load_rgb(path: Path, prep: Preprocessing, *, slide_cache: Path | None = None) -> Image.Image:
     """The RGB picture of an image file, or the rendered thumbnail of a slide."""
     if slides.is_slide(path):
-        return slides.thumbnail(path, prep.slide_size, cache_dir=slide_cache)
+        return slides.thumbnail(path, prep.slide_size, cache_dir=slide_cache,
+                                max_pixels=prep.max_pixels)
+    if path.is_dir():
+        raise ImageReadError(f"{path}: a folder without DICOM slide files (.dcm); PATH must "
+                             "name an image, a slide, or a DICOM slide's folder")
     target = prep.size if prep.recipe == "thumbclf" else None
     return open_rgb(path, target=target, max_pixels=prep.max_pixels)
 

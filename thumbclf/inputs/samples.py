@@ -15,6 +15,7 @@ from thumbclf.core.decide import UNDECIDED
 from thumbclf.core.errors import DataError
 from thumbclf.core.layout import to_local_path
 from thumbclf.core.table import OWN_COLUMNS, as_written, read_csv
+from thumbclf.inputs.dicom import group_folders
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +104,7 @@ def _find_files(folder: Path, skipped: _Skipped) -> list[Path]:
         dirnames[:] = sorted(d for d in dirnames if not d.startswith(".")
                              and (here / d).resolve() not in above and not skipped.skip(here / d))
         found += [here / f for f in filenames if is_input_file(here / f)]
-    return sorted(found)
+    return group_folders(found)  # a folder of .dcm files is one DICOM slide
 
 
 MAX_UNPACKED_TABLE_BYTES = 256_000_000  # a spreadsheet of 100,000 rows unpacks to ~30 MB

@@ -1,16 +1,25 @@
-"""Whole-slide images through OpenSlide: detection, thumbnails from the best level, properties.
+"""Whole-slide images: detection, thumbnails from the best level, properties.
 
-A slide's label and macro images are never read: they can show patient identifiers.
-Thumbnails are cached as PNG files keyed by slide path, size, modification time and
-thumbnail size, so later runs and every fold reuse them.
+A slide is a file OpenSlide reads, a MIRAX .mrxs with its data folder, or a folder holding one
+DICOM WSI series (``dicom.py``). JPEG-tiled levels (TIFF, SVS, DICOM) are read tile by tile at
+reduced scale (``tiles.py``); other levels through OpenSlide in strips. A slide's label and
+macro (overview) images are never read: they can show patient identifiers. A slide that would
+take more than the per-slide budget (``budget_seconds()``; pixels: max_image_pixels) fails
+with a reason instead of running for hours. Thumbnails are cached as PNG files keyed by slide
+path, size, modification time and thumbnail size, so later runs, every fold and every later
+step (prediction, sorting, Grad-CAM, report) reuse them; each has a .json beside it saying how
+it was read and how long it took.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import json
 import logging
 import math
+import os
+import time
 from functools import lru_cache
 from pathlib import Path
 
@@ -20,11 +29,23 @@ from thumbclf.core import layout
 from thumbclf.core.errors import ImageReadError
 from thumbclf.core.files import atomic_bytes
 from thumbclf.core.table import SLIDE_COLUMNS
+from thumbclf.inputs import dicom, tiles
 from thumbclf.inputs.images import to_rgb
 from thumbclf.inputs.samples import SLIDE_SUFFIXES
 
 log = logging.getLogger(__name__)
 SINGLE_READ_PIXELS = 64_000_000  # larger levels are read and shrunk in strips
+RENDER_VERSION = 2  # 2: JPEG tiles at reduced scale; changes every cached slide thumbnail
+BUDGET_SECONDS = 120.0  # per slide; THUMBCLF_SLIDE_BUDGET_S overrides it
+FAST_SUFFIXES = (".svs", ".tif", ".tiff")  # TIFF containers whose JPEG tiles are read here
+
+
+def budget_seconds() -> float:
+    """The per-slide reading budget in seconds (THUMBCLF_SLIDE_BUDGET_S, else 120)."""
+    try:
+        return float(os.environ.get("THUMBCLF_SLIDE_BUDGET_S", BUDGET_SECONDS))
+    except ValueError:
+        return BUDGET_SECONDS
 
 
 @lru_cache(maxsize=1)
@@ -42,6 +63,8 @@ def is_slide(path: Path) -> bool:
     suffix = path.suffix.lower()
     if suffix in SLIDE_SUFFIXES:
         return True
+    if dicom.is_dicom_folder(path):
+        return True
     if suffix in (".tif", ".tiff") and path.is_file():
         try:
             vendor = _openslide().OpenSlide.detect_format(str(path))
@@ -55,9 +78,8 @@ def _open_slide(path: Path):
     openslide = _openslide()
     if not path.exists():
         raise ImageReadError(f"{path}: file not found")
-    if path.suffix.lower() == ".mrxs" and not path.with_suffix("").is_dir():
-        raise ImageReadError(f"{path}: the MIRAX data folder {path.with_suffix('').name}/ is "
-                             "missing; copy it next to the .mrxs file")
+    if path.suffix.lower() == ".mrxs":
+        check_mirax(path)
     try:
         return openslide.OpenSlide(str(path))
     except openslide.OpenSlideUnsupportedFormatError:
@@ -66,26 +88,116 @@ def _open_slide(path: Path):
         raise ImageReadError(f"{path}: cannot open the slide ({exc})") from None
 
 
+def check_mirax(path: Path) -> None:
+    """ImageReadError naming what a MIRAX slide lacks: its data folder, Slidedat.ini or a .dat."""
+    data = path.with_suffix("")
+    if not data.is_dir():
+        raise ImageReadError(f"{path}: the MIRAX data folder {data.name}/ is missing; copy it "
+                             "next to the .mrxs file")
+    index = data / "Slidedat.ini"
+    try:
+        text = index.read_bytes().decode("utf-8-sig", errors="replace")
+    except OSError:
+        raise ImageReadError(f"{path}: the MIRAX index {data.name}/Slidedat.ini is missing or "
+                             "unreadable; copy the whole data folder") from None
+    section, names = "", []
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("["):
+            section = line.strip("[]").strip().upper()
+        elif section == "DATAFILE" and "=" in line:
+            key, value = (t.strip() for t in line.split("=", 1))
+            if key.upper().startswith("FILE_") and key[5:].isdigit():
+                names.append(value)
+    for name in names:
+        dat = data / name
+        try:
+            with open(dat, "rb") as fh:
+                fh.read(1)
+        except OSError as exc:
+            why = "missing" if isinstance(exc, FileNotFoundError) else "unreadable"
+            raise ImageReadError(f"{path}: the MIRAX data file {data.name}/{name} is {why}; "
+                                 "copy the whole data folder") from None
+
+
 def cache_key(path: Path, long_side: int) -> str:
-    """Key of a slide's thumbnail: path, size, modification time and thumbnail size."""
-    st = path.stat()
-    text = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{long_side}|v1"
-    return hashlib.sha1(text.encode()).hexdigest()
+    """Key of a slide's thumbnail: path, size, modification time and thumbnail size.
+
+    A DICOM slide is keyed by its folder and the names, sizes and times of its instances.
+    """
+    folder = dicom.slide_folder(path)
+    if folder is not None:
+        text = f"{folder.resolve()}|{dicom.fingerprint(folder)}|{long_side}|v{RENDER_VERSION}"
+    else:
+        st = path.stat()
+        text = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{long_side}|v{RENDER_VERSION}"
+    return hashlib.sha1(text.encode("utf-8", "surrogateescape")).hexdigest()
 
 
-def _render(slide, long_side: int) -> Image.Image:
+def _out_size(w0: int, h0: int, long_side: int) -> tuple[int, int]:
+    scale = long_side / max(w0, h0)
+    return max(1, round(w0 * scale)), max(1, round(h0 * scale))
+
+
+def _deadline(budget: float) -> float:
+    return time.perf_counter() + budget
+
+
+def render_fast(path: Path, long_side: int, stats: tiles.ReadStats) -> Image.Image | None:
+    """A DICOM or JPEG-tiled TIFF slide read tile by tile at reduced scale; None: not one."""
+    budget = budget_seconds()
+    folder = dicom.slide_folder(path)
+    if folder is not None:
+        series = dicom.open_series(path)
+        sizes = [(lv.width, lv.height) for lv in series.levels]
+        out = _out_size(*sizes[0], long_side)
+        i = tiles.choose_level(sizes, out)
+        stats.level, stats.reader = i, "dicom frames"
+        return tiles.render(dicom.tiled_level(series.levels[i]), out, deadline=_deadline(budget),
+                            where=str(path), budget_s=budget, stats=stats)
+    if path.suffix.lower() not in FAST_SUFFIXES:
+        return None
+    levels = tiles.tiff_levels(path)
+    if not levels:
+        return None
+    sizes = [size for size, _ in levels]
+    out = _out_size(*sizes[0], long_side)
+    i = tiles.choose_level(sizes, out)
+    level = levels[i][1]
+    if level is None:
+        return None
+    stats.level, stats.reader = i, "tiff tiles"
+    return tiles.render(level, out, deadline=_deadline(budget), where=str(path),
+                        budget_s=budget, stats=stats)
+
+
+def _render(slide, long_side: int, *, where: str = "", max_pixels: int | None = None,
+            stats: tiles.ReadStats | None = None) -> Image.Image:
     w0, h0 = slide.dimensions
     scale = long_side / max(w0, h0)
     out_w, out_h = max(1, round(w0 * scale)), max(1, round(h0 * scale))
     level = slide.get_best_level_for_downsample(1 / scale) if scale < 1 else 0
     lw, lh = slide.level_dimensions[level]
     down = slide.level_downsamples[level]
+    if stats is not None:
+        stats.level, stats.reader = level, "openslide"
+    if max_pixels is not None and lw * lh > max_pixels:
+        raise tiles.SlideTooLarge(
+            f"{where}: too large: its smallest usable level has {lw} x {lh} pixels, more than "
+            f"max_image_pixels ({max_pixels:,}), and is not JPEG-tiled; convert it to a "
+            "pyramidal slide, or raise max_image_pixels")
+    budget = budget_seconds()
+    deadline = _deadline(budget)
     if lw * lh <= SINGLE_READ_PIXELS:
         region = slide.read_region((0, 0), level, (lw, lh))
         return _on_white(region).resize((out_w, out_h), Image.Resampling.BICUBIC, reducing_gap=3.0)
     canvas = Image.new("RGB", (out_w, out_h), (255, 255, 255))
     strip = max(1, SINGLE_READ_PIXELS // lw)
     for top in range(0, lh, strip):
+        if time.perf_counter() > deadline:
+            raise tiles.SlideTooLarge(f"{where}: too large: reading stopped after {budget:g} s, "
+                                      f"the per-slide budget ({top} of {lh} rows read); convert "
+                                      "it to a pyramidal slide, or raise THUMBCLF_SLIDE_BUDGET_S")
         rows = min(strip, lh - top)
         y0, y1 = math.floor(top * out_h / lh), math.ceil((top + rows) * out_h / lh)
         region = slide.read_region((0, round(top * down)), level, (lw, rows))
@@ -112,7 +224,8 @@ def cached_thumbnail(path: Path, long_side: int, cache_dir: Path) -> Path:
     return target
 
 
-def thumbnail(path: Path, long_side: int, *, cache_dir: Path | None = None) -> Image.Image:
+def thumbnail(path: Path, long_side: int, *, cache_dir: Path | None = None,
+              max_pixels: int | None = None, stats: tiles.ReadStats | None = None) -> Image.Image:
     """The whole slide as an RGB image whose long side is ``long_side`` pixels."""
     cached = cache_file(path, long_side, cache_dir) if cache_dir else None
     if cached is not None and cached.is_file():
@@ -121,24 +234,61 @@ def thumbnail(path: Path, long_side: int, *, cache_dir: Path | None = None) -> I
                 return img.convert("RGB")
         except OSError:
             log.debug("unreadable cached thumbnail %s; rendering again", cached)
-    slide = _open_slide(path)
-    try:
-        img = _render(slide, long_side)
-    except Exception as exc:  # noqa: BLE001 - OpenSlide raises many kinds on broken tiles
-        raise ImageReadError(f"{path}: cannot read the slide's pixels ({exc})") from None
-    finally:
-        slide.close()
+    stats = stats if stats is not None else tiles.ReadStats()
+    start = time.perf_counter()
+    img = _read_pixels(path, long_side, max_pixels, stats)
+    stats.seconds = time.perf_counter() - start
     if cached is not None:
         cached.parent.mkdir(parents=True, exist_ok=True)
         layout.tag_cache_folder(cached.parent)
         buf = io.BytesIO()
         img.save(buf, format="PNG", compress_level=1)
         atomic_bytes(buf.getvalue(), cached)
+        record = {"path": str(path), "seconds": round(stats.seconds, 4), "reader": stats.reader,
+                  "level": stats.level, "dct_scale": stats.dct_scale, "tiles": stats.tiles,
+                  "encoded_bytes": stats.encoded_bytes,
+                  "decode_seconds": round(stats.decode_seconds, 4)}
+        atomic_bytes(json.dumps(record, ensure_ascii=True).encode(), cached.with_suffix(".json"))
     return img
+
+
+def _read_pixels(path: Path, long_side: int, max_pixels: int | None,
+                 stats: tiles.ReadStats) -> Image.Image:
+    if not path.exists():
+        raise ImageReadError(f"{path}: file not found")
+    try:
+        img = render_fast(path, long_side, stats)
+    except ImageReadError:
+        raise
+    except MemoryError:
+        raise tiles.SlideTooLarge(f"{path}: too large to read in memory") from None
+    except Exception as exc:  # noqa: BLE001 - a broken file must not end the run
+        raise ImageReadError(f"{path}: cannot read the slide's pixels ({exc})") from None
+    if img is not None:
+        return img
+    slide = _open_slide(path)
+    try:
+        return _render(slide, long_side, where=str(path), max_pixels=max_pixels, stats=stats)
+    except ImageReadError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - OpenSlide raises many kinds on broken tiles
+        raise ImageReadError(f"{path}: cannot read the slide's pixels ({exc})") from None
+    finally:
+        slide.close()
+
+
+def read_record(path: Path, long_side: int, cache_dir: Path) -> dict | None:
+    """How the cached thumbnail of a slide was read (seconds, reader, level), if recorded."""
+    try:
+        return json.loads(cache_file(path, long_side, cache_dir).with_suffix(".json").read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def properties(path: Path) -> dict[str, object]:
     """Vendor, objective power, microns per pixel, level count and size of a slide."""
+    if dicom.slide_folder(path) is not None:
+        return dict(zip(SLIDE_COLUMNS, dicom.properties(dicom.open_series(path))))
     slide = _open_slide(path)
     try:
         p = slide.properties

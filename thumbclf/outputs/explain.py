@@ -106,7 +106,7 @@ def select(table: pd.DataFrame, classes: list[str], per_class: int) -> pd.DataFr
 
 def write_gallery(models: dict, table: pd.DataFrame, classes: list[str], *, prep: Preprocessing,
                   norm: Normalisation, arch: str, per_class: int, out: Path,
-                  device: torch.device) -> Path | None:
+                  device: torch.device, slide_cache: Path | None = None) -> Path | None:
     """Grad-CAM PNGs per selected image (gradcam/<decision>/) and one overview figure.
 
     ``models`` maps a fold number (0: full training or deployment) to its model; a row uses
@@ -123,7 +123,7 @@ def write_gallery(models: dict, table: pd.DataFrame, classes: list[str], *, prep
     for _, row in chosen.iterrows():
         model = models.get(int(row["fold"]) if "fold" in row else 0) or next(iter(models.values()))
         try:
-            img = load_array(Path(row["PATH"]), prep)
+            img = load_array(Path(row["PATH"]), prep, slide_cache=slide_cache)
         except ImageReadError:
             continue
         x = to_input(torch.from_numpy(img[None].copy()), norm, device, channels_last=prep.recipe != "legacy")
@@ -156,7 +156,8 @@ def write_gallery(models: dict, table: pd.DataFrame, classes: list[str], *, prep
 
 def section(out: Path, table: pd.DataFrame, models: dict[int, nn.Module], classes: list[str], *,
             prep: Preprocessing, norm: Normalisation, arch: str, per_class: int,
-            device: torch.device, note: str) -> list[tuple[str, str]]:
+            device: torch.device, note: str,
+            slide_cache: Path | None = None) -> list[tuple[str, str]]:
     """Grad-CAM overlays as a report section (none when ``per_class`` is 0).
 
     ``models`` maps a fold to its model (0: full training or deployment); a row of a fold uses
@@ -165,7 +166,7 @@ def section(out: Path, table: pd.DataFrame, models: dict[int, nn.Module], classe
     if per_class <= 0:
         return []
     fig = write_gallery(models, table, classes, prep=prep, norm=norm, arch=arch,
-                        per_class=per_class, out=out, device=device)
+                        per_class=per_class, out=out, device=device, slide_cache=slide_cache)
     if fig is None:
         return []
     return [("Grad-CAM", report.img(fig, "Grad-CAM") + "<p class=muted>Where the model looked: "

@@ -7,8 +7,9 @@ import shutil
 from pathlib import Path
 
 from thumbclf.core import layout
-from thumbclf.core.errors import OutputError
+from thumbclf.core.errors import ImageReadError, OutputError
 from thumbclf.core.files import copy_verified
+from thumbclf.inputs import dicom
 
 log = logging.getLogger(__name__)
 
@@ -25,13 +26,22 @@ def plan_copies(items: list[tuple[Path, str, Path | None]], root: Path, *,
         if thumb is not None:
             jobs.append((thumb, layout.unique_file(folder, src.stem, ".png", str(src), taken)))
             if with_slides:
-                jobs.append((src, layout.unique_file(folder, src.stem, src.suffix, str(src), taken)))
+                jobs.append(_slide_job(src, folder, taken))
         else:
             jobs.append((src, layout.unique_file(folder, src.stem, src.suffix, str(src), taken)))
     for _, dst in jobs:
         if not layout.inside(root, dst):
             raise OutputError(f"{dst}: would land outside {root}; refused")
     return jobs
+
+
+def _slide_job(src: Path, folder: Path, taken: set[str]) -> tuple[Path, Path]:
+    """(slide, destination): a DICOM slide (its folder or one .dcm of it) becomes a folder."""
+    dicom_folder = dicom.slide_folder(src)
+    if dicom_folder is not None:
+        return dicom_folder, layout.unique_file(folder, dicom_folder.name, "", str(dicom_folder),
+                                                taken)
+    return src, layout.unique_file(folder, src.stem, src.suffix, str(src), taken)
 
 
 def copy_all(jobs: list[tuple[Path, Path]]) -> tuple[int, int]:
@@ -42,6 +52,10 @@ def copy_all(jobs: list[tuple[Path, Path]]) -> tuple[int, int]:
     """
     made = kept = 0
     for source, dst in jobs:
+        if source.is_dir():
+            now = _copy_dicom(source, dst)
+            made, kept = made + now, kept + 1 - now
+            continue
         if dst.is_file() and dst.stat().st_size == source.stat().st_size:
             kept += 1
         else:
@@ -53,6 +67,28 @@ def copy_all(jobs: list[tuple[Path, Path]]) -> tuple[int, int]:
         if source.suffix.lower() == ".mrxs" and data_dir.is_dir():
             _copy_folder(data_dir, dst.with_suffix(""))
     return made, kept
+
+
+def _copy_dicom(src: Path, dst: Path) -> int:
+    """A DICOM slide's own instances (never its label or overview), whole or not at all;
+    1 when copied now, 0 when an earlier attempt's copy is there."""
+    if dst.is_dir():
+        return 0
+    try:
+        files = dicom.open_series(src).files
+    except ImageReadError as exc:
+        raise OutputError(f"{dst}: cannot copy the DICOM slide {src} ({exc})") from None
+    tmp = dst.with_name(f".{dst.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)  # left by an interrupted attempt
+    try:
+        tmp.mkdir(parents=True)
+        for f in files:
+            copy_verified(f, tmp / f.name)
+        tmp.rename(dst)
+    except (OSError, OutputError) as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OutputError(f"{dst}: cannot copy the DICOM slide {src} ({exc})") from None
+    return 1
 
 
 def _copy_folder(src: Path, dst: Path) -> None:
@@ -79,7 +115,7 @@ def sort_copies(items: list[tuple[Path, str, Path | None]], root: Path, *,
     """
     jobs = plan_copies(items, root, with_slides=with_slides)
     made, kept = copy_all(jobs)
-    on_disk = sum(1 for _, dst in jobs if dst.is_file())
+    on_disk = sum(1 for _, dst in jobs if dst.is_file() or dst.is_dir())  # DICOM: a folder
     if on_disk != len(jobs):
         raise OutputError(f"{root}: {len(jobs) - on_disk} sorted copies are missing after copying; "
                           "is another program deleting files there?")

@@ -22,7 +22,7 @@ from thumbclf.inputs.samples import SampleSet, check_class_names, check_input, d
 from thumbclf.nn import familiarity
 from thumbclf.nn.engine import configure_threads, pick_device
 from thumbclf.nn.models import LoadedModel, load_model
-from thumbclf.outputs import explain
+from thumbclf.outputs import explain, tally
 from thumbclf.outputs.confusion import cm_layout
 from thumbclf.outputs.sorting import copy_all, sort_copies
 from thumbclf.predict.ensemble import ADAPT_IMAGES, adapt_batchnorm, check_adaptable
@@ -217,8 +217,12 @@ def run(params: DeployParams, *, resume: bool = False, quiet: bool = False) -> P
     log.info("decisions: %s%s", ", ".join(f"{k} {v}" for k, v in counts.items()),
              f"; {failed} unreadable (see the error column)" if failed else "")
     _copies(params, folder, table, is_slide, models[0].prep.slide_size)
+    slow = tally.slowest([Path(p) for p, s in zip(table["PATH"], is_slide) if s],
+                         models[0].prep.slide_size, params.slide_cache)
     _report(params, folder, table, models, sample_set, failed=failed, device=device,
-            threshold=threshold, why=why, engine_note=engine_note)
+            threshold=threshold, why=why, engine_note=engine_note,
+            closing=tally.section(table, slow))
+    log.info("%s", tally.closing_note(table, slow))
     return folder
 
 
@@ -241,14 +245,15 @@ def _copies(params: DeployParams, folder: Path, table: pd.DataFrame, is_slide: l
 
 def _report(params: DeployParams, folder: Path, table: pd.DataFrame, models: list[LoadedModel],
             sample_set: SampleSet, *, failed: int, device: torch.device, threshold: float,
-            why: str, engine_note: str) -> None:
+            why: str, engine_note: str, closing: tuple[str, str]) -> None:
     """Grad-CAM, then metrics and the report (labelled) or the decisions' summary."""
     first, classes = models[0], models[0].classes
     extra = explain.section(folder, table.drop(columns=["fold"], errors="ignore"),
                             {0: first.model}, list(classes), prep=first.prep, norm=first.norm,
                             arch=first.arch, per_class=params.gradcam, device=device,
                             note="made with the first model of the ensemble" if len(models) > 1
-                            else "made with the model")
+                            else "made with the model", slide_cache=params.slide_cache)
+    extra = [*extra, closing]  # every input accounted for: the report's last section
     notes = [f"Threshold {threshold:.3f} ({why}); "
              f"{len(models)} model{'s averaged' if len(models) > 1 else ''}"
              f"{'; test-time augmentation (8 flips/rotations)' if params.tta else ''}.",

@@ -419,7 +419,8 @@ def _evaluate(params: TrainParams, folder: Path, results: list[FoldResult],
         atomic_csv(table, folder / layout.PREDICTIONS)
     extra = explain.section(folder, table, {r.fold: r.model for r in results}, list(classes),
                             prep=prep, norm=IMAGENET, arch=arch, per_class=params.gradcam,
-                            device=device, note="each with its own fold's model")
+                            device=device, note="each with its own fold's model",
+                            slide_cache=params.slide_cache)
     notes = list(notes)
     if params.target_accuracy is not None:
         per = (table.groupby("fold")["threshold"].first() if "fold" in table

@@ -1,0 +1,266 @@
+"""Real archives: DICOM folders as one slide, single-level JPEG slides in bounded memory, MIRAX
+with a missing data file, the per-slide budget, every input accounted for."""
+
+from __future__ import annotations
+
+import inspect
+import os
+import shutil
+import sys
+import tracemalloc
+
+import numpy as np
+import pandas as pd
+import pytest
+import tifffile
+from PIL import Image
+
+from conftest import REALDATA, run_script, write_yaml
+from thumbclf.core.errors import ImageReadError
+from thumbclf.inputs import dicom, slides, tiles
+from thumbclf.inputs.decode import load_array
+from thumbclf.inputs.images import Preprocessing
+from thumbclf.inputs.samples import discover
+from thumbclf.outputs import sorting, tally
+
+pydicom = pytest.importorskip("pydicom")
+REAL_JPEG_SLIDES = [p for p in sorted((REALDATA / "slides").glob("*.svs"))
+                    if REALDATA.is_dir() and tifffile.TiffFile(p).pages[0].compression == 7]
+
+
+def picture(w: int, h: int, seed: int = 0) -> np.ndarray:
+    """A slide-like picture: pale background, two tissue blobs, a blue mark top-left, texture."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:h, 0:w]
+    img = np.full((h, w, 3), 240, np.uint8)
+    blob = ((x - w * 0.35) / (w * 0.2)) ** 2 + ((y - h * 0.5) / (h * 0.3)) ** 2 < 1
+    img[blob] = (190, 90, 150)
+    img[(((x - w * 0.7) / (w * 0.12)) ** 2 + ((y - h * 0.4) / (h * 0.2)) ** 2) < 1] = (120, 60, 40)
+    img[: h // 8, : w // 10] = (20, 20, 230)
+    noise = rng.integers(-12, 12, (h // 16 + 1, w // 16 + 1, 1))
+    return np.clip(img + np.kron(noise, np.ones((16, 16, 1)))[:h, :w], 0, 255).astype(np.uint8)
+
+
+def jpeg_tiff(path, img: np.ndarray, *, pyramid: bool, tile: int = 256, mpp: float = 0.5):
+    """A JPEG-tiled TIFF of ``img``: a pyramid (levels /2) or a single level."""
+    with tifffile.TiffWriter(path) as tw:
+        level, k = img, 1
+        while True:
+            res = 1e4 / (mpp * k)
+            tw.write(level, tile=(tile, tile), photometric="rgb", compression="jpeg",
+                     compressionargs={"level": 90}, resolution=(res, res),
+                     resolutionunit="CENTIMETER", subfiletype=0 if k == 1 else 1)
+            if not pyramid or max(level.shape[:2]) <= 400:
+                break
+            level, k = np.asarray(Image.fromarray(level).reduce(2)), k * 2
+    return path
+
+
+def dicom_slide(folder, src_tiff, *, label: bool = True):
+    """A DICOM WSI folder written by wsidicomizer from a TIFF, plus a LABEL and a THUMBNAIL
+    instance (copies of the smallest level with another ImageType)."""
+    wsidicomizer = pytest.importorskip("wsidicomizer")
+    folder.mkdir(parents=True)
+    wsidicomizer.WsiDicomizer.convert(src_tiff, folder, tile_size=256, workers=1,
+                                      include_label=False, include_overview=False)
+    if label:
+        smallest = min(folder.glob("*.dcm"), key=lambda p: p.stat().st_size)
+        ds = pydicom.dcmread(smallest)
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "LABEL", "NONE"]
+        ds.SOPInstanceUID = pydicom.uid.generate_uid()
+        ds.save_as(folder / "label.dcm")
+        ds.ImageType = ["DERIVED", "PRIMARY", "THUMBNAIL", "RESAMPLED"]
+        ds.SOPInstanceUID = pydicom.uid.generate_uid()
+        ds.save_as(folder / "thumbnail.dcm")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory):
+    """patient folders: a pyramid, a DICOM slide (with a label), a single-level slide."""
+    root = tmp_path_factory.mktemp("archive")
+    src = tmp_path_factory.mktemp("src")
+    (root / "P1").mkdir()
+    jpeg_tiff(root / "P1" / "s1.tiff", picture(1500, 1000), pyramid=True)
+    tiff = jpeg_tiff(src / "d.tiff", picture(1500, 1000, 1), pyramid=True)
+    dicom_slide(root / "P2" / "slide-7", tiff)
+    (root / "P3").mkdir()
+    jpeg_tiff(root / "P3" / "flat.tiff", picture(2048, 1536, 2), pyramid=False)
+    return root
+
+
+def test_a_dicom_folder_is_one_row_from_a_folder_and_from_a_table(archive, tmp_path):
+    found = discover(archive, need_labels=False)
+    names = sorted(s.path.relative_to(archive).as_posix() for s in found.samples)
+    assert names == ["P1/s1.tiff", "P2/slide-7", "P3/flat.tiff"]
+    folder = archive / "P2" / "slide-7"
+    one_file = sorted(folder.glob("1.*.dcm"))[0]
+    pd.DataFrame({"PATH": [str(folder), str(one_file)]}).to_csv(tmp_path / "t.csv", index=False)
+    rows = discover(tmp_path / "t.csv", need_labels=False).samples
+    a, b = (load_array(s.path, Preprocessing(size=64), slide_cache=tmp_path / "c") for s in rows)
+    assert np.array_equal(a, b) and a[32, 20].tolist() != [255, 255, 255]
+    props = slides.properties(one_file)
+    assert props["slide_vendor"] == "dicom" and props["slide_width"] == 1500
+    assert props["slide_level_count"] >= 3 and props["slide_mpp_x"] == pytest.approx(0.5)
+
+
+def test_a_label_instance_is_never_opened_for_pixels(archive, tmp_path, monkeypatch):
+    folder = archive / "P2" / "slide-7"
+    label = (folder / "label.dcm").resolve()
+    opened: list[list[str]] = []
+
+    def hook(event, args):
+        if event == "open" and args and str(args[0]) == str(label):
+            opened.append([f.function for f in inspect.stack()[1:8]])
+
+    monkeypatch.setattr(slides, "_openslide", lambda: pytest.fail("OpenSlide read a DICOM file"))
+    watching.append(hook)
+    try:
+        img = slides.thumbnail(folder, 256, cache_dir=tmp_path / "c")
+        slides.properties(folder)
+        sorting.sort_copies([(folder, "IHC", slides.cached_thumbnail(folder, 256, tmp_path / "c"))],
+                            tmp_path / "sorted", with_slides=True)
+    finally:
+        watching.remove(hook)
+    assert opened and all("read_header" in stack for stack in opened)  # headers only
+    copied = tmp_path / "sorted" / "IHC" / "slide-7"
+    assert sorted(p.name for p in copied.iterdir()) == sorted(
+        p.name for p in folder.iterdir() if p.name != "label.dcm")
+    assert np.asarray(img).mean() < 235  # the slide's tissue, read from its volume frames
+
+
+watching: list = []
+sys.addaudithook(lambda event, args: [h(event, args) for h in list(watching)])
+
+
+def test_two_series_or_a_missing_level_give_a_clear_error(archive, tmp_path):
+    folder = tmp_path / "two"
+    shutil.copytree(archive / "P2" / "slide-7", folder)
+    other = dicom_slide(tmp_path / "other", jpeg_tiff(tmp_path / "o.tiff", picture(600, 400),
+                                                      pyramid=False), label=False)
+    for p in other.glob("*.dcm"):
+        shutil.copy(p, folder / f"x-{p.name}")
+    with pytest.raises(ImageReadError, match=r"two: holds 2 DICOM WSI series .*own folder"):
+        load_array(folder, Preprocessing(size=32))
+    cut = tmp_path / "cut"
+    shutil.copytree(archive / "P2" / "slide-7", cut)
+    base = max(cut.glob("1.*.dcm"), key=lambda p: p.stat().st_size)
+    base.unlink()
+    with pytest.raises(ImageReadError, match="incomplete DICOM slide: the full-resolution level"):
+        load_array(cut, Preprocessing(size=32))
+    pd.DataFrame({"PATH": [str(tmp_path)]}).to_csv(tmp_path / "t.csv", index=False)
+    with pytest.raises(ImageReadError, match="a folder without DICOM slide files"):
+        load_array(tmp_path, Preprocessing(size=32))
+
+
+def test_single_level_slide_is_read_at_reduced_scale_and_matches_its_pyramid(tmp_path):
+    img = picture(4096, 3072, 5)
+    flat = jpeg_tiff(tmp_path / "flat.tiff", img, pyramid=False)
+    pyr = jpeg_tiff(tmp_path / "pyr.tiff", img, pyramid=True)
+    stats = tiles.ReadStats()
+    tracemalloc.start()
+    thumb = slides.thumbnail(flat, 512, stats=stats)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert stats.reader == "tiff tiles" and stats.dct_scale == 8
+    # decoded: 1/64 of the level's 12.6 megapixels; held at once: the thumbnail-sized canvas
+    assert stats.decoded_pixels <= 4096 * 3072 / 64 and stats.canvas_pixels <= 4 * 512 * 384
+    assert peak < 4_000_000  # Python-side bytes (tiles are read one at a time)
+    ref = np.asarray(slides.thumbnail(pyr, 512), dtype=float)
+    diff = np.abs(np.asarray(thumb, dtype=float) - ref)
+    assert thumb.size == (512, 384)
+    assert diff.mean() < 3.0 and np.percentile(diff, 99) < 24  # of 255; JPEG and filter noise
+
+
+def test_a_slide_over_the_budget_is_reported_too_large(tmp_path, monkeypatch):
+    flat = jpeg_tiff(tmp_path / "flat.tiff", picture(1024, 768), pyramid=False)
+    monkeypatch.setenv("THUMBCLF_SLIDE_BUDGET_S", "0")
+    with pytest.raises(tiles.SlideTooLarge, match=r"flat.tiff: too large: reading stopped after 0 s"):
+        slides.thumbnail(flat, 256)
+    monkeypatch.delenv("THUMBCLF_SLIDE_BUDGET_S")
+    zlib = tmp_path / "zlib.tiff"
+    tifffile.imwrite(zlib, picture(1024, 768), tile=(256, 256), photometric="rgb",
+                     compression="zlib")
+    assert slides.is_slide(zlib)
+    with pytest.raises(tiles.SlideTooLarge, match="too large: its smallest usable level has "
+                                                  "1024 x 768 pixels, more than max_image_pixels"):
+        load_array(zlib, Preprocessing(size=32, max_pixels=100_000))
+
+
+def test_mirax_names_the_missing_data_file(tmp_path):
+    (tmp_path / "s.mrxs").write_bytes(b"")
+    (tmp_path / "s").mkdir()
+    with pytest.raises(ImageReadError, match="MIRAX index s/Slidedat.ini is missing"):
+        load_array(tmp_path / "s.mrxs", Preprocessing())
+    (tmp_path / "s" / "Slidedat.ini").write_text(
+        "[GENERAL]\nSLIDE_ID=1\n[DATAFILE]\nFILE_COUNT=2\nFILE_0=Data0000.dat\nFILE_1=Data0001.dat\n")
+    (tmp_path / "s" / "Data0000.dat").write_bytes(b"x")
+    with pytest.raises(ImageReadError, match="MIRAX data file s/Data0001.dat is missing"):
+        load_array(tmp_path / "s.mrxs", Preprocessing())
+
+
+def test_every_input_is_counted_by_status():
+    table = pd.DataFrame({
+        "PATH": list("abcdef"), "model_prediction": ["IHC", "Undecided", "Undecided", "", "", ""],
+        "undecided_reason": ["", "low confidence", "unfamiliar", "", "", ""],
+        "error": ["", "", "", "d: file not found", "e: too large: reading stopped after 1 s",
+                  "f: cannot read the slide's pixels (bad)"]})
+    assert tally.counts(table) == {"decided": 1, "Undecided: low confidence": 1,
+                                   "Undecided: unfamiliar": 1, "not found": 1, "too large": 1,
+                                   "unreadable": 1}
+    note = tally.closing_note(table, [{"path": "/x/slow.tiff", "seconds": 2.5,
+                                       "reader": "tiff tiles", "level": 0, "dct_scale": 8}])
+    assert note.startswith("every input accounted for: 6 rows = 1 decided")
+    assert note.endswith("slowest slides: slow.tiff 2.50 s (tiff tiles, level 0 at 1/8)")
+
+
+@pytest.mark.skipif(not REAL_JPEG_SLIDES, reason="no JPEG slides in ../shared/realdata/slides")
+@pytest.mark.parametrize("path", REAL_JPEG_SLIDES, ids=lambda p: p.name)
+def test_real_jpeg_slides_read_as_openslide_reads_them(path):
+    stats = tiles.ReadStats()
+    img = slides.thumbnail(path, 512, stats=stats)
+    osl = slides._openslide().OpenSlide(str(path))
+    ref = osl.get_thumbnail(img.size).convert("RGB").resize(img.size)
+    osl.close()
+    assert stats.reader == "tiff tiles"
+    assert np.abs(np.asarray(img, dtype=float) - np.asarray(ref, dtype=float)).mean() < 4.0
+
+
+@pytest.mark.slow
+def test_a_mixed_archive_deploys_with_one_row_per_slide(archive, tiny_data, tmp_path):
+    mixed = tmp_path / "mixed"
+    shutil.copytree(archive, mixed)
+    (mixed / "P4").mkdir()
+    (mixed / "P4" / "broken.svs").write_bytes(b"junk" * 100)
+    (mixed / "P4" / "m.mrxs").write_bytes(b"")
+    (mixed / "P4" / "m").mkdir()
+    (mixed / "P4" / "m" / "Slidedat.ini").write_text("[DATAFILE]\nFILE_0=Data0000.dat\n")
+    model = tmp_path / "t"
+    exp = write_yaml(tmp_path / "t.yaml", f"thumbData: {tiny_data}\ntrainFull: true\n"
+                     "pretrained: false\nbatch_size: 8\nmax_epochs: 1\nstopEpoch: 0\n"
+                     "bootstrap: 0\nslide_thumbnail_size: 256\n")
+    assert run_script("train_thumbclassifier.py", str(exp)).returncode == 0
+    dep = write_yaml(tmp_path / "d.yaml", f"thumbData: {mixed}\nhasLabels: false\n"
+                     f"modelAdr: {model / 'model.pt'}\nsortThumbs: true\nsortSlides: true\n"
+                     "num_workers: 1\ngradcam: 1\n")
+    r = run_script("deploy_thumbclassifier.py", str(dep))
+    assert r.returncode == 0, r.stderr
+    pred = pd.read_csv(tmp_path / "d" / "predictions.csv", keep_default_na=False)
+    rel = sorted(pred["PATH"].map(lambda p: str(p).replace(str(mixed) + "/", "")))
+    assert rel == ["P1/s1.tiff", "P2/slide-7", "P3/flat.tiff", "P4/broken.svs", "P4/m.mrxs"]
+    row = pred[pred["PATH"].str.endswith("slide-7")].iloc[0]
+    assert row["error"] == "" and row["slide_vendor"] == "dicom" and float(row["slide_width"]) == 1500
+    assert "Data0000.dat is missing" in pred.loc[pred["PATH"].str.endswith("m.mrxs"), "error"].item()
+    copies = [p for p in (tmp_path / "d" / "sorted").rglob("*.dcm")]
+    assert copies and not any(p.name == "label.dcm" for p in copies)
+    assert "every input accounted for: 5 rows" in r.stderr and "slowest slides:" in r.stderr
+    assert "Every input accounted for" in (tmp_path / "d" / "report.html").read_text()
+
+
+def test_many_tiles_are_decoded_in_threads_to_the_same_picture(tmp_path, monkeypatch):
+    flat = jpeg_tiff(tmp_path / "flat.tiff", picture(2048, 1536, 4), pyramid=False)
+    one = np.asarray(slides.thumbnail(flat, 256))
+    monkeypatch.setattr(tiles, "MANY_TILES", 1)
+    monkeypatch.setenv("THUMBCLF_TILE_THREADS", "2")
+    assert tiles.decode_threads(48) == min(2, os.cpu_count())
+    assert np.array_equal(np.asarray(slides.thumbnail(flat, 256)), one)

@@ -1,0 +1,90 @@
+"""Every input accounted for: counts by status and reason, and the slowest slides.
+
+A run over 100,000 slides ends with what to look at: how many were decided, Undecided (and
+why), unreadable, too large for the per-slide budget, incomplete (a MIRAX data file or DICOM
+level missing), and the slides that took longest to read.
+"""
+
+from __future__ import annotations
+
+import html
+from collections import Counter
+from pathlib import Path
+
+import pandas as pd
+
+from thumbclf.core.decide import LOW_CONFIDENCE, UNDECIDED, UNFAMILIAR
+from thumbclf.core.table import DECISION, ERROR, REASON
+from thumbclf.inputs import slides
+
+# the error's words -> its reason; the first match wins, anything else is "unreadable"
+ERROR_REASONS = (
+    ("file not found", "not found"),
+    ("too large", "too large"),
+    ("incomplete", "incomplete"),
+    ("is missing", "incomplete"),
+    ("DICOM WSI series", "several series in one folder"),
+)
+ORDER = ("decided", f"Undecided: {LOW_CONFIDENCE}", f"Undecided: {UNFAMILIAR}", "not found",
+         "too large", "incomplete", "several series in one folder", "unreadable")
+
+
+def status(decision: str, reason: str, error: str) -> str:
+    """One row's status: decided, Undecided (and why) or why it could not be read."""
+    if error:
+        return next((r for words, r in ERROR_REASONS if words in error), "unreadable")
+    if decision == UNDECIDED:
+        return f"Undecided: {reason or LOW_CONFIDENCE}"
+    return "decided"
+
+
+def counts(table: pd.DataFrame) -> dict[str, int]:
+    """Rows per status, in a fixed order (statuses with no rows left out)."""
+    blank = pd.Series([""] * len(table), index=table.index)
+    reason = table[REASON] if REASON in table else blank
+    error = table[ERROR] if ERROR in table else blank
+    c = Counter(status(str(d), str(r), str(e)) for d, r, e in
+                zip(table[DECISION].fillna(""), reason.fillna(""), error.fillna("")))
+    return {k: c[k] for k in (*ORDER, *sorted(set(c) - set(ORDER))) if c[k]}
+
+
+def slowest(paths: list[Path], slide_size: int, slide_cache: Path, k: int = 5) -> list[dict]:
+    """The ``k`` slides whose thumbnails took longest to read (as recorded when rendered)."""
+    records = []
+    for p in paths:
+        rec = slides.read_record(p, slide_size, slide_cache)
+        if rec is not None:
+            records.append({**rec, "path": str(p)})
+    return sorted(records, key=lambda r: -float(r.get("seconds", 0)))[:k]
+
+
+def _how(rec: dict) -> str:
+    scale = rec.get("dct_scale", 1)
+    return f"{rec.get('reader', '?')}, level {rec.get('level', 0)}" + (
+        f" at 1/{scale}" if scale and scale > 1 else "")
+
+
+def closing_note(table: pd.DataFrame, slow: list[dict]) -> str:
+    """The console's last line: counts by status and the slowest slides."""
+    parts = ", ".join(f"{n} {s}" for s, n in counts(table).items())
+    note = f"every input accounted for: {len(table)} row{'s' * (len(table) != 1)} = {parts}"
+    if slow:
+        note += "; slowest slides: " + ", ".join(
+            f"{Path(r['path']).name} {float(r['seconds']):.2f} s ({_how(r)})" for r in slow)
+    return note
+
+
+def section(table: pd.DataFrame, slow: list[dict]) -> tuple[str, str]:
+    """The report's closing section: the same counts and slowest slides, as tables."""
+    rows = "".join(f"<tr><td>{html.escape(s)}</td><td>{n}</td></tr>"
+                   for s, n in counts(table).items())
+    body = (f"<p>{len(table)} inputs, one row each in predictions.csv (the error column says "
+            "why a row could not be read).</p>"
+            f"<table><tr><th>status</th><th>rows</th></tr>{rows}</table>")
+    if slow:
+        body += ("<p>Slowest slides to read (seconds when their thumbnail was rendered; later "
+                 "steps and runs reuse it):</p><table><tr><th>slide</th><th>seconds</th>"
+                 "<th>read as</th></tr>" + "".join(
+                     f"<tr><td>{html.escape(r['path'])}</td><td>{float(r['seconds']):.2f}</td>"
+                     f"<td>{html.escape(_how(r))}</td></tr>" for r in slow) + "</table>")
+    return "Every input accounted for", body
