@@ -380,67 +380,7 @@ def table_page(table) -> str:
 # declares without a meaning here stops the build; so does a meaning whose name nothing in the
 # package uses any more. (Some names are still written outside the layout module; they are
 # listed apart, and found in the package's source.)
-NAME_MEANINGS: dict[str, str] = {
-    "config.yaml": "the resolved params, every default filled in",
-    "experiment.<ext>": "a verbatim copy of the experiment file (`experiment.yaml` for an "
-                        "experiment given to the Python API as a dict)",
-    "run.log": "everything the run logged, at DEBUG level (the console shows INFO)",
-    ".thumbclf.lock": "held while a run works in the folder: its process id and start time",
-    "timings.json": "seconds per step, images/s, peak memory, Ray's start-up, and which "
-                    "inference engine and precision computed (read by `bench/`)",
-    "predictions.csv": "the predictions table (training: the pooled out-of-fold predictions; "
-                       "deploy: every input); see [Predictions table](predictions-table.md)",
-    "metrics.json": "every number of the evaluation (pooled and per fold), with 95% "
-                    "confidence intervals",
-    "metrics.csv": "the same numbers as flat rows: scope, metric, class, value, CI",
-    "confusion_matrix.csv": "counts: true classes by decisions, Undecided included",
-    "confusion_matrix_normalised.csv": "the same, each row divided by its total",
-    "report.html": "the self-contained report (images embedded; opens offline); a deploy is "
-                   "finished when it is written",
-    "plots": "figures (PNG): roc_curves, confusion_matrix, accuracy_vs_threshold, "
-             "reliability, training_curves, gallery_errors, gallery_undecided, "
-             "gallery_unfamiliar, gradcam; without labels: decisions; pretraining: loss_curve",
-    "gradcam": "`gradcam/<decision>/`: one Grad-CAM overlay per selected slide",
-    "splits.csv": "training: every image's fold and role (train, val, test), written once and "
-                  "reused by `--resume`",
-    "model.pt": "a trained model, self-describing; `torch.load(path, weights_only=True)` "
-                "reads it",
-    "history.csv": "one row per epoch (training: losses, accuracies, learning rate, seconds, "
-                   "images/s, best so far; pretraining: loss, learning rate, momentum, images, "
-                   "seconds, images/s)",
-    "checkpoint.pt": "the state to resume from, rewritten every epoch while a fold (or a "
-                     "pretraining) is unfinished, deleted when it finishes",
-    "full": "full training (`trainFull`): the folder of its history and validation "
-            "predictions",
-    "inputs.csv": "deploy: the inputs by position, so that `--resume` finds the same ones",
-    "predictions.partial.csv": "deploy: the rows predicted so far, appended batch by batch; "
-                               "`--resume` predicts only what is missing",
-    "adapted_bn": "deploy with `adapt_bn`: each model's re-estimated BatchNorm statistics "
-                  "(reused by `--resume`; the model files are not changed)",
-    "sorted": "deploy with `sortThumbs`: `sorted/<class or Undecided>/`, copies (never moves)",
-    "thumbnails": "deploy with `export_thumbnails`: the rendered slide thumbnails (PNG)",
-    "decisions.csv": "deploy without labels: how many images got each decision",
-    "ssl_checkpoint.pt": "pretraining: the backbone weights and their description; "
-                         "`modelAdr` for `SSL: true`",
-    "evaluation": "`thumbclf evaluate`'s results folder beside the table (`evaluation-T/` with "
-                  "`--threshold T`)",
-    "thumbclf-cache": "the cache folder, beside the results folders (the key "
-                      "[`cache_dir`](keys.md#cache_dir) moves it), shared by the runs next to "
-                      "it: rendered slide thumbnails, the disk-mode decoded-image cache, "
-                      "inference-engine verdicts and conversions",
-    "slides": "in the cache folder: rendered slide thumbnails (PNG), keyed by slide path, "
-              "size, modification time and thumbnail size",
-    "gradcam/index.csv": "each slide's Grad-CAM overlay (PATH, overlay file), read by the "
-                         "review page",
-    "review": "`thumbclf review`: the review page, its previews and the journal of corrections",
-    "index.html": "in `review/`: the self-contained review page (opens offline)",
-    "journal.jsonl": "in `review/`: the append-only log of the corrections made on the served "
-                     "page (`thumbclf review --serve`)",
-    "reviewed_predictions.csv": "`thumbclf review --apply`: the predictions table with the "
-                                "model's decision and the reviewed class side by side",
-    "CACHEDIR.TAG": "marks a cache folder, so that folder inputs never read it and backup "
-                    "tools may skip it",
-}
+NAME_MEANINGS: dict[str, str] = importlib.import_module("thumbclf.core.layout").MEANINGS  # one home
 LAYOUT_NOT_NAMES = {"MAX_COMPONENT_BYTES", "CACHE_TAG_TEXT"}
 
 
