@@ -182,7 +182,7 @@ def corrections_table(entries: list[dict], table: pd.DataFrame) -> pd.DataFrame:
 def write_new(df: pd.DataFrame, folder: Path, name: str) -> Path:
     """``folder/name``, or name-2, -3 ... where another file is there (kept if identical)."""
     stem, suffix = os.path.splitext(name)
-    text = df.to_csv(index=False)
+    text = table_io.to_csv(df)  # the one table writer: formulas neutralised
     for i in range(1, 10_000):
         target = folder / (name if i == 1 else f"{stem}-{i}{suffix}")
         if not target.exists():
@@ -381,7 +381,7 @@ def apply(folder: Path, tables: Sequence[Path]) -> Path:
         table, classes = table_io.read(table_file(folder))
         reviewed = reviewed_table(table, classes, read_corrections(tables))
         target = folder / layout.REVIEWED
-        text = reviewed.to_csv(index=False)
+        text = table_io.to_csv(reviewed)
         if target.is_file() and target.read_text(encoding="utf-8", errors="replace") != text:
             raise OutputError(f"{target}: exists from other corrections; thumbclf never "
                               "overwrites it: move it away to apply these")
