@@ -92,6 +92,13 @@ def site(tmp_path_factory) -> Path:
     mp.setenv("NO_MKDOCS_2_WARNING", "1")
     mp.chdir(ROOT)
     mp.syspath_prepend(str(ROOT))
+    # building configures logging (disabling the loggers that exist): the tests after this one
+    # read thumbclf's log records, so each logger's state is put back afterwards
+    manager = logging.Logger.manager
+    before = {name: (lg.disabled, lg.level, lg.propagate) for name, lg in
+              manager.loggerDict.items() if isinstance(lg, logging.Logger)}
+    root = logging.getLogger()
+    root_state = (root.level, list(root.handlers))
     try:
         build(load_config(str(ROOT / "mkdocs.yml"), strict=True, site_dir=str(out)))
     except BaseException as exc:  # mkdocs' Abort, a generator's ShapeError
@@ -99,6 +106,12 @@ def site(tmp_path_factory) -> Path:
     finally:
         logger.removeHandler(handler)
         mp.undo()
+        for name, lg in list(manager.loggerDict.items()):
+            if isinstance(lg, logging.Logger):
+                lg.disabled, lg.level, lg.propagate = before.get(name, (False, lg.level,
+                                                                        lg.propagate))
+        root.setLevel(root_state[0])
+        root.handlers[:] = root_state[1]
     return out
 
 
