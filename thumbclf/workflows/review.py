@@ -116,7 +116,7 @@ def write_previews(folder: Path, table: pd.DataFrame, *, quiet: bool = True) -> 
                 log.debug("no preview: %s", err)
     index = folder / layout.GRADCAM_INDEX
     if index.is_file():
-        for path, overlay in pd.read_csv(index, dtype=str, keep_default_na=False).itertuples(index=False):
+        for path, overlay in table_io.read_csv(index).itertuples(index=False):
             source = folder / overlay
             if layout.inside(folder, source) and source.is_file():
                 with Image.open(source) as img:
