@@ -133,7 +133,8 @@ def gate(reference: np.ndarray, candidate: np.ndarray, labels: np.ndarray,
         d_acc = (ref["accuracy_decided"] - cand["accuracy_decided"]
                  if np.isfinite(ref["accuracy_decided"]) and np.isfinite(cand["accuracy_decided"])
                  else 0.0)
-        allowed = max(lim["accuracy_decided"], 1.0 / max(ref["decided"], 1) + 1e-9)
+        allowed = max(lim["accuracy_decided"],
+                      1.0 / ref["decided"] + 1e-9 if ref["decided"] else 0.0)
         verdict["labels"] = {"reference": ref, "candidate": cand, "auroc_change": d_auroc,
                              "accuracy_decided_drop": d_acc, "accuracy_allowed": allowed,
                              "coverage_change": abs(cand["coverage"] - ref["coverage"])}
@@ -160,10 +161,11 @@ def describe(v: dict) -> str:
     if v["labels"] is None:
         return text + "; no labels used: agreement alone"
     g = v["labels"]
+    accuracy = (f"accuracy among decided down {100 * g['accuracy_decided_drop']:.1f} points (max "
+                f"{100 * g['accuracy_allowed']:.1f})" if g["reference"]["decided"]
+                else "none of them decided")
     return (text + f"; on the {v['labelled']} labelled images, macro AUROC change "
-            f"{g['auroc_change']:.4f} (max {lim['auroc']:g}) and accuracy among decided down "
-            f"{100 * g['accuracy_decided_drop']:.1f} points (max "
-            f"{100 * g['accuracy_allowed']:.1f})")
+            f"{g['auroc_change']:.4f} (max {lim['auroc']:g}) and {accuracy}")
 
 
 def too_few(n: int, limits: dict | None = None) -> str | None:
