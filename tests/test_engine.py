@@ -148,7 +148,8 @@ def test_fit_keeps_the_features_of_the_best_epochs_own_passes():
     model, x, y = _tiny_problem()
     checkpoints = []
     result = _fit(model, x, y, 3, checkpoints, features_head="5", bank_size=10, seed=3)
-    batches = ((torch.from_numpy(x[i:i + 8]), torch.from_numpy(y[i:i + 8])) for i in range(0, 24, 8))
+    batches = ((torch.from_numpy(x[i:i + 8]), torch.from_numpy(y[i:i + 8]))
+               for i in range(0, 24, 8))
     again, _ = predict_logits(WithFeatures(model, "5"), batches, norm=UNNORMALISED,
                               device=torch.device("cpu"))
     logits, features = split(again, 2)

@@ -171,9 +171,10 @@ class Evidence:
     when a verdict is not cached.
 
     ``key`` names the images (the verdict cache's key) and ``planned`` counts them, both known
-    before decoding; ``decode()`` returns (uint8 NHWC batches' normaliser, the batches, labels,
-    deploy images): the batches are in order, first the deploy's own images (a seeded sample),
-    then the labelled ones; ``labels`` has a class index per image, -1 for the deploy's own.
+    before decoding; ``decode()`` returns (a function that normalises a uint8 NHWC batch, the
+    uint8 batches, the labels, how many are the deploy's own): the images are in order, first
+    the deploy's own (a seeded sample), then the labelled ones; ``labels`` has a class index
+    per image, -1 for the deploy's own.
     """
 
     def __init__(self, key: str, planned: int,
@@ -267,7 +268,8 @@ def cache_key(model_file: Path, engine: str, precision: str, size: int, verdict:
 
 
 def choose(model, *, model_file: Path, size: int, channels_last: bool, device: torch.device,
-           engine: str, precision: str, cache_dir: Path, verify: Callable[[], Evidence | None] | None,
+           engine: str, precision: str, cache_dir: Path,
+           verify: Callable[[], Evidence | None] | None,
            calibration: Callable | None, temperature: float, classes: tuple[str, ...],
            threshold: float, familiarity: Familiarity | None = None,
            verify_id: str = "") -> tuple[Runner, str]:
