@@ -1,19 +1,32 @@
 #!/usr/bin/env python3
-"""Deployment speed by inference engine and precision, end to end from files, on this machine.
+"""Deployment and training speed against the model's own limit, measured in the same run.
 
-    python bench/inference.py [--images 2000] [--epochs 2]
+    python bench/inference.py [--images 1200] [--train-images 280] [--epochs 3] [--workers 1,-1]
+                              [--combos] [--memory 10000]
 
-For each engine/precision that this machine supports: images/s of a whole deploy (decoding in
-workers, inference, writing rows) on JPEG-only and PNG-only folders of realistic 800-1500 px
-thumbnails, as a ratio to PyTorch fp32's model-only limit measured in the same run, plus the
-quality gate's figures (verified on the training data's labels). Not a test.
+1. PyTorch fp32's model-only limits (resnet18, batch 64, channels_last, random tensors in memory):
+   inference, and a training step (freezeRatio 0.5).
+2. Training: a trainFull run of ``--epochs`` on ``--train-images`` thumbnails; its pace is the
+   training images seen (epochs x images) per second of the run after decoding, as a ratio to the
+   model-only training limit.
+3. Deployment with default settings (engine and precision auto: the quality gate decides, on a
+   seeded sample of the deploy's own images and the model's validation split), end to end from
+   files (decoding in workers, inference, writing rows), on a JPEG-only and a PNG-only folder of
+   realistic 800-1500 px thumbnails, as a ratio to the fp32 inference limit; the first deploy
+   converts the model and runs the gate (both cached), the second is timed as a user's later
+   deploys are. Also a plain PyTorch fp32 deploy (precision fp32), and with ``--combos`` each
+   engine/precision forced. ``--workers``: decoding workers (-1: the default, cores - 1).
+   ``--memory N``: the peak memory of a deploy of N images (hard links to the same files).
+Not a test: figures depend on the machine; on a shared machine only the ratios count.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -25,47 +38,102 @@ COMBOS = [("torch", "fp32"), ("torch", "bf16"), ("openvino", "fp32"), ("openvino
           ("openvino", "int8")]
 
 
+def deploy(folder: Path, model: Path, tag: str, workers: int, **keys) -> dict:
+    """One deploy in its own process; images/s of its prediction step (gate included)."""
+    d = B.thumbclf_deploy(folder, model, 64, "cpu", tag, extra={"num_workers": workers, **keys})
+    d["rate"] = d["images"] / d["predict_s"]
+    return d
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--images", type=int, default=2000, help="JPEG and PNG thumbnails each")
-    ap.add_argument("--epochs", type=int, default=2)
-    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--images", type=int, default=1200, help="JPEG and PNG thumbnails each")
+    ap.add_argument("--train-images", type=int, default=280)
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--workers", default="-1", help="decoding workers to try, comma-separated")
+    ap.add_argument("--combos", action="store_true", help="also each engine/precision forced")
+    ap.add_argument("--memory", type=int, default=0, help="images of a deploy whose memory is shown")
+    ap.add_argument("--model", type=Path, help="deploy this model file (skips training, part 2)")
     args = ap.parse_args()
     B.OUT.mkdir(parents=True, exist_ok=True)
     import torch
 
     torch.set_num_threads(B.cores())
-    table = B.make_data(min(args.images, 600))  # training data (labelled), also the gate's
-    _, limit = B.model_only(torch.device("cpu"), args.batch, 0.5, 4)
-    print(f"PyTorch fp32 model-only limit: {limit:.1f} img/s (resnet18, batch {args.batch}, "
-          f"{B.cores()} threads); CPU flags: bf16 {inference.native('bf16', torch.device('cpu'))}, "
-          f"int8 {inference.native('int8', torch.device('cpu'))}; OpenVINO "
+    cpu = torch.device("cpu")
+    table = B.make_data(args.train_images)
+    train_limit, limit = B.model_only(cpu, 64, 0.5, 4)
+    print(f"1. model only (PyTorch fp32, resnet18, batch 64, {B.cores()} threads): inference "
+          f"{limit:.1f} img/s, training step {train_limit:.1f} img/s; native bf16 "
+          f"{inference.native('bf16', cpu)}, int8 {inference.native('int8', cpu)}; OpenVINO "
           f"{inference.openvino_version() or 'not installed'}")
-    model = B.thumbclf_train(table, args.epochs, args.batch, 0.5, "cpu")["model"]
+
+    if args.model is None:
+        model = train(table, args, train_limit)
+    else:
+        model = args.model.resolve()
+    deploys(table, model, args, limit)
+
+
+def train(table: Path, args, train_limit: float) -> Path:
+    tr = B.thumbclf_train(table, args.epochs, 64, 0.5, "cpu")
+    timings = json.loads((tr["model"].parent / "timings.json").read_text())
+    h = tr["history"]
+    seen = args.epochs * round(tr["n_images"] * 0.9)  # trainFull: 10% validation
+    after_decode = timings["total_seconds"] - timings["decode_seconds"]
+    pace = seen / after_decode
+    print(f"\n2. training (trainFull, {args.epochs} epochs, {tr['n_images']} thumbnails): "
+          f"{pace:.1f} img/s after decoding = {pace / train_limit:.2f}x the training limit; "
+          f"epochs {h['seconds'].sum():.1f}s of {after_decode:.1f}s (decoding "
+          f"{timings['decode_seconds']:.1f}s)")
+    print(json.dumps({"train_limit": train_limit, "train_pace": pace / train_limit}))
+    return tr["model"]
+
+
+def deploys(table: Path, model: Path, args, limit: float) -> None:
+    """Part 3: on a shared machine the limit is measured again around each kind's deploys."""
+    import torch
+
     folders = {kind: B.many_links(table, args.images, suffix=f".{kind}") for kind in ("jpg", "png")}
-    print(f"\n{'engine':10} {'precision':9} {'JPEG img/s':>11} {'x limit':>8} {'PNG img/s':>10} "
-          f"{'x limit':>8}  quality gate")
-    for engine, precision in COMBOS:
-        if engine == "openvino" and inference.openvino_version() is None:
-            continue
-        if not inference.native(precision, torch.device("cpu")):
-            print(f"{engine:10} {precision:9} not native on this CPU: skipped")
-            continue
-        rates, note = {}, ""
+    print(f"\n3. deploy, {args.images} images each, ratio to the fp32 inference limit measured "
+          "just before and after (their mean)")
+    for w in [int(v) for v in args.workers.split(",")]:
         for kind, folder in folders.items():
-            try:
-                d = B.thumbclf_deploy(folder, model, args.batch, "cpu", f"{engine}-{precision}-{kind}",
-                                      extra={"engine": engine, "precision": precision,
-                                             "verify_data": str(table)})
-            except SystemExit as exc:
-                note = f"refused ({exc}); see bench/out/deploy-{engine}-{precision}-{kind}/run.log"
-                break
-            rates[kind] = d["images"] / d["predict_s"]
-            note = d["inference"]
-        cells = "".join(f" {rates[k]:10.1f} {rates[k] / limit:7.2f}x" if k in rates else
-                        f" {'-':>10} {'-':>8}" for k in ("jpg", "png"))
-        print(f"{engine:10} {precision:9}{cells}  {note}")
-    print(json.dumps({"limit": limit}))
+            cache = B.OUT / f"cache-{kind}-w{w}"  # new: the first deploy converts and verifies
+            shutil.rmtree(cache, ignore_errors=True)
+            before = B.model_only(torch.device("cpu"), 64, 0.5, 3)[1]
+            first = deploy(folder, model, f"auto-{kind}-w{w}-first", w, cache_dir=str(cache))
+            again = deploy(folder, model, f"auto-{kind}-w{w}", w, cache_dir=str(cache))
+            plain = deploy(folder, model, f"fp32-{kind}-w{w}", w, precision="fp32",
+                           cache_dir=str(cache))
+            after = B.model_only(torch.device("cpu"), 64, 0.5, 3)[1]
+            lim = (before + after) / 2
+            print(f"   {kind.upper()} workers {again['workers']} (limit {before:.1f} then "
+                  f"{after:.1f} img/s): defaults {again['rate']:.1f} img/s = "
+                  f"{again['rate'] / lim:.2f}x (first deploy, gate and conversion included: "
+                  f"{first['rate'] / lim:.2f}x); plain fp32 {plain['rate']:.1f} img/s = "
+                  f"{plain['rate'] / lim:.2f}x\n      engine: {again['inference']}")
+    if args.combos:
+        for engine, precision in COMBOS:
+            if engine == "openvino" and inference.openvino_version() is None:
+                continue
+            if not inference.native(precision, torch.device("cpu")):
+                print(f"   {engine} {precision}: not native on this CPU: skipped")
+                continue
+            cells = []
+            for kind, folder in folders.items():
+                try:
+                    d = deploy(folder, model, f"{engine}-{precision}-{kind}", -1, engine=engine,
+                               precision=precision)
+                    cells.append(f"{kind.upper()} {d['rate'] / limit:.2f}x")
+                except SystemExit as exc:
+                    cells.append(f"{kind.upper()} refused ({exc})")
+            print(f"   {engine} {precision} forced: {', '.join(cells)}")
+    if args.memory:
+        t = time.perf_counter()
+        d = deploy(B.many_links(table, args.memory), model, f"mem{args.memory}", -1)
+        print(f"\n4. a deploy of {args.memory} images: peak memory {d['peak_rss_mb']:.0f} MB "
+              f"(main process), {d['rate']:.1f} img/s ({time.perf_counter() - t:.0f}s)")
+    print(json.dumps({"inference_limit": limit}))
 
 
 if __name__ == "__main__":

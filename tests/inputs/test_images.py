@@ -110,3 +110,64 @@ def test_preprocessing_is_deterministic(tmp_path):
     rng = np.random.default_rng(0)
     p = save(Image.fromarray(rng.integers(0, 255, (300, 500, 3), dtype=np.uint8)), tmp_path / "n.jpg")
     assert np.array_equal(load_array(p, PREP), load_array(p, PREP))
+
+
+def test_a_jpeg_exactly_8x_the_target_decodes_at_one_eighth(tmp_path):
+    from thumbclf.inputs.images import draft_size, open_rgb
+
+    p = save(Image.new("RGB", (2048, 1109), (200, 30, 30)), tmp_path / "big.jpg")
+    assert open_rgb(p, target=256, max_pixels=10**9).size == (256, 139)  # 1/8, not 1/4
+    assert open_rgb(p, target=257, max_pixels=10**9).size == (512, 278)  # 1/8 would be below
+    assert draft_size(4096, 2217, 512) == (512, 277)
+    assert load_array(p, Preprocessing(size=256)).shape == (256, 256, 3)
+
+
+def _png_cases(tmp_path):
+    rng = np.random.default_rng(0)
+    rgb = Image.fromarray((rng.random((30, 41, 3)) * 255).astype(np.uint8))
+    alpha = Image.fromarray((rng.random((30, 41)) * 255).astype(np.uint8))
+    rgba = rgb.copy()
+    rgba.putalpha(alpha)
+    grey_alpha = rgba.convert("LA")
+    cases = {"rgb": (rgb, {}), "rgba": (rgba, {}), "l": (rgb.convert("L"), {}),
+             "la": (grey_alpha, {}), "p": (rgb.convert("P"), {}),
+             "interlaced": (rgb, {"interlace": 1})}
+    return {name: save(img, tmp_path / f"{name}.png", **kw) for name, (img, kw) in cases.items()}
+
+
+def test_pngs_decode_through_libspng_to_exactly_the_arrays_pillow_gives(tmp_path, monkeypatch):
+    pytest.importorskip("pyspng")
+    from PIL import Image as PILImage
+
+    from thumbclf.inputs import images
+
+    for name, path in _png_cases(tmp_path).items():
+        assert images.png_spng(path, PILImage.open(path)) is not None, name  # libspng used
+        fast = load_array(path, PREP)
+        with monkeypatch.context() as m:
+            m.setattr(images, "pyspng", None)  # Pillow decodes it
+            slow = load_array(path, PREP)
+        assert np.array_equal(fast, slow), name  # tolerance: none, the same bytes
+
+
+def test_pngs_libspng_leaves_to_pillow_are_decoded_by_pillow(tmp_path):
+    pytest.importorskip("pyspng")
+    from thumbclf.inputs import images
+
+    deep = save(Image.fromarray(np.full((10, 10), 257 * 100, dtype=np.uint16)), tmp_path / "d.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    turned = save(Image.new("RGB", (40, 20), (0, 0, 255)), tmp_path / "t.png", exif=exif.tobytes())
+    assert images.png_spng(deep, Image.open(deep)) is None
+    assert images.png_spng(turned, Image.open(turned)) is None  # orientation: Pillow's reading
+    palette = Image.new("P", (6, 6), 0)
+    palette.putpalette([10, 20, 30] + [0, 0, 0] * 255)
+    see_through = save(palette, tmp_path / "p.png", transparency=0)  # tRNS: pyspng ignores it
+    assert images.png_spng(see_through, Image.open(see_through)) is None
+    assert (load_array(see_through, PREP) == 255).all()
+    assert set(np.unique(load_array(deep, PREP))) == {100}
+    assert load_array(turned, Preprocessing(size=40))[2, 20, 2] > 200  # rotated to upright
+    whole = save(Image.new("RGB", (50, 50), (9, 9, 9)), tmp_path / "cut.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(whole[:len(whole) // 2])
+    with pytest.raises(ImageReadError, match="cut.png: corrupt or truncated image"):
+        load_array(tmp_path / "cut.png", PREP)

@@ -98,7 +98,7 @@ def _tiny_problem():
 
 
 def _fit(model, x, y, epochs, checkpoints, *, resume=None, interrupt_after=None,
-         lr_schedule="constant"):
+         lr_schedule="constant", **extra):
     import copy
 
     import torch
@@ -131,8 +131,38 @@ def _fit(model, x, y, epochs, checkpoints, *, resume=None, interrupt_after=None,
                    criterion=nn.CrossEntropyLoss(), val_criterion=nn.CrossEntropyLoss(),
                    stopper=EarlyStopping(patience=100, stop_epoch=0, max_epochs=epochs),
                    norm=UNNORMALISED, device=torch.device("cpu"), gen=gen,
-                   lr_schedule=lr_schedule)
+                   lr_schedule=lr_schedule, **extra)
     return fit(model, spec, quiet=True, on_epoch=keep, resume=resume)
+
+
+def test_fit_keeps_the_features_of_the_best_epochs_own_passes():
+    """The unfamiliar rule's features come from the passes training makes anyway: the best
+    epoch's validation pass (the same numbers as a new pass with the kept weights) and its
+    training passes (for the bank); no separate pass over the images."""
+    import torch
+
+    from thumbclf.nn.data import UNNORMALISED
+    from thumbclf.nn.engine import predict_logits
+    from thumbclf.nn.familiarity import WithFeatures, split
+
+    model, x, y = _tiny_problem()
+    checkpoints = []
+    result = _fit(model, x, y, 3, checkpoints, features_head="5", bank_size=10, seed=3)
+    batches = ((torch.from_numpy(x[i:i + 8]), torch.from_numpy(y[i:i + 8]))
+               for i in range(0, 24, 8))
+    again, _ = predict_logits(WithFeatures(model, "5"), batches, norm=UNNORMALISED,
+                              device=torch.device("cpu"))
+    logits, features = split(again, 2)
+    assert np.allclose(result.val_logits, logits, atol=1e-5)
+    assert np.allclose(result.val_features, features, atol=1e-5)
+    assert result.train_features.shape == (10, 4)  # a seeded sample of its 24 training passes
+    best = checkpoints[result.best_epoch - 1]
+    assert best["train_features"].shape == (10, 4) and best["val_features"].shape == (24, 4)
+    resumed_model, _, _ = _tiny_problem()
+    resumed = _fit(resumed_model, x, y, 3, [], resume=checkpoints[-1], features_head="5")
+    assert np.allclose(resumed.val_features, result.val_features, atol=1e-2)  # kept as float16
+    plain = _fit(_tiny_problem()[0], x, y, 1, [])
+    assert plain.val_features is None and plain.train_features is None  # rule off: nothing kept
 
 
 def test_fit_resumed_at_an_epoch_gives_the_same_weights_as_not_stopping():

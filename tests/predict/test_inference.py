@@ -29,22 +29,6 @@ def test_reduced_precision_only_where_the_cpu_computes_it_natively(monkeypatch):
         inference.candidates("auto", "int8", CPU)
 
 
-def test_the_quality_gate_passes_equal_and_refuses_changed_predictions():
-    rng = np.random.default_rng(0)
-    y = rng.integers(0, 3, 200)
-    p = rng.dirichlet([1, 1, 1], 200)
-    p[np.arange(200), y] += 2
-    p /= p.sum(1, keepdims=True)
-    classes = ("A", "B", "C")
-    same = inference.gate(p, p.copy(), y, classes, 0.9)
-    assert same["passed"] and same["argmax_agreement"] == 1.0 and same["auroc_change"] == 0
-    noisy = p + rng.normal(0, 0.2, p.shape).clip(-0.5, 0.5)
-    noisy = noisy.clip(1e-6, None) / noisy.clip(1e-6, None).sum(1, keepdims=True)
-    changed = inference.gate(p, noisy, y, classes, 0.9)
-    assert not changed["passed"] and changed["argmax_agreement"] < 0.99
-    assert "argmax agreement" in inference.describe_gate(changed)
-
-
 @pytest.fixture(scope="module")
 def tiny_model():
     torch.manual_seed(0)
@@ -73,22 +57,40 @@ def _choose(model, tmp_path, precision, verify, engine="openvino"):
                             classes=("A", "B", "C"), threshold=0.5)
 
 
+def _evidence(x, labels, deploy, calls=None):
+    """The gate's evidence of images ``x`` (``labels``: -1 for the deploy's own)."""
+    def decode():
+        if calls is not None:
+            calls.append(1)
+        return (lambda b: b), [x[i:i + 16] for i in range(0, len(x), 16)], labels, deploy
+    return inference.Evidence(f"{len(x)}|{deploy}", len(x), decode)
+
+
 @pytest.mark.isolated
 def test_a_precision_is_used_only_after_it_passed_the_gate(tiny_model, tmp_path, monkeypatch):
     pytest.importorskip("openvino", reason="OpenVINO is the optional extra thumbclf[openvino]")
     monkeypatch.setattr(inference, "cpu_flags", lambda: frozenset({"avx512_bf16"}))
-    x = torch.randn(40, 3, 64, 64)
+    x = torch.randn(160, 3, 64, 64)
     with torch.inference_mode():
-        y = tiny_model(x).argmax(1).numpy()
-    with pytest.raises(ConfigError, match="not verified: fewer than 10 labelled images"):
-        _choose(tiny_model, tmp_path, "bf16", lambda: None)
+        y = tiny_model(x[120:]).argmax(1).numpy()
+    few = _evidence(x[:40], np.full(40, -1), 40)
+    with pytest.raises(ConfigError, match="not verified: 40 images to check it on; even with no "
+                                          "decision changed, at least 149"):
+        _choose(tiny_model, tmp_path, "bf16", lambda: few)
     runner, why = _choose(tiny_model, tmp_path, "auto", lambda: None)
-    assert runner.name == "openvino fp32" and "not verified" in why  # engine: openvino
-    monkeypatch.setitem(inference.GATE, "agreement", 1.01)  # a gate nothing can pass
-    with pytest.raises(ConfigError, match="refused by the quality gate: 40 labelled images"):
-        _choose(tiny_model, tmp_path, "bf16", lambda: (x, y))
-    runner, why = _choose(tiny_model, tmp_path, "auto", lambda: (x, y))  # verdict is cached
+    assert runner.name == "openvino fp32" and "not verified: 0 images" in why  # engine: openvino
+    calls = []
+    ev = _evidence(x, np.r_[np.full(120, -1), y], 120, calls)
+    monkeypatch.setitem(inference.GATE, "auroc", -1.0)  # a gate nothing can pass
+    with pytest.raises(ConfigError, match="refused by the quality gate: decisions changed on "
+                                          r"\d+ of 160 images \(120 of this deploy's images and 40 "
+                                          "labelled images\)"):
+        _choose(tiny_model, tmp_path, "bf16", lambda: ev)
+    assert calls == [1]
+    runner, why = _choose(tiny_model, tmp_path, "auto", lambda: _evidence(
+        x, np.r_[np.full(120, -1), y], 120, calls))  # the verdict is cached: nothing decoded
     assert runner.name == "openvino fp32" and "refused by the quality gate" in why
+    assert calls == [1]
 
 
 def _deploy_with_gate(exp, gate: dict):
@@ -99,7 +101,7 @@ def _deploy_with_gate(exp, gate: dict):
 
     from conftest import ROOT
 
-    code = ("import sys; from thumbclf import inference; inference.GATE.update(" + repr(gate) +
+    code = ("import sys; from thumbclf.predict import inference; inference.GATE.update(" + repr(gate) +
             "); from thumbclf.cli import main; sys.exit(main('deploy', [sys.argv[1], '--quiet']))")
     return subprocess.run([sys.executable, "-c", code, str(exp)], capture_output=True, text=True,
                           env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=600)
@@ -118,21 +120,23 @@ def test_a_deploy_says_which_engine_computed_and_why(tiny_data, tmp_path):
                        "max_epochs: 1\nbootstrap: 0\ngradcam: 0\nnum_workers: 0\n")[0]
     text = (f"thumbData: {tiny_data}\nmodelAdr: {model}\nbootstrap: 0\ngradcam: 0\n"
             f"num_workers: 0\nverify_data: {tiny_data}\n")
-    nothing_passes = {"agreement": 1.01}
+    nothing_passes = {"max_changed": 0.0}
     exp = write_yaml(tmp_path / "refused.yaml", text + "engine: openvino\nprecision: bf16\n")
     r = _deploy_with_gate(exp, nothing_passes)
     assert r.returncode == 2, r.stderr
-    assert "precision: bf16: openvino bf16 refused by the quality gate: 18 labelled images" in r.stderr
+    assert ("precision: bf16: openvino bf16 not verified: 18 images to check it on; even with no "
+            "decision changed" in r.stderr)
     assert not (tmp_path / "refused" / "predictions.csv").exists()
     exp = write_yaml(tmp_path / "auto.yaml", text)  # auto: refused, so PyTorch fp32, and says so
     r = _deploy_with_gate(exp, nothing_passes)
     assert r.returncode == 0, r.stderr
     note = json.loads((tmp_path / "auto" / "timings.json").read_text())["inference"]
-    assert "refused by the quality gate" in note and note.endswith("PyTorch fp32")
-    everything_passes = {"agreement": 0.0, "auroc": 1.0, "coverage": 1.0, "accuracy_decided": 1.0}
+    assert "not verified: 18 images" in note and note.endswith("PyTorch fp32")
+    everything_passes = {"max_changed": 1.0, "auroc": 1.0, "accuracy_decided": 1.0}
     exp = write_yaml(tmp_path / "bf16.yaml", text + "engine: openvino\nprecision: bf16\n")
     r = _deploy_with_gate(exp, everything_passes)
     assert r.returncode == 0, r.stderr
     note = json.loads((tmp_path / "bf16" / "timings.json").read_text())["inference"]
-    assert note.startswith("openvino bf16 (verified on 18 labelled images")
+    assert note.startswith("openvino bf16 (verified: decisions changed on ")
+    assert "of 18 images (18 labelled images)" in note
     assert "Inference: openvino bf16" in (tmp_path / "bf16" / "report.html").read_text()

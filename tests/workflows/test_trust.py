@@ -134,6 +134,26 @@ def _deploy(tmp_path, model: str, data, name="dep", extra=""):
     return tmp_path / name, r
 
 
+def test_the_rule_is_fitted_without_a_pass_of_its_own(tmp_path, monkeypatch):
+    """trainFull with the rule: its features come from the fit's passes, so nothing after the
+    fit predicts again (the pace issue: 0.67 of the training limit with those passes)."""
+    from thumbclf.config import TRAIN, load_params
+    from thumbclf.workflows import train
+
+    table = synth.generate(tmp_path / "data", per_class=20, seed=3, min_side=50, max_side=90,
+                           classes=CLASSES)
+    exp = write_yaml(tmp_path / "t.yaml", f"thumbData: {table}\n{FAST}"
+                     "val_fraction: 0.35\n")
+
+    def no_pass(*args, **kwargs):
+        raise AssertionError("a separate pass after the fit")
+
+    monkeypatch.setattr(train, "predict_logits", no_pass)
+    folder = train.run(load_params(exp, workflow=TRAIN, output=tmp_path / "out"), quiet=True)
+    model = torch.load(folder / "model.pt", weights_only=True)
+    assert model["familiarity"]["bank"].shape[0] > 0  # the rule is on, with its bank
+
+
 def test_training_stores_the_rule_and_the_columns_appear(trained):
     model = torch.load(trained / "model.pt", weights_only=True)
     assert model["familiarity"]["bank"].dtype == torch.float16

@@ -20,6 +20,9 @@ from tqdm.auto import tqdm
 
 from thumbclf.core import machine
 from thumbclf.core.errors import ConfigError, finite_or_diverged
+from thumbclf.nn import familiarity
+from thumbclf.nn.calibration import (  # noqa: F401 - their home is calibration.py
+    MIN_CALIBRATION_IMAGES, Calibration, fit_temperature)
 from thumbclf.nn.data import Normalisation, to_input
 from thumbclf.nn.augment import augment
 from thumbclf.nn.freeze import train_mode
@@ -209,6 +212,10 @@ class FitResult:
     best_epoch: int = 0
     best_state: dict | None = None
     val_logits: np.ndarray | None = None
+    # the best epoch's features (FitSpec.features_head): of its validation pass, in order, and
+    # of a seeded sample of at most ``bank_size`` of its training passes (augmented, train mode)
+    val_features: np.ndarray | None = None
+    train_features: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -239,6 +246,9 @@ class FitSpec:
     lr_schedule: str = "constant"
     trainer: nn.Module | None = None
     reduce: Callable[[float], float] | None = None
+    features_head: str | None = None  # keep the features of the passes (familiarity.Capture)
+    bank_size: int = 1024
+    seed: int = 0
 
 
 def fit(model: nn.Module, spec: FitSpec, *, quiet: bool = False, label: str = "",
@@ -269,7 +279,8 @@ def fit(model: nn.Module, spec: FitSpec, *, quiet: bool = False, label: str = ""
                       "stopper": dataclasses.asdict(spec.stopper), "history": result.history,
                       "best_state": result.best_state,
                       "val_logits": None if result.val_logits is None
-                      else torch.from_numpy(result.val_logits)})
+                      else torch.from_numpy(result.val_logits),
+                      **_features_state(result)})
     result.best_epoch = spec.stopper.best_epoch
     if result.best_state is not None:
         model.load_state_dict(result.best_state)
@@ -290,6 +301,15 @@ def _restore(model: nn.Module, spec: FitSpec, scheduler, result: FitResult, resu
     result.best_state = resume["best_state"]
     result.val_logits = (resume["val_logits"].numpy() if resume["val_logits"] is not None
                          else None)
+    for name in ("val_features", "train_features"):  # absent from older checkpoints
+        value = resume.get(name)
+        setattr(result, name, value.float().numpy() if value is not None else None)
+
+
+def _features_state(result: FitResult) -> dict:
+    return {name: None if getattr(result, name) is None
+            else torch.from_numpy(getattr(result, name)).half()
+            for name in ("val_features", "train_features")}
 
 
 def _epoch(model: nn.Module, spec: FitSpec, result: FitResult, *, scaler, scheduler,
@@ -297,16 +317,19 @@ def _epoch(model: nn.Module, spec: FitSpec, result: FitResult, *, scaler, schedu
     """One epoch: train, BatchNorm statistics, validation, early stopping; its history row."""
     epoch = spec.stopper.epoch + 1
     epoch_start = time.perf_counter()
-    tr = train_one_epoch(spec.trainer or model, spec.train_batches(), optimizer=spec.optimizer,
-                         criterion=spec.criterion, norm=spec.norm, device=spec.device,
-                         gen=spec.gen, scaler=scaler, total=spec.n_train_batches,
-                         desc=f"{label}epoch {epoch}", quiet=quiet, stain=spec.stain,
-                         schedule=scheduler.step if scheduler else None)
+    with familiarity.Capture(model, spec.features_head) as seen:
+        tr = train_one_epoch(spec.trainer or model, spec.train_batches(),
+                             optimizer=spec.optimizer, criterion=spec.criterion, norm=spec.norm,
+                             device=spec.device, gen=spec.gen, scaler=scaler,
+                             total=spec.n_train_batches, desc=f"{label}epoch {epoch}",
+                             quiet=quiet, stain=spec.stain,
+                             schedule=scheduler.step if scheduler else None)
     if spec.bn_batches is not None:
         train_mode(model)
         recalibrate_bn(model, spec.bn_batches(), norm=spec.norm, device=spec.device)
-    va, logits = evaluate(model, spec.val_batches(), criterion=spec.val_criterion,
-                          norm=spec.norm, device=spec.device)
+    with familiarity.Capture(model, spec.features_head) as val_seen:
+        va, logits = evaluate(model, spec.val_batches(), criterion=spec.val_criterion,
+                              norm=spec.norm, device=spec.device)
     if spec.reduce is not None:
         va = dataclasses.replace(va, loss=spec.reduce(va.loss))
     finite_or_diverged(va.loss if va.n else 0.0, "the validation loss")
@@ -315,6 +338,8 @@ def _epoch(model: nn.Module, spec: FitSpec, result: FitResult, *, scaler, schedu
         result.best_state = copy.deepcopy({k: v.detach().cpu()
                                            for k, v in model.state_dict().items()})
         result.val_logits = logits
+        result.val_features = val_seen.features()
+        result.train_features = _sample(seen.features(), spec.bank_size, [spec.seed, epoch])
     row = {"epoch": epoch, "train_loss": tr.loss, "train_accuracy": tr.accuracy,
            "val_loss": va.loss, "val_accuracy": va.accuracy,
            "lr": spec.optimizer.param_groups[0]["lr"],
@@ -323,6 +348,13 @@ def _epoch(model: nn.Module, spec: FitSpec, result: FitResult, *, scaler, schedu
            "best": improved}
     result.history.append(row)
     return row
+
+
+def _sample(rows: np.ndarray | None, n: int, seed) -> np.ndarray | None:
+    """At most ``n`` of ``rows`` (a seeded choice, in their order)."""
+    if rows is None or len(rows) <= n:
+        return rows
+    return rows[np.sort(np.random.default_rng(seed).permutation(len(rows))[:n])]
 
 
 def backward_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler=None) -> None:
@@ -360,89 +392,6 @@ def warmup_cosine(steps_per_epoch: int, epochs: int) -> Callable[[int], float]:
     0 at the end of ``epochs``."""
     total = steps_per_epoch * max(epochs, 1)
     return lambda step: warmup_cosine_at(step, warm=steps_per_epoch, total=total)
-
-
-MIN_CALIBRATION_IMAGES = 30
-PRIOR_SD = 1.0  # prior on log T: N(0, 1), i.e. T within 1/7-7 with 95% prior belief
-
-
-@dataclass(frozen=True)
-class Calibration:
-    """A fitted temperature and how far to trust it, as the model file and the report keep it."""
-
-    temperature: float
-    status: str  # "fitted", "separable" (set by the prior), "skipped" or "off"
-    images: int
-
-    def describe(self) -> str:
-        if self.status == "off":
-            return "calibration off (calibrate: false)"
-        if self.status == "skipped":
-            return (f"calibration skipped: {self.images} validation images (need "
-                    f"{MIN_CALIBRATION_IMAGES}); probabilities are the model's own")
-        if self.status == "separable":
-            return (f"temperature {self.temperature:.2f}: every one of the {self.images} "
-                    "validation images was classified correctly, so the data alone would make "
-                    "every prediction certain; the prior set the temperature")
-        side = ("the model was under-confident; probabilities sharpened" if self.temperature < 1
-                else "the model was over-confident; probabilities softened")
-        return f"temperature {self.temperature:.2f} on {self.images} validation images ({side})"
-
-    def short(self) -> str:
-        """A few words, for a list of folds."""
-        return {"off": "off", "skipped": f"skipped ({self.images} images)",
-                "separable": f"T {self.temperature:.2f} (set by the prior: all {self.images} "
-                             "images correct)"}.get(self.status,
-                                                    f"T {self.temperature:.2f} ({self.images} images)")
-
-    @classmethod
-    def from_file(cls, obj: dict | None) -> "Calibration | None":
-        """As ``to_file`` wrote it (None: a model file from before calibration was recorded)."""
-        if not obj:
-            return None
-        return cls(float(obj["temperature"]), str(obj["status"]), int(obj["images"]))
-
-    def to_file(self) -> dict:
-        return {"temperature": self.temperature, "status": self.status, "images": self.images,
-                "method": "temperature scaling, MAP with a N(0, 1) prior on log T"}
-
-
-def fit_temperature(logits: np.ndarray, y: np.ndarray) -> Calibration:
-    """Temperature T maximising the validation likelihood of softmax(logits / T) times a
-    N(0, 1) prior on log T (maximum a posteriori). No clamp is needed: on an ordinary split
-    the data decide (30 images outweigh the prior), and on a perfectly classified split,
-    where the likelihood alone keeps rising as T -> 0, the prior stops it at a finite T.
-
-    Fewer than 30 validation images give T = 1 (status "skipped").
-    """
-    n = len(y)
-    if n < MIN_CALIBRATION_IMAGES:
-        log.warning("calibration skipped: the validation split has %d images (need %d: more "
-                    "images or a larger val_fraction); probabilities left uncalibrated", n,
-                    MIN_CALIBRATION_IMAGES)
-        return Calibration(1.0, "skipped", n)
-    z = torch.from_numpy(np.asarray(logits, dtype=np.float64))
-    t = torch.from_numpy(np.asarray(y)).long()
-    log_t = torch.zeros(1, dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([log_t], lr=0.5, max_iter=200, line_search_fn="strong_wolfe")
-    nll = nn.CrossEntropyLoss(reduction="sum")
-
-    def closure():
-        opt.zero_grad()
-        loss = nll(z / log_t.exp(), t) + 0.5 * (log_t / PRIOR_SD).pow(2).sum()
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    temp = float(log_t.detach().exp())
-    if not np.isfinite(temp):  # cannot happen with the prior; kept as a guard
-        log.warning("calibration failed (temperature not finite); probabilities left "
-                    "uncalibrated")
-        return Calibration(1.0, "skipped", n)
-    separable = bool((z.argmax(1) == t).all())
-    result = Calibration(temp, "separable" if separable else "fitted", n)
-    (log.warning if separable else log.info)("calibration: %s", result.describe())
-    return result
 
 
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:

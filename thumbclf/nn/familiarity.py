@@ -69,6 +69,30 @@ class WithFeatures(nn.Module):
         return torch.cat([logits, kept[-1].to(logits.dtype)], dim=1)
 
 
+class Capture:
+    """The features (the head's pooled input, as WithFeatures gives them) of every forward pass
+    of ``model`` inside the ``with`` block, for the passes training makes anyway."""
+
+    def __init__(self, model: nn.Module, head: str | None):
+        self.model, self.head, self.rows = model, head, []
+
+    def __enter__(self) -> "Capture":
+        if self.head is not None:
+            self._hook = self.model.get_submodule(self.head).register_forward_pre_hook(self._keep)
+        return self
+
+    def _keep(self, _module, inputs) -> None:
+        f = inputs[0].detach()
+        self.rows.append((f.mean(dim=(2, 3)) if f.dim() == 4 else f.flatten(1)).float().cpu())
+
+    def __exit__(self, *exc) -> None:
+        if self.head is not None:
+            self._hook.remove()
+
+    def features(self) -> np.ndarray | None:
+        return torch.cat(self.rows).numpy() if self.rows else None
+
+
 def split(output: torch.Tensor | np.ndarray, n_classes: int):
     """(logits, features) of a WithFeatures output (features empty for a plain model)."""
     return output[:, :n_classes], output[:, n_classes:]

@@ -1,5 +1,5 @@
-"""The inference engine of a deploy: the quality gate's labelled images, then each model's
-verified engine and precision (engine, precision keys)."""
+"""The inference engine of a deploy: the quality gate's images (a sample of the deploy's own,
+and labelled ones), then each model's verified engine and precision (engine, precision keys)."""
 
 from __future__ import annotations
 
@@ -15,9 +15,10 @@ from thumbclf.core.errors import ImageReadError
 from thumbclf.inputs import splits as splitting
 from thumbclf.inputs.decode import load_array
 from thumbclf.inputs.samples import SampleSet, discover
-from thumbclf.nn.data import to_input
+from thumbclf.nn.data import stream_loader, to_input
 from thumbclf.nn.models import LoadedModel
-from thumbclf.predict import inference
+from thumbclf.predict import gate, inference
+from thumbclf.predict.local import decode_workers
 
 log = logging.getLogger(__name__)
 
@@ -27,22 +28,7 @@ def prepare_runners(models: list[LoadedModel], params: DeployParams, sample_set:
     """The inference engine and precision of each model (engine, precision keys), verified."""
     first = models[0]
     slide_cache = params.slide_cache
-    pairs = verification_pairs(models, params)
-    decoded: list = []
-
-    def verify():  # decoded once, for every model and candidate
-        if not decoded:
-            arrays, labels = [], []
-            for path, label in pairs:
-                try:
-                    arrays.append(load_array(path, first.prep, slide_cache=slide_cache))
-                    labels.append(first.classes.index(label))
-                except ImageReadError:
-                    continue
-            decoded.append(None if len(arrays) < inference.MIN_VERIFY_IMAGES else
-                           (to_input(torch.from_numpy(np.stack(arrays)), first.norm,
-                                     torch.device("cpu"), channels_last=False), np.array(labels)))
-        return decoded[0]
+    evidence = gate_evidence(models, params, sample_set)
 
     def calibration():  # int8: unlabelled deploy images, as the model will see them
         arrays = []
@@ -55,22 +41,58 @@ def prepare_runners(models: list[LoadedModel], params: DeployParams, sample_set:
             yield to_input(torch.from_numpy(np.stack(arrays[i:i + 32])), first.norm,
                            torch.device("cpu"), channels_last=False)
 
-    verify_id = hashlib.sha1("\n".join(f"{p}|{lab}" for p, lab in pairs).encode(
-        "utf-8", "surrogateescape")).hexdigest()
     runners, notes = [], []
     for m in models:
         runner, why = inference.choose(
             m.runnable(), model_file=m.path, size=m.prep.size, channels_last=not m.legacy,
             device=device, engine=params.engine, precision=params.precision,
-            cache_dir=params.cache_root, verify=verify, verify_id=verify_id,
+            cache_dir=params.cache_root, verify=lambda: evidence,
             calibration=calibration, temperature=m.temperature, classes=m.classes,
-            threshold=threshold)
+            threshold=threshold, familiarity=m.familiarity)
         runners.append(runner)
         notes.append(why)
     why = notes[0] if len(set(notes)) == 1 else "; ".join(
         f"{m.path.name}: {n}" for m, n in zip(models, notes))
     log.info("inference: %s", why)
     return runners, why
+
+
+def gate_evidence(models: list[LoadedModel], params: DeployParams,
+                  sample_set: SampleSet) -> inference.Evidence:
+    """The quality gate's images: a seeded sample of up to gate.AGREEMENT_IMAGES of the deploy's
+    own (labels unused, so a labelled and an unlabelled deploy of the same images check the
+    same ones), then the labelled verification images (verification_pairs). Decoded in the
+    decoding workers, once for every model and candidate, and only if a verdict is needed."""
+    first = models[0]
+    pairs = verification_pairs(models, params)
+    labelled = {path for path, _ in pairs}
+    order = np.random.default_rng(0).permutation(len(sample_set))
+    own = [p for p in (sample_set.samples[i].path for i in order) if p not in labelled]
+    own = own[:gate.AGREEMENT_IMAGES]
+    paths = own + [path for path, _ in pairs]
+    labels = np.array([-1] * len(own) + [first.classes.index(lab) for _, lab in pairs], dtype=int)
+    key = hashlib.sha1("\n".join(f"{p}|{lab}" for p, lab in zip(paths, labels)).encode(
+        "utf-8", "surrogateescape")).hexdigest()
+
+    def decode():
+        loader = stream_loader(paths, first.prep, batch_size=params.batch_size,
+                               workers=decode_workers(params.num_workers), pin_memory=False,
+                               slide_cache=slide_cache)
+        batches, kept = [], []
+        for pos, x, errors in loader:
+            ok = np.array([not e for e in errors], dtype=bool)
+            if ok.any():
+                batches.append(x[torch.from_numpy(ok)])
+                kept += pos.numpy()[ok].tolist()
+        kept_labels = labels[np.array(kept, dtype=int)]
+        deploy = int((kept_labels < 0).sum())
+        log.info("quality gate: %d of this deploy's images and %d labelled images decoded",
+                 deploy, len(kept) - deploy)
+        return (lambda b: to_input(b, first.norm, torch.device("cpu"), channels_last=False),
+                batches, kept_labels, deploy)
+
+    slide_cache = params.slide_cache
+    return inference.Evidence(key, len(paths), decode)
 
 
 def verification_pairs(models: list[LoadedModel], params: DeployParams,

@@ -169,7 +169,9 @@ def _fit_fold(params: TrainParams, model: nn.Module, trainer: nn.Module, *, deco
         stopper=EarlyStopping(params.patience, params.stop_epoch, params.max_epochs),
         norm=IMAGENET, device=device, gen=gen if params.augment else None, trainer=trainer,
         reduce=distributed.mean if distributed.active() else None,
-        stain=params.stain_augment if params.augment else 0.0, lr_schedule=params.lr_schedule)
+        stain=params.stain_augment if params.augment else 0.0, lr_schedule=params.lr_schedule,
+        features_head=head_names(model)[0] if params.unfamiliar else None,  # the rule's bank
+        bank_size=familiarity.BANK_SIZE, seed=params.seed * 1000 + fold)
     return fit(model, spec, quiet=quiet, label=f"fold {fold}: " if fold else "",
                on_epoch=save_checkpoint, resume=resume_state)
 
@@ -202,7 +204,8 @@ def run_fold(params: TrainParams, folder: Path, *, fold: int, sample_set: Sample
     atomic_csv(history, fdir / layout.HISTORY)
     table, rule = _fold_table(params, model, decoded, y, sample_set, fold=fold,
                               train_pos=train_pos, val_pos=val_pos, eval_pos=eval_pos,
-                              temperature=temperature, threshold=threshold.value, device=device)
+                              temperature=temperature, threshold=threshold.value, device=device,
+                              fitted=result)
     meta = {"fold": fold, "best_epoch": result.best_epoch, "frozen": frozen,
             "params": {k: v for k, v in params_to_dict(params).items()
                        if isinstance(v, (int, float, str, bool, list, type(None)))}}
@@ -231,9 +234,14 @@ def _calibrate(params: TrainParams, result: FitResult, val_y: np.ndarray, n_clas
 
 def _fold_table(params: TrainParams, model: nn.Module, decoded, y: np.ndarray,
                 sample_set: SampleSet, *, fold: int, train_pos, val_pos, eval_pos,
-                temperature: float, threshold: float, device: torch.device):
+                temperature: float, threshold: float, device: torch.device, fitted: FitResult):
     """The fold's predictions table on its evaluation images, and its unfamiliar-slide rule
-    (fitted on training features, thresholded on validation ones; None when off)."""
+    (fitted on training features, thresholded on validation ones; None when off).
+
+    What the best epoch computed anyway is reused (``fitted``): its validation logits and
+    features (evaluation mode, the same weights: the same numbers a new pass would give) and the
+    features of its own training passes for the rule's bank; a separate pass only where those
+    are missing (a resume from an older checkpoint)."""
     classes = sample_set.classes
 
     def outputs(positions):  # logits and features (unaugmented, evaluation mode), in order
@@ -243,13 +251,18 @@ def _fold_table(params: TrainParams, model: nn.Module, decoded, y: np.ndarray,
             norm=IMAGENET, device=device)
         return familiarity.split(out, len(classes))
 
-    rule = None
-    logits, eval_features = outputs(eval_pos)
+    rule, val = None, (fitted.val_logits, fitted.val_features)
+    have_val = val[0] is not None and (val[1] is not None or not params.unfamiliar)
+    logits, eval_features = val if fold == 0 and have_val else outputs(eval_pos)
     if params.unfamiliar:
-        bank_pos = np.sort(np.random.default_rng([params.seed, fold, 2]).permutation(
-            train_pos)[:familiarity.BANK_SIZE])
-        val_features = eval_features if fold == 0 else outputs(val_pos)[1]
-        rule = familiarity.fit(outputs(bank_pos)[1], val_features)
+        val_features = (eval_features if fold == 0 else fitted.val_features
+                        if have_val else outputs(val_pos)[1])
+        bank = fitted.train_features
+        if bank is None:
+            bank_pos = np.sort(np.random.default_rng([params.seed, fold, 2]).permutation(
+                train_pos)[:familiarity.BANK_SIZE])
+            bank = outputs(bank_pos)[1]
+        rule = familiarity.fit(bank, val_features)
     probs = softmax(logits, temperature)
     unfamiliarity = rule.unfamiliarity(eval_features) if rule is not None else None
     decisions, reasons = decide_with_reasons(probs, classes, threshold, unfamiliarity)
