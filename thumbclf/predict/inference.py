@@ -37,6 +37,7 @@ from thumbclf.core.files import atomic_text, file_digest
 from thumbclf.nn.engine import softmax
 from thumbclf.nn.familiarity import Familiarity, WithFeatures, split
 from thumbclf.predict import gate as quality
+from thumbclf.predict.engine_cache import cached_verdict, sealed
 
 log = logging.getLogger(__name__)
 GATE = quality.LIMITS  # the gate's limits (gate.py), also a part of the verdict's cache key
@@ -282,51 +283,6 @@ def candidates(engine: str, precision: str, device: torch.device) -> list[tuple[
     if ("torch", "fp32") not in pairs and precision == "auto":
         pairs.append(("torch", "fp32"))
     return pairs
-
-
-def engine_files(folder: Path) -> dict[str, str]:
-    """The sha256 of every file of a converted engine (model.xml, model.bin); {} when absent."""
-    if not folder.is_dir():
-        return {}
-    return {p.name: file_digest(p) for p in sorted(folder.iterdir()) if p.is_file()}
-
-
-def _seal(verdict: dict) -> str:
-    body = {k: v for k, v in verdict.items() if k != "seal"}
-    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
-
-
-def sealed(verdict: dict, folder: Path) -> dict:
-    """The verdict bound to what it verified: the engine files' hashes, and a hash of it all."""
-    out = {**verdict, "files": engine_files(folder)}
-    return {**out, "seal": _seal(out)}
-
-
-def cached_verdict(verdict_file: Path, folder: Path, what: str) -> dict | None:
-    """A cached verdict that still describes the engine files beside it, checked on every
-    use; None (with the engine removed, to be converted and verified again, and a warning
-    saying so) when it is unreadable, altered or the files changed since."""
-    if not verdict_file.is_file():
-        return None
-    try:
-        verdict = json.loads(verdict_file.read_text())
-        ok = isinstance(verdict, dict) and verdict.get("seal") == _seal(verdict)
-    except (OSError, ValueError):
-        verdict, ok = None, False
-    if not ok:
-        why = "its verdict is unreadable or was altered"
-    else:
-        now = engine_files(folder)
-        changed = sorted(set(now) ^ set(verdict["files"]) |
-                         {k for k in now if verdict["files"].get(k) != now[k]})
-        if not changed:
-            return verdict
-        why = f"{', '.join(changed)} changed since it was verified"
-    log.warning("cache %s: the %s engine is not the one verified (%s); converting and verifying "
-                "it again", folder, what, why)
-    shutil.rmtree(folder, ignore_errors=True)
-    verdict_file.unlink(missing_ok=True)
-    return None
 
 
 def cache_key(model_file: Path, engine: str, precision: str, size: int, verdict: str) -> str:
