@@ -23,7 +23,7 @@ from thumbclf.core.errors import ImageReadError
 
 log = logging.getLogger(__name__)
 
-try:  # libspng: about three times Pillow's PNG decoding speed (pip install "thumbclf[fast]")
+try:  # libspng: about three times Pillow's PNG decoding speed (a dependency where it has wheels)
     import pyspng
 except ImportError:  # Pillow decodes them
     pyspng = None
