@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import subprocess
 import sys
@@ -86,6 +88,27 @@ def run_cli(workflow: str, argv: list[str], *, cwd: Path | None = None,
         signal.signal(signal.SIGTERM, sigterm)
         torch.set_num_threads(threads)
     return subprocess.CompletedProcess([workflow, *argv], code, out.getvalue(), err.getvalue())
+
+
+@contextlib.contextmanager
+def loggers_kept():
+    """Put every logger back as it was after a tool that configures logging in this process
+    (import-linter's command, an MkDocs build: they disable the loggers that exist, and the tests
+    after them read thumbclf's log records)."""
+    manager = logging.Logger.manager
+    before = {name: (lg.disabled, lg.level, lg.propagate) for name, lg in
+              manager.loggerDict.items() if isinstance(lg, logging.Logger)}
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
+    try:
+        yield
+    finally:
+        for name, lg in list(manager.loggerDict.items()):
+            if isinstance(lg, logging.Logger):
+                lg.disabled, lg.level, lg.propagate = before.get(name, (False, lg.level,
+                                                                        lg.propagate))
+        root.setLevel(level)
+        root.handlers[:] = handlers
 
 
 def write_yaml(path: Path, text: str) -> Path:

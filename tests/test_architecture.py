@@ -11,7 +11,7 @@ import tomllib
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, loggers_kept
 
 grimp = pytest.importorskip("grimp", reason="import-linter (the test extra) is not installed")
 
@@ -115,7 +115,9 @@ def test_no_import_cycle_and_every_import_points_down():
 def test_the_import_linter_contract_holds(capsys):
     from importlinter import cli
 
-    assert cli.lint_imports(config_filename=str(ROOT / "pyproject.toml")) == 0, capsys.readouterr().out
+    with loggers_kept():  # import-linter's command configures logging
+        code = cli.lint_imports(config_filename=str(ROOT / "pyproject.toml"))
+    assert code == 0, capsys.readouterr().out
 
 
 def test_a_planted_upward_import_or_cycle_is_caught(tmp_path, monkeypatch):

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
-from conftest import ROOT
+from conftest import ROOT, loggers_kept
 
 import thumbclf
 from thumbclf.cli import command_parser, evaluate_main
@@ -92,26 +92,14 @@ def site(tmp_path_factory) -> Path:
     mp.setenv("NO_MKDOCS_2_WARNING", "1")
     mp.chdir(ROOT)
     mp.syspath_prepend(str(ROOT))
-    # building configures logging (disabling the loggers that exist): the tests after this one
-    # read thumbclf's log records, so each logger's state is put back afterwards
-    manager = logging.Logger.manager
-    before = {name: (lg.disabled, lg.level, lg.propagate) for name, lg in
-              manager.loggerDict.items() if isinstance(lg, logging.Logger)}
-    root = logging.getLogger()
-    root_state = (root.level, list(root.handlers))
     try:
-        build(load_config(str(ROOT / "mkdocs.yml"), strict=True, site_dir=str(out)))
+        with loggers_kept():  # the build configures logging
+            build(load_config(str(ROOT / "mkdocs.yml"), strict=True, site_dir=str(out)))
     except BaseException as exc:  # mkdocs' Abort, a generator's ShapeError
         pytest.fail(f"the documentation does not build strictly: {exc}\n" + "\n".join(warnings))
     finally:
         logger.removeHandler(handler)
         mp.undo()
-        for name, lg in list(manager.loggerDict.items()):
-            if isinstance(lg, logging.Logger):
-                lg.disabled, lg.level, lg.propagate = before.get(name, (False, lg.level,
-                                                                        lg.propagate))
-        root.setLevel(root_state[0])
-        root.handlers[:] = root_state[1]
     return out
 
 

@@ -159,6 +159,18 @@ def _choose(model, tmp_path, precision, verify):
                             classes=("A", "B", "C"), threshold=0.5)
 
 
+def _evidence(x, labels, calls=None):
+    """The gate's evidence (predict.inference.Evidence) of labelled images ``x``, counting how
+    often they are decoded in ``calls``."""
+    from thumbclf.predict import inference
+
+    def decode():
+        if calls is not None:
+            calls.append(1)
+        return (lambda b: b), [x[i:i + 16] for i in range(0, len(x), 16)], labels, 0
+    return inference.Evidence(f"{len(x)}|labelled", len(x), decode)
+
+
 def _engine_file(tmp_path, name="model.bin"):
     found = [p for p in (tmp_path / "cache" / "engines").glob(f"*/{name}")]
     assert len(found) == 1, found
@@ -180,14 +192,13 @@ def test_a_changed_or_truncated_engine_is_rebuilt_and_verified_again(tiny_net, t
     from thumbclf.predict import inference
 
     monkeypatch.setattr(inference, "cpu_flags", lambda: frozenset({"avx512_bf16"}))
-    x = torch.randn(40, 3, 64, 64)
+    x = torch.randn(160, 3, 64, 64)  # enough for the gate's bound (149 at the least)
     with torch.inference_mode():
         y = tiny_net(x).argmax(1).numpy()
     verified = []
 
     def verify():
-        verified.append(1)
-        return x, y
+        return _evidence(x, y, verified)
 
     runner, _ = _choose(tiny_net, tmp_path, "bf16", verify)
     expected = runner(x[:4])
@@ -219,18 +230,18 @@ def test_a_verdict_flipped_to_passed_is_not_trusted(tiny_net, tmp_path, monkeypa
     from thumbclf.core.errors import ConfigError
 
     monkeypatch.setattr(inference, "cpu_flags", lambda: frozenset({"avx512_bf16"}))
-    monkeypatch.setitem(inference.GATE, "agreement", 1.01)  # a gate nothing can pass
-    x = torch.randn(20, 3, 64, 64)
-    y = np.arange(20) % 3
+    monkeypatch.setitem(inference.GATE, "auroc", -1.0)  # a gate nothing can pass
+    x = torch.randn(160, 3, 64, 64)
+    y = np.arange(160) % 3
     with pytest.raises(ConfigError, match="refused by the quality gate"):
-        _choose(tiny_net, tmp_path, "bf16", lambda: (x, y))
+        _choose(tiny_net, tmp_path, "bf16", lambda: _evidence(x, y))
     verdict_file = next((tmp_path / "cache" / "engines" / "verdicts").glob("*.json"))
     verdict = json.loads(verdict_file.read_text())
     verdict["passed"] = True
     verdict_file.write_text(json.dumps(verdict))
     caplog.set_level("WARNING")
     with pytest.raises(ConfigError, match="refused by the quality gate"):
-        _choose(tiny_net, tmp_path, "bf16", lambda: (x, y))
+        _choose(tiny_net, tmp_path, "bf16", lambda: _evidence(x, y))
     assert "its verdict is unreadable or was altered" in caplog.text
 
 

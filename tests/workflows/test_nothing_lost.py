@@ -243,12 +243,16 @@ def test_results_folders_inside_a_flat_input_folder_are_not_input(model_dir, tmp
     for k in (1, 2, 3):
         exp = write_yaml(tmp_path / f"d{k}.yaml", f"thumbData: {flat}\nmodelAdr: {model_dir}\n"
                          "hasLabels: false\nsortThumbs: true\nnum_workers: 0\ngradcam: 0\n"
-                         f"cache_dir: {flat / 'cache'}\n")
+                         f"cache_dir: {tmp_path / 'cache'}\n")
         r = run_script("deploy_thumbclassifier.py", str(exp), "--output", str(flat / f"results{k}"))
         assert r.returncode == 0, r.stderr
         counts.append(len(pd.read_csv(flat / f"results{k}" / "predictions.csv")))
     assert counts == [4, 4, 4]
     assert "left out" in r.stderr and "results or cache folders" in r.stderr
+    # a cache inside the input folder would write into the inputs: refused (issue 24), saying so
+    exp.write_text(exp.read_text().replace(str(tmp_path / "cache"), str(flat / "cache")))
+    r = run_script("deploy_thumbclassifier.py", str(exp), "--output", str(flat / "results4"))
+    assert r.returncode == 2 and "thumbclf never writes into its inputs" in r.stderr
 
 
 # 6 ---------------------------------------------------------------------------------------------
