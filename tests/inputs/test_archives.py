@@ -17,7 +17,7 @@ from PIL import Image
 
 from conftest import REALDATA, run_script, write_yaml
 from thumbclf.core.errors import ImageReadError
-from thumbclf.inputs import dicom, slides, tiles
+from thumbclf.inputs import slides, tiles
 from thumbclf.inputs.decode import load_array
 from thumbclf.inputs.images import Preprocessing
 from thumbclf.inputs.samples import discover

@@ -75,7 +75,7 @@ def train_expecting_error(exp: Path, capsys) -> str:
 
 def test_a_missing_file_stops_training_naming_the_row(tiny_data, tmp_path, capsys):
     slides = slides_of(tiny_data)
-    corr = table(tmp_path / "fixes.csv", [(slides["PATH"][0], "IHC"),
+    table(tmp_path / "fixes.csv", [(slides["PATH"][0], "IHC"),
                                           (str(tmp_path / "gone.png"), "TMA")])
     exp = write_yaml(tmp_path / "exp.yaml", f"thumbData: {tiny_data}\ncorrections: fixes.csv\n{FAST}")
     err = train_expecting_error(exp, capsys)
@@ -85,8 +85,8 @@ def test_a_missing_file_stops_training_naming_the_row(tiny_data, tmp_path, capsy
 
 def test_disagreeing_corrections_stop_training_naming_both_rows(tiny_data, tmp_path, capsys):
     first = slides_of(tiny_data)["PATH"][0]
-    a = table(tmp_path / "a.csv", [(first, "IHC")])
-    b = table(tmp_path / "b.csv", [(slides_of(tiny_data)["PATH"][1], "TMA"), (first, "TMA")])
+    table(tmp_path / "a.csv", [(first, "IHC")])
+    table(tmp_path / "b.csv", [(slides_of(tiny_data)["PATH"][1], "TMA"), (first, "TMA")])
     exp = write_yaml(tmp_path / "exp.yaml",
                      f"thumbData: {tiny_data}\ncorrections: [a.csv, b.csv]\n{FAST}")
     err = train_expecting_error(exp, capsys)

@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 
 from thumbclf.core.decide import UNDECIDED, decide, threshold_for_accuracy
-from thumbclf.nn.engine import EarlyStopping, fit_temperature, softmax
+from thumbclf.nn.calibration import fit_temperature
+from thumbclf.nn.engine import EarlyStopping, softmax
 
 
 def run(stopper, losses):

@@ -106,7 +106,7 @@ def test_nan_weights_are_refused(model_payload, tmp_path):
         models.load_model(tmp_path / "legacy.pt", target_labels=CLASSES)
 
 
-def _ssl_file(tmp_path, **changes) -> "Path":
+def _ssl_file(tmp_path, **changes):
     backbone, _ = models.backbone_only("resnet18")
     path = tmp_path / "ssl_checkpoint.pt"
     models.save_ssl_checkpoint(path, backbone, arch="resnet18", prep=Preprocessing(size=224),

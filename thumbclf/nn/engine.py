@@ -21,8 +21,6 @@ from tqdm.auto import tqdm
 from thumbclf.core import machine
 from thumbclf.core.errors import ConfigError, finite_or_diverged
 from thumbclf.nn import familiarity
-from thumbclf.nn.calibration import (  # noqa: F401 - their home is calibration.py
-    MIN_CALIBRATION_IMAGES, Calibration, fit_temperature)
 from thumbclf.nn.data import Normalisation, to_input
 from thumbclf.nn.augment import augment
 from thumbclf.nn.freeze import train_mode

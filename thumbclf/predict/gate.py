@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from scipy import stats
 from sklearn.metrics import roc_auc_score
 
 from thumbclf.core.decide import UNDECIDED, decide_with_reasons
@@ -40,24 +41,7 @@ def upper_bound(changed: int, n: int, confidence: float) -> float:
     """The one-sided Clopper-Pearson upper bound of a share seen as ``changed`` of ``n``."""
     if n <= 0 or changed >= n:
         return 1.0
-    if changed == 0:  # closed form: (1 - p)^n = 1 - confidence
-        return 1.0 - (1.0 - confidence) ** (1.0 / n)
-    alpha = 1.0 - confidence
-
-    def cdf(p: float) -> float:  # P(X <= changed) for X ~ Binomial(n, p)
-        logs = [math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1)
-                + i * math.log(p) + (n - i) * math.log1p(-p) for i in range(changed + 1)]
-        top = max(logs)
-        return math.exp(top) * sum(math.exp(v - top) for v in logs)
-
-    lo, hi = changed / n, 1.0
-    for _ in range(60):  # cdf falls as p grows: bisect for cdf(p) = alpha
-        mid = (lo + hi) / 2
-        if cdf(mid) > alpha:
-            lo = mid
-        else:
-            hi = mid
-    return hi
+    return float(stats.beta.ppf(confidence, changed + 1, n - changed))
 
 
 def min_images(limits: dict | None = None) -> int:

@@ -29,9 +29,9 @@ from thumbclf.inputs.images import Preprocessing
 from thumbclf.inputs.samples import (SampleSet, check_class_names, check_class_sizes, discover)
 from thumbclf.nn import familiarity
 from thumbclf.nn.data import IMAGENET, training_batches
-from thumbclf.nn.engine import (MIN_CALIBRATION_IMAGES, Calibration, EarlyStopping, FitResult,
-                                FitSpec, configure_threads, fit, fit_temperature, predict_logits,
-                                softmax)
+from thumbclf.nn.calibration import MIN_CALIBRATION_IMAGES, Calibration, fit_temperature
+from thumbclf.nn.engine import (EarlyStopping, FitResult, FitSpec, configure_threads, fit,
+                                predict_logits, softmax)
 from thumbclf.nn.familiarity import WithFeatures
 from thumbclf.nn.models import (build_model, head_names, input_size, load_model, load_ssl,
                                 read_weights, save_model)
