@@ -39,8 +39,8 @@ def archive(tiny_data, tmp_path_factory):
     return out
 
 
-def deploy(exp, *args):
-    return run_script("deploy_thumbclassifier.py", str(exp), *args)
+def deploy(exp, *args):  # a process of its own: a Ray driver inside the test process can end it
+    return run_script("deploy_thumbclassifier.py", str(exp), *args, process=True)
 
 
 def same_predictions(a, b):
@@ -162,10 +162,11 @@ def test_executor_ray_is_validated(tmp_path):
 def test_ray_cross_validation_gives_the_local_predictions(tiny_data, tmp_path):
     exp = write_yaml(tmp_path / "cv.yaml", f"thumbData: {tiny_data}\nfoldNumber: 2\n{FAST}"
                      "cpus_per_fold: 1\n")
-    r = run_script("train_thumbclassifier.py", str(exp), "--output", str(tmp_path / "local"))
+    r = run_script("train_thumbclassifier.py", str(exp), "--output", str(tmp_path / "local"),
+                   process=True)
     assert r.returncode == 0, r.stderr
     r = run_script("train_thumbclassifier.py", str(exp), "--output", str(tmp_path / "ray"),
-                   "--set", "executor=ray")
+                   "--set", "executor=ray", process=True)
     assert r.returncode == 0, r.stderr
     for name in ("splits.csv", "predictions.csv", "fold_1/predictions.csv",
                  "fold_2/predictions.csv"):
@@ -176,7 +177,7 @@ def test_ray_cross_validation_gives_the_local_predictions(tiny_data, tmp_path):
     # finished folds are skipped on --resume: remove fold 2's result and resume
     (tmp_path / "ray" / "fold_2" / "predictions.csv").unlink()
     r = run_script("train_thumbclassifier.py", str(exp), "--output", str(tmp_path / "ray"),
-                   "--set", "executor=ray", "--resume")
+                   "--set", "executor=ray", "--resume", process=True)
     assert r.returncode == 0, r.stderr
     log = (tmp_path / "ray" / "run.log").read_text()
     assert "fold_1: finished earlier; skipped" in log
