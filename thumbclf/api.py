@@ -106,7 +106,7 @@ def load_model(path: str | os.PathLike | Iterable[str | os.PathLike], **settings
 
     ``settings`` are the deploy keys that matter for prediction: batch_size,
     prediction_threshold, tta, device, num_workers, target_labels and model_name (prototype
-    models), max_image_pixels, slide_thumbnail_size, cache_dir.
+    models), max_image_pixels, slide_thumbnail_size, slide_budget_s, cache_dir.
     """
     from thumbclf.config import DEPLOY, validate
     from thumbclf.config.files import override, plain

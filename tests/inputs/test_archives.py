@@ -7,6 +7,7 @@ import inspect
 import os
 import shutil
 import sys
+import time
 import tracemalloc
 
 import numpy as np
@@ -174,10 +175,9 @@ def test_single_level_slide_is_read_at_reduced_scale_and_matches_its_pyramid(tmp
 
 def test_a_slide_over_the_budget_is_reported_too_large(tmp_path, monkeypatch):
     flat = jpeg_tiff(tmp_path / "flat.tiff", picture(1024, 768), pyramid=False)
-    monkeypatch.setenv("THUMBCLF_SLIDE_BUDGET_S", "0")
-    with pytest.raises(tiles.SlideTooLarge, match=r"flat.tiff: too large: reading stopped after 0 s"):
-        slides.thumbnail(flat, 256)
-    monkeypatch.delenv("THUMBCLF_SLIDE_BUDGET_S")
+    with pytest.raises(tiles.SlideTooLarge, match=r"flat.tiff: too large: reading stopped after "
+                       r"0 s, the per-slide budget .*raise slide_budget_s"):
+        slides.thumbnail(flat, 256, budget_s=0)
     zlib = tmp_path / "zlib.tiff"
     tifffile.imwrite(zlib, picture(1024, 768), tile=(256, 256), photometric="rgb",
                      compression="zlib")
@@ -227,7 +227,7 @@ def test_real_jpeg_slides_read_as_openslide_reads_them(path):
 
 
 @pytest.mark.slow
-def test_a_mixed_archive_deploys_with_one_row_per_slide(archive, tiny_data, tmp_path):
+def test_a_mixed_archive_deploys_with_one_row_per_slide(archive, tiny_data, tmp_path, monkeypatch):
     mixed = tmp_path / "mixed"
     shutil.copytree(archive, mixed)
     (mixed / "P4").mkdir()
@@ -242,9 +242,12 @@ def test_a_mixed_archive_deploys_with_one_row_per_slide(archive, tiny_data, tmp_
     assert run_script("train_thumbclassifier.py", str(exp)).returncode == 0
     dep = write_yaml(tmp_path / "d.yaml", f"thumbData: {mixed}\nhasLabels: false\n"
                      f"modelAdr: {model / 'model.pt'}\nsortThumbs: true\nsortSlides: true\n"
-                     "num_workers: 1\ngradcam: 1\n")
+                     "num_workers: 0\ngradcam: 1\nslide_budget_s: 45\n")
+    budgets = []  # the key reaches the slide reader (this deploy runs in this process)
+    monkeypatch.setattr(slides, "_deadline", lambda b: budgets.append(b) or time.perf_counter() + b)
     r = run_script("deploy_thumbclassifier.py", str(dep))
     assert r.returncode == 0, r.stderr
+    assert budgets and set(budgets) == {45.0}
     pred = pd.read_csv(tmp_path / "d" / "predictions.csv", keep_default_na=False)
     rel = sorted(pred["PATH"].map(lambda p: str(p).replace(str(mixed) + "/", "")))
     assert rel == ["P1/s1.tiff", "P2/slide-7", "P3/flat.tiff", "P4/broken.svs", "P4/m.mrxs"]
@@ -264,3 +267,44 @@ def test_many_tiles_are_decoded_in_threads_to_the_same_picture(tmp_path, monkeyp
     monkeypatch.setenv("THUMBCLF_TILE_THREADS", "2")
     assert tiles.decode_threads(48) == min(2, os.cpu_count())
     assert np.array_equal(np.asarray(slides.thumbnail(flat, 256)), one)
+
+
+def abbreviated(stream: bytes) -> tuple[bytes, bytes]:
+    """A complete JPEG split as a TIFF stores it: (JPEGTables: SOI, DQT, DHT, EOI; the tile:
+    SOI, the other segments, the scan), as Aperio writes RGB: no Adobe marker, and components
+    numbered 1, 2, 3 (not "R", "G", "B", from which libjpeg would guess RGB)."""
+    tables, tile, i = [b"\xff\xd8"], [b"\xff\xd8"], 2
+    while stream[i + 1] != 0xDA:  # up to the start of scan
+        marker, size = stream[i + 1], int.from_bytes(stream[i + 2:i + 4], "big")
+        segment = stream[i:i + 2 + size]
+        if marker in (0xDB, 0xC4):
+            tables.append(segment)
+        elif marker == 0xC0:  # start of frame: components 1, 2, 3
+            tile.append(segment[:10] + b"\x01" + segment[11:13] + b"\x02" + segment[14:16]
+                        + b"\x03" + segment[17:])
+        elif marker != 0xEE:
+            tile.append(segment)
+        i += 2 + size
+    scan = stream[i:i + 5] + b"\x01" + stream[i + 6:i + 7] + b"\x02" + stream[i + 8:i + 9] \
+        + b"\x03" + stream[i + 10:]  # the scan's header names the components too
+    return b"".join(tables) + b"\xff\xd9", b"".join(tile) + scan
+
+
+@pytest.mark.parametrize("rgb", [True, False])
+def test_tiles_decode_alike_through_simplejpeg_and_pillow(monkeypatch, rgb):
+    """simplejpeg and the Pillow fallback read a TIFF's abbreviated JPEG tiles (its tables
+    spliced in; RGB components, as Aperio writes them, marked as such) to the same colours,
+    at every DCT scale."""
+    imagecodecs = pytest.importorskip("imagecodecs")
+    img = picture(256, 256, 3)
+    stream = imagecodecs.jpeg8_encode(img, level=95, outcolorspace="RGB" if rgb else None)
+    tables, data = abbreviated(stream)
+    assert tiles._simplejpeg() is not None  # a core dependency where it has a wheel
+    for scale in (1, 2, 4, 8):
+        fast = tiles.decode_jpeg(data, tables=tables, rgb=rgb, scale=scale)
+        monkeypatch.setattr(tiles, "_simplejpeg", lambda: None)
+        slow = tiles.decode_jpeg(data, tables=tables, rgb=rgb, scale=scale)
+        monkeypatch.undo()
+        assert fast.shape == slow.shape == (256 // scale, 256 // scale, 3)
+        want = np.asarray(Image.fromarray(img).reduce(scale), dtype=float)
+        assert np.abs(fast - want).mean() < 4 and np.abs(fast.astype(float) - slow).mean() < 2

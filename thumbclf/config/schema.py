@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from thumbclf.core import layout
-from thumbclf.inputs.images import DEFAULT_MAX_PIXELS, DEFAULT_SLIDE_SIZE
+from thumbclf.inputs.images import DEFAULT_MAX_PIXELS, DEFAULT_SLIDE_BUDGET_S, DEFAULT_SLIDE_SIZE
 
 TRAIN, DEPLOY, PRETRAIN = "train", "deploy", "pretrain"
 BOTH = (TRAIN, DEPLOY)
@@ -162,6 +162,8 @@ KEYS: tuple[Key, ...] = (
         "pixels.", (), ALL, 1, 10**12),
     Key("slide_thumbnail_size", "int", DEFAULT_SLIDE_SIZE, "Long side in pixels of thumbnails "
         "rendered from whole-slide images.", (), ALL, 64, 16384),
+    Key("slide_budget_s", "float", DEFAULT_SLIDE_BUDGET_S, "Seconds one slide may take to read; "
+        "a slower one gets the status 'too large' and the run goes on.", (), ALL, 0.1, 86400.0),
     Key("export_thumbnails", "bool", False, "Write slide thumbnails as PNG to "
         "<results>/thumbnails/.", (), BOTH),
     Key("executor", "choice", "local", "Where the work runs: 'local' (this process and its "
@@ -217,6 +219,7 @@ class Params:
     cache_dir: Path | None = None
     max_image_pixels: int = _d("max_image_pixels")
     slide_thumbnail_size: int = _d("slide_thumbnail_size")
+    slide_budget_s: float = _d("slide_budget_s")
     export_thumbnails: bool = _d("export_thumbnails")
     executor: str = _d("executor")
     ray_address: str | None = None

@@ -20,7 +20,7 @@ def load_rgb(path: Path, prep: Preprocessing, *, slide_cache: Path | None = None
     """The RGB picture of an image file, or the rendered thumbnail of a slide."""
     if slides.is_slide(path):
         return slides.thumbnail(path, prep.slide_size, cache_dir=slide_cache,
-                                max_pixels=prep.max_pixels)
+                                max_pixels=prep.max_pixels, budget_s=prep.slide_budget_s)
     if path.is_dir():
         raise ImageReadError(f"{path}: a folder without DICOM slide files (.dcm); PATH must "
                              "name an image, a slide, or a DICOM slide's folder")

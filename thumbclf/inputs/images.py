@@ -32,6 +32,7 @@ Image.MAX_IMAGE_PIXELS = None  # we apply our own, clearer limit (max_pixels)
 EXIF_ORIENTATION = 0x0112
 DEFAULT_MAX_PIXELS = 400_000_000  # refuse (non-JPEG) images with more pixels (max_image_pixels)
 DEFAULT_SLIDE_SIZE = 1024  # long side of thumbnails rendered from slides (slide_thumbnail_size)
+DEFAULT_SLIDE_BUDGET_S = 120.0  # seconds one slide may take to read (slide_budget_s)
 
 
 @dataclass(frozen=True)
@@ -42,12 +43,13 @@ class Preprocessing:
     recipe: str = "thumbclf"  # or "legacy"
     max_pixels: int = DEFAULT_MAX_PIXELS
     slide_size: int = DEFAULT_SLIDE_SIZE
+    slide_budget_s: float = DEFAULT_SLIDE_BUDGET_S
 
     @property
     def key(self) -> str:
         """A string that changes whenever the pixels produced could change."""
         d = asdict(self)
-        d.pop("max_pixels")
+        d.pop("max_pixels"), d.pop("slide_budget_s")  # limits, not pixels
         return "-".join(f"{k}={v}" for k, v in sorted(d.items())) + "-v2"  # v2: draft size
 
 

@@ -4,7 +4,7 @@ A slide is a file OpenSlide reads, a MIRAX .mrxs with its data folder, or a fold
 DICOM WSI series (``dicom.py``). JPEG-tiled levels (TIFF, SVS, DICOM) are read tile by tile at
 reduced scale (``tiles.py``); other levels through OpenSlide in strips. A slide's label and
 macro (overview) images are never read: they can show patient identifiers. A slide that would
-take more than the per-slide budget (``budget_seconds()``; pixels: max_image_pixels) fails
+take more than the per-slide budget (seconds: slide_budget_s; pixels: max_image_pixels) fails
 with a reason instead of running for hours. Thumbnails are cached as PNG files keyed by slide
 path, size, modification time and thumbnail size, so later runs, every fold and every later
 step (prediction, sorting, Grad-CAM, report) reuse them; each has a .json beside it saying how
@@ -18,7 +18,6 @@ import io
 import json
 import logging
 import math
-import os
 import time
 from functools import lru_cache
 from pathlib import Path
@@ -30,22 +29,13 @@ from thumbclf.core.errors import ImageReadError
 from thumbclf.core.files import atomic_bytes
 from thumbclf.core.table import SLIDE_COLUMNS
 from thumbclf.inputs import dicom, tiles
-from thumbclf.inputs.images import to_rgb
+from thumbclf.inputs.images import DEFAULT_SLIDE_BUDGET_S, to_rgb
 from thumbclf.inputs.samples import SLIDE_SUFFIXES
 
 log = logging.getLogger(__name__)
 SINGLE_READ_PIXELS = 64_000_000  # larger levels are read and shrunk in strips
 RENDER_VERSION = 2  # 2: JPEG tiles at reduced scale; changes every cached slide thumbnail
-BUDGET_SECONDS = 120.0  # per slide; THUMBCLF_SLIDE_BUDGET_S overrides it
 FAST_SUFFIXES = (".svs", ".tif", ".tiff")  # TIFF containers whose JPEG tiles are read here
-
-
-def budget_seconds() -> float:
-    """The per-slide reading budget in seconds (THUMBCLF_SLIDE_BUDGET_S, else 120)."""
-    try:
-        return float(os.environ.get("THUMBCLF_SLIDE_BUDGET_S", BUDGET_SECONDS))
-    except ValueError:
-        return BUDGET_SECONDS
 
 
 @lru_cache(maxsize=1)
@@ -143,9 +133,9 @@ def _deadline(budget: float) -> float:
     return time.perf_counter() + budget
 
 
-def render_fast(path: Path, long_side: int, stats: tiles.ReadStats) -> Image.Image | None:
+def render_fast(path: Path, long_side: int, stats: tiles.ReadStats,
+                budget: float = DEFAULT_SLIDE_BUDGET_S) -> Image.Image | None:
     """A DICOM or JPEG-tiled TIFF slide read tile by tile at reduced scale; None: not one."""
-    budget = budget_seconds()
     folder = dicom.slide_folder(path)
     if folder is not None:
         series = dicom.open_series(path)
@@ -172,7 +162,8 @@ def render_fast(path: Path, long_side: int, stats: tiles.ReadStats) -> Image.Ima
 
 
 def _render(slide, long_side: int, *, where: str = "", max_pixels: int | None = None,
-            stats: tiles.ReadStats | None = None) -> Image.Image:
+            stats: tiles.ReadStats | None = None,
+            budget: float = DEFAULT_SLIDE_BUDGET_S) -> Image.Image:
     w0, h0 = slide.dimensions
     scale = long_side / max(w0, h0)
     out_w, out_h = max(1, round(w0 * scale)), max(1, round(h0 * scale))
@@ -186,7 +177,6 @@ def _render(slide, long_side: int, *, where: str = "", max_pixels: int | None = 
             f"{where}: too large: its smallest usable level has {lw} x {lh} pixels, more than "
             f"max_image_pixels ({max_pixels:,}), and is not JPEG-tiled; convert it to a "
             "pyramidal slide, or raise max_image_pixels")
-    budget = budget_seconds()
     deadline = _deadline(budget)
     if lw * lh <= SINGLE_READ_PIXELS:
         region = slide.read_region((0, 0), level, (lw, lh))
@@ -197,7 +187,7 @@ def _render(slide, long_side: int, *, where: str = "", max_pixels: int | None = 
         if time.perf_counter() > deadline:
             raise tiles.SlideTooLarge(f"{where}: too large: reading stopped after {budget:g} s, "
                                       f"the per-slide budget ({top} of {lh} rows read); convert "
-                                      "it to a pyramidal slide, or raise THUMBCLF_SLIDE_BUDGET_S")
+                                      "it to a pyramidal slide, or raise slide_budget_s")
         rows = min(strip, lh - top)
         y0, y1 = math.floor(top * out_h / lh), math.ceil((top + rows) * out_h / lh)
         region = slide.read_region((0, round(top * down)), level, (lw, rows))
@@ -225,8 +215,10 @@ def cached_thumbnail(path: Path, long_side: int, cache_dir: Path) -> Path:
 
 
 def thumbnail(path: Path, long_side: int, *, cache_dir: Path | None = None,
-              max_pixels: int | None = None, stats: tiles.ReadStats | None = None) -> Image.Image:
-    """The whole slide as an RGB image whose long side is ``long_side`` pixels."""
+              max_pixels: int | None = None, stats: tiles.ReadStats | None = None,
+              budget_s: float = DEFAULT_SLIDE_BUDGET_S) -> Image.Image:
+    """The whole slide as an RGB image whose long side is ``long_side`` pixels; SlideTooLarge
+    once reading takes more than ``budget_s`` seconds."""
     cached = cache_file(path, long_side, cache_dir) if cache_dir else None
     if cached is not None and cached.is_file():
         try:
@@ -236,7 +228,7 @@ def thumbnail(path: Path, long_side: int, *, cache_dir: Path | None = None,
             log.debug("unreadable cached thumbnail %s; rendering again", cached)
     stats = stats if stats is not None else tiles.ReadStats()
     start = time.perf_counter()
-    img = _read_pixels(path, long_side, max_pixels, stats)
+    img = _read_pixels(path, long_side, max_pixels, stats, budget_s)
     stats.seconds = time.perf_counter() - start
     if cached is not None:
         cached.parent.mkdir(parents=True, exist_ok=True)
@@ -253,11 +245,11 @@ def thumbnail(path: Path, long_side: int, *, cache_dir: Path | None = None,
 
 
 def _read_pixels(path: Path, long_side: int, max_pixels: int | None,
-                 stats: tiles.ReadStats) -> Image.Image:
+                 stats: tiles.ReadStats, budget: float) -> Image.Image:
     if not path.exists():
         raise ImageReadError(f"{path}: file not found")
     try:
-        img = render_fast(path, long_side, stats)
+        img = render_fast(path, long_side, stats, budget)
     except ImageReadError:
         raise
     except MemoryError:
@@ -268,7 +260,8 @@ def _read_pixels(path: Path, long_side: int, max_pixels: int | None,
         return img
     slide = _open_slide(path)
     try:
-        return _render(slide, long_side, where=str(path), max_pixels=max_pixels, stats=stats)
+        return _render(slide, long_side, where=str(path), max_pixels=max_pixels, stats=stats,
+                       budget=budget)
     except ImageReadError:
         raise
     except Exception as exc:  # noqa: BLE001 - OpenSlide raises many kinds on broken tiles

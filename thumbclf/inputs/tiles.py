@@ -1,12 +1,12 @@
 """Thumbnails from tiled slide levels at reduced scale, in bounded time and memory.
 
 A thumbnail never needs the full-resolution pixels of a large level. Each JPEG tile is decoded
-at 1/2, 1/4 or 1/8 of its size by libjpeg-turbo's DCT scaling (Pillow's ``draft``), reduced
-further by an integer box filter where the level is still much larger than the thumbnail, and
-pasted into a canvas at most about twice the thumbnail's size; one bicubic resize finishes. So
-a 48,600 x 27,760 single-level slide needs a few megabytes, not gigabytes, and its tiles are
-read one at a time from the file. TIFF levels (``tiff_levels``) and DICOM frames
-(``dicom.py``) both come here as a :class:`TiledLevel`.
+at 1/2, 1/4 or 1/8 of its size by libjpeg-turbo's DCT scaling (simplejpeg; Pillow's ``draft``
+where it has no wheel) straight into an array, reduced further by an integer box filter where
+the level is still much larger than the thumbnail, and copied into a canvas of 1-2 times the
+thumbnail's size; one bilinear resize finishes. So a 48,600 x 27,760 single-level slide needs a
+few megabytes, not gigabytes, and its tiles are read one at a time from the file. TIFF levels
+(``tiff_levels``) and DICOM frames (``dicom.py``) both come here as a :class:`TiledLevel`.
 """
 
 from __future__ import annotations
@@ -116,58 +116,72 @@ def reduction(level: TiledLevel, out: tuple[int, int]) -> tuple[int, int]:
 
 
 @lru_cache(maxsize=1)
-def _imagecodecs():
+def _simplejpeg():
     try:
-        import imagecodecs
+        import simplejpeg
 
-        return imagecodecs if hasattr(imagecodecs, "jpeg8_decode") else None
-    except ImportError:
+        return simplejpeg
+    except ImportError:  # no wheel for this platform: Pillow decodes
         return None
 
 
-def decode_jpeg(data: bytes, *, tables: bytes | None, rgb: bool, scale: int) -> Image.Image:
-    """One JPEG tile (abbreviated stream plus TIFF tables, or complete) decoded at 1/scale.
-
-    Measured per 256 px tile of 15 KB (bench/slides.py's): imagecodecs at full size 0.35 ms,
-    plus a 2x box reduction 0.47 ms; Pillow's draft at 1/2 0.54 ms, 1/4 0.26 ms, full 0.64 ms.
-    So imagecodecs (where installed) decodes at 1/1 and 1/2, Pillow's DCT scaling below.
-    """
-    codecs = _imagecodecs() if scale <= 2 else None
-    if codecs is not None:
-        try:
-            arr = codecs.jpeg8_decode(data, tables=tables or None, colorspace=2 if rgb else None,
-                                      outcolorspace=2)
-            if arr.ndim == 3 and arr.shape[2] == 3:
-                img = Image.fromarray(arr, "RGB")
-                return img.reduce(scale) if scale > 1 else img
-        except Exception:  # noqa: BLE001 - imagecodecs raises its own types; Pillow says why
-            pass
+def complete_jpeg(data: bytes, *, tables: bytes | None, rgb: bool) -> bytes:
+    """A TIFF tile's abbreviated JPEG stream made whole: the TIFF's tables spliced in, and an
+    Adobe marker saying "RGB" where the components are RGB."""
     if tables and len(tables) > 4:
-        data = tables[:-2] + (ADOBE_RGB if rgb else b"") + data[2:]
-    elif rgb and b"Adobe" not in data[:512]:
-        data = data[:2] + ADOBE_RGB + data[2:]
+        return tables[:-2] + (ADOBE_RGB if rgb else b"") + data[2:]
+    if rgb and b"Adobe" not in data[:512]:
+        return data[:2] + ADOBE_RGB + data[2:]
+    return data
+
+
+def decode_jpeg(data: bytes, *, tables: bytes | None, rgb: bool, scale: int) -> np.ndarray:
+    """One JPEG tile decoded at 1/scale by libjpeg-turbo's DCT scaling, as an RGB array.
+
+    simplejpeg (libjpeg-turbo, where it has a wheel) decodes with no Python marker parsing:
+    per 256 px tile of bench/slides.py, 0.3 ms at 1/2 and 0.2 ms at 1/8 against 0.35 ms for a
+    full-size decode; Pillow's ``draft`` (the fallback) takes 0.5 ms at 1/2.
+    """
+    data = complete_jpeg(data, tables=tables, rgb=rgb)
+    sj = _simplejpeg()
+    if sj is not None:
+        try:
+            h, w, _, _ = sj.decode_jpeg_header(data)
+            return sj.decode_jpeg(data, colorspace="RGB", min_width=max(1, w // scale),
+                                  min_height=max(1, h // scale))
+        except ValueError:  # a stream libjpeg-turbo refuses strictly: Pillow says why
+            pass
     img = Image.open(io.BytesIO(data))
     if scale > 1:
         w, h = img.size
         img.draft("RGB", (max(1, w // scale), max(1, h // scale)))
     img.load()
-    return img if img.mode == "RGB" else img.convert("RGB")
+    return np.asarray(img if img.mode == "RGB" else img.convert("RGB"))
 
 
-def _decode(level: TiledLevel, data: bytes, scale: int) -> Image.Image:
+def _decode(level: TiledLevel, data: bytes, scale: int) -> np.ndarray:
     if level.codec == "jpeg":
-        img = decode_jpeg(data, tables=level.tables, rgb=level.rgb, scale=scale)
+        arr = decode_jpeg(data, tables=level.tables, rgb=level.rgb, scale=scale)
     elif level.codec == "raw":
         arr = np.frombuffer(data, np.uint8)[: level.tile_w * level.tile_h * 3]
-        img = Image.fromarray(arr.reshape(level.tile_h, level.tile_w, 3), "RGB")
+        arr = arr.reshape(level.tile_h, level.tile_w, 3)
     else:
-        img = Image.open(io.BytesIO(data))
-        img.load()
-        img = img.convert("RGB")
-    want = (level.tile_w // scale, level.tile_h // scale)
-    if img.size != want:
-        img = img.resize(want, Image.Resampling.BOX)
-    return img
+        with Image.open(io.BytesIO(data)) as img:
+            arr = np.asarray(img.convert("RGB"))
+    want = (level.tile_h // scale, level.tile_w // scale)
+    if arr.shape[:2] != want:
+        arr = np.asarray(Image.fromarray(arr).resize(want[::-1], Image.Resampling.BOX))
+    return arr
+
+
+def shrink(canvas: np.ndarray, out: tuple[int, int]) -> Image.Image:
+    """The canvas (1-2x the thumbnail: the DCT scale and box did the rest) resized to ``out``.
+    Pillow's bilinear (a triangle filter widened to the factor, so antialiased) is as close to
+    a full-size Lanczos reduction as bicubic here (0.83 vs 0.79 of 255 on average), in half
+    the time. (torch's uint8 kernel is 2-4x faster still, but torch's thread pool hangs in the
+    decode workers forked from a process that has used it.)"""
+    img = Image.fromarray(canvas, "RGB")
+    return img if img.size == tuple(out) else img.resize(out, Image.Resampling.BILINEAR)
 
 
 def render(level: TiledLevel, out: tuple[int, int], *, deadline: float | None, where: str,
@@ -176,8 +190,7 @@ def render(level: TiledLevel, out: tuple[int, int], *, deadline: float | None, w
     start = time.perf_counter()
     scale, box = reduction(level, out)
     step = scale * box
-    canvas = Image.new("RGB", (max(1, level.width // step), max(1, level.height // step)),
-                       (255, 255, 255))
+    canvas = np.full((max(1, level.height // step), max(1, level.width // step), 3), 255, np.uint8)
     run = _Run(level, canvas, scale, box, where)
     rows = level.grid[1]
     threads = decode_threads(level.grid[0] * rows)
@@ -188,22 +201,19 @@ def render(level: TiledLevel, out: tuple[int, int], *, deadline: float | None, w
                 raise SlideTooLarge(f"{where}: too large: reading stopped after {budget_s:g} s, "
                                     f"the per-slide budget ({ty} of {rows} tile rows read); "
                                     "convert it to a pyramidal slide, or raise "
-                                    "THUMBCLF_SLIDE_BUDGET_S")
+                                    "slide_budget_s")
             run.row(ty, pool)
     finally:
         if pool is not None:
             pool.shutdown()
         for fh in run.files.values():
             fh.close()
-    # the canvas is 1-4x the thumbnail (the DCT scale and box did the rest): Pillow's bilinear
-    # (a triangle filter widened to the factor, so antialiased) is as close to a full-size
-    # Lanczos reduction as bicubic here (0.83 vs 0.79 of 255 on average), in half the time
     t_resize = time.perf_counter()
-    img = canvas if canvas.size == out else canvas.resize(out, Image.Resampling.BILINEAR)
+    img = shrink(canvas, out)
     if stats is not None:
         stats.dct_scale, stats.box, stats.tiles, stats.encoded_bytes = scale, box, run.n, run.nbytes
         stats.decode_seconds, stats.decoded_pixels = run.decode_s, run.decoded
-        stats.canvas_pixels = canvas.size[0] * canvas.size[1]
+        stats.canvas_pixels = canvas.shape[0] * canvas.shape[1]
         stats.resize_seconds = time.perf_counter() - t_resize
         stats.seconds = time.perf_counter() - start
     return img
@@ -214,7 +224,7 @@ class _Run:
     """One rendering's canvas and counts."""
 
     level: TiledLevel
-    canvas: Image.Image
+    canvas: np.ndarray
     scale: int
     box: int
     where: str
@@ -236,7 +246,7 @@ class _Run:
 
     def row(self, ty: int, pool=None) -> None:
         """Read one row of tiles (in order), decode and reduce them (in ``pool``'s threads when
-        given: the decoders release the GIL), paste them."""
+        given: the decoders release the GIL), copy them into the canvas."""
         level, step = self.level, self.scale * self.box
         tw, th = level.tile_w // step, level.tile_h // step
         stored = level.positions
@@ -249,15 +259,20 @@ class _Run:
                 continue
             fh = self._file(level.source_of(tx, ty) if level.source_of else level.source)
             jobs.append((tx, ty, b"".join(_read(fh, offset, length) for offset, length in spans)))
+        height, width = self.canvas.shape[:2]
+        y = ty * th
         for tx, tile, data_len, secs in (pool.map(self._tile, jobs) if pool else
                                          map(self._tile, jobs)):
-            self.canvas.paste(tile, (tx * tw, ty * th))
+            x = tx * tw
+            h, w = min(tile.shape[0], height - y), min(tile.shape[1], width - x)
+            if h > 0 and w > 0:
+                self.canvas[y:y + h, x:x + w] = tile[:h, :w]
             self.decode_s += secs
-            self.decoded += tile.size[0] * tile.size[1] * self.box * self.box
+            self.decoded += tile.shape[0] * tile.shape[1] * self.box * self.box
             self.n += 1
             self.nbytes += data_len
 
-    def _tile(self, job: tuple[int, int, bytes]) -> tuple[int, Image.Image, int, float]:
+    def _tile(self, job: tuple[int, int, bytes]) -> tuple[int, np.ndarray, int, float]:
         tx, ty, data = job
         t0 = time.perf_counter()
         try:
@@ -266,7 +281,9 @@ class _Run:
             raise ImageReadError(f"{self.where}: cannot decode tile ({tx}, {ty}) ({exc})"
                                  ) from None
         secs = time.perf_counter() - t0
-        return tx, tile.reduce(self.box) if self.box > 1 else tile, len(data), secs
+        if self.box > 1:
+            tile = np.asarray(Image.fromarray(tile).reduce(self.box))
+        return tx, tile, len(data), secs
 
 
 def _read(fh, offset: int, length: int) -> bytes:

@@ -113,6 +113,8 @@ def load_models(params: DeployParams) -> list[LoadedModel]:
                          slide_size=params.slide_thumbnail_size
                          if "slide_thumbnail_size" in params.given else None)
               for p in model_files(params.model_path)]
+    for m in loaded:  # a limit of this run, not of the model
+        m.prep = dataclasses.replace(m.prep, slide_budget_s=params.slide_budget_s)
     first = loaded[0]
     for m in loaded[1:]:
         if m.classes != first.classes or m.prep != first.prep or m.norm != first.norm:

@@ -70,7 +70,8 @@ def run(params: PretrainParams, *, resume: bool = False, quiet: bool = False,
              f" ({torch.get_num_threads()} threads)" if device.type == "cpu" else "")
     arch = arch_name(params.model_name)
     prep = Preprocessing(size=input_size or arch_input_size(arch),
-                         max_pixels=params.max_image_pixels, slide_size=params.slide_thumbnail_size)
+                         max_pixels=params.max_image_pixels, slide_size=params.slide_thumbnail_size,
+                         slide_budget_s=params.slide_budget_s)
     decoded = load_images(params, sample_set, prep, folder, mode=params.cache,
                           max_failed=params.max_failed_fraction, quiet=quiet)
     positions = np.flatnonzero(decoded.ok)

@@ -31,7 +31,8 @@ from thumbclf.core.files import (OutputLock, append_whole, atomic_bytes, atomic_
                                  repair_tail)
 from thumbclf.inputs import slides
 from thumbclf.inputs.corrections import read_corrections, resolved_key
-from thumbclf.inputs.images import DEFAULT_MAX_PIXELS, DEFAULT_SLIDE_SIZE, open_rgb
+from thumbclf.inputs.images import (DEFAULT_MAX_PIXELS, DEFAULT_SLIDE_BUDGET_S, DEFAULT_SLIDE_SIZE,
+                                    open_rgb)
 from thumbclf.outputs import review as review_page
 from thumbclf.outputs.sorting import copy_all
 
@@ -66,6 +67,7 @@ def settings(folder: Path) -> dict:
     cache = cfg.get("cache_dir") or str(folder.parent / layout.CACHE_FOLDER)
     return {"slide_size": int(cfg.get("slide_thumbnail_size") or DEFAULT_SLIDE_SIZE),
             "max_pixels": int(cfg.get("max_image_pixels") or DEFAULT_MAX_PIXELS),
+            "budget_s": float(cfg.get("slide_budget_s") or DEFAULT_SLIDE_BUDGET_S),
             "slide_cache": Path(cache) / layout.SLIDE_THUMBNAILS,
             "sort_slides": bool(cfg.get("sort_slides", False))}
 
@@ -78,7 +80,7 @@ def picture(path: Path, cfg: dict) -> Image.Image:
         if cached.is_file():
             with Image.open(cached) as img:
                 return img.convert("RGB")
-        return slides.thumbnail(path, cfg["slide_size"])
+        return slides.thumbnail(path, cfg["slide_size"], budget_s=cfg["budget_s"])
     return open_rgb(path, target=review_page.LARGE, max_pixels=cfg["max_pixels"])
 
 

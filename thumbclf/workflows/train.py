@@ -393,7 +393,8 @@ def run(params: TrainParams, *, resume: bool = False, quiet: bool = False) -> Pa
     device = _device(params)
     arch = arch_name(params.model_name)
     prep = Preprocessing(size=input_size(arch), max_pixels=params.max_image_pixels,
-                         slide_size=params.slide_thumbnail_size)
+                         slide_size=params.slide_thumbnail_size,
+                         slide_budget_s=params.slide_budget_s)
     decoded = load_images(params, sample_set, prep, folder, mode=params.cache,
                           max_failed=params.max_failed_fraction, quiet=quiet)
     decoded, sample_set = _decoded_without_failures(decoded, sample_set, params)
