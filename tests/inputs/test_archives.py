@@ -308,3 +308,70 @@ def test_tiles_decode_alike_through_simplejpeg_and_pillow(monkeypatch, rgb):
         assert fast.shape == slow.shape == (256 // scale, 256 // scale, 3)
         want = np.asarray(Image.fromarray(img).reduce(scale), dtype=float)
         assert np.abs(fast - want).mean() < 4 and np.abs(fast.astype(float) - slow).mean() < 2
+
+
+def restored(src, dst, how: str):
+    """A copy of a DICOM slide folder with its volume instances stored another way: "native"
+    (uncompressed RGB frames), "sparse" (TILED_SPARSE: frames in reverse order with their
+    positions, tile (1, 0) of each level not stored) or "split" (each level a concatenation
+    of two instances)."""
+    from pydicom.dataset import Dataset
+    from pydicom.encaps import encapsulate, generate_frames
+    from pydicom.uid import generate_uid
+
+    dst.mkdir()
+    for p in sorted(src.glob("*.dcm")):
+        ds = pydicom.dcmread(p)
+        n = int(ds.get("NumberOfFrames", 1))
+        if ds.ImageType[2] != "VOLUME" or n < 2:
+            shutil.copy(p, dst / p.name)
+            continue
+        frames = list(generate_frames(ds.PixelData, number_of_frames=n))
+        if how == "native":
+            rgb = str(ds.PhotometricInterpretation) == "RGB"
+            ds.set_pixel_data(np.stack([tiles.decode_jpeg(f, tables=None, rgb=rgb, scale=1)
+                                        for f in frames]), "RGB", 8)
+            ds.save_as(dst / p.name)
+        elif how == "sparse":
+            cols = -(-int(ds.TotalPixelMatrixColumns) // int(ds.Columns))
+            order = [k for k in range(n) if k != 1][::-1]
+            per = []
+            for k in order:
+                pos = Dataset()
+                pos.ColumnPositionInTotalImagePixelMatrix = (k % cols) * int(ds.Columns) + 1
+                pos.RowPositionInTotalImagePixelMatrix = (k // cols) * int(ds.Rows) + 1
+                item = Dataset()
+                item.PlanePositionSlideSequence = [pos]
+                per.append(item)
+            ds.PerFrameFunctionalGroupsSequence = per
+            ds.DimensionOrganizationType = "TILED_SPARSE"
+            ds.NumberOfFrames = len(order)
+            ds.PixelData = encapsulate([frames[k] for k in order])
+            ds.save_as(dst / p.name)
+        else:
+            uid, half = generate_uid(), n // 2
+            for part, (a, b) in enumerate(((0, half), (half, n)), 1):
+                ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+                ds.ConcatenationUID, ds.InConcatenationNumber = uid, part
+                ds.InConcatenationTotalNumber, ds.ConcatenationFrameOffsetNumber = 2, a
+                ds.NumberOfFrames = b - a
+                ds.PixelData = encapsulate(frames[a:b])
+                ds.save_as(dst / f"{p.stem}-{part}.dcm")
+    return dst
+
+
+@pytest.mark.parametrize("how", ["native", "sparse", "split"])
+def test_uncompressed_sparse_and_split_dicom_levels_read_as_the_tiled_full_one(archive, tmp_path,
+                                                                             how):
+    src = archive / "P2" / "slide-7"
+    folder = restored(src, tmp_path / how, how)
+    want = np.asarray(slides.thumbnail(src, 1500))  # level 0 (1,500 x 1,000) at full scale
+    stats = tiles.ReadStats()
+    got = np.asarray(slides.thumbnail(folder, 1500, stats=stats))
+    assert stats.reader == "dicom frames" and stats.level == 0 and got.shape == want.shape
+    if how == "sparse":  # the tile not stored is glass (white); the rest where it belongs
+        assert (got[:256, 256:512] == 255).all() and stats.tiles == 23
+        got, want = got.copy(), want.copy()
+        got[:256, 256:512] = want[:256, 256:512] = 0
+    assert np.abs(got.astype(int) - want).max() <= 1
+    assert len(slides.properties(folder)) and discover(folder, need_labels=False).samples
