@@ -789,6 +789,29 @@ def test_nncf_speaks_through_thumbclf_logging(tmp_path, capfd):
     assert "an INFO of NNCF's" in log and "a WARNING of NNCF's" in log
 
 
+def test_ray_log_lines_on_stderr_go_to_run_log(tmp_path, capfd):
+    import os
+
+    from thumbclf.core.logs import remove_handlers, setup_logging
+    from thumbclf.predict.ray_backend import ray_lines_to_run_log
+
+    setup_logging(tmp_path, quiet=True)
+    try:
+        with ray_lines_to_run_log():  # as Ray's C++ logger and thumbclf's console write them
+            os.write(2, b"[2026-12-02 03:58:07,818 E 11120 11120] core_worker.cc:2465: Actor "
+                        b"with class name: 'MapWorker(MapBatches(_Infer))' has constructor ...\n")
+            os.write(2, b"a line of thumbclf's own\n")
+            os.write(2, b"[2026-12-02 03:58:08,001 F 11120 11120] raylet.cc:1: a fatal one\n")
+            os.write(2, b"a last line without its newline")
+    finally:
+        remove_handlers()
+    err = capfd.readouterr().err
+    assert err.splitlines() == ["a line of thumbclf's own",
+                                "[2026-12-02 03:58:08,001 F 11120 11120] raylet.cc:1: a fatal one",
+                                "a last line without its newline"]
+    assert "core_worker.cc:2465: Actor with class name" in (tmp_path / "run.log").read_text()
+
+
 @pytest.mark.isolated
 def test_load_model_caches_beside_the_model_not_above_the_current_folder(tmp_path, monkeypatch):
     pytest.importorskip("openvino", reason="OpenVINO is the optional extra thumbclf[openvino]")
