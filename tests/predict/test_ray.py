@@ -3,6 +3,7 @@ path's results; resume, unreadable files and a file that kills its worker. A loc
 (2 CPUs) is started by each run; skipped, with the reason, where Ray is not installed."""
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -74,6 +75,21 @@ def test_ray_deploy_gives_the_local_predictions(model_dir, archive, tmp_path):
     assert not (tmp_path / "ray" / "predictions.partial.csv").exists()
 
 
+def test_a_quiet_ray_deploy_prints_no_line_of_ray_s(model_dir, tiny_data, tmp_path):
+    """Ray's C++ logger writes each ERROR of the driver to stderr (Ray Data makes one per
+    inference actor); a quiet run keeps them in run.log."""
+    import re
+
+    exp = write_yaml(tmp_path / "q.yaml", f"thumbData: {tiny_data}\nmodelAdr: {model_dir}\n"
+                     f"{FAST}executor: ray\n")
+    r = deploy(exp, "--quiet")
+    assert r.returncode == 0, r.stderr
+    ray_line = re.compile(r"\[\d{4}-\d\d-\d\d [\d:,]+ [TDIWEF] \d+ \d+\]|\(\w*\s*pid=\d+")
+    assert [line for line in r.stderr.splitlines() if ray_line.search(line)] == [], r.stderr
+    assert r.stdout == ""
+    assert (tmp_path / "q" / "predictions.csv").is_file()
+
+
 def test_an_interrupted_ray_deploy_resumes_without_duplicates_or_gaps(model_dir, archive,
                                                                         tmp_path, monkeypatch):
     """Ctrl-C (or SIGTERM, which thumbclf turns into the same) after the third batch's rows."""
@@ -106,6 +122,60 @@ def test_an_interrupted_ray_deploy_resumes_without_duplicates_or_gaps(model_dir,
     api.deploy(exp, quiet=True, resume=True)
     assert "resuming:" in (tmp_path / "d" / "run.log").read_text()
     same_predictions(tmp_path / "ref" / "predictions.csv", tmp_path / "d" / "predictions.csv")
+
+
+def holders(folder):
+    """The processes (pid, command) that hold a file of ``folder`` open."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            fds = [os.readlink(fd) for fd in (proc / "fd").iterdir()]
+            command = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()[:80]
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+        if any(fd.startswith(str(folder)) for fd in fds):
+            found.append((proc.name, command))
+    return found
+
+
+def test_a_ray_deploy_killed_with_sigkill_resumes_at_once(model_dir, tmp_path):
+    """kill -9 of the driver: Ray's processes that it started die with it (kernel fate-sharing),
+    but for two agents (dashboard, runtime env), which report the raylet's death to the GCS that
+    died with it and wait out Ray's fixed 60 s timeout. They hold nothing of the results
+    folder, and a --resume right away (they still run) finishes the run."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from thumbclf.inputs import synth
+
+    data = synth.generate(tmp_path / "data", per_class=20, seed=5, min_side=40, max_side=70,
+                          classes=("Biopsy", "IHC", "TMA"))
+    exp = write_yaml(tmp_path / "d.yaml", f"thumbData: {data}\nmodelAdr: {model_dir}\n"
+                     f"{FAST.replace('batch_size: 8', 'batch_size: 1')}executor: ray\n")
+    ref = deploy(exp, "--output", str(tmp_path / "ref"), "--set", "executor=local")
+    assert ref.returncode == 0, ref.stderr
+    folder = tmp_path / "d"
+    partial = folder / "predictions.partial.csv"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "deploy_thumbclassifier.py"), str(exp),
+                             "--quiet"], env=dict(os.environ, PYTHONPATH=str(ROOT),
+                                                  OMP_NUM_THREADS="2"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    while not (partial.is_file() and len(partial.read_bytes().splitlines()) > 1):
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    proc.stderr.close()
+    assert not (folder / "predictions.csv").exists()  # killed mid-run
+    time.sleep(1)  # the processes that share its fate are gone
+    assert holders(folder) == []
+    r = deploy(exp, "--resume", "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert "resuming:" in (folder / "run.log").read_text()
+    same_predictions(tmp_path / "ref" / "predictions.csv", folder / "predictions.csv")
 
 
 def test_a_file_that_kills_its_worker_is_reported_not_fatal(model_dir, tiny_data, tmp_path):

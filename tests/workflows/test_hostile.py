@@ -745,6 +745,73 @@ def test_quiet_keeps_library_warnings_off_the_console(tmp_path, capsys):
     assert "No artists with labels" in (tmp_path / "run.log").read_text()
 
 
+@pytest.mark.slow
+def test_a_quiet_int8_deploy_prints_no_progress_bar(tmp_path):
+    pytest.importorskip("nncf", reason="int8 needs the optional extra thumbclf[openvino]")
+    from conftest import run_script
+
+    from thumbclf.inputs import synth
+
+    data = synth.generate(tmp_path / "data", per_class=50, seed=3, min_side=40, max_side=70,
+                          classes=CLASSES)  # 150: enough images for the gate's bound (149)
+    model = model_file(tmp_path / "model.pt")
+    exp = tmp_path / "q.yaml"
+    exp.write_text(f"thumbData: {data}\nmodelAdr: {model}\nbootstrap: 0\ngradcam: 0\n"
+                   f"num_workers: 0\nengine: openvino\nprecision: int8\n"
+                   f"cache_dir: {tmp_path / 'cache'}\n")
+    r = run_script("deploy_thumbclassifier.py", str(exp), "--quiet", process=True)
+    assert r.returncode == 0, r.stderr
+    assert "openvino int8 (verified" in (tmp_path / "q" / "run.log").read_text()
+    console = r.stdout + r.stderr
+    for bar in ("Statistics collection", "Bias correction", "\u2501", "100%", "nncf"):
+        assert bar not in console, console
+    assert r.stdout == ""
+
+
+def test_nncf_speaks_through_thumbclf_logging(tmp_path, capfd):
+    pytest.importorskip("nncf", reason="int8 needs the optional extra thumbclf[openvino]")
+    import logging
+
+    from thumbclf.core.logs import remove_handlers, setup_logging
+    from thumbclf.predict.quantise import nncf_output
+
+    setup_logging(tmp_path, quiet=True)
+    nncf_log = logging.getLogger("nncf")
+    try:
+        with nncf_output(progress=False):
+            nncf_log.info("an INFO of NNCF's")
+            nncf_log.warning("a WARNING of NNCF's")
+    finally:
+        remove_handlers()
+    out, err = capfd.readouterr()
+    assert out == "" and "an INFO" not in err and "a WARNING of NNCF's" in err
+    log = (tmp_path / "run.log").read_text()
+    assert "an INFO of NNCF's" in log and "a WARNING of NNCF's" in log
+
+
+def test_ray_log_lines_on_stderr_go_to_run_log(tmp_path, capfd):
+    import os
+
+    from thumbclf.core.logs import remove_handlers, setup_logging
+    from thumbclf.predict.ray_backend import ray_lines_to_run_log
+
+    setup_logging(tmp_path, quiet=True)
+    try:
+        with ray_lines_to_run_log():  # as Ray's C++ logger and thumbclf's console write them
+            os.write(2, b"[2026-12-02 03:58:07,818 E 11120 11120] core_worker.cc:2465: Actor "
+                        b"with class name: 'MapWorker(MapBatches(_Infer))' has constructor ...\n")
+            os.write(2, b"a line of thumbclf's own\n")
+            os.write(2, b"[2026-12-02 03:58:08,001 F 11120 11120] raylet.cc:1: a fatal one\n")
+            os.write(2, b"a last line without its newline")
+    finally:
+        remove_handlers()
+    err = capfd.readouterr().err
+    assert err.splitlines() == ["a line of thumbclf's own",
+                                "[2026-12-02 03:58:08,001 F 11120 11120] raylet.cc:1: a fatal one",
+                                "a last line without its newline"]
+    assert "core_worker.cc:2465: Actor with class name" in (tmp_path / "run.log").read_text()
+
+
 @pytest.mark.isolated
 def test_load_model_caches_beside_the_model_not_above_the_current_folder(tmp_path, monkeypatch):
     pytest.importorskip("openvino", reason="OpenVINO is the optional extra thumbclf[openvino]")

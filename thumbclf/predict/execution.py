@@ -29,10 +29,12 @@ def executor_for(spec: ExecutorSpec, *, quiet: bool = False) -> Iterator[LocalEx
     if spec.executor != "ray":
         yield LocalExecutor(spec)
         return
-    from thumbclf.predict.ray_backend import RayExecutor
+    from thumbclf.predict.ray_backend import RayExecutor, ray_lines_to_run_log
 
-    ex = RayExecutor(spec, quiet=quiet)
-    try:
-        yield ex
-    finally:
-        ex.close()
+    # quiet (no progress bars): the console is whole lines, and Ray's own go to run.log
+    with ray_lines_to_run_log() if quiet else contextlib.nullcontext():
+        ex = RayExecutor(spec, quiet=quiet)
+        try:
+            yield ex
+        finally:
+            ex.close()

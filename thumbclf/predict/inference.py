@@ -38,10 +38,10 @@ from thumbclf.nn.engine import softmax
 from thumbclf.nn.familiarity import Familiarity, WithFeatures, split
 from thumbclf.predict import gate as quality
 from thumbclf.predict.engine_cache import cached_verdict, sealed
+from thumbclf.predict.quantise import INSTALL, quantise
 
 log = logging.getLogger(__name__)
 GATE = quality.LIMITS  # the gate's limits (gate.py), also a part of the verdict's cache key
-INSTALL = 'pip install "thumbclf[openvino]"'
 
 
 # ---------------------------------------------------------------------------- the machine
@@ -135,8 +135,9 @@ def torch_runner(model: torch.nn.Module, device: torch.device, precision: str,
 
 
 def _ov_model(model: torch.nn.Module, size: int, cache: Path, calibration: Callable | None,
-              precision: str):
-    """The OpenVINO model (int8: quantised with NNCF on ``calibration()`` batches), cached."""
+              precision: str, progress: bool = False):
+    """The OpenVINO model (int8: quantised with NNCF on ``calibration()`` batches, its bars
+    shown if ``progress``), cached."""
     no_telemetry()
     import openvino as ov
 
@@ -153,18 +154,7 @@ def _ov_model(model: torch.nn.Module, size: int, cache: Path, calibration: Calla
         ov_model = ov.convert_model(model.cpu().eval(),
                                     example_input=torch.zeros(1, 3, size, size))
     if precision == "int8":
-        try:
-            import nncf
-        except ImportError:
-            raise ConfigError(f"precision int8 needs NNCF; {INSTALL}") from None
-        batches = list(calibration()) if calibration is not None else []
-        if not batches:
-            raise ConfigError("precision: int8 needs readable deploy images to calibrate the "
-                              "quantisation; use precision: auto, fp32 or bf16")
-        ov_model = nncf.quantize(ov_model, nncf.Dataset(batches, lambda b: b.numpy()),
-                                 preset=nncf.QuantizationPreset.MIXED,
-                                 subset_size=sum(len(b) for b in batches),
-                                 fast_bias_correction=False)
+        ov_model = quantise(ov_model, calibration, progress=progress)
     tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")  # both files, then one rename
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -177,11 +167,11 @@ def _ov_model(model: torch.nn.Module, size: int, cache: Path, calibration: Calla
 
 
 def openvino_runner(model: torch.nn.Module, size: int, precision: str, cache: Path,
-                    calibration: Callable | None = None) -> Runner:
+                    calibration: Callable | None = None, *, progress: bool = False) -> Runner:
     no_telemetry()
     import openvino as ov
 
-    ov_model = _ov_model(model, size, cache, calibration, precision)
+    ov_model = _ov_model(model, size, cache, calibration, precision, progress)
     hint = "bf16" if precision == "bf16" else "f32"  # int8 layers run int8 whatever the hint
     # LATENCY: one stream with every core. A synchronous call (as forward makes, one batch at a
     # time) runs on one stream, and THROUGHPUT splits the cores into streams: it ran at half
@@ -300,12 +290,13 @@ def choose(model, *, model_file: Path, size: int, channels_last: bool, device: t
            verify: Callable[[], Evidence | None] | None,
            calibration: Callable | None, temperature: float, classes: tuple[str, ...],
            threshold: float, familiarity: Familiarity | None = None,
-           verify_id: str = "") -> tuple[Runner, str]:
+           verify_id: str = "", progress: bool = False) -> tuple[Runner, str]:
     """The fastest runner whose quality was verified; also what was decided and why.
 
     ``verify()`` gives the gate's Evidence (None when there are no images to check on);
     ``calibration()`` yields unlabelled normalised batches (int8 calibration); ``familiarity``:
-    the unfamiliar-slide rule, part of the decisions compared.
+    the unfamiliar-slide rule, part of the decisions compared; ``progress``: show the
+    quantisation's progress bars (int8).
     """
     exact = torch_runner(model, device, "fp32", channels_last)
     pairs = candidates(engine, precision, device)
@@ -319,7 +310,7 @@ def choose(model, *, model_file: Path, size: int, channels_last: bool, device: t
             return _try(model, eng, prec, model_file=model_file, size=size, device=device,
                         channels_last=channels_last, cache_dir=cache_dir, check=check,
                         verify_id=verify_id, calibration=calibration, temperature=temperature,
-                        threshold=threshold, notes=notes)
+                        threshold=threshold, notes=notes, progress=progress)
         except _Refused as exc:
             if explicit:
                 raise ConfigError(f"precision: {prec}: {exc}; use precision: auto or fp32"
@@ -385,7 +376,8 @@ class _Check:
 
 
 def _try(model, eng, prec, *, model_file, size, device, channels_last, cache_dir, check: _Check,
-         verify_id, calibration, temperature, threshold, notes) -> tuple[Runner, str]:
+         verify_id, calibration, temperature, threshold, notes,
+         progress) -> tuple[Runner, str]:
     variant = "features" if isinstance(model, WithFeatures) else ""  # another exported graph
     folder = cache_dir / "engines" / cache_key(model_file, eng, prec, size, variant)
     if eng == "openvino" and prec == "fp32":
@@ -396,7 +388,8 @@ def _try(model, eng, prec, *, model_file, size, device, channels_last, cache_dir
             # the same arithmetic as PyTorch fp32: no gate, but converted afresh and bound to
             # its files
             shutil.rmtree(folder, ignore_errors=True)
-            runner = _runner(model, eng, prec, size, device, channels_last, folder, calibration)
+            runner = _runner(model, eng, prec, size, device, channels_last, folder, calibration,
+                             progress)
             atomic_text(json.dumps(sealed({"passed": True, "exact": True}, folder), indent=1),
                         verdict_file)
             return runner, "; ".join(notes + [runner.name])
@@ -410,7 +403,8 @@ def _try(model, eng, prec, *, model_file, size, device, channels_last, cache_dir
             f"{GATE}|{variant}|{rule}|gate2") + ".json"))
         verdict = cached_verdict(verdict_file, folder, f"{eng} {prec}")
     if verdict is None:
-        runner = _runner(model, eng, prec, size, device, channels_last, folder, calibration)
+        runner = _runner(model, eng, prec, size, device, channels_last, folder, calibration,
+                         progress)
         verdict = check.verdict(runner)
         atomic_text(json.dumps(sealed(verdict, folder), indent=1), verdict_file)
         log.info("quality gate for %s %s: %s: %s", eng, prec,
@@ -419,13 +413,15 @@ def _try(model, eng, prec, *, model_file, size, device, channels_last, cache_dir
             return runner, "; ".join(notes + [f"{runner.name} (verified: "
                                               f"{describe_gate(verdict)})"])
     elif verdict["passed"]:
-        runner = _runner(model, eng, prec, size, device, channels_last, folder, calibration)
+        runner = _runner(model, eng, prec, size, device, channels_last, folder, calibration,
+                         progress)
         how = "" if verdict.get("exact") else f" (verified earlier: {describe_gate(verdict)})"
         return runner, "; ".join(notes + [f"{runner.name}{how}"])
     raise _Refused(f"{eng} {prec} refused by the quality gate: {describe_gate(verdict)}")
 
 
-def _runner(model, engine, precision, size, device, channels_last, folder, calibration) -> Runner:
+def _runner(model, engine, precision, size, device, channels_last, folder, calibration,
+            progress=False) -> Runner:
     if engine == "openvino":
-        return openvino_runner(model, size, precision, folder, calibration)
+        return openvino_runner(model, size, precision, folder, calibration, progress=progress)
     return torch_runner(model, device, precision, channels_last)

@@ -18,10 +18,14 @@ folder exactly as the local run does (the results folder must be visible to ever
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import re
 import signal
 import socket
+import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -64,6 +68,51 @@ def unreachable(address: str, timeout: float = CONNECT_TIMEOUT) -> str | None:
     except OSError as exc:
         return exc.strerror or type(exc).__name__
     return None
+
+
+# Ray's C++ log line: "[2026-12-02 03:58:07,818 E 11120 11120] core_worker.cc:2465: ..."
+RAY_LINE = re.compile(rb"\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} ([TDIWE]) \d+ \d+\] ")
+
+
+@contextlib.contextmanager
+def ray_lines_to_run_log() -> Iterator[None]:
+    """While the block runs, Ray's own C++ log lines on this process's stderr go to run.log
+    (DEBUG) instead of the console; every other line (and Ray's FATAL ones) reaches the
+    console unchanged. Ray writes every C++ ERROR of the driver to stderr whatever its logging
+    settings (only RAY_BACKEND_LOG_LEVEL silences it, in every Ray log file too), and Ray Data
+    makes one for each inference actor ("constructor arguments in the object store and
+    max_restarts > 0"; its own references, held for the whole run). Ray's log files keep them.
+    """
+    sys.stderr.flush()
+    console = os.dup(2)
+    read, write = os.pipe()
+    os.dup2(write, 2)
+    os.close(write)
+
+    def pump() -> None:
+        with os.fdopen(read, "rb") as lines:
+            for line in lines:
+                if RAY_LINE.match(line):
+                    log.debug("Ray's log: %s",
+                              line.decode("utf-8", "backslashreplace").rstrip())
+                    continue
+                view = memoryview(line)
+                try:
+                    while view:
+                        view = view[os.write(console, view):]
+                except OSError:  # the console is gone (a closed pipe): keep draining, or
+                    pass         # every writer to stderr would block once the pipe is full
+
+    thread = threading.Thread(target=pump, name="ray-stderr", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(console, 2)  # the pipe's last writer closes: the pump reads to its end
+        thread.join(timeout=5)
+        if not thread.is_alive():  # else a process of Ray's holds the pipe: leave it its copy
+            os.close(console)
 
 
 class RayExecutor:

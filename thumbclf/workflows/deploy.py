@@ -196,7 +196,8 @@ def run(params: DeployParams, *, resume: bool = False, quiet: bool = False) -> P
     done = folder / layout.PREDICTIONS
     check_same_inputs(folder, sample_set, resume)
     check_same_models(folder, models, resume)
-    choose = lambda: prepare_runners(models, params, sample_set, device, threshold)  # noqa: E731
+    choose = lambda: prepare_runners(models, params, sample_set, device, threshold,  # noqa: E731
+                                     progress=not quiet)
     if params.adapt_bn:
         check_adaptable(len(sample_set), params.thumb_data)
         configure_threads(device)

@@ -24,8 +24,10 @@ log = logging.getLogger(__name__)
 
 
 def prepare_runners(models: list[LoadedModel], params: DeployParams, sample_set: SampleSet,
-                    device: torch.device, threshold: float) -> tuple[list[inference.Runner], str]:
-    """The inference engine and precision of each model (engine, precision keys), verified."""
+                    device: torch.device, threshold: float, *, progress: bool = False
+                    ) -> tuple[list[inference.Runner], str]:
+    """The inference engine and precision of each model (engine, precision keys), verified;
+    ``progress``: show the int8 quantisation's progress bars."""
     first = models[0]
     slide_cache = params.slide_cache
     evidence = gate_evidence(models, params, sample_set)
@@ -48,7 +50,7 @@ def prepare_runners(models: list[LoadedModel], params: DeployParams, sample_set:
             device=device, engine=params.engine, precision=params.precision,
             cache_dir=params.cache_root, verify=lambda: evidence,
             calibration=calibration, temperature=m.temperature, classes=m.classes,
-            threshold=threshold, familiarity=m.familiarity)
+            threshold=threshold, familiarity=m.familiarity, progress=progress)
         runners.append(runner)
         notes.append(why)
     why = notes[0] if len(set(notes)) == 1 else "; ".join(
