@@ -133,32 +133,34 @@ def _deadline(budget: float) -> float:
     return time.perf_counter() + budget
 
 
+def tiled_level(path: Path, long_side: int) -> tuple[int, tiles.TiledLevel, tuple[int, int],
+                                                   str] | None:
+    """(level index, the level, thumbnail size, reader) of a DICOM or JPEG-tiled TIFF slide,
+    the level the thumbnail is read from; None where its tiles are not read here."""
+    if dicom.slide_folder(path) is not None:
+        levels = dicom.open_series(path).levels
+        sizes = [(lv.width, lv.height) for lv in levels]
+        level_at, reader = (lambda i: dicom.tiled_level(levels[i])), "dicom frames"
+    elif path.suffix.lower() in FAST_SUFFIXES and (found := tiles.tiff_levels(path)):
+        sizes = [size for size, _ in found]
+        level_at, reader = (lambda i: found[i][1]), "tiff tiles"
+    else:
+        return None
+    out = _out_size(*sizes[0], long_side)
+    i = tiles.choose_level(sizes, out)
+    level = level_at(i)
+    return None if level is None else (i, level, out, reader)
+
+
 def render_fast(path: Path, long_side: int, stats: tiles.ReadStats,
                 budget: float = DEFAULT_SLIDE_BUDGET_S) -> Image.Image | None:
     """A DICOM or JPEG-tiled TIFF slide read tile by tile at reduced scale; None: not one."""
-    folder = dicom.slide_folder(path)
-    if folder is not None:
-        series = dicom.open_series(path)
-        sizes = [(lv.width, lv.height) for lv in series.levels]
-        out = _out_size(*sizes[0], long_side)
-        i = tiles.choose_level(sizes, out)
-        stats.level, stats.reader = i, "dicom frames"
-        return tiles.render(dicom.tiled_level(series.levels[i]), out, deadline=_deadline(budget),
-                            where=str(path), budget_s=budget, stats=stats)
-    if path.suffix.lower() not in FAST_SUFFIXES:
+    found = tiled_level(path, long_side)
+    if found is None:
         return None
-    levels = tiles.tiff_levels(path)
-    if not levels:
-        return None
-    sizes = [size for size, _ in levels]
-    out = _out_size(*sizes[0], long_side)
-    i = tiles.choose_level(sizes, out)
-    level = levels[i][1]
-    if level is None:
-        return None
-    stats.level, stats.reader = i, "tiff tiles"
-    return tiles.render(level, out, deadline=_deadline(budget), where=str(path),
-                        budget_s=budget, stats=stats)
+    stats.level, level, out, stats.reader = found
+    return tiles.render(level, out, deadline=_deadline(budget), where=str(path), budget_s=budget,
+                        stats=stats)
 
 
 def _render(slide, long_side: int, *, where: str = "", max_pixels: int | None = None,
@@ -166,7 +168,7 @@ def _render(slide, long_side: int, *, where: str = "", max_pixels: int | None = 
             budget: float = DEFAULT_SLIDE_BUDGET_S) -> Image.Image:
     w0, h0 = slide.dimensions
     scale = long_side / max(w0, h0)
-    out_w, out_h = max(1, round(w0 * scale)), max(1, round(h0 * scale))
+    out_w, out_h = _out_size(w0, h0, long_side)
     level = slide.get_best_level_for_downsample(1 / scale) if scale < 1 else 0
     lw, lh = slide.level_dimensions[level]
     down = slide.level_downsamples[level]

@@ -72,6 +72,7 @@ class ReadStats:
     decode_seconds: float = 0.0
     seconds: float = 0.0
     reader: str = "tiles"
+    tiles_seconds: float = 0.0  # reading, decoding and copying the tiles
     resize_seconds: float = 0.0  # the last resize, canvas to thumbnail
     decoded_pixels: int = 0  # pixels the decoder produced (after DCT scaling), all tiles
     canvas_pixels: int = 0  # the largest picture held at once
@@ -214,6 +215,7 @@ def render(level: TiledLevel, out: tuple[int, int], *, deadline: float | None, w
         stats.dct_scale, stats.box, stats.tiles, stats.encoded_bytes = scale, box, run.n, run.nbytes
         stats.decode_seconds, stats.decoded_pixels = run.decode_s, run.decoded
         stats.canvas_pixels = canvas.shape[0] * canvas.shape[1]
+        stats.tiles_seconds = t_resize - start
         stats.resize_seconds = time.perf_counter() - t_resize
         stats.seconds = time.perf_counter() - start
     return img
