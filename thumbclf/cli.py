@@ -13,6 +13,7 @@ import errno
 import logging
 import signal
 import sys
+import time
 from pathlib import Path
 
 from thumbclf.config import DEPLOY, PRETRAIN, TRAIN, load_params
@@ -24,6 +25,7 @@ log = logging.getLogger(__name__)
 EXIT_ERROR, EXIT_BUG, EXIT_INTERRUPTED = 2, 1, 130
 # operating-system errors the user can fix: full disk, quota, read-only or forbidden folder
 USER_OS_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+RANK_GRACE_S = 20  # how long another torchrun rank leaves rank 0 to report a shared error
 
 DESCRIPTIONS = {
     TRAIN: "Train a slide-thumbnail classifier (cross-validation or full training) as an "
@@ -150,14 +152,18 @@ def guarded(work, folder=lambda: None, again: str = "the same command plus --res
     except ThumbclfError as exc:
         log.debug("stopped with an error: %s", exc, exc_info=True)  # run.log; console if --debug
         if _speaks():
+            from thumbclf.predict import distributed
+
+            rank = "" if distributed.is_main() else f"(rank {distributed.rank()}) "
             for line in exc.lines():
-                print(f"error: {line}", file=sys.stderr)
+                print(f"error: {rank}{line}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         log.debug("interrupted (Ctrl-C or SIGTERM)")
         where = f" in {folder()}" if folder() else ""
-        print(f"\ninterrupted: finished work is kept{where}; continue with {again}",
-              file=sys.stderr)
+        if _speaks(wait=False):
+            print(f"\ninterrupted: finished work is kept{where}; continue with {again}",
+                  file=sys.stderr)
         return EXIT_INTERRUPTED
     except OSError as exc:
         if exc.errno not in USER_OS_ERRORS:
@@ -171,11 +177,22 @@ def guarded(work, folder=lambda: None, again: str = "the same command plus --res
         return _bug(exc, folder())
 
 
-def _speaks() -> bool:
-    """Under torchrun only rank 0 prints (every rank meets the same errors)."""
+def _speaks(wait: bool = True) -> bool:
+    """Under torchrun only rank 0 prints: every rank meets the same errors. Another rank that
+    stops with an error first waits (``wait``) for torchrun, which stops it once rank 0 has
+    exited; had it exited at once, torchrun would stop rank 0 before it said why. A rank still
+    running after the wait met an error of its own, and says it."""
     from thumbclf.predict import distributed
 
-    return distributed.is_main()
+    if distributed.is_main():
+        return True
+    if not wait:
+        return False
+    try:
+        time.sleep(RANK_GRACE_S)
+    except KeyboardInterrupt:  # torchrun's SIGTERM: rank 0 has said it
+        return False
+    return True
 
 
 def _bug(exc: BaseException, folder: Path | None) -> int:
