@@ -144,21 +144,16 @@ def per_slide(paths: list[Path], repeats: int = 3) -> list[dict]:
     ``repeats`` alternating tries of each (the machine may be shared)."""
     rows = []
     for p in paths:
-        best = None
-        dec = math.inf
+        best, dec = None, math.inf
         for _ in range(repeats):
-            stats = tiles.ReadStats()
-            start = time.perf_counter()
+            stats = tiles.ReadStats()  # seconds: the reading, as thumbnail() times it
             slides.thumbnail(p, SIZE, stats=stats)
-            secs = time.perf_counter() - start
-            if best is None or secs < best[0]:
-                best = (secs, stats.tiles_seconds, stats.resize_seconds, stats)
+            best = stats if best is None or stats.seconds < best.seconds else best
             d, n = decoder_seconds(p)
             dec = min(dec, d)
-        secs, tiles_s, resize_s, stats = best
-        rows.append({"slide": p.name, "seconds": secs, "decoder": dec, "tiles": n,
-                     "tile_phase": tiles_s, "resize": resize_s,
-                     "level": stats.level, "scale": stats.dct_scale, "reader": stats.reader})
+        rows.append({"slide": p.name, "seconds": best.seconds, "decoder": dec, "tiles": n,
+                     "tile_phase": best.tiles_seconds, "resize": best.resize_seconds,
+                     "level": best.level, "scale": best.dct_scale, "reader": best.reader})
     return rows
 
 
@@ -263,10 +258,10 @@ def executors(archive: list[Path], work: Path, copies: int = 10) -> None:
     one = work / "one"
     linked_copies(archive[:1], one, 1)
     print(f"\ndeploy of {n} slides ({copies} hard-linked copies of the archive), tiny model:")
-    for label, settings in (("local, 1 worker", "num_workers: 1\n"),
-                            ("local, 2 workers", "num_workers: 2\n"),
-                            ("ray (local instance, 2 CPUs)", "executor: ray\nnum_workers: 2\n")):
-        key = label.split(",")[0] + label.split(",")[-1].split()[0]
+    for key, label, settings in (
+            ("local1", "local, 1 worker", "num_workers: 1\n"),
+            ("local2", "local, 2 workers", "num_workers: 2\n"),
+            ("ray", "ray (local instance, 2 CPUs)", "executor: ray\nnum_workers: 2\n")):
         base = timed_deploy(work, f"one-{key}", one, model, settings)
         full = timed_deploy(work, f"many-{key}", many, model, settings)
         print(f"  {label:<30} {full:6.1f} s; one slide {base:5.1f} s: "

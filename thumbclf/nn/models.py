@@ -7,7 +7,7 @@ import logging
 import pickle
 import warnings
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,8 @@ from thumbclf.core import layout
 from thumbclf.core.backbones import PROTOTYPE_NAMES, arch_name
 from thumbclf.core.errors import ModelError
 from thumbclf.core.files import atomic_torch_save
-from thumbclf.inputs.images import DEFAULT_MAX_PIXELS, DEFAULT_SLIDE_SIZE, Preprocessing
+from thumbclf.inputs.images import (DEFAULT_MAX_PIXELS, DEFAULT_SLIDE_BUDGET_S, DEFAULT_SLIDE_SIZE,
+                                    Preprocessing)
 from thumbclf.nn.data import UNNORMALISED, Normalisation
 from thumbclf.nn.familiarity import Familiarity, WithFeatures
 from thumbclf.nn import modelcheck
@@ -359,15 +360,19 @@ def save_model(path: Path, model: nn.Module, *, arch: str, classes: tuple[str, .
 
 def load_model(path: Path, *, model_name: str | None = None,
                target_labels: tuple[str, ...] | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
-               slide_size: int | None = None) -> LoadedModel:
-    """Load a thumbclf model file, or a prototype state dict (needs target_labels)."""
+               slide_size: int | None = None,
+               slide_budget_s: float = DEFAULT_SLIDE_BUDGET_S) -> LoadedModel:
+    """Load a thumbclf model file, or a prototype state dict (needs target_labels).
+    ``max_pixels`` and ``slide_budget_s`` are limits of this run, not of the model: they go
+    into its Preprocessing here, whatever the file."""
     obj = read_weights(path, "model file (modelAdr)")
-    if obj.get("format") == FORMAT:
-        return _load_thumbclf(path, obj, model_name, target_labels, max_pixels, slide_size)
-    return _load_legacy(path, obj, model_name, target_labels, max_pixels, slide_size)
+    load = _load_thumbclf if obj.get("format") == FORMAT else _load_legacy
+    loaded = load(path, obj, model_name, target_labels, slide_size)
+    loaded.prep = replace(loaded.prep, max_pixels=max_pixels, slide_budget_s=slide_budget_s)
+    return loaded
 
 
-def _load_thumbclf(path, obj, model_name, target_labels, max_pixels, slide_size) -> LoadedModel:
+def _load_thumbclf(path, obj, model_name, target_labels, slide_size) -> LoadedModel:
     modelcheck.check_model(path, obj, FORMAT_VERSION)  # every field, before anything is built
     classes = tuple(obj["classes"])
     if target_labels is not None and set(target_labels) != set(classes):
@@ -380,7 +385,7 @@ def _load_thumbclf(path, obj, model_name, target_labels, max_pixels, slide_size)
                          "remove model_name or correct it")
     model = build_model(arch, len(classes), image_size=int(obj["input_size"]))
     _load_state(model, obj["state_dict"], path)
-    prep = Preprocessing(size=int(obj["input_size"]), recipe=obj["recipe"], max_pixels=max_pixels,
+    prep = Preprocessing(size=int(obj["input_size"]), recipe=obj["recipe"],
                          slide_size=slide_size or int(obj.get("slide_size", DEFAULT_SLIDE_SIZE)))
     norm = Normalisation(tuple(obj["mean"]), tuple(obj["std"]))
     rule = obj.get("familiarity")
@@ -393,7 +398,7 @@ def _load_thumbclf(path, obj, model_name, target_labels, max_pixels, slide_size)
                        Familiarity.from_file(rule), dict(obj.get("calibration") or {}))
 
 
-def _load_legacy(path, state, model_name, target_labels, max_pixels, slide_size) -> LoadedModel:
+def _load_legacy(path, state, model_name, target_labels, slide_size) -> LoadedModel:
     state = _strip_prefixes(_unwrap(state))
     if not state:
         raise ModelError(f"{path}: neither a thumbclf model file nor a state dict of weights")
@@ -423,8 +428,7 @@ def _load_legacy(path, state, model_name, target_labels, max_pixels, slide_size)
     _load_state(model, state, path)
     log.info("%s: prototype model (%s, %d px); classes in alphabetical order: %s", path, arch,
              size, ", ".join(classes))
-    prep = Preprocessing(size=size, recipe="legacy", max_pixels=max_pixels,
-                         slide_size=slide_size or DEFAULT_SLIDE_SIZE)
+    prep = Preprocessing(size=size, recipe="legacy", slide_size=slide_size or DEFAULT_SLIDE_SIZE)
     return LoadedModel(model.eval(), arch, classes, prep, UNNORMALISED, None, 1.0, path, True, {})
 
 

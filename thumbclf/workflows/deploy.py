@@ -111,10 +111,9 @@ def load_models(params: DeployParams) -> list[LoadedModel]:
     loaded = [load_model(p, model_name=name, target_labels=params.target_labels,
                          max_pixels=params.max_image_pixels,
                          slide_size=params.slide_thumbnail_size
-                         if "slide_thumbnail_size" in params.given else None)
+                         if "slide_thumbnail_size" in params.given else None,
+                         slide_budget_s=params.slide_budget_s)
               for p in model_files(params.model_path)]
-    for m in loaded:  # a limit of this run, not of the model
-        m.prep = dataclasses.replace(m.prep, slide_budget_s=params.slide_budget_s)
     first = loaded[0]
     for m in loaded[1:]:
         if m.classes != first.classes or m.prep != first.prep or m.norm != first.norm:
