@@ -272,11 +272,12 @@ class Classifier:
             for start in range(0, len(ok), self.params.batch_size):
                 rows = ok[start:start + self.params.batch_size]
                 x = torch.from_numpy(np.stack([arrays[i] for i in rows]))
-                p, u = ensemble_predict(self.models, self.runners, x, self.device, self.params.tta)
-                yield np.array(rows), p, u, [""] * len(rows)
+                p, signals = ensemble_predict(self.models, self.runners, x, self.device,
+                                              self.params.tta)
+                yield np.array(rows), p, signals, [""] * len(rows)
             failed = [i for i, a in enumerate(arrays) if a is None]
             if failed:
-                yield (np.array(failed), np.zeros((len(failed), len(self.classes))), None,
+                yield (np.array(failed), np.zeros((len(failed), len(self.classes))), {},
                        [errors[i] for i in failed])
 
         samples = tuple(types.SimpleNamespace(path=n, row=None, label=None, patient=None)

@@ -317,10 +317,20 @@ COLUMN_MEANINGS = {
     "PATIENT": "the patient, when the input has a `PATIENT` column",
     "FOLD": "cross-validation: the fold whose model made this out-of-fold prediction",
     "DECISION": "the decision: the class with the highest probability, or `Undecided`",
-    "REASON": "empty for a decision; `low confidence` (below the threshold) or `unfamiliar` "
-              "(features far from every training image; checked first) for Undecided",
-    "UNFAMILIARITY": "models with the unfamiliar-slide rule: the distance to the training "
-                     "images relative to the rule's threshold; above 1 the slide is unfamiliar",
+    "SOURCE": "the site, scanner or collection, when the input table has a `SOURCE` column "
+              "(the report and metrics.csv then give figures per source)",
+    "REASON": "empty for a decision; for Undecided, the first that applies: `no tissue` (the "
+              "tissue fraction below 0.2%: blank, pen or label only), `unfamiliar` (far from "
+              "every training image in content or look), `low confidence` (below the threshold)",
+    "UNFAMILIARITY": "models with the unfamiliar-slide rule: the larger of its two parts; "
+                     "above 1 the slide is unfamiliar",
+    "UNFAMILIAR_CONTENT": "the rule's content part: the model's features' distance to the "
+                          "training images' features, relative to its threshold",
+    "UNFAMILIAR_LOOK": "the rule's look part (model files from thumbclf 1.3): the distance of "
+                       "the slide's look (tissue, glass, stain, texture) to the training images' "
+                       "looks, relative to its threshold",
+    "TISSUE": "the share of the thumbnail that is tissue (optical density, as QC tools "
+              "measure it); below 0.002 the slide is Undecided for `no tissue`",
     "ERROR": "deploy: why a file could not be read (its row then has no decision)",
     "THRESHOLD": "the probability a decision needed",
     "SLIDE_COLUMNS": "whole-slide images: the slide's properties as OpenSlide reports them",
@@ -330,10 +340,11 @@ COLUMN_MEANINGS = {
 def table_columns(table) -> list[str]:
     """The columns of a table built by the table module with every option on, in order."""
     need(hasattr(table, "build"), "the table module has no build()")
-    sample = SimpleNamespace(path=Path("a.png"), row=2, label="A", patient="p1")
+    sample = SimpleNamespace(path=Path("a.png"), row=2, label="A", patient="p1", source="s1")
     df = table.build([sample], [[0.25, 0.75]], ["A", "B"], ["B"], threshold=0.5, labels=True,
                      patients=True, rows=True, fold=1, errors=[""], reasons=[""],
-                     unfamiliarity=[0.5], slide_properties=[dict.fromkeys(table.SLIDE_COLUMNS)])
+                     signals={c: [0.5] for c in table.SIGNALS},
+                     slide_properties=[dict.fromkeys(table.SLIDE_COLUMNS)])
     return list(df.columns)
 
 

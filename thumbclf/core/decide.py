@@ -11,7 +11,12 @@ import numpy as np
 log = logging.getLogger(__name__)
 UNDECIDED = "Undecided"
 DEFAULT_THRESHOLD = 0.9
-LOW_CONFIDENCE, UNFAMILIAR = "low confidence", "unfamiliar"  # why a case is Undecided
+# why a case is Undecided, in the order the rules apply
+NO_TISSUE, UNFAMILIAR, LOW_CONFIDENCE = "no tissue", "unfamiliar", "low confidence"
+REASONS = (NO_TISSUE, UNFAMILIAR, LOW_CONFIDENCE)
+# the share of a thumbnail that must be tissue (nn/look.py measures it): below it a slide is
+# blank, pen or label only, or a fragment of about 10 x 10 pixels of the model's 224
+NO_TISSUE_FRACTION = 0.002
 
 
 def decide(probs: np.ndarray, classes: tuple[str, ...] | list[str], threshold: float) -> list[str]:
@@ -25,14 +30,19 @@ def decide(probs: np.ndarray, classes: tuple[str, ...] | list[str], threshold: f
 
 
 def decide_with_reasons(probs: np.ndarray, classes: tuple[str, ...] | list[str], threshold: float,
-                        unfamiliarity: np.ndarray | None = None) -> tuple[list[str], list[str]]:
-    """Decisions and, for each Undecided, why: 'unfamiliar' (unfamiliarity above 1, whatever
-    the confidence; familiarity.py) before 'low confidence' (below the threshold)."""
+                        unfamiliarity: np.ndarray | None = None,
+                        tissue: np.ndarray | None = None) -> tuple[list[str], list[str]]:
+    """Decisions and, for each Undecided, why, first that applies: 'no tissue' (a tissue
+    fraction below NO_TISSUE_FRACTION), 'unfamiliar' (unfamiliarity above 1, whatever the
+    confidence; familiarity.py), 'low confidence' (below the threshold)."""
     decisions = decide(probs, classes, threshold)
     reasons = [LOW_CONFIDENCE if d == UNDECIDED else "" for d in decisions]
     if unfamiliarity is not None:
         for i in np.flatnonzero(np.asarray(unfamiliarity, dtype=float) > 1.0):
             decisions[i], reasons[i] = UNDECIDED, UNFAMILIAR
+    if tissue is not None:
+        for i in np.flatnonzero(np.asarray(tissue, dtype=float) < NO_TISSUE_FRACTION):
+            decisions[i], reasons[i] = UNDECIDED, NO_TISSUE
     return decisions, reasons
 
 

@@ -1,10 +1,11 @@
 """The predictions table: its columns, how it is read back, and how it is validated.
 
 Columns, in order: PATH, row (tables only), CLASSIFICATION (with labels), PATIENT (with
-patients), fold (cross-validation), one probability column per class (in the model's class
-order), model_prediction, undecided_reason ('low confidence', 'unfamiliar' or empty),
-unfamiliarity (models with the unfamiliar-slide rule; above 1: unfamiliar), error (deploy),
-threshold, then the slide columns (slides only).
+patients), SOURCE (where the inputs give one), fold (cross-validation), one probability column
+per class (in the model's class order), model_prediction, undecided_reason ('no tissue',
+'unfamiliar', 'low confidence' or empty), unfamiliarity and its two parts
+unfamiliarity_content and unfamiliarity_look (models with the unfamiliar-slide rule; above 1:
+unfamiliar), tissue_fraction, error (deploy), threshold, then the slide columns (slides only).
 Class columns are found by name, never by position: from the model's classes where they are
 known, else as the columns that are none of the table's own.
 """
@@ -27,13 +28,19 @@ if TYPE_CHECKING:
 PATH, ROW, LABEL, PATIENT, FOLD = "PATH", "row", "CLASSIFICATION", "PATIENT", "fold"
 DECISION, ERROR, THRESHOLD = "model_prediction", "error", "threshold"
 REASON, UNFAMILIARITY = "undecided_reason", "unfamiliarity"  # familiarity.py
+# the unfamiliarity's two parts (features, look) and the tissue fraction (look.py)
+UNFAMILIAR_CONTENT, UNFAMILIAR_LOOK = "unfamiliarity_content", "unfamiliarity_look"
+TISSUE = "tissue_fraction"
+SIGNALS = (UNFAMILIARITY, UNFAMILIAR_CONTENT, UNFAMILIAR_LOOK, TISSUE)  # in the table's order
+SOURCE = "SOURCE"  # optional: the site, scanner or collection a slide came from
 SLIDE_COLUMNS = ("slide_vendor", "slide_objective_power", "slide_mpp_x", "slide_mpp_y",
                  "slide_level_count", "slide_width", "slide_height")
-OWN_COLUMNS = {PATH, ROW, LABEL, PATIENT, FOLD, DECISION, REASON, UNFAMILIARITY, ERROR,
+OWN_COLUMNS = {PATH, ROW, LABEL, PATIENT, SOURCE, FOLD, DECISION, REASON, *SIGNALS, ERROR,
                THRESHOLD, "confidence", *SLIDE_COLUMNS}
-TEXT_COLUMNS = {PATH: str, LABEL: str, PATIENT: str, DECISION: str, REASON: str, ERROR: str}
+TEXT_COLUMNS = {PATH: str, LABEL: str, PATIENT: str, SOURCE: str, DECISION: str, REASON: str,
+                ERROR: str}
 SUM_TOLERANCE = 1e-3  # probabilities are written with 6 significant digits
-NUMERIC_COLUMNS = {ROW, FOLD, UNFAMILIARITY, THRESHOLD, "confidence", "position",
+NUMERIC_COLUMNS = {ROW, FOLD, *SIGNALS, THRESHOLD, "confidence", "position",
                    *(c for c in SLIDE_COLUMNS if c != "slide_vendor")}
 # A spreadsheet runs a cell starting with one of these as a formula (=HYPERLINK(...), +cmd|...)
 FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
@@ -112,10 +119,11 @@ def text(values, index=None) -> pd.Series:
 def build(samples: Sequence["Sample"], probs: np.ndarray, classes: Sequence[str],
           decisions: Sequence[str], *, threshold: float, labels: bool, patients: bool,
           rows: bool = False, fold: int | None = None, errors: Sequence[str] | None = None,
-          reasons: Sequence[str] | None = None, unfamiliarity: np.ndarray | None = None,
+          reasons: Sequence[str] | None = None, signals: dict[str, np.ndarray] | None = None,
           slide_properties: Sequence[dict | None] | None = None) -> pd.DataFrame:
     """The predictions table of ``samples`` (one row each, in order), in the documented column
-    order. ``fold`` (cross-validation) adds the fold column; full training (fold 0) has none."""
+    order. ``fold`` (cross-validation) adds the fold column; full training (fold 0) has none;
+    ``signals``: the SIGNALS columns the decision step had (familiarity.ensemble_signals)."""
     # text as Python strings (object): file names that are not UTF-8 keep their surrogate
     # escapes, which pandas' pyarrow strings cannot hold
     df = pd.DataFrame({PATH: text([str(s.path) for s in samples])})
@@ -125,6 +133,8 @@ def build(samples: Sequence["Sample"], probs: np.ndarray, classes: Sequence[str]
         df[LABEL] = text([s.label for s in samples])
     if patients:
         df[PATIENT] = text([s.patient or str(s.path) for s in samples])
+    if any(getattr(s, "source", None) for s in samples):
+        df[SOURCE] = text([getattr(s, "source", None) or "" for s in samples])
     if fold:
         df[FOLD] = fold
     probs = np.asarray(probs, dtype=float).reshape(len(samples), len(classes))
@@ -133,8 +143,9 @@ def build(samples: Sequence["Sample"], probs: np.ndarray, classes: Sequence[str]
     df[DECISION] = list(decisions)
     if reasons is not None:
         df[REASON] = list(reasons)
-    if unfamiliarity is not None:
-        df[UNFAMILIARITY] = np.asarray(unfamiliarity, dtype=float)
+    for col in SIGNALS:
+        if signals is not None and signals.get(col) is not None:
+            df[col] = np.asarray(signals[col], dtype=float)
     if errors is not None:
         df[ERROR] = list(errors)
     df[THRESHOLD] = threshold
@@ -142,6 +153,14 @@ def build(samples: Sequence["Sample"], probs: np.ndarray, classes: Sequence[str]
         for col in SLIDE_COLUMNS:
             df[col] = [p[col] if p is not None else None for p in slide_properties]
     return df
+
+
+def signal(df: pd.DataFrame, column: str) -> np.ndarray | None:
+    """One of the SIGNALS columns as numbers (NaN where empty), or None where the table has
+    none (older tables, a model without the rule)."""
+    if column not in df.columns:
+        return None
+    return pd.to_numeric(df[column], errors="coerce").to_numpy(dtype=float)
 
 
 def read_fold(path: Path) -> pd.DataFrame:
@@ -218,12 +237,13 @@ def validate(df: pd.DataFrame, classes: list[str], source: Path | str,
         out = ok & np.isfinite(probs[:, j]) & ((probs[:, j] < 0) | (probs[:, j] > 1))
         if out.any():
             problems.append(f"column {c}: {out.sum()} values lie outside 0-1 ({_rows(out, df)})")
-    if UNFAMILIARITY in df.columns:  # 'nan' here would make an unfamiliar slide decided;
-        u = pd.to_numeric(df[UNFAMILIARITY], errors="coerce").to_numpy(dtype=float)
-        given = (df[UNFAMILIARITY].astype(str).str.strip() != "").to_numpy()  # empty: rule off
+    for col in (c for c in SIGNALS if c in df.columns):  # 'nan' here would make an
+        # unfamiliar or blank slide decided when the table is evaluated again
+        u = pd.to_numeric(df[col], errors="coerce").to_numpy(dtype=float)
+        given = (df[col].astype(str).str.strip() != "").to_numpy()  # empty: rule off
         bad = ok & given & ~(np.isfinite(u) & (u >= 0))
         if bad.any():
-            problems.append(f"column {UNFAMILIARITY}: {bad.sum()} values are not numbers of 0 or "
+            problems.append(f"column {col}: {bad.sum()} values are not numbers of 0 or "
                             f"more ({_rows(bad, df)}); leave it empty where the rule was off")
     if not problems:
         sums = probs[ok].sum(axis=1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections import Counter
@@ -36,6 +37,7 @@ class Sample:
     label: str | None = None
     patient: str | None = None
     row: int | None = None
+    source: str | None = None  # the SOURCE column: site, scanner or collection (per-source figures)
 
     @property
     def where(self) -> str:
@@ -166,7 +168,8 @@ def _samples_from_table(path: Path, need_labels: bool) -> tuple[list[Sample], bo
 
 def _samples_from_frame(df: pd.DataFrame, path: Path, base: Path,
                         need_labels: bool) -> tuple[list[Sample], bool]:
-    path_col, label_col, patient_col = (_column(df, n) for n in ("PATH", "CLASSIFICATION", "PATIENT"))
+    path_col, label_col, patient_col, source_col = (
+        _column(df, n) for n in ("PATH", "CLASSIFICATION", "PATIENT", "SOURCE"))
     if path_col is None:
         raise DataError(f"{path}: no PATH column (columns: {', '.join(df.columns) or 'none'}); "
                         "add a column PATH with the image or slide paths")
@@ -183,7 +186,9 @@ def _samples_from_frame(df: pd.DataFrame, path: Path, base: Path,
             raise DataError(f"{path}: row {row}: PATH is empty; fill it in or delete the row")
         label = str(rec[label_col]) if label_col else None
         patient = str(rec[patient_col]).strip() if patient_col else None
-        samples.append(Sample(to_local_path(text, base), label, patient or None, row))
+        source = str(rec[source_col]).strip() if source_col else None
+        samples.append(Sample(to_local_path(text, base), label, patient or None, row,
+                              source or None))
     return samples, patient_col is not None
 
 
@@ -214,7 +219,7 @@ def _normalise_labels(samples: list[Sample], source: Path,
     stripped = sum(1 for s in samples if s.label is not None and s.label != s.label.strip())
     if stripped:
         log.warning("%s: removed stray spaces around %d labels", source, stripped)
-    samples = [Sample(s.path, s.label.strip(), s.patient, s.row) if s.label is not None else s
+    samples = [dataclasses.replace(s, label=s.label.strip()) if s.label is not None else s
                for s in samples]
     empty = [s for s in samples if s.label == ""]
     if empty:

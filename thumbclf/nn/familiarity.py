@@ -20,6 +20,19 @@ are often classified with high confidence. This module gives the second reason f
 - ``unfamiliarity`` = score / threshold, averaged over an ensemble's models; above 1 the slide
   is Undecided with the reason ``unfamiliar`` (decide.decide_with_reasons).
 
+That part sees *what* a slide shows. A classifier's penultimate features are trained to ignore
+stain, scanner and rendering, so a slide from another world (a real slide for a model trained on
+drawings, a fluorescence scan, another lab's processing) can sit among the training features
+(issue 28 measured 0.2-0.7 of the threshold on real slides for a model trained on synthetic
+ones). The second part, ``Look``, sees *how* it looks: the look statistics of look.py (tissue,
+glass, stain in optical density, texture), scored the same way (distance to the k-th nearest
+training image, standardised per statistic) against the training images as the model saw them
+(with training's augmentation: the looks it learned to handle), thresholded on the validation
+images the same way. Each part's threshold is its validation 99th percentile (times MARGIN), so
+at most 1% + 1% of slides like the validation ones are called unfamiliar; the slide's
+unfamiliarity is the larger of the two, and the table gives both (unfamiliarity_content,
+unfamiliarity_look) so that a reader sees which part fired.
+
 Model files written before this rule (thumbclf 1.0, the prototype's) have no features: they
 deploy with confidence-only decisions, and the run says so once.
 """
@@ -32,6 +45,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import nn
+
+from thumbclf.core import table
+from thumbclf.nn import look
 
 log = logging.getLogger(__name__)
 BANK_SIZE = 1024
@@ -117,36 +133,98 @@ def scores(features: np.ndarray, bank: np.ndarray, k: int = K) -> np.ndarray:
     return out
 
 
+def distances(rows: np.ndarray, bank: np.ndarray, k: int = K) -> np.ndarray:
+    """Euclidean distance of each row to its k-th nearest bank row."""
+    rows, bank = np.asarray(rows, dtype=np.float64), np.asarray(bank, dtype=np.float64)
+    k = min(k, len(bank))
+    out = np.empty(len(rows))
+    for i in range(0, len(rows), 1024):
+        part = rows[i:i + 1024]
+        d2 = (part ** 2).sum(1)[:, None] - 2 * part @ bank.T + (bank ** 2).sum(1)[None, :]
+        out[i:i + 1024] = np.sqrt(np.partition(np.maximum(d2, 0), k - 1, axis=1)[:, k - 1])
+    return out
+
+
+@dataclass(frozen=True)
+class Look:
+    """The look part of the rule: the look statistics (look.py) of training images as the model
+    saw them, standardised per statistic, and the validation threshold of their scores."""
+
+    bank: np.ndarray  # (n, d) standardised look statistics
+    centre: np.ndarray  # (d,) the training images' mean ...
+    scale: np.ndarray  # (d,) ... and spread, per statistic
+    threshold: float
+    k: int = K
+
+    def unfamiliarity(self, looks: np.ndarray) -> np.ndarray:
+        """score / (validation quantile x MARGIN): above 1, unfamiliar."""
+        return self.scores(looks) / (self.threshold * MARGIN)
+
+    def scores(self, looks: np.ndarray) -> np.ndarray:
+        return distances((np.asarray(looks, dtype=np.float64) - self.centre) / self.scale,
+                         self.bank, self.k)
+
+    def to_file(self) -> dict:
+        return {"bank": torch.from_numpy(self.bank.astype(np.float32)),
+                "centre": torch.from_numpy(self.centre.astype(np.float64)),
+                "scale": torch.from_numpy(self.scale.astype(np.float64)),
+                "threshold": float(self.threshold), "k": int(self.k)}
+
+    @classmethod
+    def from_file(cls, obj: dict | None) -> "Look | None":
+        if not obj:
+            return None
+        return cls(obj["bank"].double().numpy(), obj["centre"].double().numpy(),
+                   obj["scale"].double().numpy(), float(obj["threshold"]), int(obj["k"]))
+
+    @classmethod
+    def fit(cls, train_looks: np.ndarray, val_looks: np.ndarray) -> "Look":
+        train_looks = np.asarray(train_looks, dtype=np.float64)
+        centre = train_looks.mean(0)
+        scale = np.maximum(train_looks.std(0), 1e-3)  # a statistic constant in training
+        bank = ((train_looks - centre) / scale).astype(np.float32).astype(np.float64)
+        part = cls(bank, centre, scale, 1.0)
+        threshold = float(np.quantile(part.scores(val_looks), QUANTILE))
+        return cls(bank, centre, scale, max(threshold, 1e-6))
+
+
 @dataclass(frozen=True)
 class Familiarity:
-    """What the model file stores for the rule."""
+    """What the model file stores for the rule: its content part (features) and, in model
+    files from thumbclf 1.3 on, its look part."""
 
     bank: np.ndarray  # (n, d) L2-normalised training features
     threshold: float  # the validation quantile of the scores (the file's "threshold")
     k: int = K
     quantile: float = QUANTILE
+    look: Look | None = None
 
     def unfamiliarity(self, features: np.ndarray) -> np.ndarray:
-        """score / (validation quantile x MARGIN): above 1, unfamiliar."""
+        """The content part: score / (validation quantile x MARGIN): above 1, unfamiliar."""
         return scores(features, self.bank, self.k) / (self.threshold * MARGIN)
 
     def to_file(self) -> dict:
-        return {"bank": torch.from_numpy(self.bank.astype(np.float16)),
-                "threshold": float(self.threshold), "k": int(self.k),
-                "quantile": float(self.quantile)}
+        out = {"bank": torch.from_numpy(self.bank.astype(np.float16)),
+               "threshold": float(self.threshold), "k": int(self.k),
+               "quantile": float(self.quantile)}
+        if self.look is not None:
+            out["look"] = self.look.to_file()
+        return out
 
     @classmethod
     def from_file(cls, obj: dict | None) -> "Familiarity | None":
         if not obj:
             return None
         return cls(obj["bank"].float().numpy(), float(obj["threshold"]), int(obj["k"]),
-                   float(obj["quantile"]))
+                   float(obj["quantile"]), Look.from_file(obj.get("look")))
 
 
-def fit(train_features: np.ndarray, val_features: np.ndarray) -> Familiarity | None:
+def fit(train_features: np.ndarray, val_features: np.ndarray,
+        train_looks: np.ndarray | None = None, val_looks: np.ndarray | None = None
+        ) -> Familiarity | None:
     """The bank (the features of at most BANK_SIZE training images, which the caller picks)
-    and the validation threshold; None (with the reason logged) when the validation split is
-    too small to choose it."""
+    and the validation threshold, with the look part where looks are given; None (with the
+    reason logged) when the validation split is too small to choose it."""
     if len(val_features) < MIN_VALIDATION or len(train_features) < K:
         log.warning("unfamiliar-slide rule off for this model: %d validation images (need %d "
                     "to choose its threshold: more images or a larger val_fraction)",
@@ -154,21 +232,49 @@ def fit(train_features: np.ndarray, val_features: np.ndarray) -> Familiarity | N
         return None
     bank = normalise(train_features).astype(np.float16).astype(np.float32)  # as the file has it
     threshold = float(np.quantile(scores(val_features, bank), QUANTILE))
-    return Familiarity(bank, max(threshold, 1e-6))
+    look = (Look.fit(train_looks, val_looks) if train_looks is not None
+            and val_looks is not None and len(train_looks) >= K else None)
+    return Familiarity(bank, max(threshold, 1e-6), look=look)
+
+
+def bank_positions(train_pos: np.ndarray, seed) -> np.ndarray:
+    """A seeded sample of at most BANK_SIZE training positions, in order."""
+    return np.sort(np.random.default_rng(seed).permutation(train_pos)[:BANK_SIZE])
+
+
+def training_looks(get, positions: np.ndarray, *, seed: int, augmented: bool,
+                   stain: float) -> np.ndarray:
+    """The look part's bank: the training images at ``positions`` as training augmented them
+    (``stain``: its lab-to-lab strength), seeded, in up to 4 draws each where there are few, so
+    that the bank covers what the model saw; ``get``: uint8 images by position."""
+    draws = max(1, min(4, BANK_SIZE // max(1, len(positions))))
+    gen = torch.Generator().manual_seed(seed) if augmented else None
+    return look.of_images(get, np.tile(positions, draws), gen=gen, stain=stain)[0]
 
 
 def rule_sentence(rule: Familiarity | None = None) -> str:
     """What the report says of the rule in force (``rule``: with its bank's size)."""
     how = (f" (cosine distance to the {rule.k}th nearest of {len(rule.bank)} training images)"
            if rule is not None else "")
+    look = ("" if rule is not None and rule.look is None else
+            "; so is a slide whose look (tissue, glass, stain, texture) lies as far from the "
+            "training images' looks (column unfamiliarity_look)")
     return (f"Unfamiliar-slide rule: on; a slide whose features lie {MARGIN:g} times further "
             f"from the training images than {QUANTILE:.0%} of the validation images did{how} "
-            "is Undecided (undecided_reason 'unfamiliar').")
+            f"is Undecided (undecided_reason 'unfamiliar'){look}.")
 
 
-def ensemble_unfamiliarity(rules: list[Familiarity | None], features: list[np.ndarray]
-                           ) -> np.ndarray | None:
-    """Mean unfamiliarity over the models; None when any model has no rule."""
+def ensemble_signals(rules: list[Familiarity | None], features: list[np.ndarray],
+                     looks: np.ndarray, tissue: np.ndarray) -> dict[str, np.ndarray]:
+    """What the decision step needs besides the probabilities, by predictions-table column:
+    the tissue fraction, and where every model has the rule its unfamiliarity (the larger of
+    its parts) and each part, averaged over the models."""
+    out = {table.TISSUE: np.asarray(tissue, dtype=float)}
     if not rules or any(r is None for r in rules):
-        return None
-    return np.mean([r.unfamiliarity(f) for r, f in zip(rules, features)], axis=0)
+        return out
+    content = np.mean([r.unfamiliarity(f) for r, f in zip(rules, features)], axis=0)
+    out[table.UNFAMILIARITY] = out[table.UNFAMILIAR_CONTENT] = content
+    if all(r.look is not None for r in rules):
+        out[table.UNFAMILIAR_LOOK] = np.mean([r.look.unfamiliarity(looks) for r in rules], axis=0)
+        out[table.UNFAMILIARITY] = np.maximum(content, out[table.UNFAMILIAR_LOOK])
+    return out

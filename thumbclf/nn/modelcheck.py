@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from thumbclf.core.errors import ModelError
+from thumbclf.nn import look
 
 MIN_INPUT_SIZE, MAX_INPUT_SIZE = 16, 2048
 MAX_SLIDE_SIZE = 16384
@@ -90,38 +91,67 @@ def _common(obj: dict, version: int) -> list[str]:
     return problems
 
 
+def _bank_problems(name: str, bank: Any, max_dim: int) -> tuple[list[str], int]:
+    """What is wrong with a feature bank (a 2-D float tensor of thumbclf's making); its rows."""
+    if not isinstance(bank, torch.Tensor) or bank.dim() != 2 or not bank.is_floating_point():
+        got = tuple(bank.shape) if isinstance(bank, torch.Tensor) else type(bank).__name__
+        return [f"{name} must be a 2-D tensor of floats; got {got}"], 0
+    rows, dim = bank.shape
+    if not 1 <= rows <= MAX_BANK_ROWS or not 1 <= dim <= max_dim:
+        return [f"{name} has shape {tuple(bank.shape)}; it holds 1 to {MAX_BANK_ROWS} rows of 1 "
+                f"to {max_dim} features"], rows
+    if 0 in bank.stride() or bank.untyped_storage().nbytes() < bank.numel() * bank.element_size():
+        return [f"{name} of shape {tuple(bank.shape)} has repeated (stride-0) rows; it is not a "
+                "bank thumbclf writes"], rows
+    if not bool(torch.isfinite(bank).all()):
+        return [f"{name} holds NaN or infinite features"], rows
+    return [], rows
+
+
+def _rule_problems(name: str, rule: dict, rows: int) -> list[str]:
+    """k and threshold of a rule (its content or its look part)."""
+    problems = []
+    k = rule.get("k")
+    if not _integer(k) or not 1 <= k <= max(rows, 1):
+        problems.append(f"{name}.k must be a whole number from 1 to the bank's rows "
+                        f"({rows}); got {k!r}")
+    t = rule.get("threshold")
+    if not _number(t) or t <= 0:
+        problems.append(f"{name}.threshold must be a finite number above 0; got {t!r}")
+    return problems
+
+
 def _familiarity_problems(fam: Any) -> list[str]:
     if fam is None:
         return []
     if not isinstance(fam, dict):
         return [f"familiarity must be a dictionary; got {type(fam).__name__}"]
-    problems = []
-    bank = fam.get("bank")
-    if not isinstance(bank, torch.Tensor) or bank.dim() != 2 or not bank.is_floating_point():
-        problems.append("familiarity.bank must be a 2-D tensor of floats; got "
-                        f"{tuple(bank.shape) if isinstance(bank, torch.Tensor) else type(bank).__name__}")
-        rows = 0
-    else:
-        rows, dim = bank.shape
-        if not 1 <= rows <= MAX_BANK_ROWS or not 1 <= dim <= MAX_FEATURES:
-            problems.append(f"familiarity.bank has shape {tuple(bank.shape)}; it holds 1 to "
-                            f"{MAX_BANK_ROWS} rows of 1 to {MAX_FEATURES} features")
-        elif 0 in bank.stride() or bank.untyped_storage().nbytes() < bank.numel() * bank.element_size():
-            problems.append(f"familiarity.bank of shape {tuple(bank.shape)} has repeated (stride-0) "
-                            "rows; it is not a bank thumbclf writes")
-        elif not bool(torch.isfinite(bank).all()):
-            problems.append("familiarity.bank holds NaN or infinite features")
-    k = fam.get("k")
-    if not _integer(k) or not 1 <= k <= max(rows, 1):
-        problems.append(f"familiarity.k must be a whole number from 1 to the bank's rows "
-                        f"({rows}); got {k!r}")
-    t = fam.get("threshold")
-    if not _number(t) or t <= 0:
-        problems.append(f"familiarity.threshold must be a finite number above 0; got {t!r}")
+    problems, rows = _bank_problems("familiarity.bank", fam.get("bank"), MAX_FEATURES)
+    problems += _rule_problems("familiarity", fam, rows)
     q = fam.get("quantile")
     if not _number(q) or not 0 < q <= 1:
         problems.append(f"familiarity.quantile must be a number in (0, 1]; got {q!r}")
-    return problems
+    return problems + _look_problems(fam.get("look"))
+
+
+def _look_problems(part: Any) -> list[str]:
+    """The look part of the rule (thumbclf 1.3 on; absent before)."""
+    if part is None:
+        return []
+    if not isinstance(part, dict):
+        return [f"familiarity.look must be a dictionary; got {type(part).__name__}"]
+    dim = len(look.NAMES)
+    problems, rows = _bank_problems("familiarity.look.bank", part.get("bank"), dim)
+    if not problems and part["bank"].shape[1] != dim:
+        problems.append(f"familiarity.look.bank has {part['bank'].shape[1]} statistics per row; "
+                        f"this thumbclf computes {dim}")
+    for field in ("centre", "scale"):
+        v = part.get(field)
+        if not (isinstance(v, torch.Tensor) and v.shape == (dim,) and v.is_floating_point()
+                and bool(torch.isfinite(v).all()) and (field == "centre" or bool((v > 0).all()))):
+            problems.append(f"familiarity.look.{field} must be {dim} finite numbers"
+                            f"{' above 0' if field == 'scale' else ''}")
+    return problems + _rule_problems("familiarity.look", part, rows)
 
 
 def _calibration_problems(cal: Any) -> list[str]:

@@ -15,14 +15,13 @@ import numpy as np
 import pandas as pd
 
 from thumbclf.core import layout, table
-from thumbclf.core.decide import (LOW_CONFIDENCE, UNDECIDED, UNFAMILIAR, decide_with_reasons,
-                                  threshold_in_force)
+from thumbclf.core.decide import UNDECIDED, decide_with_reasons, threshold_in_force
 from thumbclf.core.errors import ImageReadError
 from thumbclf.core.files import atomic_csv, atomic_text
 from thumbclf.inputs.decode import load_array
 from thumbclf.inputs.images import Preprocessing
 from thumbclf.outputs import metrics as M
-from thumbclf.outputs import plots, report
+from thumbclf.outputs import plots, report, trust
 
 log = logging.getLogger(__name__)
 
@@ -57,29 +56,6 @@ def _gallery_items(df: pd.DataFrame, classes: list[str], errors: bool, k: int = 
              "note": f"{top[i]:.2f}, {why[i]}" if why[i] else ""} for i in idx]
 
 
-def unfamiliar_section(df: pd.DataFrame, out: Path, load, k: int = 12) -> list[tuple[str, str]]:
-    """The most unfamiliar slides as a gallery, with how many were Undecided for each reason
-    (nothing when the table has no unfamiliarity column: a model without the rule)."""
-    if table.UNFAMILIARITY not in df.columns:
-        return []
-    unf = pd.to_numeric(df[table.UNFAMILIARITY], errors="coerce").to_numpy(float)
-    reasons = (df[table.REASON].fillna("").astype(str) if table.REASON in df.columns
-               else pd.Series([""] * len(df)))
-    n_unf, n_low = int((reasons == UNFAMILIAR).sum()), int((reasons == LOW_CONFIDENCE).sum())
-    idx = np.flatnonzero(np.isfinite(unf))
-    idx = idx[np.argsort(-unf[idx], kind="stable")][:k]
-    lab = df[table.LABEL].astype(str).to_numpy() if table.LABEL in df else np.array([""] * len(df))
-    items = [{"path": df["PATH"].iloc[i], "label": lab[i],
-              "decision": str(df["model_prediction"].iloc[i]), "prob": 0.0,
-              "note": f"unfamiliarity {unf[i]:.2f}"} for i in idx]
-    fig = plots.gallery(items, out / layout.PLOTS / "gallery_unfamiliar.png",
-                        "Most unfamiliar slides (above 1: Undecided as unfamiliar)", load)
-    text = (f"<p>Undecided as <b>unfamiliar</b> (features far from every training image): "
-            f"{n_unf}; as <b>low confidence</b>: {n_low}. The undecided_reason and "
-            "unfamiliarity columns of predictions.csv give each slide's.</p>")
-    return [("Unfamiliar slides", text + report.img(fig, "most unfamiliar slides"))]
-
-
 def _data_summary(df: pd.DataFrame, classes: list[str], split_df: pd.DataFrame | None,
                   failures: int) -> str:
     counts = df["CLASSIFICATION"].astype(str).value_counts()
@@ -108,11 +84,10 @@ def evaluate_table(df: pd.DataFrame, classes: list[str], out: Path, *, threshold
                    extra_sections: list[tuple[str, str]] = (), notes: list[str] = (),
                    thumbs=None) -> dict[str, Any]:
     """Write metrics, confusion matrices, plots and the report for one labelled table."""
-    if threshold is not None:  # the unfamiliar rule still holds (unfamiliarity column)
-        unf = (pd.to_numeric(df[table.UNFAMILIARITY], errors="coerce").to_numpy(float)
-               if table.UNFAMILIARITY in df.columns else None)
+    if threshold is not None:  # the tissue and unfamiliar rules still hold (their columns)
         decisions, reasons = decide_with_reasons(df[classes].to_numpy(float), classes, threshold,
-                                                 unf)
+                                                 table.signal(df, table.UNFAMILIARITY),
+                                                 table.signal(df, table.TISSUE))
         df = df.assign(**{table.DECISION: decisions, table.REASON: reasons})
     used = threshold_in_force(given=threshold, default=None,
                               table=df["threshold"] if "threshold" in df else ()).value
@@ -123,6 +98,9 @@ def evaluate_table(df: pd.DataFrame, classes: list[str], out: Path, *, threshold
     if "fold" in df.columns and df["fold"].nunique() > 1:
         for f, part in df.groupby("fold"):
             scopes[f"fold {f}"] = M.compute(part, classes, resamples=resamples, seed=seed)
+    if table.SOURCE in df.columns and df[table.SOURCE].nunique() > 1:  # slides of one site
+        for src, part in df.groupby(table.SOURCE, sort=True):  # tend to fail together
+            scopes[f"source {src or '(none)'}"] = M.compute(part, classes, resamples=0, seed=seed)
     cm = M.confusion(df, order)
     atomic_csv(cm.reset_index(), out / layout.CONFUSION)
     atomic_csv(M.row_normalised(cm).reset_index(), out / layout.CONFUSION_NORMALISED)
@@ -135,7 +113,7 @@ def evaluate_table(df: pd.DataFrame, classes: list[str], out: Path, *, threshold
     atomic_csv(pd.DataFrame(rows), out / layout.METRICS_CSV)
     sections = _sections(m, scopes, cm, figs, used=used, resamples=resamples,
                          patients="PATIENT" in df.columns)
-    sections += unfamiliar_section(df, out, load)
+    sections += trust.section(df, out, load)
     sections += list(extra_sections)
     report.write(out / layout.REPORT, title=title, kind=kind, params=params or {},
                  data_summary=_data_summary(df, classes, split_df, failures),
@@ -179,7 +157,8 @@ def _sections(m: M.Metrics, scopes: dict[str, M.Metrics], cm: pd.DataFrame, figs
                                "coverage": mm.coverage, "accuracy (decided)": mm.accuracy_decided,
                                "macro F1": mm.macro_f1} for s, mm in scopes.items()}).T
         ft["n"] = ft["n"].astype(int)
-        fold_table = "<p>Per fold (each fold's test images; 'all' = pooled):</p>" + report.table(ft)
+        fold_table = ("<p>Per fold (each fold's test images) and per source (the SOURCE "
+                      "column); 'all' = pooled:</p>" + report.table(ft))
     thr_text = (f"<p>Threshold in use: <b>{used:.3f}</b>. On this data a threshold of "
                 f"{report.fmt(m.threshold_for_95)} would reach 95% accuracy and "
                 f"{report.fmt(m.threshold_for_99)} 99% (among decided slides).</p>"
@@ -224,7 +203,7 @@ def decisions_report(folder: Path, table: pd.DataFrame, *, classes, failures: in
                  "reason in the error column.</div>")
     sections = [("Decisions", report.table(summary, index=False) + report.img(fig, "decisions")),
                 ("Undecided", report.img(gallery, "undecided") or "<p>No Undecided slides.</p>")]
-    sections += unfamiliar_section(ok, folder, thumbs)
+    sections += trust.section(ok, folder, thumbs)
     report.write(folder / layout.REPORT, title=title,
                  kind="Deployment without labels", params=settings,
                  data_summary=data, sections=sections + list(extra_sections), notes=list(notes))

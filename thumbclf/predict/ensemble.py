@@ -16,7 +16,7 @@ from thumbclf.core.errors import ConfigError, ImageReadError, ModelError
 from thumbclf.core.files import atomic_torch_save
 from thumbclf.inputs.decode import load_array
 from thumbclf.inputs.samples import SampleSet
-from thumbclf.nn import familiarity
+from thumbclf.nn import familiarity, look
 from thumbclf.nn.data import to_input
 from thumbclf.nn.augment import dihedral
 from thumbclf.nn.engine import recalibrate_bn, softmax
@@ -33,9 +33,11 @@ def exact_runners(models: list[LoadedModel], device: torch.device) -> list[infer
 
 @torch.inference_mode()
 def ensemble_predict(models: list[LoadedModel], runners: list[inference.Runner], x: torch.Tensor,
-                     device: torch.device, tta: bool) -> tuple[np.ndarray, np.ndarray | None]:
-    """Average of each model's calibrated softmax (over 8 flips/rotations with TTA), and the
-    mean unfamiliarity (None without the unfamiliar-slide rule)."""
+                     device: torch.device, tta: bool) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Average of each model's calibrated softmax (over 8 flips/rotations with TTA) of uint8
+    images ``x`` (n, H, W, 3), and the decision step's other inputs by table column (the tissue
+    fraction; the unfamiliarity and its parts where the models have the rule:
+    familiarity.ensemble_signals)."""
     first = models[0]
     n_classes = len(first.classes)
     inputs = to_input(x, first.norm, device, channels_last=not first.legacy)
@@ -53,8 +55,10 @@ def ensemble_predict(models: list[LoadedModel], runners: list[inference.Runner],
         features.append(feats)
         p = softmax(logits, m.temperature)
         total = p if total is None else total + p
-    unfamiliarity = familiarity.ensemble_unfamiliarity([m.familiarity for m in models], features)
-    return total / len(models), unfamiliarity
+    looks, tissue = look.describe(x)
+    signals = familiarity.ensemble_signals([m.familiarity for m in models], features, looks,
+                                           tissue)
+    return total / len(models), signals
 
 
 ADAPT_IMAGES = 512

@@ -2,9 +2,9 @@
 
 An executor does two jobs for the workflows, which read the same whatever runs them:
 
-- ``predict(...)``: batches of (sample positions, probabilities, unfamiliarity, error messages)
-  for the images
-  to predict, in any order; deployment appends them to its partial file (resume, flat memory).
+- ``predict(...)``: batches of (sample positions, probabilities, the decision step's other
+  inputs by table column (local.Batch), error messages) for the images to predict, in any
+  order; deployment appends them to its partial file (resume, flat memory).
 - ``run_folds(fn, folds, shared)``: ``fn(fold=k, device=..., **shared)`` for every fold, in
   fold order of the results.
 

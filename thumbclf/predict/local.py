@@ -31,8 +31,9 @@ class ExecutorSpec:
     source: Path | str = "experiment"
 
 
-# positions, probabilities (n, classes), unfamiliarity (n; None without the rule), errors
-Batch = tuple[np.ndarray, np.ndarray, "np.ndarray | None", list[str]]
+# positions, probabilities (n, classes), the decision step's other inputs by table column
+# (tissue fraction, unfamiliarity and its parts: familiarity.ensemble_signals), errors
+Batch = tuple[np.ndarray, np.ndarray, "dict[str, np.ndarray]", list[str]]
 
 
 RAY_INSTALL = 'pip install "thumbclf[ray]"'
@@ -63,8 +64,8 @@ class LocalExecutor:
         todo = np.asarray(positions)
         for pos, x, errors in loader:
             with torch.inference_mode():
-                probs, unfamiliarity = ensemble_predict(models, runners, x, device, params.tta)
-            yield todo[pos.numpy()], probs, unfamiliarity, list(errors)
+                probs, signals = ensemble_predict(models, runners, x, device, params.tta)
+            yield todo[pos.numpy()], probs, signals, list(errors)
 
     def run_folds(self, fn: Callable, folds: list[int], shared: dict[str, Any], *,
                   device) -> Iterator:

@@ -34,6 +34,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from thumbclf.core.errors import ConfigError
+from thumbclf.core.table import SIGNALS
 from thumbclf.core.logs import remove_handlers, setup_logging
 from thumbclf.predict.local import ExecutorSpec
 
@@ -184,7 +185,7 @@ class RayExecutor:
 
     def predict(self, models, positions: list[int], paths: list[Path], *, device,
                 slide_cache: Path | None, runners=None) -> Iterator:
-        """Batches (positions, probabilities, unfamiliarity, errors) as Ray Data streams them."""
+        """Batches (positions, probabilities, signals, errors) as Ray Data streams them."""
         from thumbclf.predict.local import decode_workers
 
         ray, params = self.ray, self.params
@@ -212,9 +213,9 @@ class RayExecutor:
                 for out in stream:
                     pos = np.asarray(out["position"], dtype=np.int64)
                     seen.update(pos.tolist())
-                    unfamiliarity = np.asarray(out["unfamiliarity"], dtype=float)
+                    signals = {c: np.asarray(out[c], dtype=float) for c in SIGNALS}
                     yield (pos, np.asarray(out["probs"], dtype=float),
-                           None if np.isnan(unfamiliarity).all() else unfamiliarity,
+                           {c: v for c, v in signals.items() if not np.isnan(v).all()},
                            [str(e) for e in out["error"]])
             finally:  # stopped early (Ctrl-C): end Ray Data's execution before Ray itself
                 getattr(stream, "close", lambda: None)()
@@ -222,7 +223,7 @@ class RayExecutor:
         if todo:  # still missing after a task per file: these files kill their worker
             msg = WORKER_DIED.format(n=1 + _RETRIES)
             yield (np.array([p for p, _ in todo], dtype=np.int64), np.zeros((len(todo), n_classes)),
-                   None, [f"{path}: {msg}" for _, path in todo])
+                   {}, [f"{path}: {msg}" for _, path in todo])
 
     def _dataset(self, todo, block: int, models_ref, prep, slide_cache, *, gpus: bool,
                  decoders: int | None, threads: int, batch: int):
@@ -313,13 +314,12 @@ class _Infer:
 
         from thumbclf.predict.ensemble import ensemble_predict
 
-        probs, unfamiliarity = ensemble_predict(
+        probs, signals = ensemble_predict(
             self.models, self.runners, torch.from_numpy(np.ascontiguousarray(batch["image"])),
             self.device, self.tta)
-        if unfamiliarity is None:  # a column Ray Data can carry
-            unfamiliarity = np.full(len(probs), np.nan)
-        return {"position": batch["position"], "probs": probs, "unfamiliarity": unfamiliarity,
-                "error": batch["error"]}
+        missing = np.full(len(probs), np.nan)  # a column Ray Data can carry
+        return {"position": batch["position"], "probs": probs,
+                **{c: signals.get(c, missing) for c in SIGNALS}, "error": batch["error"]}
 
 
 def _fold_task(fn: Callable, fold: int, shared: dict, threads: int, device_name: str,

@@ -166,53 +166,55 @@ def check_partial_header(partial: Path, header: list[str]) -> None:
 def final_table(sample_set: SampleSet, partial: Path, classes: tuple[str, ...],
                 has_labels: bool, threshold: float, is_slide: list[bool]) -> pd.DataFrame:
     """The predictions table in input order, with slide properties where there are slides."""
-    rows = table_io.read_csv(partial, numeric=["position", *classes, table_io.UNFAMILIARITY])
+    rows = table_io.read_csv(partial, numeric=["position", *classes, *table_io.SIGNALS])
     rows = rows.drop_duplicates("position", keep="last").set_index("position").sort_index()
     rows = rows.reindex(range(len(sample_set)))
-    errors = rows["error"].fillna("").to_numpy()
-    unfamiliarity = rows[table_io.UNFAMILIARITY].to_numpy(dtype=float)
+    errors = rows[table_io.ERROR].fillna("").to_numpy()
+    signals = {c: rows[c].to_numpy(dtype=float) for c in table_io.SIGNALS}
     slide_properties = [slides.properties(s.path) if slide and not err else None
                         for s, slide, err in zip(sample_set.samples, is_slide, errors)]
     return table_io.build(sample_set.samples, rows[list(classes)].to_numpy(dtype=float), classes,
-                          rows["model_prediction"].fillna("").to_numpy(), threshold=threshold,
+                          rows[table_io.DECISION].fillna("").to_numpy(), threshold=threshold,
                           reasons=rows[table_io.REASON].fillna("").to_numpy(),
-                          unfamiliarity=None if np.isnan(unfamiliarity).all() else unfamiliarity,
+                          signals={c: v for c, v in signals.items() if not np.isnan(v).all()},
                           labels=has_labels, patients=sample_set.has_patients,
                           rows=any(s.row is not None for s in sample_set.samples),
                           errors=errors, slide_properties=slide_properties)
 
 
-
 def partial_header(classes) -> list[str]:
-    """The columns of the partial file: position, probabilities, decision, reason, unfamiliarity,
-    error."""
-    return ["position", *classes, table_io.DECISION, table_io.REASON, table_io.UNFAMILIARITY,
+    """The columns of the partial file: position, probabilities, decision, reason, the decision
+    step's other inputs (table.SIGNALS), error."""
+    return ["position", *classes, table_io.DECISION, table_io.REASON, *table_io.SIGNALS,
             table_io.ERROR]
 
 
 def append_batches(batches, partial: Path, classes, threshold: float, *, bar=None) -> int:
-    """Decide every batch of (positions, probabilities, unfamiliarity, errors) and append its
-    rows whole to the partial file; the number of unreadable images. The one path from a
+    """Decide every batch of (positions, probabilities, signals, errors) and append its rows
+    whole to the partial file; the number of unreadable images. The one path from a
     prediction to a row, for the command line and the API alike."""
     header = partial_header(classes)
     new_file = not partial.is_file() or partial.stat().st_size == 0
     if not new_file:
         check_partial_header(partial, header)
     n_err = 0
-    for pos, probs, unfamiliarity, errors in batches:
-        decisions, reasons = decide_with_reasons(probs, classes, threshold, unfamiliarity)
+    blank = [""] * (len(classes) + 2 + len(table_io.SIGNALS))
+    for pos, probs, signals, errors in batches:
+        decisions, reasons = decide_with_reasons(probs, classes, threshold,
+                                                 signals.get(table_io.UNFAMILIARITY),
+                                                 signals.get(table_io.TISSUE))
+        columns = [signals.get(c) for c in table_io.SIGNALS]
         rows = [header] if new_file else []
         new_file = False
         for j, p in enumerate(pos.tolist()):
             if errors[j]:
                 n_err += 1
                 log.debug("unreadable: %s", errors[j])
-                rows.append([p, *([""] * len(classes)), "", "", "", clean(errors[j])])
+                rows.append([p, *blank, clean(errors[j])])
             else:
                 rows.append([p, *(f"{v:.6g}" for v in probs[j]), decisions[j], reasons[j],
-                             "" if unfamiliarity is None else f"{unfamiliarity[j]:.4g}", ""])
+                             *("" if c is None else f"{c[j]:.4g}" for c in columns), ""])
         append_whole(partial, _csv_rows(rows))
         if bar is not None:
             bar.update(len(pos))
     return n_err
-

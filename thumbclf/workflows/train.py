@@ -1,5 +1,4 @@
-"""The training workflow, top to bottom: samples -> cache -> splits -> folds -> predictions ->
-evaluation."""
+"""The training workflow, top to bottom: samples -> cache -> splits -> folds -> evaluation."""
 
 from __future__ import annotations
 
@@ -27,12 +26,11 @@ from thumbclf.inputs import splits as splitting
 from thumbclf.inputs.corrections import apply_corrections, read_corrections
 from thumbclf.inputs.images import Preprocessing
 from thumbclf.inputs.samples import (SampleSet, check_class_names, check_class_sizes, discover)
-from thumbclf.nn import familiarity
+from thumbclf.nn import familiarity, look
 from thumbclf.nn.data import IMAGENET, training_batches
 from thumbclf.nn.calibration import MIN_CALIBRATION_IMAGES, Calibration, fit_temperature
 from thumbclf.nn.engine import (EarlyStopping, FitResult, FitSpec, configure_threads, fit,
                                 predict_logits, softmax)
-from thumbclf.nn.familiarity import WithFeatures
 from thumbclf.nn.models import (build_model, head_names, input_size, load_model, load_ssl,
                                 read_weights, save_model)
 from thumbclf.nn.freeze import freeze
@@ -236,7 +234,7 @@ def _fold_table(params: TrainParams, model: nn.Module, decoded, y: np.ndarray,
                 sample_set: SampleSet, *, fold: int, train_pos, val_pos, eval_pos,
                 temperature: float, threshold: float, device: torch.device, fitted: FitResult):
     """The fold's predictions table on its evaluation images, and its unfamiliar-slide rule
-    (fitted on training features, thresholded on validation ones; None when off).
+    (fitted on training features and looks, thresholded on validation ones; None when off).
 
     What the best epoch computed anyway is reused (``fitted``): its validation logits and
     features (evaluation mode, the same weights: the same numbers a new pass would give) and the
@@ -245,30 +243,32 @@ def _fold_table(params: TrainParams, model: nn.Module, decoded, y: np.ndarray,
     classes = sample_set.classes
 
     def outputs(positions):  # logits and features (unaugmented, evaluation mode), in order
-        out, _ = predict_logits(WithFeatures(model, head_names(model)[0]), training_batches(
-            decoded, positions, y, batch_size=params.batch_size * 2,
-            rng=np.random.default_rng(0), shuffle=False, drop_single=False),
-            norm=IMAGENET, device=device)
+        batches = training_batches(decoded, positions, y, batch_size=params.batch_size * 2,
+                                   rng=np.random.default_rng(0), shuffle=False, drop_single=False)
+        out, _ = predict_logits(familiarity.WithFeatures(model, head_names(model)[0]), batches,
+                                norm=IMAGENET, device=device)
         return familiarity.split(out, len(classes))
 
     rule, val = None, (fitted.val_logits, fitted.val_features)
     have_val = val[0] is not None and (val[1] is not None or not params.unfamiliar)
     logits, eval_features = val if fold == 0 and have_val else outputs(eval_pos)
+    eval_looks, eval_tissue = look.of_images(decoded.get, eval_pos)
     if params.unfamiliar:
         val_features = (eval_features if fold == 0 else fitted.val_features
                         if have_val else outputs(val_pos)[1])
-        bank = fitted.train_features
-        if bank is None:
-            bank_pos = np.sort(np.random.default_rng([params.seed, fold, 2]).permutation(
-                train_pos)[:familiarity.BANK_SIZE])
-            bank = outputs(bank_pos)[1]
-        rule = familiarity.fit(bank, val_features)
+        bank_pos = familiarity.bank_positions(train_pos, [params.seed, fold, 2])
+        bank = fitted.train_features if fitted.train_features is not None else outputs(bank_pos)[1]
+        train_looks = familiarity.training_looks(  # as training augmented them
+            decoded.get, bank_pos, seed=params.seed * 1000 + fold + 11, augmented=params.augment,
+            stain=params.stain_augment if params.augment else 0.0)
+        val_looks = eval_looks if fold == 0 else look.of_images(decoded.get, val_pos)[0]
+        rule = familiarity.fit(bank, val_features, train_looks, val_looks)
     probs = softmax(logits, temperature)
-    unfamiliarity = rule.unfamiliarity(eval_features) if rule is not None else None
-    decisions, reasons = decide_with_reasons(probs, classes, threshold, unfamiliarity)
+    signals = familiarity.ensemble_signals([rule], [eval_features], eval_looks, eval_tissue)
+    decisions, reasons = decide_with_reasons(probs, classes, threshold, signals.get(
+        table_io.UNFAMILIARITY), signals[table_io.TISSUE])
     table = table_io.build([sample_set.samples[i] for i in eval_pos], probs, classes,
-                           decisions, threshold=threshold, reasons=reasons,
-                           unfamiliarity=unfamiliarity,
+                           decisions, threshold=threshold, reasons=reasons, signals=signals,
                            labels=True, patients=sample_set.has_patients, fold=fold)
     return table, rule
 

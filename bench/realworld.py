@@ -1,0 +1,191 @@
+#!/usr/bin/env python3
+"""Does "Undecided" hold on real slides? A model trained on synthetic slides, deployed on real
+slide thumbnails of public sources (../shared/realdata), beside the synthetic lab shift and
+unseen-type figures of bench/trust.py, in one table.
+
+    python bench/realworld.py [--per-class 50] [--max-epochs 12] [--variants default,stain]
+                              [--shifts 1.0,1.5,2.0] [--reuse] [--out DIR]
+
+Skips (exit 0, saying so) where ../shared/realdata is absent. Trains as a user would (the
+prototype's settings: full training, 12 epochs, lr 1e-4, batch 32, from scratch) on the 6
+synthetic slide types, once per variant (``default``: this checkout's defaults; ``stain``:
+``stain_augment: 0.5``), plus once without TMA for the unseen type, and deploys with defaults:
+
+- on the real thumbnails (``realdata/public`` with its labels and SOURCE, plus the labelled
+  ones of ``realdata/thumbnails``), unlabelled, with and without ``adapt_bn``: how many are
+  decided, why the others are Undecided, and accuracy among decided where the real label is one
+  of the model's classes (Tumor counts as Resection; Healthy, which the model lacks, as wrong
+  whenever decided; Other = not a slide type, must be Undecided; Unknown: left out);
+- the margin of the unfamiliar rule, recomputed from the same predictions (the unfamiliarity
+  parts scaled by 1.5 / margin), to show what it trades;
+- on the synthetic test set and the same slides as other labs would scan them (shifts), and a
+  type never trained on (TMA): as bench/trust.py.
+
+Writes bench/out/realworld/ (the deploys' reports hold the galleries of each reason) and prints
+Markdown tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import trust  # noqa: E402  (bench/trust.py: its runner, experiment writer and scores)
+from thumbclf.core import table  # noqa: E402
+from thumbclf.core.decide import NO_TISSUE, UNDECIDED, UNFAMILIAR  # noqa: E402
+from thumbclf.inputs import synth  # noqa: E402
+
+REALDATA = ROOT.parent / "shared" / "realdata"
+OUT = ROOT / "bench" / "out" / "realworld"
+TO_MODEL = {"Tumor": "Resection"}  # a real label -> the synthetic class of the same type
+KNOWN = ("Tumor", "Healthy", "IHC", "TMA", "Biopsy", "Fat", "LymphNode")
+# thumbnails/ has no labels file; its README names these by eye
+THUMBNAIL_LABELS = {"histoqc_coverslip_edge_ihc.png": "IHC", "cima_mouse-lung_ihc-ki67.jpg": "IHC",
+                    "cima_mouse-lung_ihc-cd31.jpg": "IHC"}
+MARGINS = (1.0, 1.5, 2.0, 3.0)
+
+
+def real_table(out: Path) -> Path:
+    """The real thumbnails as one table: PATH, SOURCE (the repository), and REAL_LABEL."""
+    public = pd.read_csv(REALDATA / "public" / "labels.csv", dtype=str, keep_default_na=False)
+    rows = [{"PATH": str(REALDATA / "public" / r.PATH), "SOURCE": r.SOURCE.split()[0],
+             "REAL_LABEL": r.CLASSIFICATION} for r in public.itertuples()]
+    for p in sorted((REALDATA / "thumbnails").iterdir()):
+        rows.append({"PATH": str(p), "SOURCE": p.name.split("_")[0],
+                     "REAL_LABEL": THUMBNAIL_LABELS.get(p.name, "Unknown")})
+    out.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(rows).to_csv(out / "real.csv", index=False)
+    return out / "real.csv"
+
+
+def real_scores(pred: pd.DataFrame, labels: pd.DataFrame, margin: float = 1.5) -> dict:
+    """What a deploy on the real thumbnails decided, at the rule's margin ``margin``."""
+    df = pred.merge(labels[["PATH", "REAL_LABEL"]], on="PATH")
+    decided = (df[table.DECISION] != UNDECIDED).to_numpy()
+    reason = df[table.REASON].astype(str).to_numpy()
+    if margin != 1.5 and table.UNFAMILIAR_CONTENT in df:
+        parts = [table.signal(df, c) * 1.5 / margin for c in
+                 (table.UNFAMILIAR_CONTENT, table.UNFAMILIAR_LOOK) if c in df]
+        unfamiliar = np.max(parts, axis=0) > 1
+        confident = df[[c for c in df.columns if c in synth.CLASSES]].max(axis=1) \
+            >= df[table.THRESHOLD]
+        decided = confident.to_numpy() & ~unfamiliar & (reason != NO_TISSUE)
+        reason = np.where(decided, "", np.where(reason == NO_TISSUE, NO_TISSUE,
+                                                np.where(unfamiliar, UNFAMILIAR, "low")))
+    real = df["REAL_LABEL"].to_numpy()
+    known = np.isin(real, KNOWN)
+    right = df[table.DECISION].to_numpy() == np.array([TO_MODEL.get(r, r) for r in real])
+    dk = decided & known
+    return {"slides": len(df), "decided": int(decided.sum()),
+            "known-type slides decided": f"{int(dk.sum())} of {int(known.sum())}",
+            "accuracy (decided, known types)": float(right[dk].mean()) if dk.any() else None,
+            "Other Undecided": f"{int((~decided & (real == 'Other')).sum())} of "
+                               f"{int((real == 'Other').sum())}",
+            "no tissue": int((reason == NO_TISSUE).sum()),
+            "unfamiliar": int((reason == UNFAMILIAR).sum()),
+            "low confidence": int((~decided).sum() - (reason == NO_TISSUE).sum()
+                                  - (reason == UNFAMILIAR).sum())}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--per-class", type=int, default=50)
+    ap.add_argument("--test-per-class", type=int, default=30)
+    ap.add_argument("--max-epochs", type=int, default=trust.PROTOTYPE["max_epochs"])
+    ap.add_argument("--variants", default="default,stain")
+    ap.add_argument("--shifts", default="1.0,1.5,2.0")
+    ap.add_argument("--reuse", action="store_true", help="keep finished runs in --out")
+    ap.add_argument("--out", type=Path, default=OUT)
+    a = ap.parse_args()
+    if not (REALDATA / "public" / "labels.csv").is_file():
+        print(f"skipped: {REALDATA} is absent (real slide thumbnails)")
+        return
+    trust.REUSE = a.reuse
+    if a.out.exists() and not a.reuse:
+        shutil.rmtree(a.out)
+    data, sides = a.out / "data", dict(min_side=200, max_side=500)
+    tests = ["test"] + [f"shifted-{float(x):g}" for x in a.shifts.split(",") if x]
+    sets = {"train": dict(per_class=a.per_class, seed=1),
+            "test": dict(per_class=a.test_per_class, seed=2),
+            "unseen": dict(per_class=a.test_per_class, seed=2, classes=("TMA",)),
+            **{t: dict(per_class=a.test_per_class, seed=2, shift=float(t.split("-")[1]))
+               for t in tests[1:]}}
+    for name, how in sets.items():
+        if not (data / name / "labels.csv").is_file():
+            synth.generate(data / name, **how, **sides)
+    labels_csv = real_table(a.out)
+    labels = pd.read_csv(labels_csv, dtype=str, keep_default_na=False)
+    real_rows, synth_rows = [], []
+    for v in [v for v in a.variants.split(",") if v]:
+        keys = {**trust.PROTOTYPE, "max_epochs": a.max_epochs, **trust.VARIANT_KEYS[v]}
+        vdir = a.out / v
+        vdir.mkdir(parents=True, exist_ok=True)
+        secs = trust.run(ROOT, "train_thumbclassifier.py", trust.experiment(
+            vdir / "train.yaml", {"thumb_data": str(data / "train" / "labels.csv"),
+                                  "train_full": True, **keys}), vdir / "train")
+        print(f"{v}: trained in {secs:.0f}s", flush=True)
+        for adapt in (False, True):
+            name = f"real{'-adapt' if adapt else ''}"
+            dep = {"thumb_data": str(labels_csv), "model_path": str(vdir / "train"),
+                   "has_labels": False, "bootstrap": 0, "engine": "torch", "adapt_bn": adapt}
+            trust.run(ROOT, "deploy_thumbclassifier.py",
+                      trust.experiment(vdir / f"{name}.yaml", dep), vdir / name)
+            pred = pd.read_csv(vdir / name / "predictions.csv", keep_default_na=False)
+            for margin in (MARGINS if not adapt else (1.5,)):
+                real_rows.append({"variant": v + (" + adapt_bn" if adapt else ""),
+                                  "margin": margin, **real_scores(pred, labels, margin)})
+                print(real_rows[-1], flush=True)
+        for test in tests:
+            dep = {"thumb_data": str(data / test), "model_path": str(vdir / "train"),
+                   "gradcam": 0, "bootstrap": 0, "engine": "torch"}
+            trust.run(ROOT, "deploy_thumbclassifier.py",
+                      trust.experiment(vdir / f"{test}.yaml", dep), vdir / test)
+            synth_rows.append({"variant": v, "deploy on": test, **trust.scores(
+                vdir / test / "predictions.csv", list(synth.CLASSES))})
+            print(synth_rows[-1], flush=True)
+    open_rows: list[dict] = []
+    _unseen(a, data, open_rows)
+    for name, rows in (("real", real_rows), ("synthetic", synth_rows), ("unseen", open_rows)):
+        if rows:
+            frame = pd.DataFrame(rows)
+            frame.to_csv(a.out / f"{name}.csv", index=False)
+            print(f"\n{name}\n\n" + frame.to_markdown(index=False, floatfmt=".3f"), flush=True)
+
+
+def _unseen(a, data: Path, rows: list[dict]) -> None:
+    """The default model trained without TMA, deployed on TMA and on the other test slides."""
+    known = [c for c in synth.CLASSES if c != "TMA"]
+    vdir = a.out / "default"
+    keys = {**trust.PROTOTYPE, "max_epochs": a.max_epochs}
+    trust.run(ROOT, "train_thumbclassifier.py", trust.experiment(vdir / "train_known.yaml", {
+        "thumb_data": str(data / "train" / "labels.csv"), "train_full": True,
+        "target_labels": known, **keys}), vdir / "train_known")
+    for test in ("unseen", "test"):
+        dep = {"thumb_data": str(data / test), "model_path": str(vdir / "train_known"),
+               "gradcam": 0, "bootstrap": 0, "engine": "torch", "has_labels": False}
+        trust.run(ROOT, "deploy_thumbclassifier.py",
+                  trust.experiment(vdir / f"known-{test}.yaml", dep), vdir / f"known-{test}")
+    unseen = pd.read_csv(vdir / "known-unseen" / "predictions.csv", keep_default_na=False)
+    indist = pd.read_csv(vdir / "known-test" / "predictions.csv", keep_default_na=False)
+    indist = indist[[Path(p).parent.name in known for p in indist["PATH"]]]
+    decided = indist[indist[table.DECISION] != UNDECIDED]
+    rows.append({"variant": "default", "TMA (unseen) Undecided": float(
+        (unseen[table.DECISION] == UNDECIDED).mean()),
+        "in-distribution coverage": len(decided) / max(len(indist), 1),
+        "in-distribution accuracy (decided)": float(
+            (decided[table.DECISION] == [Path(p).parent.name for p in decided["PATH"]]).mean())
+        if len(decided) else float("nan")})
+    print(rows[-1], flush=True)
+
+
+if __name__ == "__main__":
+    main()
