@@ -228,7 +228,8 @@ class Classifier:
                                         choose=lambda: (self.runners, ""))
             is_slide = [slides.is_slide(s.path) for s in sample_set.samples]
             return final_table(sample_set, partial, self.classes, has_labels, self.threshold,
-                               is_slide)
+                               is_slide, read_from=(self.models[0].prep.slide_size,
+                                                    params.slide_cache))
 
     def _predict_pictures(self, items: list) -> pd.DataFrame:
         """In-memory pictures (and paths beside them), preprocessed as files are, through the

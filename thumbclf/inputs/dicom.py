@@ -336,7 +336,8 @@ def tiled_level(level: Level) -> TiledLevel:
                       lambda tx, ty: where.get((tx, ty), (None, None))[1], codec,
                       rgb=codec == "jpeg" and inst.photometric == "RGB",
                       positions=set(where) if inst.positions is not None else None,
-                      source_of=(lambda tx, ty: where[(tx, ty)][0]) if several else None)
+                      source_of=(lambda tx, ty: where[(tx, ty)][0]) if several else None,
+                      photometric=inst.photometric)
 
 
 def properties(series: Series) -> tuple[str, float | None, float | None, float | None, int, int,

@@ -54,6 +54,7 @@ class TiledLevel:
     rgb: bool = False  # JPEG components are RGB (not YCbCr)
     positions: set[tuple[int, int]] | None = None  # sparse levels: the tiles stored
     source_of: Callable[[int, int], Path] | None = None  # tiles spread over several files
+    photometric: str = ""  # DICOM PhotometricInterpretation (YBR_FULL_422, RGB, ...)
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -76,6 +77,9 @@ class ReadStats:
     resize_seconds: float = 0.0  # the last resize, canvas to thumbnail
     decoded_pixels: int = 0  # pixels the decoder produced (after DCT scaling), all tiles
     canvas_pixels: int = 0  # the largest picture held at once
+    level_size: tuple[int, int] | None = None  # width, height of the level read
+    photometric: str = ""  # DICOM only: the level's PhotometricInterpretation
+    note: str = ""  # levels skipped as unreadable before the one read
 
 
 def decode_threads(n_tiles: int) -> int:

@@ -211,7 +211,8 @@ def run(params: DeployParams, *, resume: bool = False, quiet: bool = False) -> P
         partial, engine_note = predict_stream(
             models, sample_set, folder, params=params, threshold=threshold, device=device,
             quiet=quiet, resume=resume, choose=choose)
-        table = final_table(sample_set, partial, classes, params.has_labels, threshold, is_slide)
+        table = final_table(sample_set, partial, classes, params.has_labels, threshold, is_slide,
+                            read_from=(models[0].prep.slide_size, params.slide_cache))
         atomic_csv(table, done)
         partial.unlink(missing_ok=True)
     failed = int((table["error"] != "").sum())
