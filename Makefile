@@ -10,7 +10,7 @@ RUN := runs/demo-$(shell date +%Y%m%d-%H%M%S)
 CONSTRAINTS ?= constraints.txt
 PIN := $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 
-.PHONY: demo test setup bench lock clean-demo docs browser
+.PHONY: demo test setup bench lock clean-demo docs browser slurm
 
 # reinstalled whenever a file that decides what gets installed changes
 $(VENV)/.installed: requirements.txt pyproject.toml $(CONSTRAINTS)
@@ -42,7 +42,17 @@ browser:
 	else echo "chromium or chromedriver missing (not root, or no apt-get): the browser tests" \
 		"will be skipped; install them with: sudo apt-get install chromium chromium-driver"; fi
 
-test: setup $(VENV)/.extras browser
+# the SLURM array test (tests/workflows/test_shards.py) starts a single-node SLURM as root:
+# Debian's slurmctld, slurmd and munge, installed when missing; otherwise it is skipped and says why
+slurm:
+	@if command -v slurmctld >/dev/null && command -v slurmd >/dev/null && command -v munged >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+			--no-install-recommends slurmctld slurmd slurm-client munge; \
+	else echo "slurmctld, slurmd or munged missing (not root, or no apt-get): the SLURM test" \
+		"will be skipped; install them with: sudo apt-get install slurmctld slurmd slurm-client munge"; fi
+
+test: setup $(VENV)/.extras browser slurm
 	$(PY) -m pytest -q
 
 # the documentation site, built strictly (a broken link or a stale reference fails) into site/

@@ -10,15 +10,14 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
-import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from conftest import make_pyramid, run_cli, write_yaml
+from conftest import ROOT, make_pyramid, run_cli, write_yaml
 from thumbclf.core import layout
 from thumbclf.core.errors import ConfigError
 from thumbclf.workflows import shards
@@ -126,3 +125,39 @@ def test_merge_names_unfinished_and_disagreeing_shards(tmp_path):
     shards.finish(layout.shard_folder(results, 2, 2))
     r = merge_cli(results)
     assert r.returncode == 2 and "shards/2-of-2 ran with another settings (batch_size)" in r.stderr
+
+
+@pytest.mark.slow
+def test_a_real_slurm_array_deploys_the_shares_and_merge_joins_them(deploy_inputs, tiny_model,
+                                                                    tmp_path):
+    """Issue 30: examples/slurm_array.sbatch under a real single-node SLURM (Debian's
+    slurm-wlm and munge, started here as root; skipped with the reason where they cannot)."""
+    from slurm_cluster import start
+
+    cluster, why = start(tmp_path / "slurm")
+    if cluster is None:
+        pytest.skip(why)
+    try:
+        exp = write_yaml(tmp_path / "d.yaml", f"thumbData: {deploy_inputs}\n"
+                         f"modelAdr: {tiny_model / 'model.pt'}\nnum_workers: 0\ngradcam: 0\n"
+                         "bootstrap: 0\nbatch_size: 1\n")
+        one, array = tmp_path / "one", tmp_path / "array"
+        r = run_cli("deploy", [str(exp), "--output", str(one)])
+        assert r.returncode == 0, r.stderr
+        cluster.env.update(PATH=f"{Path(sys.executable).parent}:{cluster.env['PATH']}",
+                           PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+        r = cluster.run("sbatch", "--wait", "--array=0-2", "--cpus-per-task=1", "--mem=1G",
+                        f"--output={tmp_path}/task-%a.log", f"--chdir={tmp_path}",
+                        str(ROOT / "examples" / "slurm_array.sbatch"), str(exp), str(array),
+                        timeout=900)
+        logs = "".join(p.read_text() for p in sorted(tmp_path.glob("task-*.log")))
+        assert r.returncode == 0, f"{r.stderr}\n{logs}\n{cluster.logs()}"
+        assert sorted(p.name for p in (array / "shards").iterdir()) == ["1-of-3", "2-of-3",
+                                                                         "3-of-3"]
+        said = (array / "shards" / "2-of-3" / layout.RUN_LOG).read_text()
+        assert "shard 2/3 (SLURM_ARRAY_TASK_ID=1 of the SLURM array 0-2)" in said
+        r = merge_cli(array)
+        assert r.returncode == 0, r.stderr
+        assert (array / layout.PREDICTIONS).read_bytes() == (one / layout.PREDICTIONS).read_bytes()
+    finally:
+        cluster.stop()
