@@ -55,6 +55,8 @@ class TiledLevel:
     positions: set[tuple[int, int]] | None = None  # sparse levels: the tiles stored
     source_of: Callable[[int, int], Path] | None = None  # tiles spread over several files
     photometric: str = ""  # DICOM PhotometricInterpretation (YBR_FULL_422, RGB, ...)
+    fetch_row: Callable[[int], dict[int, bytes]] | None = None  # tiles not in files (DICOMweb):
+    # the encoded tiles of one row, by column
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -257,7 +259,12 @@ class _Run:
         tw, th = level.tile_w // step, level.tile_h // step
         stored = level.positions
         jobs = []
+        fetched = level.fetch_row(ty) if level.fetch_row is not None else None
         for tx in range(level.grid[0]):
+            if fetched is not None:
+                if fetched.get(tx):
+                    jobs.append((tx, ty, fetched[tx]))
+                continue
             if stored is not None and (tx, ty) not in stored:
                 continue
             spans = level.locate(tx, ty)
