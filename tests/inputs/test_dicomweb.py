@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import re
 import socket
-import threading
 import time
 
 import numpy as np
-import pydicom
 import pytest
 
 import orthanc_server
@@ -23,6 +21,7 @@ from thumbclf.core.errors import ImageReadError
 from thumbclf.inputs import dicomweb, slides, tiles
 
 pytest.importorskip("dicomweb_client")
+pydicom = pytest.importorskip("pydicom")
 
 
 @pytest.fixture(scope="module")
@@ -83,9 +82,7 @@ def test_credentials_come_from_the_environment_and_are_never_shown(server, monke
 def test_a_server_that_stops_answering_gives_an_error_not_a_hang(monkeypatch):
     silent = socket.socket()
     silent.bind(("127.0.0.1", 0))
-    silent.listen(8)  # accepts connections, never answers
-    stop = threading.Event()
-    threading.Thread(target=lambda: stop.wait(30), daemon=True).start()
+    silent.listen(8)  # the system accepts connections; nothing ever answers
     monkeypatch.setattr(dicomweb, "TIMEOUT_S", (0.5, 0.5))
     monkeypatch.setattr(dicomweb, "RETRIES", 1)
     start = time.perf_counter()
@@ -93,7 +90,6 @@ def test_a_server_that_stops_answering_gives_an_error_not_a_hang(monkeypatch):
         with pytest.raises(ImageReadError, match="did not answer"):
             dicomweb.list_series(f"http://127.0.0.1:{silent.getsockname()[1]}/dicom-web")
     finally:
-        stop.set()
         silent.close()
     assert time.perf_counter() - start < 10
 

@@ -226,9 +226,10 @@ def web_level(series: WebSeries, level: dicom.Level) -> tiles.TiledLevel:
 def thumbnail(url: str, long_side: int, *, stats: tiles.ReadStats | None = None,
               budget_s: float = 120.0, web=None) -> Image.Image:
     """The RGB thumbnail of one DICOMweb series (URL of the series), long side ``long_side``."""
-    (ref,) = list_series(url) if parse(url)[2] else (None,)
-    if ref is None:
+    root, study, uid = parse(url)
+    if not (study and uid):
         raise ImageReadError(f"{shown(url)}: name one series (.../studies/UID/series/UID)")
+    ref = SeriesRef(root, study, uid)
     series = open_series(ref, web)
     stats = stats if stats is not None else tiles.ReadStats()
     start = time.perf_counter()

@@ -9,7 +9,6 @@ prediction run on it: sorted copies, exported thumbnails, Grad-CAM, evaluation a
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -150,7 +149,7 @@ def merge(results: Path, *, quiet: bool = False) -> Path:
         table = merged_table(found, list(models[0].classes))
         atomic_csv(table, results / layout.PREDICTIONS)
         atomic_text(json.dumps(_timings(found), indent=1), results / layout.TIMINGS)
-        return deploy.run(dataclasses.replace(params), resume=True, quiet=quiet)
+        return deploy.run(params, resume=True, quiet=quiet)
 
 
 def _timings(found: list[tuple[Path, dict]]) -> dict:
