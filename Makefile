@@ -10,7 +10,7 @@ RUN := runs/demo-$(shell date +%Y%m%d-%H%M%S)
 CONSTRAINTS ?= constraints.txt
 PIN := $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 
-.PHONY: demo test setup bench lock clean-demo docs browser
+.PHONY: demo test setup bench lock clean-demo docs browser slurm orthanc
 
 # reinstalled whenever a file that decides what gets installed changes
 $(VENV)/.installed: requirements.txt pyproject.toml $(CONSTRAINTS)
@@ -23,7 +23,7 @@ $(VENV)/.installed: requirements.txt pyproject.toml $(CONSTRAINTS)
 setup: $(VENV)/.installed
 
 # the optional parts (pyproject's extras), so that the tests cover them too; the demo needs none
-EXTRAS := ray,openvino,docs
+EXTRAS := ray,openvino,docs,dicomweb
 $(VENV)/.extras: $(VENV)/.installed
 	$(PY) -m pip install --quiet $(PIN) --no-build-isolation -e ".[$(EXTRAS)]"
 	touch $@
@@ -42,7 +42,27 @@ browser:
 	else echo "chromium or chromedriver missing (not root, or no apt-get): the browser tests" \
 		"will be skipped; install them with: sudo apt-get install chromium chromium-driver"; fi
 
-test: setup $(VENV)/.extras browser
+# the SLURM array test (tests/workflows/test_shards.py) starts a single-node SLURM as root:
+# Debian's slurmctld, slurmd and munge, installed when missing; otherwise it is skipped and says why
+slurm:
+	@if command -v slurmctld >/dev/null && command -v slurmd >/dev/null && command -v munged >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+			--no-install-recommends slurmctld slurmd slurm-client munge; \
+	else echo "slurmctld, slurmd or munged missing (not root, or no apt-get): the SLURM test" \
+		"will be skipped; install them with: sudo apt-get install slurmctld slurmd slurm-client munge"; fi
+
+# the DICOMweb tests (tests/inputs/test_dicomweb.py) start Debian's Orthanc with its DICOMweb
+# plugin on 127.0.0.1, installed when missing and run as root; otherwise they are skipped
+orthanc:
+	@if command -v Orthanc >/dev/null && [ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+			--no-install-recommends orthanc orthanc-dicomweb; \
+	else echo "Orthanc or orthanc-dicomweb missing (not root, or no apt-get): the DICOMweb tests" \
+		"will be skipped; install them with: sudo apt-get install orthanc orthanc-dicomweb"; fi
+
+test: setup $(VENV)/.extras browser slurm orthanc
 	$(PY) -m pytest -q
 
 # the documentation site, built strictly (a broken link or a stale reference fails) into site/

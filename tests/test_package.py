@@ -164,3 +164,13 @@ def test_the_local_path_imports_no_ray():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert r.returncode == 0 and r.stdout.strip() == "False", r.stderr
+
+
+def test_openslide_bin_is_required_from_4_0_1_in_both_lists():
+    """Issue 30: openslide-bin 4.0.1 fixes two CVEs, NDPI over 4 GB, GT450 labels and split
+    DICOM levels; pyproject.toml and requirements.txt both refuse older wheels."""
+    listed = requirements((ROOT / "requirements.txt").read_text().splitlines())
+    declared = requirements(pyproject()["project"]["dependencies"])
+    for reqs in (listed, declared):
+        spec = reqs["openslide-bin"].specifier
+        assert "4.0.1" in spec and "4.0.0" not in spec and "4.0.0.99" not in spec

@@ -36,12 +36,16 @@ log = logging.getLogger(__name__)
 # ---------------------------------------------------------------------------- experiments
 
 
-def _run(workflow: str, experiment, output, resume: bool, quiet: bool, settings) -> Path:
+def _run(workflow: str, experiment, output, resume: bool, quiet: bool, settings,
+         shard=None) -> Path:
     from thumbclf.config.files import load_experiment
     from thumbclf.workflows.execute import execute, own_logging
 
     params, raw = load_experiment(experiment, workflow=workflow, output=output, settings=settings)
     with own_logging():
+        if shard is not None:
+            return execute(params, resume=resume, quiet=quiet, progress=not quiet, raw=raw,
+                           shard=shard)
         return execute(params, resume=resume, quiet=quiet, progress=not quiet, raw=raw)
 
 
@@ -62,14 +66,28 @@ def train(experiment: str | os.PathLike | Mapping[str, Any], *,
 
 def deploy(experiment: str | os.PathLike | Mapping[str, Any], *,
            output: str | os.PathLike | None = None, resume: bool = False, quiet: bool = False,
-           **settings: Any) -> Path:
+           shard: str | None = None, **settings: Any) -> Path:
     """Deploy as the experiment (file path or dict) says; return the results folder.
 
     The same options and errors as :func:`train`; e.g. ``deploy("d.yaml", modelAdr="runs/cv")``.
+    ``shard="I/N"`` deploys the I-th of N shares into ``<output>/shards/I-of-N/`` (returned);
+    :func:`merge` joins them.
     """
     from thumbclf.config import DEPLOY
+    from thumbclf.workflows.shards import parse
 
-    return _run(DEPLOY, experiment, output, resume, quiet, settings)
+    return _run(DEPLOY, experiment, output, resume, quiet, settings,
+                parse(shard) if shard is not None else None)
+
+
+def merge(results: str | os.PathLike, *, quiet: bool = False) -> Path:
+    """Join the finished shards of a deploy into ``results``, as a single deploy writes it
+    (``thumbclf merge RESULTS``); return the folder."""
+    from thumbclf.workflows.execute import own_logging
+    from thumbclf.workflows.merge import merge as merge_shards
+
+    with own_logging():
+        return merge_shards(Path(results), quiet=quiet)
 
 
 def init_experiment(path: str | os.PathLike, *, workflow: str | None = None) -> Path:
@@ -228,7 +246,8 @@ class Classifier:
                                         choose=lambda: (self.runners, ""))
             is_slide = [slides.is_slide(s.path) for s in sample_set.samples]
             return final_table(sample_set, partial, self.classes, has_labels, self.threshold,
-                               is_slide)
+                               is_slide, read_from=(self.models[0].prep.slide_size,
+                                                    params.slide_cache))
 
     def _predict_pictures(self, items: list) -> pd.DataFrame:
         """In-memory pictures (and paths beside them), preprocessed as files are, through the
@@ -318,4 +337,4 @@ def apply_corrections(results: str | os.PathLike,
 
 
 __all__ = ["train", "deploy", "load_model", "Classifier", "init_experiment",
-           "load_experiment", "execute", "review", "apply_corrections"]
+           "load_experiment", "execute", "review", "apply_corrections", "merge"]

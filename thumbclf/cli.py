@@ -48,7 +48,20 @@ EPILOG = ("Experiment-file keys: see experiments/template.yaml, the docs (refere
 def parser(workflow: str) -> argparse.ArgumentParser:
     script = f"{workflow}_thumbclassifier.py"
     ap = argparse.ArgumentParser(prog=script, description=DESCRIPTIONS[workflow], epilog=EPILOG)
-    return add_run_options(ap)
+    return add_shard_option(add_run_options(ap)) if workflow == DEPLOY else add_run_options(ap)
+
+
+SHARD_HELP = ("deploy the I-th of N shares of the inputs into OUTPUT/shards/I-of-N/ (a SLURM "
+              "array task takes its share from SLURM_ARRAY_TASK_ID without it); a finished "
+              "shard is skipped, an interrupted one continued; then: thumbclf merge OUTPUT")
+MERGE_HELP = ("Join the finished shards of a deploy (RESULTS/shards/I-of-N/) into RESULTS: the "
+              "predictions table, evaluation, report and sorted folders a single deploy writes.")
+
+
+def add_shard_option(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """deploy's --shard I/N (issue 30)."""
+    ap.add_argument("--shard", metavar="I/N", help=SHARD_HELP)
+    return ap
 
 
 def add_run_options(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -79,6 +92,12 @@ def command_parser() -> argparse.ArgumentParser:
         sp = sub.add_parser(workflow, help=DESCRIPTIONS[workflow], description=DESCRIPTIONS[workflow],
                             epilog=EPILOG)
         add_run_options(sp).set_defaults(subparser=sp)
+        if workflow == DEPLOY:
+            add_shard_option(sp)
+    sp = sub.add_parser("merge", help=MERGE_HELP, description=MERGE_HELP)
+    sp.add_argument("results", type=Path, help="the --output of the sharded deploy")
+    sp.add_argument("--quiet", action="store_true", help="warnings and errors only")
+    sp.add_argument("--debug", action="store_true", help="show tracebacks and debug messages")
     sub.add_parser("evaluate", add_help=False, help="Recompute metrics, plots and the report from "
                    "a predictions.csv (options: thumbclf evaluate --help).")
     sp = sub.add_parser("review", help="Write a review page for a results folder; serve it, or "
@@ -137,8 +156,14 @@ def run_workflow(workflow: str, args: argparse.Namespace, ap: argparse.ArgumentP
         params = load_params(experiment, workflow=workflow, overrides=args.overrides,
                              output=args.output)
         folder = params.output
+        shard = None
+        if workflow == DEPLOY:  # --shard I/N, or a SLURM array task's share
+            from thumbclf.workflows.shards import folder_of, resolve
+
+            shard = resolve(getattr(args, "shard", None))
+            folder = folder_of(params.output, shard)
         execute(params, resume=args.resume, quiet=args.quiet, debug=args.debug,
-                progress=not (args.quiet or not sys.stderr.isatty()))
+                progress=not (args.quiet or not sys.stderr.isatty()), shard=shard)
 
     return guarded(work, lambda: folder)
 
@@ -259,6 +284,19 @@ def review_command(args: argparse.Namespace) -> int:
     return guarded(work, lambda: args.results, again="the same command")
 
 
+def merge_command(args: argparse.Namespace) -> int:
+    """``thumbclf merge RESULTS``: the shards of a deploy joined into RESULTS."""
+    setup_logging(None, quiet=args.quiet, debug=args.debug)
+    signal.signal(signal.SIGTERM, _sigterm)
+
+    def work() -> None:
+        from thumbclf.workflows.merge import merge
+
+        print(f"merged results in {merge(args.results, quiet=args.quiet)}")
+
+    return guarded(work, lambda: args.results, again="the same command")
+
+
 def command(argv: list[str] | None = None) -> int:
     """``thumbclf COMMAND ...``: dispatch to a subcommand; return the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -270,6 +308,8 @@ def command(argv: list[str] | None = None) -> int:
         return guarded(lambda: init_file(args.file, args.workflow))
     if args.command == "review":
         return review_command(args)
+    if args.command == "merge":
+        return merge_command(args)
     return run_workflow(args.command, args, args.subparser)
 
 

@@ -334,6 +334,25 @@ COLUMN_MEANINGS = {
     "ERROR": "deploy: why a file could not be read (its row then has no decision)",
     "THRESHOLD": "the probability a decision needed",
     "SLIDE_COLUMNS": "whole-slide images: the slide's properties as OpenSlide reports them",
+    # the read record (issue 30): how the slide's thumbnail was read
+    "READ_READER": "slides: the reader that gave the thumbnail: `openslide`, `tiff tiles` (the "
+                   "JPEG tiles of a TIFF, read by thumbclf) or `dicom frames`",
+    "READ_LEVEL": "slides: the pyramid level the thumbnail was read from (0: full resolution)",
+    "READ_LEVEL_WIDTH": "slides: the width of that level, in pixels",
+    "READ_LEVEL_HEIGHT": "slides: the height of that level, in pixels",
+    "READ_MPP": "slides: microns per pixel of the level read (the full-resolution MPP in force "
+                "times the level's downsample); empty where no MPP is known",
+    "READ_MPP_SOURCE": "slides: where that MPP came from: `override` (the input table's `MPP` "
+                       "column), `header` (the slide's own header) or `none`",
+    "READ_PHOTOMETRIC": "DICOM slides: the photometric interpretation of the level read "
+                        "(`YBR_FULL_422`, `RGB`, ...); empty for other slides",
+    "READ_BYTES": "slides: bytes read from the slide's files for the thumbnail (tiled readers: "
+                  "the encoded tiles; OpenSlide: the reading process's reads, as the operating "
+                  "system counts them)",
+    "READ_SECONDS": "slides: seconds the thumbnail took to read; a cached thumbnail keeps the "
+                    "record of the read that made it",
+    "READ_NOTE": "slides: a corrupt level that was skipped and the level read instead; empty "
+                 "otherwise",
 }
 
 
@@ -344,7 +363,8 @@ def table_columns(table) -> list[str]:
     df = table.build([sample], [[0.25, 0.75]], ["A", "B"], ["B"], threshold=0.5, labels=True,
                      patients=True, rows=True, fold=1, errors=[""], reasons=[""],
                      signals={c: [0.5] for c in table.SIGNALS},
-                     slide_properties=[dict.fromkeys(table.SLIDE_COLUMNS)])
+                     slide_properties=[dict.fromkeys(table.SLIDE_COLUMNS)],
+                     read_records=[dict.fromkeys(table.READ_COLUMNS)])
     return list(df.columns)
 
 

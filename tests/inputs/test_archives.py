@@ -253,6 +253,14 @@ def test_a_mixed_archive_deploys_with_one_row_per_slide(archive, tiny_data, tmp_
     assert rel == ["P1/s1.tiff", "P2/slide-7", "P3/flat.tiff", "P4/broken.svs", "P4/m.mrxs"]
     row = pred[pred["PATH"].str.endswith("slide-7")].iloc[0]
     assert row["error"] == "" and row["slide_vendor"] == "dicom" and float(row["slide_width"]) == 1500
+    # issue 30: the read record of each slide, DICOM's photometric interpretation among it
+    assert row["read_reader"] == "dicom frames" and row["read_photometric"].startswith("YBR")
+    assert int(row["read_bytes"]) > 0 and float(row["read_seconds"]) > 0
+    assert int(row["read_level_width"]) * (2 ** int(row["read_level"])) == 1500
+    assert row["read_mpp_source"] == "header" and float(row["read_mpp"]) > 0
+    flat = pred[pred["PATH"].str.endswith("flat.tiff")].iloc[0]
+    assert flat["read_reader"] == "tiff tiles" and flat["read_photometric"] == ""
+    assert "How the slides were read: 3 slides read" in (tmp_path / "d" / "report.html").read_text()
     assert "Data0000.dat is missing" in pred.loc[pred["PATH"].str.endswith("m.mrxs"), "error"].item()
     copies = [p for p in (tmp_path / "d" / "sorted").rglob("*.dcm")]
     assert copies and not any(p.name == "label.dcm" for p in copies)

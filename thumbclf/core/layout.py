@@ -48,6 +48,8 @@ SORTED = "sorted"  # deploy with sortThumbs: copies by decision
 THUMBNAILS = "thumbnails"  # deploy with export_thumbnails: rendered slide thumbnails
 SSL_CHECKPOINT = "ssl_checkpoint.pt"  # pretrain: the self-supervised backbone
 FULL = "full"  # the folder of full training (fold 0)
+SHARDS = "shards"  # deploy --shard I/N: shards/I-of-N/, one deploy folder per share (issue 30)
+SHARD_RECORD = "shard.json"  # in a shard folder: its share of the inputs, finished or not
 CACHE_FOLDER = "thumbclf-cache"  # the default cache folder, beside the results folders
 SLIDE_THUMBNAILS = "slides"  # the cache folder's subfolder of rendered slide thumbnails
 CACHE_TAG = "CACHEDIR.TAG"  # https://bford.info/cachedir/: marks the shared cache folder
@@ -115,6 +117,11 @@ MEANINGS: dict[str, str] = {  # what each name holds (the docs' results-folder p
                                 "model's decision and the reviewed class side by side",
     "models.csv": "deploy: the model files and their sha256, so that `--resume` refuses other "
                   "models",
+    "shards": "deploy with `--shard I/N` (or as a SLURM array): `shards/I-of-N/`, the deploy "
+              "folder of each share of the inputs; `thumbclf merge` writes the results folder "
+              "from them ([SLURM arrays](../how-to/slurm.md))",
+    "shard.json": "in a shard folder: the share's positions in the full input list, that "
+                  "list's digest, the keys given, and whether the shard finished",
     "CACHEDIR.TAG": "marks a cache folder, so that folder inputs never read it and backup "
                     "tools may skip it",
 }
@@ -229,6 +236,21 @@ def model_files_in(folder: Path) -> list[Path]:
     if (folder / MODEL).is_file():
         return [folder / MODEL]
     return [p / MODEL for k, p in fold_folders(folder) if k > 0 and (p / MODEL).is_file()]
+
+
+def shard_folder(folder: Path, index: int, count: int) -> Path:
+    """The folder of the ``index``-th (from 1) of ``count`` shares of a deploy."""
+    return folder / SHARDS / f"{index}-of-{count}"
+
+
+def shard_folders(folder: Path) -> list[tuple[int, int, Path]]:
+    """(index, count, folder) of every shard folder of a results folder, in order."""
+    found = []
+    for p in sorted((folder / SHARDS).glob("*-of-*")):
+        m = re.fullmatch(r"(\d+)-of-(\d+)", p.name)
+        if m and p.is_dir():
+            found.append((int(m.group(1)), int(m.group(2)), p))
+    return sorted(found)
 
 
 # ---------------------------------------------------------------------------- recognising folders

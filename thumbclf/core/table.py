@@ -5,7 +5,8 @@ patients), SOURCE (where the inputs give one), fold (cross-validation), one prob
 per class (in the model's class order), model_prediction, undecided_reason ('no tissue',
 'unfamiliar', 'low confidence' or empty), unfamiliarity and its two parts
 unfamiliarity_content and unfamiliarity_look (models with the unfamiliar-slide rule; above 1:
-unfamiliar), tissue_fraction, error (deploy), threshold, then the slide columns (slides only).
+unfamiliar), tissue_fraction, error (deploy), threshold, then the slide columns and the read
+record (slides only).
 Class columns are found by name, never by position: from the model's classes where they are
 known, else as the columns that are none of the table's own.
 """
@@ -35,13 +36,27 @@ SIGNALS = (UNFAMILIARITY, UNFAMILIAR_CONTENT, UNFAMILIAR_LOOK, TISSUE)  # in the
 SOURCE = "SOURCE"  # optional: the site, scanner or collection a slide came from
 SLIDE_COLUMNS = ("slide_vendor", "slide_objective_power", "slide_mpp_x", "slide_mpp_y",
                  "slide_level_count", "slide_width", "slide_height")
+# --- the read record (issue 30): how each slide's thumbnail was read; slides only -----------
+READ_READER, READ_LEVEL = "read_reader", "read_level"
+READ_LEVEL_WIDTH, READ_LEVEL_HEIGHT = "read_level_width", "read_level_height"
+READ_MPP, READ_MPP_SOURCE = "read_mpp", "read_mpp_source"
+READ_PHOTOMETRIC, READ_BYTES, READ_SECONDS = "read_photometric", "read_bytes", "read_seconds"
+READ_NOTE = "read_note"
+READ_COLUMNS = (READ_READER, READ_LEVEL, READ_LEVEL_WIDTH, READ_LEVEL_HEIGHT, READ_MPP,
+                READ_MPP_SOURCE, READ_PHOTOMETRIC, READ_BYTES, READ_SECONDS, READ_NOTE)
+READ_TEXT_COLUMNS = (READ_READER, READ_MPP_SOURCE, READ_PHOTOMETRIC, READ_NOTE)
+READ_INT_COLUMNS = (READ_LEVEL, READ_LEVEL_WIDTH, READ_LEVEL_HEIGHT, READ_BYTES)  # 'Int64': no .0
+MPP_HEADER, MPP_OVERRIDE, MPP_NONE = "header", "override", "none"  # read_mpp_source values
+MPP_INPUT = "MPP"  # optional column of an input table: the slide's microns per pixel (level 0)
+# --- end of the read record -------------------------------------------------------------------
 OWN_COLUMNS = {PATH, ROW, LABEL, PATIENT, SOURCE, FOLD, DECISION, REASON, *SIGNALS, ERROR,
-               THRESHOLD, "confidence", *SLIDE_COLUMNS}
+               THRESHOLD, "confidence", *SLIDE_COLUMNS, *READ_COLUMNS}
 TEXT_COLUMNS = {PATH: str, LABEL: str, PATIENT: str, SOURCE: str, DECISION: str, REASON: str,
                 ERROR: str}
 SUM_TOLERANCE = 1e-3  # probabilities are written with 6 significant digits
 NUMERIC_COLUMNS = {ROW, FOLD, *SIGNALS, THRESHOLD, "confidence", "position",
-                   *(c for c in SLIDE_COLUMNS if c != "slide_vendor")}
+                   *(c for c in SLIDE_COLUMNS if c != "slide_vendor"),
+                   *(c for c in READ_COLUMNS if c not in READ_TEXT_COLUMNS)}
 # A spreadsheet runs a cell starting with one of these as a formula (=HYPERLINK(...), +cmd|...)
 FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 QUOTE = "'"
@@ -120,7 +135,8 @@ def build(samples: Sequence["Sample"], probs: np.ndarray, classes: Sequence[str]
           decisions: Sequence[str], *, threshold: float, labels: bool, patients: bool,
           rows: bool = False, fold: int | None = None, errors: Sequence[str] | None = None,
           reasons: Sequence[str] | None = None, signals: dict[str, np.ndarray] | None = None,
-          slide_properties: Sequence[dict | None] | None = None) -> pd.DataFrame:
+          slide_properties: Sequence[dict | None] | None = None,
+          read_records: Sequence[dict | None] | None = None) -> pd.DataFrame:
     """The predictions table of ``samples`` (one row each, in order), in the documented column
     order. ``fold`` (cross-validation) adds the fold column; full training (fold 0) has none;
     ``signals``: the SIGNALS columns the decision step had (familiarity.ensemble_signals)."""
@@ -152,6 +168,10 @@ def build(samples: Sequence["Sample"], probs: np.ndarray, classes: Sequence[str]
     if slide_properties is not None and any(p is not None for p in slide_properties):
         for col in SLIDE_COLUMNS:
             df[col] = [p[col] if p is not None else None for p in slide_properties]
+    if read_records is not None and any(r is not None for r in read_records):  # issue 30
+        for col in READ_COLUMNS:
+            values = [r.get(col) if r is not None else None for r in read_records]
+            df[col] = pd.array(values, dtype="Int64") if col in READ_INT_COLUMNS else values
     return df
 
 

@@ -140,6 +140,12 @@ def read_header(path: Path) -> Instance | None:
             pixel_offset = fh.tell() if fh.read(4) == _PIXEL_DATA_TAG else -1
     except (OSError, pydicom.errors.InvalidDicomError, ValueError, EOFError) as exc:
         raise ImageReadError(f"{path}: not a readable DICOM file ({exc})") from None
+    return instance_of(ds, path, pixel_offset, str(ds.file_meta.TransferSyntaxUID))
+
+
+def instance_of(ds, path: Path, pixel_offset: int, syntax: str) -> Instance | None:
+    """The header facts of a dataset (read from a file, or a DICOMweb server's metadata:
+    ``path`` then names the instance); None if not a WSI instance."""
     if str(ds.get("SOPClassUID", "")) != WSI_SOP_CLASS:
         return None
     image_type = tuple(str(v).upper() for v in ds.get("ImageType", ()))
@@ -158,7 +164,7 @@ def read_header(path: Path) -> Instance | None:
         return Instance(
             path=path, series=str(ds.get("SeriesInstanceUID", "")), image_type=image_type,
             width=width, height=height, tile_w=tile_w, tile_h=tile_h,
-            frames=int(ds.get("NumberOfFrames", 1)), syntax=str(ds.file_meta.TransferSyntaxUID),
+            frames=int(ds.get("NumberOfFrames", 1)), syntax=syntax,
             photometric=str(ds.get("PhotometricInterpretation", "")), tiled_full=tiled_full,
             concatenation=str(ds["ConcatenationUID"].value) if "ConcatenationUID" in ds else None,
             part=int(ds.get("InConcatenationNumber", 1) or 1),
@@ -228,10 +234,11 @@ def open_series(path: Path) -> Series:
                              f"{kinds}); copy the whole series")
     others = tuple(h.path for h in wsi if h.kind not in (*NEVER_READ, "VOLUME")
                    and h.series == volumes[0].series)
-    return Series(folder, _levels(volumes, where), kept_out, others)
+    return Series(folder, group_levels(volumes, where), kept_out, others)
 
 
-def _levels(volumes: list[Instance], where: Path) -> tuple[Level, ...]:
+def group_levels(volumes: list[Instance], where: Path) -> tuple[Level, ...]:
+    """The pyramid levels of a series' VOLUME instances, largest first, checked."""
     by_size: dict[tuple[int, int], list[Instance]] = {}
     for h in volumes:
         by_size.setdefault((h.width, h.height), []).append(h)
@@ -336,7 +343,8 @@ def tiled_level(level: Level) -> TiledLevel:
                       lambda tx, ty: where.get((tx, ty), (None, None))[1], codec,
                       rgb=codec == "jpeg" and inst.photometric == "RGB",
                       positions=set(where) if inst.positions is not None else None,
-                      source_of=(lambda tx, ty: where[(tx, ty)][0]) if several else None)
+                      source_of=(lambda tx, ty: where[(tx, ty)][0]) if several else None,
+                      photometric=inst.photometric)
 
 
 def properties(series: Series) -> tuple[str, float | None, float | None, float | None, int, int,

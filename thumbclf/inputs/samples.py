@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pandas as pd
@@ -15,7 +14,7 @@ from thumbclf.core import layout
 from thumbclf.core.decide import UNDECIDED
 from thumbclf.core.errors import DataError
 from thumbclf.core.layout import to_local_path
-from thumbclf.core.table import OWN_COLUMNS, as_written, read_csv
+from thumbclf.core.table import MPP_INPUT, OWN_COLUMNS, as_written, read_csv
 from thumbclf.inputs.dicom import group_folders
 
 log = logging.getLogger(__name__)
@@ -38,6 +37,7 @@ class Sample:
     patient: str | None = None
     row: int | None = None
     source: str | None = None  # the SOURCE column: site, scanner or collection (per-source figures)
+    mpp: float | None = None  # microns per pixel from the input table's MPP column (issue 30)
 
     @property
     def where(self) -> str:
@@ -170,6 +170,7 @@ def _samples_from_frame(df: pd.DataFrame, path: Path, base: Path,
                         need_labels: bool) -> tuple[list[Sample], bool]:
     path_col, label_col, patient_col, source_col = (
         _column(df, n) for n in ("PATH", "CLASSIFICATION", "PATIENT", "SOURCE"))
+    mpp_col = _column(df, MPP_INPUT)
     if path_col is None:
         raise DataError(f"{path}: no PATH column (columns: {', '.join(df.columns) or 'none'}); "
                         "add a column PATH with the image or slide paths")
@@ -187,9 +188,25 @@ def _samples_from_frame(df: pd.DataFrame, path: Path, base: Path,
         label = str(rec[label_col]) if label_col else None
         patient = str(rec[patient_col]).strip() if patient_col else None
         source = str(rec[source_col]).strip() if source_col else None
+        mpp = _mpp(rec[mpp_col], path, row) if mpp_col else None
         samples.append(Sample(to_local_path(text, base), label, patient or None, row,
-                              source or None))
+                              source=source or None, mpp=mpp))
     return samples, patient_col is not None
+
+
+def _mpp(value, path: Path, row: int) -> float | None:
+    """An MPP cell: empty (the slide's header says) or a positive number of microns per pixel."""
+    text = str(value).strip()
+    if not text:
+        return None
+    try:
+        mpp = float(text)
+    except ValueError:
+        mpp = -1.0
+    if not (0 < mpp < 1e4):
+        raise DataError(f"{path}: row {row}: {MPP_INPUT} must be the slide's microns per pixel "
+                        f"(a positive number such as 0.25) or empty; got {text!r}")
+    return mpp
 
 
 def _samples_from_folder(folder: Path, need_labels: bool, skipped: _Skipped) -> list[Sample]:
@@ -219,7 +236,7 @@ def _normalise_labels(samples: list[Sample], source: Path,
     stripped = sum(1 for s in samples if s.label is not None and s.label != s.label.strip())
     if stripped:
         log.warning("%s: removed stray spaces around %d labels", source, stripped)
-    samples = [dataclasses.replace(s, label=s.label.strip()) if s.label is not None else s
+    samples = [replace(s, label=s.label.strip()) if s.label is not None else s
                for s in samples]
     empty = [s for s in samples if s.label == ""]
     if empty:

@@ -133,10 +133,9 @@ def _deadline(budget: float) -> float:
     return time.perf_counter() + budget
 
 
-def tiled_level(path: Path, long_side: int) -> tuple[int, tiles.TiledLevel, tuple[int, int],
-                                                   str] | None:
-    """(level index, the level, thumbnail size, reader) of a DICOM or JPEG-tiled TIFF slide,
-    the level the thumbnail is read from; None where its tiles are not read here."""
+def _tiled_pyramid(path: Path, long_side: int):
+    """(level sizes, the level at an index, reader, thumbnail size) of a DICOM or JPEG-tiled
+    TIFF slide; None where its tiles are not read here."""
     if dicom.slide_folder(path) is not None:
         levels = dicom.open_series(path).levels
         sizes = [(lv.width, lv.height) for lv in levels]
@@ -146,40 +145,106 @@ def tiled_level(path: Path, long_side: int) -> tuple[int, tiles.TiledLevel, tupl
         level_at, reader = (lambda i: found[i][1]), "tiff tiles"
     else:
         return None
-    out = _out_size(*sizes[0], long_side)
+    return sizes, level_at, reader, _out_size(*sizes[0], long_side)
+
+
+def tiled_level(path: Path, long_side: int) -> tuple[int, tiles.TiledLevel, tuple[int, int],
+                                                   str] | None:
+    """(level index, the level, thumbnail size, reader) of a DICOM or JPEG-tiled TIFF slide,
+    the level the thumbnail is read from; None where its tiles are not read here."""
+    found = _tiled_pyramid(path, long_side)
+    if found is None:
+        return None
+    sizes, level_at, reader, out = found
     i = tiles.choose_level(sizes, out)
     level = level_at(i)
     return None if level is None else (i, level, out, reader)
 
 
+def fallback_levels(chosen: int, count: int) -> list[int]:
+    """The levels tried in turn when a level is unreadable: the chosen one, the next larger
+    (a sharper thumbnail, more to read), the next smaller."""
+    return [i for i in (chosen, chosen - 1, chosen + 1) if 0 <= i < count]
+
+
+def _with_fallback(attempt, chosen: int, count: int, stats: tiles.ReadStats, where: str):
+    """``attempt(level)`` on the chosen level, then on its neighbours while a level is
+    unreadable (a corrupt tile or strip); the row's note says which level was skipped. The
+    first error is raised when no level can be read."""
+    first: BaseException | None = None
+    for i in fallback_levels(chosen, count):
+        try:
+            img = attempt(i)
+        except tiles.SlideTooLarge:
+            if i == chosen:
+                raise
+            continue  # the larger neighbour is over the budget: try the smaller one
+        except MemoryError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - one corrupt level must not lose the slide
+            first = first or exc
+            log.warning("%s: level %d is unreadable (%s); trying another level", where, i, exc)
+            continue
+        if first is not None:
+            stats.note = f"level {chosen} unreadable ({_reason(first)}); read level {i} instead"
+        return img
+    raise first
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc)
+    return text.split(": ", 1)[1] if text.startswith("/") and ": " in text else text
+
+
 def render_fast(path: Path, long_side: int, stats: tiles.ReadStats,
                 budget: float = DEFAULT_SLIDE_BUDGET_S) -> Image.Image | None:
     """A DICOM or JPEG-tiled TIFF slide read tile by tile at reduced scale; None: not one."""
-    found = tiled_level(path, long_side)
+    found = _tiled_pyramid(path, long_side)
     if found is None:
         return None
-    stats.level, level, out, stats.reader = found
-    return tiles.render(level, out, deadline=_deadline(budget), where=str(path), budget_s=budget,
-                        stats=stats)
+    sizes, level_at, reader, out = found
+    chosen = tiles.choose_level(sizes, out)
+    first = level_at(chosen)
+    if first is None:
+        return None
+    deadline = _deadline(budget)
+
+    def attempt(i: int) -> Image.Image:
+        level = first if i == chosen else level_at(i)
+        if level is None:
+            raise ImageReadError(f"{path}: level {i} is not tiled in a way read here")
+        stats.level, stats.reader, stats.level_size = i, reader, (level.width, level.height)
+        stats.photometric = level.photometric
+        return tiles.render(level, out, deadline=deadline, where=str(path), budget_s=budget,
+                            stats=stats)
+
+    return _with_fallback(attempt, chosen, len(sizes), stats, str(path))
 
 
-def _render(slide, long_side: int, *, where: str = "", max_pixels: int | None = None,
-            stats: tiles.ReadStats | None = None,
-            budget: float = DEFAULT_SLIDE_BUDGET_S) -> Image.Image:
+def best_level(slide, long_side: int) -> int:
+    """The OpenSlide level a thumbnail of ``long_side`` pixels is read from."""
     w0, h0 = slide.dimensions
     scale = long_side / max(w0, h0)
+    return slide.get_best_level_for_downsample(1 / scale) if scale < 1 else 0
+
+
+def _render(slide, long_side: int, *, level: int | None = None, where: str = "",
+            max_pixels: int | None = None, stats: tiles.ReadStats | None = None,
+            budget: float = DEFAULT_SLIDE_BUDGET_S, deadline: float | None = None
+            ) -> Image.Image:
+    w0, h0 = slide.dimensions
     out_w, out_h = _out_size(w0, h0, long_side)
-    level = slide.get_best_level_for_downsample(1 / scale) if scale < 1 else 0
+    level = best_level(slide, long_side) if level is None else level
     lw, lh = slide.level_dimensions[level]
     down = slide.level_downsamples[level]
     if stats is not None:
-        stats.level, stats.reader = level, "openslide"
+        stats.level, stats.reader, stats.level_size = level, "openslide", (lw, lh)
     if max_pixels is not None and lw * lh > max_pixels:
         raise tiles.SlideTooLarge(
             f"{where}: too large: its smallest usable level has {lw} x {lh} pixels, more than "
             f"max_image_pixels ({max_pixels:,}), and is not JPEG-tiled; convert it to a "
             "pyramidal slide, or raise max_image_pixels")
-    deadline = _deadline(budget)
+    deadline = _deadline(budget) if deadline is None else deadline
     if lw * lh <= SINGLE_READ_PIXELS:
         region = slide.read_region((0, 0), level, (lw, lh))
         return _on_white(region).resize((out_w, out_h), Image.Resampling.BICUBIC, reducing_gap=3.0)
@@ -238,12 +303,19 @@ def thumbnail(path: Path, long_side: int, *, cache_dir: Path | None = None,
         buf = io.BytesIO()
         img.save(buf, format="PNG", compress_level=1)
         atomic_bytes(buf.getvalue(), cached)
-        record = {"path": str(path), "seconds": round(stats.seconds, 4), "reader": stats.reader,
-                  "level": stats.level, "dct_scale": stats.dct_scale, "tiles": stats.tiles,
-                  "encoded_bytes": stats.encoded_bytes,
-                  "decode_seconds": round(stats.decode_seconds, 4)}
-        atomic_bytes(json.dumps(record, ensure_ascii=True).encode(), cached.with_suffix(".json"))
+        atomic_bytes(json.dumps(stats_record(path, stats), ensure_ascii=True).encode(),
+                     cached.with_suffix(".json"))
     return img
+
+
+def stats_record(path: Path, stats: tiles.ReadStats) -> dict:
+    """How a thumbnail was read, as stored beside the cached thumbnail (the read record)."""
+    size = stats.level_size or (None, None)
+    return {"path": str(path), "seconds": round(stats.seconds, 4), "reader": stats.reader,
+            "level": stats.level, "level_width": size[0], "level_height": size[1],
+            "photometric": stats.photometric, "note": stats.note,
+            "dct_scale": stats.dct_scale, "tiles": stats.tiles,
+            "encoded_bytes": stats.encoded_bytes, "decode_seconds": round(stats.decode_seconds, 4)}
 
 
 def _read_pixels(path: Path, long_side: int, max_pixels: int | None,
@@ -260,16 +332,52 @@ def _read_pixels(path: Path, long_side: int, max_pixels: int | None,
         raise ImageReadError(f"{path}: cannot read the slide's pixels ({exc})") from None
     if img is not None:
         return img
-    slide = _open_slide(path)
+    before = io_read_bytes()
     try:
-        return _render(slide, long_side, where=str(path), max_pixels=max_pixels, stats=stats,
-                       budget=budget)
+        img = _read_openslide(path, long_side, max_pixels, stats, budget)
     except ImageReadError:
         raise
     except Exception as exc:  # noqa: BLE001 - OpenSlide raises many kinds on broken tiles
         raise ImageReadError(f"{path}: cannot read the slide's pixels ({exc})") from None
-    finally:
+    after = io_read_bytes()
+    stats.encoded_bytes = after - before if before is not None and after is not None else 0
+    return img
+
+
+def _read_openslide(path: Path, long_side: int, max_pixels: int | None,
+                    stats: tiles.ReadStats, budget: float) -> Image.Image:
+    """The thumbnail through OpenSlide. After an error the slide is opened again for the next
+    level: an OpenSlide handle that has met an error stays in error, so it is never reused."""
+    slide = _open_slide(path)
+    try:
+        chosen, count = best_level(slide, long_side), slide.level_count
+    except Exception:
         slide.close()
+        raise
+    handles = [slide]
+    deadline = _deadline(budget)
+
+    def attempt(i: int) -> Image.Image:
+        handle = handles.pop() if handles else _open_slide(path)
+        try:
+            return _render(handle, long_side, level=i, where=str(path), max_pixels=max_pixels,
+                           stats=stats, budget=budget, deadline=deadline)
+        finally:
+            handle.close()
+
+    return _with_fallback(attempt, chosen, count, stats, str(path))
+
+
+def io_read_bytes() -> int | None:
+    """Bytes this process has read so far (Linux: rchar of /proc/self/io), else None."""
+    try:
+        with open("/proc/self/io", "rb") as fh:
+            for line in fh:
+                if line.startswith(b"rchar:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return None
 
 
 def read_record(path: Path, long_side: int, cache_dir: Path) -> dict | None:

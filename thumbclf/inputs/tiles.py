@@ -54,6 +54,9 @@ class TiledLevel:
     rgb: bool = False  # JPEG components are RGB (not YCbCr)
     positions: set[tuple[int, int]] | None = None  # sparse levels: the tiles stored
     source_of: Callable[[int, int], Path] | None = None  # tiles spread over several files
+    photometric: str = ""  # DICOM PhotometricInterpretation (YBR_FULL_422, RGB, ...)
+    fetch_row: Callable[[int], dict[int, bytes]] | None = None  # tiles not in files (DICOMweb):
+    # the encoded tiles of one row, by column
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -76,6 +79,9 @@ class ReadStats:
     resize_seconds: float = 0.0  # the last resize, canvas to thumbnail
     decoded_pixels: int = 0  # pixels the decoder produced (after DCT scaling), all tiles
     canvas_pixels: int = 0  # the largest picture held at once
+    level_size: tuple[int, int] | None = None  # width, height of the level read
+    photometric: str = ""  # DICOM only: the level's PhotometricInterpretation
+    note: str = ""  # levels skipped as unreadable before the one read
 
 
 def decode_threads(n_tiles: int) -> int:
@@ -253,7 +259,12 @@ class _Run:
         tw, th = level.tile_w // step, level.tile_h // step
         stored = level.positions
         jobs = []
+        fetched = level.fetch_row(ty) if level.fetch_row is not None else None
         for tx in range(level.grid[0]):
+            if fetched is not None:
+                if fetched.get(tx):
+                    jobs.append((tx, ty, fetched[tx]))
+                continue
             if stored is not None and (tx, ty) not in stored:
                 continue
             spans = level.locate(tx, ty)

@@ -14,7 +14,9 @@ from pathlib import Path
 import pandas as pd
 
 from thumbclf.core.decide import LOW_CONFIDENCE, UNDECIDED, UNFAMILIAR
-from thumbclf.core.table import DECISION, ERROR, REASON
+from thumbclf.core.table import (DECISION, ERROR, MPP_HEADER, MPP_NONE, MPP_OVERRIDE,
+                                 READ_BYTES, READ_MPP_SOURCE, READ_NOTE, READ_READER,
+                                 READ_SECONDS, REASON)
 from thumbclf.inputs import slides
 
 # the error's words -> its reason; the first match wins, anything else is "unreadable"
@@ -74,6 +76,26 @@ def closing_note(table: pd.DataFrame, slow: list[dict]) -> str:
     return note
 
 
+def read_summary(table: pd.DataFrame) -> str:
+    """One line on how the slides were read (issue 30): readers, where the MPP came from,
+    bytes and seconds, levels skipped; empty without slides."""
+    if READ_READER not in table:
+        return ""
+    read = table[table[READ_READER].fillna("").astype(str) != ""]
+    if read.empty:
+        return ""
+    readers = ", ".join(f"{k} {v}" for k, v in read[READ_READER].value_counts().items())
+    source = read[READ_MPP_SOURCE].fillna("").astype(str)
+    mpp = ", ".join(f"{s} {int((source == s).sum())}" for s in (MPP_HEADER, MPP_OVERRIDE, MPP_NONE)
+                    if (source == s).any())
+    nbytes = pd.to_numeric(read[READ_BYTES], errors="coerce").sum()
+    secs = pd.to_numeric(read[READ_SECONDS], errors="coerce").sum()
+    skipped = int((read[READ_NOTE].fillna("").astype(str) != "").sum())
+    return (f"{len(read)} slides read ({readers}); MPP from {mpp}; {nbytes / 1e6:.1f} MB read "
+            f"in {secs:.1f} s" + (f"; {skipped} read from another level because one was "
+                                  "corrupt (see read_note)" if skipped else ""))
+
+
 def section(table: pd.DataFrame, slow: list[dict]) -> tuple[str, str]:
     """The report's closing section: the same counts and slowest slides, as tables."""
     rows = "".join(f"<tr><td>{html.escape(s)}</td><td>{n}</td></tr>"
@@ -81,6 +103,8 @@ def section(table: pd.DataFrame, slow: list[dict]) -> tuple[str, str]:
     body = (f"<p>{len(table)} inputs, one row each in predictions.csv (the error column says "
             "why a row could not be read).</p>"
             f"<table><tr><th>status</th><th>rows</th></tr>{rows}</table>")
+    if read_summary(table):
+        body += f"<p>How the slides were read: {html.escape(read_summary(table))}.</p>"
     if slow:
         body += ("<p>Slowest slides to read (seconds when their thumbnail was rendered; later "
                  "steps and runs reuse it):</p><table><tr><th>slide</th><th>seconds</th>"

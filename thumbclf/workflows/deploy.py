@@ -35,6 +35,7 @@ from thumbclf.workflows.stream import (
     final_table,
     predict_stream,
 )
+from thumbclf.workflows import shards
 from thumbclf.workflows.run import write_config
 
 log = logging.getLogger(__name__)
@@ -168,9 +169,11 @@ def export_thumbnails(readable: list[tuple[Path, str, bool]], folder: Path, slid
     return made + kept
 
 
-def run(params: DeployParams, *, resume: bool = False, quiet: bool = False) -> Path:
-    """Deploy as the experiment file says; return the results folder."""
-    folder = params.output
+def run(params: DeployParams, *, resume: bool = False, quiet: bool = False,
+        shard: shards.Shard | None = None) -> Path:
+    """Deploy as the experiment file says; return the results folder (``shard``: the share's
+    folder, with no copies and no report: ``thumbclf merge`` makes them)."""
+    folder = shards.folder_of(params.output, shard)
     if resume and finished(folder):
         raise OutputError(f"{folder}: this deploy finished already (predictions.csv and "
                           "report.html are complete); nothing to resume. Use --output NEW_FOLDER "
@@ -179,11 +182,7 @@ def run(params: DeployParams, *, resume: bool = False, quiet: bool = False) -> P
     classes = models[0].classes
     check_class_names(classes, models[0].path)
     cm_layout(classes, params.cm_sortlabels, params.cm_xlabels, params.cm_ylabels, params.source)
-    sample_set = discover(params.thumb_data, need_labels=params.has_labels,
-                          target_labels=params.target_labels if params.has_labels else None,
-                          exclude=(folder, params.cache_root))
-    if params.has_labels:
-        check_labels(sample_set, classes, params.thumb_data)
+    everything, sample_set = _inputs(params, folder, classes, shard)
     write_config(params, folder, resume)
     chosen = threshold_in_force(given=params.prediction_threshold,
                                 stored=[m.threshold for m in models])
@@ -195,7 +194,7 @@ def run(params: DeployParams, *, resume: bool = False, quiet: bool = False) -> P
     done = folder / layout.PREDICTIONS
     check_same_inputs(folder, sample_set, resume)
     check_same_models(folder, models, resume)
-    choose = lambda: prepare_runners(models, params, sample_set, device, threshold,  # noqa: E731
+    choose = lambda: prepare_runners(models, params, everything, device, threshold,  # noqa: E731
                                      progress=not quiet)
     if params.adapt_bn:
         check_adaptable(len(sample_set), params.thumb_data)
@@ -211,9 +210,12 @@ def run(params: DeployParams, *, resume: bool = False, quiet: bool = False) -> P
         partial, engine_note = predict_stream(
             models, sample_set, folder, params=params, threshold=threshold, device=device,
             quiet=quiet, resume=resume, choose=choose)
-        table = final_table(sample_set, partial, classes, params.has_labels, threshold, is_slide)
+        table = final_table(sample_set, partial, classes, params.has_labels, threshold, is_slide,
+                            read_from=(models[0].prep.slide_size, params.slide_cache))
         atomic_csv(table, done)
         partial.unlink(missing_ok=True)
+    if shard is not None:  # the copies and the report are thumbclf merge's
+        return shards.finish(folder, shard, len(table), params.output)
     failed = int((table["error"] != "").sum())
     counts = table.loc[table["error"] == "", "model_prediction"].value_counts()
     log.info("decisions: %s%s", ", ".join(f"{k} {v}" for k, v in counts.items()),
@@ -226,6 +228,20 @@ def run(params: DeployParams, *, resume: bool = False, quiet: bool = False) -> P
             closing=tally.section(table, slow))
     log.info("%s", tally.closing_note(table, slow))
     return folder
+
+
+def _inputs(params: DeployParams, folder: Path, classes: tuple[str, ...],
+            shard: shards.Shard | None) -> tuple[SampleSet, SampleSet]:
+    """The deploy's inputs, checked, and this run's share of them (all without a shard). The
+    quality gate checks a sample of all of them, so that every shard computes alike."""
+    sample_set = discover(params.thumb_data, need_labels=params.has_labels,
+                          target_labels=params.target_labels if params.has_labels else None,
+                          exclude=(params.output, folder, params.cache_root))
+    if params.has_labels:
+        check_labels(sample_set, classes, params.thumb_data)
+    if shard is None:
+        return sample_set, sample_set
+    return sample_set, shards.start(folder, sample_set, shard, params)
 
 
 def _copies(params: DeployParams, folder: Path, table: pd.DataFrame, is_slide: list[bool],

@@ -20,11 +20,13 @@ EXPERIMENT_COPY = "experiment.yaml"  # a dict experiment is saved as this in its
 
 
 def execute(params: Params, *, resume: bool = False, quiet: bool = False, debug: bool = False,
-            progress: bool = True, raw: dict | None = None) -> Path:
+            progress: bool = True, raw: dict | None = None, shard=None) -> Path:
     """Prepare the results folder, log into it and run the params' workflow; return the folder.
 
     ``raw``: the dict an experiment came from; it is saved as experiment.yaml in the results
     folder, which then stands for the experiment file (the copy beside config.yaml).
+    ``shard``: a deploy's share (workflows/shards.py), deployed into its own folder; a finished
+    one is skipped, an interrupted one continued.
     """
     import yaml
 
@@ -53,9 +55,17 @@ def execute(params: Params, *, resume: bool = False, quiet: bool = False, debug:
     if distributed.active():  # torchrun: rank 0 owns the results folder, the others train along
         return _execute_ranks(params, workflow, resume=resume, quiet=quiet, debug=debug,
                               progress=progress)
-    check_output(params.output, resume=resume)  # everything that can be checked before the
-    preflight(params)  # first file is written: the folder, the inputs, weights, caches
     folder = params.output
+    if shard is not None:  # issue 30: a SLURM array's share, in its own folder
+        from thumbclf.workflows import shards
+
+        folder = shards.folder_of(params.output, shard)
+        if shards.is_finished(folder):
+            log.warning("shard %s (%s) finished already in %s; skipped", shard, shard.why, folder)
+            return folder
+        resume = folder.is_dir() and any(folder.iterdir())  # a re-submitted array goes on
+    check_output(folder, resume=resume)  # everything that can be checked before the
+    preflight(params)  # first file is written: the folder, the inputs, weights, caches
     with prepare_output(folder, resume=resume):  # the folder is this run's until it returns
         if raw is not None:
             copy = folder / EXPERIMENT_COPY
@@ -66,6 +76,8 @@ def execute(params: Params, *, resume: bool = False, quiet: bool = False, debug:
             params = dataclasses.replace(params, source=copy)
         setup_logging(folder, quiet=quiet, debug=debug)
         log.info("thumbclf %s: %s -> %s", workflow, params.source, folder)
+        if shard is not None:
+            return run(params, resume=resume, quiet=not progress, shard=shard)
         return run(params, resume=resume, quiet=not progress)
 
 

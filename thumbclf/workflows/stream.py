@@ -20,7 +20,7 @@ from thumbclf.core import table as table_io
 from thumbclf.core.decide import decide_with_reasons
 from thumbclf.core.errors import DataError, ModelError, OutputError, clean
 from thumbclf.core.files import append_whole, atomic_csv, atomic_text, file_digest, repair_tail
-from thumbclf.inputs import slides
+from thumbclf.inputs import readrecord, slides
 from thumbclf.inputs.samples import SampleSet
 from thumbclf.nn.engine import configure_threads
 from thumbclf.predict.ensemble import exact_runners
@@ -164,8 +164,10 @@ def check_partial_header(partial: Path, header: list[str]) -> None:
 
 
 def final_table(sample_set: SampleSet, partial: Path, classes: tuple[str, ...],
-                has_labels: bool, threshold: float, is_slide: list[bool]) -> pd.DataFrame:
-    """The predictions table in input order, with slide properties where there are slides."""
+                has_labels: bool, threshold: float, is_slide: list[bool],
+                read_from: tuple[int, Path] | None = None) -> pd.DataFrame:
+    """The predictions table in input order, with slide properties where there are slides, and
+    their read records from the thumbnail cache ``read_from`` (thumbnail size, folder)."""
     rows = table_io.read_csv(partial, numeric=["position", *classes, *table_io.SIGNALS])
     rows = rows.drop_duplicates("position", keep="last").set_index("position").sort_index()
     rows = rows.reindex(range(len(sample_set)))
@@ -173,13 +175,19 @@ def final_table(sample_set: SampleSet, partial: Path, classes: tuple[str, ...],
     signals = {c: rows[c].to_numpy(dtype=float) for c in table_io.SIGNALS}
     slide_properties = [slides.properties(s.path) if slide and not err else None
                         for s, slide, err in zip(sample_set.samples, is_slide, errors)]
+    records = None
+    if read_from is not None:  # issue 30: the read record, kept beside the cached thumbnail
+        records = [readrecord.of_slide(s.path, *read_from, properties=props,
+                                       mpp_override=s.mpp) if props is not None else None
+                   for s, props in zip(sample_set.samples, slide_properties)]
     return table_io.build(sample_set.samples, rows[list(classes)].to_numpy(dtype=float), classes,
                           rows[table_io.DECISION].fillna("").to_numpy(), threshold=threshold,
                           reasons=rows[table_io.REASON].fillna("").to_numpy(),
                           signals={c: v for c, v in signals.items() if not np.isnan(v).all()},
                           labels=has_labels, patients=sample_set.has_patients,
                           rows=any(s.row is not None for s in sample_set.samples),
-                          errors=errors, slide_properties=slide_properties)
+                          errors=errors, slide_properties=slide_properties,
+                          read_records=records)
 
 
 def partial_header(classes) -> list[str]:

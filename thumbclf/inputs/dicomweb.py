@@ -1,0 +1,247 @@
+"""DICOMweb slides (issue 30; the reader, not yet an input of thumbData): a WSI series on a
+DICOMweb server read into a thumbnail without a local copy.
+
+The series' metadata (WADO-RS, no pixels) gives every instance's kind and size; only the frames
+of the smallest level that reaches the thumbnail size are fetched (a THUMBNAIL instance where it
+is large enough), one request per tile row, and the frames of LABEL and OVERVIEW instances never
+are. Authentication comes from the environment (THUMBCLF_DICOMWEB_TOKEN: a bearer token;
+THUMBCLF_DICOMWEB_USER and THUMBCLF_DICOMWEB_PASSWORD: basic) or from ~/.netrc (requests reads
+it), never from the experiment file, and no message shows it. Every request has a timeout
+(TIMEOUT_S) and is retried (RETRIES, with backoff) on connection errors and 429/5xx answers, so a
+server that stops answering gives an error, not a hang. Needs ``pip install "thumbclf[dicomweb]"``
+(dicomweb-client).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+from PIL import Image
+
+from thumbclf.core.errors import ImageReadError
+from thumbclf.inputs import dicom, tiles
+
+INSTALL = 'pip install "thumbclf[dicomweb]"'
+TIMEOUT_S = (10.0, 60.0)  # connect, read: per request
+RETRIES = 3  # per request, with backoff 0.5 s, 1 s, 2 s, on connection errors and 429/5xx
+TOKEN, USER, PASSWORD = ("THUMBCLF_DICOMWEB_TOKEN", "THUMBCLF_DICOMWEB_USER",
+                         "THUMBCLF_DICOMWEB_PASSWORD")
+SM = "SM"  # the modality of slide microscopy series
+ANY_SYNTAX = (("application/octet-stream", "*"),)  # frames as stored
+_SERIES = re.compile(r"^(?P<root>.*?)/studies/(?P<study>[0-9.]+)(/series/(?P<series>[0-9.]+))?/?$")
+
+
+@dataclass(frozen=True)
+class SeriesRef:
+    """One slide on a DICOMweb server: the service root, the study and the series."""
+
+    root: str
+    study: str
+    series: str
+
+    @property
+    def url(self) -> str:
+        return f"{self.root}/studies/{self.study}/series/{self.series}"
+
+
+def is_url(text: str) -> bool:
+    return str(text).startswith(("http://", "https://"))
+
+
+def shown(url: str) -> str:
+    """A URL as messages show it: without user, password, query or fragment."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+def parse(url: str) -> tuple[str, str | None, str | None]:
+    """(service root, study or None, series or None) of a DICOMweb URL."""
+    clean = shown(url).rstrip("/")
+    m = _SERIES.match(clean)
+    if m is None:
+        return clean, None, None
+    return m.group("root"), m.group("study"), m.group("series")
+
+
+def session():
+    """A requests session: retries with backoff, a timeout on every request, auth from the
+    environment (else ~/.netrc, which requests reads)."""
+    import requests
+    from requests.adapters import HTTPAdapter
+    from urllib3.util.retry import Retry
+
+    class _Timeout(HTTPAdapter):
+        def send(self, request, **kwargs):
+            if kwargs.get("timeout") is None:
+                kwargs["timeout"] = TIMEOUT_S
+            return super().send(request, **kwargs)
+
+    s = requests.Session()
+    retry = Retry(total=RETRIES, connect=RETRIES, read=RETRIES, backoff_factor=0.5,
+                  status_forcelist=(429, 500, 502, 503, 504), allowed_methods=("GET",))
+    for prefix in ("http://", "https://"):
+        s.mount(prefix, _Timeout(max_retries=retry))
+    if os.environ.get(TOKEN):
+        s.headers["Authorization"] = f"Bearer {os.environ[TOKEN]}"
+    elif os.environ.get(USER):
+        s.auth = (os.environ[USER], os.environ.get(PASSWORD, ""))
+    return s
+
+
+def client(root: str):
+    """A DICOMweb client of the service at ``root``."""
+    try:
+        from dicomweb_client.api import DICOMwebClient
+    except ImportError:
+        raise ImageReadError(f"{shown(root)}: reading DICOMweb slides needs dicomweb-client; "
+                             f"{INSTALL}") from None
+    web = DICOMwebClient(root, session=session())
+    web.set_http_retry_params(retry=False)  # the session retries, as the module says
+    return web
+
+
+def _failed(where: str, exc: Exception) -> ImageReadError:
+    """A request's failure as one line naming the URL (never its credentials)."""
+    status = getattr(getattr(exc, "response", None), "status_code", None)
+    why = f"HTTP {status}" if status else type(exc).__name__
+    hint = ("; check the credentials (THUMBCLF_DICOMWEB_TOKEN, or _USER and _PASSWORD, or "
+            "~/.netrc)" if status in (401, 403) else "")
+    return ImageReadError(f"{shown(where)}: the DICOMweb server did not answer ({why}, after "
+                          f"{RETRIES} retries, {TIMEOUT_S[1]:g} s timeout){hint}")
+
+
+def list_series(url: str) -> list[SeriesRef]:
+    """The slide-microscopy series a DICOMweb URL names (a service, a study or a series)."""
+    root, study, series = parse(url)
+    if study and series:
+        return [SeriesRef(root, study, series)]
+    web = client(root)
+    try:
+        found = web.search_for_series(study_instance_uid=study, search_filters={"Modality": SM},
+                                      get_remaining=True)
+    except Exception as exc:  # noqa: BLE001 - requests' and the client's errors alike
+        raise _failed(url, exc) from None
+    out = [SeriesRef(root, _value(s, "0020000D"), _value(s, "0020000E")) for s in found]
+    return sorted(out, key=lambda r: (r.study, r.series))
+
+
+def _value(meta: dict, tag: str, default=None):
+    values = meta.get(tag, {}).get("Value") or []
+    return values[0] if values else default
+
+
+@dataclass
+class WebSeries:
+    """A DICOMweb slide's levels and thumbnails (as dicom.Instance, named by SOP instance UID),
+    the client, and what was fetched."""
+
+    ref: SeriesRef
+    levels: tuple[dicom.Level, ...]
+    thumbnails: tuple[dicom.Instance, ...]
+    web: object
+    requests: int = 0
+    nbytes: int = 0
+    fetched: list = field(default_factory=list)  # SOP instance UIDs whose frames were fetched
+
+
+def open_series(ref: SeriesRef, web=None) -> WebSeries:
+    """A DICOMweb slide from its series metadata (no pixels), checked as a folder is."""
+    import pydicom
+
+    web = web or client(ref.root)
+    try:
+        metas = web.retrieve_series_metadata(ref.study, ref.series)
+    except Exception as exc:  # noqa: BLE001
+        raise _failed(ref.url, exc) from None
+    found = []
+    for meta in metas:
+        ds = pydicom.Dataset.from_json(meta, bulk_data_uri_handler=lambda *_: b"")  # no bulk
+        syntax = str(_value(meta, "00020010", "") or _value(meta, "00083002", "") or "")
+        inst = dicom.instance_of(ds, Path(str(ds.get("SOPInstanceUID", ""))), 0, syntax)
+        if inst is not None:
+            found.append(inst)
+    volumes = [i for i in found if i.kind == "VOLUME"]
+    if not volumes:
+        raise ImageReadError(f"{shown(ref.url)}: no VOLUME instances in this series")
+    thumbs = tuple(i for i in found if i.kind == "THUMBNAIL")
+    return WebSeries(ref, dicom.group_levels(volumes, Path(shown(ref.url))), thumbs, web)
+
+
+def _codec(data: bytes) -> str:
+    if data[:2] == b"\xff\xd8":
+        return "jpeg"
+    if data[:2] == b"\xff\x4f" or data[4:8] == b"jP  ":
+        return "jpeg2000"
+    return "raw"
+
+
+def web_level(series: WebSeries, level: dicom.Level) -> tiles.TiledLevel:
+    """A level whose frames are fetched from the server, one request per row of tiles."""
+    inst = level.parts[0]
+    cols = -(-level.width // inst.tile_w)
+    where: dict[tuple[int, int], tuple[str, int]] = {}
+    for part in level.parts:
+        for k in range(part.frames):
+            index = part.frame_offset + k
+            pos = part.positions[k] if part.positions is not None else (index % cols, index // cols)
+            where.setdefault(pos, (str(part.path), k + 1))  # first plane and path only
+    ref = series.ref
+    out = tiles.TiledLevel(level.width, level.height, inst.tile_w, inst.tile_h,
+                           Path(shown(ref.url)), lambda tx, ty: None, "jpeg",
+                           rgb=inst.photometric == "RGB", photometric=inst.photometric)
+
+    def fetch_row(ty: int) -> dict[int, bytes]:
+        wanted: dict[str, list[tuple[int, int]]] = {}
+        for (tx, y), (sop, frame) in where.items():
+            if y == ty:
+                wanted.setdefault(sop, []).append((frame, tx))
+        row: dict[int, bytes] = {}
+        for sop, pairs in wanted.items():
+            pairs.sort()
+            try:
+                frames = series.web.retrieve_instance_frames(
+                    ref.study, ref.series, sop, [f for f, _ in pairs], media_types=ANY_SYNTAX)
+            except Exception as exc:  # noqa: BLE001
+                raise _failed(ref.url, exc) from None
+            series.requests += 1
+            series.fetched.append(sop)
+            for (_, tx), data in zip(pairs, frames):
+                row[tx] = data
+                series.nbytes += len(data)
+        if row:
+            out.codec = _codec(next(iter(row.values())))
+        return row
+
+    out.fetch_row = fetch_row
+    return out
+
+
+def thumbnail(url: str, long_side: int, *, stats: tiles.ReadStats | None = None,
+              budget_s: float = 120.0, web=None) -> Image.Image:
+    """The RGB thumbnail of one DICOMweb series (URL of the series), long side ``long_side``."""
+    root, study, uid = parse(url)
+    if not (study and uid):
+        raise ImageReadError(f"{shown(url)}: name one series (.../studies/UID/series/UID)")
+    ref = SeriesRef(root, study, uid)
+    series = open_series(ref, web)
+    stats = stats if stats is not None else tiles.ReadStats()
+    start = time.perf_counter()
+    base = series.levels[0]
+    out = (max(1, round(base.width * long_side / max(base.width, base.height))),
+           max(1, round(base.height * long_side / max(base.width, base.height))))
+    candidates = [*series.levels, *(dicom.Level((t,)) for t in series.thumbnails)]
+    i = tiles.choose_level([(lv.width, lv.height) for lv in candidates], out)
+    level = web_level(series, candidates[i])
+    stats.reader, stats.level = "dicomweb frames", min(i, len(series.levels))
+    stats.level_size, stats.photometric = (level.width, level.height), level.photometric
+    img = tiles.render(level, out, deadline=time.perf_counter() + budget_s,
+                       where=shown(ref.url), budget_s=budget_s, stats=stats)
+    stats.encoded_bytes, stats.seconds = series.nbytes, time.perf_counter() - start
+    return img
