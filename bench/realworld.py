@@ -16,8 +16,9 @@ synthetic slide types, once per variant (``default``: this checkout's defaults; 
   decided, why the others are Undecided, and accuracy among decided where the real label is one
   of the model's classes (Tumor counts as Resection; Healthy, which the model lacks, as wrong
   whenever decided; Other = not a slide type, must be Undecided; Unknown: left out);
-- the margin of the unfamiliar rule, recomputed from the same predictions (the unfamiliarity
-  parts scaled by 1.5 / margin), to show what it trades;
+- the margin of the unfamiliar rule and the source rule's ``unfamiliar_share`` (1 = off),
+  decided again from the same predictions (the unfamiliarity parts scaled by 1.5 / margin), to
+  show what each trades;
 - on the synthetic test set and the same slides as other labs would scan them (shifts), and a
   type never trained on (TMA): as bench/trust.py.
 
@@ -41,7 +42,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import trust  # noqa: E402  (bench/trust.py: its runner, experiment writer and scores)
 from thumbclf.core import table  # noqa: E402
-from thumbclf.core.decide import NO_TISSUE, UNDECIDED, UNFAMILIAR  # noqa: E402
+from thumbclf.core.decide import (REASONS, UNDECIDED, decide_with_reasons,  # noqa: E402
+                                  unfamiliar_sources)
 from thumbclf.inputs import synth  # noqa: E402
 
 REALDATA = ROOT.parent / "shared" / "realdata"
@@ -67,33 +69,32 @@ def real_table(out: Path) -> Path:
     return out / "real.csv"
 
 
-def real_scores(pred: pd.DataFrame, labels: pd.DataFrame, margin: float = 1.5) -> dict:
-    """What a deploy on the real thumbnails decided, at the rule's margin ``margin``."""
+def real_scores(pred: pd.DataFrame, labels: pd.DataFrame, margin: float = 1.5,
+                share: float = 0.5) -> dict:
+    """What a deploy on the real thumbnails decided, with the rule's margin ``margin`` and the
+    source rule's ``share`` (decided again from the table's columns, as thumbclf decides)."""
     df = pred.merge(labels[["PATH", "REAL_LABEL"]], on="PATH")
-    decided = (df[table.DECISION] != UNDECIDED).to_numpy()
-    reason = df[table.REASON].astype(str).to_numpy()
-    if margin != 1.5 and table.UNFAMILIAR_CONTENT in df:
-        parts = [table.signal(df, c) * 1.5 / margin for c in
-                 (table.UNFAMILIAR_CONTENT, table.UNFAMILIAR_LOOK) if c in df]
-        unfamiliar = np.max(parts, axis=0) > 1
-        confident = df[[c for c in df.columns if c in synth.CLASSES]].max(axis=1) \
-            >= df[table.THRESHOLD]
-        decided = confident.to_numpy() & ~unfamiliar & (reason != NO_TISSUE)
-        reason = np.where(decided, "", np.where(reason == NO_TISSUE, NO_TISSUE,
-                                                np.where(unfamiliar, UNFAMILIAR, "low")))
+    classes = [c for c in synth.CLASSES if c in df.columns]
+    parts = [table.signal(df, c) for c in (table.UNFAMILIAR_CONTENT, table.UNFAMILIAR_LOOK)]
+    parts = [p * 1.5 / margin for p in parts if p is not None]
+    decisions, reasons = decide_with_reasons(
+        df[classes].to_numpy(float), classes, float(df[table.THRESHOLD].iloc[0]),
+        np.max(parts, axis=0) if parts else None, table.signal(df, table.TISSUE))
+    decisions, reasons, _ = unfamiliar_sources(
+        decisions, reasons, np.max(parts, axis=0) if parts else None,
+        df[table.SOURCE].tolist() if table.SOURCE in df else None, share)
+    decisions, reasons = np.array(decisions), np.array(reasons)
+    decided = decisions != UNDECIDED
     real = df["REAL_LABEL"].to_numpy()
     known = np.isin(real, KNOWN)
-    right = df[table.DECISION].to_numpy() == np.array([TO_MODEL.get(r, r) for r in real])
+    right = decisions == np.array([TO_MODEL.get(r, r) for r in real])
     dk = decided & known
     return {"slides": len(df), "decided": int(decided.sum()),
             "known-type slides decided": f"{int(dk.sum())} of {int(known.sum())}",
             "accuracy (decided, known types)": float(right[dk].mean()) if dk.any() else None,
             "Other Undecided": f"{int((~decided & (real == 'Other')).sum())} of "
                                f"{int((real == 'Other').sum())}",
-            "no tissue": int((reason == NO_TISSUE).sum()),
-            "unfamiliar": int((reason == UNFAMILIAR).sum()),
-            "low confidence": int((~decided).sum() - (reason == NO_TISSUE).sum()
-                                  - (reason == UNFAMILIAR).sum())}
+            **{r: int((reasons == r).sum()) for r in REASONS}}
 
 
 def main() -> None:
@@ -140,9 +141,11 @@ def main() -> None:
             trust.run(ROOT, "deploy_thumbclassifier.py",
                       trust.experiment(vdir / f"{name}.yaml", dep), vdir / name)
             pred = pd.read_csv(vdir / name / "predictions.csv", keep_default_na=False)
-            for margin in (MARGINS if not adapt else (1.5,)):
+            settings = [(1.5, 0.5), (1.5, 1.0)] + [(m, 0.5) for m in MARGINS if m != 1.5]
+            for margin, share in (settings if not adapt else settings[:2]):
                 real_rows.append({"variant": v + (" + adapt_bn" if adapt else ""),
-                                  "margin": margin, **real_scores(pred, labels, margin)})
+                                  "margin": margin, "unfamiliar_share": share,
+                                  **real_scores(pred, labels, margin, share)})
                 print(real_rows[-1], flush=True)
         for test in tests:
             dep = {"thumb_data": str(data / test), "model_path": str(vdir / "train"),

@@ -221,3 +221,29 @@ def test_a_model_file_without_features_deploys_by_confidence_and_says_so_once(tr
     assert log.count("has no training features") == 1  # said once, naming the file
     assert "old.pt has no training features" in log
     assert "Unfamiliar-slide rule: off" in (out / "report.html").read_text()
+
+
+def test_a_deploy_mostly_unfamiliar_decides_nothing_and_says_why(trained, tmp_path):
+    """Issue 28: when most slides of a deploy (one source) are unfamiliar, the model does not
+    fit it, and the slides that happen to look familiar are Undecided too; the key turns it
+    off. The rule runs on the whole table, after prediction."""
+    folder = tmp_path / "mostly_noise"
+    synth.generate(folder / "known", per_class=2, seed=12, min_side=60, max_side=150,
+                   classes=CLASSES)
+    (folder / "known" / "labels.csv").unlink()
+    rng = np.random.default_rng(1)
+    for i in range(16):
+        Image.fromarray(rng.integers(0, 256, (120, 120, 3), dtype=np.uint8)).save(
+            folder / f"noise_{i}.png")
+    on, r = _deploy(tmp_path, str(trained), folder, "on")
+    off, _ = _deploy(tmp_path, str(trained), folder, "off", "unfamiliar_share: 1\n")
+    df_on = pd.read_csv(on / "predictions.csv", keep_default_na=False)
+    df_off = pd.read_csv(off / "predictions.csv", keep_default_na=False)
+    known = df_on["PATH"].str.contains("known")
+    assert (df_off.loc[known, "model_prediction"] != UNDECIDED).any()  # decided without the rule
+    assert (df_on["model_prediction"] == UNDECIDED).all()
+    assert set(df_on.loc[known, "undecided_reason"]) <= {"unfamiliar source", "low confidence",
+                                                         "unfamiliar"}
+    assert (df_on.loc[known, "undecided_reason"] == "unfamiliar source").any()
+    assert "unfamiliar source" in (on / "report.html").read_text(encoding="utf-8")
+    assert "more than unfamiliar_share" in r.stderr + (on / "run.log").read_text()

@@ -129,6 +129,11 @@ KEYS: tuple[Key, ...] = (
     Key("unfamiliar", "bool", True, "Training: store the features of the training images in "
         "the model file; deploy: a slide whose features lie far from all of them is "
         "'Undecided' (reason 'unfamiliar'), whatever its confidence.", (), BOTH),
+    Key("unfamiliar_share", "float", 0.5, "Deploy: when more than this share of one source's "
+        "slides is unfamiliar (the SOURCE column of the input table, else the whole deploy; "
+        "judged on 20 or more slides), the source does not fit the model and its other slides "
+        "are 'Undecided' too (reason 'unfamiliar source'); 1 turns this off.", (), (DEPLOY,),
+        0.0, 1.0),
     Key("adapt_bn", "bool", False, "Deploy: re-estimate BatchNorm statistics on the deploy "
         "images (up to 512) before predicting, to adapt to another lab's look; the model file "
         "is unchanged, the adapted statistics are saved in the results folder.", (), (DEPLOY,)),
@@ -276,6 +281,7 @@ class DeployParams(Params):
     precision: str = _d("precision")
     verify_data: Path | None = None
     unfamiliar: bool = _d("unfamiliar")
+    unfamiliar_share: float = _d("unfamiliar_share", DEPLOY)
     adapt_bn: bool = _d("adapt_bn")
 
 

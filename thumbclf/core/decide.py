@@ -13,7 +13,11 @@ UNDECIDED = "Undecided"
 DEFAULT_THRESHOLD = 0.9
 # why a case is Undecided, in the order the rules apply
 NO_TISSUE, UNFAMILIAR, LOW_CONFIDENCE = "no tissue", "unfamiliar", "low confidence"
-REASONS = (NO_TISSUE, UNFAMILIAR, LOW_CONFIDENCE)
+UNFAMILIAR_SOURCE = "unfamiliar source"  # most slides of its source are unfamiliar
+REASONS = (NO_TISSUE, UNFAMILIAR, UNFAMILIAR_SOURCE, LOW_CONFIDENCE)
+# a source (the SOURCE column, else the whole deploy) is judged on at least this many slides
+MIN_SOURCE_SLIDES = 20
+POOLED = "(sources of fewer slides, pooled)"
 # the share of a thumbnail that must be tissue (nn/look.py measures it): below it a slide is
 # blank, pen or label only, or a fragment of about 10 x 10 pixels of the model's 224
 NO_TISSUE_FRACTION = 0.002
@@ -44,6 +48,53 @@ def decide_with_reasons(probs: np.ndarray, classes: tuple[str, ...] | list[str],
         for i in np.flatnonzero(np.asarray(tissue, dtype=float) < NO_TISSUE_FRACTION):
             decisions[i], reasons[i] = UNDECIDED, NO_TISSUE
     return decisions, reasons
+
+
+@dataclass(frozen=True)
+class SourceVerdict:
+    """One group of slides judged as a whole: its name ('' = the whole deploy), how many of its
+    slides with tissue were judged, and the share of them that is unfamiliar."""
+
+    name: str
+    judged: int
+    unfamiliar: float
+
+
+def unfamiliar_sources(decisions: Sequence[str], reasons: Sequence[str],
+                       unfamiliarity: np.ndarray | None, sources: Sequence[str] | None,
+                       share: float) -> tuple[list[str], list[str], list[SourceVerdict]]:
+    """Decisions and reasons after the source rule, and the sources it judged unfamiliar.
+
+    The unfamiliar rule calls at most about 2% of slides like the training ones unfamiliar.
+    When far more than that of one source (a site, a scanner: the SOURCE column; without one,
+    the whole deploy) is unfamiliar, its slides come from a world the model was not trained on,
+    and the ones that happen to look familiar are the tail of that world, not slides the model
+    knows: they are Undecided too (reason 'unfamiliar source'). A source is judged on its
+    slides with tissue and an unfamiliarity, when it has at least MIN_SOURCE_SLIDES of them;
+    smaller sources are pooled and judged together. ``share`` 1 turns the rule off."""
+    decisions, reasons = list(decisions), list(reasons)
+    if unfamiliarity is None or share >= 1 or not len(decisions):
+        return decisions, reasons, []
+    u = np.asarray(unfamiliarity, dtype=float)
+    judged = np.isfinite(u) & (np.asarray(reasons, dtype=object) != NO_TISSUE)
+    names = np.array([""] * len(decisions) if sources is None else [str(s) for s in sources],
+                     dtype=object)
+    counts = {name: int((judged & (names == name)).sum()) for name in set(names)}
+    groups = np.array([n if counts[n] >= MIN_SOURCE_SLIDES or sources is None else POOLED
+                       for n in names], dtype=object)
+    verdicts = []
+    for name in sorted(set(groups)):
+        members = judged & (groups == name)
+        if members.sum() < MIN_SOURCE_SLIDES:
+            continue
+        verdict = SourceVerdict(name, int(members.sum()), float((u[members] > 1.0).mean()))
+        if verdict.unfamiliar <= share:
+            continue
+        verdicts.append(verdict)
+        for i in np.flatnonzero(members):  # (not the unreadable rows: they have no decision)
+            if decisions[i] != UNDECIDED:
+                decisions[i], reasons[i] = UNDECIDED, UNFAMILIAR_SOURCE
+    return decisions, reasons, verdicts
 
 
 def threshold_for_accuracy(probs: np.ndarray, y: np.ndarray, target: float) -> float | None:

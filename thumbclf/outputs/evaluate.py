@@ -15,7 +15,8 @@ import numpy as np
 import pandas as pd
 
 from thumbclf.core import layout, table
-from thumbclf.core.decide import UNDECIDED, decide_with_reasons, threshold_in_force
+from thumbclf.core.decide import (NO_TISSUE, UNDECIDED, UNFAMILIAR_SOURCE, decide_with_reasons,
+                                  threshold_in_force)
 from thumbclf.core.errors import ImageReadError
 from thumbclf.core.files import atomic_csv, atomic_text
 from thumbclf.inputs.decode import load_array
@@ -88,6 +89,11 @@ def evaluate_table(df: pd.DataFrame, classes: list[str], out: Path, *, threshold
         decisions, reasons = decide_with_reasons(df[classes].to_numpy(float), classes, threshold,
                                                  table.signal(df, table.UNFAMILIARITY),
                                                  table.signal(df, table.TISSUE))
+        judged = (df[table.REASON].astype(str) == UNFAMILIAR_SOURCE).to_numpy() if \
+            table.REASON in df.columns else np.zeros(len(df), bool)  # a verdict on the source,
+        for i in np.flatnonzero(judged):  # which no threshold changes
+            if reasons[i] != NO_TISSUE:
+                decisions[i], reasons[i] = UNDECIDED, UNFAMILIAR_SOURCE
         df = df.assign(**{table.DECISION: decisions, table.REASON: reasons})
     used = threshold_in_force(given=threshold, default=None,
                               table=df["threshold"] if "threshold" in df else ()).value

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from thumbclf.core.decide import LOW_CONFIDENCE, UNDECIDED, UNFAMILIAR
+from thumbclf.core.decide import LOW_CONFIDENCE, REASONS, UNDECIDED
 from thumbclf.core.table import (DECISION, ERROR, MPP_HEADER, MPP_NONE, MPP_OVERRIDE,
                                  READ_BYTES, READ_MPP_SOURCE, READ_NOTE, READ_READER,
                                  READ_SECONDS, REASON)
@@ -27,7 +27,7 @@ ERROR_REASONS = (
     ("is missing", "incomplete"),
     ("DICOM WSI series", "several series in one folder"),
 )
-ORDER = ("decided", f"Undecided: {LOW_CONFIDENCE}", f"Undecided: {UNFAMILIAR}", "not found",
+ORDER = ("decided", *(f"Undecided: {r}" for r in REASONS), "not found",
          "too large", "incomplete", "several series in one folder", "unreadable")
 
 

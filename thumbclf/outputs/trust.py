@@ -14,7 +14,8 @@ import numpy as np
 import pandas as pd
 
 from thumbclf.core import layout, table
-from thumbclf.core.decide import LOW_CONFIDENCE, NO_TISSUE, UNDECIDED, UNFAMILIAR
+from thumbclf.core.decide import (LOW_CONFIDENCE, NO_TISSUE, UNDECIDED, UNFAMILIAR,
+                                  UNFAMILIAR_SOURCE)
 from thumbclf.outputs import plots, report
 
 PARTS = ((table.UNFAMILIAR_CONTENT, "content"), (table.UNFAMILIAR_LOOK, "look"))
@@ -41,6 +42,7 @@ def reason_counts(df: pd.DataFrame) -> dict[str, int]:
     unfamiliar = undecided & (reasons == UNFAMILIAR).to_numpy()
     for name in ("content", "look", "content and look"):
         counts[f"{UNFAMILIAR} ({name})"] = int((unfamiliar & (parts == name)).sum())
+    counts[UNFAMILIAR_SOURCE] = int((undecided & (reasons == UNFAMILIAR_SOURCE)).sum())
     counts[LOW_CONFIDENCE] = int((undecided & ((reasons == LOW_CONFIDENCE) | (reasons == ""))
                                   ).sum())
     return counts
@@ -78,7 +80,9 @@ def section(df: pd.DataFrame, out: Path, load, k: int = 12) -> list[tuple[str, s
                      if n)
     parts = [f"<p>Undecided slides by reason (the undecided_reason column; for unfamiliar "
              "slides, the part of the rule that fired: <i>content</i> = what the slide shows, "
-             "<i>look</i> = its stain, glass, tissue and texture):</p><ul>"
+             "<i>look</i> = its stain, glass, tissue and texture; <i>unfamiliar source</i> = "
+             "most slides of its source were unfamiliar, so the model does not fit that source "
+             "at all):</p><ul>"
              f"{listed or '<li>none</li>'}</ul>"]
     reasons = df[table.REASON].fillna("").astype(str) if table.REASON in df.columns else None
     if reasons is not None and (reasons == NO_TISSUE).any():

@@ -14,7 +14,8 @@ import torch
 from thumbclf.config import DeployParams
 from thumbclf.core import layout
 from thumbclf.core import table as table_io
-from thumbclf.core.decide import UNDECIDED, threshold_in_force
+from thumbclf.core.decide import (UNDECIDED, UNFAMILIAR_SOURCE, threshold_in_force,
+                                  unfamiliar_sources)
 from thumbclf.core.errors import DataError, ModelError, OutputError
 from thumbclf.core.files import atomic_csv, check_writable
 from thumbclf.inputs import slides
@@ -216,6 +217,7 @@ def run(params: DeployParams, *, resume: bool = False, quiet: bool = False,
         partial.unlink(missing_ok=True)
     if shard is not None:  # the copies and the report are thumbclf merge's
         return shards.finish(folder, shard, len(table), params.output)
+    table = judge_sources(table, done, params.unfamiliar_share)
     failed = int((table["error"] != "").sum())
     counts = table.loc[table["error"] == "", "model_prediction"].value_counts()
     log.info("decisions: %s%s", ", ".join(f"{k} {v}" for k, v in counts.items()),
@@ -228,6 +230,25 @@ def run(params: DeployParams, *, resume: bool = False, quiet: bool = False,
             closing=tally.section(table, slow))
     log.info("%s", tally.closing_note(table, slow))
     return folder
+
+
+def judge_sources(table: pd.DataFrame, done: Path, share: float) -> pd.DataFrame:
+    """The predictions table after the source rule (decide.unfamiliar_sources), written back
+    where it changed a decision. It needs every row, so it runs here, after prediction (and
+    after thumbclf merge joins the shards), and again on --resume with the same result."""
+    sources = table[table_io.SOURCE].tolist() if table_io.SOURCE in table else None
+    decisions, reasons, verdicts = unfamiliar_sources(
+        table[table_io.DECISION].tolist(), table[table_io.REASON].tolist(),
+        table_io.signal(table, table_io.UNFAMILIARITY), sources, share)
+    for v in verdicts:
+        log.warning("%s: %.0f%% of %d slides are unfamiliar (more than unfamiliar_share %.0f%%): "
+                    "they come from a world the model was not trained on, so its other slides "
+                    "are Undecided too (reason '%s')", f"source {v.name}" if v.name else
+                    "this deploy", 100 * v.unfamiliar, v.judged, 100 * share, UNFAMILIAR_SOURCE)
+    if decisions != table[table_io.DECISION].tolist():
+        table = table.assign(**{table_io.DECISION: decisions, table_io.REASON: reasons})
+        atomic_csv(table, done)
+    return table
 
 
 def _inputs(params: DeployParams, folder: Path, classes: tuple[str, ...],

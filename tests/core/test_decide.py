@@ -1,0 +1,60 @@
+"""Decisions and reasons (core/decide.py): the source rule.
+
+Issue 28: a slide that looks familiar is not trusted when most slides of its source are not.
+"""
+
+import numpy as np
+
+from thumbclf.core.decide import (MIN_SOURCE_SLIDES, NO_TISSUE, POOLED, UNDECIDED,
+                                  UNFAMILIAR, UNFAMILIAR_SOURCE, unfamiliar_sources)
+
+
+def _rows(n_familiar: int, n_unfamiliar: int):
+    decisions = ["A"] * n_familiar + [UNDECIDED] * n_unfamiliar
+    reasons = [""] * n_familiar + [UNFAMILIAR] * n_unfamiliar
+    u = np.array([0.4] * n_familiar + [3.0] * n_unfamiliar)
+    return decisions, reasons, u
+
+
+def test_a_deploy_mostly_unfamiliar_leaves_nothing_decided():
+    decisions, reasons, u = _rows(8, 22)
+    out, why, verdicts = unfamiliar_sources(decisions, reasons, u, None, 0.5)
+    assert out == [UNDECIDED] * 30
+    assert why[:8] == [UNFAMILIAR_SOURCE] * 8 and why[8:] == [UNFAMILIAR] * 22
+    assert [(v.name, v.judged) for v in verdicts] == [("", 30)]
+    assert verdicts[0].unfamiliar == 22 / 30
+
+
+def test_a_few_unfamiliar_slides_or_the_rule_off_change_nothing():
+    decisions, reasons, u = _rows(25, 5)
+    assert unfamiliar_sources(decisions, reasons, u, None, 0.5)[:2] == (decisions, reasons)
+    decisions, reasons, u = _rows(8, 22)
+    assert unfamiliar_sources(decisions, reasons, u, None, 1.0)[:2] == (decisions, reasons)
+    assert unfamiliar_sources(decisions, reasons, None, None, 0.5)[:2] == (decisions, reasons)
+
+
+def test_too_few_slides_are_not_judged():
+    decisions, reasons, u = _rows(4, MIN_SOURCE_SLIDES - 5)
+    assert unfamiliar_sources(decisions, reasons, u, None, 0.5)[2] == []
+
+
+def test_each_source_is_judged_on_its_own_and_small_ones_together():
+    da, ra, ua = _rows(5, 20)  # lab A: mostly unfamiliar
+    db, rb, ub = _rows(24, 1)  # lab B: like the training slides
+    dc, rc, uc = _rows(3, 17)  # four small collections of 5: pooled, mostly unfamiliar
+    sources = ["A"] * 25 + ["B"] * 25 + ["c1", "c2", "c3", "c4"] * 5
+    out, why, verdicts = unfamiliar_sources(da + db + dc, ra + rb + rc,
+                                            np.concatenate([ua, ub, uc]), sources, 0.5)
+    assert {v.name for v in verdicts} == {"A", POOLED}
+    assert out[25:50] == db  # lab B keeps its decisions
+    assert set(out[:25]) == {UNDECIDED} and set(out[50:]) == {UNDECIDED}
+
+
+def test_unreadable_and_blank_slides_are_neither_judged_nor_changed():
+    decisions, reasons, u = _rows(8, 22)
+    decisions += [""] * 5 + [UNDECIDED] * 5  # unreadable rows, then slides without tissue
+    reasons += [""] * 5 + [NO_TISSUE] * 5
+    u = np.concatenate([u, [np.nan] * 5, [0.3] * 5])
+    out, why, verdicts = unfamiliar_sources(decisions, reasons, u, None, 0.5)
+    assert out[30:35] == [""] * 5 and why[35:] == [NO_TISSUE] * 5
+    assert verdicts[0].judged == 30
