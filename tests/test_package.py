@@ -125,7 +125,8 @@ def test_pip_install_gives_a_thumbclf_command_that_runs_from_any_folder(tmp_path
     r = thumbclf("train", str(train_exp), *fast)
     assert r.returncode == 0, r.stderr
     assert (project / "train" / "fold_2" / "model.pt").is_file()  # beside the experiment file
-    r = thumbclf("deploy", str(deploy_exp), "--set", "modelAdr=train", *fast)
+    r = thumbclf("deploy", str(deploy_exp), "--set", "modelAdr=train", "--set", "hasLabels=true",
+                 "--set", "thumbData=data/labels.csv", *fast)  # labelled: evaluated below
     assert r.returncode == 0, r.stderr
     assert (project / "deploy" / "predictions.csv").is_file()
     assert (project / "deploy" / "report.html").is_file()

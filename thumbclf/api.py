@@ -75,7 +75,8 @@ def deploy(experiment: str | os.PathLike | Mapping[str, Any], *,
 def init_experiment(path: str | os.PathLike, *, workflow: str | None = None) -> Path:
     """Write a commented experiment file to start from (YAML); never overwrite a file.
 
-    ``workflow``: 'train' or 'deploy' for only that workflow's keys; None for both.
+    ``workflow``: 'train', 'deploy' or 'pretrain' for only that workflow's keys; None for
+    training and deployment.
     """
     from thumbclf.config import starter_text
     from thumbclf.core.errors import OutputError

@@ -102,6 +102,8 @@ def command_parser() -> argparse.ArgumentParser:
                        help="only the keys of training")
     which.add_argument("--deploy", dest="workflow", action="store_const", const=DEPLOY,
                        help="only the keys of deployment")
+    which.add_argument("--pretrain", dest="workflow", action="store_const", const=PRETRAIN,
+                       help="only the keys of self-supervised pretraining")
     sp.add_argument("file", type=Path, help="the experiment file to write (.yaml or .yml)")
     return ap
 
@@ -208,7 +210,8 @@ def init_file(path: Path, workflow: str | None) -> None:
     from thumbclf.api import init_experiment
 
     init_experiment(path, workflow=workflow)
-    keys = "thumbData and modelAdr" if workflow == DEPLOY else "thumbData"
+    keys = ("thumbData and modelAdr (and hasLabels: true for labelled slides)"
+            if workflow == DEPLOY else "thumbData")
     print(f"wrote {path}: set {keys}, then run: thumbclf {workflow or TRAIN} {path}")
 
 

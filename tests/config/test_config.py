@@ -50,6 +50,23 @@ def test_defaults_match_the_prototype(tmp_path):
     assert t.output == tmp_path / "e"
 
 
+def test_without_pretrained_weights_the_default_freezes_nothing(tmp_path):
+    """Issue 31: pretrained: false (the offline error's advice) must not freeze random layers;
+    a freezeRatio that is given, and SSL or a weights file, keep theirs."""
+    def ratio(text):
+        return load_params(write(tmp_path, "e.yaml", "thumbData: data\n" + text),
+                           workflow=TRAIN).freeze_ratio
+
+    assert ratio("pretrained: false\n") == 0.0
+    assert ratio("pretrained: false\nfreezeRatio: 0.25\n") == 0.25
+    assert ratio("pretrained: false\nSSL: true\nmodelAdr: ssl.pt\n") == 0.5
+    assert ratio("pretrained: weights.pth\n") == 0.5
+    assert ratio("") == 0.5
+    given = load_params(write(tmp_path, "e.yaml", "thumbData: d\npretrained: false\n"),
+                        workflow=TRAIN).given
+    assert "freeze_ratio" not in given
+
+
 def test_snake_case_aliases_work_and_both_spellings_are_an_error(tmp_path):
     p = write(tmp_path, "e.yaml", "thumb_data: d\nfold_number: 5\n")
     assert load_params(p, workflow=TRAIN).fold_number == 5

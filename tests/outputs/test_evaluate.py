@@ -47,3 +47,25 @@ def test_evaluate_errors_are_one_line(tmp_path, capsys):
     pd.DataFrame({"PATH": ["a"], "x": [1]}).to_csv(tmp_path / "p.csv", index=False)
     assert main([str(tmp_path / "p.csv")]) == 2
     assert "no model_prediction column" in capsys.readouterr().err
+
+
+def test_the_report_states_each_suggested_thresholds_coverage_or_why_there_is_none():
+    """Issue 31: every suggested threshold says how many slides it decides; none is suggested
+    from fewer than MIN_DECIDED_FOR_SUGGESTION decided slides."""
+    from thumbclf.outputs import metrics as M
+    from thumbclf.outputs.evaluate import threshold_text
+
+    rng = np.random.default_rng(1)
+    y = np.array(CLASSES)[rng.integers(0, 3, 60)]
+    p = np.full((60, 3), 0.05)
+    p[np.arange(60), [CLASSES.index(v) for v in y]] = 0.9
+    p[45:] = [0.4, 0.35, 0.25]  # 15 unsure, mostly wrong
+    df = pd.DataFrame({"PATH": [f"{i}.png" for i in range(60)], "CLASSIFICATION": y})
+    for j, c in enumerate(CLASSES):
+        df[c] = p[:, j]
+    df["model_prediction"] = decide(p, CLASSES, 0.9)
+    text = threshold_text(M.compute(df, CLASSES, resamples=0), 0.9)
+    assert "0.900 would reach 95% accuracy among decided slides, deciding 45 of 60 (75%)" in text
+    small = threshold_text(M.compute(df.iloc[:12], CLASSES, resamples=0), 0.9)
+    assert "would reach" not in small and "12 labelled slides are too few" in small
+

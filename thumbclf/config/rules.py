@@ -176,9 +176,18 @@ def validate(raw: dict[str, Any], *, workflow: str, source: Path, output: Path |
     cls = PARAMS_CLASS[workflow]
     names = {f.name for f in dataclasses.fields(cls)}
     kwargs = {k: v for k, v in values.items() if k in names and v is not None}
+    if workflow == TRAIN and "freeze_ratio" not in values and not starts_trained(values):
+        kwargs["freeze_ratio"] = 0.0  # freezing layers at random initialisation helps nobody
     if output is None:
         output = source.parent / source.stem
     return cls(source=source, output=output, given=frozenset(values), **kwargs)
+
+
+def starts_trained(values: dict[str, Any]) -> bool:
+    """Whether training starts from trained weights (ImageNet, a weights file or an SSL
+    checkpoint): only then does the default freezeRatio freeze anything."""
+    pretrained = values.get("pretrained", KEY_BY_NAME["pretrained"].default)
+    return bool(values.get("ssl")) or pretrained is not False
 
 
 def _ray_installed() -> bool:

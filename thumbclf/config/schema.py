@@ -98,7 +98,9 @@ KEYS: tuple[Key, ...] = (
     Key("freeze_ratio", "float", 0.5, "Fraction of the network's blocks frozen, in order (never "
         "the head): its top-level children, where one holding over 80% of the parameters is "
         "split into its own children (ResNet: conv1 ... layer4, fc; VGG: the layers of "
-        "features; ViT: its encoder layers).",
+        "features; ViT: its encoder layers). Default 0.5 when training starts from trained "
+        "weights (ImageNet, a weights file or SSL), else 0 (frozen at their random "
+        "initialisation, layers would stay random).",
         ("freezeRatio",), (TRAIN,), 0.0, 1.0),
     Key("ssl", "bool", False, "Initialise the backbone from the self-supervised checkpoint at "
         "modelAdr.", ("SSL",), (TRAIN,)),

@@ -169,6 +169,27 @@ def _figures(df: pd.DataFrame, classes: list[str], m: M.Metrics, cm: pd.DataFram
     return figs
 
 
+def threshold_text(m: M.Metrics, used: float | None) -> str:
+    """The threshold in use and the suggested ones, each with the share of slides it decides;
+    none where fewer than MIN_DECIDED_FOR_SUGGESTION labelled slides would be decided."""
+    if used is None:
+        return ""
+    parts = []
+    for s in m.suggestions:
+        target = f"{s['target']:.0%} accuracy"
+        if s["threshold"] is not None:
+            parts.append(f"{s['threshold']:.3f} would reach {target} among decided slides, "
+                         f"deciding {s['decided']} of {s['total']} ({s['coverage']:.0%})")
+        elif s["total"] < s["min_decided"]:
+            parts.append(f"no threshold is suggested for {target}: {s['total']} labelled "
+                         f"slides are too few (at least {s['min_decided']} must be decided)")
+        else:
+            parts.append(f"no threshold reaches {target} while deciding at least "
+                         f"{s['min_decided']} of the {s['total']} labelled slides")
+    return (f"<p>Threshold in use: <b>{used:.3f}</b>. On this data: "
+            + "; ".join(parts) + ".</p>")
+
+
 def _sections(m: M.Metrics, scopes: dict[str, M.Metrics], cm: pd.DataFrame, figs: dict, *,
               used: float | None, resamples: int, patients: bool) -> list[tuple[str, str]]:
     """The report's sections of figures and tables (title, HTML)."""
@@ -180,10 +201,7 @@ def _sections(m: M.Metrics, scopes: dict[str, M.Metrics], cm: pd.DataFrame, figs
                                "macro F1": mm.macro_f1} for s, mm in scopes.items()}).T
         ft["n"] = ft["n"].astype(int)
         fold_table = "<p>Per fold (each fold's test images; 'all' = pooled):</p>" + report.table(ft)
-    thr_text = (f"<p>Threshold in use: <b>{used:.3f}</b>. On this data a threshold of "
-                f"{report.fmt(m.threshold_for_95)} would reach 95% accuracy and "
-                f"{report.fmt(m.threshold_for_99)} 99% (among decided slides).</p>"
-                if used is not None else "")
+    thr_text = threshold_text(m, used)
     sections = [
         ("Results", report.cards(m) + thr_text + fold_table),
         ("Per class", report.per_class_table(m) +

@@ -375,6 +375,15 @@ def _inputs(params: TrainParams, folder: Path, resume: bool) -> tuple[SampleSet,
     return sample_set, corrected
 
 
+def warn_untrained_freeze(params: TrainParams) -> None:
+    """A freezeRatio above 0 without trained starting weights freezes random layers: say so."""
+    if params.freeze_ratio > 0 and params.pretrained is False and not params.ssl:
+        log.warning("freezeRatio %.2f with pretrained: false freezes the first layers at their "
+                    "random initialisation, so they never learn; set freezeRatio: 0 (the default "
+                    "without pretrained weights) or use pretrained weights",
+                    params.freeze_ratio)
+
+
 def _device(params: TrainParams) -> torch.device:
     """This rank's device, with its threads set."""
     device = distributed.init(params.device)  # pick_device; this rank's GPU under torchrun
@@ -389,6 +398,7 @@ def run(params: TrainParams, *, resume: bool = False, quiet: bool = False) -> Pa
     """Train as the experiment file says; return the results folder."""
     folder = params.output
     started = time.perf_counter()
+    warn_untrained_freeze(params)
     sample_set, corrected = _inputs(params, folder, resume)
     device = _device(params)
     arch = arch_name(params.model_name)
