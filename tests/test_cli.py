@@ -82,11 +82,15 @@ def test_init_deploy_leads_to_a_deploy_of_a_flat_unlabelled_folder(tmp_path, tin
     text = path.read_text()
     text = text.replace("thumbData: slides/", f"thumbData: {flat}")
     text = text.replace("modelAdr: my_training", f"modelAdr: {tiny_model}")
-    path.write_text(text + "gradcam: 0\nbootstrap: 0\nnum_workers: 0\n")
-    r = run_cli("deploy", [str(path), "--quiet"])
+    path.write_text(text + "gradcam: 0\nbootstrap: 0\nnum_workers: 0\n"
+                    "prediction_threshold: 1.0\n")  # every slide Undecided: the hint shows
+    r = run_cli("deploy", [str(path)])
     assert r.returncode == 0, r.stderr
     table = (tmp_path / "archive" / "predictions.csv")
     assert table.is_file() and len(table.read_text().splitlines()) == 6
+    # the run ends with what to do next
+    assert (f"5 Undecided: work through them with: thumbclf review {tmp_path / 'archive'}"
+            in r.stdout + r.stderr)
 
 
 def test_init_never_overwrites_and_wants_yaml(tmp_path, capsys):

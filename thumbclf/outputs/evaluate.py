@@ -23,6 +23,7 @@ from thumbclf.inputs.decode import load_array
 from thumbclf.inputs.images import Preprocessing
 from thumbclf.outputs import metrics as M
 from thumbclf.outputs import plots, report
+from thumbclf.outputs import summary as plain
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +54,17 @@ def _gallery_items(df: pd.DataFrame, classes: list[str], errors: bool, k: int = 
     idx = idx[np.argsort(-top[idx], kind="stable")][:k]
     why = (df[table.REASON].fillna("").astype(str).to_numpy() if table.REASON in df.columns
            else np.array([""] * len(df)))
+    best = np.array(classes)[probs.argmax(axis=1)] if len(df) else np.array([])
     return [{"path": df["PATH"].iloc[i], "label": lab[i], "decision": dec[i], "prob": float(top[i]),
-             "note": f"{top[i]:.2f}, {why[i]}" if why[i] else ""} for i in idx]
+             "note": _gallery_note(dec[i], best[i], float(top[i]), why[i])} for i in idx]
+
+
+def _gallery_note(decision: str, best: str, top: float, why: str) -> str:
+    """An Undecided slide shows its best guess (and why it is Undecided); an error its
+    probability."""
+    if decision == UNDECIDED:
+        return f"best guess {best} {top:.2f}" + (f", {why}" if why else "")
+    return f"{top:.2f}, {why}" if why else ""
 
 
 def unfamiliar_section(df: pd.DataFrame, out: Path, load, k: int = 12) -> list[tuple[str, str]]:
@@ -106,8 +116,10 @@ def evaluate_table(df: pd.DataFrame, classes: list[str], out: Path, *, threshold
                    kind: str = "evaluation", params: dict[str, Any] | None = None,
                    split_df: pd.DataFrame | None = None, failures: int = 0,
                    extra_sections: list[tuple[str, str]] = (), notes: list[str] = (),
-                   thumbs=None) -> dict[str, Any]:
-    """Write metrics, confusion matrices, plots and the report for one labelled table."""
+                   thumbs=None, review: Path | None = None,
+                   sorted_into: Path | None = None) -> dict[str, Any]:
+    """Write metrics, confusion matrices, plots and the report for one labelled table;
+    ``review``: the results folder the summary's review command names."""
     if threshold is not None:  # the unfamiliar rule still holds (unfamiliarity column)
         unf = (pd.to_numeric(df[table.UNFAMILIARITY], errors="coerce").to_numpy(float)
                if table.UNFAMILIARITY in df.columns else None)
@@ -118,6 +130,7 @@ def evaluate_table(df: pd.DataFrame, classes: list[str], out: Path, *, threshold
                               table=df["threshold"] if "threshold" in df else ()).value
     m = M.compute(df, classes, resamples=resamples, seed=seed)
     m.threshold = used
+    caveats = list(m.notes)  # about the data: shown in the summary
     m.notes = list(notes) + m.notes
     scopes = {"all": m}
     if "fold" in df.columns and df["fold"].nunique() > 1:
@@ -137,9 +150,12 @@ def evaluate_table(df: pd.DataFrame, classes: list[str], out: Path, *, threshold
                          patients="PATIENT" in df.columns)
     sections += unfamiliar_section(df, out, load)
     sections += list(extra_sections)
+    first = plain.section(plain.decisions_lines(df, review=review, sorted_into=sorted_into,
+                                                failures=failures) + plain.quality_lines(m),
+                          caveats)
     report.write(out / layout.REPORT, title=title, kind=kind, params=params or {},
                  data_summary=_data_summary(df, classes, split_df, failures),
-                 sections=sections, notes=m.notes)
+                 sections=sections, notes=list(notes), summary=first)
     log.info("macro AUROC %s (ovo) / %s (ovr); coverage %s; accuracy among decided %s; report %s",
              report.fmt(m.macro_auroc_ovo), report.fmt(m.macro_auroc_ovr),
              report.fmt(m.coverage, True), report.fmt(m.accuracy_decided, True),
@@ -165,7 +181,8 @@ def _figures(df: pd.DataFrame, classes: list[str], m: M.Metrics, cm: pd.DataFram
                                    "Most confident errors", load)
     figs["undecided"] = plots.gallery(_gallery_items(df, classes, False),
                                       pdir / "gallery_undecided.png",
-                                      "Undecided slides (highest probability first)", load)
+                                      "Undecided slides, with their best guess (highest first)",
+                                      load)
     return figs
 
 
@@ -203,7 +220,8 @@ def _sections(m: M.Metrics, scopes: dict[str, M.Metrics], cm: pd.DataFrame, figs
         fold_table = "<p>Per fold (each fold's test images; 'all' = pooled):</p>" + report.table(ft)
     thr_text = threshold_text(m, used)
     sections = [
-        ("Results", report.cards(m) + thr_text + fold_table),
+        ("Results", report.cards(m) + plain.glossary("AUROC", "ovo / ovr", "coverage", "ECE",
+                                                     "AURC") + thr_text + fold_table),
         ("Per class", report.per_class_table(m) +
          "<p class=muted>AUROC and average precision: one class vs the rest, from the "
          "probabilities; sensitivity and specificity: from the decisions (Undecided counts as "
@@ -224,7 +242,8 @@ def _sections(m: M.Metrics, scopes: dict[str, M.Metrics], cm: pd.DataFrame, figs
 
 
 def decisions_report(folder: Path, table: pd.DataFrame, *, classes, failures: int, title: str,
-                     settings: dict[str, Any], thumbs, extra_sections=(), notes=()) -> None:
+                     settings: dict[str, Any], thumbs, extra_sections=(), notes=(),
+                     sorted_into: Path | None = None) -> None:
     """Deploy without labels: the distribution of decisions, as a table, a plot and a report."""
     ok = table[table["error"] == ""]
     counts = ok["model_prediction"].value_counts().reindex(list(classes) + [UNDECIDED], fill_value=0)
@@ -235,7 +254,7 @@ def decisions_report(folder: Path, table: pd.DataFrame, *, classes, failures: in
                               f"Decisions for {len(ok)} images")
     gallery = plots.gallery(_gallery_items(ok, list(classes), False),
                             folder / layout.PLOTS / "gallery_undecided.png",
-                            "Undecided slides (highest probability first)", thumbs)
+                            "Undecided slides, with their best guess (highest first)", thumbs)
     data = f"<p>{len(table)} images, {failures} unreadable.</p>"
     if failures:
         data += ("<div class=note>Unreadable images keep their row in predictions.csv with the "
@@ -243,9 +262,11 @@ def decisions_report(folder: Path, table: pd.DataFrame, *, classes, failures: in
     sections = [("Decisions", report.table(summary, index=False) + report.img(fig, "decisions")),
                 ("Undecided", report.img(gallery, "undecided") or "<p>No Undecided slides.</p>")]
     sections += unfamiliar_section(ok, folder, thumbs)
+    first = plain.section(plain.decisions_lines(table, review=folder, sorted_into=sorted_into))
     report.write(folder / layout.REPORT, title=title,
                  kind="Deployment without labels", params=settings,
-                 data_summary=data, sections=sections + list(extra_sections), notes=list(notes))
+                 data_summary=data, sections=sections + list(extra_sections), notes=list(notes),
+                 summary=first)
 
 
 def _jsonable(o):

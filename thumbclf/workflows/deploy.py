@@ -225,7 +225,15 @@ def run(params: DeployParams, *, resume: bool = False, quiet: bool = False) -> P
             threshold=threshold, why=why, engine_note=engine_note,
             closing=tally.section(table, slow))
     log.info("%s", tally.closing_note(table, slow))
+    review_hint(table, folder)
     return folder
+
+
+def review_hint(table: pd.DataFrame, folder: Path) -> None:
+    """The run's last line, where slides are Undecided: the command that shows them."""
+    undecided = int((table.loc[table["error"] == "", "model_prediction"] == UNDECIDED).sum())
+    if undecided:
+        log.info("%d Undecided: work through them with: thumbclf review %s", undecided, folder)
 
 
 def _copies(params: DeployParams, folder: Path, table: pd.DataFrame, is_slide: list[bool],

@@ -35,7 +35,7 @@ from thumbclf.nn.engine import (EarlyStopping, FitResult, FitSpec, configure_thr
 from thumbclf.nn.familiarity import WithFeatures
 from thumbclf.nn.models import (build_model, head_names, input_size, load_model, load_ssl,
                                 read_weights, save_model)
-from thumbclf.nn.freeze import freeze
+from thumbclf.nn.freeze import freeze, warn_untrained
 from thumbclf.outputs import explain
 from thumbclf.outputs.confusion import cm_layout
 from thumbclf.predict import distributed
@@ -375,15 +375,6 @@ def _inputs(params: TrainParams, folder: Path, resume: bool) -> tuple[SampleSet,
     return sample_set, corrected
 
 
-def warn_untrained_freeze(params: TrainParams) -> None:
-    """A freezeRatio above 0 without trained starting weights freezes random layers: say so."""
-    if params.freeze_ratio > 0 and params.pretrained is False and not params.ssl:
-        log.warning("freezeRatio %.2f with pretrained: false freezes the first layers at their "
-                    "random initialisation, so they never learn; set freezeRatio: 0 (the default "
-                    "without pretrained weights) or use pretrained weights",
-                    params.freeze_ratio)
-
-
 def _device(params: TrainParams) -> torch.device:
     """This rank's device, with its threads set."""
     device = distributed.init(params.device)  # pick_device; this rank's GPU under torchrun
@@ -398,7 +389,7 @@ def run(params: TrainParams, *, resume: bool = False, quiet: bool = False) -> Pa
     """Train as the experiment file says; return the results folder."""
     folder = params.output
     started = time.perf_counter()
-    warn_untrained_freeze(params)
+    warn_untrained(params.freeze_ratio, trained=params.pretrained is not False or params.ssl)
     sample_set, corrected = _inputs(params, folder, resume)
     device = _device(params)
     arch = arch_name(params.model_name)
