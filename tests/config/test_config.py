@@ -238,3 +238,17 @@ def test_executor_ray_without_ray_says_how_to_install_it(monkeypatch, tmp_path):
     p = config.validate({"thumbData": "x", "cpus_per_fold": 2}, workflow="train",
                         source=tmp_path / "e.yaml")
     assert p.executor == "local" and p.ray_address is None and p.cpus_per_fold == 2
+
+
+def test_an_unknown_key_in_set_names_set_and_suggests_the_key(tmp_path):
+    """Issue 31: --set max_epoch=1 is a mistake on the command line, not in the file."""
+    p = write(tmp_path, "e.yaml", "thumbData: data\n")
+    with pytest.raises(ConfigError) as err:
+        load_params(p, workflow=TRAIN, overrides=["max_epoch=1", "foldNumbr=2", "lr=0.1"])
+    assert err.value.lines() == ["--set max_epoch=1: unknown key; did you mean 'max_epochs'?",
+                                 "--set foldNumbr=2: unknown key; did you mean 'foldNumber'?"]
+    from thumbclf.config.files import load_experiment
+
+    with pytest.raises(ConfigError, match=r"^max_epoch \(a keyword setting\): unknown key; did "
+                                          r"you mean 'max_epochs'\?"):
+        load_experiment(p, workflow=TRAIN, settings={"max_epoch": 1})

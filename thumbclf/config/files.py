@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import json
 import re
 from pathlib import Path
@@ -122,9 +123,26 @@ def load_params(path: str | Path, *, workflow: str, overrides: list[str] = (),
                 output: str | Path | None = None) -> Params:
     """Read, override and validate an experiment file for ``workflow`` ('train', 'deploy' or 'pretrain')."""
     source = Path(path).absolute()
-    raw = override(read_experiment_file(source), dict(parse_override(t) for t in overrides))
+    given = {parse_override(t)[0]: t for t in overrides}  # key -> the argument as typed
+    settings = dict(parse_override(t) for t in overrides)
+    unknown_settings(settings, lambda key: f"--set {given[key]}")
+    raw = override(read_experiment_file(source), settings)
     out = Path(output).absolute() if output is not None else None
     return validate(raw, workflow=workflow, source=source, output=out)
+
+
+def unknown_settings(settings: Mapping[str, Any], where) -> None:
+    """Keys given outside the file (``--set``, the API's settings) that thumbclf does not know:
+    a ConfigError naming where they were given (``where(key)``) and the closest known key."""
+    problems = []
+    for key in settings:
+        if key not in SPELLINGS:
+            close = difflib.get_close_matches(key, list(SPELLINGS), n=1, cutoff=0.6)
+            problems.append(f"{where(key)}: unknown key"
+                            + (f"; did you mean {close[0]!r}?" if close else
+                               "; see experiments/template.yaml"))
+    if problems:
+        raise ConfigError(*problems)
 
 
 def plain(value: Any) -> Any:
@@ -173,6 +191,7 @@ def load_experiment(experiment: str | os.PathLike | Mapping[str, Any], *, workfl
         raise ConfigError(f"experiment must be the path of an experiment file or a dict of its "
                           f"keys; got a {type(experiment).__name__}")
     source = Path(experiment).absolute()
+    unknown_settings(settings or {}, lambda key: f"{key} (a keyword setting)")
     raw = override(read_experiment_file(source), settings or {})
     return validate(raw, workflow=workflow, source=source, output=out), None
 
