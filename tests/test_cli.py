@@ -77,6 +77,7 @@ def test_init_deploy_leads_to_a_deploy_of_a_flat_unlabelled_folder(tmp_path, tin
     pictures = sorted(p for p in tiny_data.parent.rglob("*") if p.suffix in (".jpg", ".png"))
     for i, picture in enumerate(pictures[:5]):
         (flat / f"slide_{i}{picture.suffix}").write_bytes(picture.read_bytes())
+    (flat / "notes.txt").write_text("not a slide")  # counted at the end, not silently skipped
     path = tmp_path / "archive.yaml"
     assert command(["init", "--deploy", str(path)]) == 0
     text = path.read_text()
@@ -89,8 +90,9 @@ def test_init_deploy_leads_to_a_deploy_of_a_flat_unlabelled_folder(tmp_path, tin
     table = (tmp_path / "archive" / "predictions.csv")
     assert table.is_file() and len(table.read_text().splitlines()) == 6
     # the run ends with what to do next
-    assert (f"5 Undecided: work through them with: thumbclf review {tmp_path / 'archive'}"
-            in r.stdout + r.stderr)
+    console = r.stdout + r.stderr
+    assert f"5 Undecided: work through them with: thumbclf review {tmp_path / 'archive'}" in console
+    assert "also left out: 1 file in thumbData that are not images or slides" in console
 
 
 def test_init_never_overwrites_and_wants_yaml(tmp_path, capsys):

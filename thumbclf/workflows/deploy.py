@@ -225,12 +225,16 @@ def run(params: DeployParams, *, resume: bool = False, quiet: bool = False) -> P
             threshold=threshold, why=why, engine_note=engine_note,
             closing=tally.section(table, slow))
     log.info("%s", tally.closing_note(table, slow))
-    review_hint(table, folder)
+    review_hint(table, folder, sample_set.other_files)
     return folder
 
 
-def review_hint(table: pd.DataFrame, folder: Path) -> None:
-    """The run's last line, where slides are Undecided: the command that shows them."""
+def review_hint(table: pd.DataFrame, folder: Path, other_files: int = 0) -> None:
+    """The run's last lines: files of the input folder that were not images or slides, and,
+    where slides are Undecided, the command that shows them."""
+    if other_files:
+        log.info("also left out: %d file%s in thumbData that are not images or slides",
+                 other_files, "s" * (other_files != 1))
     undecided = int((table.loc[table["error"] == "", "model_prediction"] == UNDECIDED).sum())
     if undecided:
         log.info("%d Undecided: work through them with: thumbclf review %s", undecided, folder)
