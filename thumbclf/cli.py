@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import errno
 import logging
+import shlex
 import signal
 import sys
 import time
@@ -254,7 +255,10 @@ def review_command(args: argparse.Namespace) -> int:
             review_flow.serve(args.results, args.port, quiet=args.quiet)
         else:
             page = review_flow.write_review(args.results, quiet=args.quiet or not sys.stderr.isatty())
-            print(f"review page: {page} (open it in a browser; or serve it with --serve)")
+            if args.quiet:  # else the run's own line has named it
+                print(f"review page: {page}")
+            print("open it in a browser, or serve it with: "
+                  + shlex.join(["thumbclf", "review", str(args.results), "--serve"]))
 
     if args.serve and args.apply:
         print("error: give --serve or --apply, not both", file=sys.stderr)

@@ -355,6 +355,21 @@ def test_review_is_a_subcommand_with_its_options(capsys):
     assert cli.command(["review", "x", "--serve", "--apply", "c.csv"]) == 2
 
 
+def test_review_names_its_page_once_and_says_how_to_serve_it(tmp_path, capsys):
+    """Issue 31: the page's line is printed once (it was printed and logged)."""
+    from thumbclf.core.logs import remove_handlers
+
+    folder = results_folder(tmp_path, [f"s{i}" for i in range(6)])
+    try:
+        assert cli.command(["review", str(folder)]) == 0
+    finally:
+        remove_handlers()
+    said = capsys.readouterr()
+    console = said.out + said.err
+    assert console.count("review page: ") == 1, console
+    assert f"serve it with: thumbclf review {folder} --serve" in console
+
+
 def test_the_python_api_writes_the_page_and_applies_corrections(tmp_path):
     from thumbclf import api
 
