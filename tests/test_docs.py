@@ -120,6 +120,10 @@ def test_the_reference_names_every_key_and_every_subcommand_and_option(site, cap
         section = keys.split(f'id="{key.name}"', 1)[1].split("<h2", 1)[0]
         for name in (key.name, *key.aliases):
             assert f"<code>{name}</code>" in section, (key.name, name)
+    # one wording of a default, as the template writes it (issue 31)
+    lr = " ".join(_text(keys.split('id="lr"', 1)[1].split("<h2", 1)[0]).split())
+    assert "default : 1e-4 (pretrain: 1e-3 )" in lr
+    assert "\nlr: 1e-4\n" in (ROOT / "experiments" / "template.yaml").read_text()
     cli = (site / "reference" / "cli.html").read_text()
     for name, sp in _subcommands().items():
         assert f'id="{name}"' in cli, name
@@ -281,6 +285,9 @@ def test_the_built_site_works_from_the_disk_links_open_pages_and_search_finds(si
     browser.execute_script("arguments[0].click()", link)
     _wait(lambda: browser.current_url.endswith("reference/keys.html"))
     assert browser.find_element(By.ID, "thumb_data")
+    nowrap = browser.execute_script(  # a key's name never breaks inside the word
+        "return getComputedStyle(document.querySelector('table td:first-child code')).whiteSpace")
+    assert nowrap == "nowrap"
 
     browser.get(home)  # the search: typed into its box, it lists pages
     box = browser.find_element(By.CSS_SELECTOR, "input[data-md-component='search-query']")

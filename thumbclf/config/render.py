@@ -9,6 +9,19 @@ import yaml
 from thumbclf.config.schema import ALL, DEPLOY, KEYS, PRETRAIN, REQUIRED, TRAIN, Key
 
 
+def default_value(value) -> str:
+    """A default as the template, init's files and the keys reference all write it: small
+    numbers as 1e-4 (as the key table's docs say them), others as YAML writes them."""
+    if isinstance(value, float) and not isinstance(value, bool):
+        if value and abs(value) <= 1e-3:
+            mantissa, exponent = f"{value:.0e}".split("e")
+            if float(mantissa) * 10 ** int(exponent) == value:
+                return f"{mantissa}e{int(exponent)}"
+        return str(int(value)) if value.is_integer() else repr(value)
+    value = yaml.safe_dump(value, default_flow_style=True).strip()
+    return value.removesuffix("...").strip()
+
+
 def spelling(key: Key) -> str:
     """The spelling used in docs: the prototype's where it had one."""
     legacy = [a for a in key.aliases if a not in ("learning_rate", "weight_decay")]
@@ -37,8 +50,7 @@ def template_text() -> str:
         elif key.name == "model_path":
             value = "null   # deploy: a training results folder, a model.pt, or a list of them"
         else:
-            value = yaml.safe_dump(key.default, default_flow_style=True).strip()
-            value = value.removesuffix("...").strip()
+            value = default_value(key.default)
         lines += [f"{name}: {value}", ""]
     return "\n".join(lines)
 
@@ -83,8 +95,7 @@ def _starter_line(key: Key, workflow: str | None) -> str:
         return f"{name}: {STARTER_VALUES[key.name]}"
     if key.name == "model_path":
         return f"# {name}: {STARTER_VALUES['model_path']}"
-    value = yaml.safe_dump(key.default_for(workflow or TRAIN), default_flow_style=True).strip()
-    return f"# {name}: {value.removesuffix('...').strip()}"
+    return f"# {name}: {default_value(key.default_for(workflow or TRAIN))}"
 
 
 if __name__ == "__main__":  # python -m thumbclf.config.render > experiments/template.yaml
