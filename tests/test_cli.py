@@ -26,11 +26,27 @@ def test_version_and_help_list_the_subcommands(capsys):
     with pytest.raises(SystemExit) as done:
         command(["train", "--help"])
     out = capsys.readouterr().out
-    for option in ("--output", "--set", "--resume", "--quiet", "--debug", "--ExpFile"):
+    for option in ("--output", "--set", "--resume", "--quiet", "--debug"):
         assert option in out
+    # issue 31: EXPERIMENT is required, the prototype's --ExpFile belongs to its scripts, and
+    # the footer names a command, not a file of the checkout
+    assert "--ExpFile" not in out and "[EXPERIMENT]" not in out and " EXPERIMENT\n" in out
+    assert "template.yaml" not in out and "thumbclf init --train FILE" in " ".join(out.split())
+    from thumbclf.cli import parser
+
+    assert "--ExpFile" in parser(TRAIN).format_help()
     with pytest.raises(SystemExit) as done:
         command([])
     assert done.value.code == 2
+
+
+def test_a_mistyped_command_gets_a_suggestion(capsys):
+    """Issue 31: thumbclf trian says which command was meant."""
+    assert command(["trian", "x.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert "'trian' is not a command; did you mean 'train'?" in err
+    assert command(["frobnicate"]) == 2
+    assert "commands: train, deploy, pretrain, evaluate, review, init" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("flag, workflow", [("--train", TRAIN), ("--deploy", DEPLOY),
@@ -115,7 +131,9 @@ def test_evaluate_subcommand_is_the_evaluate_command(tmp_path, capsys):
     assert "none.csv: not found" in capsys.readouterr().err
     with pytest.raises(SystemExit) as done:
         command(["evaluate", "--help"])
-    assert done.value.code == 0 and "usage: thumbclf evaluate" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert done.value.code == 0 and "usage: thumbclf evaluate" in out
+    assert "--quiet" in out and "--debug" in out  # as every other command (issue 31)
 
 
 def test_python_m_thumbclf_and_errors_exit_2_in_one_line(tmp_path):

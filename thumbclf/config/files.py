@@ -140,7 +140,7 @@ def unknown_settings(settings: Mapping[str, Any], where) -> None:
             close = difflib.get_close_matches(key, list(SPELLINGS), n=1, cutoff=0.6)
             problems.append(f"{where(key)}: unknown key"
                             + (f"; did you mean {close[0]!r}?" if close else
-                               "; see experiments/template.yaml"))
+                               "; thumbclf init FILE writes every known key"))
     if problems:
         raise ConfigError(*problems)
 

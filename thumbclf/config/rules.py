@@ -140,7 +140,8 @@ def validate(raw: dict[str, Any], *, workflow: str, source: Path, output: Path |
         key = SPELLINGS.get(str(spelling))
         if key is None:
             close = difflib.get_close_matches(str(spelling), list(SPELLINGS), n=1, cutoff=0.6)
-            hint = f"; did you mean {close[0]!r}?" if close else "; see experiments/template.yaml"
+            hint = (f"; did you mean {close[0]!r}?" if close
+                    else "; thumbclf init FILE writes every known key")
             problems.append(f"{spelling}: unknown key{hint}")
             continue
         if key.name in spelled:

@@ -63,7 +63,8 @@ def summarise_decisions(folder: Path, table: pd.DataFrame, *, classes, params, f
 
 
 def evaluate_file(predictions: Path, *, threshold: float | None = None,
-                  output: Path | None = None, bootstrap: int = 1000, seed: int = 1) -> Path:
+                  output: Path | None = None, bootstrap: int = 1000, seed: int = 1,
+                  quiet: bool = False, debug: bool = False) -> Path:
     """Recompute metrics, plots and report from a predictions table; return the folder."""
     if threshold is not None and not 0 <= threshold <= 1:
         raise ConfigError(f"--threshold must be between 0 and 1; got {threshold}")
@@ -86,7 +87,7 @@ def evaluate_file(predictions: Path, *, threshold: float | None = None,
                           "Use --output NEW_FOLDER (or --threshold T, which writes "
                           "evaluation-T)")
     with prepare_output(out, resume=False):
-        setup_logging(out)
+        setup_logging(out, quiet=quiet, debug=debug)
         order, xt, yt = cm_layout(classes, None, None, None, predictions)
         evaluate_table(df, classes, out, threshold=threshold, order=order, xt=xt, yt=yt,
                        resamples=bootstrap, seed=seed, title=f"thumbclf — {predictions.name}",
