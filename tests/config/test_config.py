@@ -252,3 +252,13 @@ def test_an_unknown_key_in_set_names_set_and_suggests_the_key(tmp_path):
     with pytest.raises(ConfigError, match=r"^max_epoch \(a keyword setting\): unknown key; did "
                                           r"you mean 'max_epochs'\?"):
         load_experiment(p, workflow=TRAIN, settings={"max_epoch": 1})
+
+
+def test_a_json_trailing_comma_is_named_at_the_comma(tmp_path):
+    """Issue 31: the error points at the comma, not at the closing brace after it."""
+    p = tmp_path / "e.json"
+    p.write_text('{\n  "thumbData": "d",\n  "foldNumber": 3,\n}\n')
+    with pytest.raises(ConfigError, match=r"e.json: line 3, column 18: not valid JSON \(a "
+                                          r"comma before '}'"):
+        load_params(p, workflow=TRAIN)
+

@@ -58,6 +58,20 @@ def _json_pairs(text: str):
     return hook
 
 
+def _json_problem(text: str, exc: json.JSONDecodeError) -> str:
+    """Where a JSON file goes wrong; a trailing comma is named at the comma, not at the
+    bracket after it."""
+    before = text[:exc.pos].rstrip()
+    if before.endswith(",") and text[exc.pos:exc.pos + 1] in ("}", "]"):
+        comma = len(before) - 1
+        line = text.count("\n", 0, comma) + 1
+        column = comma - (text.rfind("\n", 0, comma) + 1) + 1
+        return (f"line {line}, column {column}: not valid JSON (a comma before "
+                f"'{text[exc.pos]}': JSON allows none after the last item; remove it)")
+    return (f"line {exc.lineno}, column {exc.colno}: not valid JSON ({exc.msg}); .json and "
+            ".txt experiment files are JSON")
+
+
 def read_experiment_file(path: Path) -> dict[str, Any]:
     """Parse a YAML or JSON experiment file into a mapping; syntax errors name the line."""
     if not path.is_file():
@@ -91,8 +105,7 @@ def parse_experiment_text(text: str, suffix: str) -> Any:
         except RecursionError:
             raise ConfigError("nested too deeply to be an experiment file") from None
         except json.JSONDecodeError as exc:
-            raise ConfigError(f"line {exc.lineno}, column {exc.colno}: not valid JSON "
-                              f"({exc.msg}); .json and .txt experiment files are JSON") from None
+            raise ConfigError(_json_problem(text, exc)) from None
     if suffix in (".yaml", ".yml"):
         try:
             return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
