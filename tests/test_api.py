@@ -125,7 +125,10 @@ def test_api_errors_are_the_command_lines_messages(trained, tmp_path):
     assert r.returncode == 2
     with pytest.raises(thumbclf.OutputError) as err:
         thumbclf.train(done)
-    assert str(err.value) == error_lines(r.stderr)
+    # the same message, in the API's words for the command line's flags (issue 31)
+    assert str(err.value) == error_lines(r.stderr).replace(
+        "Use --resume to continue it", "Use resume=True to continue it").replace(
+        "--output NEW_FOLDER", "output='NEW_FOLDER'")
 
     with pytest.raises(thumbclf.ModelError, match="model file not found"):
         thumbclf.load_model(tmp_path / "missing.pt")
