@@ -77,10 +77,10 @@ def quality_lines(m: Metrics) -> list[str]:
     def pct(v):
         return "–" if v is None else f"{v:.0%}"
 
+    at = f" at the threshold {m.threshold:.2f}" if m.threshold is not None else ""
     lines = [f"On the {m.n} labelled slides, <b>{pct(m.accuracy_decided)}</b> of the decided "
-             f"ones are right; {pct(m.coverage)} are decided "
-             + (f"at the threshold {m.threshold:.2f}" if m.threshold is not None else "")
-             + f"; counting Undecided as wrong, {pct(m.accuracy_all)} are right."]
+             f"ones are right; {pct(m.coverage)} are decided{at}; counting Undecided as wrong, "
+             f"{pct(m.accuracy_all)} are right."]
     if m.macro_auroc_ovr is not None:
         lines.append(f"Separation of the classes (macro AUROC, 1 is perfect, 0.5 chance): "
                      f"{m.macro_auroc_ovr:.3f}.")
