@@ -1,4 +1,4 @@
-# Quick start:  make demo   (sets up .venv, trains then deploys on the demo data)
+# Quick start:  make demo   (sets up .venv with the runtime only, trains then deploys on the demo data)
 #               make test   (sets up .venv, runs the test suite)
 PYTHON ?= python3
 VENV := .venv
@@ -10,8 +10,18 @@ RUN := runs/demo-$(shell date +%Y%m%d-%H%M%S)
 CONSTRAINTS ?= constraints.txt
 PIN := $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 
-.PHONY: demo test setup bench lock clean-demo docs browser slurm orthanc
+.PHONY: demo test setup runtime bench lock clean-demo docs browser slurm orthanc
 
+# the runtime only (thumbclf and its dependencies, no test tools, no extras): what the demo needs
+$(VENV)/.runtime: pyproject.toml $(CONSTRAINTS)
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(PIN) -e .
+	touch $@
+
+runtime: $(VENV)/.runtime
+
+# the runtime and the test tools (requirements.txt);
 # reinstalled whenever a file that decides what gets installed changes
 $(VENV)/.installed: requirements.txt pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
@@ -28,7 +38,7 @@ $(VENV)/.extras: $(VENV)/.installed
 	$(PY) -m pip install --quiet $(PIN) --no-build-isolation -e ".[$(EXTRAS)]"
 	touch $@
 
-demo: setup
+demo: runtime
 	$(PY) train_thumbclassifier.py experiments/demo_train.yaml --output $(RUN)/train
 	$(PY) deploy_thumbclassifier.py experiments/demo_deploy.yaml --output $(RUN)/deploy --set modelAdr=../$(RUN)/train
 	@echo "Demo finished: open $(RUN)/train/report.html and $(RUN)/deploy/report.html"
@@ -65,8 +75,14 @@ orthanc:
 test: setup $(VENV)/.extras browser slurm orthanc
 	$(PY) -m pytest -q
 
-# the documentation site, built strictly (a broken link or a stale reference fails) into site/
-docs: setup $(VENV)/.extras
+# the docs extra only (MkDocs and its plugins), on top of the runtime
+$(VENV)/.docs: $(VENV)/.runtime
+	$(PY) -m pip install --quiet $(PIN) -e ".[docs]"
+	touch $@
+
+# the documentation site, built strictly (a broken link or a stale reference fails) into site/;
+# it opens from the disk: site/index.html
+docs: $(VENV)/.docs
 	DISABLE_MKDOCS_2_WARNING=true NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --site-dir site
 
 bench: setup

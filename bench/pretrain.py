@@ -3,7 +3,7 @@
 
     python bench/pretrain.py [--unlabelled 600] [--epochs 10] [--size 64] [--train-epochs 15]
 
-1. Generates unlabelled synthetic thumbnails (thumbclf.synth, 6 slide types), a labelled pool
+1. Generates unlabelled synthetic thumbnails (thumbclf.inputs.synth, 6 slide types), a labelled pool
    and a separate labelled test set (30 per class), all with different seeds.
 2. Pretrains a ResNet-18 with the pretraining workflow (BYOL) on the unlabelled images and
    times it.

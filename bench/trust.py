@@ -5,7 +5,7 @@
                           [--variants main,default,stain] [--baseline-repo PATH] [--cv]
                           [--only-cv] [--reuse]
 
-Synthetic data (thumbclf.synth, 6 slide types), all made here with fixed seeds:
+Synthetic data (thumbclf.inputs.synth, 6 slide types), all made here with fixed seeds:
 - a training set; an in-distribution test set; the same test slides as another lab would have
   scanned them (``--shifts``: stain hue and strength, yellowish glass, blur, noise, at each
   strength given);

@@ -125,7 +125,10 @@ def test_api_errors_are_the_command_lines_messages(trained, tmp_path):
     assert r.returncode == 2
     with pytest.raises(thumbclf.OutputError) as err:
         thumbclf.train(done)
-    assert str(err.value) == error_lines(r.stderr)
+    # the same message, in the API's words for the command line's flags (issue 31)
+    assert str(err.value) == error_lines(r.stderr).replace(
+        "Use --resume to continue it", "Use resume=True to continue it").replace(
+        "--output NEW_FOLDER", "output='NEW_FOLDER'")
 
     with pytest.raises(thumbclf.ModelError, match="model file not found"):
         thumbclf.load_model(tmp_path / "missing.pt")
@@ -166,3 +169,30 @@ def test_import_is_light_and_the_api_names_stay_functions():
                        env=dict(os.environ, PYTHONPATH=str(ROOT)), cwd=ROOT)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == thumbclf.__version__
+
+
+def test_api_errors_name_the_apis_own_arguments(tiny_data, tmp_path):
+    """Issue 31: a notebook user is told resume=True and output=..., not --resume and --output."""
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "mine.txt").write_text("x")
+    with pytest.raises(thumbclf.OutputError) as err:
+        thumbclf.train({"thumbData": str(tiny_data), **FAST}, output=busy, quiet=True)
+    text = str(err.value)
+    assert "resume=True" in text and "output='NEW_FOLDER'" in text and "--" not in text
+
+
+def test_pretrain_and_evaluate_are_in_the_api(tiny_model, tmp_path):
+    """Issue 31: every command has its function: pretrain() and evaluate()."""
+    from thumbclf import api
+
+    with pytest.raises(thumbclf.ConfigError, match="momentum must be between"):
+        thumbclf.pretrain({"thumbData": str(tmp_path), "momentum": 2}, output=tmp_path / "p")
+    from thumbclf.core import layout
+
+    table = layout.fold_predictions(tiny_model, 0)
+    folder = api.evaluate(table, output=tmp_path / "ev", bootstrap=0)
+    assert (folder / "report.html").is_file() and (folder / "metrics.json").is_file()
+    with pytest.raises(thumbclf.OutputError) as err:
+        api.evaluate(table, output=tmp_path / "ev", bootstrap=0)
+    assert "output='NEW_FOLDER'" in str(err.value) and "threshold=T" in str(err.value)

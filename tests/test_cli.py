@@ -10,7 +10,7 @@ import yaml
 import thumbclf
 from conftest import ROOT
 from thumbclf.cli import command
-from thumbclf.config import DEPLOY, KEYS, TRAIN, spelling, validate
+from thumbclf.config import DEPLOY, KEYS, PRETRAIN, TRAIN, spelling, validate
 
 
 def test_version_and_help_list_the_subcommands(capsys):
@@ -26,33 +26,89 @@ def test_version_and_help_list_the_subcommands(capsys):
     with pytest.raises(SystemExit) as done:
         command(["train", "--help"])
     out = capsys.readouterr().out
-    for option in ("--output", "--set", "--resume", "--quiet", "--debug", "--ExpFile"):
+    for option in ("--output", "--set", "--resume", "--quiet", "--debug"):
         assert option in out
+    # issue 31: EXPERIMENT is required, the prototype's --ExpFile belongs to its scripts, and
+    # the footer names a command, not a file of the checkout
+    assert "--ExpFile" not in out and "[EXPERIMENT]" not in out and " EXPERIMENT\n" in out
+    assert "template.yaml" not in out and "thumbclf init --train FILE" in " ".join(out.split())
+    from thumbclf.cli import parser
+
+    assert "--ExpFile" in parser(TRAIN).format_help()
     with pytest.raises(SystemExit) as done:
         command([])
     assert done.value.code == 2
 
 
-@pytest.mark.parametrize("flag, workflow", [("--train", TRAIN), ("--deploy", DEPLOY), (None, None)])
+def test_a_mistyped_command_gets_a_suggestion(capsys):
+    """Issue 31: thumbclf trian says which command was meant."""
+    assert command(["trian", "x.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert "'trian' is not a command; did you mean 'train'?" in err
+    assert command(["frobnicate"]) == 2
+    assert "commands: train, deploy, pretrain, evaluate, review, init" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag, workflow", [("--train", TRAIN), ("--deploy", DEPLOY),
+                                            ("--pretrain", PRETRAIN), (None, None)])
 def test_init_writes_a_commented_valid_starting_file(tmp_path, capsys, flag, workflow):
     path = tmp_path / "sub" / "exp.yaml"
     assert command(["init", *([flag] if flag else []), str(path)]) == 0
     assert f"wrote {path}" in capsys.readouterr().out
     text = path.read_text()
     raw = yaml.safe_load(text)
-    needed = {"thumbData", "modelAdr"} if workflow == DEPLOY else {"thumbData"}
-    assert set(raw) == needed  # everything else is commented out: the defaults apply
+    # everything else is commented out: the defaults apply (deploy: an unlabelled folder)
+    needed = {DEPLOY: {"thumbData", "modelAdr", "hasLabels"}}.get(workflow, {"thumbData"})
+    assert set(raw) == needed
+    serves = (workflow,) if workflow else (TRAIN, DEPLOY)
     for key in KEYS:
-        if workflow is None or workflow in key.workflows:
+        used = [w for w in serves if w in key.workflows]
+        if used:
             assert f"{spelling(key)}:" in text, spelling(key)
-        else:
+        else:  # e.g. pretraining's keys in a train and deploy file (issue 31)
             assert f"# {spelling(key)}:" not in text, spelling(key)
+    for marker in ("[pretrain]", "[train, deploy]"):
+        assert marker not in text
+    if workflow is None:  # a key every workflow shares carries no marker (issue 31)
+        assert "[train] Images per batch" not in text and "[deploy] Deploy:" in text
     params = validate(raw, workflow=workflow or TRAIN, source=path)
-    assert params.thumb_data == tmp_path / "sub" / "data" / "labels.csv"
+    if workflow == DEPLOY:
+        assert params.thumb_data == tmp_path / "sub" / "slides" and not params.has_labels
+    else:
+        assert params.thumb_data == tmp_path / "sub" / "data" / "labels.csv"
     uncommented = yaml.safe_load("\n".join(line[2:] for line in text.splitlines()
                                            if line.startswith("# ") and ": " in line
                                            and line[2:].split(":")[0] in {spelling(k) for k in KEYS}))
     validate({**uncommented, **raw}, workflow=workflow or TRAIN, source=path)  # defaults valid
+
+
+def test_init_deploy_leads_to_a_deploy_of_a_flat_unlabelled_folder(tmp_path, tiny_data,
+                                                                  tiny_model, capsys):
+    """Issue 31: the README's steps (init --deploy, set thumbData and modelAdr, deploy) work on
+    the main use case, a flat folder of slides without labels."""
+    from conftest import run_cli
+
+    flat = tmp_path / "slides"
+    flat.mkdir()
+    pictures = sorted(p for p in tiny_data.parent.rglob("*") if p.suffix in (".jpg", ".png"))
+    for i, picture in enumerate(pictures[:5]):
+        (flat / f"slide_{i}{picture.suffix}").write_bytes(picture.read_bytes())
+    (flat / "notes.txt").write_text("not a slide")  # counted at the end, not silently skipped
+    path = tmp_path / "archive.yaml"
+    assert command(["init", "--deploy", str(path)]) == 0
+    text = path.read_text()
+    text = text.replace("thumbData: slides/", f"thumbData: {flat}")
+    text = text.replace("modelAdr: my_training", f"modelAdr: {tiny_model}")
+    path.write_text(text + "gradcam: 0\nbootstrap: 0\nnum_workers: 0\n"
+                    "prediction_threshold: 1.0\n")  # every slide Undecided: the hint shows
+    r = run_cli("deploy", [str(path)])
+    assert r.returncode == 0, r.stderr
+    table = (tmp_path / "archive" / "predictions.csv")
+    assert table.is_file() and len(table.read_text().splitlines()) == 6
+    # the run ends with what to do next
+    console = r.stdout + r.stderr
+    assert f"5 Undecided: work through them with: thumbclf review {tmp_path / 'archive'}" in console
+    assert "also left out: 1 file in thumbData that are not images or slides" in console
 
 
 def test_init_never_overwrites_and_wants_yaml(tmp_path, capsys):
@@ -75,7 +131,9 @@ def test_evaluate_subcommand_is_the_evaluate_command(tmp_path, capsys):
     assert "none.csv: not found" in capsys.readouterr().err
     with pytest.raises(SystemExit) as done:
         command(["evaluate", "--help"])
-    assert done.value.code == 0 and "usage: thumbclf evaluate" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert done.value.code == 0 and "usage: thumbclf evaluate" in out
+    assert "--quiet" in out and "--debug" in out  # as every other command (issue 31)
 
 
 def test_python_m_thumbclf_and_errors_exit_2_in_one_line(tmp_path):

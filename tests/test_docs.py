@@ -108,19 +108,23 @@ def test_the_site_builds_strictly_and_has_each_kind_of_page(site):
                  "how-to/pretraining", "how-to/other-labs", "how-to/review",
                  "concepts/undecided", "concepts/unfamiliar", "concepts/calibration",
                  "concepts/quality-gate", "benchmarks", "changelog", "contributing", "cite"):
-        assert (site / page / "index.html").is_file(), page
+        assert (site / f"{page}.html").is_file(), page
     assert not (ROOT / "docs" / "reference").exists()  # generated pages live only in the site
     assert not (site / "gen").exists()  # the generator is not published
 
 
 def test_the_reference_names_every_key_and_every_subcommand_and_option(site, capsys):
-    keys = (site / "reference" / "keys" / "index.html").read_text()
+    keys = (site / "reference" / "keys.html").read_text()
     for key in KEYS:
         assert f'id="{key.name}"' in keys, key.name
         section = keys.split(f'id="{key.name}"', 1)[1].split("<h2", 1)[0]
         for name in (key.name, *key.aliases):
             assert f"<code>{name}</code>" in section, (key.name, name)
-    cli = (site / "reference" / "cli" / "index.html").read_text()
+    # one wording of a default, as the template writes it (issue 31)
+    lr = " ".join(_text(keys.split('id="lr"', 1)[1].split("<h2", 1)[0]).split())
+    assert "default : 1e-4 (pretrain: 1e-3 )" in lr
+    assert "\nlr: 1e-4\n" in (ROOT / "experiments" / "template.yaml").read_text()
+    cli = (site / "reference" / "cli.html").read_text()
     for name, sp in _subcommands().items():
         assert f'id="{name}"' in cli, name
         section = _text(cli.split(f'id="{name}"', 1)[1].split("<h2", 1)[0])
@@ -141,20 +145,20 @@ def test_the_reference_names_every_key_and_every_subcommand_and_option(site, cap
 def test_the_reference_has_the_results_folder_the_table_and_the_api(site):
     from thumbclf.core import layout, table
 
-    folder = _text((site / "reference" / "results-folder" / "index.html").read_text())
+    folder = _text((site / "reference" / "results-folder.html").read_text())
     for value in (layout.CONFIG, layout.RUN_LOG, layout.LOCK, layout.PREDICTIONS, layout.MODEL,
                   "fold_1/model.pt", "timings.json"):
         assert value in folder, value
-    columns = _text((site / "reference" / "predictions-table" / "index.html").read_text())
+    columns = _text((site / "reference" / "predictions-table.html").read_text())
     for col in (table.PATH, table.DECISION, table.REASON, table.UNFAMILIARITY,
                 *table.SLIDE_COLUMNS):
         assert col in columns, col
-    api = _text((site / "reference" / "api" / "index.html").read_text())
+    api = _text((site / "reference" / "api.html").read_text())
     for name in thumbclf.__all__:
         if not name.startswith("__"):
             assert f"thumbclf.{name}" in api, name
     assert "return the results folder" in api  # rendered from train's docstring
-    layers = _text((site / "reference" / "layers" / "index.html").read_text())
+    layers = _text((site / "reference" / "layers.html").read_text())
     for module in ("thumbclf.cli", "thumbclf.core.layout", "thumbclf.workflows.train"):
         assert module in layers, module
 
@@ -252,3 +256,57 @@ def test_licence_and_citation():
     assert (paper["year"], paper["volume"], paper["issue"], paper["start"], paper["end"]) == (
         2024, 84, 7, 1139, 1153)
     assert paper["authors"][0]["family-names"] == "Hilgers"
+
+
+# ---------------------------------------------------------------------------- the site from disk
+
+
+def test_the_built_site_works_from_the_disk_links_open_pages_and_search_finds(site, browser):
+    """Issue 31: opened as the README says (site/index.html, file://), every navigation link
+    opens a page (not a folder's listing) and the search answers, without a server."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    home = (site / "index.html").as_uri()
+    browser.get(home)
+    hrefs = browser.execute_script(
+        "return [...document.querySelectorAll('a.md-nav__link[href]')].map(a => a.href)")
+    pages = sorted({h.split("#", 1)[0] for h in hrefs if h.startswith("file:")})
+    assert len(pages) >= 20, pages
+    for url in pages:  # each points to a file, as a browser opens it from the disk
+        target = Path(url.removeprefix("file://"))
+        assert target.suffix == ".html" and target.is_file(), url
+    link = browser.find_element(By.CSS_SELECTOR, "a.md-nav__link[href$='getting-started.html']")
+    browser.execute_script("arguments[0].click()", link)
+    _wait(lambda: browser.current_url.endswith("getting-started.html"))
+    assert "Index of" not in browser.page_source
+    assert browser.find_element(By.TAG_NAME, "h1").text.startswith("Getting started")
+    link = browser.find_element(By.CSS_SELECTOR, "a.md-nav__link[href$='keys.html']")
+    browser.execute_script("arguments[0].click()", link)
+    _wait(lambda: browser.current_url.endswith("reference/keys.html"))
+    assert browser.find_element(By.ID, "thumb_data")
+    nowrap = browser.execute_script(  # a key's name never breaks inside the word
+        "return getComputedStyle(document.querySelector('table td:first-child code')).whiteSpace")
+    assert nowrap == "nowrap"
+
+    browser.get(home)  # the search: typed into its box, it lists pages
+    box = browser.find_element(By.CSS_SELECTOR, "input[data-md-component='search-query']")
+    _wait(lambda: box.is_displayed())
+    box.click()
+    box.send_keys("freezeRatio")
+    _wait(lambda: browser.find_elements(By.CSS_SELECTOR, ".md-search-result__item"), 20)
+    first = browser.find_element(By.CSS_SELECTOR, ".md-search-result__item a")
+    assert ".html" in first.get_attribute("href"), first.get_attribute("href")
+    box.send_keys(Keys.ESCAPE)
+
+
+def _wait(condition, timeout: float = 10.0):
+    import time
+
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError("timed out")

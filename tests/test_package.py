@@ -64,6 +64,32 @@ def test_the_makefile_installs_with_the_lock_and_reinstalls_when_it_changes():
     assert "CONSTRAINTS ?= constraints.txt" in text and "$(PIN) -r requirements.txt" in text
 
 
+def _make_rule(text: str, target: str) -> tuple[list[str], list[str]]:
+    """A Makefile rule's prerequisites and recipe lines."""
+    lines = text.splitlines()
+    i = next(k for k, line in enumerate(lines) if line.startswith(f"{target}:"))
+    recipe = []
+    for line in lines[i + 1:]:
+        if not line.startswith("\t"):
+            break
+        recipe.append(line.strip())
+    return lines[i].split(":", 1)[1].split(), recipe
+
+
+def test_the_demo_installs_the_runtime_only_and_the_docs_the_docs_extra_only():
+    """Issue 31: make demo needs no test tools, make docs no Ray or OpenVINO."""
+    text = (ROOT / "Makefile").read_text()
+    assert _make_rule(text, "demo")[0] == ["runtime"]
+    assert _make_rule(text, "runtime")[0] == ["$(VENV)/.runtime"]
+    installs = [r for r in _make_rule(text, "$(VENV)/.runtime")[1] if "pip install" in r]
+    assert installs[-1].endswith("$(PIN) -e .") and not any("requirements" in r for r in installs)
+    assert _make_rule(text, "docs")[0] == ["$(VENV)/.docs"]
+    prereqs, recipe = _make_rule(text, "$(VENV)/.docs")
+    assert prereqs == ["$(VENV)/.runtime"]
+    assert [r for r in recipe if "pip install" in r] == [
+        '$(PY) -m pip install --quiet $(PIN) -e ".[docs]"']
+
+
 def _fresh_venv(tmp: Path) -> Path:
     """A new virtual environment that sees the running one's packages (torch is not copied)."""
     base = getattr(sys, "_base_executable", sys.executable)
@@ -125,7 +151,8 @@ def test_pip_install_gives_a_thumbclf_command_that_runs_from_any_folder(tmp_path
     r = thumbclf("train", str(train_exp), *fast)
     assert r.returncode == 0, r.stderr
     assert (project / "train" / "fold_2" / "model.pt").is_file()  # beside the experiment file
-    r = thumbclf("deploy", str(deploy_exp), "--set", "modelAdr=train", *fast)
+    r = thumbclf("deploy", str(deploy_exp), "--set", "modelAdr=train", "--set", "hasLabels=true",
+                 "--set", "thumbData=data/labels.csv", *fast)  # labelled: evaluated below
     assert r.returncode == 0, r.stderr
     assert (project / "deploy" / "predictions.csv").is_file()
     assert (project / "deploy" / "report.html").is_file()

@@ -8,9 +8,9 @@ The Python API (docs: how-to/python-api and reference/api):
     table = model.predict(["a.png", "b.jpg"])           # a DataFrame like predictions.csv
 """
 
-from thumbclf.api import Classifier, deploy, load_model, merge, train
+from thumbclf.api import Classifier, deploy, load_model, merge, pretrain, train
 from thumbclf.core.errors import ConfigError, DataError, ModelError, OutputError, ThumbclfError
 from thumbclf.core.version import __version__
 
-__all__ = ["train", "deploy", "merge", "load_model", "Classifier", "ThumbclfError", "ConfigError",
-           "DataError", "ModelError", "OutputError", "__version__"]
+__all__ = ["train", "deploy", "pretrain", "merge", "load_model", "Classifier", "ThumbclfError",
+           "ConfigError", "DataError", "ModelError", "OutputError", "__version__"]

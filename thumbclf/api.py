@@ -12,6 +12,7 @@ Heavy modules (torch, pandas) are imported when a function runs, so ``import thu
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -36,17 +37,50 @@ log = logging.getLogger(__name__)
 # ---------------------------------------------------------------------------- experiments
 
 
+# the command line's words in the messages the API shares with it, as the API's arguments say them
+API_WORDS = (("the same command plus --resume", "the same call with resume=True"),
+             ("the training command plus --resume", "the training call with resume=True"),
+             ("continue it with --resume", "continue it with resume=True"),
+             ("Use --resume to continue it", "Use resume=True to continue it"),
+             ("--output NEW_FOLDER", "output='NEW_FOLDER'"),
+             ("another --output", "another output"), ("with --output", "with output="),
+             ("--threshold T", "threshold=T"), ("--threshold", "threshold"),
+             ("--resume", "resume=True"), ("--output", "output"))
+
+
+@contextlib.contextmanager
+def _api_words():
+    """The project's errors, raised again with the API's names for the command line's flags."""
+    from thumbclf.core.errors import ThumbclfError
+
+    try:
+        yield
+    except ThumbclfError as exc:
+        problems = list(exc.problems)
+        for flag, argument in API_WORDS:
+            problems = [p.replace(flag, argument) for p in problems]
+        if problems == list(exc.problems):
+            raise
+        try:
+            again = type(exc)(*problems)
+        except TypeError:  # an error type with its own constructor: as it was
+            raise exc from None
+        raise again.with_traceback(exc.__traceback__) from None
+
+
 def _run(workflow: str, experiment, output, resume: bool, quiet: bool, settings,
          shard=None) -> Path:
     from thumbclf.config.files import load_experiment
     from thumbclf.workflows.execute import execute, own_logging
 
-    params, raw = load_experiment(experiment, workflow=workflow, output=output, settings=settings)
-    with own_logging():
-        if shard is not None:
-            return execute(params, resume=resume, quiet=quiet, progress=not quiet, raw=raw,
-                           shard=shard)
-        return execute(params, resume=resume, quiet=quiet, progress=not quiet, raw=raw)
+    with _api_words():
+        params, raw = load_experiment(experiment, workflow=workflow, output=output,
+                                      settings=settings)
+        with own_logging():
+            if shard is not None:
+                return execute(params, resume=resume, quiet=quiet, progress=not quiet, raw=raw,
+                               shard=shard)
+            return execute(params, resume=resume, quiet=quiet, progress=not quiet, raw=raw)
 
 
 def train(experiment: str | os.PathLike | Mapping[str, Any], *,
@@ -90,10 +124,40 @@ def merge(results: str | os.PathLike, *, quiet: bool = False) -> Path:
         return merge_shards(Path(results), quiet=quiet)
 
 
+def pretrain(experiment: str | os.PathLike | Mapping[str, Any], *,
+             output: str | os.PathLike | None = None, resume: bool = False, quiet: bool = False,
+             **settings: Any) -> Path:
+    """Pretrain a backbone self-supervised (BYOL) on unlabelled slides as the experiment says;
+    return the results folder. Train from its checkpoint with ``SSL=True, modelAdr=...``.
+
+    The same options and errors as :func:`train`.
+    """
+    from thumbclf.config import PRETRAIN
+
+    return _run(PRETRAIN, experiment, output, resume, quiet, settings)
+
+
+def evaluate(predictions: str | os.PathLike, *, threshold: float | None = None,
+             output: str | os.PathLike | None = None, bootstrap: int = 1000, seed: int = 1,
+             quiet: bool = True) -> Path:
+    """Recompute metrics, plots and the report from a predictions table (``thumbclf
+    evaluate``); ``threshold`` decides again. Return the folder written (default: beside the
+    table, evaluation[-T]). Imported as ``thumbclf.api.evaluate`` (``thumbclf.evaluate`` is
+    the module of ``python -m thumbclf.evaluate``)."""
+    from thumbclf.workflows.evaluate import evaluate_file
+    from thumbclf.workflows.execute import own_logging
+
+    with _api_words(), own_logging():
+        return evaluate_file(Path(predictions), threshold=threshold,
+                             output=Path(output) if output is not None else None,
+                             bootstrap=bootstrap, seed=seed, quiet=quiet)
+
+
 def init_experiment(path: str | os.PathLike, *, workflow: str | None = None) -> Path:
     """Write a commented experiment file to start from (YAML); never overwrite a file.
 
-    ``workflow``: 'train' or 'deploy' for only that workflow's keys; None for both.
+    ``workflow``: 'train', 'deploy' or 'pretrain' for only that workflow's keys; None for
+    training and deployment.
     """
     from thumbclf.config import starter_text
     from thumbclf.core.errors import OutputError

@@ -9,8 +9,10 @@ done by the functions of the Python API (api.py), which raise those errors.
 from __future__ import annotations
 
 import argparse
+import difflib
 import errno
 import logging
+import shlex
 import signal
 import sys
 import time
@@ -41,14 +43,16 @@ REVIEW_HELP = ("Write review/index.html into a results folder: a page (no networ
                "keyboard and export corrections.csv; train the next model with corrections: "
                "corrections.csv, or apply them to this deploy with --apply corrections.csv.")
 
-EPILOG = ("Experiment-file keys: see experiments/template.yaml, the docs (reference/keys), or write a "
-          "commented starting file with: thumbclf init FILE")
+EPILOG = ("Experiment-file keys: 'thumbclf init --train FILE' (or --deploy, --pretrain) writes "
+          "a file with every key, its default and meaning; the documentation's Experiment-file "
+          "keys reference says the same")
 
 
 def parser(workflow: str) -> argparse.ArgumentParser:
     script = f"{workflow}_thumbclassifier.py"
     ap = argparse.ArgumentParser(prog=script, description=DESCRIPTIONS[workflow], epilog=EPILOG)
-    return add_shard_option(add_run_options(ap)) if workflow == DEPLOY else add_run_options(ap)
+    ap = add_run_options(ap, prototype=True)
+    return add_shard_option(ap) if workflow == DEPLOY else ap
 
 
 SHARD_HELP = ("deploy the I-th of N shares of the inputs into OUTPUT/shards/I-of-N/ (a SLURM "
@@ -64,11 +68,18 @@ def add_shard_option(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return ap
 
 
-def add_run_options(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The options of train and deploy (the scripts and the subcommands alike)."""
-    ap.add_argument("experiment", nargs="?", type=Path,
+def add_run_options(ap: argparse.ArgumentParser, prototype: bool = False
+                    ) -> argparse.ArgumentParser:
+    """The options of train and deploy (the scripts and the subcommands alike); the prototype's
+    scripts also take the experiment file as --ExpFile, so there EXPERIMENT may be left out."""
+    ap.add_argument("experiment", nargs="?" if prototype else None, type=Path,
+                    metavar="EXPERIMENT",
                     help="experiment file (.yaml, .yml, .json, or .txt with JSON)")
-    ap.add_argument("--ExpFile", dest="expfile", type=Path, help="the same, as the prototype took it")
+    if prototype:
+        ap.add_argument("--ExpFile", dest="expfile", type=Path,
+                        help="the same, as the prototype took it")
+    else:
+        ap.set_defaults(expfile=None)
     ap.add_argument("--output", type=Path, help="results folder (default: next to the "
                     "experiment file, named after it)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -121,8 +132,13 @@ def command_parser() -> argparse.ArgumentParser:
                        help="only the keys of training")
     which.add_argument("--deploy", dest="workflow", action="store_const", const=DEPLOY,
                        help="only the keys of deployment")
+    which.add_argument("--pretrain", dest="workflow", action="store_const", const=PRETRAIN,
+                       help="only the keys of self-supervised pretraining")
     sp.add_argument("file", type=Path, help="the experiment file to write (.yaml or .yml)")
     return ap
+
+
+COMMANDS = (TRAIN, DEPLOY, PRETRAIN, "evaluate", "review", "init")
 
 
 STOP_SIGNALS = ("SIGTERM", "SIGHUP")  # SIGINT is Python's KeyboardInterrupt already
@@ -233,7 +249,8 @@ def init_file(path: Path, workflow: str | None) -> None:
     from thumbclf.api import init_experiment
 
     init_experiment(path, workflow=workflow)
-    keys = "thumbData and modelAdr" if workflow == DEPLOY else "thumbData"
+    keys = ("thumbData and modelAdr (and hasLabels: true for labelled slides)"
+            if workflow == DEPLOY else "thumbData")
     print(f"wrote {path}: set {keys}, then run: thumbclf {workflow or TRAIN} {path}")
 
 
@@ -247,7 +264,10 @@ def evaluate_main(argv: list[str] | None = None, prog: str = "thumbclf evaluate"
                     "<table's folder>/evaluation[-T])")
     ap.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (default 1000)")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--quiet", action="store_true", help="warnings and errors only")
+    ap.add_argument("--debug", action="store_true", help="show tracebacks and debug messages")
     args = ap.parse_args(argv)
+    setup_logging(None, quiet=args.quiet, debug=args.debug)
 
     def work() -> None:
         from thumbclf.core.privacy import keep_caches_in
@@ -256,7 +276,8 @@ def evaluate_main(argv: list[str] | None = None, prog: str = "thumbclf evaluate"
         from thumbclf.workflows.evaluate import evaluate_file
 
         out = evaluate_file(args.predictions, threshold=args.threshold, output=args.output,
-                            bootstrap=args.bootstrap, seed=args.seed)
+                            bootstrap=args.bootstrap, seed=args.seed, quiet=args.quiet,
+                            debug=args.debug)
         print(f"results in {out}")
 
     return guarded(work)
@@ -276,7 +297,10 @@ def review_command(args: argparse.Namespace) -> int:
             review_flow.serve(args.results, args.port, quiet=args.quiet)
         else:
             page = review_flow.write_review(args.results, quiet=args.quiet or not sys.stderr.isatty())
-            print(f"review page: {page} (open it in a browser; or serve it with --serve)")
+            if args.quiet:  # else the run's own line has named it
+                print(f"review page: {page}")
+            print("open it in a browser, or serve it with: "
+                  + shlex.join(["thumbclf", "review", str(args.results), "--serve"]))
 
     if args.serve and args.apply:
         print("error: give --serve or --apply, not both", file=sys.stderr)
@@ -303,6 +327,13 @@ def command(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "evaluate":  # evaluate parses its own options (and --help)
         return evaluate_main(argv[1:], prog="thumbclf evaluate")
     ap = command_parser()
+    if argv and not argv[0].startswith("-") and argv[0] not in COMMANDS:
+        close = difflib.get_close_matches(argv[0], COMMANDS, n=1, cutoff=0.5)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        ap.print_usage(sys.stderr)
+        print(f"thumbclf: error: {argv[0]!r} is not a command; {hint}(commands: "
+              f"{', '.join(COMMANDS)})", file=sys.stderr)
+        return EXIT_ERROR
     args = ap.parse_args(argv)
     if args.command == "init":
         return guarded(lambda: init_file(args.file, args.workflow))

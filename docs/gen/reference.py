@@ -100,13 +100,14 @@ def rule_text(key) -> str:
 
 
 def show_default(value: Any) -> str:
+    """A default written as the template and thumbclf init write it (one wording)."""
+    from thumbclf.config.render import default_value
+
     if value is None:
         return "not set"
-    if isinstance(value, bool):
-        return code(str(value).lower())
-    if isinstance(value, int) and abs(value) >= 10_000:
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10_000:
         return code(f"{value:_}".replace("_", ","))
-    return code(value)
+    return code(default_value(value))
 
 
 def workflow_defaults(key) -> dict[str, Any]:

@@ -50,6 +50,23 @@ def test_defaults_match_the_prototype(tmp_path):
     assert t.output == tmp_path / "e"
 
 
+def test_without_pretrained_weights_the_default_freezes_nothing(tmp_path):
+    """Issue 31: pretrained: false (the offline error's advice) must not freeze random layers;
+    a freezeRatio that is given, and SSL or a weights file, keep theirs."""
+    def ratio(text):
+        return load_params(write(tmp_path, "e.yaml", "thumbData: data\n" + text),
+                           workflow=TRAIN).freeze_ratio
+
+    assert ratio("pretrained: false\n") == 0.0
+    assert ratio("pretrained: false\nfreezeRatio: 0.25\n") == 0.25
+    assert ratio("pretrained: false\nSSL: true\nmodelAdr: ssl.pt\n") == 0.5
+    assert ratio("pretrained: weights.pth\n") == 0.5
+    assert ratio("") == 0.5
+    given = load_params(write(tmp_path, "e.yaml", "thumbData: d\npretrained: false\n"),
+                        workflow=TRAIN).given
+    assert "freeze_ratio" not in given
+
+
 def test_snake_case_aliases_work_and_both_spellings_are_an_error(tmp_path):
     p = write(tmp_path, "e.yaml", "thumb_data: d\nfold_number: 5\n")
     assert load_params(p, workflow=TRAIN).fold_number == 5
@@ -221,3 +238,27 @@ def test_executor_ray_without_ray_says_how_to_install_it(monkeypatch, tmp_path):
     p = config.validate({"thumbData": "x", "cpus_per_fold": 2}, workflow="train",
                         source=tmp_path / "e.yaml")
     assert p.executor == "local" and p.ray_address is None and p.cpus_per_fold == 2
+
+
+def test_an_unknown_key_in_set_names_set_and_suggests_the_key(tmp_path):
+    """Issue 31: --set max_epoch=1 is a mistake on the command line, not in the file."""
+    p = write(tmp_path, "e.yaml", "thumbData: data\n")
+    with pytest.raises(ConfigError) as err:
+        load_params(p, workflow=TRAIN, overrides=["max_epoch=1", "foldNumbr=2", "lr=0.1"])
+    assert err.value.lines() == ["--set max_epoch=1: unknown key; did you mean 'max_epochs'?",
+                                 "--set foldNumbr=2: unknown key; did you mean 'foldNumber'?"]
+    from thumbclf.config.files import load_experiment
+
+    with pytest.raises(ConfigError, match=r"^max_epoch \(a keyword setting\): unknown key; did "
+                                          r"you mean 'max_epochs'\?"):
+        load_experiment(p, workflow=TRAIN, settings={"max_epoch": 1})
+
+
+def test_a_json_trailing_comma_is_named_at_the_comma(tmp_path):
+    """Issue 31: the error points at the comma, not at the closing brace after it."""
+    p = tmp_path / "e.json"
+    p.write_text('{\n  "thumbData": "d",\n  "foldNumber": 3,\n}\n')
+    with pytest.raises(ConfigError, match=r"e.json: line 3, column 18: not valid JSON \(a "
+                                          r"comma before '}'"):
+        load_params(p, workflow=TRAIN)
+

@@ -85,6 +85,44 @@ def test_duplicate_rows_are_reported_and_counted_once(tmp_path, caplog):
         discover(tmp_path / "t.csv", need_labels=True)
 
 
+def test_a_tables_problems_come_all_at_once(tmp_path):
+    """Issue 31: one run names every problem of its kind, not the first one only."""
+    t = tmp_path / "t.csv"
+    t.write_text("FILE,LABEL\na.png,X\n")
+    with pytest.raises(DataError) as err:
+        discover(t, need_labels=True)
+    assert [line.split(": ", 1)[1][:22] for line in err.value.lines()] == [
+        "no PATH column (column", "no CLASSIFICATION colu"]
+    t.write_text("PATH,CLASSIFICATION\n,X\na.png,X\n ,Y\n")
+    with pytest.raises(DataError) as err:
+        discover(t, need_labels=True)
+    assert [line.split(": ")[1] for line in err.value.lines()] == ["row 2", "row 4"]
+    for name in "abc":
+        img(tmp_path / f"{name}.png")
+    t.write_text("PATH,CLASSIFICATION\na.png,X\nb.png,X\na.png,Y\nc.png,X\nb.png,Z\n")
+    with pytest.raises(DataError) as err:
+        discover(t, need_labels=True)
+    lines = err.value.lines()
+    assert len(lines) == 2 and ": row 4 (" in lines[0] and "repeats row 2 (" in lines[0]
+    assert ": row 6 (" in lines[1] and "repeats row 3 (" in lines[1]
+
+
+def test_other_files_in_a_folder_input_are_counted(tmp_path, caplog):
+    """Issue 31: files that are neither images nor slides are counted, not skipped silently;
+    a MIRAX slide's data folder is part of its slide."""
+    img(tmp_path / "a.png")
+    (tmp_path / "notes.txt").write_text("x")
+    (tmp_path / "scan.pdf").write_text("x")
+    (tmp_path / "m.mrxs").write_text("x")
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "Data0000.dat").write_text("x")
+    (tmp_path / "m" / "Slidedat.ini").write_text("x")
+    with caplog.at_level(logging.INFO, logger="thumbclf.inputs.samples"):
+        s = discover(tmp_path, need_labels=False)
+    assert s.other_files == 2 and len(s) == 2
+    assert "left out 2 files that are not images or slides (.pdf 1, .txt 1)" in caplog.text
+
+
 @pytest.mark.parametrize("content, message", [
     ("", "the table is empty"),
     ("PATH,CLASSIFICATION\n", "has a header but no rows"),

@@ -47,3 +47,96 @@ def test_evaluate_errors_are_one_line(tmp_path, capsys):
     pd.DataFrame({"PATH": ["a"], "x": [1]}).to_csv(tmp_path / "p.csv", index=False)
     assert main([str(tmp_path / "p.csv")]) == 2
     assert "no model_prediction column" in capsys.readouterr().err
+
+
+def test_the_report_states_each_suggested_thresholds_coverage_or_why_there_is_none():
+    """Issue 31: every suggested threshold says how many slides it decides; none is suggested
+    from fewer than MIN_DECIDED_FOR_SUGGESTION decided slides."""
+    from thumbclf.outputs import metrics as M
+    from thumbclf.outputs.evaluate import threshold_text
+
+    rng = np.random.default_rng(1)
+    y = np.array(CLASSES)[rng.integers(0, 3, 60)]
+    p = np.full((60, 3), 0.05)
+    p[np.arange(60), [CLASSES.index(v) for v in y]] = 0.9
+    p[45:] = [0.4, 0.35, 0.25]  # 15 unsure, mostly wrong
+    df = pd.DataFrame({"PATH": [f"{i}.png" for i in range(60)], "CLASSIFICATION": y})
+    for j, c in enumerate(CLASSES):
+        df[c] = p[:, j]
+    df["model_prediction"] = decide(p, CLASSES, 0.9)
+    text = threshold_text(M.compute(df, CLASSES, resamples=0), 0.9)
+    assert "0.900 would reach 95% accuracy among decided slides, deciding 45 of 60 (75%)" in text
+    small = threshold_text(M.compute(df.iloc[:12], CLASSES, resamples=0), 0.9)
+    assert "would reach" not in small and "12 labelled slides are too few" in small
+
+
+
+def _headings(page: str) -> list[str]:
+    import re
+
+    return re.findall(r"<h2[^>]*>([^<]+)</h2>", page)
+
+
+def _text(page: str) -> str:
+    """The page without its embedded pictures."""
+    import re
+
+    return re.sub(r'src="data:[^"]+"', "", page)
+
+
+def test_a_deploy_report_answers_first_and_keeps_engineering_notes_collapsed(tmp_path, browser):
+    """Issue 31: the report opens with a plain summary (what was decided, how many slides need
+    a look, with the exact review command), a table of contents links every section, the
+    technical notes are collapsed (and in run.log), the Undecided gallery gives the best guess
+    and no NaN shows."""
+    from thumbclf.core import table as T
+    from thumbclf.outputs.evaluate import decisions_report
+
+    p = np.array([[0.95, 0.03, 0.02], [0.1, 0.85, 0.05], [0.4, 0.35, 0.25], [0.9, 0.05, 0.05]])
+    df = pd.DataFrame({T.PATH: [str(tmp_path / f"s{i}.png") for i in range(4)]})
+    for j, c in enumerate(CLASSES):
+        df[c] = p[:, j]
+    df[T.DECISION] = decide(p, CLASSES, 0.8)
+    df[T.REASON] = ["", "", "low confidence", ""]
+    df[T.ERROR] = ["", "", "", ""]
+    df.loc[3, T.ERROR], df.loc[3, T.DECISION] = "not a slide", ""
+    folder = tmp_path / "archive"
+    (folder / "plots").mkdir(parents=True)
+    decisions_report(folder, df, classes=CLASSES, failures=1, title="thumbclf — archive",
+                     settings={"threshold": float("nan")}, thumbs=lambda path: None,
+                     notes=["Inference: PyTorch fp32 (bf16 failed its verification)."],
+                     sorted_into=folder / "sorted")
+    page = _text((folder / "report.html").read_text())
+    assert _headings(page)[:2] == ["Summary", "Data"]
+    assert _headings(page)[-2:] == ["Technical notes", "Settings"]
+    first = page.split('<h2 id="summary">', 1)[1].split("<h2", 1)[0]
+    assert "<b>4</b> slides: <b>2</b> decided (Fat 1, IHC 1)" in first
+    assert f"thumbclf review {folder}" in first and "<b>1</b> Undecided" in first
+    assert "<b>1</b> could not be read" in first and "sorted/&lt;class&gt;/" in first
+    assert "NaN" not in page and ">nan<" not in page
+    for heading in _headings(page):
+        assert f">{heading}</a>" in page.split("</nav>", 1)[0], heading
+
+    browser.get((folder / "report.html").as_uri())
+    from selenium.webdriver.common.by import By
+
+    assert browser.find_element(By.TAG_NAME, "h2").text == "Summary"
+    note = browser.find_element(By.XPATH, "//li[contains(., 'bf16 failed')]")
+    assert not note.is_displayed()  # collapsed: one click away
+    browser.find_element(By.XPATH, "//a[text()='Undecided']").click()
+    assert browser.execute_script("return location.hash") == "#undecided"
+
+
+def test_an_evaluation_report_says_how_good_the_model_is_first(tmp_path):
+    """Issue 31: the summary of a labelled evaluation gives the accuracy among decided, the
+    share decided and the review command of the table's folder; terms have glosses."""
+    predictions(tmp_path, np.random.default_rng(3))
+    assert main([str(tmp_path / "predictions.csv"), "--bootstrap", "0"]) == 0
+    page = _text((tmp_path / "evaluation" / "report.html").read_text())
+    assert _headings(page)[0] == "Summary"
+    first = page.split('<h2 id="summary">', 1)[1].split("<h2", 1)[0]
+    assert "On the 60 labelled slides" in first and "of the decided ones are right" in first
+    assert f"thumbclf review {tmp_path}" in first
+    for term in ("ovo / ovr", "ECE", "AURC"):
+        assert f"<b>{term}</b>:" in page, term
+    assert "NaN" not in page

@@ -106,10 +106,37 @@ def test_selective_prediction_and_thresholds():
     probs[0] = [0.1, 0.6, 0.3]  # one confident-ish error
     m = M.compute(table(Y, probs, threshold=0.7), CLASSES, resamples=0)
     assert m.coverage == pytest.approx(11 / 12) and m.accuracy_decided == 1
-    assert m.threshold_for_99 == pytest.approx(0.9)
+    assert m.threshold_for_99 is None  # 12 slides: too few to suggest a threshold (issue 31)
     curve = {r["threshold"]: r for r in m.selective}
     assert curve[0.0]["coverage"] == 1 and curve[0.0]["accuracy"] == pytest.approx(11 / 12)
     assert m.aurc == pytest.approx(np.mean([0] * 11 + [1 / 12]))
+
+
+def test_a_suggested_threshold_decides_enough_slides_and_states_its_coverage():
+    """Issue 31: a threshold that decides 1 of 97 slides is no suggestion; one that decides
+    enough comes with the slides it decides."""
+    from thumbclf.core.decide import MIN_DECIDED_FOR_SUGGESTION
+
+    rng = np.random.default_rng(4)
+    y = list(np.array(CLASSES)[rng.integers(0, 3, 97)])
+    probs = np.full((97, 3), 0.2)  # one slide at 0.736, right; the rest below it, often wrong
+    for i, label in enumerate(y):
+        j = CLASSES.index(label) if i == 0 or i % 2 else (CLASSES.index(label) + 1) % 3
+        probs[i, j] = 0.736 if i == 0 else 0.5 + 0.2 * rng.random()
+    m = M.compute(table(y, probs, threshold=0.9), CLASSES, resamples=0)
+    assert m.threshold_for_95 is None and m.threshold_for_99 is None
+    assert [s["threshold"] for s in m.suggestions] == [None, None]
+
+    y = ["A"] * 20 + ["B"] * 10 + ["C"] * 10  # 30 confident and right, 10 unsure, half wrong
+    probs = onehot(y, hi=0.95)
+    probs[30:] = [[0.5, 0.3, 0.2], [0.3, 0.5, 0.2]] * 5
+    m = M.compute(table(y, probs), CLASSES, resamples=0)
+    s95 = m.suggestions[0]
+    assert s95["threshold"] == pytest.approx(0.95) and m.threshold_for_95 == pytest.approx(0.95)
+    assert (s95["decided"], s95["total"], s95["coverage"]) == (30, 40, 0.75)
+    assert MIN_DECIDED_FOR_SUGGESTION <= 30
+    rows = {r["metric"]: r["value"] for r in M.summary_rows(m, "all")}
+    assert rows["coverage_at_threshold_for_95"] == 0.75
 
 
 def test_confusion_matrix_rows_true_columns_decisions_with_undecided():

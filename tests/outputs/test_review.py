@@ -10,7 +10,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import threading
 import time
 from pathlib import Path
@@ -67,30 +66,7 @@ def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
 # ---------------------------------------------------------------------------- the browser
 
 
-@pytest.fixture(scope="module")
-def browser(tmp_path_factory):
-    try:
-        from selenium import webdriver
-        from selenium.webdriver.chrome.service import Service
-    except ImportError:
-        pytest.skip("Selenium is not installed (pip install 'thumbclf[test]')")
-    chromium = next((shutil.which(n) for n in ("chromium", "chromium-browser") if shutil.which(n)), None)
-    driver = shutil.which("chromedriver")
-    if not chromium or not driver:
-        pytest.skip("Chromium or chromedriver is not installed (as root, make test installs "
-                    "them: apt-get install chromium chromium-driver)")
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                "--window-size=1280,900", "--no-first-run", "--disable-extensions"):
-        options.add_argument(arg)
-    downloads = tmp_path_factory.mktemp("downloads")
-    options.add_experimental_option("prefs", {"download.default_directory": str(downloads),
-                                              "download.prompt_for_download": False})
-    b = webdriver.Chrome(service=Service(driver), options=options)
-    b.downloads = downloads
-    yield b
-    b.quit()
+# `browser`: Chromium driven by Selenium, from tests/conftest.py (the docs' tests use it too)
 
 
 def open_page(browser, url: str, timeout: float = 30.0) -> float:
@@ -377,6 +353,21 @@ def test_review_is_a_subcommand_with_its_options(capsys):
     out = capsys.readouterr().out
     assert all(o in out for o in ("--serve", "--port", "--apply", "127.0.0.1"))
     assert cli.command(["review", "x", "--serve", "--apply", "c.csv"]) == 2
+
+
+def test_review_names_its_page_once_and_says_how_to_serve_it(tmp_path, capsys):
+    """Issue 31: the page's line is printed once (it was printed and logged)."""
+    from thumbclf.core.logs import remove_handlers
+
+    folder = results_folder(tmp_path, [f"s{i}" for i in range(6)])
+    try:
+        assert cli.command(["review", str(folder)]) == 0
+    finally:
+        remove_handlers()
+    said = capsys.readouterr()
+    console = said.out + said.err
+    assert console.count("review page: ") == 1, console
+    assert f"serve it with: thumbclf review {folder} --serve" in console
 
 
 def test_the_python_api_writes_the_page_and_applies_corrections(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import json
 import re
 from pathlib import Path
@@ -57,6 +58,20 @@ def _json_pairs(text: str):
     return hook
 
 
+def _json_problem(text: str, exc: json.JSONDecodeError) -> str:
+    """Where a JSON file goes wrong; a trailing comma is named at the comma, not at the
+    bracket after it."""
+    before = text[:exc.pos].rstrip()
+    if before.endswith(",") and text[exc.pos:exc.pos + 1] in ("}", "]"):
+        comma = len(before) - 1
+        line = text.count("\n", 0, comma) + 1
+        column = comma - (text.rfind("\n", 0, comma) + 1) + 1
+        return (f"line {line}, column {column}: not valid JSON (a comma before "
+                f"'{text[exc.pos]}': JSON allows none after the last item; remove it)")
+    return (f"line {exc.lineno}, column {exc.colno}: not valid JSON ({exc.msg}); .json and "
+            ".txt experiment files are JSON")
+
+
 def read_experiment_file(path: Path) -> dict[str, Any]:
     """Parse a YAML or JSON experiment file into a mapping; syntax errors name the line."""
     if not path.is_file():
@@ -90,8 +105,7 @@ def parse_experiment_text(text: str, suffix: str) -> Any:
         except RecursionError:
             raise ConfigError("nested too deeply to be an experiment file") from None
         except json.JSONDecodeError as exc:
-            raise ConfigError(f"line {exc.lineno}, column {exc.colno}: not valid JSON "
-                              f"({exc.msg}); .json and .txt experiment files are JSON") from None
+            raise ConfigError(_json_problem(text, exc)) from None
     if suffix in (".yaml", ".yml"):
         try:
             return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
@@ -122,9 +136,26 @@ def load_params(path: str | Path, *, workflow: str, overrides: list[str] = (),
                 output: str | Path | None = None) -> Params:
     """Read, override and validate an experiment file for ``workflow`` ('train', 'deploy' or 'pretrain')."""
     source = Path(path).absolute()
-    raw = override(read_experiment_file(source), dict(parse_override(t) for t in overrides))
+    given = {parse_override(t)[0]: t for t in overrides}  # key -> the argument as typed
+    settings = dict(parse_override(t) for t in overrides)
+    unknown_settings(settings, lambda key: f"--set {given[key]}")
+    raw = override(read_experiment_file(source), settings)
     out = Path(output).absolute() if output is not None else None
     return validate(raw, workflow=workflow, source=source, output=out)
+
+
+def unknown_settings(settings: Mapping[str, Any], where) -> None:
+    """Keys given outside the file (``--set``, the API's settings) that thumbclf does not know:
+    a ConfigError naming where they were given (``where(key)``) and the closest known key."""
+    problems = []
+    for key in settings:
+        if key not in SPELLINGS:
+            close = difflib.get_close_matches(key, list(SPELLINGS), n=1, cutoff=0.6)
+            problems.append(f"{where(key)}: unknown key"
+                            + (f"; did you mean {close[0]!r}?" if close else
+                               "; thumbclf init FILE writes every known key"))
+    if problems:
+        raise ConfigError(*problems)
 
 
 def plain(value: Any) -> Any:
@@ -173,6 +204,7 @@ def load_experiment(experiment: str | os.PathLike | Mapping[str, Any], *, workfl
         raise ConfigError(f"experiment must be the path of an experiment file or a dict of its "
                           f"keys; got a {type(experiment).__name__}")
     source = Path(experiment).absolute()
+    unknown_settings(settings or {}, lambda key: f"{key} (a keyword setting)")
     raw = override(read_experiment_file(source), settings or {})
     return validate(raw, workflow=workflow, source=source, output=out), None
 

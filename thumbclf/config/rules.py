@@ -140,7 +140,8 @@ def validate(raw: dict[str, Any], *, workflow: str, source: Path, output: Path |
         key = SPELLINGS.get(str(spelling))
         if key is None:
             close = difflib.get_close_matches(str(spelling), list(SPELLINGS), n=1, cutoff=0.6)
-            hint = f"; did you mean {close[0]!r}?" if close else "; see experiments/template.yaml"
+            hint = (f"; did you mean {close[0]!r}?" if close
+                    else "; thumbclf init FILE writes every known key")
             problems.append(f"{spelling}: unknown key{hint}")
             continue
         if key.name in spelled:
@@ -176,9 +177,18 @@ def validate(raw: dict[str, Any], *, workflow: str, source: Path, output: Path |
     cls = PARAMS_CLASS[workflow]
     names = {f.name for f in dataclasses.fields(cls)}
     kwargs = {k: v for k, v in values.items() if k in names and v is not None}
+    if workflow == TRAIN and "freeze_ratio" not in values and not starts_trained(values):
+        kwargs["freeze_ratio"] = 0.0  # freezing layers at random initialisation helps nobody
     if output is None:
         output = source.parent / source.stem
     return cls(source=source, output=output, given=frozenset(values), **kwargs)
+
+
+def starts_trained(values: dict[str, Any]) -> bool:
+    """Whether training starts from trained weights (ImageNet, a weights file or an SSL
+    checkpoint): only then does the default freezeRatio freeze anything."""
+    pretrained = values.get("pretrained", KEY_BY_NAME["pretrained"].default)
+    return bool(values.get("ssl")) or pretrained is not False
 
 
 def _ray_installed() -> bool:

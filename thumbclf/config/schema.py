@@ -79,10 +79,15 @@ KEYS: tuple[Key, ...] = (
         "architecture's own (its ImageNet weights' crop size).", (), ALL),
     Key("has_labels", "bool", True, "Deploy: the input has labels; evaluate against them.",
         ("hasLabels",), (DEPLOY,)),
-    Key("sort_thumbs", "bool", False, "Deploy: copy each thumbnail into sorted/<decision>/.",
-        ("sortThumbs",), (DEPLOY,)),
-    Key("sort_slides", "bool", False, "Deploy: also copy slide files into sorted/<decision>/.",
-        ("sortSlides",), (DEPLOY,)),
+    Key("sort_thumbs", "bool", False, "Deploy: copy each thumbnail into sorted/<decision>/. "
+        "The copies lie side by side, without the input's subfolders; a name that two inputs "
+        "share gets a short hash of its path (S1.svs, S1__a8113289.svs), and predictions.csv "
+        "gives each input's path.", ("sortThumbs",), (DEPLOY,)),
+    Key("sort_slides", "bool", False, "Deploy: also copy slide files into sorted/<decision>/. "
+        "Privacy: the copy is the whole slide file, so an .svs, .ndpi or MIRAX slide keeps the "
+        "label and macro images inside it (they can show the patient's name); keep sorted/ as "
+        "private as the archive. A DICOM slide is copied without its LABEL and OVERVIEW "
+        "instances.", ("sortSlides",), (DEPLOY,)),
     Key("train_full", "bool", False, "Train one final model on all data (minus a validation "
         "split) instead of cross-validation.", ("trainFull",), (TRAIN,)),
     Key("fold_number", "int", 3, "Number of cross-validation folds.", ("foldNumber",), (TRAIN,), 2, 100),
@@ -98,7 +103,9 @@ KEYS: tuple[Key, ...] = (
     Key("freeze_ratio", "float", 0.5, "Fraction of the network's blocks frozen, in order (never "
         "the head): its top-level children, where one holding over 80% of the parameters is "
         "split into its own children (ResNet: conv1 ... layer4, fc; VGG: the layers of "
-        "features; ViT: its encoder layers).",
+        "features; ViT: its encoder layers). Default 0.5 when training starts from trained "
+        "weights (ImageNet, a weights file or SSL), else 0 (frozen at their random "
+        "initialisation, layers would stay random).",
         ("freezeRatio",), (TRAIN,), 0.0, 1.0),
     Key("ssl", "bool", False, "Initialise the backbone from the self-supervised checkpoint at "
         "modelAdr.", ("SSL",), (TRAIN,)),

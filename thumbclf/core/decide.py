@@ -21,6 +21,9 @@ POOLED = "(sources of fewer slides, pooled)"
 # the share of a thumbnail that must be tissue (nn/look.py measures it): below it a slide is
 # blank, pen or label only, or a fragment of about 10 x 10 pixels of the model's 224
 NO_TISSUE_FRACTION = 0.002
+# a threshold the report suggests must decide at least this many labelled slides: below it, an
+# accuracy of 95% or 99% is one or two lucky slides, not evidence
+MIN_DECIDED_FOR_SUGGESTION = 20
 
 
 def decide(probs: np.ndarray, classes: tuple[str, ...] | list[str], threshold: float) -> list[str]:
@@ -97,8 +100,10 @@ def unfamiliar_sources(decisions: Sequence[str], reasons: Sequence[str],
     return decisions, reasons, verdicts
 
 
-def threshold_for_accuracy(probs: np.ndarray, y: np.ndarray, target: float) -> float | None:
-    """Smallest threshold at which accuracy among decided cases reaches ``target`` (None if never)."""
+def threshold_for_accuracy(probs: np.ndarray, y: np.ndarray, target: float,
+                           min_decided: int = 1) -> float | None:
+    """Smallest threshold at which accuracy among decided cases reaches ``target`` while
+    deciding at least ``min_decided`` cases (None if never)."""
     probs = np.asarray(probs, dtype=float)
     conf = probs.max(axis=1)
     correct = probs.argmax(axis=1) == np.asarray(y)
@@ -107,13 +112,26 @@ def threshold_for_accuracy(probs: np.ndarray, y: np.ndarray, target: float) -> f
     cum_acc = np.cumsum(corr_sorted) / np.arange(1, len(order) + 1)
     # decide the k most confident cases; ties in confidence must be decided together
     best = None
-    for k in range(len(order), 0, -1):
+    for k in range(len(order), max(min_decided, 1) - 1, -1):
         if k < len(order) and conf_sorted[k] == conf_sorted[k - 1]:
             continue
         if cum_acc[k - 1] >= target:
             best = float(conf_sorted[k - 1])
             break
     return best
+
+
+def suggest_threshold(probs: np.ndarray, y: np.ndarray, target: float,
+                      min_decided: int = MIN_DECIDED_FOR_SUGGESTION) -> dict:
+    """A threshold reaching ``target`` accuracy among decided cases, with what it decides:
+    {target, threshold (None when no threshold deciding ``min_decided`` cases reaches it),
+    decided, total, coverage}."""
+    probs = np.asarray(probs, dtype=float)
+    t = threshold_for_accuracy(probs, y, target, min_decided) if len(probs) else None
+    decided = int((probs.max(axis=1) >= t).sum()) if t is not None else 0
+    return {"target": target, "threshold": t, "decided": decided, "total": len(probs),
+            "coverage": decided / len(probs) if t is not None else None,
+            "min_decided": min_decided}
 
 
 @dataclass(frozen=True)

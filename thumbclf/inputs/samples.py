@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections import Counter
@@ -20,6 +21,9 @@ from thumbclf.inputs.dicom import group_folders
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
+# files that slide formats keep beside the slide (Hamamatsu .vms: its .opt map; labels and
+# tables of the lab): not counted as files left out
+COMPANION_SUFFIXES = (".opt", ".csv", ".tsv", ".xlsx", ".yaml", ".yml", ".json")
 SLIDE_SUFFIXES = (".svs", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".bif", ".svslide", ".dcm")
 INPUT_SUFFIXES = IMAGE_SUFFIXES + SLIDE_SUFFIXES
 TABLE_SUFFIXES = (".csv", ".tsv", ".xlsx", ".xls")
@@ -53,6 +57,7 @@ class SampleSet:
     classes: tuple[str, ...]
     has_patients: bool
     source: Path
+    other_files: int = 0  # files of a folder input that are not images or slides, left out
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -80,6 +85,16 @@ class _Skipped:
     exclude: tuple[Path, ...] = ()
     folders: list[Path] = field(default_factory=list)
     files: int = 0
+    others: Counter = field(default_factory=Counter)  # other files left out, by suffix
+
+    def count_others(self, here: Path, filenames: list[str]) -> None:
+        """Visible files that are neither images nor slides (a MIRAX slide's data folder and
+        the files a slide format keeps beside it are part of their slide)."""
+        if here.with_suffix(".mrxs").is_file() or here.with_suffix(".MRXS").is_file():
+            return
+        self.others.update(Path(f).suffix.lower() or "(no extension)" for f in filenames
+                           if not f.startswith(".") and Path(f).suffix.lower() not in
+                           INPUT_SUFFIXES + COMPANION_SUFFIXES)
 
     def skip(self, folder: Path) -> bool:
         resolved = folder.resolve()
@@ -106,6 +121,7 @@ def _find_files(folder: Path, skipped: _Skipped) -> list[Path]:
         dirnames[:] = sorted(d for d in dirnames if not d.startswith(".")
                              and (here / d).resolve() not in above and not skipped.skip(here / d))
         found += [here / f for f in filenames if is_input_file(here / f)]
+        skipped.count_others(here, filenames)
     return group_folders(found)  # a folder of .dcm files is one DICOM slide
 
 
@@ -171,12 +187,16 @@ def _samples_from_frame(df: pd.DataFrame, path: Path, base: Path,
     path_col, label_col, patient_col, source_col = (
         _column(df, n) for n in ("PATH", "CLASSIFICATION", "PATIENT", "SOURCE"))
     mpp_col = _column(df, MPP_INPUT)
+    problems = []  # every problem of the table at once
     if path_col is None:
-        raise DataError(f"{path}: no PATH column (columns: {', '.join(df.columns) or 'none'}); "
+        problems.append(f"{path}: no PATH column (columns: {', '.join(df.columns) or 'none'}); "
                         "add a column PATH with the image or slide paths")
     if need_labels and label_col is None:
-        raise DataError(f"{path}: no CLASSIFICATION column (columns: {', '.join(df.columns)}); "
-                        "add the labels, or set hasLabels: false to deploy without them")
+        problems.append(f"{path}: no CLASSIFICATION column (columns: "
+                        f"{', '.join(df.columns) or 'none'}); add the labels, or set hasLabels: "
+                        "false to deploy without them")
+    if problems:
+        raise DataError(*problems)
     if df.empty:
         raise DataError(f"{path}: the table has a header but no rows")
     samples = []
@@ -184,14 +204,31 @@ def _samples_from_frame(df: pd.DataFrame, path: Path, base: Path,
         row = i + 2
         text = str(rec[path_col]).strip()
         if not text:
-            raise DataError(f"{path}: row {row}: PATH is empty; fill it in or delete the row")
+            problems.append(f"{path}: row {row}: PATH is empty; fill it in or delete the row")
+            continue
         label = str(rec[label_col]) if label_col else None
         patient = str(rec[patient_col]).strip() if patient_col else None
         source = str(rec[source_col]).strip() if source_col else None
-        mpp = _mpp(rec[mpp_col], path, row) if mpp_col else None
+        try:
+            mpp = _mpp(rec[mpp_col], path, row) if mpp_col else None
+        except DataError as exc:
+            problems.extend(exc.args)
+            continue
         samples.append(Sample(to_local_path(text, base), label, patient or None, row,
                               source=source or None, mpp=mpp))
+    if problems:
+        raise DataError(*capped(problems))
     return samples, patient_col is not None
+
+
+MAX_LINES = 20  # problems listed one per line; the rest counted
+
+
+def capped(problems: list[str]) -> list[str]:
+    """At most MAX_LINES problems, then how many more there are."""
+    if len(problems) <= MAX_LINES:
+        return problems
+    return [*problems[:MAX_LINES], f"... and {len(problems) - MAX_LINES} more like these"]
 
 
 def _mpp(value, path: Path, row: int) -> float | None:
@@ -272,7 +309,7 @@ def _identity(path: Path) -> str:
 
 def _drop_duplicates(samples: list[Sample], source: Path) -> list[Sample]:
     seen: dict[str, Sample] = {}
-    kept, dupes = [], []
+    kept, dupes, clashes = [], [], []
     for s in samples:
         key = _identity(s.path)
         first = seen.get(key)
@@ -281,9 +318,11 @@ def _drop_duplicates(samples: list[Sample], source: Path) -> list[Sample]:
             kept.append(s)
             continue
         if first.label != s.label:
-            raise DataError(f"{source}: {s.where} repeats {first.where} with another label "
-                            f"({s.label!r} vs {first.label!r}); keep one of them")
+            clashes.append(f"{source}: {s.where} repeats {first.where} with another label "
+                           f"({s.label!r} vs {first.label!r}); keep one of them")
         dupes.append(s)
+    if clashes:  # all of them at once
+        raise DataError(*capped(clashes))
     if dupes:
         log.warning("%s: %d duplicate rows ignored (first: %s); each image counts once",
                     source, len(dupes), dupes[0].where)
@@ -319,6 +358,13 @@ def discover(thumb_data: Path, *, need_labels: bool,
             log.info("%s: left out %d files in %d thumbclf results or cache folders (%s)",
                      thumb_data, skipped.files, len(skipped.folders),
                      ", ".join(str(p) for p in skipped.folders[:3]))
+        if skipped.others:
+            log.info("%s: left out %d files that are not images or slides (%s)", thumb_data,
+                     sum(skipped.others.values()), ", ".join(
+                         f"{k} {v}" for k, v in sorted(skipped.others.items(),
+                                                      key=lambda kv: (-kv[1], kv[0]))[:5]))
+        sample_set = _sample_set(samples, False, thumb_data, need_labels, target_labels)
+        return dataclasses.replace(sample_set, other_files=sum(skipped.others.values()))
     else:
         samples, has_patients = _samples_from_table(thumb_data, need_labels)
     return _sample_set(samples, has_patients, thumb_data, need_labels, target_labels)

@@ -1,7 +1,7 @@
 """Synthetic slide thumbnails for the demo and the tests: six visually distinct slide types,
 varied sizes, aspect ratios and orientations, on white glass. No download, seeded.
 
-    python -m thumbclf.synth OUT_FOLDER [--per-class 10] [--seed 1] [--min-side 300]
+    python -m thumbclf.inputs.synth OUT_FOLDER [--per-class 10] [--seed 1] [--min-side 300]
                              [--max-side 900] [--format jpg|png] [--patients 0]
                              [--shift 0.0] [--classes Biopsy,Fat,...]
 
@@ -144,7 +144,7 @@ def generate(out: Path, *, per_class: int = 10, seed: int = 1, min_side: int = 3
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m thumbclf.synth", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m thumbclf.inputs.synth", description=__doc__.split("\n\n")[0])
     ap.add_argument("out", type=Path)
     ap.add_argument("--per-class", type=int, default=10)
     ap.add_argument("--seed", type=int, default=1)

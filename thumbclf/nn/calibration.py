@@ -66,9 +66,10 @@ def fit_temperature(logits: np.ndarray, y: np.ndarray) -> Calibration:
     """
     n = len(y)
     if n < MIN_CALIBRATION_IMAGES:
-        log.warning("calibration skipped: the validation split has %d images (need %d: more "
-                    "images or a larger val_fraction); probabilities left uncalibrated", n,
-                    MIN_CALIBRATION_IMAGES)
+        # debug only: the fold's line says it once (Calibration.describe)
+        log.debug("calibration skipped: the validation split has %d images (need %d: more "
+                  "images or a larger val_fraction); probabilities left uncalibrated", n,
+                  MIN_CALIBRATION_IMAGES)
         return Calibration(1.0, "skipped", n)
     z = torch.from_numpy(np.asarray(logits, dtype=np.float64))
     t = torch.from_numpy(np.asarray(y)).long()

@@ -87,3 +87,10 @@ def train_mode(model: nn.Module) -> None:
         if block_name in frozen:
             block.eval()
 
+
+def warn_untrained(ratio: float, *, trained: bool) -> None:
+    """A freezeRatio above 0 without trained starting weights freezes random layers: say so."""
+    if ratio > 0 and not trained:
+        log.warning("freezeRatio %.2f with pretrained: false freezes the first layers at their "
+                    "random initialisation, so they never learn; set freezeRatio: 0 (the default "
+                    "without pretrained weights) or use pretrained weights", ratio)

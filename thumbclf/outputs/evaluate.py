@@ -23,6 +23,7 @@ from thumbclf.inputs.decode import load_array
 from thumbclf.inputs.images import Preprocessing
 from thumbclf.outputs import metrics as M
 from thumbclf.outputs import plots, report, trust
+from thumbclf.outputs import summary as plain
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +54,17 @@ def _gallery_items(df: pd.DataFrame, classes: list[str], errors: bool, k: int = 
     idx = idx[np.argsort(-top[idx], kind="stable")][:k]
     why = (df[table.REASON].fillna("").astype(str).to_numpy() if table.REASON in df.columns
            else np.array([""] * len(df)))
+    best = np.array(classes)[probs.argmax(axis=1)] if len(df) else np.array([])
     return [{"path": df["PATH"].iloc[i], "label": lab[i], "decision": dec[i], "prob": float(top[i]),
-             "note": f"{top[i]:.2f}, {why[i]}" if why[i] else ""} for i in idx]
+             "note": _gallery_note(dec[i], best[i], float(top[i]), why[i])} for i in idx]
+
+
+def _gallery_note(decision: str, best: str, top: float, why: str) -> str:
+    """An Undecided slide shows its best guess (and why it is Undecided); an error its
+    probability."""
+    if decision == UNDECIDED:
+        return f"best guess {best} {top:.2f}" + (f", {why}" if why else "")
+    return f"{top:.2f}, {why}" if why else ""
 
 
 def _data_summary(df: pd.DataFrame, classes: list[str], split_df: pd.DataFrame | None,
@@ -83,8 +93,10 @@ def evaluate_table(df: pd.DataFrame, classes: list[str], out: Path, *, threshold
                    kind: str = "evaluation", params: dict[str, Any] | None = None,
                    split_df: pd.DataFrame | None = None, failures: int = 0,
                    extra_sections: list[tuple[str, str]] = (), notes: list[str] = (),
-                   thumbs=None) -> dict[str, Any]:
-    """Write metrics, confusion matrices, plots and the report for one labelled table."""
+                   thumbs=None, review: Path | None = None,
+                   sorted_into: Path | None = None) -> dict[str, Any]:
+    """Write metrics, confusion matrices, plots and the report for one labelled table;
+    ``review``: the results folder the summary's review command names."""
     if threshold is not None:  # the tissue and unfamiliar rules still hold (their columns)
         decisions, reasons = decide_with_reasons(df[classes].to_numpy(float), classes, threshold,
                                                  table.signal(df, table.UNFAMILIARITY),
@@ -99,6 +111,7 @@ def evaluate_table(df: pd.DataFrame, classes: list[str], out: Path, *, threshold
                               table=df["threshold"] if "threshold" in df else ()).value
     m = M.compute(df, classes, resamples=resamples, seed=seed)
     m.threshold = used
+    caveats = list(m.notes)  # about the data: shown in the summary
     m.notes = list(notes) + m.notes
     scopes = {"all": m}
     if "fold" in df.columns and df["fold"].nunique() > 1:
@@ -121,9 +134,12 @@ def evaluate_table(df: pd.DataFrame, classes: list[str], out: Path, *, threshold
                          patients="PATIENT" in df.columns)
     sections += trust.section(df, out, load)
     sections += list(extra_sections)
+    first = plain.section(plain.decisions_lines(df, review=review, sorted_into=sorted_into,
+                                                failures=failures) + plain.quality_lines(m),
+                          caveats)
     report.write(out / layout.REPORT, title=title, kind=kind, params=params or {},
                  data_summary=_data_summary(df, classes, split_df, failures),
-                 sections=sections, notes=m.notes)
+                 sections=sections, notes=list(notes), summary=first)
     log.info("macro AUROC %s (ovo) / %s (ovr); coverage %s; accuracy among decided %s; report %s",
              report.fmt(m.macro_auroc_ovo), report.fmt(m.macro_auroc_ovr),
              report.fmt(m.coverage, True), report.fmt(m.accuracy_decided, True),
@@ -149,8 +165,30 @@ def _figures(df: pd.DataFrame, classes: list[str], m: M.Metrics, cm: pd.DataFram
                                    "Most confident errors", load)
     figs["undecided"] = plots.gallery(_gallery_items(df, classes, False),
                                       pdir / "gallery_undecided.png",
-                                      "Undecided slides (highest probability first)", load)
+                                      "Undecided slides, with their best guess (highest first)",
+                                      load)
     return figs
+
+
+def threshold_text(m: M.Metrics, used: float | None) -> str:
+    """The threshold in use and the suggested ones, each with the share of slides it decides;
+    none where fewer than MIN_DECIDED_FOR_SUGGESTION labelled slides would be decided."""
+    if used is None:
+        return ""
+    parts = []
+    for s in m.suggestions:
+        target = f"{s['target']:.0%} accuracy"
+        if s["threshold"] is not None:
+            parts.append(f"{s['threshold']:.3f} would reach {target} among decided slides, "
+                         f"deciding {s['decided']} of {s['total']} ({s['coverage']:.0%})")
+        elif s["total"] < s["min_decided"]:
+            parts.append(f"no threshold is suggested for {target}: {s['total']} labelled "
+                         f"slides are too few (at least {s['min_decided']} must be decided)")
+        else:
+            parts.append(f"no threshold reaches {target} while deciding at least "
+                         f"{s['min_decided']} of the {s['total']} labelled slides")
+    return (f"<p>Threshold in use: <b>{used:.3f}</b>. On this data: "
+            + "; ".join(parts) + ".</p>")
 
 
 def _sections(m: M.Metrics, scopes: dict[str, M.Metrics], cm: pd.DataFrame, figs: dict, *,
@@ -165,12 +203,10 @@ def _sections(m: M.Metrics, scopes: dict[str, M.Metrics], cm: pd.DataFrame, figs
         ft["n"] = ft["n"].astype(int)
         fold_table = ("<p>Per fold (each fold's test images) and per source (the SOURCE "
                       "column); 'all' = pooled:</p>" + report.table(ft))
-    thr_text = (f"<p>Threshold in use: <b>{used:.3f}</b>. On this data a threshold of "
-                f"{report.fmt(m.threshold_for_95)} would reach 95% accuracy and "
-                f"{report.fmt(m.threshold_for_99)} 99% (among decided slides).</p>"
-                if used is not None else "")
+    thr_text = threshold_text(m, used)
     sections = [
-        ("Results", report.cards(m) + thr_text + fold_table),
+        ("Results", report.cards(m) + plain.glossary("AUROC", "ovo / ovr", "coverage", "ECE",
+                                                     "AURC") + thr_text + fold_table),
         ("Per class", report.per_class_table(m) +
          "<p class=muted>AUROC and average precision: one class vs the rest, from the "
          "probabilities; sensitivity and specificity: from the decisions (Undecided counts as "
@@ -191,7 +227,8 @@ def _sections(m: M.Metrics, scopes: dict[str, M.Metrics], cm: pd.DataFrame, figs
 
 
 def decisions_report(folder: Path, table: pd.DataFrame, *, classes, failures: int, title: str,
-                     settings: dict[str, Any], thumbs, extra_sections=(), notes=()) -> None:
+                     settings: dict[str, Any], thumbs, extra_sections=(), notes=(),
+                     sorted_into: Path | None = None) -> None:
     """Deploy without labels: the distribution of decisions, as a table, a plot and a report."""
     ok = table[table["error"] == ""]
     counts = ok["model_prediction"].value_counts().reindex(list(classes) + [UNDECIDED], fill_value=0)
@@ -202,7 +239,7 @@ def decisions_report(folder: Path, table: pd.DataFrame, *, classes, failures: in
                               f"Decisions for {len(ok)} images")
     gallery = plots.gallery(_gallery_items(ok, list(classes), False),
                             folder / layout.PLOTS / "gallery_undecided.png",
-                            "Undecided slides (highest probability first)", thumbs)
+                            "Undecided slides, with their best guess (highest first)", thumbs)
     data = f"<p>{len(table)} images, {failures} unreadable.</p>"
     if failures:
         data += ("<div class=note>Unreadable images keep their row in predictions.csv with the "
@@ -210,9 +247,11 @@ def decisions_report(folder: Path, table: pd.DataFrame, *, classes, failures: in
     sections = [("Decisions", report.table(summary, index=False) + report.img(fig, "decisions")),
                 ("Undecided", report.img(gallery, "undecided") or "<p>No Undecided slides.</p>")]
     sections += trust.section(ok, folder, thumbs)
+    first = plain.section(plain.decisions_lines(table, review=folder, sorted_into=sorted_into))
     report.write(folder / layout.REPORT, title=title,
                  kind="Deployment without labels", params=settings,
-                 data_summary=data, sections=sections + list(extra_sections), notes=list(notes))
+                 data_summary=data, sections=sections + list(extra_sections), notes=list(notes),
+                 summary=first)
 
 
 def _jsonable(o):

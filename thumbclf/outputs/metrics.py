@@ -21,7 +21,7 @@ import pandas as pd
 from sklearn.metrics import (average_precision_score, balanced_accuracy_score, f1_score,
                              roc_auc_score)
 
-from thumbclf.core.decide import UNDECIDED, threshold_for_accuracy
+from thumbclf.core.decide import UNDECIDED, suggest_threshold
 
 ECE_BINS = 15
 CHUNK = 100  # resamples evaluated together
@@ -187,6 +187,9 @@ class Metrics:
     threshold_for_95: float | None
     threshold_for_99: float | None
     notes: list[str]
+    # each suggested threshold with what it decides (decide.suggest_threshold); a threshold is
+    # suggested only where it decides MIN_DECIDED_FOR_SUGGESTION labelled slides or more
+    suggestions: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -215,6 +218,7 @@ def compute(df: pd.DataFrame, classes: list[str] | tuple[str, ...], *,
         notes.append("macro AUROC is over the classes present in the data only")
     ece, bins = expected_calibration_error(conf, correct)
     sel = selective(conf, correct)
+    suggestions = [suggest_threshold(probs[known], y[known], t) for t in (0.95, 0.99)]
     return Metrics(
         n=int(n), threshold=None, classes=classes,
         per_class=[_class_row(c, y == i, probs[:, i], decisions, W) for i, c in enumerate(classes)],
@@ -230,11 +234,9 @@ def compute(df: pd.DataFrame, classes: list[str] | tuple[str, ...], *,
                   if present else None),
         accuracy_top1=float(correct.mean()) if n else None,
         ece=ece, reliability=bins, selective=sel["curve"], aurc=sel["aurc"],
-        threshold_for_95=(threshold_for_accuracy(probs[known], y[known], 0.95)
-                          if known.any() else None),
-        threshold_for_99=(threshold_for_accuracy(probs[known], y[known], 0.99)
-                          if known.any() else None),
-        notes=notes)
+        threshold_for_95=suggestions[0]["threshold"],
+        threshold_for_99=suggestions[1]["threshold"],
+        notes=notes, suggestions=suggestions)
 
 
 def _data_notes(classes: list[str], labels: np.ndarray, known: np.ndarray,
@@ -325,6 +327,8 @@ def summary_rows(m: Metrics, scope: str) -> list[dict[str, Any]]:
     for key in ("coverage", "accuracy_decided", "balanced_accuracy_decided", "accuracy_all",
                 "macro_f1", "ece", "aurc", "threshold_for_95", "threshold_for_99"):
         add(key, getattr(m, key))
+    for sug in m.suggestions:  # what each suggested threshold decides
+        add(f"coverage_at_threshold_for_{round(sug['target'] * 100)}", sug["coverage"])
     for r in m.per_class:
         add("auroc", r["auroc"], r["class"], r["auroc_ci"])
         add("average_precision", r["average_precision"], r["class"], r["average_precision_ci"])

@@ -5,6 +5,8 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import html
+import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +15,8 @@ import pandas as pd
 from thumbclf.core.files import atomic_text
 from thumbclf.core.version import __version__
 from thumbclf.outputs.metrics import Metrics
+
+log = logging.getLogger(__name__)
 
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em auto;max-width:1100px;
@@ -24,7 +28,8 @@ text-align:right}th{background:#eef3fa}td:first-child,th:first-child{text-align:
 padding:.6em 1em;min-width:150px;background:#fafcff}.card b{font-size:1.5em;display:block}
 .card span{color:#555;font-size:.85em}.muted{color:#666;font-size:.9em}img{max-width:100%;margin:.5em 0}
 .note{background:#fff8e5;border-left:4px solid #e0a800;padding:.4em .8em;margin:.4em 0}
-details{margin:.5em 0}
+details{margin:.5em 0}.toc{background:#f6f8fb;border:1px solid #dde;padding:.4em 1em;display:inline-block}
+.toc ol{margin:.2em 0;padding-left:1.4em}.summary li{margin:.2em 0}
 """
 
 
@@ -52,7 +57,9 @@ def img(path: Path | None, alt: str) -> str:
 
 
 def table(df: pd.DataFrame, index: bool = True) -> str:
-    return df.to_html(index=index, border=0, float_format=lambda x: f"{x:.3f}", escape=True)
+    """A table; a missing value shows as a dash, never as NaN."""
+    return df.to_html(index=index, border=0, float_format=lambda x: f"{x:.3f}", escape=True,
+                      na_rep="–")
 
 
 def cards(m: Metrics) -> str:
@@ -82,20 +89,47 @@ def per_class_table(m: Metrics) -> str:
     return "".join(rows) + "</table>"
 
 
+def slug(heading: str, taken: set[str]) -> str:
+    """An HTML id for a heading, unique in the page."""
+    base = re.sub(r"[^a-z0-9]+", "-", heading.lower()).strip("-") or "section"
+    name, k = base, 2
+    while name in taken:
+        name, k = f"{base}-{k}", k + 1
+    taken.add(name)
+    return name
+
+
+def technical(notes: list[str]) -> str:
+    """Engineering notes (engine, verification, rules, calibration): collapsed, and in run.log."""
+    for note in notes:
+        log.debug("report note: %s", note)
+    items = "".join(f"<li>{html.escape(n)}</li>" for n in notes)
+    return (f"<details><summary>{len(notes)} note{'s' * (len(notes) != 1)} on how this run "
+            f"worked (also in run.log)</summary><ul>{items}</ul></details>")
+
+
 def write(path: Path, *, title: str, kind: str, params: dict[str, Any], data_summary: str,
-          sections: list[tuple[str, str]], notes: list[str]) -> Path:
-    """Assemble and write the report atomically."""
+          sections: list[tuple[str, str]], notes: list[str], summary: str = "") -> Path:
+    """Assemble and write the report atomically: the summary first, a table of contents, the
+    sections in order, then the technical notes and the settings, collapsed."""
     now = dt.datetime.now().strftime("%Y-%m-%d %H:%M")
-    note_html = "".join(f"<div class=note>{html.escape(n)}</div>" for n in notes)
     params_rows = "".join(f"<tr><td>{html.escape(k)}</td><td style='text-align:left'>"
-                          f"{html.escape(str(v))}</td></tr>" for k, v in params.items())
+                          f"{html.escape('–' if v != v else str(v))}</td></tr>"  # NaN: a dash
+                          for k, v in params.items())
+    parts = ([("Summary", summary)] if summary else []) + [("Data", data_summary)]
+    parts += list(sections)
+    if notes:
+        parts.append(("Technical notes", technical(list(notes))))
+    parts.append(("Settings", "<details><summary>all parameters (config.yaml)</summary>"
+                              f"<table>{params_rows}</table></details>"))
+    taken: set[str] = set()
+    ids = [slug(heading, taken) for heading, _ in parts]
+    toc = "".join(f'<li><a href="#{i}">{html.escape(h)}</a></li>' for i, (h, _) in zip(ids, parts))
     body = [f"<h1>{html.escape(title)}</h1>",
-            f"<p class=muted>{html.escape(kind)} · thumbclf {__version__} · {now}</p>", note_html,
-            "<h2>Data</h2>", data_summary]
-    for heading, content in sections:
-        body += [f"<h2>{html.escape(heading)}</h2>", content]
-    body += ["<h2>Settings</h2><details><summary>all parameters (config.yaml)</summary>"
-             f"<table>{params_rows}</table></details>"]
+            f"<p class=muted>{html.escape(kind)} · thumbclf {__version__} · {now}</p>",
+            f"<nav class=toc><b>Contents</b><ol>{toc}</ol></nav>"]
+    for i, (heading, content) in zip(ids, parts):
+        body += [f'<h2 id="{i}">{html.escape(heading)}</h2>', content]
     page = (f"<!doctype html><html lang=en><head><meta charset=utf-8><title>{html.escape(title)}"
             f"</title><style>{CSS}</style></head><body>{''.join(body)}</body></html>")
     atomic_text(page, path)

@@ -136,12 +136,22 @@ def with_unfamiliar_rule(models: list[LoadedModel], wanted: bool) -> list[Loaded
     if missing:
         who = (f"{missing[0].path} has" if len(missing) == 1
                else f"{len(missing)} of the {len(models)} model files have")
-        log.warning("%s no training features (written before thumbclf 1.1, trained with "
-                    "unfamiliar: false, or with a validation split too small to set the rule's "
-                    "threshold): Undecided by confidence only; unfamiliar slides are not "
-                    "detected", who)
+        causes = sorted({missing_rule_cause(m) for m in missing})
+        log.warning("%s no training features (%s): Undecided by confidence only; unfamiliar "
+                    "slides are not detected", who, "; ".join(causes))
         return [dataclasses.replace(m, familiarity=None) for m in models]
     return models
+
+
+def missing_rule_cause(model: LoadedModel) -> str:
+    """Why a model file has no unfamiliar-slide rule, as far as the file tells."""
+    trained_with = model.meta.get("params") if isinstance(model.meta, dict) else None
+    if model.legacy or not model.calibration or not isinstance(trained_with, dict):
+        return "written by the prototype or before thumbclf 1.1"  # 1.1 added both
+    if trained_with.get("unfamiliar") is False:
+        return "trained with unfamiliar: false"
+    return (f"its validation split had fewer than {familiarity.MIN_VALIDATION} images to set "
+            "the rule's threshold")
 
 
 def rule_note(models: list[LoadedModel]) -> str:
@@ -229,6 +239,7 @@ def run(params: DeployParams, *, resume: bool = False, quiet: bool = False,
             threshold=threshold, why=why, engine_note=engine_note,
             closing=tally.section(table, slow))
     log.info("%s", tally.closing_note(table, slow))
+    review_hint(table, folder, sample_set.other_files)
     return folder
 
 
@@ -265,15 +276,28 @@ def _inputs(params: DeployParams, folder: Path, classes: tuple[str, ...],
     return sample_set, shards.start(folder, sample_set, shard, params)
 
 
+def review_hint(table: pd.DataFrame, folder: Path, other_files: int = 0) -> None:
+    """The run's last lines: files of the input folder that were not images or slides, and,
+    where slides are Undecided, the command that shows them."""
+    if other_files:
+        log.info("also left out: %d file%s in thumbData that are not images or slides",
+                 other_files, "s" * (other_files != 1))
+    undecided = int((table.loc[table["error"] == "", "model_prediction"] == UNDECIDED).sum())
+    if undecided:
+        log.info("%d Undecided: work through them with: thumbclf review %s", undecided, folder)
+
+
 def _copies(params: DeployParams, folder: Path, table: pd.DataFrame, is_slide: list[bool],
             slide_size: int) -> None:
     """Slide thumbnails (export_thumbnails) and sorted copies by decision (sortThumbs)."""
     slide_cache = params.slide_cache
     readable = [(Path(p), d, slide) for p, d, err, slide in
                 zip(table["PATH"], table["model_prediction"], table["error"], is_slide) if not err]
-    if params.export_thumbnails:
+    if params.export_thumbnails and any(slide for _, _, slide in readable):
         n = export_thumbnails(readable, folder, slide_size, slide_cache)
         log.info("slide thumbnails: %d in %s", n, folder / layout.THUMBNAILS)
+    elif params.export_thumbnails:  # pictures are thumbnails already
+        log.info("export_thumbnails: no slide files among the inputs; nothing to export")
     if params.sort_thumbs:
         items = [(path, decision,
                   slides.cached_thumbnail(path, slide_size, slide_cache) if slide else None)

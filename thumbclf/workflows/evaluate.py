@@ -10,7 +10,7 @@ from typing import Any
 import pandas as pd
 
 from thumbclf.config import params_to_dict
-from thumbclf.core import table
+from thumbclf.core import layout, table
 from thumbclf.core.errors import ConfigError, DataError, OutputError
 from thumbclf.outputs.confusion import cm_layout
 from thumbclf.outputs.evaluate import _thumb_loader, decisions_report, evaluate_table
@@ -44,7 +44,13 @@ def evaluate_run(folder: Path, table: pd.DataFrame, *, classes, params, kind: st
                           histories=histories or {}, title=f"thumbclf — {params.source.stem}",
                           kind=titles.get(kind, kind), params=params_to_dict(params),
                           split_df=split_named, failures=failures, extra_sections=extra_sections,
-                          notes=notes, thumbs=run_thumb_loader(params))
+                          notes=notes, thumbs=run_thumb_loader(params), review=folder,
+                          sorted_into=sorted_folder(params, folder))
+
+
+def sorted_folder(params, folder: Path) -> Path | None:
+    """Where a deploy copied the slides by decision (sortThumbs), or None."""
+    return folder / layout.SORTED if getattr(params, "sort_thumbs", False) else None
 
 
 def summarise_decisions(folder: Path, table: pd.DataFrame, *, classes, params, failures: int,
@@ -52,11 +58,13 @@ def summarise_decisions(folder: Path, table: pd.DataFrame, *, classes, params, f
     """Deploy without labels: the distribution of decisions, as a table, a plot and a report."""
     decisions_report(folder, table, classes=classes, failures=failures,
                      title=f"thumbclf — {params.source.stem}", settings=params_to_dict(params),
-                     thumbs=run_thumb_loader(params), extra_sections=extra_sections, notes=notes)
+                     thumbs=run_thumb_loader(params), extra_sections=extra_sections, notes=notes,
+                     sorted_into=sorted_folder(params, folder))
 
 
 def evaluate_file(predictions: Path, *, threshold: float | None = None,
-                  output: Path | None = None, bootstrap: int = 1000, seed: int = 1) -> Path:
+                  output: Path | None = None, bootstrap: int = 1000, seed: int = 1,
+                  quiet: bool = False, debug: bool = False) -> Path:
     """Recompute metrics, plots and report from a predictions table; return the folder."""
     if threshold is not None and not 0 <= threshold <= 1:
         raise ConfigError(f"--threshold must be between 0 and 1; got {threshold}")
@@ -79,10 +87,11 @@ def evaluate_file(predictions: Path, *, threshold: float | None = None,
                           "Use --output NEW_FOLDER (or --threshold T, which writes "
                           "evaluation-T)")
     with prepare_output(out, resume=False):
-        setup_logging(out)
+        setup_logging(out, quiet=quiet, debug=debug)
         order, xt, yt = cm_layout(classes, None, None, None, predictions)
         evaluate_table(df, classes, out, threshold=threshold, order=order, xt=xt, yt=yt,
                        resamples=bootstrap, seed=seed, title=f"thumbclf — {predictions.name}",
                        kind="Evaluation of a predictions table",
-                       params={"predictions": str(predictions), "threshold": threshold})
+                       params={"predictions": str(predictions), "threshold": threshold},
+                       review=predictions.parent)
     return out

@@ -33,7 +33,7 @@ from thumbclf.nn.engine import (EarlyStopping, FitResult, FitSpec, configure_thr
                                 predict_logits, softmax)
 from thumbclf.nn.models import (build_model, head_names, input_size, load_model, load_ssl,
                                 read_weights, save_model)
-from thumbclf.nn.freeze import freeze
+from thumbclf.nn.freeze import freeze, warn_untrained
 from thumbclf.outputs import explain
 from thumbclf.outputs.confusion import cm_layout
 from thumbclf.predict import distributed
@@ -389,6 +389,7 @@ def run(params: TrainParams, *, resume: bool = False, quiet: bool = False) -> Pa
     """Train as the experiment file says; return the results folder."""
     folder = params.output
     started = time.perf_counter()
+    warn_untrained(params.freeze_ratio, trained=params.pretrained is not False or params.ssl)
     sample_set, corrected = _inputs(params, folder, resume)
     device = _device(params)
     arch = arch_name(params.model_name)
