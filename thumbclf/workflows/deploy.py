@@ -228,10 +228,7 @@ def run(params: DeployParams, *, resume: bool = False, quiet: bool = False,
     if shard is not None:  # the copies and the report are thumbclf merge's
         return shards.finish(folder, shard, len(table), params.output)
     table = judge_sources(table, done, params.unfamiliar_share)
-    failed = int((table["error"] != "").sum())
-    counts = table.loc[table["error"] == "", "model_prediction"].value_counts()
-    log.info("decisions: %s%s", ", ".join(f"{k} {v}" for k, v in counts.items()),
-             f"; {failed} unreadable (see the error column)" if failed else "")
+    failed = _say_decisions(table)
     _copies(params, folder, table, is_slide, models[0].prep.slide_size)
     slow = tally.slowest([Path(p) for p, s in zip(table["PATH"], is_slide) if s],
                          models[0].prep.slide_size, params.slide_cache)
@@ -241,6 +238,15 @@ def run(params: DeployParams, *, resume: bool = False, quiet: bool = False,
     log.info("%s", tally.closing_note(table, slow))
     review_hint(table, folder, sample_set.other_files)
     return folder
+
+
+def _say_decisions(table: pd.DataFrame) -> int:
+    """Log the decisions' counts; the number of unreadable inputs."""
+    failed = int((table["error"] != "").sum())
+    counts = table.loc[table["error"] == "", "model_prediction"].value_counts()
+    log.info("decisions: %s%s", ", ".join(f"{k} {v}" for k, v in counts.items()),
+             f"; {failed} unreadable (see the error column)" if failed else "")
+    return failed
 
 
 def judge_sources(table: pd.DataFrame, done: Path, share: float) -> pd.DataFrame:
