@@ -606,3 +606,74 @@ def test_a_slides_preview_and_reviewed_copy_are_its_rendered_thumbnail(tmp_path)
     with Image.open(copies[0]) as img:
         assert max(img.size) == 1024            # the run's thumbnail size (slide_thumbnail_size)
     assert not (tmp_path / "thumbclf-cache").exists()  # nothing written outside the folder
+
+
+def dicom_with_label(folder: Path, tmp_path: Path) -> Path:
+    """A DICOM WSI folder (wsidicomizer, from a generated pyramid) plus a LABEL instance named
+    so that it is the folder's first .dcm in sort order."""
+    import tifffile
+
+    pydicom = pytest.importorskip("pydicom")
+    wsidicomizer = pytest.importorskip("wsidicomizer")
+    tiff = tmp_path / "src.tiff"
+    img = np.full((800, 1200, 3), 240, np.uint8)
+    img[200:600, 300:900] = (40, 160, 60)
+    with tifffile.TiffWriter(tiff) as tw:
+        for k in (1, 2, 4):
+            tw.write(img[::k, ::k].copy(), tile=(256, 256), photometric="rgb", compression="jpeg",
+                     resolution=(2e4 / k, 2e4 / k), resolutionunit="CENTIMETER",
+                     subfiletype=0 if k == 1 else 1)
+    folder.mkdir(parents=True)
+    wsidicomizer.WsiDicomizer.convert(tiff, folder, tile_size=256, workers=1,
+                                      include_label=False, include_overview=False)
+    ds = pydicom.dcmread(min(folder.glob("*.dcm"), key=lambda p: p.stat().st_size))
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "LABEL", "NONE"]
+    ds.PatientName, ds.SOPInstanceUID = "DOE^JANE", pydicom.uid.generate_uid()
+    ds.save_as(folder / "0-label.dcm")
+    return folder / "0-label.dcm"
+
+
+def test_apply_copies_a_dicom_slide_as_the_deploy_does_never_its_label(tmp_path):
+    """Issue 33, item 1: a table naming a DICOM slide by its first .dcm (a LABEL instance with
+    the patient's name) made --apply with sortSlides copy that file, not the slide."""
+    folder = results_folder(tmp_path, ["a", "b", "c"])
+    label = dicom_with_label(tmp_path / "slides" / "slide1", tmp_path)
+    table = pd.read_csv(folder / "predictions.csv", keep_default_na=False)
+    table.loc[0, "PATH"] = str(label)
+    table.to_csv(folder / "predictions.csv", index=False)
+    (folder / "config.yaml").write_text("thumb_data: slides\nsort_thumbs: true\nsort_slides: true\n")
+    csv = corrections_csv(tmp_path / "c.csv", [(str(label), "IHC")])
+    assert cli.command(["review", str(folder), "--apply", str(csv), "--quiet"]) == 0
+    copied = sorted(p.relative_to(folder / "sorted").as_posix()
+                    for p in (folder / "sorted").rglob("*") if p.is_file())
+    series = sorted(p.name for p in label.parent.glob("*.dcm") if p != label)
+    assert [c.rsplit("/", 1)[-1] for c in copied if c.endswith(".dcm")] == series
+    assert all(c.startswith("IHC/") for c in copied) and any(c.endswith(".png") for c in copied)
+    secret = label.read_bytes()
+    assert not any(p.read_bytes() == secret for p in (folder / "sorted").rglob("*.dcm"))
+    from thumbclf.outputs import sorting  # the deploy's sorting: the same copy path
+
+    jobs = sorting.plan_copies([(label, "IHC", tmp_path / "src.tiff")], tmp_path / "dep",
+                               with_slides=True)
+    sorting.copy_all(jobs)
+    assert sorted(p.name for p in (tmp_path / "dep").rglob("*.dcm")) == series
+
+
+def test_a_second_apply_leaves_no_stale_copy_in_another_class_folder(tmp_path, capsys):
+    """Issue 33, item 6: moving reviewed_predictions.csv away (as the message says) and
+    applying other corrections left each corrected slide in two class folders of sorted/."""
+    folder = results_folder(tmp_path, ["a", "b", "c", "d"])
+    paths = pd.read_csv(folder / "predictions.csv")["PATH"].tolist()
+    decided = pd.read_csv(folder / "predictions.csv")["model_prediction"].tolist()
+    one = [c for c in CLASSES if c != decided[3]]
+    first = corrections_csv(tmp_path / "one.csv", [(paths[3], one[0]), (paths[0], "IHC")])
+    assert cli.command(["review", str(folder), "--apply", str(first), "--quiet"]) == 0
+    (folder / "reviewed_predictions.csv").rename(tmp_path / "old_reviewed.csv")
+    (folder / "sorted" / "TMA").mkdir(parents=True, exist_ok=True)
+    (folder / "sorted" / "TMA" / "mine.txt").write_text("not made by --apply")  # kept
+    second = corrections_csv(tmp_path / "two.csv", [(paths[3], one[1])])
+    assert cli.command(["review", str(folder), "--apply", str(second), "--quiet"]) == 0
+    copies = sorted(p.relative_to(folder / "sorted").as_posix()
+                    for p in (folder / "sorted").rglob("*.png"))
+    assert [c.split("__")[0] for c in copies] == [f"{one[1]}/d"]
+    assert (folder / "sorted" / "TMA" / "mine.txt").is_file()

@@ -8,8 +8,10 @@ overwritten, and each step can be run again (it finishes what is missing).
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
+import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Sequence
@@ -23,19 +25,21 @@ from thumbclf.core import layout, machine
 from thumbclf.core import table as table_io
 from thumbclf.core.decide import UNDECIDED
 from thumbclf.core.errors import DataError, ImageReadError, OutputError
-from thumbclf.core.files import OutputLock, atomic_bytes, atomic_csv
+from thumbclf.core.files import OutputLock, atomic_bytes, atomic_csv, atomic_text
 from thumbclf.inputs import slides
 from thumbclf.inputs.corrections import read_corrections, resolved_key
 from thumbclf.inputs.images import (DEFAULT_MAX_PIXELS, DEFAULT_SLIDE_BUDGET_S, DEFAULT_SLIDE_SIZE,
                                     open_rgb)
 from thumbclf.outputs import journal
 from thumbclf.outputs import review as review_page
+from thumbclf.outputs import sorting
 from thumbclf.outputs.sorting import copy_all
 from thumbclf.workflows import review_server
 from thumbclf.workflows.review_server import EXPORT, HOST
 
 log = logging.getLogger(__name__)
 COLUMNS = journal.COLUMNS
+APPLIED = "applied.json"  # review/: the sorted copies the last --apply made
 REVIEWED_CLASS, REVIEWER, REVIEWED_AT = "reviewed_class", "reviewer", "reviewed_at"
 
 
@@ -211,30 +215,55 @@ def reviewed_table(table: pd.DataFrame, classes: list[str], corrections) -> pd.D
 
 def reviewed_copies(folder: Path, table: pd.DataFrame, cfg: dict) -> list[tuple[Path, Path]]:
     """(source, copy) for each slide whose reviewed class differs from the model's decision:
-    sorted/<reviewed class>/<name>__<hash of its path>, the same name on every run."""
-    root = folder / "sorted"
+    sorted/<reviewed class>/<name>__<hash of its path>, the same name on every run; the
+    deploy's own copy path (sorting.source_jobs: a DICOM slide is its series, never its label)."""
+    root = folder / layout.SORTED
     changed = table[(table[REVIEWED_CLASS] != table[table_io.DECISION])
                     & (table[table_io.ERROR].fillna("") == "" if table_io.ERROR in table else True)]
     folders = layout.component_map(changed[REVIEWED_CLASS].astype(str))
     jobs = []
     for path_text, cls in zip(changed[table_io.PATH].astype(str), changed[REVIEWED_CLASS].astype(str)):
-        src, tag = Path(path_text), review_page.preview_stem(path_text)[:8]
-        stem = f"{layout.safe_component(src.stem)}__{tag}"
+        src, tag, thumb = Path(path_text), review_page.preview_stem(path_text)[:8], None
         if slides.is_slide(src):
             thumb = folder / layout.REVIEW / "thumbnails" / f"{review_page.preview_stem(path_text)}.png"
             if not thumb.is_file():
                 buf = io.BytesIO()
                 picture(src, cfg).save(buf, format="PNG")
                 atomic_bytes(buf.getvalue(), thumb)
-            jobs.append((thumb, root / folders[cls] / layout.safe_file_name(stem, ".png")))
-            if cfg["sort_slides"]:
-                jobs.append((src, root / folders[cls] / layout.safe_file_name(stem, src.suffix)))
-        else:
-            jobs.append((src, root / folders[cls] / layout.safe_file_name(stem, src.suffix)))
-    for _, dst in jobs:
-        if not layout.inside(root, dst):
-            raise OutputError(f"{dst}: would land outside {root}; refused")
+
+        def name(stem: str, suffix: str, _source: str, target=root / folders[cls], tag=tag) -> Path:
+            return target / layout.safe_file_name(f"{layout.safe_component(stem)}__{tag}", suffix)
+
+        jobs += sorting.source_jobs(src, thumb, name, with_slides=cfg["sort_slides"])
+    sorting.check_inside(root, jobs)
     return jobs
+
+
+def _drop_stale(folder: Path, jobs: list[tuple[Path, Path]]) -> int:
+    """Remove the copies an earlier --apply made (listed in review/applied.json) that these
+    corrections no longer make, so that no slide stays in two class folders (issue 33); then
+    list this apply's copies. Only files this command made are ever removed."""
+    record, root = folder / layout.REVIEW / APPLIED, folder / layout.SORTED
+    try:
+        before = json.loads(record.read_text(encoding="utf-8", errors="surrogateescape"))
+    except (OSError, ValueError):
+        before = []
+    now = {str(dst.relative_to(folder)) for _, dst in jobs}
+    removed = 0
+    for rel in before if isinstance(before, list) else []:
+        old = folder / str(rel)
+        if rel in now or not layout.inside(root, old) or old.is_symlink():
+            continue
+        if old.is_dir():
+            shutil.rmtree(old)
+            removed += 1
+        elif old.is_file():
+            old.unlink()
+            removed += 1
+    text = json.dumps(sorted(now), ensure_ascii=False, indent=0)
+    if before != sorted(now) or not record.is_file():
+        atomic_text(text, record)
+    return removed
 
 
 def apply(folder: Path, tables: Sequence[Path]) -> Path:
@@ -251,8 +280,10 @@ def apply(folder: Path, tables: Sequence[Path]) -> Path:
         if not target.is_file():
             atomic_csv(reviewed, target)
         jobs = reviewed_copies(folder, reviewed, settings(folder))
+        stale = _drop_stale(folder, jobs)
         made, kept = copy_all(jobs)
         n = int((reviewed[REVIEWED_CLASS] != reviewed[table_io.DECISION]).sum())
         log.info("reviewed: %d of %d slides have a class other than the model's; %s; sorted "
-                 "copies: %d made, %d there already", n, len(reviewed), target, made, kept)
+                 "copies: %d made, %d there already, %d of earlier corrections removed", n,
+                 len(reviewed), target, made, kept, stale)
         return target
