@@ -113,3 +113,31 @@ def test_slides_and_thumbnails_train_and_deploy_together(tiny_data, tmp_path):
     sorted_pngs = [p for p in (out / "sorted").rglob("*.png")]
     sorted_slides = [p for p in (out / "sorted").rglob("*") if p.suffix in (".tiff", ".svs")]
     assert len(sorted_pngs) == len(sorted_slides) == 6 + len(REAL_SLIDES)
+
+
+def aperio_like(path, w=3000, h=2000):
+    """A JPEG-tiled pyramid named .svs (OpenSlide reads it as a generic TIFF)."""
+    import tifffile
+
+    img = np.random.default_rng(0).integers(0, 255, (h, w, 3), dtype=np.uint8)
+    with tifffile.TiffWriter(path) as tw:
+        for k in (1, 4, 16):
+            tw.write(img[::k, ::k].copy(), tile=(256, 256), photometric="rgb", compression="jpeg",
+                     description=(f"Aperio Image Library v12.0.0\n{w}x{h} |AppMag = 20|MPP = 0.5"
+                                  if k == 1 else ""), subfiletype=0 if k == 1 else 1)
+    return path
+
+
+@pytest.mark.parametrize("keep", [0.3, 0.97])
+def test_a_truncated_slide_is_named_truncated_not_an_unsupported_format(tmp_path, keep):
+    """Issue 33, item 2 (and issue 31, item 6): a truncated .svs was "not a slide format
+    OpenSlide supports"."""
+    whole = aperio_like(tmp_path / "whole.svs")
+    assert slides.properties(whole)["slide_width"] == 3000
+    assert slides.truncation(whole) is None
+    cut = tmp_path / "cut.svs"
+    cut.write_bytes(whole.read_bytes()[:int(whole.stat().st_size * keep)])
+    size = cut.stat().st_size
+    with pytest.raises(ImageReadError, match=rf"cut\.svs: truncated or corrupt: the TIFF structure "
+                                             rf"points past the end of the file \({size} bytes\)"):
+        slides.properties(cut)

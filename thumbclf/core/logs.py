@@ -29,8 +29,8 @@ def setup_logging(folder: Path | None, *, quiet: bool = False, debug: bool = Fal
     console.setLevel(logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO)
     console.setFormatter(_PlainFormatter("%(message)s"))
     console._thumbclf = True  # type: ignore[attr-defined]
-    if quiet and not debug:  # libraries' warnings (numpy, matplotlib) go to run.log only
-        console.addFilter(lambda record: record.name != "py.warnings")
+    if not debug:  # libraries' messages (tifffile, pydicom, OpenSlide's readers) go to run.log
+        console.addFilter(lambda record: _ours(record.name, quiet))
     logging.captureWarnings(True)
     root.addHandler(console)
     if folder is not None:
@@ -42,6 +42,14 @@ def setup_logging(folder: Path | None, *, quiet: bool = False, debug: bool = Fal
     for noisy in ("PIL", "matplotlib", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
+
+
+def _ours(name: str, quiet: bool) -> bool:
+    """Whether a record reaches the console: thumbclf's own, and Python warnings unless quiet;
+    a library's log lines (tifffile's "TiffPage: ... not found", issues 31 and 33) go to
+    run.log only."""
+    return name == "thumbclf" or name.startswith("thumbclf.") or (name == "py.warnings"
+                                                                   and not quiet)
 
 
 def remove_handlers() -> None:

@@ -18,7 +18,7 @@ from thumbclf.config import DeployParams
 from thumbclf.core import layout
 from thumbclf.core import table as table_io
 from thumbclf.core.decide import decide_with_reasons
-from thumbclf.core.errors import DataError, ModelError, OutputError, clean
+from thumbclf.core.errors import DataError, ImageReadError, ModelError, OutputError, clean
 from thumbclf.core.files import append_whole, atomic_csv, atomic_text, file_digest, repair_tail
 from thumbclf.inputs import slides
 from thumbclf.inputs.samples import SampleSet
@@ -169,10 +169,19 @@ def final_table(sample_set: SampleSet, partial: Path, classes: tuple[str, ...],
     rows = table_io.read_csv(partial, numeric=["position", *classes, table_io.UNFAMILIARITY])
     rows = rows.drop_duplicates("position", keep="last").set_index("position").sort_index()
     rows = rows.reindex(range(len(sample_set)))
-    errors = rows["error"].fillna("").to_numpy()
+    errors = rows["error"].fillna("").to_numpy(dtype=object, copy=True)
+    slide_properties = []
+    for i, (s, slide) in enumerate(zip(sample_set.samples, is_slide)):
+        slide_properties.append(None)
+        if slide and not errors[i]:
+            try:
+                slide_properties[i] = slides.properties(s.path)
+            except ImageReadError as exc:  # that slide's row, never the whole table (issue 33)
+                log.warning("%s", clean(str(exc)))
+                errors[i] = clean(str(exc))
+                rows.loc[i, [*classes, table_io.DECISION, table_io.REASON,
+                             table_io.UNFAMILIARITY]] = np.nan
     unfamiliarity = rows[table_io.UNFAMILIARITY].to_numpy(dtype=float)
-    slide_properties = [slides.properties(s.path) if slide and not err else None
-                        for s, slide, err in zip(sample_set.samples, is_slide, errors)]
     return table_io.build(sample_set.samples, rows[list(classes)].to_numpy(dtype=float), classes,
                           rows["model_prediction"].fillna("").to_numpy(), threshold=threshold,
                           reasons=rows[table_io.REASON].fillna("").to_numpy(),
