@@ -141,3 +141,43 @@ def test_a_truncated_slide_is_named_truncated_not_an_unsupported_format(tmp_path
     with pytest.raises(ImageReadError, match=rf"cut\.svs: truncated or corrupt: the TIFF structure "
                                              rf"points past the end of the file \({size} bytes\)"):
         slides.properties(cut)
+
+
+def _finishes(call, seconds: float = 20.0):
+    """The call's outcome (value or exception) if it ends within ``seconds``; else fails."""
+    import threading
+
+    box: dict = {}
+
+    def run():
+        try:
+            box["value"] = call()
+        except BaseException as exc:  # noqa: BLE001 - the outcome is what is tested
+            box["error"] = exc
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(seconds)
+    assert not t.is_alive(), "blocked (a FIFO opened for reading waits for a writer forever)"
+    return box
+
+
+def test_a_fifo_slide_or_mirax_data_file_is_refused_not_waited_on(tmp_path):
+    """Issue 33, item 15: a FIFO named x.svs, or a MIRAX whose data file is a FIFO, blocked
+    the deploy forever; one regular-file check guards every open of every reader."""
+    import os
+
+    os.mkfifo(tmp_path / "x.svs")
+    for call in (lambda: slides.thumbnail(tmp_path / "x.svs", 200),
+                 lambda: slides.properties(tmp_path / "x.svs")):
+        box = _finishes(call)
+        assert isinstance(box.get("error"), ImageReadError)
+        assert "named pipe (FIFO), not a regular file" in str(box["error"])
+    data = tmp_path / "m"
+    data.mkdir()
+    (tmp_path / "m.mrxs").write_text("[GENERAL]\n")
+    (data / "Slidedat.ini").write_text("[DATAFILE]\nFILE_COUNT = 1\nFILE_0 = Data0000.dat\n")
+    os.mkfifo(data / "Data0000.dat")
+    box = _finishes(lambda: slides.thumbnail(tmp_path / "m.mrxs", 200))
+    assert isinstance(box.get("error"), ImageReadError)
+    assert "Data0000.dat is not a regular file" in str(box["error"])

@@ -19,7 +19,7 @@ import pandas as pd
 import yaml
 
 from thumbclf.core import layout
-from thumbclf.core.errors import OutputError, clean
+from thumbclf.core.errors import ImageReadError, OutputError, clean
 
 log = logging.getLogger(__name__)
 
@@ -302,3 +302,18 @@ def check_writable(folder: Path, what: str) -> None:
         raise OutputError(f"{folder}: cannot write the {what} ({why}); choose a writable folder")
 
 
+def regular_file(path: Path) -> None:
+    """ImageReadError unless ``path`` is a regular file. The one check before every open of
+    every reader (pictures, slides, a MIRAX's index and data files, TIFF levels, DICOM
+    instances): a FIFO would block the run forever, a device (/dev/zero) never ends."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise ImageReadError(f"{path}: file not found") from None
+    except OSError as exc:
+        raise ImageReadError(f"{path}: cannot open ({exc.strerror or exc})") from None
+    if not stat.S_ISREG(mode):
+        kind = ("a named pipe (FIFO)" if stat.S_ISFIFO(mode) else "a device" if
+                stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a folder" if stat.S_ISDIR(mode)
+                else "not a file")
+        raise ImageReadError(f"{path}: {kind}, not a regular file; thumbclf reads only files")

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from thumbclf.core.errors import ImageReadError
+from thumbclf.core.files import regular_file
 from thumbclf.inputs.tiles import TiledLevel
 
 WSI_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.77.1.6"  # VL Whole Slide Microscopy Image Storage
@@ -134,6 +135,7 @@ def _sparse_positions(ds, tile_w: int, tile_h: int) -> tuple[tuple[int, int], ..
 def read_header(path: Path) -> Instance | None:
     """The header of a .dcm file, read without its pixel data; None if not a WSI instance."""
     pydicom = _pydicom()
+    regular_file(path)
     try:
         with open(path, "rb") as fh:
             ds = pydicom.dcmread(fh, stop_before_pixels=True)
@@ -288,6 +290,7 @@ def _frame_spans(inst: Instance) -> list[list[tuple[int, int]]]:
     if inst.syntax in NATIVE_SYNTAXES:
         size = inst.tile_w * inst.tile_h * 3
         return [[(inst.pixel_offset + 8 + k * size, size)] for k in range(inst.frames)]
+    regular_file(inst.path)
     with open(inst.path, "rb") as fh:
         bot, frags = _fragments(fh, inst.pixel_offset, inst.path)
     if len(frags) == inst.frames:

@@ -27,7 +27,7 @@ from PIL import Image
 
 from thumbclf.core import layout
 from thumbclf.core.errors import ImageReadError
-from thumbclf.core.files import atomic_bytes
+from thumbclf.core.files import atomic_bytes, regular_file
 from thumbclf.core.table import SLIDE_COLUMNS
 from thumbclf.inputs import dicom, tiles
 from thumbclf.inputs.images import DEFAULT_SLIDE_BUDGET_S, to_rgb
@@ -67,8 +67,7 @@ def is_slide(path: Path) -> bool:
 
 def _open_slide(path: Path):
     openslide = _openslide()
-    if not path.exists():
-        raise ImageReadError(f"{path}: file not found")
+    regular_file(path)
     if path.suffix.lower() == ".mrxs":
         check_mirax(path)
     try:
@@ -92,6 +91,7 @@ def truncation(path: Path) -> str | None:
     import numpy as np
 
     try:
+        regular_file(path)
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
             head = f.read(16)
@@ -117,7 +117,7 @@ def truncation(path: Path) -> str | None:
                 if ends is None or ends > size:
                     return _truncated(size)
                 offset = int(np.frombuffer(block[n * entry:], fmt)[0])
-    except (OSError, ValueError):
+    except (OSError, ValueError, ImageReadError):
         return None
     return None
 
@@ -170,10 +170,12 @@ def check_mirax(path: Path) -> None:
                              "next to the .mrxs file")
     index = data / "Slidedat.ini"
     try:
+        regular_file(index)
         text = index.read_bytes().decode("utf-8-sig", errors="replace")
-    except OSError:
+    except (OSError, ImageReadError):
         raise ImageReadError(f"{path}: the MIRAX index {data.name}/Slidedat.ini is missing or "
-                             "unreadable; copy the whole data folder") from None
+                             "unreadable (or not a regular file); copy the whole data folder"
+                             ) from None
     section, names = "", []
     for line in text.splitlines():
         line = line.strip()
@@ -186,10 +188,12 @@ def check_mirax(path: Path) -> None:
     for name in names:
         dat = data / name
         try:
+            regular_file(dat)  # a FIFO would block here
             with open(dat, "rb") as fh:
                 fh.read(1)
-        except OSError as exc:
-            why = "missing" if isinstance(exc, FileNotFoundError) else "unreadable"
+        except (OSError, ImageReadError) as exc:
+            why = ("missing" if isinstance(exc, FileNotFoundError) or "file not found" in str(exc)
+                   else "not a regular file" if "regular file" in str(exc) else "unreadable")
             raise ImageReadError(f"{path}: the MIRAX data file {data.name}/{name} is {why}; "
                                  "copy the whole data folder") from None
 
@@ -334,6 +338,8 @@ def _read_pixels(path: Path, long_side: int, max_pixels: int | None,
                  stats: tiles.ReadStats, budget: float) -> Image.Image:
     if not path.exists():
         raise ImageReadError(f"{path}: file not found")
+    if dicom.slide_folder(path) is None:
+        regular_file(path)
     try:
         img = render_fast(path, long_side, stats, budget)
     except ImageReadError:

@@ -25,6 +25,7 @@ import numpy as np
 from PIL import Image
 
 from thumbclf.core.errors import ImageReadError
+from thumbclf.core.files import regular_file
 
 # An Adobe APP14 segment with transform 0: the JPEG's three components are R, G, B (Aperio
 # and other TIFF writers store RGB without saying so; libjpeg would take them for YCbCr).
@@ -240,6 +241,7 @@ class _Run:
         fh = self.files.get(path)
         if fh is None:
             try:
+                regular_file(path)
                 fh = self.files[path] = open(path, "rb")
             except OSError as exc:
                 raise ImageReadError(f"{self.where}: cannot open {path.name} "
@@ -323,6 +325,7 @@ def _tiff_level(path: Path, page) -> TiledLevel | None:
 
 def tiff_levels(path: Path) -> list[tuple[tuple[int, int], TiledLevel | None]] | None:
     """The levels of a tiled TIFF slide (size, and a TiledLevel where readable here)."""
+    regular_file(path)  # a FIFO named .svs: refused, never waited on
     try:
         import tifffile
 

@@ -28,12 +28,15 @@ def check_cache_apart(params) -> None:
     data, cache = getattr(params, "thumb_data", None), params.cache_root
     if data is None:
         return
-    data = Path(data)
-    folders = [data] if data.is_dir() else _table_folders(data) if data.is_file() else []
+    data, chosen = Path(data), "cache_dir" in getattr(params, "given", ())
+    # a table's image folders: a cache_dir you chose may not lie in one; the default cache,
+    # beside the results folder, may sit beside the images (never among a folder input's)
+    folders = ([data] if data.is_dir() else _table_folders(data) if data.is_file() and chosen
+               else [])
     for folder in folders:
         if layout.inside(folder, cache):
             where = "the input folder" if folder.resolve() == cache.resolve() else "inside it"
-            if "cache_dir" not in getattr(params, "given", ()):  # the default: beside --output
+            if not chosen:  # the default cache, beside --output
                 raise ConfigError(f"{params.output}: the results folder is inside the input "
                                   f"folder {folder} (thumbData: {data}), and so would be its "
                                   f"cache ({cache}); thumbclf never writes into its inputs: "
