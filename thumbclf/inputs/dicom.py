@@ -17,7 +17,7 @@ from pathlib import Path
 
 from thumbclf.core.errors import ImageReadError
 from thumbclf.core.files import regular_file
-from thumbclf.inputs.tiles import TiledLevel
+from thumbclf.inputs.tiles import MAX_TILES, SlideTooLarge, TiledLevel
 
 WSI_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.77.1.6"  # VL Whole Slide Microscopy Image Storage
 NEVER_READ = ("LABEL", "OVERVIEW")  # may show the patient's name or barcode
@@ -321,8 +321,14 @@ def tiled_level(level: Level) -> TiledLevel:
     else:
         raise ImageReadError(f"{inst.path}: DICOM transfer syntax {inst.syntax} "
                              f"({inst.photometric}) is not supported for slides")
+    if inst.tile_w < 1 or inst.tile_h < 1:
+        raise ImageReadError(f"{inst.path}: frames of {inst.tile_w} x {inst.tile_h} pixels")
     cols = math.ceil(level.width / inst.tile_w)
     rows = math.ceil(level.height / inst.tile_h)
+    frames = sum(part.frames for part in level.parts)
+    if max(frames, cols * rows) > MAX_TILES:  # before a list of them is made (issue 33)
+        raise SlideTooLarge(f"{inst.path}: too large: {max(frames, cols * rows):,} frames in the "
+                            f"level read (at most {MAX_TILES:,}); convert it to a pyramidal slide")
     where: dict[tuple[int, int], tuple[Path, list[tuple[int, int]]]] = {}
     for part in level.parts:
         spans = _frame_spans(part)
