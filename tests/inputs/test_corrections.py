@@ -131,3 +131,14 @@ def test_corrected_labels_reach_the_training_table_log_report_and_review_page(ti
     assert len(with_cam) == len(overlays) > 0
     assert all((out / "review" / r["g"]).is_file() for r in with_cam)
     assert data["classes"] == ["Biopsy", "IHC", "TMA"]
+
+
+def test_a_name_over_255_bytes_is_a_missing_row_not_a_crash(tmp_path):
+    """Issue 33, item 17: a corrections row whose name is over 255 bytes gave exit 1 (an
+    OSError) from --apply and from training."""
+    long = tmp_path / ("é" * 200 + ".png")  # 400 bytes in one part
+    table = tmp_path / "c.csv"
+    pd.DataFrame({"PATH": [str(long)], "CLASSIFICATION": ["IHC"]}).to_csv(table, index=False)
+    with pytest.raises(DataError, match=r"c\.csv row 2 .*over 255 bytes cannot exist.*fix the "
+                                        r"PATH or delete the row"):
+        read_corrections([table])

@@ -677,3 +677,32 @@ def test_a_second_apply_leaves_no_stale_copy_in_another_class_folder(tmp_path, c
                     for p in (folder / "sorted").rglob("*.png"))
     assert [c.split("__")[0] for c in copies] == [f"{one[1]}/d"]
     assert (folder / "sorted" / "TMA" / "mine.txt").is_file()
+
+
+def test_a_port_out_of_range_and_a_killed_copys_leftovers_are_handled(tmp_path, capsys):
+    """Issue 33, item 20: --port 70000 gave exit 1 (a traceback); a killed --apply left hidden
+    partial copies in sorted/."""
+    folder = results_folder(tmp_path, ["a", "b", "c", "d"])
+    assert cli.command(["review", str(folder), "--serve", "--port", "70000", "--quiet"]) == 2
+    assert "choose another --port (1 to 65535)" in capsys.readouterr().err
+    paths = pd.read_csv(folder / "predictions.csv")["PATH"].tolist()
+    csv = corrections_csv(tmp_path / "c.csv", [(paths[0], "IHC")])
+    jobs = review_flow.reviewed_copies(folder, review_flow.reviewed_table(
+        *read_predictions(folder), read_corrections_of(csv)), review_flow.settings(folder))
+    left = jobs[0][1].with_name(f".{jobs[0][1].name}.k1ll3d.tmp")
+    left.parent.mkdir(parents=True)
+    left.write_bytes(b"half a copy")
+    assert cli.command(["review", str(folder), "--apply", str(csv), "--quiet"]) == 0
+    assert not left.exists() and jobs[0][1].is_file()
+
+
+def read_predictions(folder: Path):
+    from thumbclf.core import table as table_io
+
+    return table_io.read(folder / "predictions.csv")
+
+
+def read_corrections_of(csv: Path):
+    from thumbclf.inputs.corrections import read_corrections
+
+    return read_corrections([csv])

@@ -81,14 +81,26 @@ def read_table_of(path: Path) -> list[Correction]:
     return out
 
 
+def _present(path: Path) -> bool:
+    """Whether a file is there; False (not an OSError) for a name too long to exist."""
+    try:
+        return path.exists()
+    except OSError:  # ENAMETOOLONG: over 255 bytes in one part (issue 33)
+        return False
+
+
 def read_corrections(tables: Sequence[Path]) -> list[Correction]:
     """Every correction of ``tables``, checked: each file exists, no two corrections of one
     slide disagree (DataError naming the rows otherwise). Repeats of one label count once."""
     found = [c for t in tables for c in read_table_of(Path(t))]
-    missing = [c for c in found if not c.path.exists()]
+    missing = [c for c in found if not _present(c.path)]
     if missing:
+        long = any(len(part.encode("utf-8", "surrogateescape")) > 255 for c in missing
+                   for part in c.path.parts)
         raise DataError(f"corrections: {len(missing)} file{'s' if len(missing) > 1 else ''} not "
-                        f"found: {_rows(missing)}; fix the PATH or delete the row")
+                        f"found: {_rows(missing)}"
+                        f"{' (a name over 255 bytes cannot exist on the file system)' if long else ''}"
+                        "; fix the PATH or delete the row")
     by_key: dict[str, list[Correction]] = {}
     for c in found:
         by_key.setdefault(c.key, []).append(c)
