@@ -614,6 +614,28 @@ def test_adapt_bn_needs_enough_deploy_images(tiny_data, tmp_path, capsys):
     assert "adapt_bn needs at least 32 readable deploy images" in capsys.readouterr().err
 
 
+def test_adapt_bn_counts_copies_of_one_picture_once(tiny_data, tmp_path, capsys):
+    """Issue 33, item 18: 42 deploy images, 32 of them copies of one thumbnail, passed the
+    32-image minimum and turned an Undecided slide into a decided one at 0.972."""
+    import shutil
+
+    import pandas as pd
+
+    df = pd.read_csv(tiny_data).head(10)
+    paths = [str(tiny_data.parent / p) for p in df["PATH"]]
+    (tmp_path / "copies").mkdir()
+    for k in range(32):
+        shutil.copy(paths[0], tmp_path / "copies" / f"copy{k}.png")
+        paths.append(str(tmp_path / "copies" / f"copy{k}.png"))
+    pd.DataFrame({"PATH": paths}).to_csv(tmp_path / "many.csv", index=False)
+    model = model_file(tmp_path / "model.pt")
+    assert deploy(tmp_path, tmp_path / "many.csv", model,
+                  text="adapt_bn: true\nhasLabels: false\n") == 2
+    err = capsys.readouterr().err
+    assert "adapt_bn needs at least 32 readable deploy images" in err
+    assert "got 10 (32 more were copies of these: copies count once)" in err
+
+
 # 11 -- linked subfolders, many pages, NaN pictures ---------------------------------------------
 
 def test_a_linked_subfolder_of_a_folder_input_is_followed(tmp_path):
