@@ -269,9 +269,18 @@ def writable_or_creatable(path: Path) -> str | None:
 
 
 def to_local_path(text: str, base: Path) -> Path:
-    """A path string from a file (POSIX or Windows style), resolved against ``base``."""
-    if os.sep == "/" and "\\" in text:
-        text = PureWindowsPath(text).as_posix()
+    """A path string from a file (POSIX or Windows style), resolved against ``base``. On
+    POSIX a backslash is a Windows separator only where the text is not an absolute POSIX path
+    and names no file as written: it is a legal character of a Linux file name (issue 33)."""
+    if os.sep == "/" and "\\" in text and not text.startswith("/"):
+        literal = Path(os.path.expanduser(text))
+        literal = literal if literal.is_absolute() else base / literal
+        try:
+            there = literal.exists()
+        except OSError:  # a name too long
+            there = False
+        if not there:
+            text = PureWindowsPath(text).as_posix()
     path = Path(os.path.expanduser(text))
     return path if path.is_absolute() else (base / path)
 
