@@ -706,3 +706,18 @@ def read_corrections_of(csv: Path):
     from thumbclf.inputs.corrections import read_corrections
 
     return read_corrections([csv])
+
+
+def test_review_and_apply_take_a_name_that_is_not_utf8(tmp_path):
+    """Issue 33, item 16: review, --serve and --apply exited 1 on a folder holding a file name
+    that is not UTF-8 (pandas' astype(str) refused its surrogate escapes)."""
+    folder = results_folder(tmp_path, ["a", "cafX", "c", "d"])
+    os.rename(tmp_path / "slides" / "cafX.png",
+              os.fsdecode(os.fsencode(tmp_path / "slides") + b"/caf\xe9.png"))
+    table = folder / "predictions.csv"
+    table.write_bytes(table.read_bytes().replace(b"cafX", b"caf\xe9"))
+    assert cli.command(["review", str(folder), "--quiet"]) == 0
+    path = next(line for line in table.read_bytes().split(b"\n") if b"caf" in line).split(b",")[0]
+    (tmp_path / "c.csv").write_bytes(b"PATH,CLASSIFICATION\n" + path + b",IHC\n")
+    assert cli.command(["review", str(folder), "--apply", str(tmp_path / "c.csv"), "--quiet"]) == 0
+    assert len(list((folder / "sorted" / "IHC").glob("caf*.png"))) == 1

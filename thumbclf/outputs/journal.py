@@ -79,7 +79,7 @@ def corrections(entries: list[dict], table: pd.DataFrame) -> pd.DataFrame:
         else:
             last[e["path"]] = e
     rows = []
-    for path, decision in zip(table[table_io.PATH].astype(str), table[table_io.DECISION]):
+    for path, decision in zip(table_io.strings(table[table_io.PATH]), table[table_io.DECISION]):
         e = last.get(os.path.abspath(path))
         if e:
             rows.append([e["path"], e["classification"], str(e.get("reviewer", "")),

@@ -74,6 +74,29 @@ def check_adaptable(images: int, source, copies: int = 0) -> None:
                           "adapt_bn: false, or deploy more images at once")
 
 
+def _distinct_arrays(sample_set: SampleSet, picked, prep, slide_cache: Path
+                     ) -> tuple[list[np.ndarray], int]:
+    """Up to ADAPT_IMAGES decoded images of distinct content (issue 33: 32 copies of one
+    thumbnail passed the minimum), and how many copies were left out."""
+    arrays: list[np.ndarray] = []
+    seen: set[bytes] = set()
+    copies = 0
+    for i in picked:
+        try:
+            arr = load_array(sample_set.samples[i].path, prep, slide_cache=slide_cache)
+        except ImageReadError:
+            continue
+        digest = hashlib.sha1(np.ascontiguousarray(arr).tobytes()).digest()
+        if digest in seen:
+            copies += 1
+            continue
+        seen.add(digest)
+        arrays.append(arr)
+        if len(arrays) == ADAPT_IMAGES:
+            break
+    return arrays, copies
+
+
 def adapt_batchnorm(models: list[LoadedModel], sample_set: SampleSet, folder: Path, *,
                     device: torch.device, slide_cache: Path, resume: bool) -> list[LoadedModel]:
     """Copies of the models whose BatchNorm statistics are re-estimated on up to 512 deploy
@@ -88,23 +111,9 @@ def adapt_batchnorm(models: list[LoadedModel], sample_set: SampleSet, folder: Pa
     arrays: list[np.ndarray] = []
 
     def batches():
-        if not arrays:  # decoded once, for every model; distinct content only (issue 33)
-            seen: set[bytes] = set()
-            copies = 0
-            for i in picked:
-                try:
-                    arr = load_array(sample_set.samples[i].path, models[0].prep,
-                                     slide_cache=slide_cache)
-                except ImageReadError:
-                    continue
-                digest = hashlib.sha1(np.ascontiguousarray(arr).tobytes()).digest()
-                if digest in seen:
-                    copies += 1
-                else:
-                    seen.add(digest)
-                    arrays.append(arr)
-                if len(arrays) == ADAPT_IMAGES:
-                    break
+        if not arrays:  # decoded once, for every model
+            found, copies = _distinct_arrays(sample_set, picked, models[0].prep, slide_cache)
+            arrays.extend(found)
             check_adaptable(len(arrays), "the readable deploy images", copies)
         for i in range(0, len(arrays), 32):
             chunk = arrays[i:i + 32]

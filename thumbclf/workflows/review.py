@@ -98,7 +98,7 @@ def write_previews(folder: Path, table: pd.DataFrame, *, quiet: bool = True) -> 
     how many pictures could not be read."""
     review, cfg = folder / layout.REVIEW, settings(folder)
     ok = table[table_io.ERROR].fillna("") == "" if table_io.ERROR in table else [True] * len(table)
-    todo = [p for p, good in zip(table[table_io.PATH].astype(str), ok)
+    todo = [p for p, good in zip(table_io.strings(table[table_io.PATH]), ok)
             if good and not all(f.is_file() for k, f in review_page.preview_files(review, p).items()
                                 if k != "g")]
 
@@ -192,7 +192,8 @@ def reviewed_table(table: pd.DataFrame, classes: list[str], corrections) -> pd.D
     """The predictions table plus the reviewed class (the model's decision where no correction
     says otherwise), the reviewer and when. DataError for corrections of slides not in the
     table or of classes the model does not have, naming the rows."""
-    index = {resolved_key(os.path.abspath(p)): i for i, p in enumerate(table[table_io.PATH].astype(str))}
+    index = {resolved_key(os.path.abspath(p)): i
+             for i, p in enumerate(table_io.strings(table[table_io.PATH]))}
     outside = [c for c in corrections if c.key not in index]
     if outside:
         shown = ", ".join(f"{c.where} ({c.path})" for c in outside[:5])
@@ -204,7 +205,7 @@ def reviewed_table(table: pd.DataFrame, classes: list[str], corrections) -> pd.D
         raise DataError(f"corrections: classes the model does not have: {shown}; the classes "
                         f"are {', '.join(classes)} and {UNDECIDED}")
     out = table.copy()
-    reviewed = out[table_io.DECISION].astype(str).tolist()
+    reviewed = table_io.strings(out[table_io.DECISION])
     who, when = [""] * len(out), [""] * len(out)
     for c in corrections:
         i = index[c.key]
@@ -220,9 +221,10 @@ def reviewed_copies(folder: Path, table: pd.DataFrame, cfg: dict) -> list[tuple[
     root = folder / layout.SORTED
     changed = table[(table[REVIEWED_CLASS] != table[table_io.DECISION])
                     & (table[table_io.ERROR].fillna("") == "" if table_io.ERROR in table else True)]
-    folders = layout.component_map(changed[REVIEWED_CLASS].astype(str))
+    folders = layout.component_map(table_io.strings(changed[REVIEWED_CLASS]))
     jobs = []
-    for path_text, cls in zip(changed[table_io.PATH].astype(str), changed[REVIEWED_CLASS].astype(str)):
+    for path_text, cls in zip(table_io.strings(changed[table_io.PATH]),
+                              table_io.strings(changed[REVIEWED_CLASS])):
         src, tag, thumb = Path(path_text), review_page.preview_stem(path_text)[:8], None
         if slides.is_slide(src):
             thumb = folder / layout.REVIEW / "thumbnails" / f"{review_page.preview_stem(path_text)}.png"
