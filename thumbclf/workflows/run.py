@@ -63,7 +63,10 @@ def _table_folders(table: Path) -> list[Path]:
     out = set()
     for text in df[column].dropna().astype(str):
         path = table.parent / text  # an absolute path stays itself
-        out.add(path if path.is_dir() else path.parent)
+        try:
+            out.add(path if path.is_dir() else path.parent)
+        except OSError:  # a name too long: its row says so later
+            out.add(path.parent)
     return sorted(out)
 
 
