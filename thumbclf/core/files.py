@@ -230,11 +230,13 @@ def copy_verified(src: Path, dst: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def append_whole(path: Path, data: bytes, *, own_line: bool = False) -> None:
+def append_whole(path: Path, data: bytes, *, own_line: bool = False,
+                 then: str = "continue with the same command plus --resume") -> None:
     """Append ``data`` (whole lines) to ``path`` so that a crash or a full disk never leaves
     part of it: one write, synced; on failure the file is cut back to its previous end. Never
     through a link, nor into anything but a plain file. ``own_line``: start a new line where
-    the file's last one has no newline (instead of cutting that line off)."""
+    the file's last one has no newline (instead of cutting that line off). ``then``: what to
+    do once space is freed, in the message of a failed write."""
     refuse_links(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -263,8 +265,7 @@ def append_whole(path: Path, data: bytes, *, own_line: bool = False) -> None:
             except OSError:
                 pass  # repair_tail drops a torn line on --resume
             raise OutputError(f"{path}: cannot write ({exc.strerror or exc}); is the disk full? "
-                              "Free space, then continue with the same command plus --resume"
-                              ) from None
+                              f"Free space, then {then}") from None
     finally:
         os.close(fd)
 

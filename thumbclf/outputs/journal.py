@@ -67,7 +67,8 @@ def append(journal: Path, entry: dict) -> None:
     append at a time."""
     line = json.dumps(entry, ensure_ascii=False) + "\n"
     with _APPENDS:
-        append_whole(journal, line.encode("utf-8", "surrogateescape"), own_line=True)
+        append_whole(journal, line.encode("utf-8", "surrogateescape"), own_line=True,
+                     then="reload the page: it sends the corrections the journal lacks again")
 
 
 def corrections(entries: list[dict], table: pd.DataFrame) -> pd.DataFrame:
