@@ -181,3 +181,20 @@ def test_a_fifo_slide_or_mirax_data_file_is_refused_not_waited_on(tmp_path):
     box = _finishes(lambda: slides.thumbnail(tmp_path / "m.mrxs", 200))
     assert isinstance(box.get("error"), ImageReadError)
     assert "Data0000.dat is not a regular file" in str(box["error"])
+
+
+def test_a_missing_slide_is_not_found_not_unreadable(tmp_path):
+    """Issue 33, item 20: a missing .svs listed in a table was tallied as unreadable (a raw
+    FileNotFoundError from the cache key), not as not found."""
+    import pandas as pd
+
+    from thumbclf.outputs import tally
+
+    errors = []
+    for name in ("gone.svs", "gone.mrxs", "gone/x.dcm"):
+        with pytest.raises(ImageReadError, match="file not found") as caught:
+            load_array(tmp_path / name, Preprocessing(size=32), slide_cache=tmp_path / "cache")
+        errors.append(str(caught.value))
+    table = pd.DataFrame({"PATH": ["a", "b", "c"], "model_prediction": [""] * 3,
+                          "undecided_reason": [""] * 3, "error": errors})
+    assert tally.counts(table) == {"not found": 3}

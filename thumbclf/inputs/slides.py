@@ -309,6 +309,12 @@ def thumbnail(path: Path, long_side: int, *, cache_dir: Path | None = None,
               budget_s: float = DEFAULT_SLIDE_BUDGET_S) -> Image.Image:
     """The whole slide as an RGB image whose long side is ``long_side`` pixels; SlideTooLarge
     once reading takes more than ``budget_s`` seconds."""
+    try:
+        there = path.exists()
+    except OSError as exc:  # a name too long
+        raise ImageReadError(f"{path}: {exc.strerror or exc}") from None
+    if not there:  # before the cache key reads its size (issue 33: tallied "unreadable")
+        raise ImageReadError(f"{path}: file not found")
     cached = cache_file(path, long_side, cache_dir) if cache_dir else None
     if cached is not None and cached.is_file():
         try:
