@@ -166,3 +166,20 @@ def test_import_is_light_and_the_api_names_stay_functions():
                        env=dict(os.environ, PYTHONPATH=str(ROOT)), cwd=ROOT)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == thumbclf.__version__
+
+
+def test_review_and_apply_corrections_name_a_wrong_argument(tmp_path):
+    """Issue 33, item 20: api.review(None) and apply_corrections(X, DataFrame) raised raw
+    TypeErrors."""
+    import pandas as pd
+    import pytest
+
+    from thumbclf import api
+    from thumbclf.core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="review: results must be the path of a results folder; "
+                                          "got NoneType"):
+        api.review(None)
+    frame = pd.DataFrame({"PATH": ["a.png"], "CLASSIFICATION": ["IHC"]})
+    with pytest.raises(ConfigError, match="corrections must be the path .* got DataFrame"):
+        api.apply_corrections(tmp_path, frame)
