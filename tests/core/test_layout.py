@@ -64,3 +64,12 @@ def test_a_backslash_in_a_linux_file_name_is_part_of_the_name(tmp_path):
     assert layout.to_local_path("scan\\2024.png", tmp_path) == odd
     assert layout.to_local_path("sub\\x.png", tmp_path) == tmp_path / "sub" / "x.png"
     assert layout.to_local_path("C:\\data\\x.png", tmp_path).as_posix().endswith("C:/data/x.png")
+
+
+def test_class_folders_do_not_depend_on_the_order_classes_come_in():
+    """Issue 33, item 20: a class 'undecided' next to 'Undecided' made the folder depend on the
+    corrections' order."""
+    one = layout.component_map(["undecided", "Undecided", "IHC"])
+    other = layout.component_map(["IHC", "Undecided", "undecided"])
+    assert one == other and one["Undecided"] == "Undecided"
+    assert one["undecided"].casefold() != "undecided"

@@ -146,10 +146,11 @@ def safe_component(text: str) -> str:
 
 
 def component_map(texts) -> dict[str, str]:
-    """Each text's safe component, unique even where a file system ignores case."""
+    """Each text's safe component, unique even where a file system ignores case; the same
+    whatever order the texts come in (issue 33: 'undecided' beside 'Undecided')."""
     out: dict[str, str] = {}
     used: set[str] = set()
-    for text in dict.fromkeys(str(t) for t in texts):
+    for text in sorted({str(t) for t in texts}):
         name = safe_component(text)
         if name.casefold() in used:  # e.g. 'Tumor' and 'tumor' on macOS or Windows
             name = f"{name}~{_short_hash(text)}"
