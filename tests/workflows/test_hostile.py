@@ -553,9 +553,10 @@ def test_a_fifo_listed_in_a_table_is_an_error_row(tiny_data, tmp_path):
 
     from thumbclf.core import table
 
-    os.mkfifo(tmp_path / "pipe.png")
+    (tmp_path / "pipes").mkdir()  # not beside the cache_dir: that is refused (issue 33)
+    os.mkfifo(tmp_path / "pipes" / "pipe.png")
     paths = [str(tiny_data.parent / p) for p in pd.read_csv(tiny_data)["PATH"][:2]]
-    pd.DataFrame({"PATH": [*paths, str(tmp_path / "pipe.png"), "/dev/zero"]}).to_csv(
+    pd.DataFrame({"PATH": [*paths, str(tmp_path / "pipes" / "pipe.png"), "/dev/zero"]}).to_csv(
         tmp_path / "t.csv", index=False)
     model = model_file(tmp_path / "model.pt")
     assert deploy(tmp_path, tmp_path / "t.csv", model, text="hasLabels: false\n") == 0

@@ -13,13 +13,15 @@ import stat
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
 import yaml
 
 from thumbclf.core import layout
 from thumbclf.core.errors import ImageReadError, OutputError, clean
+
+if TYPE_CHECKING:  # the readers import this module: "import thumbclf" stays without pandas
+    import pandas as pd
 
 log = logging.getLogger(__name__)
 

@@ -44,12 +44,19 @@ def setup_logging(folder: Path | None, *, quiet: bool = False, debug: bool = Fal
 
 
 
+# the slide and image readers' loggers (and the root logger, which wsidicomizer uses): their
+# lines are about a file's insides (tifffile's "TiffPage 1: ... not found"), and a slide's
+# problem reaches the console as its row's one-line error (issues 31 and 33)
+READER_LOGGERS = ("tifffile", "pydicom", "wsidicom", "wsidicomizer", "openslide", "imagecodecs",
+                  "PIL", "root")
+
+
 def _ours(name: str, quiet: bool) -> bool:
-    """Whether a record reaches the console: thumbclf's own, and Python warnings unless quiet;
-    a library's log lines (tifffile's "TiffPage: ... not found", issues 31 and 33) go to
-    run.log only."""
-    return name == "thumbclf" or name.startswith("thumbclf.") or (name == "py.warnings"
-                                                                   and not quiet)
+    """Whether a record reaches the console: not the readers' (run.log only), nor Python
+    warnings when quiet."""
+    if name.split(".")[0] in READER_LOGGERS:
+        return False
+    return not (quiet and name == "py.warnings")
 
 
 def remove_handlers() -> None:
