@@ -355,6 +355,10 @@ def test_server_refuses_everything_without_its_token_and_refuses_framing(served)
     name = cookie.split("=")[0]
     assert request(server, "GET", "/api/journal", headers={"Cookie": f"{name}={server.token}"},
                    token=False)[0] == 200
+    conn = http.client.HTTPConnection(host, port, timeout=10)  # the bare address works too
+    conn.request("GET", f"/?token={server.token}", headers={"Host": f"127.0.0.1:{port}"})
+    r = conn.getresponse()
+    assert r.status == 200 and b"thumbclf-data" in r.read() and r.getheader("Set-Cookie")
 
 
 def raw(server, data: bytes, *, wait: float = 15.0) -> bytes:

@@ -161,8 +161,9 @@ class _Handler(SimpleHTTPRequestHandler):
         if route == "/api/journal":
             body = json.dumps(journal.read(self.server.journal)).encode()
             return self._reply(HTTPStatus.OK, body, "application/json")
-        if route == "/":
-            self.path = "/" + layout.REVIEW_PAGE
+        if route == "/":  # the page, keeping the query (the token: its cookie is set below)
+            query = urlsplit(self.path).query
+            self.path = "/" + layout.REVIEW_PAGE + (f"?{query}" if query else "")
         return super().do_GET()
 
     def send_response(self, code, message=None):
