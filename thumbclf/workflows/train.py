@@ -349,7 +349,8 @@ def with_corrections(sample_set: SampleSet, params: TrainParams) -> tuple[Sample
         return sample_set, ""
     found = read_corrections(params.corrections)
     sample_set, applied = apply_corrections(sample_set, found, target_labels=params.target_labels,
-                                            tables=len(params.corrections))
+                                            tables=len(params.corrections),
+                                            min_images=2 if params.train_full else params.fold_number)
     log.info("%s", applied.sentence())
     return sample_set, applied.sentence()
 
