@@ -196,3 +196,20 @@ def test_pretrain_and_evaluate_are_in_the_api(tiny_model, tmp_path):
     with pytest.raises(thumbclf.OutputError) as err:
         api.evaluate(table, output=tmp_path / "ev", bootstrap=0)
     assert "output='NEW_FOLDER'" in str(err.value) and "threshold=T" in str(err.value)
+
+
+def test_review_and_apply_corrections_name_a_wrong_argument(tmp_path):
+    """Issue 33, item 20: api.review(None) and apply_corrections(X, DataFrame) raised raw
+    TypeErrors."""
+    import pandas as pd
+    import pytest
+
+    from thumbclf import api
+    from thumbclf.core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="review: results must be the path of a results folder; "
+                                          "got NoneType"):
+        api.review(None)
+    frame = pd.DataFrame({"PATH": ["a.png"], "CLASSIFICATION": ["IHC"]})
+    with pytest.raises(ConfigError, match="corrections must be the path .* got DataFrame"):
+        api.apply_corrections(tmp_path, frame)

@@ -147,3 +147,27 @@ def test_python_m_thumbclf_and_errors_exit_2_in_one_line(tmp_path):
                        text=True, env=env, cwd=tmp_path)
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [
         f"error: {exp}: foldNumber must be between 2 and 100; got 1"]
+
+
+def test_a_console_that_cannot_encode_a_folder_name_does_not_crash_the_last_line(tmp_path,
+                                                                                 monkeypatch):
+    """Issue 33, item 20: a console that cannot encode a folder name crashed the final print."""
+    import io
+    import sys
+
+    import pandas as pd
+    from PIL import Image
+
+    from thumbclf import cli
+
+    folder = tmp_path / "résultats"
+    folder.mkdir()
+    Image.new("RGB", (40, 30), "white").save(tmp_path / "a.png")
+    pd.DataFrame({"PATH": [str(tmp_path / "a.png")], "A": [0.9], "B": [0.1],
+                  "model_prediction": ["A"], "undecided_reason": [""], "error": [""],
+                  "threshold": [0.5]}).to_csv(folder / "predictions.csv", index=False)
+    out = io.TextIOWrapper(io.BytesIO(), encoding="ascii")
+    monkeypatch.setattr(sys, "stdout", out)
+    assert cli.command(["review", str(folder), "--quiet"]) == 0
+    out.flush()
+    assert b"r\\xe9sultats" in out.buffer.getvalue()

@@ -386,7 +386,7 @@ def review(results: str | os.PathLike, *, quiet: bool = True) -> Path:
     with its previews); return the page's path. ``thumbclf review RESULTS`` does the same."""
     from thumbclf.workflows.review import write_review
 
-    return write_review(Path(results), quiet=quiet)
+    return write_review(_folder_arg(results, "review"), quiet=quiet)
 
 
 def apply_corrections(results: str | os.PathLike,
@@ -396,8 +396,26 @@ def apply_corrections(results: str | os.PathLike,
     --apply CORRECTIONS``)."""
     from thumbclf.workflows.review import apply
 
-    tables = [corrections] if isinstance(corrections, (str, os.PathLike)) else list(corrections)
-    return apply(Path(results), [Path(t) for t in tables])
+    folder = _folder_arg(results, "apply_corrections")
+    if isinstance(corrections, (str, os.PathLike)):
+        tables = [corrections]
+    elif isinstance(corrections, Iterable) and not hasattr(corrections, "columns"):
+        tables = list(corrections)
+    else:
+        tables = [None]
+    if not tables or not all(isinstance(t, (str, os.PathLike)) for t in tables):
+        raise ConfigError(f"apply_corrections: corrections must be the path of a corrections "
+                          f"table (or a list of paths); got {type(corrections).__name__} (save a "
+                          "DataFrame with to_csv first)")
+    return apply(folder, [Path(t) for t in tables])
+
+
+def _folder_arg(results, what: str) -> Path:
+    """A results folder given to the API as a path; ConfigError (issue 33) for anything else."""
+    if not isinstance(results, (str, os.PathLike)):
+        raise ConfigError(f"{what}: results must be the path of a results folder; got "
+                          f"{type(results).__name__}")
+    return Path(results)
 
 
 __all__ = ["train", "deploy", "load_model", "Classifier", "init_experiment",

@@ -187,6 +187,12 @@ def run_workflow(workflow: str, args: argparse.Namespace, ap: argparse.ArgumentP
 def guarded(work, folder=lambda: None, again: str = "the same command plus --resume") -> int:
     """Run ``work()``; the project's errors, interruptions and bugs become exit codes.
     ``again`` is how to finish interrupted work."""
+    for stream in (sys.stdout, sys.stderr):  # a console that cannot encode a name shows it
+        if hasattr(stream, "reconfigure"):   # escaped, never crashes a print (issue 33)
+            try:
+                stream.reconfigure(errors="backslashreplace")
+            except (ValueError, OSError):
+                pass
     try:
         work()
         return 0

@@ -49,3 +49,27 @@ def test_fold_folders_are_built_and_parsed_in_one_place(tmp_path):
         (layout.fold_dir(tmp_path, k) / "model.pt").write_bytes(b"")
     assert [p.parent.name for p in layout.model_files_in(tmp_path)] == ["fold_1", "fold_2", "fold_10"]
     assert layout.fold_model(tmp_path, 0) == tmp_path / "model.pt"
+
+
+def test_a_backslash_in_a_linux_file_name_is_part_of_the_name(tmp_path):
+    """Issue 33, item 16: --apply read a backslash in a Linux file name as a Windows
+    separator: the slide could never be corrected, and it blocked the whole table."""
+    import os
+
+    if os.sep != "/":
+        pytest.skip("POSIX file names")
+    odd = tmp_path / "scan\\2024.png"
+    odd.write_bytes(b"x")
+    assert layout.to_local_path(str(odd), Path("/elsewhere")) == odd
+    assert layout.to_local_path("scan\\2024.png", tmp_path) == odd
+    assert layout.to_local_path("sub\\x.png", tmp_path) == tmp_path / "sub" / "x.png"
+    assert layout.to_local_path("C:\\data\\x.png", tmp_path).as_posix().endswith("C:/data/x.png")
+
+
+def test_class_folders_do_not_depend_on_the_order_classes_come_in():
+    """Issue 33, item 20: a class 'undecided' next to 'Undecided' made the folder depend on the
+    corrections' order."""
+    one = layout.component_map(["undecided", "Undecided", "IHC"])
+    other = layout.component_map(["IHC", "Undecided", "undecided"])
+    assert one == other and one["Undecided"] == "Undecided"
+    assert one["undecided"].casefold() != "undecided"

@@ -131,3 +131,28 @@ def test_corrected_labels_reach_the_training_table_log_report_and_review_page(ti
     assert len(with_cam) == len(overlays) > 0
     assert all((out / "review" / r["g"]).is_file() for r in with_cam)
     assert data["classes"] == ["Biopsy", "IHC", "TMA"]
+
+
+def test_a_name_over_255_bytes_is_a_missing_row_not_a_crash(tmp_path):
+    """Issue 33, item 17: a corrections row whose name is over 255 bytes gave exit 1 (an
+    OSError) from --apply and from training."""
+    long = tmp_path / ("é" * 200 + ".png")  # 400 bytes in one part
+    table = tmp_path / "c.csv"
+    pd.DataFrame({"PATH": [str(long)], "CLASSIFICATION": ["IHC"]}).to_csv(table, index=False)
+    with pytest.raises(DataError, match=r"c\.csv row 2 .*over 255 bytes cannot exist.*fix the "
+                                        r"PATH or delete the row"):
+        read_corrections([table])
+
+
+def test_a_class_only_the_corrections_bring_names_their_rows_not_the_training_table(tmp_path):
+    """Issue 33, item 20: a corrections row adding a new class blamed the training table."""
+    labels = synth.generate(tmp_path / "data", per_class=3, seed=5, min_side=40, max_side=60,
+                            classes=("Biopsy", "IHC"))
+    biopsy = slides_of(labels).query("CLASSIFICATION == 'Biopsy'")["PATH"].tolist()
+    corr = table(tmp_path / "c.csv", [(biopsy[0], "Fat")])
+    base = discover(labels, need_labels=True)
+    with pytest.raises(DataError, match=r"corrections: .*c\.csv row 2 .* adds the class 'Fat', "
+                                        r"which .*labels\.csv does not have, with 1 image"):
+        apply_corrections(base, read_corrections([corr]), min_images=2)
+    out, _ = apply_corrections(base, read_corrections([corr]))  # enough for what is asked: kept
+    assert "Fat" in out.classes

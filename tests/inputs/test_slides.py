@@ -113,3 +113,88 @@ def test_slides_and_thumbnails_train_and_deploy_together(tiny_data, tmp_path):
     sorted_pngs = [p for p in (out / "sorted").rglob("*.png")]
     sorted_slides = [p for p in (out / "sorted").rglob("*") if p.suffix in (".tiff", ".svs")]
     assert len(sorted_pngs) == len(sorted_slides) == 6 + len(REAL_SLIDES)
+
+
+def aperio_like(path, w=3000, h=2000):
+    """A JPEG-tiled pyramid named .svs (OpenSlide reads it as a generic TIFF)."""
+    import tifffile
+
+    img = np.random.default_rng(0).integers(0, 255, (h, w, 3), dtype=np.uint8)
+    with tifffile.TiffWriter(path) as tw:
+        for k in (1, 4, 16):
+            tw.write(img[::k, ::k].copy(), tile=(256, 256), photometric="rgb", compression="jpeg",
+                     description=(f"Aperio Image Library v12.0.0\n{w}x{h} |AppMag = 20|MPP = 0.5"
+                                  if k == 1 else ""), subfiletype=0 if k == 1 else 1)
+    return path
+
+
+@pytest.mark.parametrize("keep", [0.3, 0.97])
+def test_a_truncated_slide_is_named_truncated_not_an_unsupported_format(tmp_path, keep):
+    """Issue 33, item 2 (and issue 31, item 6): a truncated .svs was "not a slide format
+    OpenSlide supports"."""
+    whole = aperio_like(tmp_path / "whole.svs")
+    assert slides.properties(whole)["slide_width"] == 3000
+    assert slides.truncation(whole) is None
+    cut = tmp_path / "cut.svs"
+    cut.write_bytes(whole.read_bytes()[:int(whole.stat().st_size * keep)])
+    size = cut.stat().st_size
+    with pytest.raises(ImageReadError, match=rf"cut\.svs: truncated or corrupt: the TIFF structure "
+                                             rf"points past the end of the file \({size} bytes\)"):
+        slides.properties(cut)
+
+
+def _finishes(call, seconds: float = 20.0):
+    """The call's outcome (value or exception) if it ends within ``seconds``; else fails."""
+    import threading
+
+    box: dict = {}
+
+    def run():
+        try:
+            box["value"] = call()
+        except BaseException as exc:  # noqa: BLE001 - the outcome is what is tested
+            box["error"] = exc
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(seconds)
+    assert not t.is_alive(), "blocked (a FIFO opened for reading waits for a writer forever)"
+    return box
+
+
+def test_a_fifo_slide_or_mirax_data_file_is_refused_not_waited_on(tmp_path):
+    """Issue 33, item 15: a FIFO named x.svs, or a MIRAX whose data file is a FIFO, blocked
+    the deploy forever; one regular-file check guards every open of every reader."""
+    import os
+
+    os.mkfifo(tmp_path / "x.svs")
+    for call in (lambda: slides.thumbnail(tmp_path / "x.svs", 200),
+                 lambda: slides.properties(tmp_path / "x.svs")):
+        box = _finishes(call)
+        assert isinstance(box.get("error"), ImageReadError)
+        assert "named pipe (FIFO), not a regular file" in str(box["error"])
+    data = tmp_path / "m"
+    data.mkdir()
+    (tmp_path / "m.mrxs").write_text("[GENERAL]\n")
+    (data / "Slidedat.ini").write_text("[DATAFILE]\nFILE_COUNT = 1\nFILE_0 = Data0000.dat\n")
+    os.mkfifo(data / "Data0000.dat")
+    box = _finishes(lambda: slides.thumbnail(tmp_path / "m.mrxs", 200))
+    assert isinstance(box.get("error"), ImageReadError)
+    assert "Data0000.dat is not a regular file" in str(box["error"])
+
+
+def test_a_missing_slide_is_not_found_not_unreadable(tmp_path):
+    """Issue 33, item 20: a missing .svs listed in a table was tallied as unreadable (a raw
+    FileNotFoundError from the cache key), not as not found."""
+    import pandas as pd
+
+    from thumbclf.outputs import tally
+
+    errors = []
+    for name in ("gone.svs", "gone.mrxs", "gone/x.dcm"):
+        with pytest.raises(ImageReadError, match="file not found") as caught:
+            load_array(tmp_path / name, Preprocessing(size=32), slide_cache=tmp_path / "cache")
+        errors.append(str(caught.value))
+    table = pd.DataFrame({"PATH": ["a", "b", "c"], "model_prediction": [""] * 3,
+                          "undecided_reason": [""] * 3, "error": errors})
+    assert tally.counts(table) == {"not found": 3}

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from thumbclf.inputs.splits import make_splits, positions
+from thumbclf.inputs.splits import load, make_splits, positions, save
 
 
 def labels(n_per=(12, 8, 6)):
@@ -40,3 +40,20 @@ def test_full_training_has_train_and_validation_only():
     assert set(df["role"]) == {"train", "val"} and set(df["fold"]) == {0}
     va = positions(df, 0, "val")
     assert len(va) == round(0.25 * len(y)) and len(set(va)) == len(va)
+
+
+def test_resuming_refuses_splits_whose_labels_changed(tmp_path):
+    """Issue 33, item 7: after the corrections table (or thumbData's labels) changed, a
+    resumed cross-validation trained fold 1 on the old labels and fold 2 on the new, exit 0:
+    the check compared paths, not labels."""
+    from thumbclf.core.errors import DataError
+
+    y = labels()
+    paths = [f"/data/img{i}.png" for i in range(len(y))]
+    df = make_splits(y, None, folds=2, full=False, val_fraction=0.2, seed=0)
+    save(df, paths, y, None, tmp_path / "splits.csv")
+    assert len(load(tmp_path / "splits.csv", paths, y)) == len(df)
+    changed = list(y)
+    changed[3] = "C" if y[3] != "C" else "A"
+    with pytest.raises(DataError, match=r"splits\.csv: the labels of 1 images differ .*img3\.png"):
+        load(tmp_path / "splits.csv", paths, changed)

@@ -215,10 +215,12 @@ def served(tmp_path):
     assert not (folder / layout.LOCK).exists()  # the folder's lock is released
 
 
-def request(server, method: str, path: str, body: bytes | None = None, headers=None):
+def request(server, method: str, path: str, body: bytes | None = None, headers=None, *,
+            token: bool = True):
     host, port = server.server_address
     conn = http.client.HTTPConnection(host, port, timeout=10)
-    conn.request(method, path, body=body, headers={"Host": f"127.0.0.1:{port}", **(headers or {})})
+    sent = {"Host": f"127.0.0.1:{port}", **({"X-Thumbclf-Token": server.token} if token else {})}
+    conn.request(method, path, body=body, headers={**sent, **(headers or {})})
     r = conn.getresponse()
     return r.status, r.read()
 
@@ -249,16 +251,43 @@ def test_served_page_saves_corrections_in_the_journal(browser, served):
     assert [(c.path.name, c.label) for c in exported] == [(first, "IHC")]
 
 
+def test_corrections_the_server_refused_survive_a_reload_and_are_sent_again(browser, served):
+    """Issue 33, item 3: corrections the page kept in the browser (server down, or a POST
+    refused) were discarded by a reload once the server was back."""
+    folder, server = served
+    open_page(browser, server.url)
+    first = current(browser)
+    check = server.check_entry
+    server.check_entry = lambda entry: "the disk is full"  # every POST refused for now
+    press(browser, "3")
+    wait_for(lambda: browser.find_element("id", "warning").is_displayed())
+    assert "kept in this browser" in browser.find_element("id", "warning").text
+    journal = folder / "review" / "journal.jsonl"
+    assert not journal.exists()
+    server.check_entry = check  # the server takes entries again
+    browser.refresh()
+    wait_for(lambda: browser.execute_script("return document.body.dataset.ready") == "1")
+    assert card_review(browser, first) == "reviewed: TMA"
+    wait_for(lambda: journal.is_file() and journal.read_text().count("\n") == 1)
+    assert json.loads(journal.read_text())["classification"] == "TMA"
+    browser.execute_script("localStorage.clear()")
+    browser.refresh()
+    wait_for(lambda: browser.execute_script("return document.body.dataset.ready") == "1")
+    assert card_review(browser, first) == "reviewed: TMA"
+
+
 def test_server_refuses_other_hosts_origins_and_entries(served):
     folder, server = served
     port = server.server_address[1]
     path = os.path.abspath(pd.read_csv(folder / "predictions.csv")["PATH"][0])
-    good = json.dumps({"path": path, "classification": "IHC", "reviewer": "", "at": ""}).encode()
+    good = json.dumps({"path": path, "classification": "IHC", "reviewer": "", "at": "",
+                       "seq": 1}).encode()
     js = {"Content-Type": "application/json"}
     assert request(server, "GET", "/index.html", headers={"Host": f"evil.example:{port}"})[0] == 403
     assert request(server, "POST", "/api/journal", good, {**js, "Origin": "http://evil.example"})[0] == 403
     assert request(server, "POST", "/api/journal", good, {"Content-Type": "text/plain"})[0] == 415
-    other = json.dumps({"path": "/etc/passwd", "classification": "IHC", "reviewer": "", "at": ""})
+    other = json.dumps({"path": "/etc/passwd", "classification": "IHC", "reviewer": "", "at": "",
+                        "seq": 1})
     assert request(server, "POST", "/api/journal", other.encode(), js)[0] == 400
     bad_class = good.replace(b'"IHC"', b'"Fat"')
     assert request(server, "POST", "/api/journal", bad_class, js)[0] == 400
@@ -266,6 +295,175 @@ def test_server_refuses_other_hosts_origins_and_entries(served):
     assert request(server, "POST", "/api/journal", good, js)[0] == 204
     assert request(server, "GET", "/api/journal")[1].count(b"IHC") == 1
     assert request(server, "GET", "/../predictions.csv")[0] == 404  # nothing outside review/
+
+
+def entry_body(folder: Path, i: int, cls: str | None, seq: int) -> bytes:
+    path = os.path.abspath(pd.read_csv(folder / "predictions.csv")["PATH"][i])
+    return json.dumps({"path": path, "classification": cls, "reviewer": "", "at": "",
+                       "seq": seq}).encode()
+
+
+JS = {"Content-Type": "application/json"}
+
+
+def test_server_refuses_everything_without_its_token_and_refuses_framing(served):
+    """Issue 33, item 9: a per-run secret token, printed by --serve, guards every request
+    (local programs without Origin included); no page may frame the review page."""
+    folder, server = served
+    assert f"token={server.token}" in server.url and len(server.token) >= 32
+    for method, path, body in (("GET", "/index.html", None), ("GET", "/api/journal", None),
+                               ("POST", "/api/journal", entry_body(folder, 0, "IHC", 1)),
+                               ("POST", "/api/export", b"")):
+        assert request(server, method, path, body, JS, token=False)[0] == 403, path
+        bad = {**JS, "X-Thumbclf-Token": "x" * len(server.token)}
+        assert request(server, method, path, body, bad, token=False)[0] == 403, path
+    assert not (folder / "review" / "journal.jsonl").exists()
+    host, port = server.server_address
+    conn = http.client.HTTPConnection(host, port, timeout=10)
+    conn.request("GET", f"/index.html?token={server.token}", headers={"Host": f"127.0.0.1:{port}"})
+    r = conn.getresponse()
+    r.read()
+    assert r.status == 200
+    assert "frame-ancestors 'none'" in r.getheader("Content-Security-Policy")
+    assert r.getheader("X-Frame-Options") == "DENY"
+    cookie = r.getheader("Set-Cookie")  # the page's pictures are fetched with it
+    assert server.token in cookie and "HttpOnly" in cookie and "SameSite=Strict" in cookie
+    name = cookie.split("=")[0]
+    assert request(server, "GET", "/api/journal", headers={"Cookie": f"{name}={server.token}"},
+                   token=False)[0] == 200
+    conn = http.client.HTTPConnection(host, port, timeout=10)  # the bare address works too
+    conn.request("GET", f"/?token={server.token}", headers={"Host": f"127.0.0.1:{port}"})
+    r = conn.getresponse()
+    assert r.status == 200 and b"thumbclf-data" in r.read() and r.getheader("Set-Cookie")
+
+
+def raw(server, data: bytes, *, wait: float = 15.0) -> bytes:
+    import socket
+
+    s = socket.create_connection(server.server_address, timeout=wait)
+    s.sendall(data)
+    out = b""
+    try:
+        while chunk := s.recv(65536):
+            out += chunk
+    except OSError:
+        pass
+    s.close()
+    return out
+
+
+def test_bad_lengths_deep_nesting_and_hang_ups_are_refused_without_traceback(served, capfd):
+    """Issue 33, item 12: Content-Length negative, longer than the body, too large; 50,000
+    nested levels; a client that hangs up: a 4xx reply or a closed connection within the read
+    timeout, never a traceback, and the server goes on serving."""
+    from thumbclf.workflows import review_server
+
+    folder, server = served
+    port = server.server_address[1]
+    head = (f"POST /api/journal HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nX-Thumbclf-Token: "
+            f"{server.token}\r\nContent-Type: application/json\r\n").encode()
+    assert raw(server, head + b"Content-Length: -1\r\n\r\n{}").startswith(b"HTTP/1.0 400")
+    assert raw(server, head + b"Content-Length: 10**9\r\n\r\n").startswith(b"HTTP/1.0 400")
+    assert raw(server, head + b"Content-Length: 900000\r\n\r\n").startswith(b"HTTP/1.0 413")
+    started = time.monotonic()
+    assert raw(server, head + b"Content-Length: 50\r\n\r\n{}").startswith(b"HTTP/1.0 400")
+    assert time.monotonic() - started < review_server.READ_TIMEOUT_S + 5
+    deep = b"[" * 50_000 + b"]" * 50_000
+    assert request(server, "POST", "/api/journal", deep, JS)[0] == 400
+    import socket
+
+    s = socket.create_connection(server.server_address, timeout=5)
+    s.sendall(head + b"Content-Length: 100\r\n\r\n{")
+    s.close()  # hangs up mid-body
+    assert request(server, "POST", "/api/journal", entry_body(folder, 0, "IHC", 5), JS)[0] == 204
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "Exception" not in err
+
+
+def test_entries_land_in_sequence_order_whatever_order_they_arrive_in(served):
+    """Issue 33, item 5: concurrent POSTs arrive out of order; the journal's last word on a
+    slide is its entry with the highest sequence number, as on the page."""
+    folder, server = served
+    order = [(3, "TMA"), (1, "Biopsy"), (4, None), (2, "IHC"), (6, "Biopsy"), (5, "TMA")]
+    threads = [threading.Thread(target=request, args=(server, "POST", "/api/journal",
+                                                      entry_body(folder, 1, cls, seq), JS))
+               for seq, cls in order]
+    for t in threads:
+        t.start()
+        t.join()  # arrival order: the list's, not the sequence's
+    assert request(server, "POST", "/api/export", b"")[0] == 200
+    exported = read_table_of(folder / "review" / "corrections.csv")
+    assert [c.label for c in exported] == ["Biopsy"]  # seq 6, though 5 arrived last
+    entries = json.loads(request(server, "GET", "/api/journal")[1])
+    assert [e["seq"] for e in entries] == [1, 2, 3, 4, 5, 6]
+
+
+def test_the_journal_is_never_cut_and_odd_lines_are_kept_or_skipped(tmp_path):
+    """Issue 33, item 4: --serve truncated a torn tail over 1 MiB to 0 bytes, cut a valid last
+    line without newline, dropped entries holding U+2028/U+2029/U+0085, and a null line
+    stopped the export with a traceback."""
+    folder = results_folder(tmp_path, ["a", "b", "c", "d"])
+    paths = [os.path.abspath(p) for p in pd.read_csv(folder / "predictions.csv")["PATH"]]
+    journal = folder / "review" / "journal.jsonl"
+    journal.parent.mkdir()
+    lines = [json.dumps({"path": paths[0], "classification": "IHC", "reviewer": "A\u2028B\u2029C\u0085",
+                         "at": "", "seq": 1}, ensure_ascii=False), "null", "[1, 2]", "{\"path\": 5}"]
+    torn = "{" + "x" * (2 << 20)  # a torn tail of 2 MiB, then a valid last line without newline
+    last = json.dumps({"path": paths[1], "classification": "TMA", "reviewer": "", "at": "", "seq": 2})
+    journal.write_bytes(("\n".join(lines) + "\n" + torn + "\n" + last).encode())
+    before = journal.read_bytes()
+    box: dict = {}
+    ready = threading.Event()
+    thread = threading.Thread(target=review_flow.serve, args=(folder, 0), daemon=True,
+                              kwargs={"ready": lambda s: (box.update(server=s), ready.set())})
+    thread.start()
+    assert ready.wait(60)
+    server = box["server"]
+    try:
+        assert journal.read_bytes() == before  # nothing cut at start
+        entries = json.loads(request(server, "GET", "/api/journal")[1])
+        assert [(e["path"], e["classification"]) for e in entries] == [(paths[0], "IHC"), (paths[1], "TMA")]
+        assert entries[0]["reviewer"] == "A\u2028B\u2029C\u0085"
+        assert request(server, "POST", "/api/journal", entry_body(folder, 2, "Biopsy", 3), JS)[0] == 204
+        assert journal.read_bytes().startswith(before + b"\n")  # appended on its own line
+        assert request(server, "POST", "/api/export", b"")[0] == 200
+        exported = read_table_of(folder / "review" / "corrections.csv")
+        assert [(str(c.path), c.label) for c in exported] == [
+            (paths[0], "IHC"), (paths[1], "TMA"), (paths[2], "Biopsy")]
+    finally:
+        server.shutdown()
+        thread.join(10)
+
+
+def test_links_inside_the_results_folder_are_never_written_through_nor_served(tmp_path):
+    """Issue 33, item 10: a journal linked to a file outside got JSON appended (and its last
+    line cut); a linked review/ folder got the page written into it and its files served."""
+    folder = results_folder(tmp_path, ["a", "b", "c", "d"])
+    outside = tmp_path / "precious.txt"
+    outside.write_text("line one\nno newline")
+    (folder / "review").mkdir()
+    (folder / "review" / "journal.jsonl").symlink_to(outside)
+    box: dict = {}
+    ready = threading.Event()
+    thread = threading.Thread(target=review_flow.serve, args=(folder, 0), daemon=True,
+                              kwargs={"ready": lambda s: (box.update(server=s), ready.set())})
+    thread.start()
+    assert ready.wait(60)
+    server = box["server"]
+    try:
+        (folder / "review" / "secret.txt").symlink_to(outside)
+        assert request(server, "GET", "/secret.txt")[0] == 404
+        assert request(server, "POST", "/api/journal", entry_body(folder, 0, "IHC", 1), JS)[0] == 500
+    finally:
+        server.shutdown()
+        thread.join(10)
+    assert outside.read_text() == "line one\nno newline"
+    other = results_folder(tmp_path / "2", ["a", "b", "c", "d"])
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (other / "review").symlink_to(elsewhere, target_is_directory=True)
+    assert cli.command(["review", str(other), "--quiet"]) == 2
+    assert list(elsewhere.iterdir()) == []
 
 
 # ---------------------------------------------------------------------------- --apply
@@ -403,3 +601,118 @@ def test_a_slides_preview_and_reviewed_copy_are_its_rendered_thumbnail(tmp_path)
     with Image.open(copies[0]) as img:
         assert max(img.size) == 1024            # the run's thumbnail size (slide_thumbnail_size)
     assert not (tmp_path / "thumbclf-cache").exists()  # nothing written outside the folder
+
+
+def dicom_with_label(folder: Path, tmp_path: Path) -> Path:
+    """A DICOM WSI folder (wsidicomizer, from a generated pyramid) plus a LABEL instance named
+    so that it is the folder's first .dcm in sort order."""
+    import tifffile
+
+    pydicom = pytest.importorskip("pydicom")
+    wsidicomizer = pytest.importorskip("wsidicomizer")
+    tiff = tmp_path / "src.tiff"
+    img = np.full((800, 1200, 3), 240, np.uint8)
+    img[200:600, 300:900] = (40, 160, 60)
+    with tifffile.TiffWriter(tiff) as tw:
+        for k in (1, 2, 4):
+            tw.write(img[::k, ::k].copy(), tile=(256, 256), photometric="rgb", compression="jpeg",
+                     resolution=(2e4 / k, 2e4 / k), resolutionunit="CENTIMETER",
+                     subfiletype=0 if k == 1 else 1)
+    folder.mkdir(parents=True)
+    wsidicomizer.WsiDicomizer.convert(tiff, folder, tile_size=256, workers=1,
+                                      include_label=False, include_overview=False)
+    ds = pydicom.dcmread(min(folder.glob("*.dcm"), key=lambda p: p.stat().st_size))
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "LABEL", "NONE"]
+    ds.PatientName, ds.SOPInstanceUID = "DOE^JANE", pydicom.uid.generate_uid()
+    ds.save_as(folder / "0-label.dcm")
+    return folder / "0-label.dcm"
+
+
+def test_apply_copies_a_dicom_slide_as_the_deploy_does_never_its_label(tmp_path):
+    """Issue 33, item 1: a table naming a DICOM slide by its first .dcm (a LABEL instance with
+    the patient's name) made --apply with sortSlides copy that file, not the slide."""
+    folder = results_folder(tmp_path, ["a", "b", "c"])
+    label = dicom_with_label(tmp_path / "slides" / "slide1", tmp_path)
+    table = pd.read_csv(folder / "predictions.csv", keep_default_na=False)
+    table.loc[0, "PATH"] = str(label)
+    table.to_csv(folder / "predictions.csv", index=False)
+    (folder / "config.yaml").write_text("thumb_data: slides\nsort_thumbs: true\nsort_slides: true\n")
+    csv = corrections_csv(tmp_path / "c.csv", [(str(label), "IHC")])
+    assert cli.command(["review", str(folder), "--apply", str(csv), "--quiet"]) == 0
+    copied = sorted(p.relative_to(folder / "sorted").as_posix()
+                    for p in (folder / "sorted").rglob("*") if p.is_file())
+    series = sorted(p.name for p in label.parent.glob("*.dcm") if p != label)
+    assert [c.rsplit("/", 1)[-1] for c in copied if c.endswith(".dcm")] == series
+    assert all(c.startswith("IHC/") for c in copied) and any(c.endswith(".png") for c in copied)
+    secret = label.read_bytes()
+    assert not any(p.read_bytes() == secret for p in (folder / "sorted").rglob("*.dcm"))
+    from thumbclf.outputs import sorting  # the deploy's sorting: the same copy path
+
+    jobs = sorting.plan_copies([(label, "IHC", tmp_path / "src.tiff")], tmp_path / "dep",
+                               with_slides=True)
+    sorting.copy_all(jobs)
+    assert sorted(p.name for p in (tmp_path / "dep").rglob("*.dcm")) == series
+
+
+def test_a_second_apply_leaves_no_stale_copy_in_another_class_folder(tmp_path, capsys):
+    """Issue 33, item 6: moving reviewed_predictions.csv away (as the message says) and
+    applying other corrections left each corrected slide in two class folders of sorted/."""
+    folder = results_folder(tmp_path, ["a", "b", "c", "d"])
+    paths = pd.read_csv(folder / "predictions.csv")["PATH"].tolist()
+    decided = pd.read_csv(folder / "predictions.csv")["model_prediction"].tolist()
+    one = [c for c in CLASSES if c != decided[3]]
+    first = corrections_csv(tmp_path / "one.csv", [(paths[3], one[0]), (paths[0], "IHC")])
+    assert cli.command(["review", str(folder), "--apply", str(first), "--quiet"]) == 0
+    (folder / "reviewed_predictions.csv").rename(tmp_path / "old_reviewed.csv")
+    (folder / "sorted" / "TMA").mkdir(parents=True, exist_ok=True)
+    (folder / "sorted" / "TMA" / "mine.txt").write_text("not made by --apply")  # kept
+    second = corrections_csv(tmp_path / "two.csv", [(paths[3], one[1])])
+    assert cli.command(["review", str(folder), "--apply", str(second), "--quiet"]) == 0
+    copies = sorted(p.relative_to(folder / "sorted").as_posix()
+                    for p in (folder / "sorted").rglob("*.png"))
+    assert [c.split("__")[0] for c in copies] == [f"{one[1]}/d"]
+    assert (folder / "sorted" / "TMA" / "mine.txt").is_file()
+
+
+def test_a_port_out_of_range_and_a_killed_copys_leftovers_are_handled(tmp_path, capsys):
+    """Issue 33, item 20: --port 70000 gave exit 1 (a traceback); a killed --apply left hidden
+    partial copies in sorted/."""
+    folder = results_folder(tmp_path, ["a", "b", "c", "d"])
+    assert cli.command(["review", str(folder), "--serve", "--port", "70000", "--quiet"]) == 2
+    assert "choose another --port (1 to 65535)" in capsys.readouterr().err
+    paths = pd.read_csv(folder / "predictions.csv")["PATH"].tolist()
+    csv = corrections_csv(tmp_path / "c.csv", [(paths[0], "IHC")])
+    jobs = review_flow.reviewed_copies(folder, review_flow.reviewed_table(
+        *read_predictions(folder), read_corrections_of(csv)), review_flow.settings(folder))
+    left = jobs[0][1].with_name(f".{jobs[0][1].name}.k1ll3d.tmp")
+    left.parent.mkdir(parents=True)
+    left.write_bytes(b"half a copy")
+    assert cli.command(["review", str(folder), "--apply", str(csv), "--quiet"]) == 0
+    assert not left.exists() and jobs[0][1].is_file()
+
+
+def read_predictions(folder: Path):
+    from thumbclf.core import table as table_io
+
+    return table_io.read(folder / "predictions.csv")
+
+
+def read_corrections_of(csv: Path):
+    from thumbclf.inputs.corrections import read_corrections
+
+    return read_corrections([csv])
+
+
+def test_review_and_apply_take_a_name_that_is_not_utf8(tmp_path):
+    """Issue 33, item 16: review, --serve and --apply exited 1 on a folder holding a file name
+    that is not UTF-8 (pandas' astype(str) refused its surrogate escapes)."""
+    folder = results_folder(tmp_path, ["a", "cafX", "c", "d"])
+    os.rename(tmp_path / "slides" / "cafX.png",
+              os.fsdecode(os.fsencode(tmp_path / "slides") + b"/caf\xe9.png"))
+    table = folder / "predictions.csv"
+    table.write_bytes(table.read_bytes().replace(b"cafX", b"caf\xe9"))
+    assert cli.command(["review", str(folder), "--quiet"]) == 0
+    path = next(line for line in table.read_bytes().split(b"\n") if b"caf" in line).split(b",")[0]
+    (tmp_path / "c.csv").write_bytes(b"PATH,CLASSIFICATION\n" + path + b",IHC\n")
+    assert cli.command(["review", str(folder), "--apply", str(tmp_path / "c.csv"), "--quiet"]) == 0
+    assert len(list((folder / "sorted" / "IHC").glob("caf*.png"))) == 1

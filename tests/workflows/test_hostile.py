@@ -553,9 +553,10 @@ def test_a_fifo_listed_in_a_table_is_an_error_row(tiny_data, tmp_path):
 
     from thumbclf.core import table
 
-    os.mkfifo(tmp_path / "pipe.png")
+    (tmp_path / "pipes").mkdir()  # not beside the cache_dir: that is refused (issue 33)
+    os.mkfifo(tmp_path / "pipes" / "pipe.png")
     paths = [str(tiny_data.parent / p) for p in pd.read_csv(tiny_data)["PATH"][:2]]
-    pd.DataFrame({"PATH": [*paths, str(tmp_path / "pipe.png"), "/dev/zero"]}).to_csv(
+    pd.DataFrame({"PATH": [*paths, str(tmp_path / "pipes" / "pipe.png"), "/dev/zero"]}).to_csv(
         tmp_path / "t.csv", index=False)
     model = model_file(tmp_path / "model.pt")
     assert deploy(tmp_path, tmp_path / "t.csv", model, text="hasLabels: false\n") == 0
@@ -612,6 +613,28 @@ def test_adapt_bn_needs_enough_deploy_images(tiny_data, tmp_path, capsys):
     model = model_file(tmp_path / "model.pt")
     assert deploy(tmp_path, tmp_path / "three.csv", model, text="adapt_bn: true\n") == 2
     assert "adapt_bn needs at least 32 readable deploy images" in capsys.readouterr().err
+
+
+def test_adapt_bn_counts_copies_of_one_picture_once(tiny_data, tmp_path, capsys):
+    """Issue 33, item 18: 42 deploy images, 32 of them copies of one thumbnail, passed the
+    32-image minimum and turned an Undecided slide into a decided one at 0.972."""
+    import shutil
+
+    import pandas as pd
+
+    df = pd.read_csv(tiny_data).head(10)
+    paths = [str(tiny_data.parent / p) for p in df["PATH"]]
+    (tmp_path / "copies").mkdir()
+    for k in range(32):
+        shutil.copy(paths[0], tmp_path / "copies" / f"copy{k}.png")
+        paths.append(str(tmp_path / "copies" / f"copy{k}.png"))
+    pd.DataFrame({"PATH": paths}).to_csv(tmp_path / "many.csv", index=False)
+    model = model_file(tmp_path / "model.pt")
+    assert deploy(tmp_path, tmp_path / "many.csv", model,
+                  text="adapt_bn: true\nhasLabels: false\n") == 2
+    err = capsys.readouterr().err
+    assert "adapt_bn needs at least 32 readable deploy images" in err
+    assert "got 10 (32 more were copies of these: copies count once)" in err
 
 
 # 11 -- linked subfolders, many pages, NaN pictures ---------------------------------------------

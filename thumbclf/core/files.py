@@ -13,13 +13,15 @@ import stat
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
 import yaml
 
 from thumbclf.core import layout
-from thumbclf.core.errors import OutputError, clean
+from thumbclf.core.errors import ImageReadError, OutputError, clean
+
+if TYPE_CHECKING:  # the readers import this module: "import thumbclf" stays without pandas
+    import pandas as pd
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +33,24 @@ def _current_umask() -> int:
 
 
 FILE_MODE = 0o666 & ~_current_umask()  # result files as any tool makes them (group-readable)
+NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_HELD: set[str] = set()  # the folders whose lock this process holds: no write follows a link there
+
+
+def refuse_links(path: Path) -> None:
+    """OutputError when ``path`` or a folder between it and a locked folder holding it (the
+    results folder, the cache) is a symbolic link: thumbclf never writes through a link there
+    (issue 33). The locked folder itself may be a link: the user chose it."""
+    target = os.path.abspath(path)
+    for root in _HELD:
+        if target == root or not target.startswith(root.rstrip(os.sep) + os.sep):
+            continue
+        part = root
+        for name in target[len(root):].strip(os.sep).split(os.sep):
+            part = os.path.join(part, name)
+            if os.path.islink(part):
+                raise OutputError(f"{part}: is a symbolic link inside {root}; thumbclf never "
+                                  "writes through links there: remove it, then run again")
 
 
 class OutputLock:
@@ -46,8 +66,7 @@ class OutputLock:
     def acquire(self) -> "OutputLock":
         for _ in range(20):  # retry if another run removed the file between open and lock
             try:  # never through a link: the lock file is ours and holds nothing else
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0),
-                             FILE_MODE)
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | NOFOLLOW, FILE_MODE)
             except OSError as exc:
                 raise OutputError(f"{self.path}: cannot create the lock file of the {self.what} "
                                   f"({exc.strerror or exc}); remove it if it is a link, "
@@ -77,6 +96,7 @@ class OutputLock:
             os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, started "
                          f"{time.strftime('%Y-%m-%d %H:%M:%S')}".encode())
             self._fd = fd
+            _HELD.add(os.path.abspath(self.path.parent))
             return self
         raise OutputError(f"{self.path.parent}: cannot lock the {self.what}; try again")
 
@@ -84,6 +104,7 @@ class OutputLock:
         """Give the folder up (remove the lock file, then unlock)."""
         if self._fd is None:
             return
+        _HELD.discard(os.path.abspath(self.path.parent))
         if os.name == "nt":  # Windows cannot delete an open file: close (unlock), then delete
             os.close(self._fd)
             self._fd = None
@@ -123,6 +144,7 @@ def _try_lock(fd: int, wait: bool = False) -> bool:
 
 
 def _atomic(path: Path, write) -> None:
+    refuse_links(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -182,6 +204,7 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
 def copy_verified(src: Path, dst: Path) -> None:
     """Copy (never move) ``src`` to a new file ``dst``, atomically, checking the copy's size;
     an existing ``dst`` is never replaced (OutputError instead)."""
+    refuse_links(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
     os.close(fd)
@@ -209,12 +232,27 @@ def copy_verified(src: Path, dst: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def append_whole(path: Path, data: bytes) -> None:
+def append_whole(path: Path, data: bytes, *, own_line: bool = False,
+                 then: str = "continue with the same command plus --resume") -> None:
     """Append ``data`` (whole lines) to ``path`` so that a crash or a full disk never leaves
-    part of it: one write, synced; on failure the file is cut back to its previous end."""
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, FILE_MODE)
+    part of it: one write, synced; on failure the file is cut back to its previous end. Never
+    through a link, nor into anything but a plain file. ``own_line``: start a new line where
+    the file's last one has no newline (instead of cutting that line off). ``then``: what to
+    do once space is freed, in the message of a failed write."""
+    refuse_links(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     try:
+        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | NOFOLLOW
+                     | getattr(os, "O_NONBLOCK", 0), FILE_MODE)  # a FIFO: refused, not waited on
+    except OSError as exc:
+        raise OutputError(f"{path}: cannot write ({exc.strerror or exc}); remove it if it is a "
+                          "link") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OutputError(f"{path}: is not a plain file; remove it")
         end = os.fstat(fd).st_size
+        if own_line and end and os.pread(fd, 1, end - 1) != b"\n":
+            data = b"\n" + data
         try:
             written = os.write(fd, data)
             while written < len(data):  # a short write: finish it or fail below
@@ -229,17 +267,17 @@ def append_whole(path: Path, data: bytes) -> None:
             except OSError:
                 pass  # repair_tail drops a torn line on --resume
             raise OutputError(f"{path}: cannot write ({exc.strerror or exc}); is the disk full? "
-                              "Free space, then continue with the same command plus --resume"
-                              ) from None
+                              f"Free space, then {then}") from None
     finally:
         os.close(fd)
 
 
 def repair_tail(path: Path) -> int:
-    """Cut a torn last line (no newline: the write was interrupted) off ``path``; return the
-    number of bytes dropped."""
+    """Cut a torn last line (no newline: the write was interrupted) off ``path``, however long
+    it is; return the number of bytes dropped."""
     if not path.is_file():
         return 0
+    refuse_links(path)
     with open(path, "rb+") as f:
         size = f.seek(0, os.SEEK_END)
         if size == 0:
@@ -247,11 +285,15 @@ def repair_tail(path: Path) -> int:
         f.seek(size - 1)
         if f.read(1) == b"\n":
             return 0
-        back = min(size, 1 << 20)
-        f.seek(size - back)
-        tail = f.read(back)
-        cut = tail.rfind(b"\n")
-        keep = size - back + cut + 1 if cut >= 0 else 0
+        keep, end = 0, size
+        while end > 0:  # back, a chunk at a time, to the last newline (issue 33: not 1 MiB)
+            start = max(0, end - (1 << 20))
+            f.seek(start)
+            cut = f.read(end - start).rfind(b"\n")
+            if cut >= 0:
+                keep = start + cut + 1
+                break
+            end = start
         f.truncate(keep)
         return size - keep
 
@@ -263,3 +305,18 @@ def check_writable(folder: Path, what: str) -> None:
         raise OutputError(f"{folder}: cannot write the {what} ({why}); choose a writable folder")
 
 
+def regular_file(path: Path) -> None:
+    """ImageReadError unless ``path`` is a regular file. The one check before every open of
+    every reader (pictures, slides, a MIRAX's index and data files, TIFF levels, DICOM
+    instances): a FIFO would block the run forever, a device (/dev/zero) never ends."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise ImageReadError(f"{path}: file not found") from None
+    except OSError as exc:
+        raise ImageReadError(f"{path}: cannot open ({exc.strerror or exc})") from None
+    if not stat.S_ISREG(mode):
+        kind = ("a named pipe (FIFO)" if stat.S_ISFIFO(mode) else "a device" if
+                stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a folder" if stat.S_ISDIR(mode)
+                else "not a file")
+        raise ImageReadError(f"{path}: {kind}, not a regular file; thumbclf reads only files")

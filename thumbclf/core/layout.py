@@ -153,10 +153,11 @@ def safe_component(text: str) -> str:
 
 
 def component_map(texts) -> dict[str, str]:
-    """Each text's safe component, unique even where a file system ignores case."""
+    """Each text's safe component, unique even where a file system ignores case; the same
+    whatever order the texts come in (issue 33: 'undecided' beside 'Undecided')."""
     out: dict[str, str] = {}
     used: set[str] = set()
-    for text in dict.fromkeys(str(t) for t in texts):
+    for text in sorted({str(t) for t in texts}):
         name = safe_component(text)
         if name.casefold() in used:  # e.g. 'Tumor' and 'tumor' on macOS or Windows
             name = f"{name}~{_short_hash(text)}"
@@ -291,9 +292,18 @@ def writable_or_creatable(path: Path) -> str | None:
 
 
 def to_local_path(text: str, base: Path) -> Path:
-    """A path string from a file (POSIX or Windows style), resolved against ``base``."""
-    if os.sep == "/" and "\\" in text:
-        text = PureWindowsPath(text).as_posix()
+    """A path string from a file (POSIX or Windows style), resolved against ``base``. On
+    POSIX a backslash is a Windows separator only where the text is not an absolute POSIX path
+    and names no file as written: it is a legal character of a Linux file name (issue 33)."""
+    if os.sep == "/" and "\\" in text and not text.startswith("/"):
+        literal = Path(os.path.expanduser(text))
+        literal = literal if literal.is_absolute() else base / literal
+        try:
+            there = literal.exists()
+        except OSError:  # a name too long
+            there = False
+        if not there:
+            text = PureWindowsPath(text).as_posix()
     path = Path(os.path.expanduser(text))
     return path if path.is_absolute() else (base / path)
 

@@ -29,8 +29,8 @@ def setup_logging(folder: Path | None, *, quiet: bool = False, debug: bool = Fal
     console.setLevel(logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO)
     console.setFormatter(_PlainFormatter("%(message)s"))
     console._thumbclf = True  # type: ignore[attr-defined]
-    if quiet and not debug:  # libraries' warnings (numpy, matplotlib) go to run.log only
-        console.addFilter(lambda record: record.name != "py.warnings")
+    if not debug:  # libraries' messages (tifffile, pydicom, OpenSlide's readers) go to run.log
+        console.addFilter(lambda record: _ours(record.name, quiet))
     logging.captureWarnings(True)
     root.addHandler(console)
     if folder is not None:
@@ -42,6 +42,21 @@ def setup_logging(folder: Path | None, *, quiet: bool = False, debug: bool = Fal
     for noisy in ("PIL", "matplotlib", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
+
+
+# the slide and image readers' loggers (and the root logger, which wsidicomizer uses): their
+# lines are about a file's insides (tifffile's "TiffPage 1: ... not found"), and a slide's
+# problem reaches the console as its row's one-line error (issues 31 and 33)
+READER_LOGGERS = ("tifffile", "pydicom", "wsidicom", "wsidicomizer", "openslide", "imagecodecs",
+                  "PIL", "root")
+
+
+def _ours(name: str, quiet: bool) -> bool:
+    """Whether a record reaches the console: not the readers' (run.log only), nor Python
+    warnings when quiet."""
+    if name.split(".")[0] in READER_LOGGERS:
+        return False
+    return not (quiet and name == "py.warnings")
 
 
 def remove_handlers() -> None:

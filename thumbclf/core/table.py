@@ -275,3 +275,9 @@ def validate(df: pd.DataFrame, classes: list[str], source: Path | str,
                             f"column missing or extra? (classes: {', '.join(classes)})")
     if problems:
         raise DataError(*(f"{source}: {p}" for p in problems))
+
+
+def strings(values) -> list[str]:
+    """The cells as Python strings, names that are not UTF-8 included (pandas' astype(str)
+    refuses their surrogate escapes under its pyarrow strings: issue 33)."""
+    return [str(v) for v in values]

@@ -81,14 +81,26 @@ def read_table_of(path: Path) -> list[Correction]:
     return out
 
 
+def _present(path: Path) -> bool:
+    """Whether a file is there; False (not an OSError) for a name too long to exist."""
+    try:
+        return path.exists()
+    except OSError:  # ENAMETOOLONG: over 255 bytes in one part (issue 33)
+        return False
+
+
 def read_corrections(tables: Sequence[Path]) -> list[Correction]:
     """Every correction of ``tables``, checked: each file exists, no two corrections of one
     slide disagree (DataError naming the rows otherwise). Repeats of one label count once."""
     found = [c for t in tables for c in read_table_of(Path(t))]
-    missing = [c for c in found if not c.path.exists()]
+    missing = [c for c in found if not _present(c.path)]
     if missing:
+        long = any(len(part.encode("utf-8", "surrogateescape")) > 255 for c in missing
+                   for part in c.path.parts)
         raise DataError(f"corrections: {len(missing)} file{'s' if len(missing) > 1 else ''} not "
-                        f"found: {_rows(missing)}; fix the PATH or delete the row")
+                        f"found: {_rows(missing)}"
+                        f"{' (a name over 255 bytes cannot exist on the file system)' if long else ''}"
+                        "; fix the PATH or delete the row")
     by_key: dict[str, list[Correction]] = {}
     for c in found:
         by_key.setdefault(c.key, []).append(c)
@@ -118,12 +130,28 @@ class Applied:
                 f"labels confirmed, {self.left_undecided} left Undecided (not used).")
 
 
+def _check_new_classes(sample_set: SampleSet, samples: list[Sample],
+                       corrections: Sequence[Correction], min_images: int) -> None:
+    """DataError naming the rows where the corrections bring a class the training table does
+    not have, with fewer images of it than training needs."""
+    counts = Counter(s.label for s in samples)
+    new = [c for c in corrections if c.label != UNDECIDED and c.label not in sample_set.classes
+           and counts[c.label] < min_images]
+    if new:
+        raise DataError(f"corrections: {_rows(new)} adds the class {new[0].label!r}, which "
+                        f"{sample_set.source} does not have, with {counts[new[0].label]} image(s); "
+                        f"training needs at least {min_images} per class: correct the label, or "
+                        "add images of that class")
+
+
 def apply_corrections(sample_set: SampleSet, corrections: Sequence[Correction], *,
                       target_labels: tuple[str, ...] | None = None,
-                      tables: int = 1) -> tuple[SampleSet, Applied]:
+                      tables: int = 1, min_images: int = 1) -> tuple[SampleSet, Applied]:
     """The samples with the corrections' labels: a corrected slide keeps its patient and place,
     a slide not in the samples is added at the end (its patient from the table's PATIENT
-    column, else its own). Labels outside ``target_labels`` are refused, naming the rows."""
+    column, else its own). Labels outside ``target_labels`` are refused, naming the rows; so is
+    a class only the corrections bring, with fewer than ``min_images`` images (issue 33: the
+    training table was blamed)."""
     if target_labels is not None:
         outside = [c for c in corrections if c.label != UNDECIDED and c.label not in target_labels]
         if outside:
@@ -148,6 +176,7 @@ def apply_corrections(sample_set: SampleSet, corrections: Sequence[Correction], 
         else:
             counts["confirmed"] += 1
     samples += added
+    _check_new_classes(sample_set, samples, corrections, min_images)
     present = {s.label for s in samples if s.label is not None}
     classes = tuple(target_labels) if target_labels is not None else tuple(sorted(present))
     has_patients = sample_set.has_patients or any(s.patient for s in added)

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from thumbclf.core.errors import ImageReadError
-from thumbclf.inputs.tiles import TiledLevel
+from thumbclf.core.files import regular_file
+from thumbclf.inputs.tiles import MAX_TILES, SlideTooLarge, TiledLevel
 
 WSI_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.77.1.6"  # VL Whole Slide Microscopy Image Storage
 NEVER_READ = ("LABEL", "OVERVIEW")  # may show the patient's name or barcode
@@ -134,6 +135,7 @@ def _sparse_positions(ds, tile_w: int, tile_h: int) -> tuple[tuple[int, int], ..
 def read_header(path: Path) -> Instance | None:
     """The header of a .dcm file, read without its pixel data; None if not a WSI instance."""
     pydicom = _pydicom()
+    regular_file(path)
     try:
         with open(path, "rb") as fh:
             ds = pydicom.dcmread(fh, stop_before_pixels=True)
@@ -295,6 +297,7 @@ def _frame_spans(inst: Instance) -> list[list[tuple[int, int]]]:
     if inst.syntax in NATIVE_SYNTAXES:
         size = inst.tile_w * inst.tile_h * 3
         return [[(inst.pixel_offset + 8 + k * size, size)] for k in range(inst.frames)]
+    regular_file(inst.path)
     with open(inst.path, "rb") as fh:
         bot, frags = _fragments(fh, inst.pixel_offset, inst.path)
     if len(frags) == inst.frames:
@@ -325,8 +328,14 @@ def tiled_level(level: Level) -> TiledLevel:
     else:
         raise ImageReadError(f"{inst.path}: DICOM transfer syntax {inst.syntax} "
                              f"({inst.photometric}) is not supported for slides")
+    if inst.tile_w < 1 or inst.tile_h < 1:
+        raise ImageReadError(f"{inst.path}: frames of {inst.tile_w} x {inst.tile_h} pixels")
     cols = math.ceil(level.width / inst.tile_w)
     rows = math.ceil(level.height / inst.tile_h)
+    frames = sum(part.frames for part in level.parts)
+    if max(frames, cols * rows) > MAX_TILES:  # before a list of them is made (issue 33)
+        raise SlideTooLarge(f"{inst.path}: too large: {max(frames, cols * rows):,} frames in the "
+                            f"level read (at most {MAX_TILES:,}); convert it to a pyramidal slide")
     where: dict[tuple[int, int], tuple[Path, list[tuple[int, int]]]] = {}
     for part in level.parts:
         spans = _frame_spans(part)

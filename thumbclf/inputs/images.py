@@ -10,8 +10,6 @@ square, then Pillow's bicubic resize; no normalisation), used for its released m
 from __future__ import annotations
 
 import logging
-import os
-import stat
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,6 +18,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from thumbclf.core.errors import ImageReadError
+from thumbclf.core.files import regular_file
 
 log = logging.getLogger(__name__)
 
@@ -97,20 +96,7 @@ def _largest_page(img: Image.Image, path: Path) -> Image.Image:
     return img
 
 
-def _regular_file(path: Path) -> None:
-    """ImageReadError unless ``path`` is a regular file: a FIFO listed in a table would block
-    the run forever, a device (/dev/zero) never ends."""
-    try:
-        mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        raise ImageReadError(f"{path}: file not found") from None
-    except OSError as exc:
-        raise ImageReadError(f"{path}: cannot open ({exc})") from None
-    if not stat.S_ISREG(mode):
-        kind = ("a named pipe (FIFO)" if stat.S_ISFIFO(mode) else "a device" if
-                stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a folder" if stat.S_ISDIR(mode)
-                else "not a file")
-        raise ImageReadError(f"{path}: {kind}, not a regular file; thumbclf reads only files")
+_regular_file = regular_file  # the one check (core.files), before every open
 
 
 def _open(path: Path) -> Image.Image:

@@ -103,11 +103,23 @@ def validation_of_model(model_file: Path) -> list[tuple[Path, str]]:
         return []
 
 
-def load(path: Path, paths: list[str]) -> pd.DataFrame:
-    """Read splits.csv for resuming; refuse it if the images changed since."""
+def load(path: Path, paths: list[str], labels: list[str] | None = None) -> pd.DataFrame:
+    """Read splits.csv for resuming; refuse it if the images or their labels (a changed
+    corrections table, issue 33) changed since: the finished folds learnt the old ones."""
     df = read_csv(path, numeric=["position", "fold"])
     if len(df) == 0 or df["position"].max() >= len(paths) or any(
             paths[p] != q for p, q in zip(df["position"], df["PATH"])):
         raise DataError(f"{path}: the images differ from those of the interrupted run; "
                         "start a new run (without --resume) or restore the input")
+    if labels is not None and "CLASSIFICATION" in df:
+        changed = sorted({int(p) for p, old in zip(df["position"], df["CLASSIFICATION"])
+                          if str(labels[p]) != str(old)})
+        if changed:
+            first = changed[0]
+            old = df.loc[df["position"] == first, "CLASSIFICATION"].iloc[0]
+            raise DataError(f"{path}: the labels of {len(changed)} images differ from those of "
+                            f"the interrupted run (e.g. {paths[first]}: {old!r} then, "
+                            f"{labels[first]!r} now; a changed table or corrections); its "
+                            "finished folds learnt the old labels: start a new run (without "
+                            "--resume) or restore the labels")
     return df[["position", "fold", "role"]]

@@ -25,6 +25,7 @@ import numpy as np
 from PIL import Image
 
 from thumbclf.core.errors import ImageReadError
+from thumbclf.core.files import regular_file
 
 # An Adobe APP14 segment with transform 0: the JPEG's three components are R, G, B (Aperio
 # and other TIFF writers store RGB without saying so; libjpeg would take them for YCbCr).
@@ -32,6 +33,12 @@ ADOBE_RGB = b"\xff\xee\x00\x0eAdobe\x00\x64\x00\x00\x00\x00\x00"
 DCT_SCALES = (8, 4, 2, 1)
 MANY_TILES = 2_000  # a level of this many tiles (a single-level slide) is decoded in threads
 CANVAS_FACTOR = 2  # the canvas keeps at least twice the thumbnail's size before the last resize
+# Bounds checked before anything is allocated (issue 33): a few-kB file can claim any size.
+MAX_TILES = 1_000_000  # tiles (frames) in the level read; a 200,000 px square slide has 610,000
+MAX_TILE_PIXELS = 4096 * 4096  # one tile (48 MB decoded at most)
+MAX_CANVAS_PIXELS = 32_000_000  # the canvas (96 MB at most; 2-16x the thumbnail in practice)
+CHUNK = 256  # tiles read, decoded and placed at once (the budget is checked between chunks)
+NO_PIXELS = "no pixel data stored"  # a level whose tiles are all absent or empty
 
 
 class SlideTooLarge(ImageReadError):
@@ -105,7 +112,10 @@ def choose_level(sizes: list[tuple[int, int]], out: tuple[int, int]) -> int:
 
 
 def reduction(level: TiledLevel, out: tuple[int, int]) -> tuple[int, int]:
-    """(DCT scale, box factor): how much smaller than the level each tile is decoded and kept."""
+    """(DCT scale, box factor): how much smaller than the level each tile is decoded (a scale
+    that divides the tile exactly), and then reduced, before it is placed. The box is any whole
+    factor: each tile is placed by its footprint on the canvas, so a tile of 250 px (no DCT
+    scale divides it) still gets the full reduction and a canvas of bounded size."""
     scale = 1
     if level.codec == "jpeg":
         for s in DCT_SCALES:
@@ -113,12 +123,31 @@ def reduction(level: TiledLevel, out: tuple[int, int]) -> tuple[int, int]:
                     and level.width // s >= out[0] and level.height // s >= out[1]):
                 scale = s
                 break
-    box = 1
-    tw, th = level.tile_w // scale, level.tile_h // scale
-    while (tw % (box * 2) == 0 and th % (box * 2) == 0
-           and level.width // (scale * box * 2) >= CANVAS_FACTOR * out[0]
-           and level.height // (scale * box * 2) >= CANVAS_FACTOR * out[1]):
-        box *= 2
+    box = max(1, min(level.width // (scale * CANVAS_FACTOR * out[0]),
+                     level.height // (scale * CANVAS_FACTOR * out[1])))
+    return scale, box
+
+
+def check_bounds(level: TiledLevel, out: tuple[int, int], where: str) -> tuple[int, int]:
+    """The reduction of ``level``, after checking its tile size, tile count and canvas against
+    the limits: SlideTooLarge (or ImageReadError) before anything is allocated."""
+    if not (0 < level.tile_w and 0 < level.tile_h and 0 < level.width and 0 < level.height):
+        raise ImageReadError(f"{where}: a level of {level.width} x {level.height} pixels in "
+                             f"tiles of {level.tile_w} x {level.tile_h}: not a valid slide")
+    if level.tile_w * level.tile_h > MAX_TILE_PIXELS:
+        raise SlideTooLarge(f"{where}: too large: tiles of {level.tile_w} x {level.tile_h} "
+                            f"pixels (thumbclf reads tiles of up to {MAX_TILE_PIXELS:,} pixels)")
+    cols, rows = level.grid
+    if cols * rows > MAX_TILES:
+        raise SlideTooLarge(f"{where}: too large: {cols * rows:,} tiles in the level read "
+                            f"(at most {MAX_TILES:,}); convert it to a pyramidal slide")
+    scale, box = reduction(level, out)
+    step = scale * box
+    canvas = max(1, level.width // step) * max(1, level.height // step)
+    if canvas > MAX_CANVAS_PIXELS:
+        raise SlideTooLarge(f"{where}: too large: a level of {level.width} x {level.height} "
+                            f"pixels cannot be reduced to a thumbnail of {out[0]} x {out[1]} in "
+                            "bounded memory; convert it to a pyramidal slide")
     return scale, box
 
 
@@ -142,6 +171,12 @@ def complete_jpeg(data: bytes, *, tables: bytes | None, rgb: bool) -> bytes:
     return data
 
 
+def _check_tile_size(w: int, h: int) -> None:
+    """ValueError for a tile whose stream claims more pixels than a tile may have."""
+    if w * h > MAX_TILE_PIXELS:
+        raise ValueError(f"the tile's stream claims {w} x {h} pixels")
+
+
 def decode_jpeg(data: bytes, *, tables: bytes | None, rgb: bool, scale: int) -> np.ndarray:
     """One JPEG tile decoded at 1/scale by libjpeg-turbo's DCT scaling, as an RGB array.
 
@@ -154,11 +189,13 @@ def decode_jpeg(data: bytes, *, tables: bytes | None, rgb: bool, scale: int) -> 
     if sj is not None:
         try:
             h, w, _, _ = sj.decode_jpeg_header(data)
+            _check_tile_size(w, h)
             return sj.decode_jpeg(data, colorspace="RGB", min_width=max(1, w // scale),
                                   min_height=max(1, h // scale))
         except ValueError:  # a stream libjpeg-turbo refuses strictly: Pillow says why
             pass
     img = Image.open(io.BytesIO(data))
+    _check_tile_size(*img.size)
     if scale > 1:
         w, h = img.size
         img.draft("RGB", (max(1, w // scale), max(1, h // scale)))
@@ -174,8 +211,9 @@ def _decode(level: TiledLevel, data: bytes, scale: int) -> np.ndarray:
         arr = arr.reshape(level.tile_h, level.tile_w, 3)
     else:
         with Image.open(io.BytesIO(data)) as img:
+            _check_tile_size(*img.size)  # what the stream claims, before it is decoded
             arr = np.asarray(img.convert("RGB"))
-    want = (level.tile_h // scale, level.tile_w // scale)
+    want = (-(-level.tile_h // scale), -(-level.tile_w // scale))
     if arr.shape[:2] != want:
         arr = np.asarray(Image.fromarray(arr).resize(want[::-1], Image.Resampling.BOX))
     return arr
@@ -195,26 +233,25 @@ def render(level: TiledLevel, out: tuple[int, int], *, deadline: float | None, w
            budget_s: float, stats: ReadStats | None = None) -> Image.Image:
     """The level as an RGB image of size ``out``; SlideTooLarge once ``deadline`` passes."""
     start = time.perf_counter()
-    scale, box = reduction(level, out)
+    scale, box = check_bounds(level, out, where)
     step = scale * box
     canvas = np.full((max(1, level.height // step), max(1, level.width // step), 3), 255, np.uint8)
-    run = _Run(level, canvas, scale, box, where)
+    run = _Run(level, canvas, scale, box, where, deadline=deadline, budget_s=budget_s)
     rows = level.grid[1]
     threads = decode_threads(level.grid[0] * rows)
     pool = ThreadPoolExecutor(threads, thread_name_prefix="tiles") if threads > 1 else None
     try:
         for ty in range(rows):
-            if deadline is not None and time.perf_counter() > deadline:
-                raise SlideTooLarge(f"{where}: too large: reading stopped after {budget_s:g} s, "
-                                    f"the per-slide budget ({ty} of {rows} tile rows read); "
-                                    "convert it to a pyramidal slide, or raise "
-                                    "slide_budget_s")
+            run._check_time(ty)
             run.row(ty, pool)
     finally:
         if pool is not None:
             pool.shutdown()
         for fh in run.files.values():
             fh.close()
+    if run.n == 0:  # white glass would be classified: no data is an error row (issue 33)
+        raise ImageReadError(f"{where}: {NO_PIXELS}: none of the {level.grid[0] * rows:,} "
+                             "tiles of the level read holds data; copy the slide again")
     t_resize = time.perf_counter()
     img = shrink(canvas, out)
     if stats is not None:
@@ -236,6 +273,8 @@ class _Run:
     scale: int
     box: int
     where: str
+    deadline: float | None = None
+    budget_s: float = 0.0
     n: int = 0
     nbytes: int = 0
     decode_s: float = 0.0
@@ -246,46 +285,62 @@ class _Run:
         fh = self.files.get(path)
         if fh is None:
             try:
+                regular_file(path)
                 fh = self.files[path] = open(path, "rb")
             except OSError as exc:
                 raise ImageReadError(f"{self.where}: cannot open {path.name} "
                                      f"({exc.strerror or exc})") from None
         return fh
 
-    def row(self, ty: int, pool=None) -> None:
-        """Read one row of tiles (in order), decode and reduce them (in ``pool``'s threads when
-        given: the decoders release the GIL), copy them into the canvas."""
-        level, step = self.level, self.scale * self.box
-        tw, th = level.tile_w // step, level.tile_h // step
-        stored = level.positions
-        jobs = []
-        fetched = level.fetch_row(ty) if level.fetch_row is not None else None
-        for tx in range(level.grid[0]):
-            if fetched is not None:
-                if fetched.get(tx):
-                    jobs.append((tx, ty, fetched[tx]))
-                continue
-            if stored is not None and (tx, ty) not in stored:
-                continue
-            spans = level.locate(tx, ty)
-            if not spans:
-                continue
-            fh = self._file(level.source_of(tx, ty) if level.source_of else level.source)
-            jobs.append((tx, ty, b"".join(_read(fh, offset, length) for offset, length in spans)))
-        height, width = self.canvas.shape[:2]
-        y = ty * th
-        for tx, tile, data_len, secs in (pool.map(self._tile, jobs) if pool else
-                                         map(self._tile, jobs)):
-            x = tx * tw
-            h, w = min(tile.shape[0], height - y), min(tile.shape[1], width - x)
-            if h > 0 and w > 0:
-                self.canvas[y:y + h, x:x + w] = tile[:h, :w]
-            self.decode_s += secs
-            self.decoded += tile.shape[0] * tile.shape[1] * self.box * self.box
-            self.n += 1
-            self.nbytes += data_len
+    def _check_time(self, ty: int) -> None:
+        if self.deadline is not None and time.perf_counter() > self.deadline:
+            raise SlideTooLarge(f"{self.where}: too large: reading stopped after "
+                                f"{self.budget_s:g} s, the per-slide budget ({ty} of "
+                                f"{self.level.grid[1]} tile rows read); convert it to a "
+                                "pyramidal slide, or raise slide_budget_s")
 
-    def _tile(self, job: tuple[int, int, bytes]) -> tuple[int, np.ndarray, int, float]:
+    def row(self, ty: int, pool=None) -> None:
+        """Read one row of tiles (in order, CHUNK at a time, the budget checked between
+        chunks), decode and reduce them (in ``pool``'s threads when given: the decoders release
+        the GIL), copy them into the canvas."""
+        level, stored = self.level, self.level.positions
+        cols = level.grid[0]
+        fetched = level.fetch_row(ty) if level.fetch_row is not None else None  # DICOMweb
+        for first in range(0, cols, CHUNK):
+            self._check_time(ty)
+            jobs = []
+            for tx in range(first, min(cols, first + CHUNK)):
+                if fetched is not None:
+                    if fetched.get(tx):
+                        jobs.append((tx, ty, fetched[tx]))
+                    continue
+                if stored is not None and (tx, ty) not in stored:
+                    continue
+                spans = level.locate(tx, ty)
+                if not spans:
+                    continue
+                fh = self._file(level.source_of(tx, ty) if level.source_of else level.source)
+                data = b"".join(_read(fh, offset, length) for offset, length in spans)
+                if data:
+                    jobs.append((tx, ty, data))
+            for (x0, y0), tile, data_len, secs in (pool.map(self._tile, jobs) if pool else
+                                                   map(self._tile, jobs)):
+                if tile is not None:
+                    self.canvas[y0:y0 + tile.shape[0], x0:x0 + tile.shape[1]] = tile
+                self.decode_s += secs
+                self.n += 1
+                self.nbytes += data_len
+
+    def _footprint(self, tx: int, ty: int) -> tuple[int, int, int, int]:
+        """The canvas box (x0, y0, x1, y1) of tile (tx, ty)."""
+        lv, step = self.level, self.scale * self.box
+        h, w = self.canvas.shape[:2]
+        x0, y0 = tx * lv.tile_w // step, ty * lv.tile_h // step
+        x1 = min(w, min(lv.width, (tx + 1) * lv.tile_w) // step)
+        y1 = min(h, min(lv.height, (ty + 1) * lv.tile_h) // step)
+        return x0, y0, x1, y1
+
+    def _tile(self, job: tuple[int, int, bytes]):
         tx, ty, data = job
         t0 = time.perf_counter()
         try:
@@ -294,9 +349,23 @@ class _Run:
             raise ImageReadError(f"{self.where}: cannot decode tile ({tx}, {ty}) ({exc})"
                                  ) from None
         secs = time.perf_counter() - t0
-        if self.box > 1:
-            tile = np.asarray(Image.fromarray(tile).reduce(self.box))
-        return tx, tile, len(data), secs
+        self.decoded += tile.shape[0] * tile.shape[1]
+        x0, y0, x1, y1 = self._footprint(tx, ty)
+        if x1 <= x0 or y1 <= y0:
+            return (x0, y0), None, len(data), secs
+        lv, s = self.level, self.scale
+        inside = (-(-(min(lv.height, (ty + 1) * lv.tile_h) - ty * lv.tile_h) // s),
+                  -(-(min(lv.width, (tx + 1) * lv.tile_w) - tx * lv.tile_w) // s))
+        tile = tile[:inside[0], :inside[1]]  # the part of an edge tile inside the level
+        want = (y1 - y0, x1 - x0)
+        if tile.shape[:2] != want:
+            img = Image.fromarray(np.ascontiguousarray(tile))
+            if tile.shape[0] == want[0] * self.box and tile.shape[1] == want[1] * self.box:
+                img = img.reduce(self.box)
+            else:
+                img = img.resize(want[::-1], Image.Resampling.BOX)
+            tile = np.asarray(img)
+        return (x0, y0), tile, len(data), secs
 
 
 def _read(fh, offset: int, length: int) -> bytes:
@@ -334,6 +403,7 @@ def _tiff_level(path: Path, page) -> TiledLevel | None:
 
 def tiff_levels(path: Path) -> list[tuple[tuple[int, int], TiledLevel | None]] | None:
     """The levels of a tiled TIFF slide (size, and a TiledLevel where readable here)."""
+    regular_file(path)  # a FIFO named .svs: refused, never waited on
     try:
         import tifffile
 

@@ -17,7 +17,7 @@ from torch import nn
 
 from thumbclf.core import layout
 from thumbclf.core.decide import UNDECIDED
-from thumbclf.core.errors import ImageReadError
+from thumbclf.core.errors import ImageReadError, clean
 from thumbclf.core.files import atomic_bytes, atomic_csv
 from thumbclf.inputs.decode import load_array
 from thumbclf.inputs.images import Preprocessing
@@ -146,9 +146,11 @@ def write_gallery(models: dict, table: pd.DataFrame, classes: list[str], *, prep
     fig, axes = image_grid(len(panels))
     for ax, (img, label, decision, target, p, name) in zip(axes, panels):
         ax.imshow(img)
-        head = f"true: {label}\n" if isinstance(label, str) and label else ""
-        ax.set_title(f"{head}{decision} (map for {target}, {p:.2f})", fontsize=7)
-        ax.text(0.5, -0.04, name[:28], transform=ax.transAxes, ha="center", va="top", fontsize=6)
+        head = f"true: {clean(label)}\n" if isinstance(label, str) and label else ""
+        # names and labels that are not UTF-8 (surrogates) are shown escaped (issue 33)
+        ax.set_title(f"{head}{clean(decision)} (map for {clean(target)}, {p:.2f})", fontsize=7)
+        ax.text(0.5, -0.04, clean(name)[:28], transform=ax.transAxes, ha="center", va="top",
+                fontsize=6)
     fig.suptitle("Grad-CAM: where the model looked (red = most important)", fontsize=10)
     fig.tight_layout()
     return save_figure(fig, out / "plots" / "gradcam.png")

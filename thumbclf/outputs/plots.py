@@ -15,6 +15,7 @@ import pandas as pd  # noqa: E402
 from sklearn.metrics import roc_curve  # noqa: E402
 
 from thumbclf.core.decide import UNDECIDED  # noqa: E402
+from thumbclf.core.errors import clean  # noqa: E402
 from thumbclf.core.files import atomic_bytes  # noqa: E402
 from thumbclf.outputs.metrics import Metrics  # noqa: E402
 
@@ -154,11 +155,13 @@ def gallery(items: list[dict[str, Any]], path: Path, title: str, thumb_loader) -
         colour = ("darkorange" if it["decision"] == UNDECIDED else "dimgray" if not label
                   else "crimson" if it["decision"] != label else "black")
         score = it.get("note") or f"{it['prob']:.2f}"
-        ax.set_title(f"{f'true: {label}' if label else 'unlabelled'}\n→ {it['decision']} "
-                     f"({score})", fontsize=7, color=colour)
-        ax.text(0.5, -0.04, Path(it["path"]).name[:28], transform=ax.transAxes, ha="center",
-                va="top", fontsize=6)
-    fig.suptitle(title, fontsize=10)
+        # names and labels that are not valid UTF-8 are shown escaped (\udce9): matplotlib
+        # refuses the surrogates that hold them (issue 33)
+        ax.set_title(f"{f'true: {clean(label)}' if label else 'unlabelled'}\n→ "
+                     f"{clean(it['decision'])} ({score})", fontsize=7, color=colour)
+        ax.text(0.5, -0.04, clean(Path(it["path"]).name)[:28], transform=ax.transAxes,
+                ha="center", va="top", fontsize=6)
+    fig.suptitle(clean(title), fontsize=10)
     fig.tight_layout()
     return save_figure(fig, path)
 

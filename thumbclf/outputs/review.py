@@ -82,7 +82,7 @@ def items(table: pd.DataFrame, classes: list[str], *, review: Path,
     probs = np.nan_to_num(probs, nan=0.0)
     order = np.argsort(-probs, axis=1, kind="stable")
     out = []
-    column = lambda name: table[name].fillna("").astype(str).tolist() if name in table else None  # noqa: E731
+    column = lambda name: table_io.strings(table[name].fillna("")) if name in table else None  # noqa: E731
     decisions, reasons = column(table_io.DECISION), column(table_io.REASON)
     labels, errors = column(table_io.LABEL), column(table_io.ERROR)
     unfam = table[table_io.UNFAMILIARITY].tolist() if table_io.UNFAMILIARITY in table else None

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import glob
 import logging
 import shutil
 from pathlib import Path
+from typing import Callable
 
 from thumbclf.core import layout
 from thumbclf.core.errors import ImageReadError, OutputError
@@ -12,6 +14,35 @@ from thumbclf.core.files import copy_verified
 from thumbclf.inputs import dicom
 
 log = logging.getLogger(__name__)
+
+
+Namer = Callable[[str, str, str], Path]  # (stem, suffix, source) -> destination
+
+
+def source_jobs(src: Path, thumb: Path | None, name: Namer, *,
+                with_slides: bool) -> list[tuple[Path, Path]]:
+    """(source, destination) of the copies of one input: the file itself; for a slide, its
+    rendered thumbnail, and the slide only ``with_slides`` (a DICOM slide, named by its folder
+    or by any .dcm of it, the label included, is its series folder: copy_all copies its own
+    instances, never the label or overview). The one copy path of the deploy's sorting and of
+    review --apply (issue 33)."""
+    if thumb is None:
+        return [(src, name(src.stem, src.suffix, str(src)))]
+    jobs = [(thumb, name(src.stem, ".png", str(src)))]
+    if with_slides:
+        series = dicom.slide_folder(src)
+        if series is not None:
+            jobs.append((series, name(series.name, "", str(series))))
+        else:
+            jobs.append((src, name(src.stem, src.suffix, str(src))))
+    return jobs
+
+
+def check_inside(root: Path, jobs: list[tuple[Path, Path]]) -> None:
+    """OutputError where a destination would land outside ``root``."""
+    for _, dst in jobs:
+        if not layout.inside(root, dst):
+            raise OutputError(f"{dst}: would land outside {root}; refused")
 
 
 def plan_copies(items: list[tuple[Path, str, Path | None]], root: Path, *,
@@ -23,25 +54,11 @@ def plan_copies(items: list[tuple[Path, str, Path | None]], root: Path, *,
     jobs = []
     for src, decision, thumb in items:
         folder = root / folders[decision]
-        if thumb is not None:
-            jobs.append((thumb, layout.unique_file(folder, src.stem, ".png", str(src), taken)))
-            if with_slides:
-                jobs.append(_slide_job(src, folder, taken))
-        else:
-            jobs.append((src, layout.unique_file(folder, src.stem, src.suffix, str(src), taken)))
-    for _, dst in jobs:
-        if not layout.inside(root, dst):
-            raise OutputError(f"{dst}: would land outside {root}; refused")
+        jobs += source_jobs(src, thumb, lambda stem, suffix, source, folder=folder:
+                            layout.unique_file(folder, stem, suffix, source, taken),
+                            with_slides=with_slides)
+    check_inside(root, jobs)
     return jobs
-
-
-def _slide_job(src: Path, folder: Path, taken: set[str]) -> tuple[Path, Path]:
-    """(slide, destination): a DICOM slide (its folder or one .dcm of it) becomes a folder."""
-    dicom_folder = dicom.slide_folder(src)
-    if dicom_folder is not None:
-        return dicom_folder, layout.unique_file(folder, dicom_folder.name, "", str(dicom_folder),
-                                                taken)
-    return src, layout.unique_file(folder, src.stem, src.suffix, str(src), taken)
 
 
 def copy_all(jobs: list[tuple[Path, Path]]) -> tuple[int, int]:
@@ -52,6 +69,8 @@ def copy_all(jobs: list[tuple[Path, Path]]) -> tuple[int, int]:
     """
     made = kept = 0
     for source, dst in jobs:
+        for left in dst.parent.glob(f".{glob.escape(dst.name)}.*.tmp"):
+            left.unlink(missing_ok=True)  # an interrupted (killed) copy's hidden temporary file
         if source.is_dir():
             now = _copy_dicom(source, dst)
             made, kept = made + now, kept + 1 - now

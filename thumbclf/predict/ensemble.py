@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import logging
 from pathlib import Path
 
@@ -67,12 +68,37 @@ ADAPT_IMAGES = 512
 MIN_ADAPT_IMAGES = 32
 
 
-def check_adaptable(images: int, source) -> None:
-    """ConfigError unless there are at least MIN_ADAPT_IMAGES (readable) deploy images."""
+def check_adaptable(images: int, source, copies: int = 0) -> None:
+    """ConfigError unless there are at least MIN_ADAPT_IMAGES (readable, distinct) deploy
+    images; ``copies``: the images left out as copies of another's content."""
     if images < MIN_ADAPT_IMAGES:
+        dup = f" ({copies} more were copies of these: copies count once)" if copies else ""
         raise ConfigError(f"{source}: adapt_bn needs at least {MIN_ADAPT_IMAGES} readable deploy "
-                          f"images to re-estimate BatchNorm statistics; got {images}. Set "
+                          f"images to re-estimate BatchNorm statistics; got {images}{dup}. Set "
                           "adapt_bn: false, or deploy more images at once")
+
+
+def _distinct_arrays(sample_set: SampleSet, picked, prep, slide_cache: Path
+                     ) -> tuple[list[np.ndarray], int]:
+    """Up to ADAPT_IMAGES decoded images of distinct content (issue 33: 32 copies of one
+    thumbnail passed the minimum), and how many copies were left out."""
+    arrays: list[np.ndarray] = []
+    seen: set[bytes] = set()
+    copies = 0
+    for i in picked:
+        try:
+            arr = load_array(sample_set.samples[i].path, prep, slide_cache=slide_cache)
+        except ImageReadError:
+            continue
+        digest = hashlib.sha1(np.ascontiguousarray(arr).tobytes()).digest()
+        if digest in seen:
+            copies += 1
+            continue
+        seen.add(digest)
+        arrays.append(arr)
+        if len(arrays) == ADAPT_IMAGES:
+            break
+    return arrays, copies
 
 
 def adapt_batchnorm(models: list[LoadedModel], sample_set: SampleSet, folder: Path, *,
@@ -90,15 +116,9 @@ def adapt_batchnorm(models: list[LoadedModel], sample_set: SampleSet, folder: Pa
 
     def batches():
         if not arrays:  # decoded once, for every model
-            for i in picked:
-                try:
-                    arrays.append(load_array(sample_set.samples[i].path, models[0].prep,
-                                             slide_cache=slide_cache))
-                except ImageReadError:
-                    continue
-                if len(arrays) == ADAPT_IMAGES:
-                    break
-            check_adaptable(len(arrays), "the readable deploy images")
+            found, copies = _distinct_arrays(sample_set, picked, models[0].prep, slide_cache)
+            arrays.extend(found)
+            check_adaptable(len(arrays), "the readable deploy images", copies)
         for i in range(0, len(arrays), 32):
             chunk = arrays[i:i + 32]
             if len(chunk) > 1:  # BatchNorm needs two images

@@ -37,7 +37,7 @@ from thumbclf.core.files import atomic_text, file_digest
 from thumbclf.nn.engine import softmax
 from thumbclf.nn.familiarity import Familiarity, WithFeatures, split
 from thumbclf.predict import gate as quality
-from thumbclf.predict.engine_cache import cached_verdict, sealed
+from thumbclf.predict.engine_cache import binding, cached_verdict, clear, sealed
 from thumbclf.predict.quantise import INSTALL, quantise
 
 log = logging.getLogger(__name__)
@@ -383,15 +383,17 @@ def _try(model, eng, prec, *, model_file, size, device, channels_last, cache_dir
     if eng == "openvino" and prec == "fp32":
         verdict_file = (cache_dir / "engines" / "verdicts" /
                         f"{cache_key(model_file, eng, prec, size, f'exact|{variant}')}.json")
-        verdict = cached_verdict(verdict_file, folder, f"{eng} {prec}")
+        bound = binding(model_file, folder, verdict_file)
+        verdict = cached_verdict(verdict_file, folder, f"{eng} {prec}", bound)
         if verdict is None:
-            # the same arithmetic as PyTorch fp32: no gate, but converted afresh and bound to
-            # its files
-            shutil.rmtree(folder, ignore_errors=True)
+            # the same arithmetic as PyTorch fp32: no gate, but converted afresh (never into a
+            # link nor over an entry that cannot be removed) and bound to its files
+            if not clear(folder):
+                raise _Refused(f"{eng} {prec}: its cache entry {folder} cannot be replaced")
             runner = _runner(model, eng, prec, size, device, channels_last, folder, calibration,
                              progress)
-            atomic_text(json.dumps(sealed({"passed": True, "exact": True}, folder), indent=1),
-                        verdict_file)
+            atomic_text(json.dumps(sealed({"passed": True, "exact": True}, folder, bound),
+                                   indent=1), verdict_file)
             return runner, "; ".join(notes + [runner.name])
     else:
         why = check.refusal(f"{eng} {prec}")
@@ -401,12 +403,13 @@ def _try(model, eng, prec, *, model_file, size, device, channels_last, cache_dir
         verdict_file = (cache_dir / "engines" / "verdicts" / (cache_key(
             model_file, eng, prec, size, f"{threshold}|{temperature}|{verify_id}|{check.key()}|"
             f"{GATE}|{variant}|{rule}|gate2") + ".json"))
-        verdict = cached_verdict(verdict_file, folder, f"{eng} {prec}")
+        bound = binding(model_file, folder, verdict_file)
+        verdict = cached_verdict(verdict_file, folder, f"{eng} {prec}", bound)
     if verdict is None:
         runner = _runner(model, eng, prec, size, device, channels_last, folder, calibration,
                          progress)
         verdict = check.verdict(runner)
-        atomic_text(json.dumps(sealed(verdict, folder), indent=1), verdict_file)
+        atomic_text(json.dumps(sealed(verdict, folder, bound), indent=1), verdict_file)
         log.info("quality gate for %s %s: %s: %s", eng, prec,
                  "passed" if verdict["passed"] else "FAILED", describe_gate(verdict))
         if verdict["passed"]:

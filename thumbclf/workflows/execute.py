@@ -48,7 +48,9 @@ def execute(params: Params, *, resume: bool = False, quiet: bool = False, debug:
     else:
         # decoding workers share the cores with the model: idle OpenMP threads should sleep,
         # not spin (measured +10% on PNG thumbnails on 2 cores); read when torch loads
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        # (lower case: libgomp compares it case-insensitively in the user's locale, where a
+        # Turkish one folds "I" to a dotless "ı" and rejects "PASSIVE", issue 33)
+        os.environ.setdefault("OMP_WAIT_POLICY", "passive")
         from thumbclf.workflows.deploy import preflight, run
     from thumbclf.predict import distributed
 

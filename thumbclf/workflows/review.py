@@ -11,10 +11,8 @@ import io
 import json
 import logging
 import os
+import shutil
 from concurrent.futures import ThreadPoolExecutor
-from functools import partial
-from http import HTTPStatus
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Sequence
 
@@ -27,19 +25,21 @@ from thumbclf.core import layout, machine
 from thumbclf.core import table as table_io
 from thumbclf.core.decide import UNDECIDED
 from thumbclf.core.errors import DataError, ImageReadError, OutputError
-from thumbclf.core.files import (OutputLock, append_whole, atomic_bytes, atomic_csv, atomic_text,
-                                 repair_tail)
+from thumbclf.core.files import OutputLock, atomic_bytes, atomic_csv, atomic_text
 from thumbclf.inputs import slides
 from thumbclf.inputs.corrections import read_corrections, resolved_key
 from thumbclf.inputs.images import (DEFAULT_MAX_PIXELS, DEFAULT_SLIDE_BUDGET_S, DEFAULT_SLIDE_SIZE,
                                     open_rgb)
+from thumbclf.outputs import journal
 from thumbclf.outputs import review as review_page
+from thumbclf.outputs import sorting
 from thumbclf.outputs.sorting import copy_all
+from thumbclf.workflows import review_server
+from thumbclf.workflows.review_server import EXPORT, HOST
 
 log = logging.getLogger(__name__)
-HOST = "127.0.0.1"  # the page is served on this machine's loopback interface only
-EXPORT = "corrections.csv"
-COLUMNS = ["PATH", "CLASSIFICATION", "REVIEWER", "REVIEWED_AT", "MODEL_PREDICTION"]
+COLUMNS = journal.COLUMNS
+APPLIED = "applied.json"  # review/: the sorted copies the last --apply made
 REVIEWED_CLASS, REVIEWER, REVIEWED_AT = "reviewed_class", "reviewer", "reviewed_at"
 
 
@@ -98,7 +98,7 @@ def write_previews(folder: Path, table: pd.DataFrame, *, quiet: bool = True) -> 
     how many pictures could not be read."""
     review, cfg = folder / layout.REVIEW, settings(folder)
     ok = table[table_io.ERROR].fillna("") == "" if table_io.ERROR in table else [True] * len(table)
-    todo = [p for p, good in zip(table[table_io.PATH].astype(str), ok)
+    todo = [p for p, good in zip(table_io.strings(table[table_io.PATH]), ok)
             if good and not all(f.is_file() for k, f in review_page.preview_files(review, p).items()
                                 if k != "g")]
 
@@ -151,150 +151,13 @@ def _write_review(folder: Path, *, quiet: bool) -> Path:
 # ---------------------------------------------------------------------------- the journal
 
 
-def journal_entries(journal: Path) -> list[dict]:
-    """The journal's entries in order (a torn last line, from a crash, is left out)."""
-    if not journal.is_file():
-        return []
-    out = []
-    for line in journal.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return out
+journal_entries = journal.read  # the journal's entries in sequence order
+write_new = review_server.write_new
 
 
 def corrections_table(entries: list[dict], table: pd.DataFrame) -> pd.DataFrame:
     """The journal's last word on each slide, as corrections.csv (in the table's order)."""
-    last: dict[str, dict] = {}
-    for e in entries:
-        if e.get("classification") is None:
-            last.pop(e.get("path"), None)
-        else:
-            last[e["path"]] = e
-    rows = []
-    for path, decision in zip(table[table_io.PATH].astype(str), table[table_io.DECISION]):
-        e = last.get(os.path.abspath(path))
-        if e:
-            rows.append([e["path"], e["classification"], e.get("reviewer", ""), e.get("at", ""),
-                         decision])
-    return pd.DataFrame(rows, columns=COLUMNS)
-
-
-def write_new(df: pd.DataFrame, folder: Path, name: str) -> Path:
-    """``folder/name``, or name-2, -3 ... where another file is there (kept if identical)."""
-    stem, suffix = os.path.splitext(name)
-    text = table_io.to_csv(df)  # the one table writer: formulas neutralised
-    for i in range(1, 10_000):
-        target = folder / (name if i == 1 else f"{stem}-{i}{suffix}")
-        if not target.exists():
-            atomic_text(text, target)
-            return target
-        if target.read_text(encoding="utf-8", errors="replace") == text:
-            return target
-    raise OutputError(f"{folder}: too many {name} files; remove old ones")
-
-
-class ReviewServer(ThreadingHTTPServer):
-    """The review folder over HTTP on 127.0.0.1, with the journal behind /api/."""
-
-    daemon_threads = True
-
-    def __init__(self, folder: Path, port: int):
-        self.folder = folder
-        self.review = folder / layout.REVIEW
-        self.journal = self.review / layout.REVIEW_JOURNAL
-        self.table, classes = table_io.read(table_file(folder))
-        self.paths = {os.path.abspath(p) for p in self.table[table_io.PATH].astype(str)}
-        self.classes = set(classes) | {UNDECIDED}
-        repair_tail(self.journal)
-        super().__init__((HOST, port), partial(_Handler, directory=str(self.review)))
-
-    @property
-    def url(self) -> str:
-        return f"http://{HOST}:{self.server_address[1]}/{layout.REVIEW_PAGE}"
-
-    def check_entry(self, entry) -> str | None:
-        """Why a journal entry is refused, or None."""
-        if not isinstance(entry, dict) or set(entry) != {"path", "classification", "reviewer", "at"}:
-            return "an entry has path, classification, reviewer and at"
-        if entry["path"] not in self.paths:
-            return "path is not a slide of this results folder"
-        if entry["classification"] is not None and entry["classification"] not in self.classes:
-            return "classification is not a class of this model"
-        if not all(isinstance(entry[k], str) and len(entry[k]) <= 200 for k in ("reviewer", "at")):
-            return "reviewer and at must be short texts"
-        return None
-
-
-class _Handler(SimpleHTTPRequestHandler):
-    server: ReviewServer
-
-    def log_message(self, format, *args):  # noqa: A002 - http.server's name
-        log.debug("review server: " + format, *args)
-
-    def _allowed(self) -> bool:
-        """Only this machine's own page: the Host (DNS rebinding) and, on writes, the Origin."""
-        port = self.server.server_address[1]
-        hosts = {f"{HOST}:{port}", f"localhost:{port}"}
-        if self.headers.get("Host") not in hosts:
-            self.send_error(HTTPStatus.FORBIDDEN, "unknown host")
-            return False
-        origin = self.headers.get("Origin")
-        if self.command == "POST" and origin is not None and origin not in {f"http://{h}" for h in hosts}:
-            self.send_error(HTTPStatus.FORBIDDEN, "cross-origin request")
-            return False
-        return True
-
-    def _reply(self, status: int, body: bytes, kind: str) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", kind)
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Cache-Control", "no-store")
-        self.end_headers()
-        self.wfile.write(body)
-
-    def do_GET(self):  # noqa: N802 - http.server's name
-        if not self._allowed():
-            return
-        if self.path.split("?")[0] == "/api/journal":
-            body = json.dumps(journal_entries(self.server.journal)).encode()
-            return self._reply(HTTPStatus.OK, body, "application/json")
-        if self.path == "/":
-            self.path = "/" + layout.REVIEW_PAGE
-        return super().do_GET()
-
-    def do_HEAD(self):  # noqa: N802
-        if self._allowed():
-            super().do_HEAD()
-
-    def do_POST(self):  # noqa: N802
-        if not self._allowed():
-            return
-        route = self.path.split("?")[0]
-        if route == "/api/journal":
-            if self.headers.get("Content-Type", "").split(";")[0].strip() != "application/json":
-                return self._reply(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, b"JSON only", "text/plain")
-            length = int(self.headers.get("Content-Length") or 0)
-            if length > 100_000:
-                return self._reply(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, b"too large", "text/plain")
-            try:
-                entry = json.loads(self.rfile.read(length))
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                return self._reply(HTTPStatus.BAD_REQUEST, b"not JSON", "text/plain")
-            why = self.server.check_entry(entry)
-            if why:
-                return self._reply(HTTPStatus.BAD_REQUEST, why.encode(), "text/plain")
-            line = json.dumps(entry, ensure_ascii=False) + "\n"
-            append_whole(self.server.journal, line.encode("utf-8", "surrogateescape"))
-            return self._reply(HTTPStatus.NO_CONTENT, b"", "text/plain")
-        if route == "/api/export":
-            df = corrections_table(journal_entries(self.server.journal), self.server.table)
-            target = write_new(df, self.server.review, EXPORT)
-            text = f"wrote {len(df)} corrections to {target}"
-            log.info("%s", text)
-            return self._reply(HTTPStatus.OK, text.encode("utf-8", "replace"), "text/plain")
-        return self._reply(HTTPStatus.NOT_FOUND, b"not found", "text/plain")
+    return journal.corrections(entries, table)
 
 
 def serve(folder: Path, port: int = 8765, *, quiet: bool = True, ready=None) -> None:
@@ -303,12 +166,14 @@ def serve(folder: Path, port: int = 8765, *, quiet: bool = True, ready=None) -> 
     with _lock(folder):
         _write_review(folder, quiet=quiet)
         try:
-            server = ReviewServer(folder, port)
-        except OSError as exc:
-            raise OutputError(f"{HOST}:{port}: cannot serve the review page ({exc.strerror or exc}); "
-                              "choose another --port") from None
-        log.info("review page at %s (this machine only; from another one: ssh -L %d:%s:%d "
-                 "HOST); corrections are saved in %s; stop with Ctrl-C", server.url,
+            server = review_server.ReviewServer(folder, port, table_file(folder))
+        except (OSError, OverflowError) as exc:  # OverflowError: a port over 65535
+            why = getattr(exc, "strerror", None) or exc
+            raise OutputError(f"{HOST}:{port}: cannot serve the review page ({why}); choose "
+                              "another --port (1 to 65535)") from None
+        log.info("review page at %s (this machine only; the address holds this run's secret "
+                 "token: give it to no one; from another machine: ssh -L %d:%s:%d HOST); "
+                 "corrections are saved in %s; stop with Ctrl-C", server.url,
                  server.server_address[1], HOST, server.server_address[1], server.journal)
         if ready is not None:
             ready(server)
@@ -327,7 +192,8 @@ def reviewed_table(table: pd.DataFrame, classes: list[str], corrections) -> pd.D
     """The predictions table plus the reviewed class (the model's decision where no correction
     says otherwise), the reviewer and when. DataError for corrections of slides not in the
     table or of classes the model does not have, naming the rows."""
-    index = {resolved_key(os.path.abspath(p)): i for i, p in enumerate(table[table_io.PATH].astype(str))}
+    index = {resolved_key(os.path.abspath(p)): i
+             for i, p in enumerate(table_io.strings(table[table_io.PATH]))}
     outside = [c for c in corrections if c.key not in index]
     if outside:
         shown = ", ".join(f"{c.where} ({c.path})" for c in outside[:5])
@@ -339,7 +205,7 @@ def reviewed_table(table: pd.DataFrame, classes: list[str], corrections) -> pd.D
         raise DataError(f"corrections: classes the model does not have: {shown}; the classes "
                         f"are {', '.join(classes)} and {UNDECIDED}")
     out = table.copy()
-    reviewed = out[table_io.DECISION].astype(str).tolist()
+    reviewed = table_io.strings(out[table_io.DECISION])
     who, when = [""] * len(out), [""] * len(out)
     for c in corrections:
         i = index[c.key]
@@ -350,30 +216,56 @@ def reviewed_table(table: pd.DataFrame, classes: list[str], corrections) -> pd.D
 
 def reviewed_copies(folder: Path, table: pd.DataFrame, cfg: dict) -> list[tuple[Path, Path]]:
     """(source, copy) for each slide whose reviewed class differs from the model's decision:
-    sorted/<reviewed class>/<name>__<hash of its path>, the same name on every run."""
-    root = folder / "sorted"
+    sorted/<reviewed class>/<name>__<hash of its path>, the same name on every run; the
+    deploy's own copy path (sorting.source_jobs: a DICOM slide is its series, never its label)."""
+    root = folder / layout.SORTED
     changed = table[(table[REVIEWED_CLASS] != table[table_io.DECISION])
                     & (table[table_io.ERROR].fillna("") == "" if table_io.ERROR in table else True)]
-    folders = layout.component_map(changed[REVIEWED_CLASS].astype(str))
+    folders = layout.component_map(table_io.strings(changed[REVIEWED_CLASS]))
     jobs = []
-    for path_text, cls in zip(changed[table_io.PATH].astype(str), changed[REVIEWED_CLASS].astype(str)):
-        src, tag = Path(path_text), review_page.preview_stem(path_text)[:8]
-        stem = f"{layout.safe_component(src.stem)}__{tag}"
+    for path_text, cls in zip(table_io.strings(changed[table_io.PATH]),
+                              table_io.strings(changed[REVIEWED_CLASS])):
+        src, tag, thumb = Path(path_text), review_page.preview_stem(path_text)[:8], None
         if slides.is_slide(src):
             thumb = folder / layout.REVIEW / "thumbnails" / f"{review_page.preview_stem(path_text)}.png"
             if not thumb.is_file():
                 buf = io.BytesIO()
                 picture(src, cfg).save(buf, format="PNG")
                 atomic_bytes(buf.getvalue(), thumb)
-            jobs.append((thumb, root / folders[cls] / layout.safe_file_name(stem, ".png")))
-            if cfg["sort_slides"]:
-                jobs.append((src, root / folders[cls] / layout.safe_file_name(stem, src.suffix)))
-        else:
-            jobs.append((src, root / folders[cls] / layout.safe_file_name(stem, src.suffix)))
-    for _, dst in jobs:
-        if not layout.inside(root, dst):
-            raise OutputError(f"{dst}: would land outside {root}; refused")
+
+        def name(stem: str, suffix: str, _source: str, target=root / folders[cls], tag=tag) -> Path:
+            return target / layout.safe_file_name(f"{layout.safe_component(stem)}__{tag}", suffix)
+
+        jobs += sorting.source_jobs(src, thumb, name, with_slides=cfg["sort_slides"])
+    sorting.check_inside(root, jobs)
     return jobs
+
+
+def _drop_stale(folder: Path, jobs: list[tuple[Path, Path]]) -> int:
+    """Remove the copies an earlier --apply made (listed in review/applied.json) that these
+    corrections no longer make, so that no slide stays in two class folders (issue 33); then
+    list this apply's copies. Only files this command made are ever removed."""
+    record, root = folder / layout.REVIEW / APPLIED, folder / layout.SORTED
+    try:
+        before = json.loads(record.read_text(encoding="utf-8", errors="surrogateescape"))
+    except (OSError, ValueError):
+        before = []
+    now = {str(dst.relative_to(folder)) for _, dst in jobs}
+    removed = 0
+    for rel in before if isinstance(before, list) else []:
+        old = folder / str(rel)
+        if rel in now or not layout.inside(root, old) or old.is_symlink():
+            continue
+        if old.is_dir():
+            shutil.rmtree(old)
+            removed += 1
+        elif old.is_file():
+            old.unlink()
+            removed += 1
+    text = json.dumps(sorted(now), ensure_ascii=False, indent=0)
+    if before != sorted(now) or not record.is_file():
+        atomic_text(text, record)
+    return removed
 
 
 def apply(folder: Path, tables: Sequence[Path]) -> Path:
@@ -390,8 +282,10 @@ def apply(folder: Path, tables: Sequence[Path]) -> Path:
         if not target.is_file():
             atomic_csv(reviewed, target)
         jobs = reviewed_copies(folder, reviewed, settings(folder))
+        stale = _drop_stale(folder, jobs)
         made, kept = copy_all(jobs)
         n = int((reviewed[REVIEWED_CLASS] != reviewed[table_io.DECISION]).sum())
         log.info("reviewed: %d of %d slides have a class other than the model's; %s; sorted "
-                 "copies: %d made, %d there already", n, len(reviewed), target, made, kept)
+                 "copies: %d made, %d there already, %d of earlier corrections removed", n,
+                 len(reviewed), target, made, kept, stale)
         return target

@@ -22,13 +22,52 @@ SETUP_ONLY = {layout.RUN_LOG, layout.CONFIG, layout.LOCK, ".write-test"}  # a ru
 
 
 def check_cache_apart(params) -> None:
-    """ConfigError when the cache folder is, or lies inside, a folder input: thumbclf never
-    writes into its inputs (and would read its own cache as images)."""
+    """ConfigError when the cache folder is, or lies inside, a folder input or a folder that a
+    table's images live in (issue 33: matplotlib's cache went there): thumbclf never writes into
+    its inputs (and would read its own cache as images)."""
     data, cache = getattr(params, "thumb_data", None), params.cache_root
-    if data is not None and Path(data).is_dir() and layout.inside(Path(data), cache):
-        where = "the input folder" if Path(data).resolve() == cache.resolve() else "inside it"
-        raise ConfigError(f"{params.source}: cache_dir {cache} is {where} (thumbData: {data}); "
-                          "thumbclf never writes into its inputs: choose a cache_dir outside it")
+    if data is None:
+        return
+    data, chosen = Path(data), "cache_dir" in getattr(params, "given", ())
+    # a table's image folders: a cache_dir you chose may not lie in one; the default cache,
+    # beside the results folder, may sit beside the images (never among a folder input's)
+    folders = ([data] if data.is_dir() else _table_folders(data) if data.is_file() and chosen
+               else [])
+    for folder in folders:
+        if layout.inside(folder, cache):
+            where = "the input folder" if folder.resolve() == cache.resolve() else "inside it"
+            if not chosen:  # the default cache, beside --output
+                raise ConfigError(f"{params.output}: the results folder is inside the input "
+                                  f"folder {folder} (thumbData: {data}), and so would be its "
+                                  f"cache ({cache}); thumbclf never writes into its inputs: "
+                                  "choose an --output outside it")
+            if folder != data:
+                where = f"in {folder}, a folder of the table's images"
+            raise ConfigError(f"{params.source}: cache_dir {cache} is {where} (thumbData: "
+                              f"{data}); thumbclf never writes into its inputs: choose a "
+                              "cache_dir outside it")
+
+
+def _table_folders(table: Path) -> list[Path]:
+    """The folders a table's images (or DICOM slide folders) live in; [] where the table cannot
+    be read now (reading it reports that later, with its row)."""
+    from thumbclf.inputs.samples import read_table
+
+    try:
+        df = read_table(table)
+    except Exception:  # noqa: BLE001 - discover() names the problem with the row
+        return []
+    column = next((c for c in df.columns if str(c).upper() == "PATH"), None)
+    if column is None:
+        return []
+    out = set()
+    for text in df[column].dropna().astype(str):
+        path = table.parent / text  # an absolute path stays itself
+        try:
+            out.add(path if path.is_dir() else path.parent)
+        except OSError:  # a name too long: its row says so later
+            out.add(path.parent)
+    return sorted(out)
 
 
 def check_output(folder: Path, *, resume: bool) -> None:

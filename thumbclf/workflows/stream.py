@@ -18,7 +18,7 @@ from thumbclf.config import DeployParams
 from thumbclf.core import layout
 from thumbclf.core import table as table_io
 from thumbclf.core.decide import decide_with_reasons
-from thumbclf.core.errors import DataError, ModelError, OutputError, clean
+from thumbclf.core.errors import DataError, ImageReadError, ModelError, OutputError, clean
 from thumbclf.core.files import append_whole, atomic_csv, atomic_text, file_digest, repair_tail
 from thumbclf.inputs import readrecord, slides
 from thumbclf.inputs.samples import SampleSet
@@ -171,10 +171,9 @@ def final_table(sample_set: SampleSet, partial: Path, classes: tuple[str, ...],
     rows = table_io.read_csv(partial, numeric=["position", *classes, *table_io.SIGNALS])
     rows = rows.drop_duplicates("position", keep="last").set_index("position").sort_index()
     rows = rows.reindex(range(len(sample_set)))
-    errors = rows[table_io.ERROR].fillna("").to_numpy()
+    errors = rows[table_io.ERROR].fillna("").to_numpy(dtype=object, copy=True)
+    slide_properties = _properties(sample_set, is_slide, rows, errors, classes)
     signals = {c: rows[c].to_numpy(dtype=float) for c in table_io.SIGNALS}
-    slide_properties = [slides.properties(s.path) if slide and not err else None
-                        for s, slide, err in zip(sample_set.samples, is_slide, errors)]
     records = None
     if read_from is not None:  # issue 30: the read record, kept beside the cached thumbnail
         records = [readrecord.of_slide(s.path, *read_from, properties=props,
@@ -188,6 +187,25 @@ def final_table(sample_set: SampleSet, partial: Path, classes: tuple[str, ...],
                           rows=any(s.row is not None for s in sample_set.samples),
                           errors=errors, slide_properties=slide_properties,
                           read_records=records)
+
+
+def _properties(sample_set: SampleSet, is_slide: list[bool], rows: pd.DataFrame,
+                errors: np.ndarray, classes) -> list[dict | None]:
+    """Each readable slide's properties; a slide whose properties cannot be read (a truncated
+    file) gets the error in its row, and its prediction is dropped: that slide's row, never the
+    whole table (issue 33)."""
+    found: list[dict | None] = []
+    for i, (s, slide) in enumerate(zip(sample_set.samples, is_slide)):
+        found.append(None)
+        if slide and not errors[i]:
+            try:
+                found[i] = slides.properties(s.path)
+            except ImageReadError as exc:
+                log.warning("%s", clean(str(exc)))
+                errors[i] = clean(str(exc))
+                rows.loc[i, [*classes, table_io.DECISION, table_io.REASON,
+                             *table_io.SIGNALS]] = np.nan
+    return found
 
 
 def partial_header(classes) -> list[str]:

@@ -334,7 +334,7 @@ def _splits(params: TrainParams, folder: Path, sample_set: SampleSet, resume: bo
     split_file = folder / layout.SPLITS
     if resume and split_file.is_file():
         log.info("resuming with the splits in %s", split_file)
-        return splitting.load(split_file, paths)
+        return splitting.load(split_file, paths, labels)
     split_df = splitting.make_splits(labels, patients, folds=params.fold_number,
                                      full=params.train_full, val_fraction=params.val_fraction,
                                      seed=params.seed)
@@ -349,7 +349,8 @@ def with_corrections(sample_set: SampleSet, params: TrainParams) -> tuple[Sample
         return sample_set, ""
     found = read_corrections(params.corrections)
     sample_set, applied = apply_corrections(sample_set, found, target_labels=params.target_labels,
-                                            tables=len(params.corrections))
+                                            tables=len(params.corrections),
+                                            min_images=2 if params.train_full else params.fold_number)
     log.info("%s", applied.sentence())
     return sample_set, applied.sentence()
 

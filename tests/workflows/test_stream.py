@@ -1,0 +1,38 @@
+"""workflows/stream.py: the predictions table from the partial file."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from thumbclf.core.files import append_whole
+from thumbclf.inputs.samples import Sample, SampleSet
+from thumbclf.workflows import stream
+
+
+def test_a_slide_that_fails_after_reading_is_its_row_not_the_whole_table(tmp_path):
+    """Issue 33, item 2: its tiles were read and predicted, then final_table asked for the
+    slide's properties, and the deploy ended with exit 2 and no predictions.csv for any slide
+    (and --resume failed the same way forever)."""
+    import tifffile
+
+    good, cut = tmp_path / "good.svs", tmp_path / "cut.svs"
+    img = np.random.default_rng(0).integers(0, 255, (1200, 1600, 3), dtype=np.uint8)
+    with tifffile.TiffWriter(good) as tw:
+        for k in (1, 4):
+            tw.write(img[::k, ::k].copy(), tile=(256, 256), photometric="rgb", compression="jpeg",
+                     description="Aperio Image Library v12.0.0\n1600x1200 |AppMag = 20|MPP = 0.5"
+                     if k == 1 else "", subfiletype=0 if k == 1 else 1)
+    cut.write_bytes(good.read_bytes()[: good.stat().st_size * 2 // 3])
+    classes = ("A", "B")
+    samples = SampleSet(samples=(Sample(good), Sample(cut)), classes=classes, has_patients=False,
+                        source=tmp_path)
+    partial = tmp_path / "partial.csv"
+    append_whole(partial, "".join(",".join(map(str, r)) + "\n" for r in (
+        stream.partial_header(classes), [0, 0.9, 0.1, "A", "", "", ""],
+        [1, 0.2, 0.8, "B", "", "", ""])).encode())
+    table = stream.final_table(samples, partial, classes, False, 0.5, [True, True])
+    assert list(table["model_prediction"].fillna("")) == ["A", ""]
+    assert table["error"][0] == "" and "truncated or corrupt" in table["error"][1]
+    assert np.isnan(table["B"][1]) and table["B"][0] == pytest.approx(0.1)
+    assert table["slide_width"][0] == 1600 and table["slide_width"].isna()[1]
