@@ -57,15 +57,9 @@ def execute(params: Params, *, resume: bool = False, quiet: bool = False, debug:
     if distributed.active():  # torchrun: rank 0 owns the results folder, the others train along
         return _execute_ranks(params, workflow, resume=resume, quiet=quiet, debug=debug,
                               progress=progress)
-    folder = params.output
-    if shard is not None:  # issue 30: a SLURM array's share, in its own folder
-        from thumbclf.workflows import shards
-
-        folder = shards.folder_of(params.output, shard)
-        if shards.is_finished(folder):
-            log.warning("shard %s (%s) finished already in %s; skipped", shard, shard.why, folder)
-            return folder
-        resume = folder.is_dir() and any(folder.iterdir())  # a re-submitted array goes on
+    folder, resume, skip = _folder(params, shard, resume)
+    if skip:
+        return folder
     check_output(folder, resume=resume)  # everything that can be checked before the
     preflight(params)  # first file is written: the folder, the inputs, weights, caches
     with prepare_output(folder, resume=resume):  # the folder is this run's until it returns
@@ -81,6 +75,20 @@ def execute(params: Params, *, resume: bool = False, quiet: bool = False, debug:
         if shard is not None:
             return run(params, resume=resume, quiet=not progress, shard=shard)
         return run(params, resume=resume, quiet=not progress)
+
+
+def _folder(params: Params, shard, resume: bool) -> tuple[Path, bool, bool]:
+    """The run's folder, whether it resumes, and whether it is a finished shard to skip."""
+    if shard is None:
+        return params.output, resume, False
+    from thumbclf.workflows import shards  # issue 30: a SLURM array's share, in its own folder
+
+    folder = shards.folder_of(params.output, shard)
+    if shards.is_finished(folder):
+        log.warning("shard %s (%s) finished already in %s; skipped", shard, shard.why, folder)
+        return folder, resume, True
+    return folder, folder.is_dir() and any(folder.iterdir()), False  # a re-submitted array
+    # goes on
 
 
 def _execute_ranks(params: Params, workflow: str, *, resume: bool, quiet: bool, debug: bool,

@@ -237,9 +237,8 @@ def _fold_table(params: TrainParams, model: nn.Module, decoded, y: np.ndarray,
     (fitted on training features and looks, thresholded on validation ones; None when off).
 
     What the best epoch computed anyway is reused (``fitted``): its validation logits and
-    features (evaluation mode, the same weights: the same numbers a new pass would give) and the
-    features of its own training passes for the rule's bank; a separate pass only where those
-    are missing (a resume from an older checkpoint)."""
+    features (evaluation mode, the same weights: the same numbers a new pass would give) and
+    its training passes' features for the bank; a pass only where those are missing."""
     classes = sample_set.classes
 
     def outputs(positions):  # logits and features (unaugmented, evaluation mode), in order
