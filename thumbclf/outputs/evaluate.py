@@ -22,7 +22,7 @@ from thumbclf.core.files import atomic_csv, atomic_text
 from thumbclf.inputs.decode import load_array
 from thumbclf.inputs.images import Preprocessing
 from thumbclf.outputs import metrics as M
-from thumbclf.outputs import plots, report, trust
+from thumbclf.outputs import plots, reasons, report
 from thumbclf.outputs import summary as plain
 
 log = logging.getLogger(__name__)
@@ -132,7 +132,7 @@ def evaluate_table(df: pd.DataFrame, classes: list[str], out: Path, *, threshold
     atomic_csv(pd.DataFrame(rows), out / layout.METRICS_CSV)
     sections = _sections(m, scopes, cm, figs, used=used, resamples=resamples,
                          patients="PATIENT" in df.columns)
-    sections += trust.section(df, out, load)
+    sections += reasons.section(df, out, load)
     sections += list(extra_sections)
     first = plain.section(plain.decisions_lines(df, review=review, sorted_into=sorted_into,
                                                 failures=failures) + plain.quality_lines(m),
@@ -246,7 +246,7 @@ def decisions_report(folder: Path, table: pd.DataFrame, *, classes, failures: in
                  "reason in the error column.</div>")
     sections = [("Decisions", report.table(summary, index=False) + report.img(fig, "decisions")),
                 ("Undecided", report.img(gallery, "undecided") or "<p>No Undecided slides.</p>")]
-    sections += trust.section(ok, folder, thumbs)
+    sections += reasons.section(ok, folder, thumbs)
     first = plain.section(plain.decisions_lines(table, review=folder, sorted_into=sorted_into))
     report.write(folder / layout.REPORT, title=title,
                  kind="Deployment without labels", params=settings,

@@ -1,5 +1,5 @@
 """Why slides are Undecided, which part of the rule fired, and figures per source
-(outputs/trust.py; the SOURCE column of inputs/samples.py).
+(outputs/reasons.py; the SOURCE column of inputs/samples.py).
 
 Issue 28: Undecided that holds on real slides (items 1-3).
 """
@@ -12,7 +12,7 @@ import pandas as pd
 from thumbclf.core import table
 from thumbclf.core.decide import LOW_CONFIDENCE, NO_TISSUE, UNDECIDED, UNFAMILIAR
 from thumbclf.inputs.samples import discover
-from thumbclf.outputs import trust
+from thumbclf.outputs import reasons
 from thumbclf.outputs.evaluate import evaluate_table
 
 
@@ -33,20 +33,20 @@ def _table() -> pd.DataFrame:
 
 
 def test_reasons_are_counted_by_code_and_part():
-    counts = trust.reason_counts(_table())
+    counts = reasons.reason_counts(_table())
     assert counts == {NO_TISSUE: 1, f"{UNFAMILIAR} (content)": 0, f"{UNFAMILIAR} (look)": 1,
                       f"{UNFAMILIAR} (content and look)": 0, "unfamiliar source": 0,
                       LOW_CONFIDENCE: 1}
-    assert trust.fired(_table()) == ["", "", "", "", "look", ""]
+    assert reasons.fired(_table()) == ["", "", "", "", "look", ""]
 
 
 def test_figures_per_source():
-    sources = trust.by_source(_table())
+    sources = reasons.by_source(_table())
     assert list(sources.index) == ["lab 1", "lab 2"]
     assert sources.loc["lab 1", "coverage"] == 1.0 and sources.loc["lab 2", "coverage"] == 0.0
     assert sources.loc["lab 1", "accuracy (decided)"] == 1.0
     assert sources.loc["lab 2", f"Undecided: {NO_TISSUE}"] == 1
-    assert trust.by_source(_table().drop(columns=[table.SOURCE])) is None
+    assert reasons.by_source(_table().drop(columns=[table.SOURCE])) is None
 
 
 def test_the_report_and_metrics_give_each_source(tmp_path):
