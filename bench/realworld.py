@@ -20,7 +20,8 @@ synthetic slide types, once per variant (``default``: this checkout's defaults; 
   decided again from the same predictions (the unfamiliarity parts scaled by 1.5 / margin), to
   show what each trades;
 - on the synthetic test set and the same slides as other labs would scan them (shifts), and a
-  type never trained on (TMA): as bench/trust.py.
+  type never trained on (TMA) mixed into the test slides of the other types, as an archive
+  would hold it (one deploy).
 
 Writes bench/out/realworld/ (the deploys' reports hold the galleries of each reason) and prints
 Markdown tables.
@@ -65,8 +66,8 @@ def real_table(out: Path) -> Path:
         rows.append({"PATH": str(p), "SOURCE": p.name.split("_")[0],
                      "REAL_LABEL": THUMBNAIL_LABELS.get(p.name, "Unknown")})
     out.mkdir(parents=True, exist_ok=True)
-    pd.DataFrame(rows).to_csv(out / "real.csv", index=False)
-    return out / "real.csv"
+    pd.DataFrame(rows).to_csv(out / "real-inputs.csv", index=False)
+    return out / "real-inputs.csv"
 
 
 def real_scores(pred: pd.DataFrame, labels: pd.DataFrame, margin: float = 1.5,
@@ -152,41 +153,48 @@ def main() -> None:
                    "gradcam": 0, "bootstrap": 0, "engine": "torch"}
             trust.run(ROOT, "deploy_thumbclassifier.py",
                       trust.experiment(vdir / f"{test}.yaml", dep), vdir / test)
+            reasons = pd.read_csv(vdir / test / "predictions.csv", keep_default_na=False)
             synth_rows.append({"variant": v, "deploy on": test, **trust.scores(
-                vdir / test / "predictions.csv", list(synth.CLASSES))})
+                vdir / test / "predictions.csv", list(synth.CLASSES)), "unfamiliar source":
+                float((reasons[table.REASON] == "unfamiliar source").mean())})
             print(synth_rows[-1], flush=True)
     open_rows: list[dict] = []
     _unseen(a, data, open_rows)
     for name, rows in (("real", real_rows), ("synthetic", synth_rows), ("unseen", open_rows)):
         if rows:
             frame = pd.DataFrame(rows)
-            frame.to_csv(a.out / f"{name}.csv", index=False)
+            frame.to_csv(a.out / f"results-{name}.csv", index=False)
             print(f"\n{name}\n\n" + frame.to_markdown(index=False, floatfmt=".3f"), flush=True)
 
 
 def _unseen(a, data: Path, rows: list[dict]) -> None:
-    """The default model trained without TMA, deployed on TMA and on the other test slides."""
+    """The default model trained without TMA, deployed on an archive of the 150 test slides of
+    the other types with the 30 TMA slides mixed in (one deploy, as an archive would hold them)."""
     known = [c for c in synth.CLASSES if c != "TMA"]
     vdir = a.out / "default"
     keys = {**trust.PROTOTYPE, "max_epochs": a.max_epochs}
     trust.run(ROOT, "train_thumbclassifier.py", trust.experiment(vdir / "train_known.yaml", {
         "thumb_data": str(data / "train" / "labels.csv"), "train_full": True,
         "target_labels": known, **keys}), vdir / "train_known")
-    for test in ("unseen", "test"):
-        dep = {"thumb_data": str(data / test), "model_path": str(vdir / "train_known"),
-               "gradcam": 0, "bootstrap": 0, "engine": "torch", "has_labels": False}
-        trust.run(ROOT, "deploy_thumbclassifier.py",
-                  trust.experiment(vdir / f"known-{test}.yaml", dep), vdir / f"known-{test}")
-    unseen = pd.read_csv(vdir / "known-unseen" / "predictions.csv", keep_default_na=False)
-    indist = pd.read_csv(vdir / "known-test" / "predictions.csv", keep_default_na=False)
-    indist = indist[[Path(p).parent.name in known for p in indist["PATH"]]]
-    decided = indist[indist[table.DECISION] != UNDECIDED]
-    rows.append({"variant": "default", "TMA (unseen) Undecided": float(
-        (unseen[table.DECISION] == UNDECIDED).mean()),
-        "in-distribution coverage": len(decided) / max(len(indist), 1),
-        "in-distribution accuracy (decided)": float(
-            (decided[table.DECISION] == [Path(p).parent.name for p in decided["PATH"]]).mean())
-        if len(decided) else float("nan")})
+    paths = [p for name in ("test", "unseen") for p in sorted((data / name).rglob("*.jpg"))
+             if name == "unseen" or p.parent.name in known]
+    pd.DataFrame({"PATH": [str(p) for p in paths]}).to_csv(vdir / "mixed.csv", index=False)
+    dep = {"thumb_data": str(vdir / "mixed.csv"), "model_path": str(vdir / "train_known"),
+           "gradcam": 0, "bootstrap": 0, "engine": "torch", "has_labels": False}
+    trust.run(ROOT, "deploy_thumbclassifier.py", trust.experiment(vdir / "known-mixed.yaml", dep),
+              vdir / "known-mixed")
+    df = pd.read_csv(vdir / "known-mixed" / "predictions.csv", keep_default_na=False)
+    truth = np.array([Path(p).parent.name for p in df["PATH"]])
+    undecided = (df[table.DECISION] == UNDECIDED).to_numpy()
+    indist = truth != "TMA"
+    decided = indist & ~undecided
+    rows.append({"variant": "default", "TMA (unseen) Undecided": float(undecided[~indist].mean()),
+                 "in-distribution coverage": float(decided.sum() / max(indist.sum(), 1)),
+                 "in-distribution accuracy (decided)": float(
+                     (df[table.DECISION].to_numpy()[decided] == truth[decided]).mean())
+                 if decided.any() else float("nan"),
+                 "Undecided: unfamiliar source": int((df[table.REASON] == "unfamiliar source"
+                                                      ).sum())})
     print(rows[-1], flush=True)
 
 

@@ -79,7 +79,7 @@ def test_predict_gives_the_command_lines_predictions(trained, tiny_data, tmp_pat
 
     paths = model.predict(list(cli["PATH"]))  # a list of paths: no labels, no row numbers
     assert list(paths.columns) == ["PATH", *classes, "model_prediction", "undecided_reason",
-                                   "error", "threshold"]
+                                   "tissue_fraction", "error", "threshold"]  # tissue: issue 28
     assert np.array_equal(paths[classes].to_numpy(), cli[classes].to_numpy())
     assert list(paths["model_prediction"]) == list(cli["model_prediction"])
 

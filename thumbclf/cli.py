@@ -138,7 +138,7 @@ def command_parser() -> argparse.ArgumentParser:
     return ap
 
 
-COMMANDS = (TRAIN, DEPLOY, PRETRAIN, "evaluate", "review", "init")
+COMMANDS = (TRAIN, DEPLOY, PRETRAIN, "evaluate", "review", "merge", "init")
 
 
 STOP_SIGNALS = ("SIGTERM", "SIGHUP")  # SIGINT is Python's KeyboardInterrupt already

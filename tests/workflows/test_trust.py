@@ -179,7 +179,7 @@ def test_unfamiliar_rule_marks_random_noise_undecided(trained, mixed, tmp_path):
     assert (df.loc[noise, "unfamiliarity"].astype(float) > 1).all()
     assert (df.loc[~noise, "undecided_reason"] != UNFAMILIAR).sum() >= 5
     report = (out / "report.html").read_text()
-    assert "Unfamiliar slides" in report and "Unfamiliar-slide rule: on" in report
+    assert "Undecided: why" in report and "Unfamiliar-slide rule: on" in report
     assert (out / "plots" / "gallery_unfamiliar.png").is_file()
 
 
@@ -194,7 +194,7 @@ def test_evaluate_reads_the_new_columns_and_keeps_the_rule(trained, tmp_path):
     unfamiliar = (df["unfamiliarity"].astype(float) > 1).sum()
     assert unfamiliar >= 1
     assert m["coverage"] == pytest.approx((len(df) - unfamiliar) / len(df))
-    assert "Unfamiliar slides" in (out / "report.html").read_text()
+    assert "Undecided: why" in (out / "report.html").read_text()
 
 
 def test_adaptation_never_changes_the_model_file_and_is_saved_with_the_run(trained, mixed,

@@ -22,15 +22,19 @@ from thumbclf.core.files import atomic_csv, atomic_text
 from thumbclf.inputs.decode import load_array
 from thumbclf.inputs.images import Preprocessing
 from thumbclf.outputs import metrics as M
-from thumbclf.outputs import plots, reasons, report
+from thumbclf.outputs import plots, report
+from thumbclf.outputs.reasons import section as reasons_section
 from thumbclf.outputs import summary as plain
 
 log = logging.getLogger(__name__)
 
 
-def _thumb_loader(size: int = 160, slide_size: int = 512, slide_cache: Path | None = None):
-    """Small images for galleries; slides come from the run's thumbnail cache when given."""
-    prep = Preprocessing(size=size, slide_size=slide_size)
+def _thumb_loader(size: int = 160, slide_size: int = 512, slide_cache: Path | None = None,
+                  slide_budget_s: float | None = None):
+    """Small images for galleries; slides come from the run's thumbnail cache when given, and
+    are read within the run's per-slide budget where they are not in it."""
+    prep = Preprocessing(size=size, slide_size=slide_size,
+                         **({} if slide_budget_s is None else {"slide_budget_s": slide_budget_s}))
 
     def load(path: str):
         try:
@@ -132,7 +136,7 @@ def evaluate_table(df: pd.DataFrame, classes: list[str], out: Path, *, threshold
     atomic_csv(pd.DataFrame(rows), out / layout.METRICS_CSV)
     sections = _sections(m, scopes, cm, figs, used=used, resamples=resamples,
                          patients="PATIENT" in df.columns)
-    sections += reasons.section(df, out, load)
+    sections += reasons_section(df, out, load)
     sections += list(extra_sections)
     first = plain.section(plain.decisions_lines(df, review=review, sorted_into=sorted_into,
                                                 failures=failures) + plain.quality_lines(m),
@@ -246,7 +250,7 @@ def decisions_report(folder: Path, table: pd.DataFrame, *, classes, failures: in
                  "reason in the error column.</div>")
     sections = [("Decisions", report.table(summary, index=False) + report.img(fig, "decisions")),
                 ("Undecided", report.img(gallery, "undecided") or "<p>No Undecided slides.</p>")]
-    sections += reasons.section(ok, folder, thumbs)
+    sections += reasons_section(ok, folder, thumbs)
     first = plain.section(plain.decisions_lines(table, review=folder, sorted_into=sorted_into))
     report.write(folder / layout.REPORT, title=title,
                  kind="Deployment without labels", params=settings,

@@ -22,8 +22,8 @@ log = logging.getLogger(__name__)
 
 def run_thumb_loader(params):
     """Gallery images for a run: slide thumbnails come from its cache, not from the slides."""
-    return _thumb_loader(slide_size=params.slide_thumbnail_size,
-                         slide_cache=params.slide_cache)
+    return _thumb_loader(slide_size=params.slide_thumbnail_size, slide_cache=params.slide_cache,
+                         slide_budget_s=params.slide_budget_s)
 
 
 def evaluate_run(folder: Path, table: pd.DataFrame, *, classes, params, kind: str, sample_set,
