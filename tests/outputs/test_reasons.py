@@ -35,7 +35,7 @@ def _table() -> pd.DataFrame:
 def test_reasons_are_counted_by_code_and_part():
     counts = reasons.reason_counts(_table())
     assert counts == {NO_TISSUE: 1, f"{UNFAMILIAR} (content)": 0, f"{UNFAMILIAR} (look)": 1,
-                      f"{UNFAMILIAR} (content and look)": 0, "unfamiliar source": 0,
+                      f"{UNFAMILIAR} (content and look)": 0, UNFAMILIAR: 0, "unfamiliar source": 0,
                       LOW_CONFIDENCE: 1}
     assert reasons.fired(_table()) == ["", "", "", "", "look", ""]
 

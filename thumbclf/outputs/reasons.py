@@ -42,6 +42,7 @@ def reason_counts(df: pd.DataFrame) -> dict[str, int]:
     unfamiliar = undecided & (reasons == UNFAMILIAR).to_numpy()
     for name in ("content", "look", "content and look"):
         counts[f"{UNFAMILIAR} ({name})"] = int((unfamiliar & (parts == name)).sum())
+    counts[UNFAMILIAR] = int((unfamiliar & (parts == "")).sum())  # a table without the parts
     counts[UNFAMILIAR_SOURCE] = int((undecided & (reasons == UNFAMILIAR_SOURCE)).sum())
     counts[LOW_CONFIDENCE] = int((undecided & ((reasons == LOW_CONFIDENCE) | (reasons == ""))
                                   ).sum())
