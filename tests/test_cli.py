@@ -46,7 +46,7 @@ def test_a_mistyped_command_gets_a_suggestion(capsys):
     err = capsys.readouterr().err
     assert "'trian' is not a command; did you mean 'train'?" in err
     assert command(["frobnicate"]) == 2
-    assert "commands: train, deploy, pretrain, evaluate, review, init" in capsys.readouterr().err
+    assert "commands: train, deploy, pretrain, evaluate, review, merge, init" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("flag, workflow", [("--train", TRAIN), ("--deploy", DEPLOY),
