@@ -86,3 +86,15 @@ def test_a_source_column_is_read_and_written_back(tmp_path, tiny_model):
     out = load_model(tiny_model).predict(tmp_path / "in.csv")
     assert list(out[table.SOURCE]) == ["site A", "site B", ""]
     assert Path(out[table.PATH].iloc[0]).name == "img0.png"
+
+
+def test_the_summary_says_first_when_the_model_does_not_fit_the_slides():
+    """Issue 28: a deploy the source rule stopped opens with why, not only with counts."""
+    from thumbclf.outputs.summary import decisions_lines
+
+    df = _table()
+    df.loc[0:2, table.DECISION], df.loc[0:2, table.REASON] = UNDECIDED, "unfamiliar source"
+    text = " ".join(decisions_lines(df, review=None))
+    assert "does not fit these slides" in text and "3 more of the same source" in text
+    assert "<b>1</b> show no tissue" in text
+    assert "does not fit" not in " ".join(decisions_lines(_table(), review=None))

@@ -10,8 +10,8 @@ from pathlib import Path
 import pandas as pd
 
 from thumbclf.core import layout
-from thumbclf.core.decide import UNDECIDED
-from thumbclf.core.table import DECISION, ERROR
+from thumbclf.core.decide import NO_TISSUE, UNDECIDED, UNFAMILIAR, UNFAMILIAR_SOURCE
+from thumbclf.core.table import DECISION, ERROR, REASON
 from thumbclf.outputs.metrics import Metrics
 
 # one-line glosses of the report's terms (shown under the figures that use them)
@@ -66,9 +66,30 @@ def decisions_lines(table: pd.DataFrame, *, review: Path | None,
         lines.append(look + ".")
     else:
         lines.append("No slide is Undecided.")
+    lines += _trust_lines(table)
     if unreadable:
         lines.append(f"<b>{unreadable}</b> could not be read (the error column of "
                      f"{layout.PREDICTIONS} says why).")
+    return lines
+
+
+def _trust_lines(table: pd.DataFrame) -> list[str]:
+    """Why slides are Undecided, where the answer matters more than the counts: a source the
+    model does not fit, slides without tissue (issue 28)."""
+    if REASON not in table:
+        return []
+    reasons = table[REASON].fillna("").astype(str)
+    unfamiliar, by_source = int((reasons == UNFAMILIAR).sum()), int(
+        (reasons == UNFAMILIAR_SOURCE).sum())
+    lines = []
+    if by_source:
+        lines.append(f"<b>The model does not fit these slides</b>: {unfamiliar} look like nothing "
+                     "it was trained on (it calls about 2% of slides like its training ones so), "
+                     f"so {by_source} more of the same source are Undecided too (reason "
+                     "'unfamiliar source'; see <i>Undecided: why</i>).")
+    blank = int((reasons == NO_TISSUE).sum())
+    if blank:
+        lines.append(f"<b>{blank}</b> show no tissue (blank, pen or label only).")
     return lines
 
 

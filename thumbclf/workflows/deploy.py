@@ -14,8 +14,8 @@ import torch
 from thumbclf.config import DeployParams
 from thumbclf.core import layout
 from thumbclf.core import table as table_io
-from thumbclf.core.decide import (UNDECIDED, UNFAMILIAR_SOURCE, threshold_in_force,
-                                  unfamiliar_sources)
+from thumbclf.core.decide import (MIN_SOURCE_SLIDES, POOLED, UNDECIDED, UNFAMILIAR_SOURCE,
+                                  threshold_in_force, unfamiliar_sources)
 from thumbclf.core.errors import DataError, ModelError, OutputError
 from thumbclf.core.files import atomic_csv, check_writable
 from thumbclf.inputs import slides
@@ -258,10 +258,12 @@ def judge_sources(table: pd.DataFrame, done: Path, share: float) -> pd.DataFrame
         table[table_io.DECISION].tolist(), table[table_io.REASON].tolist(),
         table_io.signal(table, table_io.UNFAMILIARITY), sources, share)
     for v in verdicts:
+        who = ("this deploy" if not v.name else f"the sources of fewer than {MIN_SOURCE_SLIDES} "
+               "slides each, judged together" if v.name == POOLED else f"source {v.name!r}")
         log.warning("%s: %.0f%% of %d slides are unfamiliar (more than unfamiliar_share %.0f%%): "
-                    "they come from a world the model was not trained on, so its other slides "
-                    "are Undecided too (reason '%s')", f"source {v.name}" if v.name else
-                    "this deploy", 100 * v.unfamiliar, v.judged, 100 * share, UNFAMILIAR_SOURCE)
+                    "they come from a world the model was not trained on, so the others are "
+                    "Undecided too (reason '%s')", who, 100 * v.unfamiliar, v.judged, 100 * share,
+                    UNFAMILIAR_SOURCE)
     if decisions != table[table_io.DECISION].tolist():
         table = table.assign(**{table_io.DECISION: decisions, table_io.REASON: reasons})
         atomic_csv(table, done)
