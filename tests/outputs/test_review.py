@@ -5,6 +5,7 @@ its driver or Selenium is missing (`make test` installs Chromium as root)."""
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import logging
@@ -195,9 +196,9 @@ def test_a_20000_slide_page_opens_quickly_and_navigates(browser, tmp_path):
 # ---------------------------------------------------------------------------- served on 127.0.0.1
 
 
-@pytest.fixture
-def served(tmp_path):
-    folder = results_folder(tmp_path, ["a", "b", "c", "d"])
+@contextlib.contextmanager
+def serving(folder):
+    """The review server of ``folder`` on 127.0.0.1, in a thread, until the block ends."""
     box: dict = {}
     ready = threading.Event()
 
@@ -209,9 +210,18 @@ def served(tmp_path):
                               kwargs={"ready": on_ready}, daemon=True)
     thread.start()
     assert ready.wait(60)
-    yield folder, box["server"]
-    box["server"].shutdown()
-    thread.join(10)
+    try:
+        yield box["server"]
+    finally:
+        box["server"].shutdown()
+        thread.join(10)
+
+
+@pytest.fixture
+def served(tmp_path):
+    folder = results_folder(tmp_path, ["a", "b", "c", "d"])
+    with serving(folder) as server:
+        yield folder, server
     assert not (folder / layout.LOCK).exists()  # the folder's lock is released
 
 
@@ -412,14 +422,7 @@ def test_the_journal_is_never_cut_and_odd_lines_are_kept_or_skipped(tmp_path):
     last = json.dumps({"path": paths[1], "classification": "TMA", "reviewer": "", "at": "", "seq": 2})
     journal.write_bytes(("\n".join(lines) + "\n" + torn + "\n" + last).encode())
     before = journal.read_bytes()
-    box: dict = {}
-    ready = threading.Event()
-    thread = threading.Thread(target=review_flow.serve, args=(folder, 0), daemon=True,
-                              kwargs={"ready": lambda s: (box.update(server=s), ready.set())})
-    thread.start()
-    assert ready.wait(60)
-    server = box["server"]
-    try:
+    with serving(folder) as server:
         assert journal.read_bytes() == before  # nothing cut at start
         entries = json.loads(request(server, "GET", "/api/journal")[1])
         assert [(e["path"], e["classification"]) for e in entries] == [(paths[0], "IHC"), (paths[1], "TMA")]
@@ -430,9 +433,6 @@ def test_the_journal_is_never_cut_and_odd_lines_are_kept_or_skipped(tmp_path):
         exported = read_table_of(folder / "review" / "corrections.csv")
         assert [(str(c.path), c.label) for c in exported] == [
             (paths[0], "IHC"), (paths[1], "TMA"), (paths[2], "Biopsy")]
-    finally:
-        server.shutdown()
-        thread.join(10)
 
 
 def test_links_inside_the_results_folder_are_never_written_through_nor_served(tmp_path):
@@ -443,20 +443,10 @@ def test_links_inside_the_results_folder_are_never_written_through_nor_served(tm
     outside.write_text("line one\nno newline")
     (folder / "review").mkdir()
     (folder / "review" / "journal.jsonl").symlink_to(outside)
-    box: dict = {}
-    ready = threading.Event()
-    thread = threading.Thread(target=review_flow.serve, args=(folder, 0), daemon=True,
-                              kwargs={"ready": lambda s: (box.update(server=s), ready.set())})
-    thread.start()
-    assert ready.wait(60)
-    server = box["server"]
-    try:
+    with serving(folder) as server:
         (folder / "review" / "secret.txt").symlink_to(outside)
         assert request(server, "GET", "/secret.txt")[0] == 404
         assert request(server, "POST", "/api/journal", entry_body(folder, 0, "IHC", 1), JS)[0] == 500
-    finally:
-        server.shutdown()
-        thread.join(10)
     assert outside.read_text() == "line one\nno newline"
     other = results_folder(tmp_path / "2", ["a", "b", "c", "d"])
     elsewhere = tmp_path / "elsewhere"

@@ -145,7 +145,7 @@ def build_model(name: str, num_classes: int, pretrained: bool | Path = False, *,
     heads = head_names(model)
     if pretrained is True:
         weights = _weights(arch)
-        try:  # torchvision's own loader would unpickle with weights_only=False
+        try:  # torchvision's own loader would unpickle arbitrary objects: ours does not
             if weights is None:
                 raise LookupError("torchvision has no ImageNet weights for it")
             state = weights.get_state_dict(progress=True, check_hash=True, weights_only=True)
