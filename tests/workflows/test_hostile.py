@@ -473,12 +473,39 @@ def test_a_name_that_is_not_utf8_or_too_long_gets_its_row(tmp_path):
     row = back[back["PATH"] == odd]
     assert len(row) == 1 and row["error"].iloc[0] == "" and row["model_prediction"].iloc[0]
     assert len(back) == 13
+    # item 16: the table is UTF-8 that a standard reader takes, the name escaped visibly
+    plain = pd.read_csv(tmp_path / "dep" / "predictions.csv")
+    assert plain["PATH"].str.endswith("/\\xff\\xfe.jpg").sum() == 1
     long_name = "y" * 300 + ".jpg"
     pd.DataFrame({"PATH": [str(next((data / "TMA").glob("*.jpg"))), long_name],
                   "CLASSIFICATION": ["TMA", "TMA"]}).to_csv(data / "t.csv", index=False)
     assert deploy(tmp_path, data / "t.csv", model, name="dep2") == 0
     back = table.read_csv(tmp_path / "dep2" / "predictions.csv")
     assert back["error"].iloc[0] == "" and "File name too long" in back["error"].iloc[1]
+
+
+def test_tables_escape_names_that_are_not_utf8_reversibly(tmp_path):
+    """Issue 33, item 16: a table held the raw bytes of such a name, so pandas' default
+    reader failed on it; now each byte is \\xNN and read back exactly."""
+    import random
+
+    import pandas as pd
+
+    from thumbclf.core import table
+    from thumbclf.core.files import atomic_csv
+
+    odd = b"caf\xe9 \xff.png".decode("utf-8", "surrogateescape")
+    names = [odd, "C:\\slides\\a.svs", "\\x80 as text", "=cmd", "plain"]
+    atomic_csv(pd.DataFrame({"PATH": table.text(names), "n": range(5)}), tmp_path / "t.csv")
+    raw = (tmp_path / "t.csv").read_bytes().decode("utf-8")  # strict: valid UTF-8
+    assert "caf\\xe9 \\xff.png" in raw and "C:\\slides\\a.svs" in raw  # Windows paths as they are
+    assert table.read_csv(tmp_path / "t.csv")["PATH"].tolist() == names
+    rng = random.Random(0)
+    alphabet = ["\\", "x", "5", "c", "C", "8", "e", "f", "\udc80", "\udcff", "a"]
+    for _ in range(2000):
+        cell = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 8)))
+        assert table.unescape(table.escape(cell)) == cell
+        table.escape(cell).encode("utf-8")
 
 
 @pytest.mark.slow

@@ -8,9 +8,16 @@ import re
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 
 
+def _shown(m: re.Match) -> str:
+    c = ord(m.group())
+    # a byte of a name that is not UTF-8 (a surrogate escape) as \xNN, as the tables write it
+    return f"\\x{c - 0xDC00:02x}" if 0xDC80 <= c <= 0xDCFF else repr(m.group())[1:-1]
+
+
 def clean(text: str) -> str:
-    """One printable line: control characters (line breaks, terminal escapes) shown escaped."""
-    return _CONTROL.sub(lambda m: repr(m.group())[1:-1], str(text))
+    """One printable line: control characters (line breaks, terminal escapes) shown escaped,
+    the bytes of a name that is not UTF-8 as \\xNN."""
+    return _CONTROL.sub(_shown, str(text))
 
 
 class ThumbclfError(Exception):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Sequence
 
@@ -82,31 +83,74 @@ def unquote(cell):
     return cell
 
 
+# A file name that is not UTF-8 (old archives) is held in Python with surrogate escapes, one
+# per byte that is not text. A table shows each such byte as \xNN, so that every table is UTF-8
+# that any reader takes, and the name can be told apart and given back exactly. A backslash of
+# a name that would read as such an escape is written \x5c; every other backslash (Windows
+# paths) is left alone.
+_ESCAPE = re.compile(r"[\udc80-\udcff]|\\(?=x(?:5[cC]|[89a-fA-F][0-9a-fA-F]))")
+_ESCAPED = re.compile(r"\\x(5[cC]|[89a-fA-F][0-9a-fA-F])")
+
+
+def _escaped(m: re.Match) -> str:
+    c = m.group()
+    return "\\x5c" if c == "\\" else f"\\x{ord(c) - 0xDC00:02x}"
+
+
+def _unescaped(m: re.Match) -> str:
+    n = int(m.group(1), 16)
+    return "\\" if n == 0x5C else chr(0xDC00 + n)
+
+
+def escape(cell):
+    """A text cell with the bytes of a name that is not UTF-8 shown as \\xNN (issue 33); other
+    cells and numbers unchanged. ``unescape`` gives back exactly what was given."""
+    if not isinstance(cell, str) or ("\\" not in cell and cell.isascii()):
+        return cell
+    return _ESCAPE.sub(_escaped, cell)
+
+
+def unescape(cell):
+    """The text ``escape`` was given."""
+    if not isinstance(cell, str) or "\\x" not in cell:
+        return cell
+    return _ESCAPED.sub(_unescaped, cell)
+
+
+def _out(cell):
+    return neutralise(escape(cell))
+
+
+def _in(cell):
+    return unescape(unquote(cell))
+
+
 def to_csv(df: pd.DataFrame) -> str:
-    """The one CSV writer of thumbclf's tables: cells and headers neutralised, no index."""
+    """The one CSV writer of thumbclf's tables: cells and headers neutralised and escaped
+    (valid UTF-8 whatever the file names), no index."""
     out = df.copy()
-    out.columns = [neutralise(str(c)) for c in out.columns]
+    out.columns = [_out(str(c)) for c in out.columns]
     for j in range(out.shape[1]):
         if not pd.api.types.is_numeric_dtype(out.dtypes.iloc[j]):
-            out.isetitem(j, text(map(neutralise, out.iloc[:, j]), out.index))
+            out.isetitem(j, text(map(_out, out.iloc[:, j]), out.index))
     buf = io.StringIO()
     out.to_csv(buf, index=False)
     return buf.getvalue()
 
 
 def csv_rows(rows: Iterable[Sequence]) -> str:
-    """Rows (lists of cells) as CSV text, cells neutralised as ``to_csv`` does."""
+    """Rows (lists of cells) as CSV text, cells neutralised and escaped as ``to_csv`` does."""
     buf = io.StringIO()
-    csv.writer(buf).writerows([[neutralise(c) for c in row] for row in rows])
+    csv.writer(buf).writerows([[_out(c) for c in row] for row in rows])
     return buf.getvalue()
 
 
 def as_written(df: pd.DataFrame) -> pd.DataFrame:
-    """A table read as text (CSV or a spreadsheet), with neutralised cells and headers given
-    back as they were written."""
-    df.columns = [unquote(str(c)) for c in df.columns]
+    """A table read as text (CSV or a spreadsheet), with neutralised and escaped cells and
+    headers given back as they were written."""
+    df.columns = [_in(str(c)) for c in df.columns]
     for j in range(df.shape[1]):
-        df.isetitem(j, text(map(unquote, df.iloc[:, j]), df.index))
+        df.isetitem(j, text(map(_in, df.iloc[:, j]), df.index))
     return df
 
 
@@ -220,7 +264,7 @@ def read(path: Path, classes: list[str] | tuple[str, ...] | None = None
 def _repeated_headers(path: Path) -> list[str]:
     """Header names that appear more than once in a CSV file."""
     with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
-        header = [unquote(c) for c in next(csv.reader(f), [])]
+        header = [_in(c) for c in next(csv.reader(f), [])]
     return sorted({c for c in header if header.count(c) > 1})
 
 

@@ -155,7 +155,7 @@ def gallery(items: list[dict[str, Any]], path: Path, title: str, thumb_loader) -
         colour = ("darkorange" if it["decision"] == UNDECIDED else "dimgray" if not label
                   else "crimson" if it["decision"] != label else "black")
         score = it.get("note") or f"{it['prob']:.2f}"
-        # names and labels that are not valid UTF-8 are shown escaped (\udce9): matplotlib
+        # names and labels that are not valid UTF-8 are shown escaped (\xe9): matplotlib
         # refuses the surrogates that hold them (issue 33)
         ax.set_title(f"{f'true: {clean(label)}' if label else 'unlabelled'}\n→ "
                      f"{clean(it['decision'])} ({score})", fontsize=7, color=colour)
