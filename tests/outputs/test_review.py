@@ -165,6 +165,38 @@ def test_file_names_and_classes_with_markup_show_as_text(browser, tmp_path):
     assert browser.find_elements("css selector", "#large .name *") == []
 
 
+def test_the_page_filters_by_source_and_by_every_reason_present(browser, tmp_path):
+    """Issue 28: the review page can filter by source (the inputs' SOURCE column), and its
+    reasons are the ones the slides have ('no tissue' was missing from a fixed list)."""
+    folder = results_folder(tmp_path, [f"s{i}" for i in range(8)])
+    table = pd.read_csv(folder / "predictions.csv", keep_default_na=False)
+    table["SOURCE"] = ["lab A", "__proto__", "lab A", "", "lab A", "__proto__", "lab A", "lab A"]
+    table.loc[1, "undecided_reason"] = "no tissue"
+    table.to_csv(folder / "predictions.csv", index=False)
+    assert cli.command(["review", str(folder), "--quiet"]) == 0
+    open_page(browser, (folder / "review" / "index.html").as_uri())
+    choices = lambda box: browser.execute_script(  # noqa: E731
+        f"return [...document.querySelectorAll('#{box} option')].map(o => o.value)")
+    assert choices("fsource") == ["", "__proto__", "lab A"]
+    assert choices("freason") == ["", "disagreement", "low confidence", "no tissue", "unfamiliar"]
+    assert browser.find_element("id", "fsourcebox").is_displayed()
+    browser.find_element("id", "scope").send_keys("everything")
+    browser.find_element("css selector", "#fsource option[value='__proto__']").click()
+    shown = lambda: browser.execute_script(  # noqa: E731
+        "return [...document.querySelectorAll('.card .name')].map(e => e.textContent).sort()")
+    wait_for(lambda: shown() == ["s1.png", "s5.png"])
+    assert "source: __proto__" in browser.find_element("css selector", ".card").text
+    browser.find_element("css selector", "#freason option[value='no tissue']").click()
+    wait_for(lambda: shown() == ["s1.png"])
+
+
+def test_a_page_without_sources_has_no_source_filter(browser, tmp_path):
+    folder = results_folder(tmp_path, ["a", "b", "c", "d"])
+    assert cli.command(["review", str(folder), "--quiet"]) == 0
+    open_page(browser, (folder / "review" / "index.html").as_uri())
+    assert not browser.find_element("id", "fsourcebox").is_displayed()
+
+
 def test_a_20000_slide_page_opens_quickly_and_navigates(browser, tmp_path):
     """20,000 rows of page data sharing one preview picture (not 20,000 real images)."""
     n = 20_000

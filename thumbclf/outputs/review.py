@@ -85,6 +85,7 @@ def items(table: pd.DataFrame, classes: list[str], *, review: Path,
     column = lambda name: table_io.strings(table[name].fillna("")) if name in table else None  # noqa: E731
     decisions, reasons = column(table_io.DECISION), column(table_io.REASON)
     labels, errors = column(table_io.LABEL), column(table_io.ERROR)
+    sources = column(table_io.SOURCE)  # the page filters by source (issue 28)
     unfam = table[table_io.UNFAMILIARITY].tolist() if table_io.UNFAMILIARITY in table else None
     for i, path in enumerate(paths):
         top = [[classes[j], round(float(probs[i, j]), 4)] for j in order[i, :TOP]]
@@ -99,6 +100,7 @@ def items(table: pd.DataFrame, classes: list[str], *, review: Path,
             "c": round(float(probs[i, order[i, 0]]), 4),
             "u": _number(unfam[i]) if unfam else None, "t": top,
             "l": labels[i] if labels else "", "e": errors[i] if errors else "",
+            "o": sources[i] if sources else "",
             **link})
     return out
 
