@@ -262,3 +262,13 @@ def test_a_json_trailing_comma_is_named_at_the_comma(tmp_path):
                                           r"comma before '}'"):
         load_params(p, workflow=TRAIN)
 
+
+
+def test_target_error_is_the_one_rule_for_the_threshold_when_given(tmp_path):
+    """Issue 28, item 4: target_error chooses the threshold; a second rule beside it is refused."""
+    p = write(tmp_path, "e.yaml", "thumbData: d\ntarget_error: 0.05\n")
+    assert load_params(p, workflow=TRAIN).target_error == 0.05
+    p = write(tmp_path, "e2.yaml", "thumbData: d\ntarget_error: 0.05\ntarget_accuracy: 0.9\n")
+    with pytest.raises(ConfigError, match="target_error chooses the threshold; remove "
+                                          "target_accuracy"):
+        load_params(p, workflow=TRAIN)

@@ -58,3 +58,40 @@ def test_unreadable_and_blank_slides_are_neither_judged_nor_changed():
     out, why, verdicts = unfamiliar_sources(decisions, reasons, u, None, 0.5)
     assert out[30:35] == [""] * 5 and why[35:] == [NO_TISSUE] * 5
     assert verdicts[0].judged == 30
+
+
+# target_error (issue 28, item 4) ------------------------------------------------------------
+
+def test_target_error_picks_the_lowest_threshold_its_bound_allows():
+    from thumbclf.core.decide import threshold_for_error, upper_bound
+
+    conf = np.linspace(0.999, 0.5, 400)  # wrong: the 151st case, and every 3rd below 0.8
+    wrong = np.array([i == 150 or (c < 0.8 and i % 3 == 0) for i, c in enumerate(conf)])
+    y = np.where(wrong, 1, 0)
+    probs = np.stack([conf, 1 - conf], axis=1)
+    t = threshold_for_error(probs, y, 0.05)
+    decided = conf >= t
+    assert upper_bound(int(wrong[decided].sum()), int(decided.sum()), 0.95) <= 0.05
+    k = int(decided.sum())  # one more case decided breaks the promise
+    assert upper_bound(int(wrong[:k + 1].sum()), k + 1, 0.95) > 0.05
+    assert 0.75 < t < 0.8  # past the one error, a little into the error-prone tail
+    assert threshold_for_error(probs[:50], y[:50], 0.05) is None  # 50 slides cannot show 5%
+
+
+def test_target_error_sets_the_threshold_and_the_report_says_what_was_supported():
+    import pandas as pd
+
+    from thumbclf.core.decide import threshold_in_force, threshold_notes
+
+    probs = np.array([[0.99, 0.01]] * 30 + [[0.6, 0.4]] * 10)
+    y = np.array([0] * 30 + [1] * 10)
+    chosen = threshold_in_force(given=0.5, target_error=0.1, val_probs=probs, val_y=y)
+    assert chosen.value == 0.99 and "target_error" in chosen.reason
+    none = threshold_in_force(target_error=0.01, val_probs=probs, val_y=y)
+    assert none.value == 1.0 and none.reason.startswith("no threshold")
+    table = pd.DataFrame({"CLASSIFICATION": ["a"] * 30 + ["b"] * 10, "threshold": 0.99,
+                          "model_prediction": ["a"] * 29 + ["b"] + ["Undecided"] * 10})
+    note, = threshold_notes(table, None, 0.1)
+    assert "at most 10.0% of decided validation slides are wrong" in note
+    assert "1 wrong of 30 decided; at most 14.9% with 95% confidence" in note
+    assert threshold_notes(table, None, None) == []

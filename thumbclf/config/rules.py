@@ -169,6 +169,10 @@ def validate(raw: dict[str, Any], *, workflow: str, source: Path, output: Path |
     if values.get("ray_address") and values.get("executor") != "ray":
         problems.append("ray_address is only used with executor: ray; add executor: ray or "
                         "remove ray_address")
+    chosen = [k for k in ("target_error", "target_accuracy", "prediction_threshold")
+              if values.get(k) is not None]
+    if workflow == TRAIN and "target_error" in chosen and len(chosen) > 1:
+        problems.append(f"target_error chooses the threshold; remove {' and '.join(chosen[1:])}")
     if values.get("target_labels"):  # classes known now: check the confusion-matrix labels
         problems += cm_problems(values["target_labels"], values.get("cm_sortlabels"),
                                 values.get("cm_xlabels"), values.get("cm_ylabels"))[1]

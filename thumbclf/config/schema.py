@@ -66,6 +66,10 @@ KEYS: tuple[Key, ...] = (
         (), BOTH, 0.0, 1.0),
     Key("target_accuracy", "threshold", None, "Choose the threshold that reaches this "
         "accuracy on the validation data instead of prediction_threshold.", (), (TRAIN,), 0.0, 1.0),
+    Key("target_error", "threshold", None, "Choose the lowest threshold at which at most this "
+        "share of decided validation slides is wrong, with 95% confidence (a Clopper-Pearson "
+        "bound, on at least 20 decided slides), instead of prediction_threshold; e.g. 0.05.",
+        (), (TRAIN,), 0.0, 1.0),
     Key("max_epochs", "int", 50, "Never train longer than this (pretrain: the epochs to run; "
         "default 100).", (), TRAIN_PRETRAIN, 1, 100000, pretrain_default=100),
     Key("seed", "int", 1, "Seed for splits, initialisation and augmentation.", (), ALL, 0,
@@ -253,6 +257,7 @@ class TrainParams(Params):
     """Settings of train_thumbclassifier.py."""
 
     target_accuracy: float | None = None
+    target_error: float | None = None
     corrections: tuple[Path, ...] = ()
     max_epochs: int = _d("max_epochs")
     train_full: bool = _d("train_full")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -134,6 +135,48 @@ def suggest_threshold(probs: np.ndarray, y: np.ndarray, target: float,
             "min_decided": min_decided}
 
 
+def upper_bound(events: int, n: int, confidence: float) -> float:
+    """The one-sided Clopper-Pearson upper bound of a share seen as ``events`` of ``n``."""
+    from scipy import stats
+
+    if n <= 0 or events >= n:
+        return 1.0
+    return float(stats.beta.ppf(confidence, events + 1, n - events))
+
+
+ERROR_CONFIDENCE = 0.95  # target_error's promise holds with this confidence
+
+
+def threshold_for_error(probs: np.ndarray, y: np.ndarray, target: float,
+                        min_decided: int = MIN_DECIDED_FOR_SUGGESTION) -> float | None:
+    """The lowest threshold whose decided cases are wrong at most ``target`` of the time with
+    ERROR_CONFIDENCE (Clopper-Pearson). Thresholds are tested from the highest down and the
+    test stops at the first that fails (fixed-sequence testing, so the many thresholds tried
+    need no correction); the first tested decides as many cases as a bound of ``target`` needs
+    with none wrong (59 for 5%), and at least ``min_decided``. None where that one fails."""
+    conf = np.asarray(probs, dtype=float).max(axis=1)
+    wrong = np.asarray(probs).argmax(axis=1) != np.asarray(y)
+    order = np.argsort(-conf, kind="stable")
+    conf, wrong = conf[order], np.cumsum(wrong[order])
+    needed = math.ceil(math.log(1 - ERROR_CONFIDENCE) / math.log1p(-target)) if 0 < target < 1 \
+        else 1
+    best = None
+    for k in range(max(min_decided, needed, 1), len(order) + 1):
+        if k < len(order) and conf[k] == conf[k - 1]:
+            continue  # ties in confidence are decided together
+        if upper_bound(int(wrong[k - 1]), k, ERROR_CONFIDENCE) > target:
+            break
+        best = float(conf[k - 1])
+    return best
+
+
+def error_support(decisions: Sequence[str], labels: Sequence[str]) -> tuple[int, int, float]:
+    """What labelled slides support: (wrong, decided, the 95% upper bound of the share wrong)."""
+    decided = [(d, t) for d, t in zip(decisions, labels) if d != UNDECIDED]
+    wrong = sum(d != t for d, t in decided)
+    return wrong, len(decided), upper_bound(wrong, len(decided), ERROR_CONFIDENCE)
+
+
 @dataclass(frozen=True)
 class Threshold:
     """The probability threshold in force and the reason for it, as the report prints it."""
@@ -145,9 +188,12 @@ class Threshold:
 def threshold_in_force(*, given: float | None = None, target_accuracy: float | None = None,
                        val_probs: np.ndarray | None = None, val_y: np.ndarray | None = None,
                        stored: Sequence[float | None] = (), table: Sequence[float] = (),
-                       default: float | None = DEFAULT_THRESHOLD) -> Threshold:
+                       default: float | None = DEFAULT_THRESHOLD,
+                       target_error: float | None = None) -> Threshold:
     """The one rule for the threshold, first that applies:
 
+    0. ``target_error`` (training): threshold_for_error on the validation split (1.0 when
+       none holds: everything Undecided);
     1. ``target_accuracy`` (training): the smallest threshold reaching it on the validation
        split (1.0 when none does: everything Undecided);
     2. ``given``: the experiment file's prediction_threshold (or evaluate's --threshold);
@@ -155,6 +201,16 @@ def threshold_in_force(*, given: float | None = None, target_accuracy: float | N
     4. ``table``: the threshold column of a predictions table (its median);
     5. ``default``.
     """
+    if target_error is not None and val_probs is not None and val_y is not None:
+        chosen = threshold_for_error(val_probs, val_y, target_error)
+        promise = (f"at most {target_error:.1%} of decided validation slides wrong with "
+                   f"{ERROR_CONFIDENCE:.0%} confidence (target_error)")
+        if chosen is None:
+            log.warning("no threshold gives %s; every case is Undecided (threshold 1.0): more "
+                        "validation slides or a larger target_error", promise)
+            return Threshold(1.0, f"no threshold gives {promise}")
+        log.info("threshold %.4f: %s", chosen, promise)
+        return Threshold(chosen, f"the lowest giving {promise}")
     if target_accuracy is not None and val_probs is not None and val_y is not None:
         chosen = threshold_for_accuracy(val_probs, val_y, target_accuracy)
         if chosen is None:
@@ -177,3 +233,32 @@ def threshold_in_force(*, given: float | None = None, target_accuracy: float | N
     if column:
         return Threshold(float(np.median(column)), "the threshold column of the table")
     return Threshold(default, "default")
+
+
+def threshold_notes(table, target_accuracy: float | None, target_error: float | None) -> list[str]:
+    """The report's note on thresholds that a target chose: each fold's threshold, and for
+    ``target_error`` what was promised beside what the validation slides support."""
+    from thumbclf.core import table as table_io
+
+    if target_accuracy is None and target_error is None:
+        return []
+    folds = table.groupby(table_io.FOLD) if table_io.FOLD in table else [(None, table)]
+    parts = []
+    for fold, rows in folds:
+        part = f"{'fold ' + str(fold) + ' ' if fold is not None else ''}" \
+               f"{float(rows[table_io.THRESHOLD].iloc[0]):.3f}"
+        if target_error is not None and table_io.LABEL in rows:
+            wrong, decided, bound = error_support(rows[table_io.DECISION].tolist(),
+                                                  rows[table_io.LABEL].tolist())
+            part += (f" ({wrong} wrong of {decided} decided; at most {bound:.1%} with "
+                     f"{ERROR_CONFIDENCE:.0%} confidence)")
+        parts.append(part)
+    if target_error is not None:
+        head = (f"Thresholds chosen so that at most {target_error:.1%} of decided validation "
+                f"slides are wrong with {ERROR_CONFIDENCE:.0%} confidence (target_error, "
+                "the same slides choose and check it, so read the figures as what these slides "
+                "support, not as a guarantee for new ones): ")
+    else:
+        head = (f"Thresholds chosen to reach {target_accuracy:.1%} accuracy on each validation "
+                "split (target_accuracy): ")
+    return [head + ", ".join(parts) + "; the coverage they give is below."]

@@ -19,7 +19,7 @@ from thumbclf.config import TrainParams, params_to_dict
 from thumbclf.core import layout, machine
 from thumbclf.core import table as table_io
 from thumbclf.core.backbones import arch_name
-from thumbclf.core.decide import decide_with_reasons, threshold_in_force
+from thumbclf.core.decide import decide_with_reasons, threshold_in_force, threshold_notes
 from thumbclf.core.errors import DataError
 from thumbclf.core.files import atomic_csv, atomic_text, atomic_torch_save
 from thumbclf.inputs import splits as splitting
@@ -225,6 +225,7 @@ def _calibrate(params: TrainParams, result: FitResult, val_y: np.ndarray, n_clas
                    else Calibration(1.0, "off", len(val_y)))
     threshold = threshold_in_force(given=params.prediction_threshold,
                                    target_accuracy=params.target_accuracy,
+                                   target_error=params.target_error,
                                    val_probs=softmax(val_logits, calibration.temperature),
                                    val_y=val_y)
     return calibration, threshold
@@ -436,15 +437,8 @@ def _evaluate(params: TrainParams, folder: Path, results: list[FoldResult],
                             prep=prep, norm=IMAGENET, arch=arch, per_class=params.gradcam,
                             device=device, note="each with its own fold's model",
                             slide_cache=params.slide_cache)
-    notes = list(notes)
-    if params.target_accuracy is not None:
-        per = (table.groupby("fold")["threshold"].first() if "fold" in table
-               else table["threshold"].iloc[:1])
-        notes.append(f"Thresholds chosen to reach {params.target_accuracy:.1%} accuracy on each "
-                     "validation split (target_accuracy): "
-                     + ", ".join(f"{'fold ' + str(k) + ' ' if 'fold' in table else ''}{v:.3f}"
-                                 for k, v in per.items()) + "; the coverage they give is below.")
-    notes += training_notes(results, params)
+    notes = [*notes, *threshold_notes(table, params.target_accuracy, params.target_error),
+             *training_notes(results, params)]
     evaluate_run(folder, table, classes=classes, params=params, kind=kind,
                  sample_set=sample_set, split_df=split_df, extra_sections=extra, notes=notes,
                  histories={layout.fold_label(r.fold): r.history for r in results})
