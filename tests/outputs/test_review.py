@@ -165,6 +165,34 @@ def test_file_names_and_classes_with_markup_show_as_text(browser, tmp_path):
     assert browser.find_elements("css selector", "#large .name *") == []
 
 
+def test_the_page_exports_a_name_that_is_not_utf8_so_that_apply_finds_it(browser, tmp_path):
+    """Issue 33, item 16: the browser wrote the name's odd bytes as U+FFFD into the exported
+    corrections.csv, so --apply could never find that slide."""
+    folder = results_folder(tmp_path, ["a", "cafX", "c", "d"])
+    odd = os.fsdecode(os.fsencode(tmp_path / "slides") + b"/caf\xe9.png")
+    os.rename(tmp_path / "slides" / "cafX.png", odd)
+    table = folder / "predictions.csv"
+    table.write_bytes(table.read_bytes().replace(b"cafX", b"caf\xe9"))
+    assert cli.command(["review", str(folder), "--quiet"]) == 0
+    open_page(browser, (folder / "review" / "index.html").as_uri())
+    browser.find_element("css selector", "#scope option[value='all']").click()
+    for _ in range(4):  # to the slide with the odd name, whatever the queue's order
+        if current(browser).startswith("caf"):
+            break
+        press(browser, "j")
+    assert current(browser).startswith("caf")
+    press(browser, "2")
+    (tmp_path / "dl").mkdir()
+    browser.execute_cdp_cmd("Browser.setDownloadBehavior", {"behavior": "allow",
+                                                            "downloadPath": str(tmp_path / "dl")})
+    browser.find_element("id", "export").click()
+    exported = wait_for(lambda: (tmp_path / "dl" / "corrections.csv").is_file()
+                        and (tmp_path / "dl" / "corrections.csv"))
+    assert "\\xe9" in exported.read_text(encoding="utf-8")
+    assert [str(c.path) for c in read_table_of(exported)] == [odd]
+    assert cli.command(["review", str(folder), "--apply", str(exported), "--quiet"]) == 0
+
+
 def test_the_page_filters_by_source_and_by_every_reason_present(browser, tmp_path):
     """Issue 28: the review page can filter by source (the inputs' SOURCE column), and its
     reasons are the ones the slides have ('no tissue' was missing from a fixed list)."""

@@ -95,12 +95,15 @@ def items(table: pd.DataFrame, classes: list[str], *, review: Path,
         decision = decisions[i]
         reason = (reasons[i] if reasons else "") or ("low confidence" if decision == UNDECIDED else "")
         out.append({
-            "i": i, "p": path, "n": Path(str(table[table_io.PATH].iloc[i])).name or path,
+            "i": i, "p": path, "n": table_io.escape(Path(str(table[table_io.PATH].iloc[i])).name or path),
             "d": decision, "r": reason, "m": round(float(probs[i, order[i, 0]] - second), 4),
             "c": round(float(probs[i, order[i, 0]]), 4),
             "u": _number(unfam[i]) if unfam else None, "t": top,
             "l": labels[i] if labels else "", "e": errors[i] if errors else "",
             "o": sources[i] if sources else "",
+            # the name as tables write it, for the page's own export (a browser writes the
+            # surrogates of a name that is not UTF-8 as U+FFFD: issue 33, item 16)
+            **({"x": table_io.escape(path)} if table_io.escape(path) != path else {}),
             **link})
     return out
 
