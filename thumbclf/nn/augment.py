@@ -79,35 +79,88 @@ def jpeg_artefacts(x: torch.Tensor, strength: float, gen: torch.Generator) -> to
     return out
 
 
+# ------------------------------------------------------------------ the two recipes
+
+
 def augment(x: torch.Tensor, gen: torch.Generator, stain: float = 0.0) -> torch.Tensor:
     """Random flips, 90° rotations, mild colour/stain jitter and scale on uint8 (n, H, W, 3);
     ``stain`` > 0: also another lab's stain, glass, blur, noise and JPEG (stain_shift).
 
     Runs on whatever device ``x`` is on; random parameters come from the CPU ``gen``.
     """
-    n = x.shape[0]
-    ks = torch.randint(0, 8, (n,), generator=gen)
-    x = x.permute(0, 3, 1, 2).float().div_(255.0)  # n, 3, H, W in [0, 1]
-    x = torch.stack([dihedral(x[i], int(ks[i])) for i in range(n)])
-    dev = x.device
-
-    def u(lo: float, hi: float, *shape: int) -> torch.Tensor:  # parameters drawn on the CPU
-        return (lo + (hi - lo) * torch.rand(*shape, generator=gen)).to(dev)
-
+    n, u = x.shape[0], _uniform(gen, x.device)
+    v = _oriented(x, gen)
     if stain > 0:
-        x = stain_shift(x, stain, u, gen)
-
-    # stain/colour: per-channel gain, brightness, contrast and saturation around 1
-    x = x * u(0.95, 1.05, n, 3, 1, 1) * u(0.9, 1.1, n, 1, 1, 1)
-    x = _contrast(x, u(0.9, 1.1, n, 1, 1, 1))
-    x = _saturation(x, u(0.85, 1.15, n, 1, 1, 1))
-    # scale 0.9-1.1 about the centre, glass (white) where the picture moves in
-    x = _zoom(x, u(0.9, 1.1, n))
-    x = x.clamp_(0, 1).mul_(255.0).round_().to(torch.uint8)
+        v = stain_shift(v, stain, u, gen)
+    # per-channel gain and brightness, contrast and saturation around 1
+    v = _colour(v, u(0.95, 1.05, n, 3, 1, 1), u(0.9, 1.1, n, 1, 1, 1),
+                contrast=u(0.9, 1.1, n, 1, 1, 1), saturation=u(0.85, 1.15, n, 1, 1, 1))
+    v = _as_uint8(_zoom(v, u(0.9, 1.1, n)))  # scale 0.9-1.1 about the centre
     if stain > 0:
-        x = jpeg_artefacts(x, stain, gen)
-    return x.permute(0, 2, 3, 1).contiguous()
+        v = jpeg_artefacts(v, stain, gen)
+    return v.permute(0, 2, 3, 1).contiguous()
 
+
+def ssl_view(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """One random view of uint8 (n, H, W, 3) thumbnails, as uint8 (n, H, W, 3).
+
+    Flips and 90-degree rotations; scale 0.85-1.15 and a shift of up to 8% (glass fills in,
+    before the colour changes, which then tint that glass like the rest); stain jitter in
+    haematoxylin/eosin/DAB space; brightness, contrast and saturation; Gaussian blur on half of
+    the images. Colour changes stay moderate: colour tells IHC from H&E, and the representation
+    should keep that.
+    """
+    n, size, u = x.shape[0], x.shape[1], _uniform(gen, x.device)
+    v = _oriented(x, gen)
+    v = _zoom(v, u(0.85, 1.15, n), u(-0.16, 0.16, n, 2))  # 0.16 (normalised) = 8% of the side
+    v = hed_jitter(v, u(0.9, 1.1, n, 1, 1, 3), u(-0.03, 0.03, n, 1, 1, 3))
+    v = _colour(v, u(0.85, 1.15, n, 1, 1, 1), contrast=u(0.8, 1.2, n, 1, 1, 1),
+                saturation=u(0.8, 1.2, n, 1, 1, 1)).clamp(0, 1)
+    # focus: blur half of the images (sigma up to 1.5 px at 224 px)
+    sigma = u(0.1, 1.5, n) * (size / 224) * (torch.rand(n, generator=gen) < 0.5).to(x.device)
+    if float(sigma.max()) > 0.05:
+        v = _blur(v, sigma)
+    return _as_uint8(v).permute(0, 2, 3, 1).contiguous()
+
+
+# ------------------------------------------------------------------ the operations
+
+
+def _uniform(gen: torch.Generator, device):
+    """``u(lo, hi, *shape)``: uniform random parameters, drawn on the CPU from ``gen``."""
+    def u(lo: float, hi: float, *shape: int) -> torch.Tensor:
+        return (lo + (hi - lo) * torch.rand(*shape, generator=gen)).to(device)
+    return u
+
+
+def _oriented(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """uint8 (n, H, W, 3) as float (n, 3, H, W) in [0, 1], each image in a random one of the
+    8 flips and rotations."""
+    ks = torch.randint(0, 8, (x.shape[0],), generator=gen)
+    v = x.permute(0, 3, 1, 2).float().div_(255.0)
+    return torch.stack([dihedral(v[i], int(ks[i])) for i in range(x.shape[0])])
+
+
+def _as_uint8(v: torch.Tensor) -> torch.Tensor:
+    """Float (n, 3, H, W) in [0, 1] (clamped) as uint8."""
+    return v.clamp_(0, 1).mul_(255.0).round_().to(torch.uint8)
+
+
+def hed_jitter(v: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Float (n, 3, H, W) with each image's haematoxylin, eosin and DAB concentrations (optical
+    density, colour deconvolution) scaled and shifted by (n, 1, 1, 3)."""
+    rgb_from_hed, hed_from_rgb = RGB_FROM_HED.to(v.device), HED_FROM_RGB.to(v.device)
+    od = -torch.log(v.clamp(1 / 255, 1)).permute(0, 2, 3, 1)  # n, H, W, 3
+    hed = (od @ hed_from_rgb) * scale + shift
+    return torch.exp(-(hed @ rgb_from_hed)).permute(0, 3, 1, 2).clamp(0, 1)
+
+
+def _colour(v: torch.Tensor, *gains: torch.Tensor, contrast: torch.Tensor,
+            saturation: torch.Tensor) -> torch.Tensor:
+    """Gains (applied one after the other), then contrast and saturation, on float images."""
+    for g in gains:
+        v = v * g
+    return _saturation(_contrast(v, contrast), saturation)
 
 
 def _blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
@@ -124,46 +177,6 @@ def _blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     y = F.conv2d(y, k.view(n * c, 1, 1, -1), groups=n * c)
     y = F.conv2d(y, k.view(n * c, 1, -1, 1), groups=n * c)
     return y.view(n, c, h, w)
-
-
-def ssl_view(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """One random view of uint8 (n, H, W, 3) thumbnails, as uint8 (n, H, W, 3).
-
-    Flips and 90-degree rotations; stain jitter in haematoxylin/eosin/DAB space; brightness,
-    contrast and saturation; scale 0.85-1.15 and a shift of up to 8% (glass fills in);
-    Gaussian blur on half of the images. Colour changes stay moderate: colour tells IHC from
-    H&E, and the representation should keep that.
-    """
-    n, size = x.shape[0], x.shape[1]
-    dev = x.device
-
-    def u(lo: float, hi: float, *shape: int) -> torch.Tensor:  # parameters drawn on the CPU
-        return (lo + (hi - lo) * torch.rand(*shape, generator=gen)).to(dev)
-
-    ks = torch.randint(0, 8, (n,), generator=gen)
-    v = x.permute(0, 3, 1, 2).float().div_(255.0)
-    v = torch.stack([dihedral(v[i], int(ks[i])) for i in range(n)])
-    # geometry: mild scale and shift about the centre, glass where the picture moves in (before
-    # the colour changes, which then tint that glass like the rest)
-    s = u(0.85, 1.15, n)
-    v = _zoom(v, s, u(-0.16, 0.16, n, 2))  # normalised coordinates: 0.16 = 8% of the side
-    # stain: optical density -> H, E, DAB concentrations, scaled and shifted per image
-    rgb_from_hed, hed_from_rgb = RGB_FROM_HED.to(dev), HED_FROM_RGB.to(dev)
-    od = -torch.log(v.clamp(1 / 255, 1)).permute(0, 2, 3, 1)  # n, H, W, 3
-    hed = od @ hed_from_rgb
-    hed = hed * u(0.9, 1.1, n, 1, 1, 3) + u(-0.03, 0.03, n, 1, 1, 3)
-    v = torch.exp(-(hed @ rgb_from_hed)).permute(0, 3, 1, 2).clamp(0, 1)
-    # scanner: brightness, contrast, saturation
-    v = v * u(0.85, 1.15, n, 1, 1, 1)
-    v = _contrast(v, u(0.8, 1.2, n, 1, 1, 1))
-    v = _saturation(v, u(0.8, 1.2, n, 1, 1, 1))
-    v = v.clamp(0, 1)
-    # focus: blur half of the images (sigma up to 1.5 px at 224 px)
-    sigma = u(0.1, 1.5, n) * (size / 224) * (torch.rand(n, generator=gen) < 0.5).to(dev)
-    if float(sigma.max()) > 0.05:
-        v = _blur(v, sigma)
-    v = v.clamp_(0, 1).mul_(255.0).round_().to(torch.uint8)
-    return v.permute(0, 2, 3, 1).contiguous()
 
 
 def _zoom(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor | None = None) -> torch.Tensor:
