@@ -7,8 +7,10 @@ are often classified with high confidence. This module gives the second reason f
 
 - the model's features are the input of its classification head (global-average-pooled where
   that input is a feature map), L2-normalised;
-- at training, the features of up to ``BANK_SIZE`` training images (a seeded sample, unaugmented)
-  are kept in the model file, in float16 (about 1 MB for ResNet-18);
+- at training, the features of up to ``BANK_SIZE`` of the best epoch's training passes (a
+  seeded sample; augmented, as the model saw them) are kept in the model file, in float16
+  (about 1 MB for ResNet-18); where none were kept (a checkpoint of an older version), those
+  of a seeded sample of the training images, computed unaugmented;
 - an image's score is the cosine distance to its ``K``-th nearest training feature (deep
   nearest neighbours, Sun et al., ICML 2022); no assumption about the shape of the classes;
 - the model file stores the ``QUANTILE`` of the validation split's scores (images the model

@@ -21,6 +21,7 @@ from thumbclf.core import layout
 from thumbclf.core.backbones import arch_name
 from thumbclf.core.errors import DataError
 from thumbclf.core.files import atomic_csv, atomic_text, atomic_torch_save
+from thumbclf.core.seeds import Streams
 from thumbclf.core.version import __version__
 from thumbclf.inputs.images import Preprocessing
 from thumbclf.inputs.samples import discover
@@ -104,9 +105,9 @@ def _byol(params: PretrainParams, folder: Path, decoded, positions: np.ndarray, 
     ckpt_file = folder / CHECKPOINT
     bs = min(params.batch_size, len(positions))
     steps = len(positions) // bs + (1 if len(positions) % bs > 1 else 0)  # batches of 1 dropped
-    torch.manual_seed(params.seed)
-    rng = np.random.default_rng([params.seed, 16])
-    gen = torch.Generator().manual_seed(params.seed * 1000 + 16)
+    streams = Streams.pretraining(params.seed)
+    torch.manual_seed(streams.init)
+    rng, gen = streams.batches(), streams.augmentation()
     backbone, features = backbone_only(arch, params.pretrained)
     learner = BYOL(backbone, features, params.projection_dim)
     learner = learner.to(device).to(memory_format=torch.channels_last)
@@ -149,7 +150,7 @@ def _finish(params: PretrainParams, folder: Path, learner: BYOL, history: list[d
     the SSL checkpoint, the history and the loss curve."""
     bs = min(params.batch_size, len(positions))
     no_labels = np.zeros(len(decoded.rows), dtype=np.int64)
-    sample = np.random.default_rng([params.seed, 17]).permutation(positions)[:BN_IMAGES]
+    sample = Streams.pretraining(params.seed).bn_sample().permutation(positions)[:BN_IMAGES]
     learner.backbone.train()
     recalibrate_bn(learner.backbone, training_batches(
         decoded, sample, no_labels, batch_size=bs, rng=np.random.default_rng(0), shuffle=False),

@@ -21,6 +21,7 @@ from thumbclf.core import table as table_io
 from thumbclf.core.backbones import arch_name
 from thumbclf.core.decide import decide_with_reasons, threshold_in_force, threshold_notes
 from thumbclf.core.errors import DataError
+from thumbclf.core.seeds import Streams
 from thumbclf.core.files import atomic_csv, atomic_text, atomic_torch_save
 from thumbclf.inputs import splits as splitting
 from thumbclf.inputs.corrections import apply_corrections, read_corrections
@@ -130,7 +131,7 @@ def _fit_fold(params: TrainParams, model: nn.Module, trainer: nn.Module, *, deco
     sampling = cw[y_train] if params.class_balance == "sampler" else None
     bs = params.batch_size
     bn_images = min(256, max(64, len(train_pos) // 10))  # a forward pass over these per epoch
-    bn_sample = np.random.default_rng([params.seed, fold, 1]).permutation(train_pos)[:bn_images]
+    bn_sample = Streams(params.seed, fold).bn_sample().permutation(train_pos)[:bn_images]
 
     def train_batches():
         return training_batches(decoded, train_pos, y, batch_size=bs, rng=rng, weights=sampling,
@@ -169,7 +170,7 @@ def _fit_fold(params: TrainParams, model: nn.Module, trainer: nn.Module, *, deco
         reduce=distributed.mean if distributed.active() else None,
         stain=params.stain_augment if params.augment else 0.0, lr_schedule=params.lr_schedule,
         features_head=head_names(model)[0] if params.unfamiliar else None,  # the rule's bank
-        bank_size=familiarity.BANK_SIZE, seed=params.seed * 1000 + fold)
+        bank_size=familiarity.BANK_SIZE, seed=Streams(params.seed, fold).feature_bank)
     return fit(model, spec, quiet=quiet, label=f"fold {fold}: " if fold else "",
                on_epoch=save_checkpoint, resume=resume_state)
 
@@ -185,10 +186,9 @@ def run_fold(params: TrainParams, folder: Path, *, fold: int, sample_set: Sample
     log.info("%s: %d train, %d validation%s", layout.fold_label(fold), len(train_pos),
              len(val_pos), "" if fold == 0 else f", {len(eval_pos)} test")
     fdir = layout.fold_dir(folder, fold)
-    torch.manual_seed(params.seed * 1000 + fold)  # before the model: its initial weights
-    rng = np.random.default_rng([params.seed, fold])
-    # augmentation: each DDP rank draws its own (rank 0 as a single process does)
-    gen = torch.Generator().manual_seed(params.seed * 1000 + fold + 7 + 100_003 * distributed.rank())
+    streams = Streams(params.seed, fold, distributed.rank())
+    torch.manual_seed(streams.init)  # before the model: its initial weights
+    rng, gen = streams.batches(), streams.augmentation()
     model, frozen = _new_model(params, arch, len(classes), device)
     model, trainer = distributed.wrap(model, device)
     result = _fit_fold(params, model, trainer, decoded=decoded, y=y, n_classes=len(classes),
@@ -256,10 +256,10 @@ def _fold_table(params: TrainParams, model: nn.Module, decoded, y: np.ndarray,
     if params.unfamiliar:
         val_features = (eval_features if fold == 0 else fitted.val_features
                         if have_val else outputs(val_pos)[1])
-        bank_pos = familiarity.bank_positions(train_pos, [params.seed, fold, 2])
+        bank_pos = familiarity.bank_positions(train_pos, Streams(params.seed, fold).bank)
         bank = fitted.train_features if fitted.train_features is not None else outputs(bank_pos)[1]
         train_looks = familiarity.training_looks(  # as training augmented them
-            decoded.get, bank_pos, seed=params.seed * 1000 + fold + 11, augmented=params.augment,
+            decoded.get, bank_pos, seed=Streams(params.seed, fold).looks, augmented=params.augment,
             stain=params.stain_augment if params.augment else 0.0)
         val_looks = eval_looks if fold == 0 else look.of_images(decoded.get, val_pos)[0]
         rule = familiarity.fit(bank, val_features, train_looks, val_looks)
