@@ -50,17 +50,24 @@ def non_finite_tensors(state: Any) -> list[str]:
             and not bool(torch.isfinite(v).all())]
 
 
+def non_finite_problem(state: dict, what: str = "the model") -> str | None:
+    """The one refusal of weights that are NaN or infinite (a training that diverged, or a
+    damaged file), or None where every tensor is finite."""
+    bad = non_finite_tensors(state)
+    if not bad:
+        return None
+    return (f"{len(bad)} tensors hold NaN or infinite weights (first: {bad[0]}); {what} "
+            "diverged in training or the file is damaged")
+
+
 def _state_problems(state: Any) -> list[str]:
     if not isinstance(state, dict) or not state:
         return ["state_dict: missing or not a dictionary of weights"]
     odd = [k for k, v in state.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
     if odd:
         return [f"state_dict: {len(odd)} entries are not named tensors (first: {str(odd[0])[:80]})"]
-    bad = non_finite_tensors(state)
-    if bad:
-        return [f"state_dict: {len(bad)} tensors hold NaN or infinite weights (first: {bad[0]}); "
-                "the model diverged in training or the file is damaged"]
-    return []
+    problem = non_finite_problem(state)
+    return [f"state_dict: {problem}"] if problem else []
 
 
 def _common(obj: dict, version: int) -> list[str]:

@@ -253,10 +253,9 @@ def read_ssl(path: Path, name: str, input_size: int | None = None
     obj = read_weights(path, "SSL checkpoint (modelAdr)")
     if obj.get("format") != SSL_FORMAT:
         state = _strip_prefixes(_unwrap(obj))
-        bad = modelcheck.non_finite_tensors(state)
-        if bad:
-            raise ModelError(f"{path}: {len(bad)} tensors hold NaN or infinite weights (first: "
-                             f"{bad[0]}); the pretraining diverged or the file is damaged")
+        problem = modelcheck.non_finite_problem(state, "the pretraining")
+        if problem:
+            raise ModelError(f"{path}: {problem}")
         return path, state, None
     modelcheck.check_ssl(path, obj, SSL_FORMAT_VERSION)
     arch = arch_name(name)
@@ -421,10 +420,9 @@ def _load_legacy(path, state, model_name, target_labels, slide_size) -> LoadedMo
     if head_w is not None and head_w.shape[0] != len(classes):
         raise ModelError(f"{path}: the model has {head_w.shape[0]} outputs but target_labels "
                          f"lists {len(classes)} classes; list exactly the model's classes")
-    bad = modelcheck.non_finite_tensors(state)
-    if bad:
-        raise ModelError(f"{path}: {len(bad)} tensors hold NaN or infinite weights (first: "
-                         f"{bad[0]}); the model diverged in training or the file is damaged")
+    problem = modelcheck.non_finite_problem(state)
+    if problem:
+        raise ModelError(f"{path}: {problem}")
     _load_state(model, state, path)
     log.info("%s: prototype model (%s, %d px); classes in alphabetical order: %s", path, arch,
              size, ", ".join(classes))

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from thumbclf.core.errors import ConfigError
+from thumbclf.core.errors import finite_or_diverged
 from thumbclf.nn.augment import ssl_view
 from thumbclf.nn.data import Normalisation, to_input
 from thumbclf.nn.engine import _prefetch, autocast, backward_step, grad_scaler, warmup_cosine_at
@@ -171,9 +171,7 @@ def _pretrain_epoch(learner: BYOL, spec: PretrainSpec, state: PretrainState, sca
         spec.optimizer.zero_grad(set_to_none=True)
         with autocast(device):
             loss = learner(v1, v2)
-        if not torch.isfinite(loss):
-            raise ConfigError(f"pretraining diverged at epoch {epoch} (loss {float(loss)}); "
-                              "lower lr")
+        finite_or_diverged(float(loss), f"the pretraining loss at epoch {epoch}")
         backward_step(loss, spec.optimizer, scaler)
         learner.update_target(momentum_at(state.step, total, spec.base_momentum))
         state.step += 1
