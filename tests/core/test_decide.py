@@ -33,9 +33,18 @@ def test_a_few_unfamiliar_slides_or_the_rule_off_change_nothing():
     assert unfamiliar_sources(decisions, reasons, None, None, 0.5)[:2] == (decisions, reasons)
 
 
-def test_too_few_slides_are_not_judged():
-    decisions, reasons, u = _rows(4, MIN_SOURCE_SLIDES - 5)
-    assert unfamiliar_sources(decisions, reasons, u, None, 0.5)[2] == []
+def test_a_few_slides_are_judged_on_strong_evidence_only():
+    """A deploy of 10 slides, 7 of them unfamiliar, kept its 3 familiar-looking ones decided
+    (a source had to have 20 slides); 3 of 5 is still not evidence enough."""
+    decisions, reasons, u = _rows(3, 7)
+    out, why, verdicts = unfamiliar_sources(decisions, reasons, u, None, 0.5)
+    assert out == [UNDECIDED] * 10 and why[:3] == [UNFAMILIAR_SOURCE] * 3
+    assert [(v.name, v.judged) for v in verdicts] == [("", 10)]
+    for familiar, unfamiliar in ((2, 3), (1, 2), (0, 1)):
+        decisions, reasons, u = _rows(familiar, unfamiliar)
+        assert unfamiliar_sources(decisions, reasons, u, None, 0.5)[2] == []
+    decisions, reasons, u = _rows(1, 4)  # 4 of 5
+    assert unfamiliar_sources(decisions, reasons, u, None, 0.5)[0] == [UNDECIDED] * 5
 
 
 def test_each_source_is_judged_on_its_own_and_small_ones_together():

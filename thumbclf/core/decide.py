@@ -16,8 +16,14 @@ DEFAULT_THRESHOLD = 0.9
 NO_TISSUE, UNFAMILIAR, LOW_CONFIDENCE = "no tissue", "unfamiliar", "low confidence"
 UNFAMILIAR_SOURCE = "unfamiliar source"  # most slides of its source are unfamiliar
 REASONS = (NO_TISSUE, UNFAMILIAR, UNFAMILIAR_SOURCE, LOW_CONFIDENCE)
-# a source (the SOURCE column, else the whole deploy) is judged on at least this many slides
+# sources (the SOURCE column) of fewer slides than this are pooled and judged together
 MIN_SOURCE_SLIDES = 20
+# A source is judged only where its unfamiliar slides would be this unlikely (p-value) among
+# ordinary slides, of which the unfamiliar rule calls at most ORDINARY_UNFAMILIAR unfamiliar (a
+# generous bound: about 2% by construction, 0-4% measured on the synthetic lab shift); so a
+# handful of slides is judged only on strong evidence: 4 of 5 unfamiliar, 5 of 8, 6 of 10.
+SOURCE_EVIDENCE = 0.001
+ORDINARY_UNFAMILIAR = 0.1
 POOLED = "(sources of fewer slides, pooled)"
 # the share of a thumbnail that must be tissue (nn/look.py measures it): below it a slide is
 # blank, pen or label only, or a fragment of about 10 x 10 pixels of the model's 224
@@ -74,8 +80,12 @@ def unfamiliar_sources(decisions: Sequence[str], reasons: Sequence[str],
     the whole deploy) is unfamiliar, its slides come from a world the model was not trained on,
     and the ones that happen to look familiar are the tail of that world, not slides the model
     knows: they are Undecided too (reason 'unfamiliar source'). A source is judged on its
-    slides with tissue and an unfamiliarity, when it has at least MIN_SOURCE_SLIDES of them;
-    smaller sources are pooled and judged together. ``share`` 1 turns the rule off."""
+    slides with tissue and an unfamiliarity; sources with fewer than MIN_SOURCE_SLIDES of them
+    are pooled and judged together. A group is unfamiliar when more than ``share`` of its slides
+    are, and so many would be unlikely among ordinary slides (SOURCE_EVIDENCE): a few slides
+    are judged only on strong evidence. ``share`` 1 turns the rule off."""
+    from scipy import stats
+
     decisions, reasons = list(decisions), list(reasons)
     if unfamiliarity is None or share >= 1 or not len(decisions):
         return decisions, reasons, []
@@ -89,11 +99,11 @@ def unfamiliar_sources(decisions: Sequence[str], reasons: Sequence[str],
     verdicts = []
     for name in sorted(set(groups)):
         members = judged & (groups == name)
-        if members.sum() < MIN_SOURCE_SLIDES:
+        n, k = int(members.sum()), int((u[members] > 1.0).sum())
+        if not n or k / n <= share or \
+                stats.binom.sf(k - 1, n, ORDINARY_UNFAMILIAR) >= SOURCE_EVIDENCE:
             continue
-        verdict = SourceVerdict(name, int(members.sum()), float((u[members] > 1.0).mean()))
-        if verdict.unfamiliar <= share:
-            continue
+        verdict = SourceVerdict(name, n, k / n)
         verdicts.append(verdict)
         for i in np.flatnonzero(members):  # (not the unreadable rows: they have no decision)
             if decisions[i] != UNDECIDED:
