@@ -150,7 +150,10 @@ def as_written(df: pd.DataFrame) -> pd.DataFrame:
     headers given back as they were written."""
     df.columns = [_in(str(c)) for c in df.columns]
     for j in range(df.shape[1]):
-        df.isetitem(j, text(map(_in, df.iloc[:, j]), df.index))
+        cells = list(map(unquote, df.iloc[:, j]))
+        if any(isinstance(c, str) and "\\x" in c for c in cells):  # rare: escaped names
+            cells = list(map(unescape, cells))
+        df.isetitem(j, text(cells, df.index))
     return df
 
 
