@@ -12,12 +12,13 @@ from __future__ import annotations
 import re
 import socket
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 import orthanc_server
-from thumbclf.core.errors import ImageReadError
+from thumbclf.core.errors import DataError, ImageReadError
 from thumbclf.inputs import dicomweb, slides, tiles
 
 pytest.importorskip("dicomweb_client")
@@ -26,17 +27,45 @@ pydicom = pytest.importorskip("pydicom")
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
+    """Orthanc holding two DICOM slides (each with a LABEL and a THUMBNAIL instance); yields
+    the server and the first slide's folder (the second's is beside it, 'slide2')."""
     from inputs.test_archives import dicom_slide, jpeg_tiff, picture
 
     root = tmp_path_factory.mktemp("dicomweb")
-    tiff = jpeg_tiff(root / "d.tiff", picture(1500, 1000, 1), pyramid=True)
-    folder = dicom_slide(root / "slide", tiff)
     srv, why = orthanc_server.start(root / "orthanc")
     if srv is None:
         pytest.skip(why)
-    srv.upload(sorted(folder.glob("*.dcm")))
-    yield srv, folder
+    folders = []
+    for name, seed in (("slide", 1), ("slide2", 2)):
+        tiff = jpeg_tiff(root / f"{name}.tiff", picture(1500, 1000, seed), pyramid=True)
+        folders.append(dicom_slide(root / name, tiff))
+        srv.upload(sorted(folders[-1].glob("*.dcm")))
+    yield srv, folders[0]
     srv.stop()
+
+
+@pytest.fixture(autouse=True)
+def metadata_forgotten():
+    """Each test asks the server afresh (the reader keeps series metadata per process)."""
+    dicomweb._KNOWN.clear()
+    yield
+    dicomweb._KNOWN.clear()
+
+
+def series_uid(folder) -> str:
+    return str(pydicom.dcmread(next(folder.glob("1.*.dcm")), stop_before_pixels=True)
+               .SeriesInstanceUID)
+
+
+def never_read_uids(*folders) -> list[str]:
+    """The SOP instance UIDs of the slides' LABEL and OVERVIEW instances."""
+    out = []
+    for folder in folders:
+        for f in folder.glob("*.dcm"):
+            ds = pydicom.dcmread(f, stop_before_pixels=True)
+            if any(k in ds.ImageType for k in ("LABEL", "OVERVIEW")):
+                out.append(str(ds.SOPInstanceUID))
+    return out
 
 
 @pytest.fixture
@@ -52,13 +81,14 @@ def requests_logged(srv) -> list[str]:
 def test_a_series_reads_as_its_folder_and_fetches_only_the_level_it_needs(server, credentials):
     srv, folder = server
     refs = dicomweb.list_series(srv.dicomweb)
-    assert len(refs) == 1
+    assert len(refs) == 2
+    ref = next(r for r in refs if r.series == series_uid(folder))
     before = len(requests_logged(srv))
     stats = tiles.ReadStats()
-    img = dicomweb.thumbnail(refs[0].url, 256, stats=stats)
-    ref = slides.thumbnail(folder, 256)
-    assert img.size == ref.size
-    assert np.abs(np.asarray(img, float) - np.asarray(ref, float)).max() <= 1
+    img = dicomweb.thumbnail(ref.url, 256, stats=stats)
+    local = slides.thumbnail(folder, 256)
+    assert img.size == local.size
+    assert np.abs(np.asarray(img, float) - np.asarray(local, float)).max() <= 1
     assert stats.reader == "dicomweb frames" and stats.photometric.startswith("YBR")
     assert stats.encoded_bytes > 0 and stats.level_size[0] < 1500
     label = str(pydicom.dcmread(folder / "label.dcm", stop_before_pixels=True).SOPInstanceUID)
@@ -99,3 +129,74 @@ def test_urls_are_shown_without_credentials_and_parsed_into_study_and_series():
     assert dicomweb.parse("https://h/dw/studies/1.2/series/3.4/") == ("https://h/dw", "1.2", "3.4")
     assert dicomweb.parse("https://h/dw/studies/1.2") == ("https://h/dw", "1.2", None)
     assert dicomweb.parse("https://h/dw") == ("https://h/dw", None, None)
+
+
+def deploy(tmp_path, model, thumb_data, *args, name="d", cache="cache"):
+    """Deploy ``model`` on ``thumb_data`` in this process; (exit code, stderr, the table)."""
+    import pandas as pd
+    from conftest import run_cli, write_yaml
+
+    exp = write_yaml(tmp_path / f"{name}.yaml", f"thumbData: {thumb_data}\nmodelAdr: {model}\n"
+                     f"hasLabels: false\nbatch_size: 1\nnum_workers: 0\ngradcam: 0\n"
+                     f"cache_dir: {tmp_path / cache}\n")
+    r = run_cli("deploy", [str(exp), "--quiet", *args])
+    table = tmp_path / name / "predictions.csv"
+    return r.returncode, r.stderr, (pd.read_csv(table, keep_default_na=False)
+                                    if table.is_file() else None)
+
+
+def frame_requests(srv, since: int) -> list[str]:
+    return [u for u in requests_logged(srv)[since:] if "/frames/" in u]
+
+
+def slide_url(srv, folder) -> str:
+    ds = pydicom.dcmread(next(folder.glob("1.*.dcm")), stop_before_pixels=True)
+    return f"{srv.dicomweb}/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}"
+
+
+def test_a_deploy_reads_every_series_a_dicomweb_url_names(server, credentials, tiny_model,
+                                                          tmp_path):
+    """Issue 30: thumbData names the service; each series is one row, read over DICOMweb, its
+    URL in PATH (a second deploy from its predictions.csv reads the same slides)."""
+    srv, folder = server
+    folders = (folder, folder.parent / "slide2")
+    code, err, table = deploy(tmp_path, tiny_model, srv.dicomweb)
+    assert code == 0, err
+    assert sorted(table["PATH"]) == sorted(slide_url(srv, f) for f in folders)
+    assert (table["error"] == "").all() and (table["slide_width"] == 1500).all()
+    code, err, again = deploy(tmp_path, tiny_model, tmp_path / "d" / "predictions.csv", name="t")
+    assert code == 0, err
+    assert again["PATH"].tolist() == table["PATH"].tolist() and (again["error"] == "").all()
+
+
+def test_a_table_row_naming_a_study_is_one_row_per_series_with_its_label(server, credentials,
+                                                                         tmp_path):
+    import pandas as pd
+
+    from thumbclf.inputs.samples import discover
+
+    srv, folder = server
+    second = slide_url(srv, folder.parent / "slide2")
+    study = slide_url(srv, folder).rsplit("/series/", 1)[0]
+    pd.DataFrame({"PATH": [study, second], "CLASSIFICATION": ["A", "B"]}).to_csv(
+        tmp_path / "t.csv", index=False)
+    found = discover(tmp_path / "t.csv", need_labels=True).samples
+    assert [(str(s.path), s.label, s.row) for s in found] == [
+        (str(Path(slide_url(srv, folder))), "A", 2), (str(Path(second)), "B", 3)]
+
+
+def test_credentials_in_thumbdata_or_a_table_are_refused_and_not_shown(tmp_path, tiny_model):
+    import pandas as pd
+
+    from thumbclf.inputs.samples import discover
+
+    secret = "pw-in-the-file"
+    url = f"http://user:{secret}@127.0.0.1:9/dicom-web/studies/1.2/series/3.4"
+    code, err, _ = deploy(tmp_path, tiny_model, url)
+    assert code == 2 and "without user, password or query" in err and secret not in err, err
+    pd.DataFrame({"PATH": [url.replace("user:" + secret + "@", "") + "?token=" + secret]}
+                 ).to_csv(tmp_path / "t.csv", index=False)
+    with pytest.raises(DataError, match=r"t.csv: row 2: http://127.0.0.1:9/.*without") as exc:
+        discover(tmp_path / "t.csv", need_labels=False)
+    assert secret not in str(exc.value)
+

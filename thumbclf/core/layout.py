@@ -291,10 +291,28 @@ def writable_or_creatable(path: Path) -> str | None:
     return None
 
 
+WEB_SCHEMES = ("http", "https")  # a DICOMweb service, study or series (issue 30)
+
+
+def web_url(path: Path | str) -> str | None:
+    """The URL an input names (a DICOMweb service, study or series), None for a file. A URL
+    kept in a Path has lost one slash of its '//' (``http:/host/...``): this puts it back, so
+    the Path and the URL's text (as predictions.csv shows it) name the same input."""
+    text = str(path)
+    scheme, sep, rest = text.partition(":/")
+    if not sep or scheme.lower() not in WEB_SCHEMES:
+        return None
+    return f"{scheme.lower()}://{rest.lstrip('/')}"
+
+
 def to_local_path(text: str, base: Path) -> Path:
-    """A path string from a file (POSIX or Windows style), resolved against ``base``. On
-    POSIX a backslash is a Windows separator only where the text is not an absolute POSIX path
-    and names no file as written: it is a legal character of a Linux file name (issue 33)."""
+    """A path string from a file (POSIX or Windows style), resolved against ``base``; a URL
+    (``web_url``) is kept as it is. On POSIX a backslash is a Windows separator only where the
+    text is not an absolute POSIX path and names no file as written: it is a legal character of
+    a Linux file name (issue 33)."""
+    url = web_url(text) if "://" in text else None
+    if url is not None:
+        return Path(url)
     if os.sep == "/" and "\\" in text and not text.startswith("/"):
         literal = Path(os.path.expanduser(text))
         literal = literal if literal.is_absolute() else base / literal
