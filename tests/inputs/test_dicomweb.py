@@ -200,3 +200,38 @@ def test_credentials_in_thumbdata_or_a_table_are_refused_and_not_shown(tmp_path,
         discover(tmp_path / "t.csv", need_labels=False)
     assert secret not in str(exc.value)
 
+
+def test_resume_skips_the_series_done_and_a_later_deploy_fetches_no_frame(
+        server, credentials, tiny_model, tmp_path, monkeypatch):
+    """Issue 30: --resume predicts only the series not done; the thumbnail cache, keyed by the
+    series UID and the server's instance metadata (asked again, not the URL), serves a later
+    deploy without one frame request."""
+    srv, _ = server
+    read, opened = dicomweb.web_level, []
+
+    def interrupted(series, level):
+        opened.append(series.ref.series)
+        if len(opened) == 2:
+            raise KeyboardInterrupt  # as Ctrl-C while the second slide is read
+        return read(series, level)
+
+    monkeypatch.setattr(dicomweb, "web_level", interrupted)
+    code, err, table = deploy(tmp_path, tiny_model, srv.dicomweb)
+    assert code == 130 and table is None and "--resume" in err, err
+    monkeypatch.setattr(dicomweb, "web_level", read)
+    dicomweb._KNOWN.clear()  # as a new process: the metadata is asked again
+    before = len(requests_logged(srv))
+    code, err, table = deploy(tmp_path, tiny_model, srv.dicomweb, "--resume")
+    assert code == 0, err
+    assert "resuming: 1 images predicted earlier, 1 to go" in (tmp_path / "d" / "run.log"
+                                                               ).read_text()
+    frames = frame_requests(srv, before)
+    assert frames and all(f"/series/{opened[1]}/" in u for u in frames)  # the first: not again
+    assert len(table) == 2 and (table["error"] == "").all()
+    dicomweb._KNOWN.clear()
+    before = len(requests_logged(srv))
+    code, err, again = deploy(tmp_path, tiny_model, srv.dicomweb, name="e")  # same cache_dir
+    assert code == 0, err
+    assert frame_requests(srv, before) == []  # every thumbnail from the cache
+    assert sum("/metadata" in u for u in requests_logged(srv)[before:]) >= 2  # the key: asked
+    assert again.drop(columns="read_seconds").equals(table.drop(columns="read_seconds"))
