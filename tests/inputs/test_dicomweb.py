@@ -157,16 +157,30 @@ def slide_url(srv, folder) -> str:
 def test_a_deploy_reads_every_series_a_dicomweb_url_names(server, credentials, tiny_model,
                                                           tmp_path):
     """Issue 30: thumbData names the service; each series is one row, read over DICOMweb, its
-    URL in PATH (a second deploy from its predictions.csv reads the same slides)."""
+    URL in PATH, with its read record (a second deploy from a table of those URLs with an MPP
+    column reads the same slides, from the cache, and says where the MPP came from)."""
+    import pandas as pd
+
     srv, folder = server
     folders = (folder, folder.parent / "slide2")
     code, err, table = deploy(tmp_path, tiny_model, srv.dicomweb)
     assert code == 0, err
     assert sorted(table["PATH"]) == sorted(slide_url(srv, f) for f in folders)
     assert (table["error"] == "").all() and (table["slide_width"] == 1500).all()
-    code, err, again = deploy(tmp_path, tiny_model, tmp_path / "d" / "predictions.csv", name="t")
+    assert (table["read_reader"] == "dicomweb frames").all() and (table["read_level"] == 0).all()
+    assert (table["read_level_width"] == 1500).all() and (table["read_level_height"] == 1000).all()
+    assert table["read_photometric"].str.startswith("YBR").all()
+    assert (table["read_mpp"] == 0.5).all() and (table["read_mpp_source"] == "header").all()
+    assert (table["read_bytes"] > 10_000).all() and (table["read_seconds"] > 0).all()
+    assert "2 slides read (dicomweb frames 2)" in (tmp_path / "d" / "report.html").read_text()
+    pd.DataFrame({"PATH": table["PATH"], "MPP": ["0.25", ""]}).to_csv(tmp_path / "t.csv",
+                                                                      index=False)
+    code, err, again = deploy(tmp_path, tiny_model, tmp_path / "t.csv", name="t")
     assert code == 0, err
     assert again["PATH"].tolist() == table["PATH"].tolist() and (again["error"] == "").all()
+    assert again["read_mpp_source"].tolist() == ["override", "header"]
+    assert again["read_mpp"].tolist() == [0.25, 0.5]
+    assert again["read_bytes"].tolist() == table["read_bytes"].tolist()  # the record, cached
 
 
 def test_a_table_row_naming_a_study_is_one_row_per_series_with_its_label(server, credentials,

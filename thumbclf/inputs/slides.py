@@ -329,7 +329,8 @@ def thumbnail(path: Path, long_side: int, *, cache_dir: Path | None = None,
 def stats_record(path: Path, stats: tiles.ReadStats) -> dict:
     """How a thumbnail was read, as stored beside the cached thumbnail (the read record)."""
     size = stats.level_size or (None, None)
-    return {"path": str(path), "seconds": round(stats.seconds, 4), "reader": stats.reader,
+    return {"path": layout.web_url(path) or str(path), "seconds": round(stats.seconds, 4),
+            "reader": stats.reader,
             "level": stats.level, "level_width": size[0], "level_height": size[1],
             "photometric": stats.photometric, "note": stats.note,
             "dct_scale": stats.dct_scale, "tiles": stats.tiles,
