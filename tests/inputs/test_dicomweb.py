@@ -27,8 +27,9 @@ pydicom = pytest.importorskip("pydicom")
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    """Orthanc holding two DICOM slides (each with a LABEL and a THUMBNAIL instance); yields
-    the server and the first slide's folder (the second's is beside it, 'slide2')."""
+    """Orthanc holding two DICOM slides (each with a LABEL, an OVERVIEW and a THUMBNAIL
+    instance); yields the server and the first slide's folder (the second's beside it,
+    'slide2')."""
     from inputs.test_archives import dicom_slide, jpeg_tiff, picture
 
     root = tmp_path_factory.mktemp("dicomweb")
@@ -39,6 +40,10 @@ def server(tmp_path_factory):
     for name, seed in (("slide", 1), ("slide2", 2)):
         tiff = jpeg_tiff(root / f"{name}.tiff", picture(1500, 1000, seed), pyramid=True)
         folders.append(dicom_slide(root / name, tiff))
+        ds = pydicom.dcmread(folders[-1] / "label.dcm")  # the size of the smallest level
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "OVERVIEW", "NONE"]
+        ds.SOPInstanceUID = pydicom.uid.generate_uid()
+        ds.save_as(folders[-1] / "overview.dcm")
         srv.upload(sorted(folders[-1].glob("*.dcm")))
     yield srv, folders[0]
     srv.stop()
@@ -91,10 +96,11 @@ def test_a_series_reads_as_its_folder_and_fetches_only_the_level_it_needs(server
     assert np.abs(np.asarray(img, float) - np.asarray(local, float)).max() <= 1
     assert stats.reader == "dicomweb frames" and stats.photometric.startswith("YBR")
     assert stats.encoded_bytes > 0 and stats.level_size[0] < 1500
-    label = str(pydicom.dcmread(folder / "label.dcm", stop_before_pixels=True).SOPInstanceUID)
     frames = [u for u in requests_logged(srv)[before:] if "/frames/" in u]
     assert frames and len(frames) == -(-stats.level_size[1] // 256)  # one request per tile row
-    assert not any(label in u for u in requests_logged(srv))  # nothing of the label, ever
+    never = never_read_uids(folder)
+    assert len(never) == 2  # the label and the overview
+    assert not any(uid in u for uid in never for u in requests_logged(srv))  # nothing, ever
     sops = {re.search(r"/instances/([0-9.]+)/", u).group(1) for u in frames}
     assert len(sops) == 1  # the frames of one level only
 
@@ -181,6 +187,10 @@ def test_a_deploy_reads_every_series_a_dicomweb_url_names(server, credentials, t
     assert again["read_mpp_source"].tolist() == ["override", "header"]
     assert again["read_mpp"].tolist() == [0.25, 0.5]
     assert again["read_bytes"].tolist() == table["read_bytes"].tolist()  # the record, cached
+    logged = requests_logged(srv)
+    assert any("/frames/" in u for u in logged)
+    never = never_read_uids(*folders)
+    assert len(never) == 4 and not any(uid in u for uid in never for u in logged)
 
 
 def test_a_table_row_naming_a_study_is_one_row_per_series_with_its_label(server, credentials,
