@@ -259,3 +259,28 @@ def test_resume_skips_the_series_done_and_a_later_deploy_fetches_no_frame(
     assert frame_requests(srv, before) == []  # every thumbnail from the cache
     assert sum("/metadata" in u for u in requests_logged(srv)[before:]) >= 2  # the key: asked
     assert again.drop(columns="read_seconds").equals(table.drop(columns="read_seconds"))
+
+
+def test_a_series_on_a_server_that_stops_answering_is_an_error_row_not_a_hang(
+        server, credentials, tiny_model, tmp_path, monkeypatch):
+    import pandas as pd
+
+    srv, folder = server
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(64)  # the system accepts connections; nothing ever answers
+    monkeypatch.setattr(dicomweb, "TIMEOUT_S", (0.5, 0.5))
+    monkeypatch.setattr(dicomweb, "RETRIES", 1)
+    dead = f"http://127.0.0.1:{silent.getsockname()[1]}/dicom-web/studies/1.2/series/3.4"
+    pd.DataFrame({"PATH": [slide_url(srv, folder), dead]}).to_csv(tmp_path / "t.csv", index=False)
+    start = time.perf_counter()
+    try:
+        code, err, table = deploy(tmp_path, tiny_model, tmp_path / "t.csv")
+    finally:
+        silent.close()
+    assert code == 0, err
+    assert time.perf_counter() - start < 120
+    assert table["error"].tolist()[0] == ""
+    assert re.match(r"http://127.0.0.1:\d+/dicom-web/studies/1.2/series/3.4: the DICOMweb "
+                    r"server did not answer \((ReadTimeout|ConnectionError), after 1 retries",
+                    table["error"].tolist()[1])
