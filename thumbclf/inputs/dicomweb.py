@@ -154,15 +154,25 @@ def session():
     return s
 
 
+_CLIENTS: dict[tuple, object] = {}  # one per service, process and credentials: kept alive
+
+
 def client(root: str):
-    """A DICOMweb client of the service at ``root``."""
+    """A DICOMweb client of the service at ``root``: one per process (never a forked parent's
+    connection), credentials and retry setting, so that its connection serves every slide."""
     try:
         from dicomweb_client.api import DICOMwebClient
     except ImportError:
         raise ImageReadError(f"{shown(root)}: reading DICOMweb slides needs dicomweb-client; "
                              f"{INSTALL}") from None
-    web = DICOMwebClient(root, session=session())
-    web.set_http_retry_params(retry=False)  # the session retries, as the module says
+    key = (root, os.getpid(), RETRIES, *(os.environ.get(k) for k in (TOKEN, USER, PASSWORD)))
+    web = _CLIENTS.get(key)
+    if web is None:
+        web = DICOMwebClient(root, session=session())
+        web.set_http_retry_params(retry=False)  # the session retries, as the module says
+        if len(_CLIENTS) >= 64:
+            _CLIENTS.clear()
+        _CLIENTS[key] = web
     return web
 
 
@@ -210,6 +220,14 @@ class WebSeries:
     fetched: list = field(default_factory=list)  # SOP instance UIDs whose frames were fetched
 
 
+# the attributes dicom.instance_of reads (the rest of the metadata is not parsed): SOP class and
+# instance, series, image type, rows, columns, frames, photometric, total pixel matrix,
+# dimension organisation, concatenation, shared and per-frame functional groups, optical path,
+# manufacturer, transfer syntax
+WANTED_TAGS = frozenset((
+    "00080016", "00080018", "0020000E", "00080008", "00280010", "00280011", "00280008",
+    "00280004", "00480006", "00480007", "00209311", "00209161", "00209162", "00209163",
+    "00209228", "52009229", "52009230", "00480105", "00080070", "00020010", "00083002"))
 _KNOWN: dict[str, tuple | ImageReadError] = {}  # series URL -> (levels, thumbnails, key), or
 # why the server did not answer: its metadata is asked once a process
 MAX_KNOWN = 4096
@@ -232,6 +250,7 @@ def _describe(ref: SeriesRef, web=None) -> tuple:
         raise ImageReadError(*_KNOWN[ref.url].args) from None
     found = []
     for meta in metas:
+        meta = {k: v for k, v in meta.items() if k in WANTED_TAGS}
         ds = pydicom.Dataset.from_json(meta, bulk_data_uri_handler=lambda *_: b"")  # no bulk
         syntax = str(_value(meta, "00020010", "") or _value(meta, "00083002", "") or "")
         inst = dicom.instance_of(ds, Path(str(ds.get("SOPInstanceUID", ""))), 0, syntax)
@@ -278,8 +297,12 @@ def _codec(data: bytes) -> str:
     return "raw"
 
 
+FRAMES_PER_REQUEST = 64  # rows of tiles are asked together up to this many frames
+
+
 def web_level(series: WebSeries, level: dicom.Level) -> tiles.TiledLevel:
-    """A level whose frames are fetched from the server, one request per row of tiles."""
+    """A level whose frames are fetched from the server: one request for as many rows of tiles
+    as hold up to FRAMES_PER_REQUEST frames (at least one row), per instance."""
     inst = level.parts[0]
     cols = -(-level.width // inst.tile_w)
     where: dict[tuple[int, int], tuple[str, int]] = {}
@@ -293,27 +316,36 @@ def web_level(series: WebSeries, level: dicom.Level) -> tiles.TiledLevel:
                            Path(shown(ref.url)), lambda tx, ty: None, "jpeg",
                            rgb=inst.photometric == "RGB", photometric=inst.photometric)
 
+    per_request = max(1, FRAMES_PER_REQUEST // cols)
+    ahead: dict[int, dict[int, bytes]] = {}  # rows fetched with an earlier one
+
     def fetch_row(ty: int) -> dict[int, bytes]:
-        wanted: dict[str, list[tuple[int, int]]] = {}
+        if ty in ahead:
+            return ahead.pop(ty)
+        rows = range(ty, ty + per_request)
+        wanted: dict[str, list[tuple[int, int, int]]] = {}
         for (tx, y), (sop, frame) in where.items():
-            if y == ty:
-                wanted.setdefault(sop, []).append((frame, tx))
-        row: dict[int, bytes] = {}
-        for sop, pairs in wanted.items():
-            pairs.sort()
+            if y in rows:
+                wanted.setdefault(sop, []).append((frame, tx, y))
+        got: dict[int, dict[int, bytes]] = {y: {} for y in rows}
+        for sop, triples in wanted.items():
+            triples.sort()
             try:
                 frames = series.web.retrieve_instance_frames(
-                    ref.study, ref.series, sop, [f for f, _ in pairs], media_types=ANY_SYNTAX)
+                    ref.study, ref.series, sop, [f for f, _, _ in triples],
+                    media_types=ANY_SYNTAX)
             except Exception as exc:  # noqa: BLE001
                 raise _failed(ref.url, exc) from None
             series.requests += 1
             series.fetched.append(sop)
-            for (_, tx), data in zip(pairs, frames):
-                row[tx] = data
+            for (_, tx, y), data in zip(triples, frames):
+                got[y][tx] = data
                 series.nbytes += len(data)
-        if row:
-            out.codec = _codec(next(iter(row.values())))
-        return row
+        first = next((d for r in got.values() for d in r.values()), None)
+        if first is not None:
+            out.codec = _codec(first)
+        ahead.update({y: r for y, r in got.items() if y != ty})
+        return got[ty]
 
     out.fetch_row = fetch_row
     return out
