@@ -288,3 +288,23 @@ def test_a_series_on_a_server_that_stops_answering_is_an_error_row_not_a_hang(
     assert re.match(r"http://127.0.0.1:\d+/dicom-web/studies/1.2/series/3.4: the DICOMweb "
                     r"server did not answer \((ReadTimeout|ConnectionError), after 1 retries",
                     table["error"].tolist()[1])
+
+
+def test_a_deploy_in_worker_processes_exports_and_sorts_dicomweb_thumbnails(
+        server, credentials, tiny_model, tmp_path):
+    """Decoding worker processes read the series with the environment's credentials; the
+    thumbnails are exported and sorted; a DICOMweb slide has no file to copy (sortSlides)."""
+    from conftest import run_cli
+
+    srv, folder = server
+    before = len(requests_logged(srv))
+    (tmp_path / "w.yaml").write_text(
+        f"thumbData: {srv.dicomweb}\nmodelAdr: {tiny_model}\nhasLabels: false\ngradcam: 0\n"
+        f"num_workers: 1\nsortThumbs: true\nsortSlides: true\nexport_thumbnails: true\n"
+        f"cache_dir: {tmp_path / 'cache'}\n")
+    r = run_cli("deploy", [str(tmp_path / "w.yaml"), "--quiet"])
+    assert r.returncode == 0, r.stderr
+    assert frame_requests(srv, before)  # read now, in the worker
+    names = sorted(p.name for p in (tmp_path / "w" / "thumbnails").iterdir())
+    assert names == sorted(f"{series_uid(f)}.png" for f in (folder, folder.parent / "slide2"))
+    assert sorted(p.name for p in (tmp_path / "w" / "sorted").rglob("*.png")) == names

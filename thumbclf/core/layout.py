@@ -305,6 +305,12 @@ def web_url(path: Path | str) -> str | None:
     return f"{scheme.lower()}://{rest.lstrip('/')}"
 
 
+def input_stem(path: Path) -> str:
+    """The name an input's copies take (a thumbnail, a sorted copy): the file's stem; a
+    DICOMweb series' UID (its last component, dots and all)."""
+    return path.name if web_url(path) is not None else path.stem
+
+
 def to_local_path(text: str, base: Path) -> Path:
     """A path string from a file (POSIX or Windows style), resolved against ``base``; a URL
     (``web_url``) is kept as it is. On POSIX a backslash is a Windows separator only where the
