@@ -308,3 +308,24 @@ def test_a_deploy_in_worker_processes_exports_and_sorts_dicomweb_thumbnails(
     names = sorted(p.name for p in (tmp_path / "w" / "thumbnails").iterdir())
     assert names == sorted(f"{series_uid(f)}.png" for f in (folder, folder.parent / "slide2"))
     assert sorted(p.name for p in (tmp_path / "w" / "sorted").rglob("*.png")) == names
+
+
+def test_two_shards_of_a_dicomweb_deploy_merge_into_the_one_process_table(
+        server, credentials, tiny_model, tmp_path):
+    """A SLURM array over an image store: each shard lists the same series in the same order,
+    and merge gives the one-process predictions.csv (issue 30)."""
+    from conftest import run_cli
+    from workflows.test_shards import merge_cli
+
+    srv, _ = server
+    exp = tmp_path / "s.yaml"
+    exp.write_text(f"thumbData: {srv.dicomweb}\nmodelAdr: {tiny_model}\nhasLabels: false\n"
+                   f"gradcam: 0\nnum_workers: 0\nbatch_size: 1\ncache_dir: {tmp_path / 'c'}\n")
+    for out, shard in (("one", ()), ("two", ("--shard", "1/2")), ("two", ("--shard", "2/2"))):
+        r = run_cli("deploy", [str(exp), "--output", str(tmp_path / out), "--quiet", *shard])
+        assert r.returncode == 0, r.stderr
+    assert f"thumb_data: {srv.dicomweb}\n" in (tmp_path / "one" / "config.yaml").read_text()
+    r = merge_cli(tmp_path / "two")  # reads the shards' config.yaml: the URL as written
+    assert r.returncode == 0, r.stderr
+    assert ((tmp_path / "two" / "predictions.csv").read_bytes()
+            == (tmp_path / "one" / "predictions.csv").read_bytes())

@@ -331,7 +331,7 @@ def params_to_dict(params: Params) -> dict[str, Any]:
 
         value = getattr(params, f.name)
         if isinstance(value, Path):
-            value = str(value)
+            value = layout.web_url(value) or str(value)  # a DICOMweb URL as written
         elif isinstance(value, tuple):
             value = [str(v) for v in value]
         out[f.name] = value

@@ -316,7 +316,7 @@ def to_local_path(text: str, base: Path) -> Path:
     (``web_url``) is kept as it is. On POSIX a backslash is a Windows separator only where the
     text is not an absolute POSIX path and names no file as written: it is a legal character of
     a Linux file name (issue 33)."""
-    url = web_url(text) if "://" in text else None
+    url = web_url(text)  # also as a Path writes it ('http:/host/...'): a saved config.yaml
     if url is not None:
         return Path(url)
     if os.sep == "/" and "\\" in text and not text.startswith("/"):
