@@ -329,3 +329,19 @@ def test_two_shards_of_a_dicomweb_deploy_merge_into_the_one_process_table(
     assert r.returncode == 0, r.stderr
     assert ((tmp_path / "two" / "predictions.csv").read_bytes()
             == (tmp_path / "one" / "predictions.csv").read_bytes())
+
+
+def test_the_review_page_shows_dicomweb_slides_by_their_urls(server, credentials, tiny_model,
+                                                             tmp_path):
+    """The page's previews are the cached thumbnails, and each card names the series by its
+    URL (corrections exported from it name the series a later training reads)."""
+    from thumbclf.workflows import review
+
+    srv, folder = server
+    code, err, table = deploy(tmp_path, tiny_model, srv.dicomweb)
+    assert code == 0, err
+    before = len(requests_logged(srv))
+    text = review.write_review(tmp_path / "d").read_text()
+    assert all(f'"p":"{url}"' in text for url in table["PATH"]), table["PATH"].tolist()
+    assert len(list((tmp_path / "d").rglob("*-s.jpg"))) == 2
+    assert frame_requests(srv, before) == []  # from the run's cache
