@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 import orthanc_server
@@ -331,17 +332,32 @@ def test_two_shards_of_a_dicomweb_deploy_merge_into_the_one_process_table(
             == (tmp_path / "one" / "predictions.csv").read_bytes())
 
 
-def test_the_review_page_shows_dicomweb_slides_by_their_urls(server, credentials, tiny_model,
-                                                             tmp_path):
-    """The page's previews are the cached thumbnails, and each card names the series by its
-    URL (corrections exported from it name the series a later training reads)."""
-    from thumbclf.workflows import review
+def test_a_dicomweb_slide_is_reviewed_and_corrected_by_its_url(server, credentials, tiny_model,
+                                                              tmp_path):
+    """The page's previews are the cached thumbnails and each card names the series by its URL;
+    the review server takes a correction of that URL, and the exported corrections apply to
+    the table (they name the series a later training reads, never a file path)."""
+    from thumbclf.outputs import journal
+    from thumbclf.workflows import review, review_server
 
     srv, folder = server
     code, err, table = deploy(tmp_path, tiny_model, srv.dicomweb)
     assert code == 0, err
     before = len(requests_logged(srv))
     text = review.write_review(tmp_path / "d").read_text()
-    assert all(f'"p":"{url}"' in text for url in table["PATH"]), table["PATH"].tolist()
+    urls = table["PATH"].tolist()
+    assert all(f'"p":"{url}"' in text for url in urls), urls
     assert len(list((tmp_path / "d").rglob("*-s.jpg"))) == 2
     assert frame_requests(srv, before) == []  # from the run's cache
+    entry = {"path": urls[1], "classification": "TMA", "reviewer": "r", "at": "now", "seq": 1}
+    web = review_server.ReviewServer(tmp_path / "d", 0, tmp_path / "d" / "predictions.csv")
+    try:
+        assert web.check_entry(entry) is None
+    finally:
+        web.server_close()
+    fixes = journal.corrections([entry], table)
+    assert fixes["PATH"].tolist() == [urls[1]]
+    fixes.to_csv(tmp_path / "fixes.csv", index=False)
+    reviewed = pd.read_csv(review.apply(tmp_path / "d", [tmp_path / "fixes.csv"]),
+                           keep_default_na=False)
+    assert reviewed[review.REVIEWED_CLASS].tolist()[1] == "TMA"

@@ -305,6 +305,12 @@ def web_url(path: Path | str) -> str | None:
     return f"{scheme.lower()}://{rest.lstrip('/')}"
 
 
+def input_text(path: Path | str) -> str:
+    """An input as the review page and its journal name it: a DICOMweb URL as it is, a file's
+    absolute path (links kept)."""
+    return web_url(path) or os.path.abspath(path)
+
+
 def input_stem(path: Path) -> str:
     """The name an input's copies take (a thumbnail, a sorted copy): the file's stem; a
     DICOMweb series' UID (its last component, dots and all)."""
