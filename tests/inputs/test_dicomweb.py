@@ -361,3 +361,24 @@ def test_a_dicomweb_slide_is_reviewed_and_corrected_by_its_url(server, credentia
     reviewed = pd.read_csv(review.apply(tmp_path / "d", [tmp_path / "fixes.csv"]),
                            keep_default_na=False)
     assert reviewed[review.REVIEWED_CLASS].tolist()[1] == "TMA"
+
+
+def test_a_failed_series_is_not_asked_again_for_a_while_then_is(monkeypatch):
+    """A deploy's later steps (properties, read record, report) do not wait through a dead
+    server's retries again; a long-running process asks again after FAILURE_MEMORY_S."""
+    asked = []
+
+    class Down:
+        def retrieve_series_metadata(self, study, series):
+            asked.append(series)
+            raise ConnectionError("down")
+
+    ref = dicomweb.SeriesRef("http://127.0.0.1:9/dw", "1.2", "3.4")
+    for _ in range(3):
+        with pytest.raises(ImageReadError, match="did not answer"):
+            dicomweb.open_series(ref, Down())
+    assert asked == ["3.4"]
+    monkeypatch.setattr(dicomweb, "FAILURE_MEMORY_S", 0.0)
+    with pytest.raises(ImageReadError, match="did not answer"):
+        dicomweb.open_series(ref, Down())
+    assert asked == ["3.4", "3.4"]

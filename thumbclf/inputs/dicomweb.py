@@ -11,7 +11,8 @@ it), never from the experiment file, and no message shows it. Every request has 
 (TIMEOUT_S) and is retried (RETRIES, with backoff) on connection errors and 429/5xx answers, so a
 server that stops answering gives an error, not a hang. A series' cache key is its UID and the
 facts of its instances as the server describes them (never the URL or its credentials); the
-metadata is asked once per process and series. Needs ``pip install "thumbclf[dicomweb]"``
+metadata is asked once per process and series (after a failure, not again for FAILURE_MEMORY_S,
+so that a deploy's later steps do not wait through the retries again). Needs ``pip install "thumbclf[dicomweb]"``
 (dicomweb-client).
 """
 
@@ -231,13 +232,16 @@ WANTED_TAGS = frozenset((
 _KNOWN: dict[str, tuple | ImageReadError] = {}  # series URL -> (levels, thumbnails, key), or
 # why the server did not answer: its metadata is asked once a process
 MAX_KNOWN = 4096
+FAILURE_MEMORY_S = 300.0  # a series whose server did not answer is not asked again this long
 
 
 def _describe(ref: SeriesRef, web=None) -> tuple:
     """A series' levels, THUMBNAIL instances and cache key, from its metadata (no pixels)."""
     known = _KNOWN.get(ref.url)
-    if isinstance(known, ImageReadError):  # asked once already: not again, with its retries
-        raise ImageReadError(*known.args)
+    if isinstance(known, ImageReadError):  # asked lately: not again, with all its retries
+        if time.monotonic() - known.at < FAILURE_MEMORY_S:
+            raise ImageReadError(*known.args)
+        known = None
     if known is not None:
         return known
     import pydicom
@@ -246,8 +250,10 @@ def _describe(ref: SeriesRef, web=None) -> tuple:
     try:
         metas = web.retrieve_series_metadata(ref.study, ref.series)
     except Exception as exc:  # noqa: BLE001
-        _KNOWN[ref.url] = _failed(ref.url, exc)
-        raise ImageReadError(*_KNOWN[ref.url].args) from None
+        failure = _failed(ref.url, exc)
+        failure.at = time.monotonic()
+        _KNOWN[ref.url] = failure
+        raise ImageReadError(*failure.args) from None
     found = []
     for meta in metas:
         meta = {k: v for k, v in meta.items() if k in WANTED_TAGS}
