@@ -382,3 +382,22 @@ def test_a_failed_series_is_not_asked_again_for_a_while_then_is(monkeypatch):
     with pytest.raises(ImageReadError, match="did not answer"):
         dicomweb.open_series(ref, Down())
     assert asked == ["3.4", "3.4"]
+
+
+def test_trainings_decode_once_cache_keeps_dicomweb_slides_by_their_metadata(
+        server, credentials, tmp_path):
+    """Training decodes every input once into the on-disk image cache: a series' entry is
+    keyed by its UID and metadata, so a second run decodes nothing and fetches no frame."""
+    from thumbclf.inputs import cache
+    from thumbclf.inputs.images import Preprocessing
+
+    srv, folder = server
+    paths = [Path(u) for u in sorted(r.url for r in dicomweb.list_series(srv.dicomweb))]
+    prep = Preprocessing(size=64, slide_size=256)
+    first = cache.build(paths, prep, mode="disk", cache_dir=tmp_path, workers=1, quiet=True)
+    assert not first.errors and first.array.shape[0] == 2
+    dicomweb._KNOWN.clear()
+    before = len(requests_logged(srv))
+    again = cache.build(paths, prep, mode="disk", cache_dir=tmp_path, workers=1, quiet=True)
+    assert frame_requests(srv, before) == [] and np.array_equal(again.get(np.arange(2)),
+                                                                 first.get(np.arange(2)))
