@@ -215,8 +215,8 @@ def _samples_from_frame(df: pd.DataFrame, path: Path, base: Path,
         except DataError as exc:
             problems.extend(exc.args)
             continue
-        if dicomweb.url_problem(text, f"{path}: row {row}"):
-            problems.append(dicomweb.url_problem(text, f"{path}: row {row}"))
+        if problem := dicomweb.url_problem(text, f"{path}: row {row}"):
+            problems.append(problem)
             continue
         samples.append(Sample(to_local_path(text, base), label, patient or None, row,
                               source=source or None, mpp=mpp))
