@@ -5,6 +5,7 @@
     python bench/slides.py --giant 0           # no single-level slide
     python bench/slides.py --deploy            # also deploy (a tiny model) on a tiny slide and the giant
     python bench/slides.py --executors         # deploy 10 copies of the archive: 1 and 2 workers, Ray
+    python bench/slides.py --dicomweb 7        # the DICOM slide from its folder and over DICOMweb, 7x
 
 The archive (patient folders; JPEG-tiled pyramidal TIFFs with levels /4, one DICOM WSI folder
 written by wsidicomizer, one single-level JPEG-tiled TIFF) is written to --out (a temporary
@@ -14,7 +15,11 @@ libjpeg-turbo, one thread, every tile of the level thumbclf reads, decoded at fu
 slides/s with 1 and 2 decoding workers, and the giant's extra wall time and peak memory over a
 tiny slide's, each measured in a fresh process. --executors deploys hard-linked copies of the
 archive (distinct paths, so every copy is read) with executor local (1 and 2 workers) and ray.
-Needs the test extra (imagecodecs, wsidicomizer); --executors also the ray extra.
+--dicomweb N writes the DICOM slide only, loads it into a throwaway Orthanc on 127.0.0.1 (the
+tests' server, tests/inputs/orthanc_server.py) and reads its thumbnail N times, alternating, from
+its folder and over DICOMweb (the series metadata asked afresh each time): the medians of the
+wall seconds and the bytes read. Needs the test extra (imagecodecs, wsidicomizer); --executors
+also the ray extra; --dicomweb also the dicomweb extra and Debian's orthanc and orthanc-dicomweb.
 """
 
 from __future__ import annotations
@@ -268,6 +273,48 @@ def executors(archive: list[Path], work: Path, copies: int = 10) -> None:
               f"{(n - 1) / max(full - base, 1e-9):5.1f} slides/s beyond start-up")
 
 
+def dicomweb_vs_folder(folder: Path, work: Path, repeats: int) -> dict:
+    """Median wall seconds and bytes of the DICOM slide's thumbnail read ``repeats`` times,
+    alternating, from its folder and over DICOMweb from a local Orthanc (metadata included)."""
+    import statistics
+
+    sys.path.insert(0, str(ROOT / "tests" / "inputs"))
+    import orthanc_server
+
+    from thumbclf.inputs import dicomweb
+
+    srv, why = orthanc_server.start(work / "orthanc")
+    if srv is None:
+        raise SystemExit(f"--dicomweb: {why}")
+    os.environ[dicomweb.USER], os.environ[dicomweb.PASSWORD] = (orthanc_server.USER,
+                                                                orthanc_server.PASSWORD)
+    try:
+        srv.upload(sorted(folder.glob("*.dcm")))
+        url = dicomweb.list_series(srv.dicomweb)[0].url
+        runs = {"folder": [], "dicomweb": []}
+        for _ in range(repeats):
+            for name in runs:
+                dicomweb._KNOWN.clear()  # the metadata is asked every time
+                stats, start = tiles.ReadStats(), time.perf_counter()
+                if name == "folder":
+                    slides.thumbnail(folder, SIZE, stats=stats)
+                else:
+                    dicomweb.thumbnail(url, SIZE, stats=stats)
+                runs[name].append((time.perf_counter() - start, stats.encoded_bytes))
+    finally:
+        srv.stop()
+    out = {k: (statistics.median(t for t, _ in v), statistics.median(b for _, b in v))
+           for k, v in runs.items()}
+    ratios = [w[0] / f[0] for f, w in zip(runs["folder"], runs["dicomweb"])]
+    print(f"\nDICOM slide ({SIZE} px thumbnail), {repeats} alternating reads, medians:")
+    for k, (t, b) in out.items():
+        print(f"  {k:<9} {t:7.3f} s  {b / 1e6:6.2f} MB  (all: "
+              f"{', '.join(f'{x:.3f}' for x, _ in runs[k])})")
+    print(f"  DICOMweb / folder: {out['dicomweb'][0] / out['folder'][0]:.2f}x (median of the "
+          f"pairs {statistics.median(ratios):.2f}x; target <= 1.5x)")
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, help="where to write the archive (default: a temp dir)")
@@ -277,6 +324,8 @@ def main(argv=None) -> int:
     ap.add_argument("--deploy", action="store_true", help="deploy on a tiny slide and the giant")
     ap.add_argument("--executors", action="store_true",
                     help="deploy 10 hard-linked copies of the archive: 1, 2 workers and Ray")
+    ap.add_argument("--dicomweb", type=int, default=0, metavar="N",
+                    help="only the DICOM slide: N reads from its folder and over DICOMweb")
     args = ap.parse_args(argv)
     if args.quick:
         args.pyramids, args.giant = 4, "12000x8000" if args.giant == "48600x27760" else args.giant
@@ -284,6 +333,10 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="thumbclf-slides-") as tmp:
         out = args.out or Path(tmp) / "archive"
         t0 = time.perf_counter()
+        if args.dicomweb:
+            paths = make_archive(out, 0, None, args.quick)
+            dicomweb_vs_folder(paths["dicom"][0], Path(tmp), args.dicomweb)
+            return 0
         paths = make_archive(out, args.pyramids, giant, args.quick)
         print(f"archive written in {time.perf_counter() - t0:.1f} s: {out}")
         report(paths, Path(tmp), args.deploy)

@@ -51,7 +51,9 @@ class Orthanc:
             self._request("/instances", Path(f).read_bytes())
 
     def log(self) -> str:
-        return "\n".join(p.read_text(errors="replace") for p in self.folder.glob("logs/*.log*"))
+        """The server's log, each line once (Orthanc.log is a link to the newest file)."""
+        return "\n".join(p.read_text(errors="replace") for p in
+                         sorted(self.folder.glob("logs/*.log*")) if not p.is_symlink())
 
     def stop(self) -> None:
         self.proc.terminate()

@@ -49,7 +49,8 @@ class Key:
 KEYS: tuple[Key, ...] = (
     Key("thumb_data", "path", None, "Table (.csv/.tsv/.xlsx with PATH, CLASSIFICATION[, PATIENT]) "
         "or folder of thumbnails/slides (one subfolder per class, or for pretrain any folder: no "
-        "labels needed).", ("thumbData",), ALL),
+        "labels needed), or the URL of a DICOMweb service, study or series (deploy without "
+        "labels; a table's PATH may hold such URLs too).", ("thumbData",), ALL),
     Key("corrections", "paths", None, "Training: reviewed labels (a table or a list of tables "
         "with PATH and CLASSIFICATION, as thumbclf review exports them): they replace the "
         "labels of the same slides (matched by resolved path) and add slides not in thumbData; "
@@ -335,7 +336,7 @@ def params_to_dict(params: Params) -> dict[str, Any]:
 
         value = getattr(params, f.name)
         if isinstance(value, Path):
-            value = str(value)
+            value = layout.web_url(value) or str(value)  # a DICOMweb URL as written
         elif isinstance(value, tuple):
             value = [str(v) for v in value]
         out[f.name] = value

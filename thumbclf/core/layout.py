@@ -291,10 +291,40 @@ def writable_or_creatable(path: Path) -> str | None:
     return None
 
 
+WEB_SCHEMES = ("http", "https")  # a DICOMweb service, study or series (issue 30)
+
+
+def web_url(path: Path | str) -> str | None:
+    """The URL an input names (a DICOMweb service, study or series), None for a file. A URL
+    kept in a Path has lost one slash of its '//' (``http:/host/...``): this puts it back, so
+    the Path and the URL's text (as predictions.csv shows it) name the same input."""
+    text = str(path)
+    scheme, sep, rest = text.partition(":/")
+    if not sep or scheme.lower() not in WEB_SCHEMES:
+        return None
+    return f"{scheme.lower()}://{rest.lstrip('/')}"
+
+
+def input_text(path: Path | str) -> str:
+    """An input as the review page and its journal name it: a DICOMweb URL as it is, a file's
+    absolute path (links kept)."""
+    return web_url(path) or os.path.abspath(path)
+
+
+def input_stem(path: Path) -> str:
+    """The name an input's copies take (a thumbnail, a sorted copy): the file's stem; a
+    DICOMweb series' UID (its last component, dots and all)."""
+    return path.name if web_url(path) is not None else path.stem
+
+
 def to_local_path(text: str, base: Path) -> Path:
-    """A path string from a file (POSIX or Windows style), resolved against ``base``. On
-    POSIX a backslash is a Windows separator only where the text is not an absolute POSIX path
-    and names no file as written: it is a legal character of a Linux file name (issue 33)."""
+    """A path string from a file (POSIX or Windows style), resolved against ``base``; a URL
+    (``web_url``) is kept as it is. On POSIX a backslash is a Windows separator only where the
+    text is not an absolute POSIX path and names no file as written: it is a legal character of
+    a Linux file name (issue 33)."""
+    url = web_url(text)  # also as a Path writes it ('http:/host/...'): a saved config.yaml
+    if url is not None:
+        return Path(url)
     if os.sep == "/" and "\\" in text and not text.startswith("/"):
         literal = Path(os.path.expanduser(text))
         literal = literal if literal.is_absolute() else base / literal

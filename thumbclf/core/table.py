@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 
 from thumbclf.core.errors import DataError
+from thumbclf.core.layout import web_url
 
 if TYPE_CHECKING:
     from thumbclf.inputs.samples import Sample
@@ -189,7 +190,7 @@ def build(samples: Sequence["Sample"], probs: np.ndarray, classes: Sequence[str]
     ``signals``: the SIGNALS columns the decision step had (familiarity.ensemble_signals)."""
     # text as Python strings (object): file names that are not UTF-8 keep their surrogate
     # escapes, which pandas' pyarrow strings cannot hold
-    df = pd.DataFrame({PATH: text([str(s.path) for s in samples])})
+    df = pd.DataFrame({PATH: text([web_url(s.path) or str(s.path) for s in samples])})
     if rows:
         df[ROW] = [s.row for s in samples]
     if labels:

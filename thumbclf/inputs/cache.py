@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from thumbclf.core import layout, machine
 from thumbclf.core.errors import ImageReadError, OutputError
 from thumbclf.core.files import OutputLock, atomic_text
-from thumbclf.inputs import dicom, slides
+from thumbclf.inputs import dicom, dicomweb, slides
 from thumbclf.inputs.samples import SLIDE_SUFFIXES
 from thumbclf.inputs.decode import load_array
 from thumbclf.inputs.images import Preprocessing
@@ -59,7 +59,13 @@ class DecodedImages:
 
 
 def file_key(path: Path) -> str | None:
-    """Path, size and modification time of a file, or None when it is missing."""
+    """Path, size and modification time of a file, or None when it is missing; a DICOMweb
+    series: its UID and its instances' metadata, or None when the server does not answer."""
+    if dicomweb.is_url(path):
+        try:
+            return f"dicomweb|{dicomweb.fingerprint(path)}|slides-v{slides.RENDER_VERSION}"
+        except ImageReadError:
+            return None
     try:
         st = path.stat()
         if path.is_dir():  # a DICOM slide: the names, sizes and times of its instances

@@ -15,7 +15,7 @@ from typing import Sequence
 
 from thumbclf.core.decide import UNDECIDED
 from thumbclf.core.errors import DataError
-from thumbclf.core.layout import to_local_path
+from thumbclf.core.layout import to_local_path, web_url
 from thumbclf.inputs.samples import Sample, SampleSet, has_column, read_table
 
 log = logging.getLogger(__name__)
@@ -44,8 +44,8 @@ class Correction:
 
 
 def resolved_key(path: Path | str) -> str:
-    """How a correction and a sample are matched: the path, resolved."""
-    return str(Path(path).resolve())
+    """How a correction and a sample are matched: the path, resolved (a DICOMweb URL as it is)."""
+    return web_url(path) or str(Path(path).resolve())
 
 
 def _rows(items: Sequence[Correction]) -> str:
@@ -82,9 +82,10 @@ def read_table_of(path: Path) -> list[Correction]:
 
 
 def _present(path: Path) -> bool:
-    """Whether a file is there; False (not an OSError) for a name too long to exist."""
+    """Whether a file is there (a DICOMweb series: asked of its server when read); False (not
+    an OSError) for a name too long to exist."""
     try:
-        return path.exists()
+        return web_url(path) is not None or path.exists()
     except OSError:  # ENAMETOOLONG: over 255 bytes in one part (issue 33)
         return False
 

@@ -16,6 +16,7 @@ from thumbclf.core.decide import UNDECIDED
 from thumbclf.core.errors import DataError
 from thumbclf.core.layout import to_local_path
 from thumbclf.core.table import MPP_INPUT, OWN_COLUMNS, as_written, read_csv
+from thumbclf.inputs import dicomweb
 from thumbclf.inputs.dicom import group_folders
 
 log = logging.getLogger(__name__)
@@ -214,11 +215,24 @@ def _samples_from_frame(df: pd.DataFrame, path: Path, base: Path,
         except DataError as exc:
             problems.extend(exc.args)
             continue
+        if problem := dicomweb.url_problem(text, f"{path}: row {row}"):
+            problems.append(problem)
+            continue
         samples.append(Sample(to_local_path(text, base), label, patient or None, row,
                               source=source or None, mpp=mpp))
     if problems:
         raise DataError(*capped(problems))
-    return samples, patient_col is not None
+    return _web_series(samples, path), patient_col is not None
+
+
+def _web_series(samples: list[Sample], source: Path) -> list[Sample]:
+    """A row whose PATH names a DICOMweb service or study becomes one row per slide (series)
+    in it, each with the row's label, patient, source and MPP (issue 30)."""
+    out = []
+    for s in samples:
+        urls = dicomweb.series_urls(s.path, f"{source}: {s.where}")
+        out += [s] if urls is None else [replace(s, path=Path(u)) for u in urls]
+    return out
 
 
 MAX_LINES = 20  # problems listed one per line; the rest counted
@@ -330,7 +344,9 @@ def _drop_duplicates(samples: list[Sample], source: Path) -> list[Sample]:
 
 
 def check_input(thumb_data: Path) -> None:
-    """DataError unless ``thumb_data`` is a folder or a table."""
+    """DataError unless ``thumb_data`` is a folder, a table or a DICOMweb URL."""
+    if dicomweb.is_url(thumb_data):
+        return dicomweb.check_url(str(thumb_data), "thumbData")
     if thumb_data.is_dir():
         return
     if not thumb_data.is_file():
@@ -351,6 +367,9 @@ def discover(thumb_data: Path, *, need_labels: bool,
     """
     check_input(thumb_data)
     has_patients = False
+    if dicomweb.is_url(thumb_data):  # a DICOMweb service, study or series: no labels
+        samples = [Sample(Path(u)) for u in dicomweb.thumb_data_series(thumb_data, need_labels)]
+        return _sample_set(samples, False, thumb_data, need_labels, target_labels)
     if thumb_data.is_dir():
         skipped = _Skipped(tuple(p.resolve() for p in exclude))
         samples = _samples_from_folder(thumb_data, need_labels, skipped)

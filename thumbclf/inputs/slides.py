@@ -28,7 +28,7 @@ from thumbclf.core import layout
 from thumbclf.core.errors import ImageReadError
 from thumbclf.core.files import atomic_bytes, regular_file
 from thumbclf.core.table import SLIDE_COLUMNS
-from thumbclf.inputs import dicom, tiles
+from thumbclf.inputs import dicom, dicomweb, tiles
 from thumbclf.inputs.images import DEFAULT_SLIDE_BUDGET_S, to_rgb
 from thumbclf.inputs.samples import SLIDE_SUFFIXES
 from thumbclf.inputs.truncation import truncation
@@ -50,7 +50,10 @@ def _openslide():
 
 
 def is_slide(path: Path) -> bool:
-    """True for slide formats; a .tif/.tiff only if OpenSlide recognises it as a slide."""
+    """True for slide formats and DICOMweb series; a .tif/.tiff only if OpenSlide recognises
+    it as a slide."""
+    if dicomweb.is_url(path):
+        return True
     suffix = path.suffix.lower()
     if suffix in SLIDE_SUFFIXES:
         return True
@@ -120,10 +123,12 @@ def check_mirax(path: Path) -> None:
 def cache_key(path: Path, long_side: int) -> str:
     """Key of a slide's thumbnail: path, size, modification time and thumbnail size.
 
-    A DICOM slide is keyed by its folder and the names, sizes and times of its instances.
+    A DICOM slide is keyed by its folder and the names, sizes and times of its instances; a
+    DICOMweb series by its UID and its instances' metadata (``dicomweb.fingerprint``).
     """
-    folder = dicom.slide_folder(path)
-    if folder is not None:
+    if dicomweb.is_url(path):
+        text = f"dicomweb|{dicomweb.fingerprint(path)}|{long_side}|v{RENDER_VERSION}"
+    elif (folder := dicom.slide_folder(path)) is not None:
         text = f"{folder.resolve()}|{dicom.fingerprint(folder)}|{long_side}|v{RENDER_VERSION}"
     else:
         st = path.stat()
@@ -294,7 +299,7 @@ def thumbnail(path: Path, long_side: int, *, cache_dir: Path | None = None,
     """The whole slide as an RGB image whose long side is ``long_side`` pixels; SlideTooLarge
     once reading takes more than ``budget_s`` seconds."""
     try:
-        there = path.exists()
+        there = dicomweb.is_url(path) or path.exists()
     except OSError as exc:  # a name too long
         raise ImageReadError(f"{path}: {exc.strerror or exc}") from None
     if not there:  # before the cache key reads its size (issue 33: tallied "unreadable")
@@ -324,7 +329,8 @@ def thumbnail(path: Path, long_side: int, *, cache_dir: Path | None = None,
 def stats_record(path: Path, stats: tiles.ReadStats) -> dict:
     """How a thumbnail was read, as stored beside the cached thumbnail (the read record)."""
     size = stats.level_size or (None, None)
-    return {"path": str(path), "seconds": round(stats.seconds, 4), "reader": stats.reader,
+    return {"path": layout.web_url(path) or str(path), "seconds": round(stats.seconds, 4),
+            "reader": stats.reader,
             "level": stats.level, "level_width": size[0], "level_height": size[1],
             "photometric": stats.photometric, "note": stats.note,
             "dct_scale": stats.dct_scale, "tiles": stats.tiles,
@@ -333,6 +339,8 @@ def stats_record(path: Path, stats: tiles.ReadStats) -> dict:
 
 def _read_pixels(path: Path, long_side: int, max_pixels: int | None,
                  stats: tiles.ReadStats, budget: float) -> Image.Image:
+    if dicomweb.is_url(path):
+        return dicomweb.thumbnail(path, long_side, stats=stats, budget_s=budget)
     if not path.exists():
         raise ImageReadError(f"{path}: file not found")
     if dicom.slide_folder(path) is None:
@@ -399,12 +407,14 @@ def read_record(path: Path, long_side: int, cache_dir: Path) -> dict | None:
     """How the cached thumbnail of a slide was read (seconds, reader, level), if recorded."""
     try:
         return json.loads(cache_file(path, long_side, cache_dir).with_suffix(".json").read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, ImageReadError):  # ImageReadError: a DICOMweb server down
         return None
 
 
 def properties(path: Path) -> dict[str, object]:
     """Vendor, objective power, microns per pixel, level count and size of a slide."""
+    if dicomweb.is_url(path):
+        return dict(zip(SLIDE_COLUMNS, dicomweb.properties(path)))
     if dicom.slide_folder(path) is not None:
         return dict(zip(SLIDE_COLUMNS, dicom.properties(dicom.open_series(path))))
     slide = _open_slide(path)

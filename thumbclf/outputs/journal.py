@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from thumbclf.core import layout
 from thumbclf.core import table as table_io
 from thumbclf.core.errors import OutputError
 from thumbclf.core.files import NOFOLLOW, append_whole
@@ -81,7 +82,7 @@ def corrections(entries: list[dict], table: pd.DataFrame) -> pd.DataFrame:
             last[e["path"]] = e
     rows = []
     for path, decision in zip(table_io.strings(table[table_io.PATH]), table[table_io.DECISION]):
-        e = last.get(os.path.abspath(path))
+        e = last.get(layout.input_text(path))
         if e:
             rows.append([e["path"], e["classification"], str(e.get("reviewer", "")),
                          str(e.get("at", "")), decision])

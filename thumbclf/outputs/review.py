@@ -14,7 +14,6 @@ import html
 import io
 import json
 import math
-import os
 import re
 from importlib import resources
 from pathlib import Path
@@ -24,6 +23,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from thumbclf.core import layout
 from thumbclf.core import table as table_io
 from thumbclf.core.decide import UNDECIDED
 from thumbclf.core.files import atomic_bytes, atomic_text
@@ -77,7 +77,7 @@ def items(table: pd.DataFrame, classes: list[str], *, review: Path,
           paths: list[str] | None = None) -> list[dict]:
     """One record per table row, as the page reads it. ``paths`` (default: the table's PATH,
     made absolute) is what the page exports; previews are linked where their files exist."""
-    paths = paths if paths is not None else [os.path.abspath(p) for p in table[table_io.PATH]]
+    paths = paths if paths is not None else [layout.input_text(p) for p in table[table_io.PATH]]
     probs = table[classes].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=float)
     probs = np.nan_to_num(probs, nan=0.0)
     order = np.argsort(-probs, axis=1, kind="stable")

@@ -28,8 +28,8 @@ def source_jobs(src: Path, thumb: Path | None, name: Namer, *,
     review --apply (issue 33)."""
     if thumb is None:
         return [(src, name(src.stem, src.suffix, str(src)))]
-    jobs = [(thumb, name(src.stem, ".png", str(src)))]
-    if with_slides:
+    jobs = [(thumb, name(layout.input_stem(src), ".png", str(src)))]
+    if with_slides and layout.web_url(src) is None:  # a DICOMweb slide stays on its server
         series = dicom.slide_folder(src)
         if series is not None:
             jobs.append((series, name(series.name, "", str(series))))

@@ -174,7 +174,8 @@ def export_thumbnails(readable: list[tuple[Path, str, bool]], folder: Path, slid
     """Slide thumbnails as thumbnails/<slide name>.png (names made safe and unique)."""
     taken: set[str] = set()
     jobs = [(slides.cached_thumbnail(path, slide_size, slide_cache),
-             layout.unique_file(folder / layout.THUMBNAILS, path.stem, ".png", str(path), taken))
+             layout.unique_file(folder / layout.THUMBNAILS, layout.input_stem(path), ".png",
+                                str(path), taken))
             for path, _, slide in readable if slide]
     made, kept = copy_all(jobs)
     return made + kept

@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -192,7 +191,7 @@ def reviewed_table(table: pd.DataFrame, classes: list[str], corrections) -> pd.D
     """The predictions table plus the reviewed class (the model's decision where no correction
     says otherwise), the reviewer and when. DataError for corrections of slides not in the
     table or of classes the model does not have, naming the rows."""
-    index = {resolved_key(os.path.abspath(p)): i
+    index = {resolved_key(layout.input_text(p)): i
              for i, p in enumerate(table_io.strings(table[table_io.PATH]))}
     outside = [c for c in corrections if c.key not in index]
     if outside:

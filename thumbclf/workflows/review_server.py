@@ -63,7 +63,7 @@ class ReviewServer(ThreadingHTTPServer):
         self.journal = self.review / layout.REVIEW_JOURNAL
         self.token = secrets.token_urlsafe(32)
         self.table, classes = table_io.read(table_file)
-        self.paths = {os.path.abspath(p) for p in table_io.strings(self.table[table_io.PATH])}
+        self.paths = {layout.input_text(p) for p in table_io.strings(self.table[table_io.PATH])}
         self.classes = set(classes) | {UNDECIDED}
         super().__init__((HOST, port), partial(_Handler, directory=str(self.review)))
         self.cookie = f"thumbclf-{self.server_address[1]}"  # cookies are per host, not per port
