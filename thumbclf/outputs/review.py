@@ -94,8 +94,9 @@ def items(table: pd.DataFrame, classes: list[str], *, review: Path,
         link = {k: f"{PREVIEWS}/{f.name}" if f.is_file() else None for k, f in files.items()}
         decision = decisions[i]
         reason = (reasons[i] if reasons else "") or ("low confidence" if decision == UNDECIDED else "")
+        name = table_io.escape(Path(str(table[table_io.PATH].iloc[i])).name or path)
         out.append({
-            "i": i, "p": path, "n": table_io.escape(Path(str(table[table_io.PATH].iloc[i])).name or path),
+            "i": i, "p": path, "n": name,
             "d": decision, "r": reason, "m": round(float(probs[i, order[i, 0]] - second), 4),
             "c": round(float(probs[i, order[i, 0]]), 4),
             "u": _number(unfam[i]) if unfam else None, "t": top,
