@@ -51,10 +51,9 @@ def _choose(model, tmp_path, precision, verify, engine="openvino"):
     file = tmp_path / "m.pt"
     if not file.exists():
         torch.save(model.state_dict(), file)
-    return inference.choose(model, model_file=file, size=64, channels_last=True, device=CPU,
-                            engine=engine, precision=precision, cache_dir=tmp_path / "cache",
-                            verify=verify, calibration=None, temperature=1.0,
-                            classes=("A", "B", "C"), threshold=0.5)
+    return inference.choose(
+        inference.ModelSpec(model, file, 64, ("A", "B", "C"), 0.5),
+        inference.EngineSpec(engine, precision, tmp_path / "cache", CPU), verify)
 
 
 def _evidence(x, labels, deploy, calls=None):
@@ -82,9 +81,9 @@ def test_a_precision_is_used_only_after_it_passed_the_gate(tiny_model, tmp_path,
     calls = []
     ev = _evidence(x, np.r_[np.full(120, -1), y], 120, calls)
     monkeypatch.setitem(inference.GATE, "auroc", -1.0)  # a gate nothing can pass
-    with pytest.raises(ConfigError, match="refused by the quality gate: decisions changed on "
-                                          r"\d+ of 160 images \(120 of this deploy's images and 40 "
-                                          "labelled images\)"):
+    with pytest.raises(ConfigError, match="refused by the quality gate: with the band .*"
+                                          r"decisions changed on \d+ of 160 images \(120 of this "
+                                          "deploy's images and 40 labelled images;"):
         _choose(tiny_model, tmp_path, "bf16", lambda: ev)
     assert calls == [1]
     runner, why = _choose(tiny_model, tmp_path, "auto", lambda: _evidence(
@@ -137,6 +136,7 @@ def test_a_deploy_says_which_engine_computed_and_why(tiny_data, tmp_path):
     r = _deploy_with_gate(exp, everything_passes)
     assert r.returncode == 0, r.stderr
     note = json.loads((tmp_path / "bf16" / "timings.json").read_text())["inference"]
-    assert note.startswith("openvino bf16 (verified: decisions changed on ")
-    assert "of 18 images (18 labelled images)" in note
+    assert note.startswith("openvino bf16 (verified: with the band (probability ±")
+    assert "of 18 images (18 labelled images;" in note
+    assert "recomputed in fp32 (band: probability ±" in note  # issue 29: the share recomputed
     assert "Inference: openvino bf16" in (tmp_path / "bf16" / "report.html").read_text()

@@ -43,16 +43,17 @@ def prepare_runners(models: list[LoadedModel], params: DeployParams, sample_set:
             yield to_input(torch.from_numpy(np.stack(arrays[i:i + 32])), first.norm,
                            torch.device("cpu"), channels_last=False)
 
+    spec = inference.EngineSpec(engine=params.engine, precision=params.precision,
+                                cache_dir=params.cache_root, device=device, progress=progress)
     runners, notes = [], []
     for m in models:
-        runner, why = inference.choose(
-            m.runnable(), model_file=m.path, size=m.prep.size, channels_last=not m.legacy,
-            device=device, engine=params.engine, precision=params.precision,
-            cache_dir=params.cache_root, verify=lambda: evidence,
-            calibration=calibration, temperature=m.temperature, classes=m.classes,
-            threshold=threshold, familiarity=m.familiarity, progress=progress)
+        model = inference.ModelSpec(
+            m.runnable(), m.path, m.prep.size, m.classes, threshold, m.temperature,
+            channels_last=not m.legacy, familiarity=m.familiarity)
+        runner, why = inference.choose(model, spec, lambda: evidence, calibration)
         runners.append(runner)
         notes.append(why)
+    inference.ensemble_band(runners, threshold)
     why = notes[0] if len(set(notes)) == 1 else "; ".join(
         f"{m.path.name}: {n}" for m, n in zip(models, notes))
     log.info("inference: %s", why)

@@ -140,6 +140,10 @@ def predict_stream(models, sample_set: SampleSet, folder: Path, *, params: Deplo
             n_err = append_batches(batches, partial, classes, threshold, bar=bar)
         how = ex.describe()
     bar.close()
+    band = runners[0].band if runners else None
+    if band is not None:  # issue 29: the share the band sent to PyTorch fp32
+        engine_note = f"{engine_note}; {band.describe()}"
+        log.info("exact reduced precision: %s", band.describe())
     secs = time.perf_counter() - start
     atomic_text(json.dumps({"predict_seconds": round(secs, 3), "images": len(todo),
                             **how, "threads": torch.get_num_threads(),
