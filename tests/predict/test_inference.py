@@ -126,11 +126,13 @@ def test_a_deploy_says_which_engine_computed_and_why(tiny_data, tmp_path):
     assert ("precision: bf16: openvino bf16 not verified: 18 images to check it on; even with no "
             "decision changed" in r.stderr)
     assert not (tmp_path / "refused" / "predictions.csv").exists()
-    exp = write_yaml(tmp_path / "auto.yaml", text)  # auto: refused, so PyTorch fp32, and says so
+    # auto on a deploy smaller than the verification sample: PyTorch fp32, which verifying
+    # would compute anyway, and says so (issue 29: no candidate is even tried)
+    exp = write_yaml(tmp_path / "auto.yaml", text)
     r = _deploy_with_gate(exp, nothing_passes)
     assert r.returncode == 0, r.stderr
     note = json.loads((tmp_path / "auto" / "timings.json").read_text())["inference"]
-    assert "not verified: 18 images" in note and note.endswith("PyTorch fp32")
+    assert note.startswith("PyTorch fp32 (18 images: fewer than the 300") and "nothing extra" in note
     everything_passes = {"max_changed": 1.0, "auroc": 1.0, "accuracy_decided": 1.0}
     exp = write_yaml(tmp_path / "bf16.yaml", text + "engine: openvino\nprecision: bf16\n")
     r = _deploy_with_gate(exp, everything_passes)

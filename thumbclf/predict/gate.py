@@ -134,6 +134,7 @@ class Band:
         self.measured = {k: float(measured.get(k, 0.0)) for k in FLOOR}
         self.safety, self.threshold = float(safety), float(threshold)
         self.images = self.recomputed = self.widened = 0
+        self.last = np.zeros(0, dtype=bool)  # which images of the last batch were recomputed
 
     @property
     def width(self) -> dict[str, float]:
@@ -144,7 +145,13 @@ class Band:
         mask = near(probs, self.threshold, self.width, unfamiliarity)
         self.images += len(mask)
         self.recomputed += int(mask.sum())
+        self.last = mask
         return mask
+
+    def count(self, recomputed: np.ndarray) -> None:
+        """Count images another process computed with this band (``recomputed``: which)."""
+        self.images += len(recomputed)
+        self.recomputed += int(np.asarray(recomputed, dtype=bool).sum())
 
     def learn(self, seen: dict) -> None:
         """Widen the band where a recomputed image differed by more than measured so far."""

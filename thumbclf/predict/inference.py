@@ -117,6 +117,17 @@ class Runner:
     exact: "Runner | None" = None
     measured: dict | None = None
     band: quality.Band | None = None
+    folder: Path | None = None  # OpenVINO: the cache entry it was read from
+
+    def recipe(self) -> dict | None:
+        """What another process needs to compute as this runner does (rebuild): None for
+        PyTorch fp32; a verified candidate's engine, precision, cache entry and band."""
+        if self.exact is None:
+            return None
+        band = self.band
+        return {"engine": self.engine, "precision": self.precision, "folder": self.folder,
+                "measured": self.measured, "safety": band.safety if band else GATE["safety"],
+                "threshold": band.threshold if band else None}
 
     @property
     def name(self) -> str:
@@ -190,7 +201,7 @@ def openvino_runner(model: torch.nn.Module, size: int, precision: str, cache: Pa
     def forward(x: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(compiled(x.contiguous().numpy())[0])
 
-    return Runner("openvino", precision, forward)
+    return Runner("openvino", precision, forward, folder=cache)
 
 
 # ---------------------------------------------------------------------------- the gate
@@ -394,6 +405,28 @@ def ensemble_band(runners: list[Runner], threshold: float) -> quality.Band | Non
     for r in runners:
         r.band = band
     return band
+
+
+def rebuild(models: list, recipes: list[dict | None], device: torch.device) -> list[Runner]:
+    """The runners that ``recipes`` (Runner.recipe) describe, for loaded models (nn.models),
+    with their band: the verified engine, read from the cache entry the gate verified, and
+    PyTorch fp32 beside it (a Ray actor computes as the local process does)."""
+    runners = []
+    for m, r in zip(models, recipes):
+        exact = torch_runner(m.runnable(), device, "fp32", not m.legacy)
+        if r is None:
+            runners.append(exact)
+            continue
+        if r["engine"] == "openvino":
+            cand = openvino_runner(m.runnable(), m.prep.size, r["precision"], Path(r["folder"]))
+        else:
+            cand = torch_runner(m.runnable(), device, r["precision"], not m.legacy)
+        runners.append(_with_exact(cand, exact, {"discrepancy": r["measured"]}))
+    known = [r for r in recipes if r is not None]
+    if known:
+        band = ensemble_band(runners, known[0]["threshold"])
+        band.safety = known[0]["safety"]
+    return runners
 
 
 def _runner(m: ModelSpec, spec: EngineSpec, pair: tuple[str, str], folder: Path,

@@ -25,8 +25,8 @@ class Evidence:
     ``key`` names the images (the verdict cache's key) and ``planned`` counts them, both known
     before decoding; ``decode()`` returns (a function that normalises a uint8 NHWC batch, the
     uint8 batches, the labels, how many are the deploy's own): the images are in order, first
-    the deploy's own (a seeded sample), then the labelled ones; ``labels`` has a class index
-    per image, -1 for the deploy's own.
+    the first images of the deploy's stream, then the other labelled ones; ``labels`` has a
+    class index per image, -1 for the deploy's own unlabelled ones.
     """
 
     def __init__(self, key: str, planned: int,

@@ -4,6 +4,7 @@ read back as the predictions table in input order."""
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import time
@@ -23,8 +24,11 @@ from thumbclf.core.files import append_whole, atomic_csv, atomic_text, file_dige
 from thumbclf.inputs import readrecord, slides
 from thumbclf.inputs.samples import SampleSet
 from thumbclf.nn.engine import configure_threads
-from thumbclf.predict.ensemble import exact_runners
+from thumbclf.nn.data import stream_loader
+from thumbclf.predict import gate
+from thumbclf.predict.ensemble import ensemble_predict, exact_runners
 from thumbclf.predict.execution import executor_for
+from thumbclf.predict.local import decode_workers
 
 from thumbclf.workflows.run import executor_spec
 
@@ -110,8 +114,9 @@ def predict_stream(models, sample_set: SampleSet, folder: Path, *, params: Deplo
     the partial file and which engine computed.
 
     Each batch's rows are appended whole (one synced write), so a crash or a full disk never
-    tears a row; --resume predicts only what is missing. ``choose()`` gives the runners (and
-    why); by default PyTorch fp32.
+    tears a row; --resume predicts only what is missing. ``choose(head)`` gives the runners
+    (and why) from the stream's first images (head: their paths and uint8 batch), decoded once
+    here and computed here with those runners; by default PyTorch fp32.
     """
     partial = folder / layout.PARTIAL
     classes = models[0].classes
@@ -127,17 +132,21 @@ def predict_stream(models, sample_set: SampleSet, folder: Path, *, params: Deplo
     start = time.perf_counter()
     bar = tqdm(total=len(todo), desc="predicting", unit="img", disable=quiet)
     with executor_for(executor_spec(params), quiet=quiet) as ex:
-        if ex.name == "local":
-            runners, engine_note = (choose() if choose is not None
-                                    else (exact_runners(models, device), "PyTorch fp32"))
-        else:  # each Ray actor computes with PyTorch fp32
-            runners, engine_note = None, f"PyTorch fp32 on {ex.name} actors"
-        paths = [sample_set.samples[i].path for i in todo]
+        # issue 29: the verification images are the stream's first, decoded once, here
+        head = _decode_head(models, sample_set, todo, params) if choose is not None else []
+        runners, engine_note = (choose([(p, x[torch.from_numpy(ok)])
+                                        for _, p, x, ok, _ in head if ok.any()])
+                                if choose is not None
+                                else (exact_runners(models, device), "PyTorch fp32"))
+        rest = todo[sum(len(h[0]) for h in head):]
+        paths = [sample_set.samples[i].path for i in rest]
         # closing: an interruption stops the executor's pipeline before the executor ends
-        with contextlib.closing(ex.predict(models, todo, paths, device=device,
-                                           slide_cache=params.slide_cache,
-                                           runners=runners)) as batches:
-            n_err = append_batches(batches, partial, classes, threshold, bar=bar)
+        with contextlib.closing(ex.predict(models, rest, paths, device=device,
+                                           slide_cache=params.slide_cache, runners=runners)
+                                if rest else (b for b in ())) as batches:
+            first = _head_rows(models, runners, head, device, params.tta)
+            n_err = append_batches(itertools.chain(first, batches), partial, classes, threshold,
+                                   bar=bar)
         how = ex.describe()
     bar.close()
     band = runners[0].band if runners else None
@@ -153,6 +162,32 @@ def predict_stream(models, sample_set: SampleSet, folder: Path, *, params: Deplo
     log.info("predicted %d images in %.1fs (%.1f images/s)%s", len(todo), secs,
              len(todo) / secs if secs else 0, f"; {n_err} could not be read" if n_err else "")
     return partial, engine_note
+
+
+def _decode_head(models, sample_set: SampleSet, todo: list[int], params: DeployParams
+                 ) -> list[tuple[np.ndarray, list[Path], torch.Tensor, np.ndarray, list[str]]]:
+    """The first gate.AGREEMENT_IMAGES images of the stream, decoded in the decoding workers:
+    (positions, readable paths, uint8 batch, which rows are readable, errors) per batch."""
+    head = todo[:gate.AGREEMENT_IMAGES]
+    paths = [sample_set.samples[i].path for i in head]
+    loader = stream_loader(paths, models[0].prep, batch_size=params.batch_size,
+                           workers=decode_workers(params.num_workers) if head else 0,
+                           pin_memory=False, slide_cache=params.slide_cache)
+    out = []
+    for pos, x, errors in loader:
+        ok = np.array([not e for e in errors], dtype=bool)
+        out.append((np.asarray(head)[pos.numpy()], [paths[i] for i in pos.numpy()[ok]], x, ok,
+                    list(errors)))
+    return out
+
+
+def _head_rows(models, runners, head, device, tta):
+    """The head's batches as the executor gives its own: (positions, probabilities, signals,
+    errors), computed here with the runners chosen (in the band: fp32)."""
+    for pos, _, x, _, errors in head:
+        with torch.inference_mode():
+            probs, signals = ensemble_predict(models, runners, x, device, tta)
+        yield pos, probs, signals, errors
 
 
 def check_partial_header(partial: Path, header: list[str]) -> None:
