@@ -118,3 +118,34 @@ def test_a_band_measured_too_narrow_widens_itself(setting):
     band = inference.ensemble_band([candidate], threshold)
     _decisions([model], [candidate], x[300:], threshold)
     assert band.widened >= 1 and band.measured["probability"] > 1e-5
+
+
+def test_a_ray_actor_computes_with_the_drivers_engine_and_band(setting):
+    """Issue 29: Ray's inference actors computed PyTorch fp32 while the local deploy computed
+    verified bf16. The driver's runners travel as recipes; an actor rebuilds them (the
+    verified engine, fp32 beside it, the band) and says which images it recomputed."""
+    pytest.importorskip("ray", reason="Ray is the optional extra thumbclf[ray]")
+    import pickle
+
+    from thumbclf.predict.ray_backend import _Infer
+
+    net, exact, _, model, x, threshold = setting
+    if not inference.native("bf16", CPU):
+        pytest.skip("this CPU has no native bf16 (AVX-512 BF16 or AMX)")
+    m = SimpleNamespace(**{**vars(model), "runnable": lambda: net,
+                           "prep": SimpleNamespace(size=16)})
+    driver = inference.torch_runner(net, CPU, "bf16", False)
+    driver.exact, driver.measured = exact, {"probability": 0.01, "unfamiliarity": 0.02}
+    band = inference.ensemble_band([driver], threshold)
+    recipes = pickle.loads(pickle.dumps([driver.recipe()]))  # as Ray sends them
+    actor = _Infer([m], False, "cpu", 1, recipes)
+    rebuilt = actor.runners[0]
+    assert (rebuilt.engine, rebuilt.precision) == ("torch", "bf16") and rebuilt.exact is not None
+    assert rebuilt.band.measured == band.measured and rebuilt.band.threshold == threshold
+    batch = {"position": np.arange(200), "image": x[:200].numpy(),
+             "error": np.array([""] * 200, dtype=object)}
+    out = actor(batch)
+    probs, _ = ensemble_predict([m], [driver], x[:200], CPU, tta=False)
+    assert np.allclose(out["probs"], probs, atol=1e-6)
+    assert out["recomputed"].tolist() == band.last.tolist() and out["recomputed"].any()
+    assert inference.torch_runner(net, CPU, "fp32", False).recipe() is None
