@@ -4,7 +4,6 @@ read back as the predictions table in input order."""
 from __future__ import annotations
 
 import contextlib
-import itertools
 import json
 import logging
 import time
@@ -26,9 +25,9 @@ from thumbclf.inputs.samples import SampleSet
 from thumbclf.nn.engine import configure_threads
 from thumbclf.nn.data import stream_loader
 from thumbclf.predict import gate
-from thumbclf.predict.ensemble import ensemble_predict, exact_runners
+from thumbclf.predict.ensemble import exact_runners
 from thumbclf.predict.execution import executor_for
-from thumbclf.predict.local import decode_workers
+from thumbclf.predict.local import computed, decode_workers
 
 from thumbclf.workflows.run import executor_spec
 
@@ -132,21 +131,11 @@ def predict_stream(models, sample_set: SampleSet, folder: Path, *, params: Deplo
     start = time.perf_counter()
     bar = tqdm(total=len(todo), desc="predicting", unit="img", disable=quiet)
     with executor_for(executor_spec(params), quiet=quiet) as ex:
-        # issue 29: the verification images are the stream's first, decoded once, here
-        head = _decode_head(models, sample_set, todo, params) if choose is not None else []
-        runners, engine_note = (choose([(p, x[torch.from_numpy(ok)])
-                                        for _, p, x, ok, _ in head if ok.any()])
-                                if choose is not None
-                                else (exact_runners(models, device), "PyTorch fp32"))
-        rest = todo[sum(len(h[0]) for h in head):]
-        paths = [sample_set.samples[i].path for i in rest]
+        runners, engine_note, batches = _start(ex, models, sample_set, todo, params, device,
+                                               choose)
         # closing: an interruption stops the executor's pipeline before the executor ends
-        with contextlib.closing(ex.predict(models, rest, paths, device=device,
-                                           slide_cache=params.slide_cache, runners=runners)
-                                if rest else (b for b in ())) as batches:
-            first = _head_rows(models, runners, head, device, params.tta)
-            n_err = append_batches(itertools.chain(first, batches), partial, classes, threshold,
-                                   bar=bar)
+        with contextlib.closing(batches):
+            n_err = append_batches(batches, partial, classes, threshold, bar=bar)
         how = ex.describe()
     bar.close()
     band = runners[0].band if runners else None
@@ -164,30 +153,63 @@ def predict_stream(models, sample_set: SampleSet, folder: Path, *, params: Deplo
     return partial, engine_note
 
 
-def _decode_head(models, sample_set: SampleSet, todo: list[int], params: DeployParams
-                 ) -> list[tuple[np.ndarray, list[Path], torch.Tensor, np.ndarray, list[str]]]:
-    """The first gate.AGREEMENT_IMAGES images of the stream, decoded in the decoding workers:
-    (positions, readable paths, uint8 batch, which rows are readable, errors) per batch."""
-    head = todo[:gate.AGREEMENT_IMAGES]
-    paths = [sample_set.samples[i].path for i in head]
-    loader = stream_loader(paths, models[0].prep, batch_size=params.batch_size,
-                           workers=decode_workers(params.num_workers) if head else 0,
-                           pin_memory=False, slide_cache=params.slide_cache)
-    out = []
-    for pos, x, errors in loader:
+def _start(ex, models, sample_set: SampleSet, todo: list[int], params: DeployParams, device,
+           choose):
+    """The runners (and why) and the stream's batches. The verification images are the
+    stream's first (issue 29), decoded once: by the executor's own stream where it runs here
+    (local: its workers go on decoding while the gate computes), else here, before the rest
+    goes to the executor."""
+    paths = [sample_set.samples[i].path for i in todo]
+    if choose is None:
+        runners = exact_runners(models, device)
+        return runners, "PyTorch fp32", ex.predict(models, todo, paths, device=device,
+                                                   slide_cache=params.slide_cache,
+                                                   runners=runners)
+    local = ex.name == "local"
+    decoded = (ex.decoded(models, todo, paths, device=device, slide_cache=params.slide_cache)
+               if local else _head_loader(models, todo, paths, params))
+    head, n = [], 0
+    for batch in decoded:  # the first AGREEMENT_IMAGES of the stream (a for, then on below)
+        head.append(batch)
+        n += len(batch[0])
+        if n >= gate.AGREEMENT_IMAGES:
+            break
+    readable = []
+    for pos, x, errors in head:
         ok = np.array([not e for e in errors], dtype=bool)
-        out.append((np.asarray(head)[pos.numpy()], [paths[i] for i in pos.numpy()[ok]], x, ok,
-                    list(errors)))
-    return out
+        if ok.any():
+            readable.append(([sample_set.samples[p].path for p in pos[ok]],
+                             x[torch.from_numpy(ok)]))
+    runners, engine_note = choose(readable)
+    if local:
+        rest = computed(models, runners, decoded, device, params.tta)
+    else:
+        rest = ex.predict(models, todo[n:], paths[n:], device=device,
+                          slide_cache=params.slide_cache, runners=runners) if todo[n:] else None
+    return runners, engine_note, _chain(computed(models, runners, head, device, params.tta),
+                                        rest, decoded)
 
 
-def _head_rows(models, runners, head, device, tta):
-    """The head's batches as the executor gives its own: (positions, probabilities, signals,
-    errors), computed here with the runners chosen (in the band: fp32)."""
-    for pos, _, x, _, errors in head:
-        with torch.inference_mode():
-            probs, signals = ensemble_predict(models, runners, x, device, tta)
-        yield pos, probs, signals, errors
+def _head_loader(models, todo: list[int], paths: list[Path], params: DeployParams):
+    """The stream's first images, decoded here (an executor elsewhere gets the rest)."""
+    loader = stream_loader(paths[:gate.AGREEMENT_IMAGES], models[0].prep,
+                           batch_size=params.batch_size,
+                           workers=decode_workers(params.num_workers), pin_memory=False,
+                           slide_cache=params.slide_cache)
+    head = np.asarray(todo[:gate.AGREEMENT_IMAGES])
+    for pos, x, errors in loader:
+        yield head[pos.numpy()], x, list(errors)
+
+
+def _chain(first, rest, decoded):
+    """``first``'s batches, then ``rest``'s; closed, it closes both and the decoding."""
+    try:
+        yield from first
+        if rest is not None:
+            yield from rest
+    finally:
+        for it in (first, rest, decoded):
+            getattr(it, "close", lambda: None)()
 
 
 def check_partial_header(partial: Path, header: list[str]) -> None:
