@@ -137,11 +137,13 @@ def test_a_ray_actor_computes_with_the_drivers_engine_and_band(setting):
     driver = inference.torch_runner(net, CPU, "bf16", False)
     driver.exact, driver.measured = exact, {"probability": 0.01, "unfamiliarity": 0.02}
     band = inference.ensemble_band([driver], threshold)
+    band.learn({"probability": 0.015})  # widened on the driver before the rest went to Ray
     recipes = pickle.loads(pickle.dumps([driver.recipe()]))  # as Ray sends them
     actor = _Infer([m], False, "cpu", 1, recipes)
     rebuilt = actor.runners[0]
     assert (rebuilt.engine, rebuilt.precision) == ("torch", "bf16") and rebuilt.exact is not None
-    assert rebuilt.band.measured == band.measured and rebuilt.band.threshold == threshold
+    assert rebuilt.band.measured == band.measured == {"probability": 0.015, "unfamiliarity": 0.02}
+    assert rebuilt.band.threshold == threshold
     batch = {"position": np.arange(200), "image": x[:200].numpy(),
              "error": np.array([""] * 200, dtype=object)}
     out = actor(batch)

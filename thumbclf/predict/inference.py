@@ -127,7 +127,8 @@ class Runner:
         band = self.band
         return {"engine": self.engine, "precision": self.precision, "folder": self.folder,
                 "measured": self.measured, "safety": band.safety if band else GATE["safety"],
-                "threshold": band.threshold if band else None}
+                "threshold": band.threshold if band else None,
+                "band": dict(band.measured) if band else {}}  # as widened here so far
 
     @property
     def name(self) -> str:
@@ -426,6 +427,7 @@ def rebuild(models: list, recipes: list[dict | None], device: torch.device) -> l
     if known:
         band = ensemble_band(runners, known[0]["threshold"])
         band.safety = known[0]["safety"]
+        band.learn(known[0].get("band", {}))  # the driver's band, widened before it was sent
     return runners
 
 
