@@ -17,6 +17,11 @@
    deploys are. Also a plain PyTorch fp32 deploy (precision fp32), and with ``--combos`` each
    engine/precision forced. ``--workers``: decoding workers (-1: the default, cores - 1).
    ``--memory N``: the peak memory of a deploy of N images (hard links to the same files).
+   Beside each ratio (issue 29): the decoder's own time per file on one core (the files decoded
+   in this process, one after another), the pipeline limit it implies together with fp32's
+   model-only limit on C cores, C / (decode seconds per file + C / model-only images per
+   second), the deploy's ratio to that limit, and the share of images the band recomputed in
+   fp32 (exact reduced precision: gate.py).
 Not a test: figures depend on the machine; on a shared machine only the ratios count.
 """
 
@@ -36,6 +41,38 @@ from thumbclf.predict import inference  # noqa: E402
 
 COMBOS = [("torch", "fp32"), ("torch", "bf16"), ("openvino", "fp32"), ("openvino", "bf16"),
           ("openvino", "int8")]
+
+
+def decode_seconds(folder: Path, model: Path, n: int = 60) -> float:
+    """The decoder's own time per file, on one core: ``n`` files of ``folder`` decoded one after
+    another in this process, as a deploy's workers decode them (the model's preprocessing)."""
+    import torch
+
+    from thumbclf.inputs.decode import load_array
+    from thumbclf.nn.models import load_model
+
+    prep = load_model(model).prep
+    files = sorted(folder.iterdir())[:n]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    t = time.perf_counter()
+    for f in files:
+        load_array(f, prep)
+    torch.set_num_threads(threads)
+    return (time.perf_counter() - t) / max(1, len(files))
+
+
+def pipeline_limit(decode_s: float, model_limit: float, cores: int) -> float:
+    """Images/s that decoding and the model allow together when they share ``cores`` cores."""
+    return cores / (decode_s + cores / model_limit)
+
+
+def recomputed(note: str) -> str:
+    """The share the band recomputed in fp32, as the deploy's inference note states it."""
+    import re
+
+    found = re.search(r"\(([\d.]+%)\) recomputed in fp32", note)
+    return found.group(1) if found else "none (fp32)"
 
 
 def deploy(folder: Path, model: Path, tag: str, workers: int, **keys) -> dict:
@@ -107,11 +144,21 @@ def deploys(table: Path, model: Path, args, limit: float) -> None:
                            cache_dir=str(cache))
             after = B.model_only(torch.device("cpu"), 64, 0.5, 3)[1]
             lim = (before + after) / 2
+            dec = decode_seconds(folder, model)
+            pipe = pipeline_limit(dec, lim, B.cores())
             print(f"   {kind.upper()} workers {again['workers']} (limit {before:.1f} then "
                   f"{after:.1f} img/s): defaults {again['rate']:.1f} img/s = "
                   f"{again['rate'] / lim:.2f}x (first deploy, gate and conversion included: "
                   f"{first['rate'] / lim:.2f}x); plain fp32 {plain['rate']:.1f} img/s = "
-                  f"{plain['rate'] / lim:.2f}x\n      engine: {again['inference']}")
+                  f"{plain['rate'] / lim:.2f}x\n      decoding {1 / dec:.1f} files/s on one "
+                  f"core and the model {lim:.1f} img/s imply a pipeline limit of {pipe:.1f} "
+                  f"img/s on {B.cores()} cores: defaults {again['rate'] / pipe:.2f} of it "
+                  f"(recomputed in fp32: {recomputed(again['inference'])}), plain fp32 "
+                  f"{plain['rate'] / pipe:.2f} of it\n      engine: {again['inference']}")
+            print(json.dumps({"kind": kind, "decode_s_per_file": dec, "model_limit": lim,
+                              "pipeline_limit": pipe, "defaults": again["rate"],
+                              "fp32": plain["rate"],
+                              "recomputed": recomputed(again["inference"])}))
     if args.combos:
         for engine, precision in COMBOS:
             if engine == "openvino" and inference.openvino_version() is None:

@@ -193,7 +193,6 @@ def load_model(path: str | os.PathLike | Iterable[str | os.PathLike], **settings
     from thumbclf.config import DEPLOY, validate
     from thumbclf.config.files import override, plain
     from thumbclf.core.decide import threshold_in_force
-    from thumbclf.inputs.samples import SampleSet
     from thumbclf.nn.engine import pick_device
     from thumbclf.workflows.deploy import load_models, prepare_runners
 
@@ -209,8 +208,8 @@ def load_model(path: str | os.PathLike | Iterable[str | os.PathLike], **settings
     chosen = threshold_in_force(given=params.prediction_threshold,
                                 stored=[m.threshold for m in models])
     device = pick_device(params.device)
-    nothing = SampleSet((), (), False, Path.cwd())  # verified on verify_data or the model's own
-    runners, _ = prepare_runners(models, dataclasses.replace(params, has_labels=False), nothing,
+    # no deploy images yet: verified on verify_data or the model's own validation split
+    runners, _ = prepare_runners(models, dataclasses.replace(params, has_labels=False), None,
                                  device, chosen.value)
     return Classifier(params, models, chosen.value, chosen.reason, device, runners)
 
@@ -307,7 +306,7 @@ class Classifier:
             partial, _ = predict_stream(self.models, sample_set, folder, params=params,
                                         threshold=self.threshold, device=self.device,
                                         quiet=True, resume=False,
-                                        choose=lambda: (self.runners, ""))
+                                        choose=lambda head: (self.runners, ""))
             is_slide = [slides.is_slide(s.path) for s in sample_set.samples]
             return final_table(sample_set, partial, self.classes, has_labels, self.threshold,
                                is_slide, read_from=(self.models[0].prep.slide_size,

@@ -22,10 +22,9 @@ def _choose(model, file, cache):
 
     if not file.exists():
         torch.save(model.state_dict(), file)
-    return inference.choose(model, model_file=file, size=64, channels_last=True, device=CPU,
-                            engine="openvino", precision="fp32", cache_dir=cache,
-                            verify=lambda: None, calibration=None, temperature=1.0,
-                            classes=("A", "B", "C"), threshold=0.5)
+    return inference.choose(
+        inference.ModelSpec(model, file, 64, ("A", "B", "C"), 0.5),
+        inference.EngineSpec("openvino", "fp32", cache, CPU), lambda: None)
 
 
 def _entries(cache):

@@ -39,8 +39,8 @@ def test_one_near_tie_flip_among_undecided_passes():
     assert v["argmax_changed"] == 1 and v["changed"] == 0 and v["images"] == 337
     assert v["labels"]["accuracy_decided_drop"] == 0
     text = gate.describe(v)
-    assert "changed on 0 of 337 images (300 of this deploy's images and 37 labelled images)" in text
-    assert "at most 0.9% with 95% confidence (limit 2%)" in text and "37 labelled" in text
+    assert "changed on 0 of 337 images (300 of this deploy's images and 37 labelled images;" in text
+    assert "without the band decisions changed on 0 (at most 0.9% with 95% confidence)" in text
 
 
 def test_a_systematic_shift_of_decided_images_fails():
@@ -50,9 +50,11 @@ def test_a_systematic_shift_of_decided_images_fails():
     shifted = rng.permutation(300)[:15]  # 5% of the decided images fall below the threshold
     cand[shifted] = [0.88, 0.06, 0.06]
     v = gate.gate(ref, cand, np.full(300, -1), CLASSES, 0.9, deploy_images=300)
-    assert not v["passed"] and v["failed"] == ["agreement"]
-    assert v["changed"] == 15 and v["changed_bound"] > 0.02
-    assert "decisions changed on 15 of 300 images" in gate.describe(v)
+    # issue 29: the band (4 x 0.05) takes in every image, so the decisions are fp32's, but the
+    # candidate would gain nothing: refused for what it would recompute
+    assert not v["passed"] and v["failed"] == ["recomputed"] and v["changed_with_band"] == 0
+    assert v["changed"] == 15 and v["changed_bound"] > 0.02 and v["recomputed"] == 1.0
+    assert "without the band decisions changed on 15" in gate.describe(v)
 
 
 def test_without_labels_it_passes_on_agreement_alone_and_says_so():
@@ -82,10 +84,14 @@ def test_labels_catch_changes_that_agreement_allows():
     for i in (1000, 1001, 1002):  # three right decisions become wrong ones
         cand[i] = np.roll(ref[i], 1)
     v = gate.gate(ref, cand, labels, CLASSES, 0.9, deploy_images=1000)
-    assert v["changed"] == 3 and v["changed_bound"] < 0.02  # agreement alone would pass
+    assert v["changed"] == 3 and v["changed_bound"] < 0.02  # the old bound alone would pass
     assert v["changed_between_classes"] == 3
-    assert not v["passed"] and "accuracy_decided" in v["failed"]
-    assert v["labels"]["accuracy_decided_drop"] == pytest.approx(0.06)
+    # issue 29: a difference of 0.95 makes a band that recomputes everything: refused
+    assert not v["passed"] and "recomputed" in v["failed"]
+    lenient = gate.gate(ref, cand, labels, CLASSES, 0.9, deploy_images=1000,
+                        limits={"safety": 0.0})  # no band: the labels catch what changed
+    assert not lenient["passed"] and "accuracy_decided" in lenient["failed"]
+    assert lenient["labels"]["accuracy_decided_drop"] == pytest.approx(0.06)
 
 
 def test_one_changed_decision_among_few_decided_is_within_one_image():
@@ -94,8 +100,10 @@ def test_one_changed_decision_among_few_decided_is_within_one_image():
     labels = np.r_[np.full(360, -1), ref[360:].argmax(1)]  # 40 labelled, all decided and right
     cand = ref.copy()
     cand[370] = [0.5, 0.3, 0.2] if ref[370].argmax() else [0.3, 0.5, 0.2]  # now Undecided
-    v = gate.gate(ref, cand, labels, CLASSES, 0.9, deploy_images=360)
-    assert v["passed"], v  # accuracy among decided stays 1.0; coverage falls by one image
+    v = gate.gate(ref, cand, labels, CLASSES, 0.9, deploy_images=360, limits={"safety": 0.0})
+    # accuracy among decided stays 1.0; coverage falls by one image: rule 2 allows it (issue
+    # 29: without a band, rule 1 no longer allows any changed decision)
+    assert v["failed"] == ["agreement"] and v["labels"]["accuracy_decided_drop"] == 0, v
 
 
 def test_the_unfamiliar_rule_is_part_of_the_decisions():
@@ -107,4 +115,38 @@ def test_the_unfamiliar_rule_is_part_of_the_decisions():
     v = gate.gate(ref, ref.copy(), np.full(300, -1), CLASSES, 0.9, deploy_images=300,
                   reference_unfamiliarity=u_ref, candidate_unfamiliarity=u_cand)
     assert not v["passed"] and v["changed"] == 20
+    assert v["discrepancy"]["unfamiliarity"] == pytest.approx(0.7)
     assert (gate.decisions(ref, CLASSES, 0.9, u_cand)[:20] == UNDECIDED).all()
+
+
+def test_the_band_makes_every_decision_fp32s():
+    """Issue 29: a candidate whose error changes decisions near the threshold, a tie and an
+    unfamiliarity of 1 changes none with the band applied; without it, some change."""
+    rng = np.random.default_rng(7)
+    ref = rng.dirichlet([0.3, 0.3, 0.3], 400)  # probabilities everywhere, many near 0.9
+    ref[:10] = [0.9, 0.05, 0.05]  # exactly at the threshold
+    ref[10:20] = [0.48, 0.47, 0.05]  # near a tie (threshold 0.4 below: decided either way)
+    u_ref = rng.uniform(0.5, 1.5, 400)
+    error = rng.uniform(-0.004, 0.004, ref.shape)
+    cand = np.clip(ref + error, 0, None)
+    u_cand = u_ref + rng.uniform(-0.01, 0.01, 400)
+    for threshold in (0.9, 0.4):
+        args = (ref, cand, np.full(400, -1), CLASSES, threshold)
+        u = dict(reference_unfamiliarity=u_ref, candidate_unfamiliarity=u_cand)
+        with_band = gate.gate(*args, deploy_images=400, **u)
+        without = gate.gate(*args, deploy_images=400, limits={"safety": 0.0}, **u)
+        assert with_band["changed_with_band"] == 0 and with_band["passed"], with_band
+        assert without["changed_with_band"] > 0 and not without["passed"]
+        assert 0 < with_band["recomputed"] < 0.5
+
+
+def test_the_band_widens_when_a_recomputed_image_differs_more():
+    band = gate.Band({"probability": 0.001}, 4.0, 0.9)
+    assert band.width == {"probability": 0.004, "unfamiliarity": gate.FLOOR["unfamiliarity"]}
+    probs = np.array([[0.903, 0.05, 0.047], [0.95, 0.03, 0.02], [0.5, 0.499, 0.001]])
+    assert band.near(probs, None).tolist() == [True, False, False]  # threshold 0.9, no tie above
+    band.learn({"probability": 0.02, "unfamiliarity": 0.0})
+    assert band.width["probability"] == pytest.approx(0.08) and band.widened == 1
+    assert band.near(probs, np.array([0.5, 1.0, 0.2])).tolist() == [True, True, False]
+    assert band.images == 6 and band.recomputed == 3
+    assert "3 of 6 images (50.0%) recomputed in fp32" in band.describe()

@@ -51,10 +51,9 @@ def _choose(model, tmp_path, precision, verify, engine="openvino"):
     file = tmp_path / "m.pt"
     if not file.exists():
         torch.save(model.state_dict(), file)
-    return inference.choose(model, model_file=file, size=64, channels_last=True, device=CPU,
-                            engine=engine, precision=precision, cache_dir=tmp_path / "cache",
-                            verify=verify, calibration=None, temperature=1.0,
-                            classes=("A", "B", "C"), threshold=0.5)
+    return inference.choose(
+        inference.ModelSpec(model, file, 64, ("A", "B", "C"), 0.5),
+        inference.EngineSpec(engine, precision, tmp_path / "cache", CPU), verify)
 
 
 def _evidence(x, labels, deploy, calls=None):
@@ -82,9 +81,9 @@ def test_a_precision_is_used_only_after_it_passed_the_gate(tiny_model, tmp_path,
     calls = []
     ev = _evidence(x, np.r_[np.full(120, -1), y], 120, calls)
     monkeypatch.setitem(inference.GATE, "auroc", -1.0)  # a gate nothing can pass
-    with pytest.raises(ConfigError, match="refused by the quality gate: decisions changed on "
-                                          r"\d+ of 160 images \(120 of this deploy's images and 40 "
-                                          "labelled images\)"):
+    with pytest.raises(ConfigError, match="refused by the quality gate: with the band .*"
+                                          r"decisions changed on \d+ of 160 images \(120 of this "
+                                          "deploy's images and 40 labelled images;"):
         _choose(tiny_model, tmp_path, "bf16", lambda: ev)
     assert calls == [1]
     runner, why = _choose(tiny_model, tmp_path, "auto", lambda: _evidence(
@@ -127,16 +126,19 @@ def test_a_deploy_says_which_engine_computed_and_why(tiny_data, tmp_path):
     assert ("precision: bf16: openvino bf16 not verified: 18 images to check it on; even with no "
             "decision changed" in r.stderr)
     assert not (tmp_path / "refused" / "predictions.csv").exists()
-    exp = write_yaml(tmp_path / "auto.yaml", text)  # auto: refused, so PyTorch fp32, and says so
+    # auto on a deploy smaller than the verification sample: PyTorch fp32, which verifying
+    # would compute anyway, and says so (issue 29: no candidate is even tried)
+    exp = write_yaml(tmp_path / "auto.yaml", text)
     r = _deploy_with_gate(exp, nothing_passes)
     assert r.returncode == 0, r.stderr
     note = json.loads((tmp_path / "auto" / "timings.json").read_text())["inference"]
-    assert "not verified: 18 images" in note and note.endswith("PyTorch fp32")
+    assert note.startswith("PyTorch fp32 (18 images: fewer than the 300") and "nothing extra" in note
     everything_passes = {"max_changed": 1.0, "auroc": 1.0, "accuracy_decided": 1.0}
     exp = write_yaml(tmp_path / "bf16.yaml", text + "engine: openvino\nprecision: bf16\n")
     r = _deploy_with_gate(exp, everything_passes)
     assert r.returncode == 0, r.stderr
     note = json.loads((tmp_path / "bf16" / "timings.json").read_text())["inference"]
-    assert note.startswith("openvino bf16 (verified: decisions changed on ")
-    assert "of 18 images (18 labelled images)" in note
+    assert note.startswith("openvino bf16 (verified: with the band (probability ±")
+    assert "of 18 images (18 labelled images;" in note
+    assert "recomputed in fp32 (band: probability ±" in note  # issue 29: the share recomputed
     assert "Inference: openvino bf16" in (tmp_path / "bf16" / "report.html").read_text()

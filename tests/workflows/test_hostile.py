@@ -153,10 +153,9 @@ def _choose(model, tmp_path, precision, verify):
     file = tmp_path / "m.pt"
     if not file.exists():
         torch.save(model.state_dict(), file)
-    return inference.choose(model, model_file=file, size=64, channels_last=True, device=CPU,
-                            engine="openvino", precision=precision, cache_dir=tmp_path / "cache",
-                            verify=verify, calibration=None, temperature=1.0,
-                            classes=("A", "B", "C"), threshold=0.5)
+    return inference.choose(
+        inference.ModelSpec(model, file, 64, ("A", "B", "C"), 0.5),
+        inference.EngineSpec("openvino", precision, tmp_path / "cache", CPU), verify)
 
 
 def _evidence(x, labels, calls=None):

@@ -22,7 +22,7 @@ from thumbclf.nn.data import to_input
 from thumbclf.nn.augment import dihedral
 from thumbclf.nn.engine import recalibrate_bn, softmax
 from thumbclf.nn.models import LoadedModel, read_weights
-from thumbclf.predict import inference
+from thumbclf.predict import gate, inference
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +38,36 @@ def ensemble_predict(models: list[LoadedModel], runners: list[inference.Runner],
     """Average of each model's calibrated softmax (over 8 flips/rotations with TTA) of uint8
     images ``x`` (n, H, W, 3), and the decision step's other inputs by table column (the tissue
     fraction; the unfamiliarity and its parts where the models have the rule:
-    familiarity.ensemble_signals)."""
+    familiarity.ensemble_signals). Runners of a verified reduced precision compute every image,
+    and PyTorch fp32 computes again those in their band (gate.Band, issue 29), so that every
+    decision is fp32's; a recomputed image that differed by more than the band knew widens it."""
     first = models[0]
-    n_classes = len(first.classes)
     inputs = to_input(x, first.norm, device, channels_last=not first.legacy)
+    probs, features = _outputs(models, runners, inputs, tta)
+    band = runners[0].band if runners else None
+    if band is not None:
+        rules = [m.familiarity for m in models]
+        content = _content(rules, features)
+        redo = band.near(probs, content)
+        if redo.any():
+            rows = torch.from_numpy(np.flatnonzero(redo)).to(inputs.device)
+            exact = [r.exact or r for r in runners]
+            p2, f2 = _outputs(models, exact, inputs.index_select(0, rows), tta)
+            band.learn(gate.discrepancy(p2, probs[redo], _content(rules, f2),
+                                        None if content is None else content[redo]))
+            probs[redo] = p2
+            for f, g in zip(features, f2):
+                f[redo] = g
+    looks, tissue = look.describe(x)
+    signals = familiarity.ensemble_signals([m.familiarity for m in models], features, looks,
+                                           tissue)
+    return probs, signals
+
+
+def _outputs(models: list[LoadedModel], runners: list[inference.Runner], inputs: torch.Tensor,
+             tta: bool) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The models' mean calibrated probabilities and each model's features."""
+    n_classes = len(models[0].classes)
     total, features = None, []
     for m, run in zip(models, runners):
         if tta:
@@ -53,13 +79,18 @@ def ensemble_predict(models: list[LoadedModel], runners: list[inference.Runner],
             raise ModelError(f"{m.path or 'the model'}: computed outputs that are not finite "
                              "(NaN or infinity) for readable images; its weights are damaged or "
                              "overflow; train again (its predictions cannot be trusted)")
-        features.append(feats)
+        features.append(np.array(feats))
         p = softmax(logits, m.temperature)
         total = p if total is None else total + p
-    looks, tissue = look.describe(x)
-    signals = familiarity.ensemble_signals([m.familiarity for m in models], features, looks,
-                                           tissue)
-    return total / len(models), signals
+    return total / len(models), features
+
+
+def _content(rules: list, features: list[np.ndarray]) -> np.ndarray | None:
+    """The content part of the unfamiliarity (the part the model computes), as
+    familiarity.ensemble_signals averages it; None where a model has no rule."""
+    if not rules or any(r is None for r in rules) or not features[0].shape[1]:
+        return None
+    return np.mean([r.unfamiliarity(f) for r, f in zip(rules, features)], axis=0)
 
 
 ADAPT_IMAGES = 512

@@ -1,10 +1,11 @@
 """Inference engines for deployment: PyTorch or OpenVINO, in fp32, bf16 or int8.
 
 The one place that chooses how a model computes at deployment. Training and Grad-CAM stay in
-PyTorch. A reduced precision is used only after it passed the quality gate (gate.py): the
-decisions it makes on a seeded sample of the deploy's own images and on the labelled
-verification images must agree with PyTorch fp32's, to a bound the sample can support, and the
-label figures must hold where there are labels. The converted model and the verdict are cached
+PyTorch. A reduced precision is used only after it passed the quality gate (gate.py), and
+then exactly: it computes every image and PyTorch fp32 computes again those in the band, where
+its error could change a decision (``Runner.exact``, ``ensemble_band``), so that on the
+verification images (a sample of the deploy's own and the labelled ones) no decision differs
+from fp32's and the label figures hold where there are labels. The converted model and the verdict are cached
 in the cache folder, keyed by the model file's hash, the engine's version, the precision and
 the input size (the verdict also by the images checked and the gate's rule); a verdict records
 the hashes of the converted files and a hash of itself, checked on every use, so an engine
@@ -27,21 +28,20 @@ import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import numpy as np
 import torch
 
 from thumbclf.core.errors import ConfigError
 from thumbclf.core.files import atomic_text, file_digest
-from thumbclf.nn.engine import softmax
-from thumbclf.nn.familiarity import Familiarity, WithFeatures, split
+from thumbclf.nn.familiarity import Familiarity, WithFeatures
 from thumbclf.predict import gate as quality
 from thumbclf.predict.engine_cache import binding, cached_verdict, clear, sealed
 from thumbclf.predict.quantise import INSTALL, quantise
+from thumbclf.predict.verification import GATE, Check, Evidence
 
 log = logging.getLogger(__name__)
-GATE = quality.LIMITS  # the gate's limits (gate.py), also a part of the verdict's cache key
 
 
 # ---------------------------------------------------------------------------- the machine
@@ -104,11 +104,31 @@ def openvino_version() -> str | None:
 
 @dataclass
 class Runner:
-    """A model that turns normalised NCHW float batches into logits (a float32 CPU tensor)."""
+    """A model that turns normalised NCHW float batches into logits (a float32 CPU tensor).
+
+    A verified reduced precision carries PyTorch fp32 beside it (``exact``), the differences
+    the gate measured between them (``measured``: gate.discrepancy) and, in a deploy, the band
+    shared by the ensemble's runners (``band``: gate.Band): the images in the band are
+    computed again by ``exact`` (ensemble.ensemble_predict)."""
 
     engine: str
     precision: str
     forward: Callable[[torch.Tensor], torch.Tensor]
+    exact: "Runner | None" = None
+    measured: dict | None = None
+    band: quality.Band | None = None
+    folder: Path | None = None  # OpenVINO: the cache entry it was read from
+
+    def recipe(self) -> dict | None:
+        """What another process needs to compute as this runner does (rebuild): None for
+        PyTorch fp32; a verified candidate's engine, precision, cache entry and band."""
+        if self.exact is None:
+            return None
+        band = self.band
+        return {"engine": self.engine, "precision": self.precision, "folder": self.folder,
+                "measured": self.measured, "safety": band.safety if band else GATE["safety"],
+                "threshold": band.threshold if band else None,
+                "band": dict(band.measured) if band else {}}  # as widened here so far
 
     @property
     def name(self) -> str:
@@ -182,44 +202,10 @@ def openvino_runner(model: torch.nn.Module, size: int, precision: str, cache: Pa
     def forward(x: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(compiled(x.contiguous().numpy())[0])
 
-    return Runner("openvino", precision, forward)
+    return Runner("openvino", precision, forward, folder=cache)
 
 
 # ---------------------------------------------------------------------------- the gate
-
-
-class Evidence:
-    """The images the quality gate compares two precisions on (gate.py says how), decoded only
-    when a verdict is not cached.
-
-    ``key`` names the images (the verdict cache's key) and ``planned`` counts them, both known
-    before decoding; ``decode()`` returns (a function that normalises a uint8 NHWC batch, the
-    uint8 batches, the labels, how many are the deploy's own): the images are in order, first
-    the deploy's own (a seeded sample), then the labelled ones; ``labels`` has a class index
-    per image, -1 for the deploy's own.
-    """
-
-    def __init__(self, key: str, planned: int,
-                 decode: Callable[[], tuple[Callable, list[torch.Tensor], np.ndarray, int]]):
-        self.key, self.planned, self._decode, self._done = key, planned, decode, None
-
-    def _get(self):
-        if self._done is None:
-            self._done = self._decode()
-        return self._done
-
-    def batches(self) -> Iterator[torch.Tensor]:
-        """Normalised NCHW float batches."""
-        normalise, batches, _, _ = self._get()
-        return (normalise(b) for b in batches)
-
-    @property
-    def labels(self) -> np.ndarray:
-        return self._get()[2]
-
-    @property
-    def deploy_images(self) -> int:
-        return self._get()[3]
 
 
 def describe_gate(verdict: dict) -> str:
@@ -285,32 +271,51 @@ def cache_key(model_file: Path, engine: str, precision: str, size: int, verdict:
     return hashlib.sha1(text.encode()).hexdigest()[:16]
 
 
-def choose(model, *, model_file: Path, size: int, channels_last: bool, device: torch.device,
-           engine: str, precision: str, cache_dir: Path,
-           verify: Callable[[], Evidence | None] | None,
-           calibration: Callable | None, temperature: float, classes: tuple[str, ...],
-           threshold: float, familiarity: Familiarity | None = None,
-           verify_id: str = "", progress: bool = False) -> tuple[Runner, str]:
+@dataclass(frozen=True)
+class EngineSpec:
+    """How a deploy may compute: the engine and precision keys, the cache folder of converted
+    engines and verdicts, the device, and whether int8's quantisation shows its bars."""
+
+    engine: str = "auto"
+    precision: str = "auto"
+    cache_dir: Path = Path("thumbclf-cache")
+    device: torch.device = torch.device("cpu")
+    progress: bool = False
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What is verified: the runnable model, its file (the cache's key), input size and
+    memory format, and what its decisions need (classes, temperature, the threshold in force,
+    the unfamiliar-slide rule)."""
+
+    model: torch.nn.Module
+    file: Path
+    size: int
+    classes: tuple[str, ...]
+    threshold: float
+    temperature: float = 1.0
+    channels_last: bool = True
+    familiarity: Familiarity | None = None
+
+
+def choose(m: ModelSpec, spec: EngineSpec, verify: Callable[[], Evidence | None] | None,
+           calibration: Callable | None = None, verify_id: str = "") -> tuple[Runner, str]:
     """The fastest runner whose quality was verified; also what was decided and why.
 
     ``verify()`` gives the gate's Evidence (None when there are no images to check on);
-    ``calibration()`` yields unlabelled normalised batches (int8 calibration); ``familiarity``:
-    the unfamiliar-slide rule, part of the decisions compared; ``progress``: show the
-    quantisation's progress bars (int8).
+    ``calibration()`` yields unlabelled normalised batches (int8 calibration).
     """
-    exact = torch_runner(model, device, "fp32", channels_last)
-    pairs = candidates(engine, precision, device)
-    explicit = precision != "auto"
+    exact = torch_runner(m.model, spec.device, "fp32", m.channels_last)
+    explicit = spec.precision != "auto"
     notes: list[str] = []
-    check = _Check(exact, verify, classes, threshold, temperature, familiarity)
-    for eng, prec in pairs:
+    check = Check(exact, verify, m)
+    for eng, prec in candidates(spec.engine, spec.precision, spec.device):
         if (eng, prec) == ("torch", "fp32"):
             return exact, "; ".join(notes + ["PyTorch fp32"])
         try:
-            return _try(model, eng, prec, model_file=model_file, size=size, device=device,
-                        channels_last=channels_last, cache_dir=cache_dir, check=check,
-                        verify_id=verify_id, calibration=calibration, temperature=temperature,
-                        threshold=threshold, notes=notes, progress=progress)
+            runner, note = _try(m, spec, (eng, prec), check, calibration, verify_id)
+            return runner, "; ".join(notes + [note])
         except _Refused as exc:
             if explicit:
                 raise ConfigError(f"precision: {prec}: {exc}; use precision: auto or fp32"
@@ -319,7 +324,7 @@ def choose(model, *, model_file: Path, size: int, channels_last: bool, device: t
         except ConfigError:
             raise
         except Exception as exc:  # noqa: BLE001 - a failing engine must not end an auto run
-            if explicit or engine != "auto":
+            if explicit or spec.engine != "auto":
                 raise ConfigError(f"engine: {eng} {prec} failed ({type(exc).__name__}: "
                                   f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); "
                                   "use engine: auto or torch") from None
@@ -332,99 +337,104 @@ class _Refused(Exception):
     """A candidate that was not verified or did not pass the gate."""
 
 
-class _Check:
-    """The gate's evidence and PyTorch fp32's probabilities on it, computed once for all the
-    candidates of a model."""
-
-    def __init__(self, exact: Runner, verify, classes, threshold, temperature, familiarity):
-        self.exact, self.verify, self.classes = exact, verify, classes
-        self.threshold, self.temperature, self.familiarity = threshold, temperature, familiarity
-        self._evidence: list = []
-        self._reference = None
-
-    def evidence(self) -> Evidence | None:
-        if not self._evidence:
-            self._evidence.append(self.verify() if self.verify is not None else None)
-        return self._evidence[0]
-
-    def key(self) -> str:
-        ev = self.evidence()
-        return ev.key if ev is not None else ""
-
-    def refusal(self, name: str) -> str | None:
-        """Why ``name`` cannot even be checked (too few images), else None."""
-        ev = self.evidence()
-        n = ev.planned if ev is not None else 0
-        why = quality.too_few(n, GATE)
-        return f"{name} not verified: {why}" if why else None
-
-    def _probs(self, runner: Runner) -> tuple[np.ndarray, np.ndarray | None]:
-        outputs = np.concatenate([runner(b).numpy() for b in self.evidence().batches()])
-        logits, features = split(outputs, len(self.classes))
-        unfamiliarity = (self.familiarity.unfamiliarity(features)
-                         if self.familiarity is not None and features.shape[1] else None)
-        return softmax(logits, self.temperature), unfamiliarity
-
-    def verdict(self, runner: Runner) -> dict:
-        if self._reference is None:
-            self._reference = self._probs(self.exact)
-        (ref, ref_u), (cand, cand_u) = self._reference, self._probs(runner)
-        ev = self.evidence()
-        return quality.gate(ref, cand, ev.labels, self.classes, self.threshold,
-                            deploy_images=ev.deploy_images, reference_unfamiliarity=ref_u,
-                            candidate_unfamiliarity=cand_u, limits=GATE)
-
-
-def _try(model, eng, prec, *, model_file, size, device, channels_last, cache_dir, check: _Check,
-         verify_id, calibration, temperature, threshold, notes,
-         progress) -> tuple[Runner, str]:
-    variant = "features" if isinstance(model, WithFeatures) else ""  # another exported graph
-    folder = cache_dir / "engines" / cache_key(model_file, eng, prec, size, variant)
-    if eng == "openvino" and prec == "fp32":
-        verdict_file = (cache_dir / "engines" / "verdicts" /
-                        f"{cache_key(model_file, eng, prec, size, f'exact|{variant}')}.json")
-        bound = binding(model_file, folder, verdict_file)
-        verdict = cached_verdict(verdict_file, folder, f"{eng} {prec}", bound)
-        if verdict is None:
-            # the same arithmetic as PyTorch fp32: no gate, but converted afresh (never into a
-            # link nor over an entry that cannot be removed) and bound to its files
-            if not clear(folder):
-                raise _Refused(f"{eng} {prec}: its cache entry {folder} cannot be replaced")
-            runner = _runner(model, eng, prec, size, device, channels_last, folder, calibration,
-                             progress)
-            atomic_text(json.dumps(sealed({"passed": True, "exact": True}, folder, bound),
-                                   indent=1), verdict_file)
-            return runner, "; ".join(notes + [runner.name])
+def _verdict_file(m: ModelSpec, spec: EngineSpec, pair, check: Check, verify_id: str) -> Path:
+    variant = "features" if isinstance(m.model, WithFeatures) else ""  # another exported graph
+    if pair == ("openvino", "fp32"):
+        tag = f"exact|{variant}"
     else:
+        rule = "none" if m.familiarity is None else f"{m.familiarity.threshold}"
+        tag = (f"{m.threshold}|{m.temperature}|{verify_id}|{check.key()}|{GATE}|{variant}|"
+               f"{rule}|gate3")  # gate3: verdicts with the band (issue 29)
+    return (spec.cache_dir / "engines" / "verdicts" /
+            f"{cache_key(m.file, *pair, m.size, tag)}.json")
+
+
+def _try(m: ModelSpec, spec: EngineSpec, pair: tuple[str, str], check: Check,
+         calibration: Callable | None, verify_id: str) -> tuple[Runner, str]:
+    eng, prec = pair
+    variant = "features" if isinstance(m.model, WithFeatures) else ""
+    folder = spec.cache_dir / "engines" / cache_key(m.file, eng, prec, m.size, variant)
+    if pair != ("openvino", "fp32"):
         why = check.refusal(f"{eng} {prec}")
         if why:
             raise _Refused(why)
-        rule = "none" if check.familiarity is None else f"{check.familiarity.threshold}"
-        verdict_file = (cache_dir / "engines" / "verdicts" / (cache_key(
-            model_file, eng, prec, size, f"{threshold}|{temperature}|{verify_id}|{check.key()}|"
-            f"{GATE}|{variant}|{rule}|gate2") + ".json"))
-        bound = binding(model_file, folder, verdict_file)
-        verdict = cached_verdict(verdict_file, folder, f"{eng} {prec}", bound)
+    verdict_file = _verdict_file(m, spec, pair, check, verify_id)
+    bound = binding(m.file, folder, verdict_file)
+    verdict = cached_verdict(verdict_file, folder, f"{eng} {prec}", bound)
+    if verdict is None and pair == ("openvino", "fp32"):
+        # the same arithmetic as PyTorch fp32: no gate, but converted afresh (never into a
+        # link nor over an entry that cannot be removed) and bound to its files
+        if not clear(folder):
+            raise _Refused(f"{eng} {prec}: its cache entry {folder} cannot be replaced")
+        runner = _runner(m, spec, pair, folder, calibration)
+        atomic_text(json.dumps(sealed({"passed": True, "exact": True}, folder, bound),
+                               indent=1), verdict_file)
+        return runner, runner.name
     if verdict is None:
-        runner = _runner(model, eng, prec, size, device, channels_last, folder, calibration,
-                         progress)
+        runner = _runner(m, spec, pair, folder, calibration)
         verdict = check.verdict(runner)
         atomic_text(json.dumps(sealed(verdict, folder, bound), indent=1), verdict_file)
         log.info("quality gate for %s %s: %s: %s", eng, prec,
                  "passed" if verdict["passed"] else "FAILED", describe_gate(verdict))
         if verdict["passed"]:
-            return runner, "; ".join(notes + [f"{runner.name} (verified: "
-                                              f"{describe_gate(verdict)})"])
+            return (_with_exact(runner, check.exact, verdict),
+                    f"{runner.name} (verified: {describe_gate(verdict)})")
     elif verdict["passed"]:
-        runner = _runner(model, eng, prec, size, device, channels_last, folder, calibration,
-                         progress)
-        how = "" if verdict.get("exact") else f" (verified earlier: {describe_gate(verdict)})"
-        return runner, "; ".join(notes + [f"{runner.name}{how}"])
+        runner = _runner(m, spec, pair, folder, calibration)
+        if verdict.get("exact"):
+            return runner, runner.name
+        return (_with_exact(runner, check.exact, verdict),
+                f"{runner.name} (verified earlier: {describe_gate(verdict)})")
     raise _Refused(f"{eng} {prec} refused by the quality gate: {describe_gate(verdict)}")
 
 
-def _runner(model, engine, precision, size, device, channels_last, folder, calibration,
-            progress=False) -> Runner:
+def _with_exact(runner: Runner, exact: Runner, verdict: dict) -> Runner:
+    """A verified candidate with PyTorch fp32 beside it and the differences the gate measured."""
+    runner.exact, runner.measured = exact, dict(verdict["discrepancy"])
+    return runner
+
+
+def ensemble_band(runners: list[Runner], threshold: float) -> quality.Band | None:
+    """The band of an ensemble's runners (set on each of them), None when all compute fp32.
+    Its probabilities and content unfamiliarity are means over the models, so a difference
+    of the mean is at most the mean of the models' differences."""
+    if all(r.exact is None for r in runners):
+        return None
+    measured = {k: float(np.mean([(r.measured or {}).get(k, 0.0) for r in runners]))
+                for k in quality.FLOOR}
+    band = quality.Band(measured, GATE["safety"], threshold)
+    for r in runners:
+        r.band = band
+    return band
+
+
+def rebuild(models: list, recipes: list[dict | None], device: torch.device) -> list[Runner]:
+    """The runners that ``recipes`` (Runner.recipe) describe, for loaded models (nn.models),
+    with their band: the verified engine, read from the cache entry the gate verified, and
+    PyTorch fp32 beside it (a Ray actor computes as the local process does)."""
+    runners = []
+    for m, r in zip(models, recipes):
+        exact = torch_runner(m.runnable(), device, "fp32", not m.legacy)
+        if r is None:
+            runners.append(exact)
+            continue
+        if r["engine"] == "openvino":
+            cand = openvino_runner(m.runnable(), m.prep.size, r["precision"], Path(r["folder"]))
+        else:
+            cand = torch_runner(m.runnable(), device, r["precision"], not m.legacy)
+        runners.append(_with_exact(cand, exact, {"discrepancy": r["measured"]}))
+    known = [r for r in recipes if r is not None]
+    if known:
+        band = ensemble_band(runners, known[0]["threshold"])
+        band.safety = known[0]["safety"]
+        band.learn(known[0].get("band", {}))  # the driver's band, widened before it was sent
+    return runners
+
+
+def _runner(m: ModelSpec, spec: EngineSpec, pair: tuple[str, str], folder: Path,
+            calibration: Callable | None) -> Runner:
+    engine, precision = pair
     if engine == "openvino":
-        return openvino_runner(model, size, precision, folder, calibration, progress=progress)
-    return torch_runner(model, device, precision, channels_last)
+        return openvino_runner(m.model, m.size, precision, folder, calibration,
+                               progress=spec.progress)
+    return torch_runner(m.model, spec.device, precision, m.channels_last)

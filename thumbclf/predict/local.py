@@ -48,24 +48,30 @@ class LocalExecutor:
     def __init__(self, spec: ExecutorSpec):
         self.params = spec
 
-    def predict(self, models, positions: list[int], paths: list[Path], *, device,
-                slide_cache: Path | None, runners=None) -> Iterator[Batch]:
-        import torch
-
+    def decoded(self, models, positions: list[int], paths: list[Path], *, device,
+                slide_cache: Path | None) -> Iterator[tuple[np.ndarray, Any, list[str]]]:
+        """The stream's decoded batches, (positions, uint8 images, errors): the workers decode
+        ahead of whatever computes them (up to their prefetch), the model's verification
+        included."""
         from thumbclf.nn.data import stream_loader
-        from thumbclf.predict.ensemble import ensemble_predict, exact_runners
 
         params = self.params
-        workers = decode_workers(params.num_workers)
         batch = params.batch_size * (4 if device.type == "cuda" else 1)  # no gradients to store
-        loader = stream_loader(paths, models[0].prep, batch_size=batch, workers=workers,
+        loader = stream_loader(paths, models[0].prep, batch_size=batch,
+                               workers=decode_workers(params.num_workers),
                                pin_memory=device.type == "cuda", slide_cache=slide_cache)
-        runners = runners or exact_runners(models, device)
         todo = np.asarray(positions)
         for pos, x, errors in loader:
-            with torch.inference_mode():
-                probs, signals = ensemble_predict(models, runners, x, device, params.tta)
-            yield todo[pos.numpy()], probs, signals, list(errors)
+            yield todo[pos.numpy()], x, list(errors)
+
+    def predict(self, models, positions: list[int], paths: list[Path], *, device,
+                slide_cache: Path | None, runners=None) -> Iterator[Batch]:
+        from thumbclf.predict.ensemble import exact_runners
+
+        runners = runners or exact_runners(models, device)
+        yield from computed(models, runners, self.decoded(models, positions, paths, device=device,
+                                                          slide_cache=slide_cache),
+                            device, self.params.tta)
 
     def run_folds(self, fn: Callable, folds: list[int], shared: dict[str, Any], *,
                   device) -> Iterator:
@@ -74,6 +80,19 @@ class LocalExecutor:
 
     def describe(self) -> dict:
         return {"executor": self.name, "workers": decode_workers(self.params.num_workers)}
+
+
+def computed(models, runners, decoded, device, tta: bool) -> Iterator[Batch]:
+    """Decoded batches (positions, uint8 images, errors) -> Batch, with ``runners`` (a verified
+    reduced precision: fp32 in its band)."""
+    import torch
+
+    from thumbclf.predict.ensemble import ensemble_predict
+
+    for pos, x, errors in decoded:
+        with torch.inference_mode():
+            probs, signals = ensemble_predict(models, runners, x, device, tta)
+        yield pos, probs, signals, list(errors)
 
 
 def decode_workers(requested: int) -> int:

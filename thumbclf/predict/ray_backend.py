@@ -206,11 +206,15 @@ class RayExecutor:
 
     def predict(self, models, positions: list[int], paths: list[Path], *, device,
                 slide_cache: Path | None, runners=None) -> Iterator:
-        """Batches (positions, probabilities, signals, errors) as Ray Data streams them."""
+        """Batches (positions, probabilities, signals, errors) as Ray Data streams them; each
+        actor computes as ``runners`` do here (their recipes: the verified engine and its band,
+        issue 29), and the images it recomputed in fp32 are counted in the band here."""
         from thumbclf.predict.local import decode_workers
 
         ray, params = self.ray, self.params
         models_ref = ray.put(models)  # sent once; each actor loads it once
+        self.recipes = [r.recipe() for r in runners] if runners else None
+        band = runners[0].band if runners else None
         gpus = self.gpus > 0  # 0 when device: cpu
         self.actors = self.gpus if gpus else self.nodes  # one per GPU, else one per node
         # on this machine: the same decoding workers as the local path; on a cluster: Ray's choice
@@ -235,6 +239,8 @@ class RayExecutor:
                     pos = np.asarray(out["position"], dtype=np.int64)
                     seen.update(pos.tolist())
                     signals = {c: np.asarray(out[c], dtype=float) for c in SIGNALS}
+                    if band is not None:
+                        band.count(np.asarray(out["recomputed"], dtype=bool))
                     yield (pos, np.asarray(out["probs"], dtype=float),
                            {c: v for c, v in signals.items() if not np.isnan(v).all()},
                            [str(e) for e in out["error"]])
@@ -271,7 +277,8 @@ class RayExecutor:
             _Infer, batch_size=batch, batch_format="numpy", concurrency=self.actors,
             num_cpus=1, num_gpus=1 if gpus else 0,
             fn_constructor_kwargs={"models": models_ref, "tta": self.params.tta,
-                                   "device": "cuda" if gpus else "cpu", "threads": threads},
+                                   "device": "cuda" if gpus else "cpu", "threads": threads,
+                                   "recipes": self.recipes},
             max_restarts=_RETRIES, max_task_retries=_RETRIES)
 
     # ---------------------------------------------------------------- folds
@@ -315,12 +322,12 @@ def _decode_batch(batch: dict, *, prep, slide_cache) -> dict:
 class _Infer:
     """Ray Data actor: the models loaded once, then batch after batch of images -> probabilities."""
 
-    def __init__(self, models, tta: bool, device: str, threads: int):
+    def __init__(self, models, tta: bool, device: str, threads: int, recipes=None):
         import ray
         import torch
 
         from thumbclf.nn.engine import pick_device
-        from thumbclf.predict.ensemble import exact_runners
+        from thumbclf.predict.inference import rebuild
 
         if isinstance(models, ray.ObjectRef):
             models = ray.get(models)
@@ -328,7 +335,8 @@ class _Infer:
         self.device = pick_device(device)
         if self.device.type == "cpu":
             torch.set_num_threads(threads)
-        self.runners = exact_runners(self.models, self.device)  # PyTorch fp32 on every actor
+        # the driver's engines: PyTorch fp32, or the verified candidate with its band
+        self.runners = rebuild(self.models, recipes or [None] * len(models), self.device)
 
     def __call__(self, batch: dict) -> dict:
         import torch
@@ -339,8 +347,11 @@ class _Infer:
             self.models, self.runners, torch.from_numpy(np.ascontiguousarray(batch["image"])),
             self.device, self.tta)
         missing = np.full(len(probs), np.nan)  # a column Ray Data can carry
+        band = self.runners[0].band
+        redo = band.last if band is not None else np.zeros(len(probs), dtype=bool)
         return {"position": batch["position"], "probs": probs,
-                **{c: signals.get(c, missing) for c in SIGNALS}, "error": batch["error"]}
+                **{c: signals.get(c, missing) for c in SIGNALS}, "error": batch["error"],
+                "recomputed": redo}
 
 
 def _fold_task(fn: Callable, fold: int, shared: dict, threads: int, device_name: str,

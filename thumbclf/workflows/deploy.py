@@ -206,8 +206,8 @@ def run(params: DeployParams, *, resume: bool = False, quiet: bool = False,
     done = folder / layout.PREDICTIONS
     check_same_inputs(folder, sample_set, resume)
     check_same_models(folder, models, resume)
-    choose = lambda: prepare_runners(models, params, everything, device, threshold,  # noqa: E731
-                                     progress=not quiet)
+    choose = lambda head: prepare_runners(models, params, head, device,  # noqa: E731
+                                          threshold, progress=not quiet)
     if params.adapt_bn:
         check_adaptable(len(sample_set), params.thumb_data)
         configure_threads(device)

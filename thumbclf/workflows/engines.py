@@ -1,5 +1,6 @@
-"""The inference engine of a deploy: the quality gate's images (a sample of the deploy's own,
-and labelled ones), then each model's verified engine and precision (engine, precision keys)."""
+"""The inference engine of a deploy: each model's verified engine and precision (engine,
+precision keys), checked on the first images of the deploy's own stream (decoded once: the
+stream computes them) and on labelled images."""
 
 from __future__ import annotations
 
@@ -11,48 +12,55 @@ import numpy as np
 import torch
 
 from thumbclf.config import DeployParams
-from thumbclf.core.errors import ImageReadError
 from thumbclf.inputs import splits as splitting
-from thumbclf.inputs.decode import load_array
-from thumbclf.inputs.samples import SampleSet, discover
+from thumbclf.inputs.samples import discover
 from thumbclf.nn.data import stream_loader, to_input
 from thumbclf.nn.models import LoadedModel
 from thumbclf.predict import gate, inference
+from thumbclf.predict.ensemble import exact_runners
 from thumbclf.predict.local import decode_workers
 
 log = logging.getLogger(__name__)
+CALIBRATION_IMAGES = 256  # int8: the deploy's own first images calibrate the quantisation
 
 
-def prepare_runners(models: list[LoadedModel], params: DeployParams, sample_set: SampleSet,
-                    device: torch.device, threshold: float, *, progress: bool = False
-                    ) -> tuple[list[inference.Runner], str]:
+def prepare_runners(models: list[LoadedModel], params: DeployParams,
+                    head: list[tuple[list[Path], torch.Tensor]] | None, device: torch.device,
+                    threshold: float, *,
+                    progress: bool = False) -> tuple[list[inference.Runner], str]:
     """The inference engine and precision of each model (engine, precision keys), verified;
+    ``head``: the first images of the deploy's stream (their paths and uint8 batch, readable
+    ones), its verification images (None: no deploy images, as load_model() has); a deploy smaller than
+    the verification sample computes PyTorch fp32, which verifying would compute anyway.
     ``progress``: show the int8 quantisation's progress bars."""
     first = models[0]
-    slide_cache = params.slide_cache
-    evidence = gate_evidence(models, params, sample_set)
+    own = sum(len(b) for _, b in head or [])
+    if head is not None and own < gate.AGREEMENT_IMAGES and params.precision == "auto":
+        why = (f"PyTorch fp32 ({own} images: fewer than the {gate.AGREEMENT_IMAGES} a faster "
+               "precision is verified on, so fp32 costs nothing extra)")
+        log.info("inference: %s", why)
+        return exact_runners(models, device), why
+    evidence = gate_evidence(models, params, head or [])
 
     def calibration():  # int8: unlabelled deploy images, as the model will see them
-        arrays = []
-        for s in sample_set.samples[:256]:
-            try:
-                arrays.append(load_array(s.path, first.prep, slide_cache=slide_cache))
-            except ImageReadError:
-                continue
-        for i in range(0, len(arrays), 32):
-            yield to_input(torch.from_numpy(np.stack(arrays[i:i + 32])), first.norm,
-                           torch.device("cpu"), channels_last=False)
+        seen = 0
+        for _, b in head or []:
+            if seen >= CALIBRATION_IMAGES:
+                break
+            seen += len(b)
+            yield to_input(b, first.norm, torch.device("cpu"), channels_last=False)
 
+    spec = inference.EngineSpec(engine=params.engine, precision=params.precision,
+                                cache_dir=params.cache_root, device=device, progress=progress)
     runners, notes = [], []
     for m in models:
-        runner, why = inference.choose(
-            m.runnable(), model_file=m.path, size=m.prep.size, channels_last=not m.legacy,
-            device=device, engine=params.engine, precision=params.precision,
-            cache_dir=params.cache_root, verify=lambda: evidence,
-            calibration=calibration, temperature=m.temperature, classes=m.classes,
-            threshold=threshold, familiarity=m.familiarity, progress=progress)
+        model = inference.ModelSpec(
+            m.runnable(), m.path, m.prep.size, m.classes, threshold, m.temperature,
+            channels_last=not m.legacy, familiarity=m.familiarity)
+        runner, why = inference.choose(model, spec, lambda: evidence, calibration)
         runners.append(runner)
         notes.append(why)
+    inference.ensemble_band(runners, threshold)
     why = notes[0] if len(set(notes)) == 1 else "; ".join(
         f"{m.path.name}: {n}" for m, n in zip(models, notes))
     log.info("inference: %s", why)
@@ -60,41 +68,41 @@ def prepare_runners(models: list[LoadedModel], params: DeployParams, sample_set:
 
 
 def gate_evidence(models: list[LoadedModel], params: DeployParams,
-                  sample_set: SampleSet) -> inference.Evidence:
-    """The quality gate's images: a seeded sample of up to gate.AGREEMENT_IMAGES of the deploy's
-    own (labels unused, so a labelled and an unlabelled deploy of the same images check the
-    same ones), then the labelled verification images (verification_pairs). Decoded in the
-    decoding workers, once for every model and candidate, and only if a verdict is needed."""
+                  head: list[tuple[list[Path], torch.Tensor]]) -> inference.Evidence:
+    """The quality gate's images: up to gate.AGREEMENT_IMAGES of the deploy's own, the first of
+    its stream (``head``, decoded already: the stream computes them; with their labels where
+    they are verification images too), then the other labelled verification images
+    (verification_pairs), decoded in the decoding workers only if a verdict is needed. The verdict's key names the labelled images only: a second deploy of the same
+    model, on other images, verifies nothing again (its band still widens where its own
+    recomputed images differ more)."""
     first = models[0]
     pairs = verification_pairs(models, params)
-    labelled = {path for path, _ in pairs}
-    order = np.random.default_rng(0).permutation(len(sample_set))
-    own = [p for p in (sample_set.samples[i].path for i in order) if p not in labelled]
-    own = own[:gate.AGREEMENT_IMAGES]
-    paths = own + [path for path, _ in pairs]
-    labels = np.array([-1] * len(own) + [first.classes.index(lab) for _, lab in pairs], dtype=int)
-    key = hashlib.sha1("\n".join(f"{p}|{lab}" for p, lab in zip(paths, labels)).encode(
-        "utf-8", "surrogateescape")).hexdigest()
+    key = hashlib.sha1(("stream|" + "\n".join(f"{p}|{lab}" for p, lab in pairs)
+                        ).encode("utf-8", "surrogateescape")).hexdigest()
+    known = {path: first.classes.index(lab) for path, lab in pairs}
+    head_labels = np.array([known.get(p, -1) for paths, _ in head for p in paths], dtype=int)
+    inside = {p for paths, _ in head for p in paths}
+    paths = [path for path, _ in pairs if path not in inside]
+    labels = np.array([known[p] for p in paths], dtype=int)
+    own = int((head_labels < 0).sum())
 
     def decode():
+        batches, kept = [b for _, b in head], []
         loader = stream_loader(paths, first.prep, batch_size=params.batch_size,
                                workers=decode_workers(params.num_workers), pin_memory=False,
-                               slide_cache=slide_cache)
-        batches, kept = [], []
+                               slide_cache=params.slide_cache) if paths else []
         for pos, x, errors in loader:
             ok = np.array([not e for e in errors], dtype=bool)
             if ok.any():
                 batches.append(x[torch.from_numpy(ok)])
                 kept += pos.numpy()[ok].tolist()
-        kept_labels = labels[np.array(kept, dtype=int)]
-        deploy = int((kept_labels < 0).sum())
-        log.info("quality gate: %d of this deploy's images and %d labelled images decoded",
-                 deploy, len(kept) - deploy)
+        kept_labels = np.r_[head_labels, labels[np.array(kept, dtype=int)]].astype(int)
+        log.info("quality gate: the first %d images of this deploy and %d labelled images",
+                 len(head_labels), int((kept_labels >= 0).sum()))
         return (lambda b: to_input(b, first.norm, torch.device("cpu"), channels_last=False),
-                batches, kept_labels, deploy)
+                batches, kept_labels, own)
 
-    slide_cache = params.slide_cache
-    return inference.Evidence(key, len(paths), decode)
+    return inference.Evidence(key, len(head_labels) + len(paths), decode)
 
 
 def verification_pairs(models: list[LoadedModel], params: DeployParams,

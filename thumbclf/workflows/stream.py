@@ -23,8 +23,11 @@ from thumbclf.core.files import append_whole, atomic_csv, atomic_text, file_dige
 from thumbclf.inputs import readrecord, slides
 from thumbclf.inputs.samples import SampleSet
 from thumbclf.nn.engine import configure_threads
+from thumbclf.nn.data import stream_loader
+from thumbclf.predict import gate
 from thumbclf.predict.ensemble import exact_runners
 from thumbclf.predict.execution import executor_for
+from thumbclf.predict.local import computed, decode_workers
 
 from thumbclf.workflows.run import executor_spec
 
@@ -110,8 +113,9 @@ def predict_stream(models, sample_set: SampleSet, folder: Path, *, params: Deplo
     the partial file and which engine computed.
 
     Each batch's rows are appended whole (one synced write), so a crash or a full disk never
-    tears a row; --resume predicts only what is missing. ``choose()`` gives the runners (and
-    why); by default PyTorch fp32.
+    tears a row; --resume predicts only what is missing. ``choose(head)`` gives the runners
+    (and why) from the stream's first images (head: their paths and uint8 batch), decoded once
+    here and computed here with those runners; by default PyTorch fp32.
     """
     partial = folder / layout.PARTIAL
     classes = models[0].classes
@@ -127,19 +131,17 @@ def predict_stream(models, sample_set: SampleSet, folder: Path, *, params: Deplo
     start = time.perf_counter()
     bar = tqdm(total=len(todo), desc="predicting", unit="img", disable=quiet)
     with executor_for(executor_spec(params), quiet=quiet) as ex:
-        if ex.name == "local":
-            runners, engine_note = (choose() if choose is not None
-                                    else (exact_runners(models, device), "PyTorch fp32"))
-        else:  # each Ray actor computes with PyTorch fp32
-            runners, engine_note = None, f"PyTorch fp32 on {ex.name} actors"
-        paths = [sample_set.samples[i].path for i in todo]
+        runners, engine_note, batches = _start(ex, models, sample_set, todo, params, device,
+                                               choose)
         # closing: an interruption stops the executor's pipeline before the executor ends
-        with contextlib.closing(ex.predict(models, todo, paths, device=device,
-                                           slide_cache=params.slide_cache,
-                                           runners=runners)) as batches:
+        with contextlib.closing(batches):
             n_err = append_batches(batches, partial, classes, threshold, bar=bar)
         how = ex.describe()
     bar.close()
+    band = runners[0].band if runners else None
+    if band is not None:  # issue 29: the share the band sent to PyTorch fp32
+        engine_note = f"{engine_note}; {band.describe()}"
+        log.info("exact reduced precision: %s", band.describe())
     secs = time.perf_counter() - start
     atomic_text(json.dumps({"predict_seconds": round(secs, 3), "images": len(todo),
                             **how, "threads": torch.get_num_threads(),
@@ -149,6 +151,65 @@ def predict_stream(models, sample_set: SampleSet, folder: Path, *, params: Deplo
     log.info("predicted %d images in %.1fs (%.1f images/s)%s", len(todo), secs,
              len(todo) / secs if secs else 0, f"; {n_err} could not be read" if n_err else "")
     return partial, engine_note
+
+
+def _start(ex, models, sample_set: SampleSet, todo: list[int], params: DeployParams, device,
+           choose):
+    """The runners (and why) and the stream's batches. The verification images are the
+    stream's first (issue 29), decoded once: by the executor's own stream where it runs here
+    (local: its workers go on decoding while the gate computes), else here, before the rest
+    goes to the executor."""
+    paths = [sample_set.samples[i].path for i in todo]
+    if choose is None:
+        runners = exact_runners(models, device)
+        return runners, "PyTorch fp32", ex.predict(models, todo, paths, device=device,
+                                                   slide_cache=params.slide_cache,
+                                                   runners=runners)
+    local = ex.name == "local"
+    decoded = (ex.decoded(models, todo, paths, device=device, slide_cache=params.slide_cache)
+               if local else _head_loader(models, todo, paths, params))
+    head, n = [], 0
+    for batch in decoded:  # the first AGREEMENT_IMAGES of the stream (a for, then on below)
+        head.append(batch)
+        n += len(batch[0])
+        if n >= gate.AGREEMENT_IMAGES:
+            break
+    readable = []
+    for pos, x, errors in head:
+        ok = np.array([not e for e in errors], dtype=bool)
+        if ok.any():
+            readable.append(([sample_set.samples[p].path for p in pos[ok]],
+                             x[torch.from_numpy(ok)]))
+    runners, engine_note = choose(readable)
+    if local:
+        rest = computed(models, runners, decoded, device, params.tta)
+    else:
+        rest = ex.predict(models, todo[n:], paths[n:], device=device,
+                          slide_cache=params.slide_cache, runners=runners) if todo[n:] else None
+    return runners, engine_note, _chain(computed(models, runners, head, device, params.tta),
+                                        rest, decoded)
+
+
+def _head_loader(models, todo: list[int], paths: list[Path], params: DeployParams):
+    """The stream's first images, decoded here (an executor elsewhere gets the rest)."""
+    loader = stream_loader(paths[:gate.AGREEMENT_IMAGES], models[0].prep,
+                           batch_size=params.batch_size,
+                           workers=decode_workers(params.num_workers), pin_memory=False,
+                           slide_cache=params.slide_cache)
+    head = np.asarray(todo[:gate.AGREEMENT_IMAGES])
+    for pos, x, errors in loader:
+        yield head[pos.numpy()], x, list(errors)
+
+
+def _chain(first, rest, decoded):
+    """``first``'s batches, then ``rest``'s; closed, it closes both and the decoding."""
+    try:
+        yield from first
+        if rest is not None:
+            yield from rest
+    finally:
+        for it in (first, rest, decoded):
+            getattr(it, "close", lambda: None)()
 
 
 def check_partial_header(partial: Path, header: list[str]) -> None:
