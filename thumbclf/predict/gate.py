@@ -35,10 +35,9 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from scipy import stats
 from sklearn.metrics import roc_auc_score
 
-from thumbclf.core.decide import UNDECIDED, decide_with_reasons
+from thumbclf.core.decide import UNDECIDED, decide_with_reasons, upper_bound
 
 AGREEMENT_IMAGES = 300  # of the deploy's own images (a seeded sample)
 MIN_LABELLED = 10  # fewer labelled images: the label figures are not computed
@@ -48,13 +47,6 @@ LIMITS = {"max_changed": 0.02, "confidence": 0.95, "auroc": 0.003, "accuracy_dec
 # still sends the closest calls to fp32, where a larger difference would widen the band
 FLOOR = {"probability": 1e-4, "unfamiliarity": 1e-4}
 PROBABILITY, UNFAMILIARITY = "probability", "unfamiliarity"  # the band's parts
-
-
-def upper_bound(changed: int, n: int, confidence: float) -> float:
-    """The one-sided Clopper-Pearson upper bound of a share seen as ``changed`` of ``n``."""
-    if n <= 0 or changed >= n:
-        return 1.0
-    return float(stats.beta.ppf(confidence, changed + 1, n - changed))
 
 
 def min_images(limits: dict | None = None) -> int:
