@@ -138,7 +138,7 @@ def thumbclf_deploy(table_or_folder: Path, model: Path, batch: int, device: str,
     timings = json.loads((out / "timings.json").read_text())
     return {"images": timings["images"], "predict_s": timings["predict_seconds"], "wall_s": wall,
             "peak_rss_mb": timings["peak_memory_mb"], "workers": timings["workers"],
-            "inference": timings.get("inference", "")}
+            "inference": timings.get("inference", ""), "folder": out}
 
 
 def many_links(table: Path, n: int, suffix: str | None = None) -> Path:

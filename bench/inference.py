@@ -75,6 +75,21 @@ def recomputed(note: str) -> str:
     return found.group(1) if found else "none (fp32)"
 
 
+def agreement(a: dict, b: dict) -> str:
+    """How two deploys of the same images compare: decisions (and reasons) equal on how many
+    rows, and the largest difference of a probability."""
+    import numpy as np
+
+    from thumbclf.core import table as table_io
+
+    ta, classes = table_io.read(a["folder"] / "predictions.csv")
+    tb, _ = table_io.read(b["folder"] / "predictions.csv", classes)
+    ta, tb = ta.sort_values(table_io.PATH), tb.sort_values(table_io.PATH)
+    same = int((ta[table_io.DECISION].to_numpy() == tb[table_io.DECISION].to_numpy()).sum())
+    diff = float(np.abs(ta[classes].to_numpy() - tb[classes].to_numpy()).max())
+    return f"decisions equal on {same} of {len(ta)} images, probabilities within {diff:.1e}"
+
+
 def deploy(folder: Path, model: Path, tag: str, workers: int, **keys) -> dict:
     """One deploy in its own process; images/s of its prediction step (gate included)."""
     d = B.thumbclf_deploy(folder, model, 64, "cpu", tag, extra={"num_workers": workers, **keys})
@@ -154,7 +169,8 @@ def deploys(table: Path, model: Path, args, limit: float) -> None:
                   f"core and the model {lim:.1f} img/s imply a pipeline limit of {pipe:.1f} "
                   f"img/s on {B.cores()} cores: defaults {again['rate'] / pipe:.2f} of it "
                   f"(recomputed in fp32: {recomputed(again['inference'])}), plain fp32 "
-                  f"{plain['rate'] / pipe:.2f} of it\n      engine: {again['inference']}")
+                  f"{plain['rate'] / pipe:.2f} of it\n      engine: {again['inference']}\n"
+                  f"      against the plain fp32 deploy: {agreement(again, plain)}")
             print(json.dumps({"kind": kind, "decode_s_per_file": dec, "model_limit": lim,
                               "pipeline_limit": pipe, "defaults": again["rate"],
                               "fp32": plain["rate"],
