@@ -60,13 +60,30 @@ def run_cli(workflow: str, argv: list[str], *, cwd: Path | None = None,
             env_extra: dict | None = None) -> subprocess.CompletedProcess:
     """``cli.main(workflow, argv)`` in this process, with its own stdout, stderr, working folder
     and environment, all restored afterwards."""
-    import contextlib
+    from thumbclf import cli
+
+    return _in_process(lambda: cli.main(workflow, argv), [workflow, *argv], cwd, env_extra)
+
+
+def run_command(*args, cwd: Path | None = None,
+                env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    """``thumbclf ARGS`` (``cli.command``) in this process, as ``run_cli`` runs a workflow:
+    the command line's exit code, stdout and stderr without a fresh interpreter (issue 32)."""
+    from thumbclf import cli
+
+    argv = [str(a) for a in args]
+    return _in_process(lambda: cli.command(argv), ["thumbclf", *argv], cwd, env_extra)
+
+
+def _in_process(call, args: list[str], cwd: Path | None,
+                env_extra: dict | None) -> subprocess.CompletedProcess:
+    """Run ``call`` (which returns an exit code) with its own stdout, stderr, working folder,
+    environment, SIGTERM handler and torch threads, all restored afterwards."""
     import io
     import signal
 
     import torch
 
-    from thumbclf import cli
     from thumbclf.core.logs import remove_handlers
 
     out, err = io.StringIO(), io.StringIO()
@@ -77,7 +94,7 @@ def run_cli(workflow: str, argv: list[str], *, cwd: Path | None = None,
         os.chdir(cwd or ROOT)
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
-                code = cli.main(workflow, argv)
+                code = call()
             except SystemExit as exc:  # argparse's usage errors
                 code = exc.code if isinstance(exc.code, int) else 2
     finally:
@@ -87,7 +104,7 @@ def run_cli(workflow: str, argv: list[str], *, cwd: Path | None = None,
         os.environ.update(env)
         signal.signal(signal.SIGTERM, sigterm)
         torch.set_num_threads(threads)
-    return subprocess.CompletedProcess([workflow, *argv], code, out.getvalue(), err.getvalue())
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
 @contextlib.contextmanager
