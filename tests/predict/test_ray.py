@@ -10,15 +10,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import ROOT, run_script, write_yaml
+from conftest import ROOT, TINY_TRAIN, run_script, write_yaml
 from conftest import make_pyramid
 
 ray = pytest.importorskip("ray", reason='Ray is not installed: pip install "thumbclf[ray]" '
                           "(make test installs it)")
 pytestmark = pytest.mark.slow
 
-FAST = ("pretrained: false\nbatch_size: 8\nmax_epochs: 1\nstopEpoch: 0\npatience: 1\n"
-        "bootstrap: 0\nnum_workers: 1\ngradcam: 0\n")
+FAST = TINY_TRAIN.replace("num_workers: 0", "num_workers: 1")  # conftest's, one worker
 
 
 @pytest.fixture(scope="module")
