@@ -217,3 +217,59 @@ def test_the_parameter_count_counts_every_kind_of_parameter(tmp_path):
                                 "class K:\n    def m(self, a, b, c, d, e, f, g, h): pass\n")
     (pkg / "workflows" / "recipe.py").write_text("def r(a, b, c, d, e, f, g, h, i, j): pass\n")
     assert too_many_parameters(pkg) == ["thumbclf/low.py:f (9 parameters)"]
+
+
+# Column names written out where core/table.py's constants belong, in files another change
+# owns (issue 29: stream and the Ray executor; issue 30: the read record). Remove an entry
+# when its file uses the constants; a new literal anywhere else fails.
+COLUMN_ALLOWANCES = {
+    ("thumbclf/workflows/stream.py", "PATH"), ("thumbclf/predict/ray_backend.py", "error"),
+    ("thumbclf/inputs/readrecord.py", "slide_width"),
+    ("thumbclf/inputs/readrecord.py", "slide_mpp_x"),
+}
+
+
+def column_names() -> set[str]:
+    """The predictions table's column names that mean nothing else. Left out: 'fold',
+    'position', 'row', 'threshold' and 'confidence', which are also keys of the experiment
+    file, the model file and splits.csv."""
+    from thumbclf.core import table
+
+    return {table.PATH, table.LABEL, table.PATIENT, table.SOURCE, table.DECISION, table.ERROR,
+            table.REASON, *table.SIGNALS, *table.SLIDE_COLUMNS, *table.READ_COLUMNS}
+
+
+def column_literals(package=PACKAGE) -> list[tuple[str, str, int]]:
+    """(file, name, line) of each string literal equal to a column name outside
+    core/table.py; docstrings are prose and do not count."""
+    names, found = column_names(), []
+    for path in sorted(package.rglob("*.py")):
+        name = path.relative_to(package.parent).as_posix()
+        if name == "thumbclf/core/table.py":
+            continue
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                      if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef,
+                                           ast.AsyncFunctionDef))
+                      and node.body and isinstance(node.body[0], ast.Expr)
+                      and isinstance(node.body[0].value, ast.Constant)}
+        found += [(name, node.value, node.lineno) for node in ast.walk(tree)
+                  if isinstance(node, ast.Constant) and isinstance(node.value, str)
+                  and node.value in names and id(node) not in docstrings]
+    return sorted(found)
+
+
+def test_columns_are_named_through_the_tables_constants():
+    """Issue 32: a column's name is written once, in core/table.py; everything else uses its
+    constant (table.LABEL, not "CLASSIFICATION")."""
+    loose = [f"{f}:{line} {name!r}" for f, name, line in column_literals()
+             if (f, name) not in COLUMN_ALLOWANCES]
+    assert loose == [], "use thumbclf.core.table's constants"
+
+
+def test_a_column_literal_is_found_but_a_docstring_is_not(tmp_path):
+    pkg = tmp_path / "thumbclf"
+    pkg.mkdir()
+    (pkg / "m.py").write_text('"""PATH"""\n\ndef f(df):\n    """model_prediction"""\n'
+                              '    return df["model_prediction"], "path"\n')
+    assert column_literals(pkg) == [("thumbclf/m.py", "model_prediction", 5)]

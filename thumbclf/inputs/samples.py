@@ -15,7 +15,8 @@ from thumbclf.core import layout
 from thumbclf.core.decide import UNDECIDED
 from thumbclf.core.errors import DataError
 from thumbclf.core.layout import to_local_path
-from thumbclf.core.table import MPP_INPUT, OWN_COLUMNS, as_written, read_csv
+from thumbclf.core.table import (LABEL, MPP_INPUT, OWN_COLUMNS, PATH, PATIENT, SOURCE, as_written,
+                                read_csv)
 from thumbclf.inputs.dicom import group_folders
 
 log = logging.getLogger(__name__)
@@ -185,7 +186,7 @@ def _samples_from_table(path: Path, need_labels: bool) -> tuple[list[Sample], bo
 def _samples_from_frame(df: pd.DataFrame, path: Path, base: Path,
                         need_labels: bool) -> tuple[list[Sample], bool]:
     path_col, label_col, patient_col, source_col = (
-        _column(df, n) for n in ("PATH", "CLASSIFICATION", "PATIENT", "SOURCE"))
+        _column(df, n) for n in (PATH, LABEL, PATIENT, SOURCE))
     mpp_col = _column(df, MPP_INPUT)
     problems = []  # every problem of the table at once
     if path_col is None:

@@ -26,6 +26,7 @@ from thumbclf.outputs import metrics as M
 from thumbclf.outputs import plots, report
 from thumbclf.outputs.reasons import section as reasons_section
 from thumbclf.outputs import summary as plain
+from thumbclf.core.table import DECISION, ERROR, LABEL, PATH, PATIENT
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +50,8 @@ def _thumb_loader(size: int = 160, slide_size: int = 512, slide_cache: Path | No
 def _gallery_items(df: pd.DataFrame, classes: list[str], errors: bool, k: int = 12) -> list[dict]:
     probs = df[classes].to_numpy(dtype=float)
     top = probs.max(axis=1)
-    dec = df["model_prediction"].astype(str).to_numpy()
-    lab = df["CLASSIFICATION"].astype(str).to_numpy() if "CLASSIFICATION" in df else np.array([""] * len(df))
+    dec = df[DECISION].astype(str).to_numpy()
+    lab = df[LABEL].astype(str).to_numpy() if LABEL in df else np.array([""] * len(df))
     if errors:
         mask = (dec != UNDECIDED) & (dec != lab)
     else:
@@ -60,7 +61,7 @@ def _gallery_items(df: pd.DataFrame, classes: list[str], errors: bool, k: int = 
     why = (df[table.REASON].fillna("").astype(str).to_numpy() if table.REASON in df.columns
            else np.array([""] * len(df)))
     best = np.array(classes)[probs.argmax(axis=1)] if len(df) else np.array([])
-    return [{"path": df["PATH"].iloc[i], "label": lab[i], "decision": dec[i], "prob": float(top[i]),
+    return [{"path": df[PATH].iloc[i], "label": lab[i], "decision": dec[i], "prob": float(top[i]),
              "note": _gallery_note(dec[i], best[i], float(top[i]), why[i])} for i in idx]
 
 
@@ -74,16 +75,16 @@ def _gallery_note(decision: str, best: str, top: float, why: str) -> str:
 
 def _data_summary(df: pd.DataFrame, classes: list[str], split_df: pd.DataFrame | None,
                   failures: int) -> str:
-    counts = df["CLASSIFICATION"].astype(str).value_counts()
+    counts = df[LABEL].astype(str).value_counts()
     rows = pd.DataFrame({"images": [int(counts.get(c, 0)) for c in classes]}, index=classes)
-    if "PATIENT" in df.columns:
-        rows["patients"] = [df.loc[df["CLASSIFICATION"] == c, "PATIENT"].nunique() for c in classes]
+    if PATIENT in df.columns:
+        rows["patients"] = [df.loc[df[LABEL] == c, PATIENT].nunique() for c in classes]
     parts = [report.table(rows)]
-    if split_df is not None and "CLASSIFICATION" in split_df.columns:
+    if split_df is not None and LABEL in split_df.columns:
         piv = split_df.assign(where=lambda d: d["fold"].map(layout.fold_label)
                               + " " + d["role"])
         parts.append("<p>Images per class in each fold (train / validation / test):</p>")
-        counts = pd.crosstab(piv["CLASSIFICATION"], piv["where"])
+        counts = pd.crosstab(piv[LABEL], piv["where"])
         counts.index.name, counts.columns.name = "class", None
         parts.append(report.table(counts))
     if failures:
@@ -162,7 +163,7 @@ def evaluate_table(df: pd.DataFrame, classes: list[str], out: Path, spec: Report
     rows = [r for scope, mm in scopes.items() for r in M.summary_rows(mm, scope)]
     atomic_csv(pd.DataFrame(rows), out / layout.METRICS_CSV)
     sections = _sections(m, scopes, cm, figs, used=used, resamples=resamples,
-                         patients="PATIENT" in df.columns)
+                         patients=PATIENT in df.columns)
     sections += reasons_section(df, out, load)
     sections += list(spec.extra_sections)
     first = plain.section(plain.decisions_lines(df, review=spec.review,
@@ -266,8 +267,8 @@ def decisions_report(folder: Path, table: pd.DataFrame, spec: ReportSpec, *, cla
     """Deploy without labels: the distribution of decisions, as a table, a plot and a report
     (``spec``: its title, settings, picture loader, extra sections, notes, sorted folder)."""
     thumbs = spec.loader()
-    ok = table[table["error"] == ""]
-    counts = ok["model_prediction"].value_counts().reindex(list(classes) + [UNDECIDED], fill_value=0)
+    ok = table[table[ERROR] == ""]
+    counts = ok[DECISION].value_counts().reindex(list(classes) + [UNDECIDED], fill_value=0)
     summary = pd.DataFrame({"decision": counts.index, "images": counts.to_numpy(),
                             "share": counts.to_numpy() / max(len(ok), 1)})
     atomic_csv(summary, folder / layout.DECISIONS)

@@ -26,6 +26,7 @@ from thumbclf.nn.models import head_names
 from thumbclf.nn.freeze import blocks, holds_head
 from thumbclf.outputs import report
 from thumbclf.outputs.plots import image_grid, plt, save_figure
+from thumbclf.core.table import DECISION, ERROR, LABEL, PATH
 
 log = logging.getLogger(__name__)
 
@@ -97,10 +98,10 @@ def overlay(image: np.ndarray, cam: np.ndarray, alpha: float = 0.45) -> np.ndarr
 
 def select(table: pd.DataFrame, classes: list[str], per_class: int) -> pd.DataFrame:
     """The most confident decided images of each class, plus the most uncertain Undecided ones."""
-    ok = table[table["error"].fillna("") == ""] if "error" in table.columns else table
+    ok = table[table[ERROR].fillna("") == ""] if ERROR in table.columns else table
     ok = ok.assign(_conf=ok[classes].max(axis=1))
-    parts = [ok[ok["model_prediction"] == c].nlargest(per_class, "_conf") for c in classes]
-    parts.append(ok[ok["model_prediction"] == UNDECIDED].nsmallest(per_class, "_conf"))
+    parts = [ok[ok[DECISION] == c].nlargest(per_class, "_conf") for c in classes]
+    parts.append(ok[ok[DECISION] == UNDECIDED].nsmallest(per_class, "_conf"))
     return pd.concat(parts)
 
 
@@ -118,12 +119,12 @@ def write_gallery(models: dict, table: pd.DataFrame, classes: list[str], *, prep
     if chosen.empty:
         return None
     panels, written = [], []
-    folders = layout.component_map([*classes, UNDECIDED, *chosen["model_prediction"].astype(str)])
+    folders = layout.component_map([*classes, UNDECIDED, *chosen[DECISION].astype(str)])
     taken: set[str] = set()
     for _, row in chosen.iterrows():
         model = models.get(int(row["fold"]) if "fold" in row else 0) or next(iter(models.values()))
         try:
-            img = load_array(Path(row["PATH"]), prep, slide_cache=slide_cache)
+            img = load_array(Path(row[PATH]), prep, slide_cache=slide_cache)
         except ImageReadError:
             continue
         x = to_input(torch.from_numpy(img[None].copy()), norm, device, channels_last=prep.recipe != "legacy")
@@ -131,18 +132,18 @@ def write_gallery(models: dict, table: pd.DataFrame, classes: list[str], *, prep
         target = int(np.argmax(probs))
         cam = gradcam(model.to(device), arch, x, target)
         blended = overlay(img, cam)
-        decision = str(row["model_prediction"])
-        name = Path(row["PATH"]).stem
+        decision = str(row[DECISION])
+        name = Path(row[PATH]).stem
         png = layout.unique_file(out / "gradcam" / folders[decision], name, ".png",
-                                 str(row["PATH"]), taken)
+                                 str(row[PATH]), taken)
         buf = io.BytesIO()
         plt.imsave(buf, blended, format="png")
         atomic_bytes(buf.getvalue(), png)
-        written.append((str(row["PATH"]), png.relative_to(out).as_posix()))
-        panels.append((blended, row.get("CLASSIFICATION"), decision, classes[target], probs[target], name))
+        written.append((str(row[PATH]), png.relative_to(out).as_posix()))
+        panels.append((blended, row.get(LABEL), decision, classes[target], probs[target], name))
     if not panels:
         return None
-    atomic_csv(pd.DataFrame(written, columns=["PATH", "overlay"]), out / layout.GRADCAM_INDEX)
+    atomic_csv(pd.DataFrame(written, columns=[PATH, "overlay"]), out / layout.GRADCAM_INDEX)
     fig, axes = image_grid(len(panels))
     for ax, (img, label, decision, target, p, name) in zip(axes, panels):
         ax.imshow(img)
