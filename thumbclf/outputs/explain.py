@@ -6,6 +6,7 @@ import html
 import io
 import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -105,17 +106,31 @@ def select(table: pd.DataFrame, classes: list[str], per_class: int) -> pd.DataFr
     return pd.concat(parts)
 
 
-def write_gallery(models: dict, table: pd.DataFrame, classes: list[str], *, prep: Preprocessing,
-                  norm: Normalisation, arch: str, per_class: int, out: Path,
-                  device: torch.device, slide_cache: Path | None = None) -> Path | None:
+@dataclass(frozen=True)
+class GradcamSpec:
+    """How the Grad-CAM overlays are made (issue 32): the models' input (``prep``, ``norm``),
+    their architecture, how many images per class (0: none), the device and the run's slide
+    thumbnail cache."""
+
+    prep: Preprocessing
+    norm: Normalisation
+    arch: str
+    per_class: int
+    device: torch.device
+    slide_cache: Path | None = None
+
+
+def write_gallery(models: dict, table: pd.DataFrame, classes: list[str], spec: GradcamSpec,
+                  out: Path) -> Path | None:
     """Grad-CAM PNGs per selected image (gradcam/<decision>/) and one overview figure.
 
     ``models`` maps a fold number (0: full training or deployment) to its model; a row uses
     its fold's model.
     """
-    if per_class <= 0 or table.empty:
+    prep, norm, device = spec.prep, spec.norm, spec.device
+    if spec.per_class <= 0 or table.empty:
         return None
-    chosen = select(table, classes, per_class)
+    chosen = select(table, classes, spec.per_class)
     if chosen.empty:
         return None
     panels, written = [], []
@@ -124,13 +139,13 @@ def write_gallery(models: dict, table: pd.DataFrame, classes: list[str], *, prep
     for _, row in chosen.iterrows():
         model = models.get(int(row["fold"]) if "fold" in row else 0) or next(iter(models.values()))
         try:
-            img = load_array(Path(row[PATH]), prep, slide_cache=slide_cache)
+            img = load_array(Path(row[PATH]), prep, slide_cache=spec.slide_cache)
         except ImageReadError:
             continue
         x = to_input(torch.from_numpy(img[None].copy()), norm, device, channels_last=prep.recipe != "legacy")
         probs = row[classes].to_numpy(dtype=float)
         target = int(np.argmax(probs))
-        cam = gradcam(model.to(device), arch, x, target)
+        cam = gradcam(model.to(device), spec.arch, x, target)
         blended = overlay(img, cam)
         decision = str(row[DECISION])
         name = Path(row[PATH]).stem
@@ -157,19 +172,16 @@ def write_gallery(models: dict, table: pd.DataFrame, classes: list[str], *, prep
     return save_figure(fig, out / "plots" / "gradcam.png")
 
 
-def section(out: Path, table: pd.DataFrame, models: dict[int, nn.Module], classes: list[str], *,
-            prep: Preprocessing, norm: Normalisation, arch: str, per_class: int,
-            device: torch.device, note: str,
-            slide_cache: Path | None = None) -> list[tuple[str, str]]:
+def section(out: Path, table: pd.DataFrame, models: dict[int, nn.Module], classes: list[str],
+            spec: GradcamSpec, *, note: str) -> list[tuple[str, str]]:
     """Grad-CAM overlays as a report section (none when ``per_class`` is 0).
 
     ``models`` maps a fold to its model (0: full training or deployment); a row of a fold uses
     that fold's model. ``note`` says which model made the overlays.
     """
-    if per_class <= 0:
+    if spec.per_class <= 0:
         return []
-    fig = write_gallery(models, table, classes, prep=prep, norm=norm, arch=arch,
-                        per_class=per_class, out=out, device=device, slide_cache=slide_cache)
+    fig = write_gallery(models, table, classes, spec, out)
     if fig is None:
         return []
     return [("Grad-CAM", report.img(fig, "Grad-CAM") + "<p class=muted>Where the model looked: "

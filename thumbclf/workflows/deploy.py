@@ -320,11 +320,12 @@ def _report(params: DeployParams, folder: Path, table: pd.DataFrame, models: lis
             why: str, engine_note: str, closing: tuple[str, str]) -> None:
     """Grad-CAM, then metrics and the report (labelled) or the decisions' summary."""
     first, classes = models[0], models[0].classes
+    spec = explain.GradcamSpec(first.prep, first.norm, first.arch, params.gradcam, device,
+                               params.slide_cache)
     extra = explain.section(folder, table.drop(columns=["fold"], errors="ignore"),
-                            {0: first.model}, list(classes), prep=first.prep, norm=first.norm,
-                            arch=first.arch, per_class=params.gradcam, device=device,
+                            {0: first.model}, list(classes), spec,
                             note="made with the first model of the ensemble" if len(models) > 1
-                            else "made with the model", slide_cache=params.slide_cache)
+                            else "made with the model")
     extra = [*extra, closing]  # every input accounted for: the report's last section
     notes = [f"Threshold {threshold:.3f} ({why}); "
              f"{len(models)} model{'s averaged' if len(models) > 1 else ''}"
