@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Iterable, Sequence
 import numpy as np
 import pandas as pd
 
+from thumbclf.core.decide import UNDECIDED
 from thumbclf.core.errors import DataError
 
 if TYPE_CHECKING:
@@ -51,6 +52,8 @@ MPP_INPUT = "MPP"  # optional column of an input table: the slide's microns per 
 # --- end of the read record -------------------------------------------------------------------
 OWN_COLUMNS = {PATH, ROW, LABEL, PATIENT, SOURCE, FOLD, DECISION, REASON, *SIGNALS, ERROR,
                THRESHOLD, "confidence", *SLIDE_COLUMNS, *READ_COLUMNS}
+# class names become columns of the table: these cannot be class names
+RESERVED = frozenset(OWN_COLUMNS | {UNDECIDED})
 TEXT_COLUMNS = {PATH: str, LABEL: str, PATIENT: str, SOURCE: str, DECISION: str, REASON: str,
                 ERROR: str}
 SUM_TOLERANCE = 1e-3  # probabilities are written with 6 significant digits
@@ -173,6 +176,12 @@ def build(samples: Sequence["Sample"], probs: np.ndarray, classes: Sequence[str]
             values = [r.get(col) if r is not None else None for r in read_records]
             df[col] = pd.array(values, dtype="Int64") if col in READ_INT_COLUMNS else values
     return df
+
+
+def reserved_names(classes: Iterable[str]) -> list[str]:
+    """The class names that cannot be, because the table has a column of that name (or they
+    name the Undecided decision)."""
+    return sorted(set(classes) & RESERVED)
 
 
 def signal(df: pd.DataFrame, column: str) -> np.ndarray | None:
