@@ -16,16 +16,13 @@ from __future__ import annotations
 import csv
 import io
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Sequence
+from typing import Iterable, Protocol, Sequence
 
 import numpy as np
 import pandas as pd
 
 from thumbclf.core.decide import UNDECIDED
 from thumbclf.core.errors import DataError
-
-if TYPE_CHECKING:
-    from thumbclf.inputs.samples import Sample
 
 PATH, ROW, LABEL, PATIENT, FOLD = "PATH", "row", "CLASSIFICATION", "PATIENT", "fold"
 DECISION, ERROR, THRESHOLD = "model_prediction", "error", "threshold"
@@ -134,7 +131,18 @@ def text(values, index=None) -> pd.Series:
     return pd.Series(list(values), dtype=object, index=index)
 
 
-def build(samples: Sequence["Sample"], probs: np.ndarray, classes: Sequence[str],
+class Input(Protocol):
+    """What the table needs of one input (``inputs.samples.Sample`` is one): its path, table
+    row, label, patient and source. A protocol, so that this leaf imports nothing above it."""
+
+    path: object
+    row: int | None
+    label: str | None
+    patient: str | None
+    source: str | None
+
+
+def build(samples: Sequence[Input], probs: np.ndarray, classes: Sequence[str],
           decisions: Sequence[str], *, threshold: float, labels: bool, patients: bool,
           rows: bool = False, fold: int | None = None, errors: Sequence[str] | None = None,
           reasons: Sequence[str] | None = None, signals: dict[str, np.ndarray] | None = None,
