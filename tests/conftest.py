@@ -60,13 +60,30 @@ def run_cli(workflow: str, argv: list[str], *, cwd: Path | None = None,
             env_extra: dict | None = None) -> subprocess.CompletedProcess:
     """``cli.main(workflow, argv)`` in this process, with its own stdout, stderr, working folder
     and environment, all restored afterwards."""
-    import contextlib
+    from thumbclf import cli
+
+    return _in_process(lambda: cli.main(workflow, argv), [workflow, *argv], cwd, env_extra)
+
+
+def run_command(*args, cwd: Path | None = None,
+                env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    """``thumbclf ARGS`` (``cli.command``) in this process, as ``run_cli`` runs a workflow:
+    the command line's exit code, stdout and stderr without a fresh interpreter (issue 32)."""
+    from thumbclf import cli
+
+    argv = [str(a) for a in args]
+    return _in_process(lambda: cli.command(argv), ["thumbclf", *argv], cwd, env_extra)
+
+
+def _in_process(call, args: list[str], cwd: Path | None,
+                env_extra: dict | None) -> subprocess.CompletedProcess:
+    """Run ``call`` (which returns an exit code) with its own stdout, stderr, working folder,
+    environment, SIGTERM handler and torch threads, all restored afterwards."""
     import io
     import signal
 
     import torch
 
-    from thumbclf import cli
     from thumbclf.core.logs import remove_handlers
 
     out, err = io.StringIO(), io.StringIO()
@@ -77,7 +94,7 @@ def run_cli(workflow: str, argv: list[str], *, cwd: Path | None = None,
         os.chdir(cwd or ROOT)
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
-                code = cli.main(workflow, argv)
+                code = call()
             except SystemExit as exc:  # argparse's usage errors
                 code = exc.code if isinstance(exc.code, int) else 2
     finally:
@@ -87,7 +104,7 @@ def run_cli(workflow: str, argv: list[str], *, cwd: Path | None = None,
         os.environ.update(env)
         signal.signal(signal.SIGTERM, sigterm)
         torch.set_num_threads(threads)
-    return subprocess.CompletedProcess([workflow, *argv], code, out.getvalue(), err.getvalue())
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
 @contextlib.contextmanager
@@ -124,17 +141,74 @@ def train_once(folder: Path, name: str, text: str) -> tuple[Path, Path, subproce
     return folder / name, exp, r
 
 
+ISOLATED_REPORT = "THUMBCLF_ISOLATED_REPORT"  # the one fresh process writes its outcomes here
+
+
+@pytest.hookimpl(trylast=True)  # after -k and -m have deselected
+def pytest_collection_modifyitems(config, items):
+    """Note the tests marked ``isolated``: they share one fresh process (below)."""
+    config._isolated = [i.nodeid for i in items if i.get_closest_marker("isolated")]
+    config._isolated_outcomes = None
+
+
+def pytest_runtest_logreport(report):
+    """In the fresh process: each isolated test's outcome, for the process that started it."""
+    target = os.environ.get(ISOLATED_REPORT)
+    if target and (report.when == "call" or report.outcome != "passed"):
+        import json
+
+        with open(target, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"id": report.nodeid, "outcome": report.outcome,
+                                "text": _text(report.longrepr)}) + "\n")
+
+
+def _text(longrepr) -> str:
+    """A report's reason or traceback as text (a skip's is a (file, line, reason) tuple)."""
+    return str(longrepr[2] if isinstance(longrepr, tuple) else longrepr or "")[-4000:]
+
+
+def _run_isolated(nodeids: list[str]) -> tuple[dict[str, list[dict]], str]:
+    """Run ``nodeids`` in one fresh pytest process; their reports by node id, and its output."""
+    import json
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        target = Path(tmp) / "outcomes.jsonl"
+        target.touch()
+        r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                            *nodeids], cwd=ROOT, capture_output=True, text=True, timeout=900,
+                           env=dict(os.environ, THUMBCLF_ISOLATED="1",
+                                    **{ISOLATED_REPORT: str(target)}))
+        outcomes: dict[str, list[dict]] = {}
+        for line in target.read_text(encoding="utf-8").splitlines():
+            entry = json.loads(line)
+            outcomes.setdefault(entry["id"], []).append(entry)
+    return outcomes, f"{r.stdout[-4000:]}\n{r.stderr[-2000:]}"
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_pyfunc_call(pyfuncitem):
     """Tests marked ``isolated`` run in a fresh Python process, as a user's run would: OpenVINO
-    compiled in a process that has run many torch tests before has crashed it (exit 139)."""
+    compiled in a process that has run many torch tests before has crashed it (exit 139).
+    Issue 32: all of them share one fresh process (one start instead of one each); a test that
+    process did not report on (it crashed first) runs again in a process of its own."""
     if pyfuncitem.get_closest_marker("isolated") is None or os.environ.get("THUMBCLF_ISOLATED"):
         return None
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                        pyfuncitem.nodeid], cwd=ROOT, capture_output=True, text=True,
-                       timeout=900, env=dict(os.environ, THUMBCLF_ISOLATED="1"))
-    if r.returncode != 0:
-        pytest.fail(f"in a fresh process:\n{r.stdout[-4000:]}\n{r.stderr[-2000:]}", pytrace=False)
+    config = pyfuncitem.config
+    if getattr(config, "_isolated_outcomes", None) is None:
+        config._isolated_outcomes = _run_isolated(getattr(config, "_isolated", None)
+                                                  or [pyfuncitem.nodeid])
+    outcomes, output = config._isolated_outcomes
+    if pyfuncitem.nodeid not in outcomes:
+        outcomes, output = _run_isolated([pyfuncitem.nodeid])
+    reports = outcomes.get(pyfuncitem.nodeid, [])
+    failed = [e for e in reports if e["outcome"] == "failed"]
+    if failed or not reports:
+        text = "\n".join(e["text"] for e in failed) or output
+        pytest.fail(f"in a fresh process:\n{text}", pytrace=False)
+    skipped = [e for e in reports if e["outcome"] == "skipped"]
+    if skipped:
+        pytest.skip(f"in a fresh process: {skipped[0]['text'][-300:]}")
     return True
 
 

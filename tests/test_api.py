@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 import thumbclf
-from conftest import ROOT, TINY_CLASSES, write_yaml
+from conftest import ROOT, TINY_CLASSES, run_command, write_yaml
 from thumbclf.api import load_experiment
 
 FAST = {"model_name": "resnet18", "pretrained": False, "batch_size": 8, "max_epochs": 1,
@@ -20,10 +20,9 @@ FAST = {"model_name": "resnet18", "pretrained": False, "batch_size": 8, "max_epo
 
 
 def thumbclf_cli(*args, cwd=ROOT) -> subprocess.CompletedProcess:
-    """``python -m thumbclf ARGS`` in a subprocess, as a user would type ``thumbclf ARGS``."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="2")
-    return subprocess.run([sys.executable, "-m", "thumbclf", *map(str, args)], cwd=cwd,
-                          capture_output=True, text=True, timeout=600, env=env)
+    """``thumbclf ARGS`` as a user would type it: the command-line function in this process
+    (issue 32: no fresh interpreter; tests/test_cli.py runs ``python -m thumbclf`` itself)."""
+    return run_command(*args, cwd=cwd)
 
 
 def error_lines(stderr: str) -> str:

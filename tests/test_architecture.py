@@ -162,3 +162,113 @@ def test_functions_fit_on_a_screen_and_modules_in_one_sitting():
                 long_functions.append(f"{name}:{fn.lineno} {fn.name} ({lines} lines)")
     assert long_functions == [], f"split them: at most {MAX_FUNCTION_LINES} lines"
     assert long_modules == [], f"split them: at most {MAX_MODULE_LINES} lines"
+
+
+MAX_PARAMETERS = 8
+RECIPES = "thumbclf/workflows/"  # the recipes read the params and turn them into specs
+# Functions below the recipes that still take more than 8 parameters, each with why it is
+# allowed for now. Remove an entry when its function takes a spec; a new offender fails.
+PARAMETER_ALLOWANCES = {
+    # issue 29's files (another change gives the engine choice its EngineSpec)
+    "thumbclf/predict/inference.py:choose", "thumbclf/predict/inference.py:_try",
+    "thumbclf/predict/inference.py:_runner", "thumbclf/predict/gate.py:gate",
+    "thumbclf/predict/ray_backend.py:_dataset", "thumbclf/predict/ray_backend.py:_stages",
+    # its one caller is workflows/stream.py (issue 29's file): build takes columns with it
+    "thumbclf/core/table.py:build",
+    # still to do (issue 32): a spec each
+    "thumbclf/nn/engine.py:train_one_epoch", "thumbclf/nn/models.py:save_model",
+    "thumbclf/nn/data.py:training_batches", "thumbclf/inputs/synth.py:generate",
+}
+
+
+def parameter_count(fn: ast.FunctionDef | ast.AsyncFunctionDef) -> int:
+    """A function's parameters, *args and **kwargs included, self and cls not."""
+    a = fn.args
+    names = [p.arg for p in (*a.posonlyargs, *a.args, *a.kwonlyargs)]
+    return (len(names) - (names[:1] in (["self"], ["cls"])) + (a.vararg is not None)
+            + (a.kwarg is not None))
+
+
+def too_many_parameters(package=PACKAGE) -> list[str]:
+    """'path:function (n parameters)' for every function below the recipes over the limit."""
+    found = []
+    for path in sorted(package.rglob("*.py")):
+        name = path.relative_to(package.parent).as_posix()
+        if name.startswith(RECIPES):
+            continue
+        for fn in _functions(ast.parse(path.read_text(encoding="utf-8"))):
+            if parameter_count(fn) > MAX_PARAMETERS:
+                found.append(f"{name}:{fn.name} ({parameter_count(fn)} parameters)")
+    return found
+
+
+def test_functions_below_the_recipes_take_at_most_8_parameters():
+    """Issue 32: below the recipes, a function takes a few arguments or a small frozen spec
+    (ReportSpec, FitSpec), not a dozen loose keywords."""
+    over = [f for f in too_many_parameters() if f.split(" (")[0] not in PARAMETER_ALLOWANCES]
+    assert over == [], f"at most {MAX_PARAMETERS} parameters: pass a frozen spec"
+
+
+def test_the_parameter_count_counts_every_kind_of_parameter(tmp_path):
+    pkg = tmp_path / "thumbclf"
+    (pkg / "workflows").mkdir(parents=True)
+    (pkg / "low.py").write_text("def f(a, b, /, c, *d, e, f, g, h, **i): pass\n"
+                                "class K:\n    def m(self, a, b, c, d, e, f, g, h): pass\n")
+    (pkg / "workflows" / "recipe.py").write_text("def r(a, b, c, d, e, f, g, h, i, j): pass\n")
+    assert too_many_parameters(pkg) == ["thumbclf/low.py:f (9 parameters)"]
+
+
+# Column names written out where core/table.py's constants belong, in files another change
+# owns (issue 29: stream and the Ray executor; issue 30: the read record). Remove an entry
+# when its file uses the constants; a new literal anywhere else fails.
+COLUMN_ALLOWANCES = {
+    ("thumbclf/workflows/stream.py", "PATH"), ("thumbclf/predict/ray_backend.py", "error"),
+    ("thumbclf/inputs/readrecord.py", "slide_width"),
+    ("thumbclf/inputs/readrecord.py", "slide_mpp_x"),
+}
+
+
+def column_names() -> set[str]:
+    """The predictions table's column names that mean nothing else. Left out: 'fold',
+    'position', 'row', 'threshold' and 'confidence', which are also keys of the experiment
+    file, the model file and splits.csv."""
+    from thumbclf.core import table
+
+    return {table.PATH, table.LABEL, table.PATIENT, table.SOURCE, table.DECISION, table.ERROR,
+            table.REASON, *table.SIGNALS, *table.SLIDE_COLUMNS, *table.READ_COLUMNS}
+
+
+def column_literals(package=PACKAGE) -> list[tuple[str, str, int]]:
+    """(file, name, line) of each string literal equal to a column name outside
+    core/table.py; docstrings are prose and do not count."""
+    names, found = column_names(), []
+    for path in sorted(package.rglob("*.py")):
+        name = path.relative_to(package.parent).as_posix()
+        if name == "thumbclf/core/table.py":
+            continue
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                      if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef,
+                                           ast.AsyncFunctionDef))
+                      and node.body and isinstance(node.body[0], ast.Expr)
+                      and isinstance(node.body[0].value, ast.Constant)}
+        found += [(name, node.value, node.lineno) for node in ast.walk(tree)
+                  if isinstance(node, ast.Constant) and isinstance(node.value, str)
+                  and node.value in names and id(node) not in docstrings]
+    return sorted(found)
+
+
+def test_columns_are_named_through_the_tables_constants():
+    """Issue 32: a column's name is written once, in core/table.py; everything else uses its
+    constant (table.LABEL, not "CLASSIFICATION")."""
+    loose = [f"{f}:{line} {name!r}" for f, name, line in column_literals()
+             if (f, name) not in COLUMN_ALLOWANCES]
+    assert loose == [], "use thumbclf.core.table's constants"
+
+
+def test_a_column_literal_is_found_but_a_docstring_is_not(tmp_path):
+    pkg = tmp_path / "thumbclf"
+    pkg.mkdir()
+    (pkg / "m.py").write_text('"""PATH"""\n\ndef f(df):\n    """model_prediction"""\n'
+                              '    return df["model_prediction"], "path"\n')
+    assert column_literals(pkg) == [("thumbclf/m.py", "model_prediction", 5)]

@@ -274,21 +274,23 @@ class Classifier:
     # -- inputs
 
     def _discover(self, path: Path, has_labels: bool | None):
+        from thumbclf.core.table import LABEL
         from thumbclf.inputs.samples import discover, has_column, read_table
 
         if has_labels is None:  # a table: when it has labels; a folder: a flat folder
             has_labels = (_is_table(path) and path.is_file()
-                          and has_column(read_table(path), "CLASSIFICATION"))
+                          and has_column(read_table(path), LABEL))
         return discover(path, need_labels=has_labels), has_labels
 
     def _frame_samples(self, df, has_labels: bool | None):
+        from thumbclf.core.table import LABEL
         from thumbclf.inputs.samples import has_column, samples_from_frame
 
         df = df.copy()
         df.columns = [str(c).strip() for c in df.columns]
         df = df.fillna("").astype(str)
         if has_labels is None:
-            has_labels = has_column(df, "CLASSIFICATION")
+            has_labels = has_column(df, LABEL)
         return samples_from_frame(df, source=Path("<DataFrame>"), base=Path.cwd(),
                                   need_labels=has_labels), has_labels
 

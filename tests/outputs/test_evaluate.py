@@ -90,7 +90,7 @@ def test_a_deploy_report_answers_first_and_keeps_engineering_notes_collapsed(tmp
     technical notes are collapsed (and in run.log), the Undecided gallery gives the best guess
     and no NaN shows."""
     from thumbclf.core import table as T
-    from thumbclf.outputs.evaluate import decisions_report
+    from thumbclf.outputs.evaluate import ReportSpec, decisions_report
 
     p = np.array([[0.95, 0.03, 0.02], [0.1, 0.85, 0.05], [0.4, 0.35, 0.25], [0.9, 0.05, 0.05]])
     df = pd.DataFrame({T.PATH: [str(tmp_path / f"s{i}.png") for i in range(4)]})
@@ -102,10 +102,10 @@ def test_a_deploy_report_answers_first_and_keeps_engineering_notes_collapsed(tmp
     df.loc[3, T.ERROR], df.loc[3, T.DECISION] = "not a slide", ""
     folder = tmp_path / "archive"
     (folder / "plots").mkdir(parents=True)
-    decisions_report(folder, df, classes=CLASSES, failures=1, title="thumbclf — archive",
-                     settings={"threshold": float("nan")}, thumbs=lambda path: None,
-                     notes=["Inference: PyTorch fp32 (bf16 failed its verification)."],
-                     sorted_into=folder / "sorted")
+    decisions_report(folder, df, ReportSpec(
+        title="thumbclf — archive", params={"threshold": float("nan")}, thumbs=lambda path: None,
+        notes=["Inference: PyTorch fp32 (bf16 failed its verification)."],
+        sorted_into=folder / "sorted"), classes=CLASSES, failures=1)
     page = _text((folder / "report.html").read_text())
     assert _headings(page)[:2] == ["Summary", "Data"]
     assert _headings(page)[-2:] == ["Technical notes", "Settings"]

@@ -13,7 +13,7 @@ from thumbclf.core import table
 from thumbclf.core.decide import LOW_CONFIDENCE, NO_TISSUE, UNDECIDED, UNFAMILIAR
 from thumbclf.inputs.samples import discover
 from thumbclf.outputs import reasons
-from thumbclf.outputs.evaluate import evaluate_table
+from thumbclf.outputs.evaluate import ReportSpec, evaluate_table
 
 
 def _table() -> pd.DataFrame:
@@ -49,10 +49,13 @@ def test_figures_per_source():
     assert reasons.by_source(_table().drop(columns=[table.SOURCE])) is None
 
 
+SPEC = ReportSpec(order=["A", "B"], xt=["A", "B"], yt=["A", "B"], resamples=0, seed=1,
+                  thumbs=lambda path: None)
+
+
 def test_the_report_and_metrics_give_each_source(tmp_path):
     df = _table()
-    evaluate_table(df, ["A", "B"], tmp_path, threshold=None, order=["A", "B"], xt=["A", "B"],
-                   yt=["A", "B"], resamples=0, seed=1, thumbs=lambda path: None)
+    evaluate_table(df, ["A", "B"], tmp_path, SPEC, threshold=None)
     scopes = set(pd.read_csv(tmp_path / "metrics.csv")["scope"])
     assert {"all", "source lab 1", "source lab 2"} <= scopes
     page = (tmp_path / "report.html").read_text(encoding="utf-8")
@@ -63,8 +66,7 @@ def test_re_evaluating_at_another_threshold_keeps_no_tissue(tmp_path):
     """A blank slide stays Undecided at any threshold (the tissue_fraction column)."""
     df = _table()
     df.loc[3, table.REASON], df.loc[3, table.DECISION] = NO_TISSUE, UNDECIDED
-    evaluate_table(df, ["A", "B"], tmp_path, threshold=0.5, order=["A", "B"], xt=["A", "B"],
-                   yt=["A", "B"], resamples=0, seed=1, thumbs=lambda path: None)
+    evaluate_table(df, ["A", "B"], tmp_path, SPEC, threshold=0.5)
     page = (tmp_path / "report.html").read_text(encoding="utf-8")
     assert f"{NO_TISSUE}: <b>1</b>" in page
 

@@ -24,7 +24,7 @@ from thumbclf import cli
 from thumbclf.core import layout
 from thumbclf.inputs.corrections import read_table_of
 from thumbclf.inputs.samples import read_table
-from thumbclf.outputs import review as review_page
+from thumbclf.outputs import review_page
 from thumbclf.workflows import review as review_flow
 
 CLASSES = ["Biopsy", "IHC", "TMA"]

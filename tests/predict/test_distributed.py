@@ -118,7 +118,9 @@ INTERRUPTER = textwrap.dedent('''
     def epoch(*args, **kwargs):  # rank 1 dies as its second epoch begins (after checkpoint 1)
         calls.append(1)
         if len(calls) == 2 and os.environ["RANK"] == "1" and os.environ.get("KILL_RANK"):
-            time.sleep(20)  # rank 0 writes the checkpoint meanwhile, then waits for this rank
+            deadline = time.time() + 300  # rank 0 writes the checkpoint (atomically) meanwhile,
+            while not os.path.isfile(os.environ["KILL_RANK"]) and time.time() < deadline:
+                time.sleep(0.05)  # then waits for this rank; polled, not a fixed 20 s sleep
             os._exit(9)
         return real(*args, **kwargs)
 
@@ -142,8 +144,9 @@ def test_a_resumed_ddp_training_gives_the_uninterrupted_model(tiny_data, tmp_pat
     whole = write_yaml(tmp_path / "whole.yaml", text)
     cut = write_yaml(tmp_path / "cut.yaml", text)
     assert torchrun(str(script), str(whole)).returncode == 0
-    assert torchrun(str(script), str(cut), env_extra={"KILL_RANK": "1"}).returncode != 0
-    assert (tmp_path / "cut" / "full" / "checkpoint.pt").is_file()
+    checkpoint = tmp_path / "cut" / "full" / "checkpoint.pt"
+    assert torchrun(str(script), str(cut), env_extra={"KILL_RANK": str(checkpoint)}).returncode != 0
+    assert checkpoint.is_file()
     r = torchrun(str(script), str(cut), "--resume")
     assert r.returncode == 0, r.stdout + r.stderr
     a = torch.load(tmp_path / "whole" / "model.pt", weights_only=True)["state_dict"]

@@ -92,22 +92,19 @@ def test_a_precision_is_used_only_after_it_passed_the_gate(tiny_model, tmp_path,
     assert calls == [1]
 
 
-def _deploy_with_gate(exp, gate: dict):
-    """A deploy in its own process (as a user runs it), with the gate's limits set to ``gate``."""
-    import os
-    import subprocess
-    import sys
+def _deploy_with_gate(exp, gate: dict, monkeypatch):
+    """A deploy through the command line, with the gate's limits set to ``gate`` (the test runs
+    in the isolated tests' fresh process: issue 32, no interpreter of its own per deploy)."""
+    from conftest import run_cli
 
-    from conftest import ROOT
-
-    code = ("import sys; from thumbclf.predict import inference; inference.GATE.update(" + repr(gate) +
-            "); from thumbclf.cli import main; sys.exit(main('deploy', [sys.argv[1], '--quiet']))")
-    return subprocess.run([sys.executable, "-c", code, str(exp)], capture_output=True, text=True,
-                          env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=600)
+    for key, value in gate.items():
+        monkeypatch.setitem(inference.GATE, key, value)
+    return run_cli("deploy", [str(exp), "--quiet"])
 
 
 @pytest.mark.slow
-def test_a_deploy_says_which_engine_computed_and_why(tiny_data, tmp_path):
+@pytest.mark.isolated
+def test_a_deploy_says_which_engine_computed_and_why(tiny_data, tmp_path, monkeypatch):
     pytest.importorskip("openvino", reason="OpenVINO is the optional extra thumbclf[openvino]")
     if not inference.native("bf16", CPU):
         pytest.skip("this CPU has no native bf16 (AVX-512 BF16 or AMX)")
@@ -121,7 +118,7 @@ def test_a_deploy_says_which_engine_computed_and_why(tiny_data, tmp_path):
             f"num_workers: 0\nverify_data: {tiny_data}\n")
     nothing_passes = {"max_changed": 0.0}
     exp = write_yaml(tmp_path / "refused.yaml", text + "engine: openvino\nprecision: bf16\n")
-    r = _deploy_with_gate(exp, nothing_passes)
+    r = _deploy_with_gate(exp, nothing_passes, monkeypatch)
     assert r.returncode == 2, r.stderr
     assert ("precision: bf16: openvino bf16 not verified: 18 images to check it on; even with no "
             "decision changed" in r.stderr)
@@ -129,13 +126,13 @@ def test_a_deploy_says_which_engine_computed_and_why(tiny_data, tmp_path):
     # auto on a deploy smaller than the verification sample: PyTorch fp32, which verifying
     # would compute anyway, and says so (issue 29: no candidate is even tried)
     exp = write_yaml(tmp_path / "auto.yaml", text)
-    r = _deploy_with_gate(exp, nothing_passes)
+    r = _deploy_with_gate(exp, nothing_passes, monkeypatch)
     assert r.returncode == 0, r.stderr
     note = json.loads((tmp_path / "auto" / "timings.json").read_text())["inference"]
     assert note.startswith("PyTorch fp32 (18 images: fewer than the 300") and "nothing extra" in note
     everything_passes = {"max_changed": 1.0, "auroc": 1.0, "accuracy_decided": 1.0}
     exp = write_yaml(tmp_path / "bf16.yaml", text + "engine: openvino\nprecision: bf16\n")
-    r = _deploy_with_gate(exp, everything_passes)
+    r = _deploy_with_gate(exp, everything_passes, monkeypatch)
     assert r.returncode == 0, r.stderr
     note = json.loads((tmp_path / "bf16" / "timings.json").read_text())["inference"]
     assert note.startswith("openvino bf16 (verified: with the band (probability ±")

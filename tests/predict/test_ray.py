@@ -10,15 +10,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import ROOT, run_script, write_yaml
+from conftest import ROOT, TINY_TRAIN, run_script, write_yaml
 from conftest import make_pyramid
 
 ray = pytest.importorskip("ray", reason='Ray is not installed: pip install "thumbclf[ray]" '
                           "(make test installs it)")
 pytestmark = pytest.mark.slow
 
-FAST = ("pretrained: false\nbatch_size: 8\nmax_epochs: 1\nstopEpoch: 0\npatience: 1\n"
-        "bootstrap: 0\nnum_workers: 1\ngradcam: 0\n")
+FAST = TINY_TRAIN.replace("num_workers: 0", "num_workers: 1")  # conftest's, one worker
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +44,12 @@ def deploy(exp, *args):  # a process of its own: a Ray driver inside the test pr
     return run_script("deploy_thumbclassifier.py", str(exp), *args, process=True)
 
 
+def deploy_locally(exp, *args):
+    """The reference run (executor: local) in this process: no Ray driver, no fresh interpreter
+    (issue 32: the suite's time)."""
+    return run_script("deploy_thumbclassifier.py", str(exp), *args, "--set", "executor=local")
+
+
 def same_predictions(a, b):
     """Same rows and order, probabilities within 1e-5, identical decisions and errors."""
     x, y = pd.read_csv(a, keep_default_na=False), pd.read_csv(b, keep_default_na=False)
@@ -59,7 +64,7 @@ def same_predictions(a, b):
 def test_ray_deploy_gives_the_local_predictions(model_dir, archive, tmp_path):
     exp = write_yaml(tmp_path / "d.yaml", f"thumbData: {archive}\nmodelAdr: {model_dir}\n"
                      f"{FAST}sortThumbs: true\n")
-    r = deploy(exp, "--output", str(tmp_path / "local"))
+    r = deploy_locally(exp, "--output", str(tmp_path / "local"))
     assert r.returncode == 0, r.stderr
     r = deploy(exp, "--output", str(tmp_path / "ray"), "--set", "executor=ray", "--quiet")
     assert r.returncode == 0, r.stderr
@@ -90,7 +95,7 @@ def test_an_interrupted_ray_deploy_resumes_without_duplicates_or_gaps(model_dir,
 
     exp = write_yaml(tmp_path / "d.yaml", f"thumbData: {archive}\nmodelAdr: {model_dir}\n"
                      f"{FAST.replace('batch_size: 8', 'batch_size: 1')}executor: ray\n")
-    ref = deploy(exp, "--output", str(tmp_path / "ref"), "--set", "executor=local")
+    ref = deploy_locally(exp, "--output", str(tmp_path / "ref"))
     assert ref.returncode == 0, ref.stderr
     appended = []
     original = deployment.append_whole
@@ -145,7 +150,7 @@ def test_a_ray_deploy_killed_with_sigkill_resumes_at_once(model_dir, tmp_path):
                           classes=("Biopsy", "IHC", "TMA"))
     exp = write_yaml(tmp_path / "d.yaml", f"thumbData: {data}\nmodelAdr: {model_dir}\n"
                      f"{FAST.replace('batch_size: 8', 'batch_size: 1')}executor: ray\n")
-    ref = deploy(exp, "--output", str(tmp_path / "ref"), "--set", "executor=local")
+    ref = deploy_locally(exp, "--output", str(tmp_path / "ref"))
     assert ref.returncode == 0, ref.stderr
     folder = tmp_path / "d"
     partial = folder / "predictions.partial.csv"
@@ -223,8 +228,7 @@ def test_executor_ray_is_validated(tmp_path):
 def test_ray_cross_validation_gives_the_local_predictions(tiny_data, tmp_path):
     exp = write_yaml(tmp_path / "cv.yaml", f"thumbData: {tiny_data}\nfoldNumber: 2\n{FAST}"
                      "cpus_per_fold: 1\n")
-    r = run_script("train_thumbclassifier.py", str(exp), "--output", str(tmp_path / "local"),
-                   process=True)
+    r = run_script("train_thumbclassifier.py", str(exp), "--output", str(tmp_path / "local"))
     assert r.returncode == 0, r.stderr
     r = run_script("train_thumbclassifier.py", str(exp), "--output", str(tmp_path / "ray"),
                    "--set", "executor=ray", process=True)

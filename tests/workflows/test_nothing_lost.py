@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import run_script, write_yaml
+from conftest import TINY_TRAIN, run_script, write_yaml
 from thumbclf.inputs import synth
 from thumbclf.cli import main
 from thumbclf.config import DEPLOY
@@ -24,8 +24,7 @@ from thumbclf.core.layout import LOCK
 from thumbclf.core.files import FILE_MODE, append_whole, atomic_text, repair_tail
 from thumbclf.outputs.sorting import sort_copies
 
-FAST = ("pretrained: false\nbatch_size: 8\nmax_epochs: 1\nstopEpoch: 0\npatience: 1\n"
-        "bootstrap: 0\nnum_workers: 0\ngradcam: 0\n")
+FAST = TINY_TRAIN  # the one fast settings block (conftest)
 
 
 def checksums(folder: Path) -> dict[str, str]:

@@ -11,14 +11,13 @@ import time
 import pandas as pd
 import pytest
 
-from conftest import ROOT, run_script, write_yaml
+from conftest import ROOT, TINY_TRAIN, run_script, write_yaml
 from thumbclf.inputs import synth
 from thumbclf.core.errors import OutputError
 from thumbclf.core.files import atomic_text
 from thumbclf.workflows.run import prepare_output
 
-FAST = ("pretrained: false\nbatch_size: 8\nmax_epochs: 1\nstopEpoch: 0\npatience: 1\n"
-        "bootstrap: 0\nnum_workers: 0\ngradcam: 0\n")
+FAST = TINY_TRAIN  # the one fast settings block (conftest)
 
 
 @pytest.fixture(scope="module")

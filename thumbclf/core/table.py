@@ -17,16 +17,14 @@ import csv
 import io
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Sequence
+from typing import Iterable, Protocol, Sequence
 
 import numpy as np
 import pandas as pd
 
+from thumbclf.core.decide import UNDECIDED
 from thumbclf.core.errors import DataError
 from thumbclf.core.layout import web_url
-
-if TYPE_CHECKING:
-    from thumbclf.inputs.samples import Sample
 
 PATH, ROW, LABEL, PATIENT, FOLD = "PATH", "row", "CLASSIFICATION", "PATIENT", "fold"
 DECISION, ERROR, THRESHOLD = "model_prediction", "error", "threshold"
@@ -53,6 +51,8 @@ MPP_INPUT = "MPP"  # optional column of an input table: the slide's microns per 
 # --- end of the read record -------------------------------------------------------------------
 OWN_COLUMNS = {PATH, ROW, LABEL, PATIENT, SOURCE, FOLD, DECISION, REASON, *SIGNALS, ERROR,
                THRESHOLD, "confidence", *SLIDE_COLUMNS, *READ_COLUMNS}
+# class names become columns of the table: these cannot be class names
+RESERVED = frozenset(OWN_COLUMNS | {UNDECIDED})
 TEXT_COLUMNS = {PATH: str, LABEL: str, PATIENT: str, SOURCE: str, DECISION: str, REASON: str,
                 ERROR: str}
 SUM_TOLERANCE = 1e-3  # probabilities are written with 6 significant digits
@@ -179,7 +179,18 @@ def text(values, index=None) -> pd.Series:
     return pd.Series(list(values), dtype=object, index=index)
 
 
-def build(samples: Sequence["Sample"], probs: np.ndarray, classes: Sequence[str],
+class Input(Protocol):
+    """What the table needs of one input (``inputs.samples.Sample`` is one): its path, table
+    row, label, patient and source. A protocol, so that this leaf imports nothing above it."""
+
+    path: object
+    row: int | None
+    label: str | None
+    patient: str | None
+    source: str | None
+
+
+def build(samples: Sequence[Input], probs: np.ndarray, classes: Sequence[str],
           decisions: Sequence[str], *, threshold: float, labels: bool, patients: bool,
           rows: bool = False, fold: int | None = None, errors: Sequence[str] | None = None,
           reasons: Sequence[str] | None = None, signals: dict[str, np.ndarray] | None = None,
@@ -221,6 +232,12 @@ def build(samples: Sequence["Sample"], probs: np.ndarray, classes: Sequence[str]
             values = [r.get(col) if r is not None else None for r in read_records]
             df[col] = pd.array(values, dtype="Int64") if col in READ_INT_COLUMNS else values
     return df
+
+
+def reserved_names(classes: Iterable[str]) -> list[str]:
+    """The class names that cannot be, because the table has a column of that name (or they
+    name the Undecided decision)."""
+    return sorted(set(classes) & RESERVED)
 
 
 def signal(df: pd.DataFrame, column: str) -> np.ndarray | None:

@@ -17,6 +17,7 @@ from thumbclf.core.decide import UNDECIDED
 from thumbclf.core.errors import DataError
 from thumbclf.core.layout import to_local_path, web_url
 from thumbclf.inputs.samples import Sample, SampleSet, has_column, read_table
+from thumbclf.core.table import LABEL, PATH, PATIENT
 
 log = logging.getLogger(__name__)
 SHOWN = 5  # rows named in one message
@@ -60,16 +61,16 @@ def read_table_of(path: Path) -> list[Correction]:
                         "start at the experiment file's folder)")
     df = read_table(path)
     cols = {c.upper(): c for c in df.columns}
-    missing = [name for name in ("PATH", "CLASSIFICATION") if not has_column(df, name)]
+    missing = [name for name in (PATH, LABEL) if not has_column(df, name)]
     if missing:
         raise DataError(f"{path}: no {' or '.join(missing)} column (columns: "
                         f"{', '.join(df.columns) or 'none'}); a corrections table has PATH and "
                         "CLASSIFICATION, as the review page exports it")
     out, empty = [], []
     for i, rec in enumerate(df.to_dict("records")):
-        text, label = str(rec[cols["PATH"]]).strip(), str(rec[cols["CLASSIFICATION"]]).strip()
+        text, label = str(rec[cols[PATH]]).strip(), str(rec[cols[LABEL]]).strip()
         cell = lambda name: str(rec[cols[name]]).strip() if name in cols else ""  # noqa: E731
-        patient = cell("PATIENT") or None
+        patient = cell(PATIENT) or None
         if not text or not label:
             empty.append(i + 2)
             continue

@@ -12,10 +12,10 @@ from pathlib import Path
 import pandas as pd
 
 from thumbclf.core import layout
-from thumbclf.core.decide import UNDECIDED
 from thumbclf.core.errors import DataError
 from thumbclf.core.layout import to_local_path
-from thumbclf.core.table import MPP_INPUT, OWN_COLUMNS, as_written, read_csv
+from thumbclf.core.table import (LABEL, MPP_INPUT, PATH, PATIENT, SOURCE, as_written, read_csv,
+                                reserved_names)
 from thumbclf.inputs import dicomweb
 from thumbclf.inputs.dicom import group_folders
 
@@ -28,9 +28,6 @@ COMPANION_SUFFIXES = (".opt", ".csv", ".tsv", ".xlsx", ".yaml", ".yml", ".json")
 SLIDE_SUFFIXES = (".svs", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".bif", ".svslide", ".dcm")
 INPUT_SUFFIXES = IMAGE_SUFFIXES + SLIDE_SUFFIXES
 TABLE_SUFFIXES = (".csv", ".tsv", ".xlsx", ".xls")
-
-
-RESERVED_COLUMNS = OWN_COLUMNS | {UNDECIDED}  # class names become columns of the table
 
 
 @dataclass(frozen=True)
@@ -186,7 +183,7 @@ def _samples_from_table(path: Path, need_labels: bool) -> tuple[list[Sample], bo
 def _samples_from_frame(df: pd.DataFrame, path: Path, base: Path,
                         need_labels: bool) -> tuple[list[Sample], bool]:
     path_col, label_col, patient_col, source_col = (
-        _column(df, n) for n in ("PATH", "CLASSIFICATION", "PATIENT", "SOURCE"))
+        _column(df, n) for n in (PATH, LABEL, PATIENT, SOURCE))
     mpp_col = _column(df, MPP_INPUT)
     problems = []  # every problem of the table at once
     if path_col is None:
@@ -436,7 +433,7 @@ def check_class_sizes(sample_set: SampleSet, folds: int) -> None:
 
 def check_class_names(classes: tuple[str, ...], source: Path) -> None:
     """Class names become column names: they must not collide with the table's own columns."""
-    clash = sorted(set(classes) & RESERVED_COLUMNS)
+    clash = reserved_names(classes)  # the rule's home: core/table.py
     if clash:
         raise DataError(f"{source}: class names {', '.join(clash)} are reserved column names of "
                         "the predictions table; rename those classes")

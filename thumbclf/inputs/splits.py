@@ -13,7 +13,7 @@ from sklearn.model_selection import (GroupShuffleSplit, StratifiedGroupKFold, St
 from thumbclf.core import layout
 from thumbclf.core.errors import DataError
 from thumbclf.core.files import atomic_csv
-from thumbclf.core.table import read_csv, text
+from thumbclf.core.table import LABEL, PATH, PATIENT, read_csv, text
 
 
 def _val_split(y: np.ndarray, groups: np.ndarray | None, fraction: float,
@@ -82,10 +82,10 @@ def save(splits: pd.DataFrame, paths: list[str], labels: list[str], patients: li
          path: Path) -> None:
     """Write splits.csv with the image path and label on every row."""
     out = splits.copy()
-    out.insert(1, "PATH", text([paths[i] for i in out["position"]], out.index))
-    out.insert(2, "CLASSIFICATION", text([labels[i] for i in out["position"]], out.index))
+    out.insert(1, PATH, text([paths[i] for i in out["position"]], out.index))
+    out.insert(2, LABEL, text([labels[i] for i in out["position"]], out.index))
     if patients is not None:
-        out.insert(3, "PATIENT", text([patients[i] for i in out["position"]], out.index))
+        out.insert(3, PATIENT, text([patients[i] for i in out["position"]], out.index))
     atomic_csv(out, path)
 
 
@@ -98,7 +98,7 @@ def validation_of_model(model_file: Path) -> list[tuple[Path, str]]:
     try:
         df = read_csv(split_file, numeric=["position", "fold"])
         rows = df[(df["fold"] == (fold or 0)) & (df["role"] == "val")]
-        return [(Path(p), lab) for p, lab in zip(rows["PATH"], rows["CLASSIFICATION"])]
+        return [(Path(p), lab) for p, lab in zip(rows[PATH], rows[LABEL])]
     except (OSError, ValueError, KeyError, pd.errors.ParserError):
         return []
 
@@ -108,15 +108,15 @@ def load(path: Path, paths: list[str], labels: list[str] | None = None) -> pd.Da
     corrections table, issue 33) changed since: the finished folds learnt the old ones."""
     df = read_csv(path, numeric=["position", "fold"])
     if len(df) == 0 or df["position"].max() >= len(paths) or any(
-            paths[p] != q for p, q in zip(df["position"], df["PATH"])):
+            paths[p] != q for p, q in zip(df["position"], df[PATH])):
         raise DataError(f"{path}: the images differ from those of the interrupted run; "
                         "start a new run (without --resume) or restore the input")
-    if labels is not None and "CLASSIFICATION" in df:
-        changed = sorted({int(p) for p, old in zip(df["position"], df["CLASSIFICATION"])
+    if labels is not None and LABEL in df:
+        changed = sorted({int(p) for p, old in zip(df["position"], df[LABEL])
                           if str(labels[p]) != str(old)})
         if changed:
             first = changed[0]
-            old = df.loc[df["position"] == first, "CLASSIFICATION"].iloc[0]
+            old = df.loc[df["position"] == first, LABEL].iloc[0]
             raise DataError(f"{path}: the labels of {len(changed)} images differ from those of "
                             f"the interrupted run (e.g. {paths[first]}: {old!r} then, "
                             f"{labels[first]!r} now; a changed table or corrections); its "

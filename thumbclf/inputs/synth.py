@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
+from thumbclf.core.table import LABEL, PATH, PATIENT
 
 CLASSES = ("Biopsy", "Fat", "IHC", "LymphNode", "Resection", "TMA")
 PINK, PURPLE, DARK = (232, 160, 200), (160, 90, 170), (105, 50, 125)
@@ -137,7 +138,7 @@ def generate(out: Path, *, per_class: int = 10, seed: int = 1, min_side: int = 3
     table = out / "labels.csv"
     with open(table, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
-        writer.writerow(["PATH", "CLASSIFICATION"] + (["PATIENT"] if patients else []))
+        writer.writerow([PATH, LABEL] + ([PATIENT] if patients else []))
         for r in rows:
             writer.writerow(r if patients else r[:2])
     return table

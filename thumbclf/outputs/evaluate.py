@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -25,6 +26,7 @@ from thumbclf.outputs import metrics as M
 from thumbclf.outputs import plots, report
 from thumbclf.outputs.reasons import section as reasons_section
 from thumbclf.outputs import summary as plain
+from thumbclf.core.table import DECISION, ERROR, LABEL, PATH, PATIENT
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +50,8 @@ def _thumb_loader(size: int = 160, slide_size: int = 512, slide_cache: Path | No
 def _gallery_items(df: pd.DataFrame, classes: list[str], errors: bool, k: int = 12) -> list[dict]:
     probs = df[classes].to_numpy(dtype=float)
     top = probs.max(axis=1)
-    dec = df["model_prediction"].astype(str).to_numpy()
-    lab = df["CLASSIFICATION"].astype(str).to_numpy() if "CLASSIFICATION" in df else np.array([""] * len(df))
+    dec = df[DECISION].astype(str).to_numpy()
+    lab = df[LABEL].astype(str).to_numpy() if LABEL in df else np.array([""] * len(df))
     if errors:
         mask = (dec != UNDECIDED) & (dec != lab)
     else:
@@ -59,7 +61,7 @@ def _gallery_items(df: pd.DataFrame, classes: list[str], errors: bool, k: int = 
     why = (df[table.REASON].fillna("").astype(str).to_numpy() if table.REASON in df.columns
            else np.array([""] * len(df)))
     best = np.array(classes)[probs.argmax(axis=1)] if len(df) else np.array([])
-    return [{"path": df["PATH"].iloc[i], "label": lab[i], "decision": dec[i], "prob": float(top[i]),
+    return [{"path": df[PATH].iloc[i], "label": lab[i], "decision": dec[i], "prob": float(top[i]),
              "note": _gallery_note(dec[i], best[i], float(top[i]), why[i])} for i in idx]
 
 
@@ -73,16 +75,16 @@ def _gallery_note(decision: str, best: str, top: float, why: str) -> str:
 
 def _data_summary(df: pd.DataFrame, classes: list[str], split_df: pd.DataFrame | None,
                   failures: int) -> str:
-    counts = df["CLASSIFICATION"].astype(str).value_counts()
+    counts = df[LABEL].astype(str).value_counts()
     rows = pd.DataFrame({"images": [int(counts.get(c, 0)) for c in classes]}, index=classes)
-    if "PATIENT" in df.columns:
-        rows["patients"] = [df.loc[df["CLASSIFICATION"] == c, "PATIENT"].nunique() for c in classes]
+    if PATIENT in df.columns:
+        rows["patients"] = [df.loc[df[LABEL] == c, PATIENT].nunique() for c in classes]
     parts = [report.table(rows)]
-    if split_df is not None and "CLASSIFICATION" in split_df.columns:
+    if split_df is not None and LABEL in split_df.columns:
         piv = split_df.assign(where=lambda d: d["fold"].map(layout.fold_label)
                               + " " + d["role"])
         parts.append("<p>Images per class in each fold (train / validation / test):</p>")
-        counts = pd.crosstab(piv["CLASSIFICATION"], piv["where"])
+        counts = pd.crosstab(piv[LABEL], piv["where"])
         counts.index.name, counts.columns.name = "class", None
         parts.append(report.table(counts))
     if failures:
@@ -91,16 +93,42 @@ def _data_summary(df: pd.DataFrame, classes: list[str], split_df: pd.DataFrame |
     return "".join(parts)
 
 
-def evaluate_table(df: pd.DataFrame, classes: list[str], out: Path, *, threshold: float | None,
-                   order: list[str], xt: list[str], yt: list[str], resamples: int, seed: int,
-                   histories: dict[str, pd.DataFrame] | None = None, title: str = "thumbclf",
-                   kind: str = "evaluation", params: dict[str, Any] | None = None,
-                   split_df: pd.DataFrame | None = None, failures: int = 0,
-                   extra_sections: list[tuple[str, str]] = (), notes: list[str] = (),
-                   thumbs=None, review: Path | None = None,
-                   sorted_into: Path | None = None) -> dict[str, Any]:
-    """Write metrics, confusion matrices, plots and the report for one labelled table;
-    ``review``: the results folder the summary's review command names."""
+@dataclass(frozen=True)
+class ReportSpec:
+    """How one run's report is written (issue 32: one spec instead of a dozen keywords).
+
+    ``order``, ``xt`` and ``yt``: the confusion matrix's rows and tick labels (``cm_layout``);
+    ``resamples`` and ``seed``: the bootstrap; ``title``, ``kind`` and ``params``: the page's
+    heading and its settings table; ``extra_sections`` and ``notes``: added to the page;
+    ``thumbs``: the gallery's picture loader (None: a plain one); ``review`` and
+    ``sorted_into``: the results folder and sorted folder the summary names."""
+
+    order: Sequence[str] = ()
+    xt: Sequence[str] = ()
+    yt: Sequence[str] = ()
+    resamples: int = 0
+    seed: int = 1
+    title: str = "thumbclf"
+    kind: str = "evaluation"
+    params: dict[str, Any] = field(default_factory=dict)
+    extra_sections: Sequence[tuple[str, str]] = ()
+    notes: Sequence[str] = ()
+    thumbs: Callable | None = None
+    review: Path | None = None
+    sorted_into: Path | None = None
+
+    def loader(self) -> Callable:
+        """The gallery's picture loader."""
+        return self.thumbs or _thumb_loader()
+
+
+def evaluate_table(df: pd.DataFrame, classes: list[str], out: Path, spec: ReportSpec, *,
+                   threshold: float | None, histories: dict[str, pd.DataFrame] | None = None,
+                   split_df: pd.DataFrame | None = None, failures: int = 0) -> dict[str, Any]:
+    """Write metrics, confusion matrices, plots and the report for one labelled table, as
+    ``spec`` says; ``threshold``: decide again at this threshold (None: the table's decisions);
+    ``split_df``: the splits with their labels; ``failures``: the unreadable rows."""
+    resamples, seed = spec.resamples, spec.seed
     if threshold is not None:  # the tissue and unfamiliar rules still hold (their columns)
         decisions, reasons = decide_with_reasons(df[classes].to_numpy(float), classes, threshold,
                                                  table.signal(df, table.UNFAMILIARITY),
@@ -116,7 +144,7 @@ def evaluate_table(df: pd.DataFrame, classes: list[str], out: Path, *, threshold
     m = M.compute(df, classes, resamples=resamples, seed=seed)
     m.threshold = used
     caveats = list(m.notes)  # about the data: shown in the summary
-    m.notes = list(notes) + m.notes
+    m.notes = list(spec.notes) + m.notes
     scopes = {"all": m}
     if "fold" in df.columns and df["fold"].nunique() > 1:
         for f, part in df.groupby("fold"):
@@ -124,26 +152,27 @@ def evaluate_table(df: pd.DataFrame, classes: list[str], out: Path, *, threshold
     if table.SOURCE in df.columns and df[table.SOURCE].nunique() > 1:  # slides of one site
         for src, part in df.groupby(table.SOURCE, sort=True):  # tend to fail together
             scopes[f"source {src or '(none)'}"] = M.compute(part, classes, resamples=0, seed=seed)
-    cm = M.confusion(df, order)
+    cm = M.confusion(df, list(spec.order))
     atomic_csv(cm.reset_index(), out / layout.CONFUSION)
     atomic_csv(M.row_normalised(cm).reset_index(), out / layout.CONFUSION_NORMALISED)
-    load = thumbs or _thumb_loader()
-    figs = _figures(df, classes, m, cm, out / layout.PLOTS, used=used, xt=xt,
-                    yt=yt + list(cm.index[len(order):]), histories=histories, load=load)
+    load = spec.loader()
+    figs = _figures(df, classes, (m, cm), out / layout.PLOTS, spec, used=used,
+                    histories=histories, load=load)
     atomic_text(json.dumps(_jsonable({k: v.as_dict() for k, v in scopes.items()}), indent=1),
                 out / layout.METRICS_JSON)
     rows = [r for scope, mm in scopes.items() for r in M.summary_rows(mm, scope)]
     atomic_csv(pd.DataFrame(rows), out / layout.METRICS_CSV)
     sections = _sections(m, scopes, cm, figs, used=used, resamples=resamples,
-                         patients="PATIENT" in df.columns)
+                         patients=PATIENT in df.columns)
     sections += reasons_section(df, out, load)
-    sections += list(extra_sections)
-    first = plain.section(plain.decisions_lines(df, review=review, sorted_into=sorted_into,
+    sections += list(spec.extra_sections)
+    first = plain.section(plain.decisions_lines(df, review=spec.review,
+                                                sorted_into=spec.sorted_into,
                                                 failures=failures) + plain.quality_lines(m),
                           caveats)
-    report.write(out / layout.REPORT, title=title, kind=kind, params=params or {},
+    report.write(out / layout.REPORT, title=spec.title, kind=spec.kind, params=spec.params,
                  data_summary=_data_summary(df, classes, split_df, failures),
-                 sections=sections, notes=list(notes), summary=first)
+                 sections=sections, notes=list(spec.notes), summary=first)
     log.info("macro AUROC %s (ovo) / %s (ovr); coverage %s; accuracy among decided %s; report %s",
              report.fmt(m.macro_auroc_ovo), report.fmt(m.macro_auroc_ovr),
              report.fmt(m.coverage, True), report.fmt(m.accuracy_decided, True),
@@ -151,9 +180,12 @@ def evaluate_table(df: pd.DataFrame, classes: list[str], out: Path, *, threshold
     return m
 
 
-def _figures(df: pd.DataFrame, classes: list[str], m: M.Metrics, cm: pd.DataFrame, pdir: Path, *,
-             used: float | None, xt: list[str], yt: list[str], histories, load) -> dict:
-    """The report's figures, as files under plots/."""
+def _figures(df: pd.DataFrame, classes: list[str], computed: tuple[M.Metrics, pd.DataFrame],
+             pdir: Path, spec: ReportSpec, *, used: float | None, histories, load) -> dict:
+    """The report's figures, as files under plots/; ``computed``: the metrics and the
+    confusion matrix (whose rows past ``spec.order`` are labels without a class)."""
+    m, cm = computed
+    xt, yt = list(spec.xt), list(spec.yt) + list(cm.index[len(spec.order):])
     figs = {
         "confusion": plots.confusion_heatmap(cm, xt, yt, pdir / "confusion_matrix.png",
                                              f"Confusion matrix (threshold {used:.2f})"
@@ -230,12 +262,13 @@ def _sections(m: M.Metrics, scopes: dict[str, M.Metrics], cm: pd.DataFrame, figs
     return sections
 
 
-def decisions_report(folder: Path, table: pd.DataFrame, *, classes, failures: int, title: str,
-                     settings: dict[str, Any], thumbs, extra_sections=(), notes=(),
-                     sorted_into: Path | None = None) -> None:
-    """Deploy without labels: the distribution of decisions, as a table, a plot and a report."""
-    ok = table[table["error"] == ""]
-    counts = ok["model_prediction"].value_counts().reindex(list(classes) + [UNDECIDED], fill_value=0)
+def decisions_report(folder: Path, table: pd.DataFrame, spec: ReportSpec, *, classes,
+                     failures: int) -> None:
+    """Deploy without labels: the distribution of decisions, as a table, a plot and a report
+    (``spec``: its title, settings, picture loader, extra sections, notes, sorted folder)."""
+    thumbs = spec.loader()
+    ok = table[table[ERROR] == ""]
+    counts = ok[DECISION].value_counts().reindex(list(classes) + [UNDECIDED], fill_value=0)
     summary = pd.DataFrame({"decision": counts.index, "images": counts.to_numpy(),
                             "share": counts.to_numpy() / max(len(ok), 1)})
     atomic_csv(summary, folder / layout.DECISIONS)
@@ -251,11 +284,12 @@ def decisions_report(folder: Path, table: pd.DataFrame, *, classes, failures: in
     sections = [("Decisions", report.table(summary, index=False) + report.img(fig, "decisions")),
                 ("Undecided", report.img(gallery, "undecided") or "<p>No Undecided slides.</p>")]
     sections += reasons_section(ok, folder, thumbs)
-    first = plain.section(plain.decisions_lines(table, review=folder, sorted_into=sorted_into))
-    report.write(folder / layout.REPORT, title=title,
-                 kind="Deployment without labels", params=settings,
-                 data_summary=data, sections=sections + list(extra_sections), notes=list(notes),
-                 summary=first)
+    first = plain.section(plain.decisions_lines(table, review=folder,
+                                                sorted_into=spec.sorted_into))
+    report.write(folder / layout.REPORT, title=spec.title,
+                 kind="Deployment without labels", params=spec.params,
+                 data_summary=data, sections=sections + list(spec.extra_sections),
+                 notes=list(spec.notes), summary=first)
 
 
 def _jsonable(o):

@@ -6,6 +6,7 @@ import html
 import io
 import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -26,6 +27,7 @@ from thumbclf.nn.models import head_names
 from thumbclf.nn.freeze import blocks, holds_head
 from thumbclf.outputs import report
 from thumbclf.outputs.plots import image_grid, plt, save_figure
+from thumbclf.core.table import DECISION, ERROR, LABEL, PATH
 
 log = logging.getLogger(__name__)
 
@@ -97,52 +99,66 @@ def overlay(image: np.ndarray, cam: np.ndarray, alpha: float = 0.45) -> np.ndarr
 
 def select(table: pd.DataFrame, classes: list[str], per_class: int) -> pd.DataFrame:
     """The most confident decided images of each class, plus the most uncertain Undecided ones."""
-    ok = table[table["error"].fillna("") == ""] if "error" in table.columns else table
+    ok = table[table[ERROR].fillna("") == ""] if ERROR in table.columns else table
     ok = ok.assign(_conf=ok[classes].max(axis=1))
-    parts = [ok[ok["model_prediction"] == c].nlargest(per_class, "_conf") for c in classes]
-    parts.append(ok[ok["model_prediction"] == UNDECIDED].nsmallest(per_class, "_conf"))
+    parts = [ok[ok[DECISION] == c].nlargest(per_class, "_conf") for c in classes]
+    parts.append(ok[ok[DECISION] == UNDECIDED].nsmallest(per_class, "_conf"))
     return pd.concat(parts)
 
 
-def write_gallery(models: dict, table: pd.DataFrame, classes: list[str], *, prep: Preprocessing,
-                  norm: Normalisation, arch: str, per_class: int, out: Path,
-                  device: torch.device, slide_cache: Path | None = None) -> Path | None:
+@dataclass(frozen=True)
+class GradcamSpec:
+    """How the Grad-CAM overlays are made (issue 32): the models' input (``prep``, ``norm``),
+    their architecture, how many images per class (0: none), the device and the run's slide
+    thumbnail cache."""
+
+    prep: Preprocessing
+    norm: Normalisation
+    arch: str
+    per_class: int
+    device: torch.device
+    slide_cache: Path | None = None
+
+
+def write_gallery(models: dict, table: pd.DataFrame, classes: list[str], spec: GradcamSpec,
+                  out: Path) -> Path | None:
     """Grad-CAM PNGs per selected image (gradcam/<decision>/) and one overview figure.
 
     ``models`` maps a fold number (0: full training or deployment) to its model; a row uses
     its fold's model.
     """
-    if per_class <= 0 or table.empty:
+    prep, norm, device = spec.prep, spec.norm, spec.device
+    if spec.per_class <= 0 or table.empty:
         return None
-    chosen = select(table, classes, per_class)
+    chosen = select(table, classes, spec.per_class)
     if chosen.empty:
         return None
     panels, written = [], []
-    folders = layout.component_map([*classes, UNDECIDED, *chosen["model_prediction"].astype(str)])
+    folders = layout.component_map([*classes, UNDECIDED, *chosen[DECISION].astype(str)])
     taken: set[str] = set()
     for _, row in chosen.iterrows():
         model = models.get(int(row["fold"]) if "fold" in row else 0) or next(iter(models.values()))
         try:
-            img = load_array(Path(row["PATH"]), prep, slide_cache=slide_cache)
+            img = load_array(Path(row[PATH]), prep, slide_cache=spec.slide_cache)
         except ImageReadError:
             continue
         x = to_input(torch.from_numpy(img[None].copy()), norm, device, channels_last=prep.recipe != "legacy")
         probs = row[classes].to_numpy(dtype=float)
         target = int(np.argmax(probs))
-        cam = gradcam(model.to(device), arch, x, target)
+        cam = gradcam(model.to(device), spec.arch, x, target)
         blended = overlay(img, cam)
-        decision = str(row["model_prediction"])
-        name = Path(row["PATH"]).stem
+        decision = str(row[DECISION])
+        name = Path(row[PATH]).stem
         png = layout.unique_file(out / "gradcam" / folders[decision], name, ".png",
-                                 str(row["PATH"]), taken)
+                                 str(row[PATH]), taken)
         buf = io.BytesIO()
         plt.imsave(buf, blended, format="png")
         atomic_bytes(buf.getvalue(), png)
-        written.append((str(row["PATH"]), png.relative_to(out).as_posix()))
-        panels.append((blended, row.get("CLASSIFICATION"), decision, classes[target], probs[target], name))
+        written.append((str(row[PATH]), png.relative_to(out).as_posix()))
+        panels.append((blended, row.get(LABEL), decision, classes[target], probs[target], name))
     if not panels:
         return None
-    atomic_csv(pd.DataFrame(written, columns=["PATH", "overlay"]), out / layout.GRADCAM_INDEX)
+    atomic_csv(pd.DataFrame(written, columns=[PATH, "overlay"]), out / layout.GRADCAM_INDEX)
     fig, axes = image_grid(len(panels))
     for ax, (img, label, decision, target, p, name) in zip(axes, panels):
         ax.imshow(img)
@@ -156,19 +172,16 @@ def write_gallery(models: dict, table: pd.DataFrame, classes: list[str], *, prep
     return save_figure(fig, out / "plots" / "gradcam.png")
 
 
-def section(out: Path, table: pd.DataFrame, models: dict[int, nn.Module], classes: list[str], *,
-            prep: Preprocessing, norm: Normalisation, arch: str, per_class: int,
-            device: torch.device, note: str,
-            slide_cache: Path | None = None) -> list[tuple[str, str]]:
+def section(out: Path, table: pd.DataFrame, models: dict[int, nn.Module], classes: list[str],
+            spec: GradcamSpec, *, note: str) -> list[tuple[str, str]]:
     """Grad-CAM overlays as a report section (none when ``per_class`` is 0).
 
     ``models`` maps a fold to its model (0: full training or deployment); a row of a fold uses
     that fold's model. ``note`` says which model made the overlays.
     """
-    if per_class <= 0:
+    if spec.per_class <= 0:
         return []
-    fig = write_gallery(models, table, classes, prep=prep, norm=norm, arch=arch,
-                        per_class=per_class, out=out, device=device, slide_cache=slide_cache)
+    fig = write_gallery(models, table, classes, spec, out)
     if fig is None:
         return []
     return [("Grad-CAM", report.img(fig, "Grad-CAM") + "<p class=muted>Where the model looked: "

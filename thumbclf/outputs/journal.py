@@ -20,9 +20,10 @@ from thumbclf.core import layout
 from thumbclf.core import table as table_io
 from thumbclf.core.errors import OutputError
 from thumbclf.core.files import NOFOLLOW, append_whole
+from thumbclf.core.table import LABEL, PATH
 
 FIELDS = ("path", "classification", "reviewer", "at", "seq")
-COLUMNS = ["PATH", "CLASSIFICATION", "REVIEWER", "REVIEWED_AT", "MODEL_PREDICTION"]
+COLUMNS = [PATH, LABEL, "REVIEWER", "REVIEWED_AT", "MODEL_PREDICTION"]
 MAX_SEQ = 2 ** 53  # what a browser's numbers hold exactly
 _APPENDS = threading.Lock()
 

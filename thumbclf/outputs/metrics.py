@@ -22,6 +22,7 @@ from sklearn.metrics import (average_precision_score, balanced_accuracy_score, f
                              roc_auc_score)
 
 from thumbclf.core.decide import UNDECIDED, suggest_threshold
+from thumbclf.core.table import DECISION, LABEL, PATIENT
 
 ECE_BINS = 15
 CHUNK = 100  # resamples evaluated together
@@ -200,10 +201,10 @@ def compute(df: pd.DataFrame, classes: list[str] | tuple[str, ...], *,
     """All metrics of a labelled predictions table (rows with errors must be removed)."""
     classes = list(classes)
     probs = df[classes].to_numpy(dtype=float)
-    labels = df["CLASSIFICATION"].astype(str).to_numpy()
+    labels = df[LABEL].astype(str).to_numpy()
     known = np.isin(labels, classes)
     y = np.array([classes.index(v) if v in classes else -1 for v in labels])
-    decisions = df["model_prediction"].astype(str).to_numpy()
+    decisions = df[DECISION].astype(str).to_numpy()
     n = len(df)
     decided = decisions != UNDECIDED
     conf = probs.max(axis=1) if n else np.zeros(0)
@@ -211,7 +212,7 @@ def compute(df: pd.DataFrame, classes: list[str] | tuple[str, ...], *,
     dec_correct = decisions == labels
     notes = _data_notes(classes, labels, known, y)
     present = [i for i in range(len(classes)) if (y == i).any()]
-    groups = df["PATIENT"].astype(str).to_numpy() if "PATIENT" in df.columns else None
+    groups = df[PATIENT].astype(str).to_numpy() if PATIENT in df.columns else None
     W = bootstrap_weights(n, groups, resamples, seed) if resamples and n else np.zeros((0, n))
     macro = _macro_aurocs(y, probs, present, W)
     if len(present) < len(classes) and len(present) >= 2:
@@ -299,9 +300,9 @@ def _macro_aurocs(y: np.ndarray, probs: np.ndarray, present: list[int],
 
 def confusion(df: pd.DataFrame, order: list[str]) -> pd.DataFrame:
     """Counts: rows = true classes (``order``, then unknown labels), columns = decisions + Undecided."""
-    labels = df["CLASSIFICATION"].astype(str)
+    labels = df[LABEL].astype(str)
     rows = list(order) + sorted(set(labels) - set(order))
-    cm = pd.crosstab(labels, df["model_prediction"].astype(str)).reindex(
+    cm = pd.crosstab(labels, df[DECISION].astype(str)).reindex(
         index=rows, columns=list(order) + [UNDECIDED], fill_value=0).astype(int)
     cm.index.name, cm.columns.name = "true \\ decision", None
     return cm

@@ -18,6 +18,7 @@ from thumbclf.core.decide import UNDECIDED  # noqa: E402
 from thumbclf.core.errors import clean  # noqa: E402
 from thumbclf.core.files import atomic_bytes  # noqa: E402
 from thumbclf.outputs.metrics import Metrics  # noqa: E402
+from thumbclf.core.table import LABEL
 
 DPI = 110
 
@@ -34,7 +35,7 @@ def save_figure(fig, path: Path) -> Path:
 def roc_curves(df: pd.DataFrame, classes: list[str], metrics: Metrics, path: Path) -> Path:
     """One-vs-rest ROC curve per class on the full data, AUROC in the legend."""
     fig, ax = plt.subplots(figsize=(6.2, 6))
-    y = df["CLASSIFICATION"].astype(str).to_numpy()
+    y = df[LABEL].astype(str).to_numpy()
     aucs = {r["class"]: r for r in metrics.per_class}
     for c in classes:
         pos = y == c

@@ -38,6 +38,7 @@ from thumbclf.workflows.stream import (
 )
 from thumbclf.workflows import shards
 from thumbclf.workflows.run import write_config
+from thumbclf.core.table import DECISION, ERROR, PATH
 
 log = logging.getLogger(__name__)
 
@@ -231,7 +232,7 @@ def run(params: DeployParams, *, resume: bool = False, quiet: bool = False,
     table = judge_sources(table, done, params.unfamiliar_share)
     failed = _say_decisions(table)
     _copies(params, folder, table, is_slide, models[0].prep.slide_size)
-    slow = tally.slowest([Path(p) for p, s in zip(table["PATH"], is_slide) if s],
+    slow = tally.slowest([Path(p) for p, s in zip(table[PATH], is_slide) if s],
                          models[0].prep.slide_size, params.slide_cache)
     _report(params, folder, table, models, sample_set, failed=failed, device=device,
             threshold=threshold, why=why, engine_note=engine_note,
@@ -243,8 +244,8 @@ def run(params: DeployParams, *, resume: bool = False, quiet: bool = False,
 
 def _say_decisions(table: pd.DataFrame) -> int:
     """Log the decisions' counts; the number of unreadable inputs."""
-    failed = int((table["error"] != "").sum())
-    counts = table.loc[table["error"] == "", "model_prediction"].value_counts()
+    failed = int((table[ERROR] != "").sum())
+    counts = table.loc[table[ERROR] == "", DECISION].value_counts()
     log.info("decisions: %s%s", ", ".join(f"{k} {v}" for k, v in counts.items()),
              f"; {failed} unreadable (see the error column)" if failed else "")
     return failed
@@ -291,7 +292,7 @@ def review_hint(table: pd.DataFrame, folder: Path, other_files: int = 0) -> None
     if other_files:
         log.info("also left out: %d file%s in thumbData that are not images or slides",
                  other_files, "s" * (other_files != 1))
-    undecided = int((table.loc[table["error"] == "", "model_prediction"] == UNDECIDED).sum())
+    undecided = int((table.loc[table[ERROR] == "", DECISION] == UNDECIDED).sum())
     if undecided:
         log.info("%d Undecided: work through them with: thumbclf review %s", undecided, folder)
 
@@ -301,7 +302,7 @@ def _copies(params: DeployParams, folder: Path, table: pd.DataFrame, is_slide: l
     """Slide thumbnails (export_thumbnails) and sorted copies by decision (sortThumbs)."""
     slide_cache = params.slide_cache
     readable = [(Path(p), d, slide) for p, d, err, slide in
-                zip(table["PATH"], table["model_prediction"], table["error"], is_slide) if not err]
+                zip(table[PATH], table[DECISION], table[ERROR], is_slide) if not err]
     if params.export_thumbnails and any(slide for _, _, slide in readable):
         n = export_thumbnails(readable, folder, slide_size, slide_cache)
         log.info("slide thumbnails: %d in %s", n, folder / layout.THUMBNAILS)
@@ -320,11 +321,12 @@ def _report(params: DeployParams, folder: Path, table: pd.DataFrame, models: lis
             why: str, engine_note: str, closing: tuple[str, str]) -> None:
     """Grad-CAM, then metrics and the report (labelled) or the decisions' summary."""
     first, classes = models[0], models[0].classes
+    spec = explain.GradcamSpec(first.prep, first.norm, first.arch, params.gradcam, device,
+                               params.slide_cache)
     extra = explain.section(folder, table.drop(columns=["fold"], errors="ignore"),
-                            {0: first.model}, list(classes), prep=first.prep, norm=first.norm,
-                            arch=first.arch, per_class=params.gradcam, device=device,
+                            {0: first.model}, list(classes), spec,
                             note="made with the first model of the ensemble" if len(models) > 1
-                            else "made with the model", slide_cache=params.slide_cache)
+                            else "made with the model")
     extra = [*extra, closing]  # every input accounted for: the report's last section
     notes = [f"Threshold {threshold:.3f} ({why}); "
              f"{len(models)} model{'s averaged' if len(models) > 1 else ''}"
@@ -335,7 +337,7 @@ def _report(params: DeployParams, folder: Path, table: pd.DataFrame, models: lis
                      f"{ADAPT_IMAGES} of these deploy images (adapt_bn), saved in "
                      f"{layout.ADAPTED_BN}/; the model files are unchanged.")
     if params.has_labels:
-        evaluate_run(folder, table[table["error"] == ""], classes=classes, params=params,
+        evaluate_run(folder, table[table[ERROR] == ""], classes=classes, params=params,
                      kind="deploy", sample_set=sample_set, split_df=None, failures=failed,
                      extra_sections=extra, notes=notes)
     else:

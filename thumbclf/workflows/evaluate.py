@@ -13,7 +13,8 @@ from thumbclf.config import params_to_dict
 from thumbclf.core import layout, table
 from thumbclf.core.errors import ConfigError, DataError, OutputError
 from thumbclf.outputs.confusion import cm_layout
-from thumbclf.outputs.evaluate import _thumb_loader, decisions_report, evaluate_table
+from thumbclf.outputs.evaluate import (ReportSpec, _thumb_loader, decisions_report,
+                                       evaluate_table)
 from thumbclf.workflows.run import prepare_output
 from thumbclf.core.logs import setup_logging
 
@@ -39,13 +40,13 @@ def evaluate_run(folder: Path, table: pd.DataFrame, *, classes, params, kind: st
     titles = {"cross-validation": "Cross-validation (out-of-fold test predictions)",
               "validation": "Full training (validation split: used for early stopping, so optimistic)",
               "deploy": "Deployment on labelled data"}
-    return evaluate_table(table, list(classes), folder, threshold=None, order=order, xt=xt,
-                          yt=yt, resamples=params.bootstrap, seed=params.seed,
-                          histories=histories or {}, title=f"thumbclf — {params.source.stem}",
-                          kind=titles.get(kind, kind), params=params_to_dict(params),
-                          split_df=split_named, failures=failures, extra_sections=extra_sections,
-                          notes=notes, thumbs=run_thumb_loader(params), review=folder,
-                          sorted_into=sorted_folder(params, folder))
+    spec = ReportSpec(order=order, xt=xt, yt=yt, resamples=params.bootstrap, seed=params.seed,
+                      title=f"thumbclf — {params.source.stem}", kind=titles.get(kind, kind),
+                      params=params_to_dict(params), extra_sections=extra_sections, notes=notes,
+                      thumbs=run_thumb_loader(params), review=folder,
+                      sorted_into=sorted_folder(params, folder))
+    return evaluate_table(table, list(classes), folder, spec, threshold=None,
+                          histories=histories or {}, split_df=split_named, failures=failures)
 
 
 def sorted_folder(params, folder: Path) -> Path | None:
@@ -56,10 +57,10 @@ def sorted_folder(params, folder: Path) -> Path | None:
 def summarise_decisions(folder: Path, table: pd.DataFrame, *, classes, params, failures: int,
                         extra_sections=(), notes=()) -> None:
     """Deploy without labels: the distribution of decisions, as a table, a plot and a report."""
-    decisions_report(folder, table, classes=classes, failures=failures,
-                     title=f"thumbclf — {params.source.stem}", settings=params_to_dict(params),
-                     thumbs=run_thumb_loader(params), extra_sections=extra_sections, notes=notes,
-                     sorted_into=sorted_folder(params, folder))
+    spec = ReportSpec(title=f"thumbclf — {params.source.stem}", params=params_to_dict(params),
+                      extra_sections=extra_sections, notes=notes,
+                      thumbs=run_thumb_loader(params), sorted_into=sorted_folder(params, folder))
+    decisions_report(folder, table, spec, classes=classes, failures=failures)
 
 
 def evaluate_file(predictions: Path, *, threshold: float | None = None,
@@ -89,9 +90,10 @@ def evaluate_file(predictions: Path, *, threshold: float | None = None,
     with prepare_output(out, resume=False):
         setup_logging(out, quiet=quiet, debug=debug)
         order, xt, yt = cm_layout(classes, None, None, None, predictions)
-        evaluate_table(df, classes, out, threshold=threshold, order=order, xt=xt, yt=yt,
-                       resamples=bootstrap, seed=seed, title=f"thumbclf — {predictions.name}",
-                       kind="Evaluation of a predictions table",
-                       params={"predictions": str(predictions), "threshold": threshold},
-                       review=predictions.parent)
+        spec = ReportSpec(order=order, xt=xt, yt=yt, resamples=bootstrap, seed=seed,
+                          title=f"thumbclf — {predictions.name}",
+                          kind="Evaluation of a predictions table",
+                          params={"predictions": str(predictions), "threshold": threshold},
+                          review=predictions.parent)
+        evaluate_table(df, classes, out, spec, threshold=threshold)
     return out

@@ -30,7 +30,7 @@ from thumbclf.inputs.corrections import read_corrections, resolved_key
 from thumbclf.inputs.images import (DEFAULT_MAX_PIXELS, DEFAULT_SLIDE_BUDGET_S, DEFAULT_SLIDE_SIZE,
                                     open_rgb)
 from thumbclf.outputs import journal
-from thumbclf.outputs import review as review_page
+from thumbclf.outputs import review_page
 from thumbclf.outputs import sorting
 from thumbclf.outputs.sorting import copy_all
 from thumbclf.workflows import review_server

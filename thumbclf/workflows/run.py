@@ -14,6 +14,7 @@ from thumbclf.core.errors import ConfigError, OutputError
 from thumbclf.predict.local import ExecutorSpec
 
 from thumbclf.core.files import OutputLock, atomic_bytes, atomic_yaml
+from thumbclf.core.table import PATH
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ def _table_folders(table: Path) -> list[Path]:
         df = read_table(table)
     except Exception:  # noqa: BLE001 - discover() names the problem with the row
         return []
-    column = next((c for c in df.columns if str(c).upper() == "PATH"), None)
+    column = next((c for c in df.columns if str(c).upper() == PATH), None)
     if column is None:
         return []
     out = set()

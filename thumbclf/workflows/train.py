@@ -433,10 +433,9 @@ def _evaluate(params: TrainParams, folder: Path, results: list[FoldResult],
     else:
         table, kind = pd.concat([r.table for r in results], ignore_index=True), "cross-validation"
         atomic_csv(table, folder / layout.PREDICTIONS)
+    spec = explain.GradcamSpec(prep, IMAGENET, arch, params.gradcam, device, params.slide_cache)
     extra = explain.section(folder, table, {r.fold: r.model for r in results}, list(classes),
-                            prep=prep, norm=IMAGENET, arch=arch, per_class=params.gradcam,
-                            device=device, note="each with its own fold's model",
-                            slide_cache=params.slide_cache)
+                            spec, note="each with its own fold's model")
     notes = [*notes, *threshold_notes(table, params.target_accuracy, params.target_error),
              *training_notes(results, params)]
     evaluate_run(folder, table, classes=classes, params=params, kind=kind,
