@@ -90,7 +90,8 @@ def test_target_error_picks_the_lowest_threshold_its_bound_allows():
 def test_target_error_sets_the_threshold_and_the_report_says_what_was_supported():
     import pandas as pd
 
-    from thumbclf.core.decide import threshold_in_force, threshold_notes
+    from thumbclf.core.decide import threshold_in_force
+    from thumbclf.outputs.evaluate import threshold_notes
 
     probs = np.array([[0.99, 0.01]] * 30 + [[0.6, 0.4]] * 10)
     y = np.array([0] * 30 + [1] * 10)

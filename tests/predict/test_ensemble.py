@@ -101,7 +101,7 @@ def test_a_candidate_with_a_known_error_decides_as_fp32_with_the_band(setting):
     measured = gate.discrepancy(softmax(rl, 1.0), softmax(cl, 1.0),
                                 model.familiarity.unfamiliarity(rf),
                                 model.familiarity.unfamiliarity(cf))
-    assert measured["probability"] > 0 and measured["unfamiliarity"] > 0
+    assert measured["probability"] > 0 and measured[gate.UNFAMILIARITY] > 0
     candidate.exact, candidate.measured = exact, measured
     band = inference.ensemble_band([candidate], threshold)
     # ... makes every decision and every reason fp32's, recomputing a minority of images
@@ -114,7 +114,7 @@ def test_a_candidate_with_a_known_error_decides_as_fp32_with_the_band(setting):
 def test_a_band_measured_too_narrow_widens_itself(setting):
     net, exact, perturbed, model, x, threshold = setting
     candidate = inference.Runner("test", "bf16", perturbed, exact=exact,
-                                 measured={"probability": 1e-6, "unfamiliarity": 1e-6})
+                                 measured={"probability": 1e-6, gate.UNFAMILIARITY: 1e-6})
     band = inference.ensemble_band([candidate], threshold)
     _decisions([model], [candidate], x[300:], threshold)
     assert band.widened >= 1 and band.measured["probability"] > 1e-5
@@ -135,14 +135,14 @@ def test_a_ray_actor_computes_with_the_drivers_engine_and_band(setting):
     m = SimpleNamespace(**{**vars(model), "runnable": lambda: net,
                            "prep": SimpleNamespace(size=16)})
     driver = inference.torch_runner(net, CPU, "bf16", False)
-    driver.exact, driver.measured = exact, {"probability": 0.01, "unfamiliarity": 0.02}
+    driver.exact, driver.measured = exact, {"probability": 0.01, gate.UNFAMILIARITY: 0.02}
     band = inference.ensemble_band([driver], threshold)
     band.learn({"probability": 0.015})  # widened on the driver before the rest went to Ray
     recipes = pickle.loads(pickle.dumps([driver.recipe()]))  # as Ray sends them
     actor = _Infer([m], False, "cpu", 1, recipes)
     rebuilt = actor.runners[0]
     assert (rebuilt.engine, rebuilt.precision) == ("torch", "bf16") and rebuilt.exact is not None
-    assert rebuilt.band.measured == band.measured == {"probability": 0.015, "unfamiliarity": 0.02}
+    assert rebuilt.band.measured == band.measured == {"probability": 0.015, gate.UNFAMILIARITY: 0.02}
     assert rebuilt.band.threshold == threshold
     batch = {"position": np.arange(200), "image": x[:200].numpy(),
              "error": np.array([""] * 200, dtype=object)}

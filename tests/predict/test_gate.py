@@ -115,7 +115,7 @@ def test_the_unfamiliar_rule_is_part_of_the_decisions():
     v = gate.gate(ref, ref.copy(), np.full(300, -1), CLASSES, 0.9, deploy_images=300,
                   reference_unfamiliarity=u_ref, candidate_unfamiliarity=u_cand)
     assert not v["passed"] and v["changed"] == 20
-    assert v["discrepancy"]["unfamiliarity"] == pytest.approx(0.7)
+    assert v["discrepancy"][gate.UNFAMILIARITY] == pytest.approx(0.7)
     assert (gate.decisions(ref, CLASSES, 0.9, u_cand)[:20] == UNDECIDED).all()
 
 
@@ -142,10 +142,10 @@ def test_the_band_makes_every_decision_fp32s():
 
 def test_the_band_widens_when_a_recomputed_image_differs_more():
     band = gate.Band({"probability": 0.001}, 4.0, 0.9)
-    assert band.width == {"probability": 0.004, "unfamiliarity": gate.FLOOR["unfamiliarity"]}
+    assert band.width == {"probability": 0.004, gate.UNFAMILIARITY: gate.FLOOR[gate.UNFAMILIARITY]}
     probs = np.array([[0.903, 0.05, 0.047], [0.95, 0.03, 0.02], [0.5, 0.499, 0.001]])
     assert band.near(probs, None).tolist() == [True, False, False]  # threshold 0.9, no tie above
-    band.learn({"probability": 0.02, "unfamiliarity": 0.0})
+    band.learn({"probability": 0.02, gate.UNFAMILIARITY: 0.0})
     assert band.width["probability"] == pytest.approx(0.08) and band.widened == 1
     assert band.near(probs, np.array([0.5, 1.0, 0.2])).tolist() == [True, True, False]
     assert band.images == 6 and band.recomputed == 3

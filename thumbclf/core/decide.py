@@ -244,31 +244,3 @@ def threshold_in_force(*, given: float | None = None, target_accuracy: float | N
         return Threshold(float(np.median(column)), "the threshold column of the table")
     return Threshold(default, "default")
 
-
-def threshold_notes(table, target_accuracy: float | None, target_error: float | None) -> list[str]:
-    """The report's note on thresholds that a target chose: each fold's threshold, and for
-    ``target_error`` what was promised beside what the validation slides support."""
-    from thumbclf.core import table as table_io
-
-    if target_accuracy is None and target_error is None:
-        return []
-    folds = table.groupby(table_io.FOLD) if table_io.FOLD in table else [(None, table)]
-    parts = []
-    for fold, rows in folds:
-        part = f"{'fold ' + str(fold) + ' ' if fold is not None else ''}" \
-               f"{float(rows[table_io.THRESHOLD].iloc[0]):.3f}"
-        if target_error is not None and table_io.LABEL in rows:
-            wrong, decided, bound = error_support(rows[table_io.DECISION].tolist(),
-                                                  rows[table_io.LABEL].tolist())
-            part += (f" ({wrong} wrong of {decided} decided; at most {bound:.1%} with "
-                     f"{ERROR_CONFIDENCE:.0%} confidence)")
-        parts.append(part)
-    if target_error is not None:
-        head = (f"Thresholds chosen so that at most {target_error:.1%} of decided validation "
-                f"slides are wrong with {ERROR_CONFIDENCE:.0%} confidence (target_error, "
-                "the same slides choose and check it, so read the figures as what these slides "
-                "support, not as a guarantee for new ones): ")
-    else:
-        head = (f"Thresholds chosen to reach {target_accuracy:.1%} accuracy on each validation "
-                "split (target_accuracy): ")
-    return [head + ", ".join(parts) + "; the coverage they give is below."]

@@ -16,8 +16,8 @@ import numpy as np
 import pandas as pd
 
 from thumbclf.core import layout, table
-from thumbclf.core.decide import (NO_TISSUE, UNDECIDED, UNFAMILIAR_SOURCE, decide_with_reasons,
-                                  threshold_in_force)
+from thumbclf.core.decide import (ERROR_CONFIDENCE, NO_TISSUE, UNDECIDED, UNFAMILIAR_SOURCE,
+                                  decide_with_reasons, error_support, threshold_in_force)
 from thumbclf.core.errors import ImageReadError
 from thumbclf.core.files import atomic_csv, atomic_text
 from thumbclf.inputs.decode import load_array
@@ -204,6 +204,34 @@ def _figures(df: pd.DataFrame, classes: list[str], computed: tuple[M.Metrics, pd
                                       "Undecided slides, with their best guess (highest first)",
                                       load)
     return figs
+
+
+def threshold_notes(df: pd.DataFrame, target_accuracy: float | None,
+                    target_error: float | None) -> list[str]:
+    """The report's note on thresholds that a target chose: each fold's threshold, and for
+    ``target_error`` what was promised beside what the validation slides support."""
+    if target_accuracy is None and target_error is None:
+        return []
+    folds = df.groupby(table.FOLD) if table.FOLD in df else [(None, df)]
+    parts = []
+    for fold, rows in folds:
+        part = f"{'fold ' + str(fold) + ' ' if fold is not None else ''}" \
+               f"{float(rows[table.THRESHOLD].iloc[0]):.3f}"
+        if target_error is not None and table.LABEL in rows:
+            wrong, decided, bound = error_support(rows[table.DECISION].tolist(),
+                                                  rows[table.LABEL].tolist())
+            part += (f" ({wrong} wrong of {decided} decided; at most {bound:.1%} with "
+                     f"{ERROR_CONFIDENCE:.0%} confidence)")
+        parts.append(part)
+    if target_error is not None:
+        head = (f"Thresholds chosen so that at most {target_error:.1%} of decided validation "
+                f"slides are wrong with {ERROR_CONFIDENCE:.0%} confidence (target_error, "
+                "the same slides choose and check it, so read the figures as what these slides "
+                "support, not as a guarantee for new ones): ")
+    else:
+        head = (f"Thresholds chosen to reach {target_accuracy:.1%} accuracy on each validation "
+                "split (target_accuracy): ")
+    return [head + ", ".join(parts) + "; the coverage they give is below."]
 
 
 def threshold_text(m: M.Metrics, used: float | None) -> str:

@@ -38,6 +38,7 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 
 from thumbclf.core.decide import UNDECIDED, decide_with_reasons, upper_bound
+from thumbclf.core.table import UNFAMILIAR_CONTENT
 
 AGREEMENT_IMAGES = 300  # of the deploy's own images (a seeded sample)
 MIN_LABELLED = 10  # fewer labelled images: the label figures are not computed
@@ -45,8 +46,10 @@ LIMITS = {"max_changed": 0.02, "confidence": 0.95, "auroc": 0.003, "accuracy_dec
           "safety": 4.0, "max_recomputed": 0.5}
 # the narrowest band, so that a candidate that matched fp32 exactly on the verification images
 # still sends the closest calls to fp32, where a larger difference would widen the band
-FLOOR = {"probability": 1e-4, "unfamiliarity": 1e-4}
-PROBABILITY, UNFAMILIARITY = "probability", "unfamiliarity"  # the band's parts
+# the band's parts: any class probability, and the content part of the unfamiliarity (the look
+# part and the tissue fraction do not depend on the precision)
+PROBABILITY, UNFAMILIARITY = "probability", UNFAMILIAR_CONTENT
+FLOOR = {PROBABILITY: 1e-4, UNFAMILIARITY: 1e-4}
 
 
 def min_images(limits: dict | None = None) -> int:
@@ -107,7 +110,7 @@ def width(measured: dict, safety: float) -> dict[str, float]:
 def near(probs: np.ndarray, threshold: float, band: dict,
          unfamiliarity: np.ndarray | None = None) -> np.ndarray:
     """Which images' decisions an error within ``band`` could change (each probability by at
-    most band["probability"], the content unfamiliarity by at most band["unfamiliarity"])."""
+    most band["probability"], the content unfamiliarity by at most band[UNFAMILIARITY])."""
     b = band[PROBABILITY]
     ordered = np.sort(np.asarray(probs, float), axis=1)
     top = ordered[:, -1]

@@ -19,7 +19,7 @@ from thumbclf.config import TrainParams, params_to_dict
 from thumbclf.core import layout, machine
 from thumbclf.core import table as table_io
 from thumbclf.core.backbones import arch_name
-from thumbclf.core.decide import decide_with_reasons, threshold_in_force, threshold_notes
+from thumbclf.core.decide import decide_with_reasons, threshold_in_force
 from thumbclf.core.errors import DataError
 from thumbclf.core.seeds import Streams
 from thumbclf.core.files import atomic_csv, atomic_text, atomic_torch_save
@@ -36,6 +36,7 @@ from thumbclf.nn.models import (build_model, head_names, input_size, load_model,
                                 read_weights, save_model)
 from thumbclf.nn.freeze import freeze, warn_untrained
 from thumbclf.outputs import explain
+from thumbclf.outputs.evaluate import threshold_notes
 from thumbclf.outputs.confusion import cm_layout
 from thumbclf.predict import distributed
 from thumbclf.predict.execution import executor_for
