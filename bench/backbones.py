@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from thumbclf.nn.engine import autocast, training_loss  # noqa: E402
+from thumbclf.nn.training import autocast, training_loss  # noqa: E402
 from thumbclf.core.backbones import PROTOTYPE_NAMES
 from thumbclf.nn.models import build_model, input_size
 from thumbclf.nn.freeze import freeze, train_mode

@@ -67,7 +67,7 @@ def model_only(device: torch.device, batch: int, freeze_ratio: float, steps: int
     x = torch.randn(batch, 3, 224, 224, device=device).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 6, (batch,), device=device)
     loss_fn = torch.nn.CrossEntropyLoss()
-    from thumbclf.nn.engine import autocast
+    from thumbclf.nn.training import autocast
     from thumbclf.nn.freeze import train_mode
 
     def step():

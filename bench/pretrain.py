@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 from thumbclf.inputs import cache, synth  # noqa: E402
 from thumbclf.config import PRETRAIN, load_params  # noqa: E402
 from thumbclf.nn.data import IMAGENET, training_batches  # noqa: E402
-from thumbclf.nn.engine import predict_logits, recalibrate_bn, train_one_epoch  # noqa: E402
+from thumbclf.nn.training import predict_logits, recalibrate_bn, train_one_epoch  # noqa: E402
 from thumbclf.inputs.images import Preprocessing  # noqa: E402
 from thumbclf.nn.models import SSL_CHECKPOINT, build_model, load_ssl  # noqa: E402
 from thumbclf.nn.freeze import freeze, train_mode

@@ -193,7 +193,7 @@ def load_model(path: str | os.PathLike | Iterable[str | os.PathLike], **settings
     from thumbclf.config import DEPLOY, validate
     from thumbclf.config.files import override, plain
     from thumbclf.core.decide import threshold_in_force
-    from thumbclf.nn.engine import pick_device
+    from thumbclf.nn.training import pick_device
     from thumbclf.workflows.deploy import load_models, prepare_runners
 
     paths = plain(path) if isinstance(path, (str, os.PathLike)) else [plain(p) for p in path]

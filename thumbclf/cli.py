@@ -199,7 +199,7 @@ def guarded(work, folder=lambda: None, again: str = "the same command plus --res
     except ThumbclfError as exc:
         log.debug("stopped with an error: %s", exc, exc_info=True)  # run.log; console if --debug
         if _speaks():
-            from thumbclf.predict import distributed
+            from thumbclf.nn import distributed
 
             rank = "" if distributed.is_main() else f"(rank {distributed.rank()}) "
             for line in exc.lines():
@@ -229,7 +229,7 @@ def _speaks(wait: bool = True) -> bool:
     stops with an error first waits (``wait``) for torchrun, which stops it once rank 0 has
     exited; had it exited at once, torchrun would stop rank 0 before it said why. A rank still
     running after the wait met an error of its own, and says it."""
-    from thumbclf.predict import distributed
+    from thumbclf.nn import distributed
 
     if distributed.is_main():
         return True

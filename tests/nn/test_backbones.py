@@ -12,7 +12,7 @@ from torchvision import models as tvm
 from conftest import run_script
 from thumbclf.inputs import synth
 from thumbclf.nn.data import IMAGENET
-from thumbclf.nn.engine import training_loss
+from thumbclf.nn.training import training_loss
 from thumbclf.core.errors import ModelError
 from thumbclf.outputs.explain import gradcam
 from thumbclf.inputs.images import Preprocessing

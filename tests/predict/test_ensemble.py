@@ -96,7 +96,7 @@ def test_a_candidate_with_a_known_error_decides_as_fp32_with_the_band(setting):
         ref_out = exact(inference_input(verification, model.norm)).numpy()
         cand_out = candidate(inference_input(verification, model.norm)).numpy()
     (rl, rf), (cl, cf) = familiarity.split(ref_out, 3), familiarity.split(cand_out, 3)
-    from thumbclf.nn.engine import softmax
+    from thumbclf.nn.training import softmax
 
     measured = gate.discrepancy(softmax(rl, 1.0), softmax(cl, 1.0),
                                 model.familiarity.unfamiliarity(rf),

@@ -374,7 +374,7 @@ def test_a_deploy_writes_no_formula_into_any_table(tmp_path):
 
 def test_a_diverging_training_stops_without_a_model_file(tiny_data, tmp_path, monkeypatch, capsys):
     from thumbclf.cli import main
-    from thumbclf.nn import engine
+    from thumbclf.nn import training
 
     real = engine.training_loss
 

@@ -16,7 +16,7 @@ from thumbclf.nn import familiarity
 from thumbclf.inputs import synth
 from thumbclf.nn.augment import augment, stain_shift
 from thumbclf.core.decide import LOW_CONFIDENCE, UNDECIDED, UNFAMILIAR, decide_with_reasons
-from thumbclf.nn.engine import warmup_cosine
+from thumbclf.nn.training import warmup_cosine
 from thumbclf.evaluate import main as evaluate_main
 
 CLASSES = ("Biopsy", "IHC", "TMA")

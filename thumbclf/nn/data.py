@@ -85,7 +85,7 @@ class FileImages(Dataset):
             return i, None, f"{self.paths[i]}: unexpected error ({type(exc).__name__}: {exc})"
 
 
-def _collate(items, size: int):
+def collate(items, size: int):
     pos = torch.tensor([i for i, _, _ in items], dtype=torch.long)
     arrays = [a if a is not None else np.full((size, size, 3), 255, np.uint8) for _, a, _ in items]
     return pos, torch.from_numpy(np.stack(arrays)), [e for _, _, e in items]
@@ -96,7 +96,7 @@ class _Collate:
         self.size = size
 
     def __call__(self, items):
-        return _collate(items, self.size)
+        return collate(items, self.size)
 
 
 def stream_loader(paths: list[Path], prep: Preprocessing, *, batch_size: int, workers: int,

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from thumbclf.core.errors import finite_or_diverged
 from thumbclf.nn.augment import ssl_view
 from thumbclf.nn.data import Normalisation, to_input
-from thumbclf.nn.engine import _prefetch, autocast, backward_step, grad_scaler, warmup_cosine_at
+from thumbclf.nn.training import prefetch, autocast, backward_step, grad_scaler, warmup_cosine_at
 
 log = logging.getLogger(__name__)
 METHODS = ("byol",)
@@ -160,7 +160,7 @@ def _pretrain_epoch(learner: BYOL, spec: PretrainSpec, state: PretrainState, sca
     start = time.perf_counter()
     learner.train()
     loss_sum, n = 0.0, 0
-    for x, _ in tqdm(_prefetch(spec.batches(), pin=device.type == "cuda"),
+    for x, _ in tqdm(prefetch(spec.batches(), pin=device.type == "cuda"),
                      total=spec.steps_per_epoch, desc=f"pretrain epoch {epoch}", unit="batch",
                      leave=False, disable=quiet):
         x = x.to(device, non_blocking=True)

@@ -31,7 +31,7 @@ from thumbclf.core.table import DECISION, ERROR, LABEL, PATH, PATIENT
 log = logging.getLogger(__name__)
 
 
-def _thumb_loader(size: int = 160, slide_size: int = 512, slide_cache: Path | None = None,
+def thumb_loader(size: int = 160, slide_size: int = 512, slide_cache: Path | None = None,
                   slide_budget_s: float | None = None):
     """Small images for galleries; slides come from the run's thumbnail cache when given, and
     are read within the run's per-slide budget where they are not in it."""
@@ -119,7 +119,7 @@ class ReportSpec:
 
     def loader(self) -> Callable:
         """The gallery's picture loader."""
-        return self.thumbs or _thumb_loader()
+        return self.thumbs or thumb_loader()
 
 
 def evaluate_table(df: pd.DataFrame, classes: list[str], out: Path, spec: ReportSpec, *,

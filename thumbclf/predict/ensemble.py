@@ -20,7 +20,7 @@ from thumbclf.inputs.samples import SampleSet
 from thumbclf.nn import familiarity, look
 from thumbclf.nn.data import to_input
 from thumbclf.nn.augment import dihedral
-from thumbclf.nn.engine import recalibrate_bn, softmax
+from thumbclf.nn.training import recalibrate_bn, softmax
 from thumbclf.nn.models import LoadedModel, read_weights
 from thumbclf.predict import gate, inference
 

@@ -18,13 +18,14 @@ import contextlib
 import logging
 from typing import Iterator
 
-from thumbclf.predict.local import ExecutorSpec, LocalExecutor
+from thumbclf.predict.executor import Executor, ExecutorSpec
+from thumbclf.predict.local import LocalExecutor
 
 log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
-def executor_for(spec: ExecutorSpec, *, quiet: bool = False) -> Iterator[LocalExecutor]:
+def executor_for(spec: ExecutorSpec, *, quiet: bool = False) -> Iterator[Executor]:
     """The executor ``spec`` asks for (``executor`` key), released when the block ends."""
     if spec.executor != "ray":
         yield LocalExecutor(spec)

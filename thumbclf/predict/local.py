@@ -4,36 +4,15 @@ run one after another."""
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
 
 from thumbclf.core import machine
+from thumbclf.predict.executor import Batch, ExecutorSpec
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ExecutorSpec:
-    """Where and how predictions and folds run: the executor keys of an experiment
-    (executor, ray_address, num_workers, cpus_per_fold) and what predicting needs (batch_size,
-    tta, device). ``source`` names the experiment in messages."""
-
-    executor: str = "local"
-    num_workers: int = -1
-    batch_size: int = 64
-    tta: bool = False
-    device: str = "auto"
-    ray_address: str | None = None
-    cpus_per_fold: int = 0
-    source: Path | str = "experiment"
-
-
-# positions, probabilities (n, classes), the decision step's other inputs by table column
-# (tissue fraction, unfamiliarity and its parts: familiarity.ensemble_signals), errors
-Batch = tuple[np.ndarray, np.ndarray, "dict[str, np.ndarray]", list[str]]
 
 
 RAY_INSTALL = 'pip install "thumbclf[ray]"'
@@ -46,7 +25,7 @@ class LocalExecutor:
     name = "local"
 
     def __init__(self, spec: ExecutorSpec):
-        self.params = spec
+        self.spec = spec
 
     def decoded(self, models, positions: list[int], paths: list[Path], *, device,
                 slide_cache: Path | None) -> Iterator[tuple[np.ndarray, Any, list[str]]]:
@@ -55,10 +34,10 @@ class LocalExecutor:
         included."""
         from thumbclf.nn.data import stream_loader
 
-        params = self.params
-        batch = params.batch_size * (4 if device.type == "cuda" else 1)  # no gradients to store
+        spec = self.spec
+        batch = spec.batch_size * (4 if device.type == "cuda" else 1)  # no gradients to store
         loader = stream_loader(paths, models[0].prep, batch_size=batch,
-                               workers=decode_workers(params.num_workers),
+                               workers=decode_workers(spec.num_workers),
                                pin_memory=device.type == "cuda", slide_cache=slide_cache)
         todo = np.asarray(positions)
         for pos, x, errors in loader:
@@ -71,7 +50,7 @@ class LocalExecutor:
         runners = runners or exact_runners(models, device)
         yield from computed(models, runners, self.decoded(models, positions, paths, device=device,
                                                           slide_cache=slide_cache),
-                            device, self.params.tta)
+                            device, self.spec.tta)
 
     def run_folds(self, fn: Callable, folds: list[int], shared: dict[str, Any], *,
                   device) -> Iterator:
@@ -79,7 +58,7 @@ class LocalExecutor:
             yield fn(fold=fold, device=device, **shared)
 
     def describe(self) -> dict:
-        return {"executor": self.name, "workers": decode_workers(self.params.num_workers)}
+        return {"executor": self.name, "workers": decode_workers(self.spec.num_workers)}
 
 
 def computed(models, runners, decoded, device, tta: bool) -> Iterator[Batch]:

@@ -36,7 +36,7 @@ import numpy as np
 from thumbclf.core.errors import ConfigError
 from thumbclf.core.table import SIGNALS
 from thumbclf.core.logs import remove_handlers, setup_logging
-from thumbclf.predict.local import ExecutorSpec
+from thumbclf.predict.executor import ExecutorSpec
 
 log = logging.getLogger(__name__)
 DECODE_BATCH = 16  # images per decoding task: small enough that a retried task redoes little
@@ -142,24 +142,24 @@ class RayExecutor:
 
     name = "ray"
 
-    def __init__(self, params: ExecutorSpec, *, quiet: bool = False):
+    def __init__(self, spec: ExecutorSpec, *, quiet: bool = False):
         ray = _import_ray()
-        self.params, self.quiet, self.ray = params, quiet, ray
+        self.spec, self.quiet, self.ray = spec, quiet, ray
         start = time.perf_counter()
         self.started_here = False
         if not ray.is_initialized():  # a notebook may have connected already: use that
             kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": not quiet,
                                       "logging_level": logging.ERROR,
                                       "configure_logging": True}
-            if params.ray_address:
-                why = unreachable(params.ray_address)
+            if spec.ray_address:
+                why = unreachable(spec.ray_address)
                 if why:  # Ray itself retries for many minutes, deaf to SIGTERM meanwhile
-                    raise ConfigError(f"{params.source}: ray_address: cannot reach a Ray cluster "
-                                      f"at {params.ray_address} within {CONNECT_TIMEOUT:g}s "
+                    raise ConfigError(f"{spec.source}: ray_address: cannot reach a Ray cluster "
+                                      f"at {spec.ray_address} within {CONNECT_TIMEOUT:g}s "
                                       f"({why}); check the address and that the cluster runs "
                                       "(ray status), or remove ray_address to start Ray on "
                                       "this machine")
-                kwargs["address"] = params.ray_address
+                kwargs["address"] = spec.ray_address
             else:
                 from thumbclf.core import machine
 
@@ -169,8 +169,8 @@ class RayExecutor:
             try:
                 ray.init(**kwargs)
             except (ConnectionError, RuntimeError, ValueError) as exc:
-                where = params.ray_address or "a local instance"
-                raise ConfigError(f"{params.source}: ray_address: cannot start or join Ray at "
+                where = spec.ray_address or "a local instance"
+                raise ConfigError(f"{spec.source}: ray_address: cannot start or join Ray at "
                                   f"{where} ({str(exc).splitlines()[0]}); check the address, or "
                                   "remove ray_address to start Ray on this machine") from None
             finally:  # Ray's own handlers abort the process; Ctrl-C/SIGTERM stay a clean stop
@@ -181,10 +181,10 @@ class RayExecutor:
         self.start_seconds = time.perf_counter() - start
         resources = ray.cluster_resources()
         self.cpus = int(resources.get("CPU", 1))
-        self.gpus = int(resources.get("GPU", 0)) if params.device != "cpu" else 0
+        self.gpus = int(resources.get("GPU", 0)) if spec.device != "cpu" else 0
         self.nodes = max(1, sum(1 for n in ray.nodes() if n.get("Alive")))
         log.info("Ray: %s, %d CPUs, %d GPUs on %d node(s) (ready in %.1fs)",
-                 params.ray_address or "local instance", self.cpus, self.gpus, self.nodes,
+                 spec.ray_address or "local instance", self.cpus, self.gpus, self.nodes,
                  self.start_seconds)
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False  # thumbclf's own bar counts the rows
@@ -211,17 +211,17 @@ class RayExecutor:
         issue 29), and the images it recomputed in fp32 are counted in the band here."""
         from thumbclf.predict.local import decode_workers
 
-        ray, params = self.ray, self.params
+        ray, spec = self.ray, self.spec
         models_ref = ray.put(models)  # sent once; each actor loads it once
         self.recipes = [r.recipe() for r in runners] if runners else None
         band = runners[0].band if runners else None
         gpus = self.gpus > 0  # 0 when device: cpu
         self.actors = self.gpus if gpus else self.nodes  # one per GPU, else one per node
         # on this machine: the same decoding workers as the local path; on a cluster: Ray's choice
-        decoders = decode_workers(params.num_workers) if not params.ray_address else None
+        decoders = decode_workers(spec.num_workers) if not spec.ray_address else None
         threads = max(1, self.cpus // self.nodes)  # a CPU actor computes with its node's cores,
         # as the local path's model does beside its decoding workers
-        batch = params.batch_size * (4 if gpus else 1)
+        batch = spec.batch_size * (4 if gpus else 1)
         n_classes = len(models[0].classes)
         seen: set[int] = set()
         todo = list(zip(positions, (str(p) for p in paths)))
@@ -276,7 +276,7 @@ class RayExecutor:
         return ds.map_batches(
             _Infer, batch_size=batch, batch_format="numpy", concurrency=self.actors,
             num_cpus=1, num_gpus=1 if gpus else 0,
-            fn_constructor_kwargs={"models": models_ref, "tta": self.params.tta,
+            fn_constructor_kwargs={"models": models_ref, "tta": self.spec.tta,
                                    "device": "cuda" if gpus else "cpu", "threads": threads,
                                    "recipes": self.recipes},
             max_restarts=_RETRIES, max_task_retries=_RETRIES)
@@ -286,8 +286,8 @@ class RayExecutor:
     def run_folds(self, fn: Callable, folds: list[int], shared: dict[str, Any], *,
                   device) -> Iterator:
         """One Ray task per fold; results in fold order (each waits for its own fold)."""
-        ray, params = self.ray, self.params
-        per_fold = params.cpus_per_fold
+        ray, spec = self.ray, self.spec
+        per_fold = spec.cpus_per_fold
         if self.gpus:
             options = {"num_gpus": 1, "num_cpus": per_fold or 1}
         else:
@@ -296,7 +296,7 @@ class RayExecutor:
         task = ray.remote(_fold_task).options(max_retries=0, **options)
         log.info("%d folds as Ray tasks, each with %s", len(folds),
                  ", ".join(f"{v} {k.removeprefix('num_')}" for k, v in options.items()))
-        refs = [task.remote(fn, fold, shared_ref, options["num_cpus"], params.device,
+        refs = [task.remote(fn, fold, shared_ref, options["num_cpus"], spec.device,
                             self.quiet) for fold in folds]
         for ref in refs:
             try:
@@ -311,10 +311,10 @@ _RETRIES = 2  # Ray retries a task whose worker died this many times
 
 def _decode_batch(batch: dict, *, prep, slide_cache) -> dict:
     """Ray Data task: decode a batch of files (unreadable ones: white image plus the reason)."""
-    from thumbclf.nn.data import FileImages, _collate
+    from thumbclf.nn.data import FileImages, collate
 
     files = FileImages([Path(p) for p in batch["path"]], prep, slide_cache)
-    _, images, errors = _collate([files[i] for i in range(len(files))], prep.size)
+    _, images, errors = collate([files[i] for i in range(len(files))], prep.size)
     return {"position": batch["position"], "image": images.numpy(),
             "error": np.array(errors, dtype=object)}
 
@@ -326,7 +326,7 @@ class _Infer:
         import ray
         import torch
 
-        from thumbclf.nn.engine import pick_device
+        from thumbclf.nn.training import pick_device
         from thumbclf.predict.inference import rebuild
 
         if isinstance(models, ray.ObjectRef):
@@ -359,7 +359,7 @@ def _fold_task(fn: Callable, fold: int, shared: dict, threads: int, device_name:
     """Ray task: train one fold with ``threads`` CPU threads, logging into the run's run.log."""
     import torch
 
-    from thumbclf.nn.engine import pick_device
+    from thumbclf.nn.training import pick_device
 
     setup_logging(Path(shared["folder"]), quiet=quiet, tag=f"fold {fold}, pid {os.getpid()}")
     try:

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Callable, Iterator
 import numpy as np
 import torch
 
-from thumbclf.nn.engine import softmax
+from thumbclf.nn.training import softmax
 from thumbclf.nn.familiarity import split
 from thumbclf.predict import gate as quality
 

@@ -21,7 +21,7 @@ from thumbclf.core.files import atomic_csv, check_writable
 from thumbclf.inputs import slides
 from thumbclf.inputs.samples import SampleSet, check_class_names, check_input, discover
 from thumbclf.nn import familiarity
-from thumbclf.nn.engine import configure_threads, pick_device
+from thumbclf.nn.training import configure_threads, pick_device
 from thumbclf.nn.models import LoadedModel, load_model
 from thumbclf.outputs import explain, tally
 from thumbclf.outputs.confusion import cm_layout
@@ -30,7 +30,7 @@ from thumbclf.predict.ensemble import ADAPT_IMAGES, adapt_batchnorm, check_adapt
 from thumbclf.workflows.engines import prepare_runners
 from thumbclf.workflows.evaluate import evaluate_run, summarise_decisions
 from thumbclf.workflows.stream import (
-    _timings,
+    timings,
     check_same_inputs,
     check_same_models,
     final_table,
@@ -218,7 +218,7 @@ def run(params: DeployParams, *, resume: bool = False, quiet: bool = False,
     if resume and done.is_file() and not (folder / layout.PARTIAL).is_file():
         log.info("resuming after prediction: %s is complete; finishing the steps after it", done)
         table, _ = table_io.read(done, classes)
-        engine_note = _timings(folder).get("inference", "not recorded")
+        engine_note = timings(folder).get("inference", "not recorded")
     else:
         partial, engine_note = predict_stream(
             models, sample_set, folder, params=params, threshold=threshold, device=device,

@@ -13,7 +13,7 @@ from thumbclf.config import params_to_dict
 from thumbclf.core import layout, table
 from thumbclf.core.errors import ConfigError, DataError, OutputError
 from thumbclf.outputs.confusion import cm_layout
-from thumbclf.outputs.evaluate import (ReportSpec, _thumb_loader, decisions_report,
+from thumbclf.outputs.evaluate import (ReportSpec, thumb_loader, decisions_report,
                                        evaluate_table)
 from thumbclf.workflows.run import prepare_output
 from thumbclf.core.logs import setup_logging
@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 def run_thumb_loader(params):
     """Gallery images for a run: slide thumbnails come from its cache, not from the slides."""
-    return _thumb_loader(slide_size=params.slide_thumbnail_size, slide_cache=params.slide_cache,
+    return thumb_loader(slide_size=params.slide_thumbnail_size, slide_cache=params.slide_cache,
                          slide_budget_s=params.slide_budget_s)
 
 

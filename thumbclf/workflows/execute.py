@@ -52,7 +52,7 @@ def execute(params: Params, *, resume: bool = False, quiet: bool = False, debug:
         # Turkish one folds "I" to a dotless "ı" and rejects "PASSIVE", issue 33)
         os.environ.setdefault("OMP_WAIT_POLICY", "passive")
         from thumbclf.workflows.deploy import preflight, run
-    from thumbclf.predict import distributed
+    from thumbclf.nn import distributed
 
     if distributed.active():  # torchrun: rank 0 owns the results folder, the others train along
         return _execute_ranks(params, workflow, resume=resume, quiet=quiet, debug=debug,
@@ -96,7 +96,7 @@ def _execute_ranks(params: Params, workflow: str, *, resume: bool, quiet: bool, 
     """``execute`` for one rank of a torchrun training (see distributed.py)."""
     from thumbclf.config import TRAIN
     from thumbclf.core.errors import ThumbclfError
-    from thumbclf.predict import distributed
+    from thumbclf.nn import distributed
     from thumbclf.workflows.run import check_output, prepare_output
     from thumbclf.core.logs import setup_logging
 

@@ -13,7 +13,7 @@ from thumbclf.inputs import cache
 from thumbclf.inputs.images import Preprocessing
 from thumbclf.inputs.samples import SampleSet, check_input
 from thumbclf.nn.models import build_model
-from thumbclf.predict import distributed
+from thumbclf.nn import distributed
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ from thumbclf.core.version import __version__
 from thumbclf.inputs.images import Preprocessing
 from thumbclf.inputs.samples import discover
 from thumbclf.nn.data import IMAGENET, training_batches
-from thumbclf.nn.engine import configure_threads, pick_device, recalibrate_bn
+from thumbclf.nn.training import configure_threads, pick_device, recalibrate_bn
 from thumbclf.nn.models import SSL_CHECKPOINT, backbone_only, read_weights, save_ssl_checkpoint
 from thumbclf.nn.models import input_size as arch_input_size
 from thumbclf.nn.ssl import BYOL, PretrainSpec, pretrain

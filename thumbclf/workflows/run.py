@@ -11,7 +11,7 @@ import yaml
 from thumbclf.config import KEY_BY_NAME, WORKFLOW_OF, params_to_dict
 from thumbclf.core import layout
 from thumbclf.core.errors import ConfigError, OutputError
-from thumbclf.predict.local import ExecutorSpec
+from thumbclf.predict.executor import ExecutorSpec
 
 from thumbclf.core.files import OutputLock, atomic_bytes, atomic_yaml
 from thumbclf.core.table import PATH

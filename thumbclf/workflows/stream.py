@@ -22,7 +22,7 @@ from thumbclf.core.errors import DataError, ImageReadError, ModelError, OutputEr
 from thumbclf.core.files import append_whole, atomic_csv, atomic_text, file_digest, repair_tail
 from thumbclf.inputs import readrecord, slides
 from thumbclf.inputs.samples import SampleSet
-from thumbclf.nn.engine import configure_threads
+from thumbclf.nn.training import configure_threads
 from thumbclf.nn.data import stream_loader
 from thumbclf.predict import gate
 from thumbclf.predict.ensemble import exact_runners
@@ -34,7 +34,7 @@ from thumbclf.workflows.run import executor_spec
 log = logging.getLogger(__name__)
 
 
-def _timings(folder: Path) -> dict:
+def timings(folder: Path) -> dict:
     try:
         return json.loads((folder / layout.TIMINGS).read_text())
     except (OSError, ValueError):
@@ -126,7 +126,7 @@ def predict_stream(models, sample_set: SampleSet, folder: Path, *, params: Deplo
     if done:
         log.info("resuming: %d images predicted earlier, %d to go", len(done), len(todo))
     if not todo:
-        return partial, _timings(folder).get("inference", "not recorded")
+        return partial, timings(folder).get("inference", "not recorded")
     configure_threads(device)
     start = time.perf_counter()
     bar = tqdm(total=len(todo), desc="predicting", unit="img", disable=quiet)

@@ -30,7 +30,7 @@ from thumbclf.inputs.samples import (SampleSet, check_class_names, check_class_s
 from thumbclf.nn import familiarity, look
 from thumbclf.nn.data import IMAGENET, training_batches
 from thumbclf.nn.calibration import MIN_CALIBRATION_IMAGES, Calibration, fit_temperature
-from thumbclf.nn.engine import (EarlyStopping, FitResult, FitSpec, configure_threads, fit,
+from thumbclf.nn.training import (EarlyStopping, FitResult, FitSpec, configure_threads, fit,
                                 predict_logits, softmax)
 from thumbclf.nn.models import (build_model, head_names, input_size, load_model, load_ssl,
                                 read_weights, save_model)
@@ -38,7 +38,7 @@ from thumbclf.nn.freeze import freeze, warn_untrained
 from thumbclf.outputs import explain
 from thumbclf.outputs.evaluate import threshold_notes
 from thumbclf.outputs.confusion import cm_layout
-from thumbclf.predict import distributed
+from thumbclf.nn import distributed
 from thumbclf.predict.execution import executor_for
 from thumbclf.workflows.evaluate import evaluate_run
 from thumbclf.workflows.prepare import load_images, preflight_common

@@ -58,7 +58,7 @@ def init(device_name: str) -> Any:
     import torch
     import torch.distributed as dist
 
-    from thumbclf.nn.engine import pick_device
+    from thumbclf.nn.training import pick_device
 
     device = pick_device(device_name)
     if device.type == "cuda":

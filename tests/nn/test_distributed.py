@@ -12,7 +12,7 @@ import pytest
 import torch.distributed as dist
 
 from conftest import ROOT, write_yaml
-from thumbclf.predict import distributed
+from thumbclf.nn import distributed
 
 pytestmark = pytest.mark.slow
 
@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 # on (a hash per image) and the weights it ended with (a hash per fold).
 RECORDER = textwrap.dedent('''
     import hashlib, json, os, sys
-    import thumbclf.nn.engine as engine, thumbclf.workflows.train as training
+    import thumbclf.nn.training as engine, thumbclf.workflows.train as training
     from thumbclf import cli
 
     seen, weights = [], {}  # images per epoch (in order), weights per fold
@@ -110,7 +110,7 @@ def test_batches_are_shared_out_and_the_loss_is_averaged(monkeypatch):
 
 INTERRUPTER = textwrap.dedent('''
     import os, sys, time
-    import thumbclf.nn.engine as engine
+    import thumbclf.nn.training as engine
     from thumbclf import cli
 
     calls, real = [], engine.train_one_epoch

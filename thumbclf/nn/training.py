@@ -88,7 +88,7 @@ class EpochStats:
     seconds: float
 
 
-def _prefetch(it: Iterable, pin: bool = False) -> Iterator:
+def prefetch(it: Iterable, pin: bool = False) -> Iterator:
     """Prepare the next batch in a thread (pinned for CUDA) while the model works on this one."""
     it = iter(it) if not pin else ((x.pin_memory(), y) for x, y in it)
     with ThreadPoolExecutor(max_workers=1) as pool:
@@ -129,7 +129,7 @@ def train_one_epoch(model: nn.Module, batches: Iterable, *, optimizer: torch.opt
     start = time.perf_counter()
     train_mode(getattr(model, "module", model))  # the model itself inside a DDP wrapper
     loss_sum, correct, n = 0.0, 0, 0
-    for x, y in tqdm(_prefetch(batches, pin=device.type == "cuda"), total=total, desc=desc,
+    for x, y in tqdm(prefetch(batches, pin=device.type == "cuda"), total=total, desc=desc,
                      unit="batch", leave=False, disable=quiet):
         x = x.to(device, non_blocking=True)
         if gen is not None:
@@ -182,7 +182,7 @@ def predict_logits(model: nn.Module, batches: Iterable, *, norm: Normalisation,
     """Logits (n, classes) and the targets (or empty) of every batch, in order."""
     model.eval()
     outs, ys = [], []
-    for x, y in _prefetch(batches, pin=device.type == "cuda"):
+    for x, y in prefetch(batches, pin=device.type == "cuda"):
         with autocast(device):
             outs.append(model(to_input(x, norm, device)).float().cpu())
         if y is not None:

@@ -4,7 +4,7 @@ import pytest
 
 from thumbclf.core.decide import UNDECIDED, decide, threshold_for_accuracy
 from thumbclf.nn.calibration import fit_temperature
-from thumbclf.nn.engine import EarlyStopping, softmax
+from thumbclf.nn.training import EarlyStopping, softmax
 
 
 def run(stopper, losses):
@@ -109,7 +109,7 @@ def _fit(model, x, y, epochs, checkpoints, *, resume=None, interrupt_after=None,
     from torch import nn
 
     from thumbclf.nn.data import UNNORMALISED
-    from thumbclf.nn.engine import FitSpec, fit
+    from thumbclf.nn.training import FitSpec, fit
 
     gen = torch.Generator().manual_seed(1)
     rng = np.random.default_rng(1)
@@ -146,7 +146,7 @@ def test_fit_keeps_the_features_of_the_best_epochs_own_passes():
     import torch
 
     from thumbclf.nn.data import UNNORMALISED
-    from thumbclf.nn.engine import predict_logits
+    from thumbclf.nn.training import predict_logits
     from thumbclf.nn.familiarity import WithFeatures, split
 
     model, x, y = _tiny_problem()
@@ -212,7 +212,7 @@ def test_batchnorm_statistics_are_re_estimated_with_the_final_weights():
     import torch
 
     from thumbclf.nn.data import UNNORMALISED
-    from thumbclf.nn.engine import recalibrate_bn
+    from thumbclf.nn.training import recalibrate_bn
 
     model, x, y = _tiny_problem()
     bn = model[1]
