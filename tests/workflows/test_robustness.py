@@ -86,8 +86,11 @@ def test_interrupted_deploy_resumes_with_only_the_rest(model_dir, tmp_path):
                      "hasLabels: false\nbatch_size: 1\nnum_workers: 0\n")
     partial = tmp_path / "d" / "predictions.partial.csv"
     env = dict(os.environ, PYTHONPATH=str(ROOT))
+    # Ctrl-C as a terminal sends it: a suite started in the background (nohup, `&`) ignores
+    # SIGINT, and its children would inherit that and run to the end
     proc = subprocess.Popen([sys.executable, str(ROOT / "deploy_thumbclassifier.py"), str(exp)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while time.time() < deadline:
         if partial.is_file() and len(partial.read_text().splitlines()) > 5:
