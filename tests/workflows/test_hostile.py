@@ -376,13 +376,13 @@ def test_a_diverging_training_stops_without_a_model_file(tiny_data, tmp_path, mo
     from thumbclf.cli import main
     from thumbclf.nn import training
 
-    real = engine.training_loss
+    real = training.training_loss
 
     def exploding(output, y, criterion):
         logits, loss = real(output, y, criterion)
         return logits, loss * float("nan")
 
-    monkeypatch.setattr(engine, "training_loss", exploding)
+    monkeypatch.setattr(training, "training_loss", exploding)
     exp = tmp_path / "t.yaml"
     exp.write_text(f"thumbData: {tiny_data}\ntrainFull: true\npretrained: false\nmax_epochs: 1\n"
                    f"bootstrap: 0\ngradcam: 0\nnum_workers: 0\ncache_dir: {tmp_path / 'cache'}\n")

@@ -34,10 +34,8 @@ def prepare_runners(models: list[LoadedModel], params: DeployParams,
     the verification sample computes PyTorch fp32, which verifying would compute anyway.
     ``progress``: show the int8 quantisation's progress bars."""
     first = models[0]
-    own = sum(len(b) for _, b in head or [])
-    if head is not None and own < gate.AGREEMENT_IMAGES and params.precision == "auto":
-        why = (f"PyTorch fp32 ({own} images: fewer than the {gate.AGREEMENT_IMAGES} a faster "
-               "precision is verified on, so fp32 costs nothing extra)")
+    why = fp32_suffices(sum(len(b) for _, b in head or []), params) if head is not None else None
+    if why:
         log.info("inference: %s", why)
         return exact_runners(models, device), why
     evidence = gate_evidence(models, params, head or [])
@@ -65,6 +63,15 @@ def prepare_runners(models: list[LoadedModel], params: DeployParams,
         f"{m.path.name}: {n}" for m, n in zip(models, notes))
     log.info("inference: %s", why)
     return runners, why
+
+
+def fp32_suffices(images: int, params: DeployParams) -> str | None:
+    """Why PyTorch fp32 computes a deploy of ``images`` images without verifying anything (too
+    few to verify a faster precision on, which would compute them in fp32 anyway), or None."""
+    if images >= gate.AGREEMENT_IMAGES or params.precision != "auto":
+        return None
+    return (f"PyTorch fp32 ({images} images: fewer than the {gate.AGREEMENT_IMAGES} a faster "
+            "precision is verified on, so fp32 costs nothing extra)")
 
 
 def gate_evidence(models: list[LoadedModel], params: DeployParams,

@@ -29,6 +29,7 @@ from thumbclf.predict.ensemble import exact_runners
 from thumbclf.predict.execution import executor_for
 from thumbclf.predict.local import computed, decode_workers
 
+from thumbclf.workflows.engines import fp32_suffices
 from thumbclf.workflows.run import executor_spec
 
 log = logging.getLogger(__name__)
@@ -160,11 +161,13 @@ def _start(ex, models, sample_set: SampleSet, todo: list[int], params: DeployPar
     (local: its workers go on decoding while the gate computes), else here, before the rest
     goes to the executor."""
     paths = [sample_set.samples[i].path for i in todo]
-    if choose is None:
+    small = fp32_suffices(len(todo), params) if choose is not None else None
+    if choose is None or small:  # small: no head to wait for, so rows are written from the first
         runners = exact_runners(models, device)
-        return runners, "PyTorch fp32", ex.predict(models, todo, paths, device=device,
-                                                   slide_cache=params.slide_cache,
-                                                   runners=runners)
+        if small:
+            log.info("inference: %s", small)
+        return runners, small or "PyTorch fp32", ex.predict(
+            models, todo, paths, device=device, slide_cache=params.slide_cache, runners=runners)
     local = ex.name == "local"
     decoded = (ex.decoded(models, todo, paths, device=device, slide_cache=params.slide_cache)
                if local else _head_loader(models, todo, paths, params))
