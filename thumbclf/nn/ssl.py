@@ -171,7 +171,7 @@ def _pretrain_epoch(learner: BYOL, spec: PretrainSpec, state: PretrainState, sca
         spec.optimizer.zero_grad(set_to_none=True)
         with autocast(device):
             loss = learner(v1, v2)
-        finite_or_diverged(float(loss), f"the pretraining loss at epoch {epoch}")
+        finite_or_diverged(float(loss.detach()), f"the pretraining loss at epoch {epoch}")
         backward_step(loss, spec.optimizer, scaler)
         learner.update_target(momentum_at(state.step, total, spec.base_momentum))
         state.step += 1
