@@ -104,6 +104,15 @@ def card_review(browser, name: str) -> str:
         ".textContent === arguments[0]) return c.querySelector('.reviewed').textContent;", name)
 
 
+def export(browser, folder: Path) -> Path:
+    """Click the page's export button; the corrections.csv the browser downloads to ``folder``."""
+    folder.mkdir()
+    browser.execute_cdp_cmd("Browser.setDownloadBehavior", {"behavior": "allow",
+                                                            "downloadPath": str(folder)})
+    browser.find_element("id", "export").click()
+    return wait_for(lambda: (folder / "corrections.csv").is_file() and folder / "corrections.csv")
+
+
 def test_relabel_with_the_keyboard_reload_and_export(browser, tmp_path):
     folder = results_folder(tmp_path, ["a", "b", "c", "d", "e", "f"])
     assert cli.command(["review", str(folder), "--quiet"]) == 0
@@ -132,12 +141,7 @@ def test_relabel_with_the_keyboard_reload_and_export(browser, tmp_path):
     assert card_review(browser, second) == "reviewed: left Undecided"
     assert card_review(browser, third) == ""
     assert "3 corrections in all" in browser.find_element("id", "status").text
-    (tmp_path / "dl").mkdir()
-    browser.execute_cdp_cmd("Browser.setDownloadBehavior", {"behavior": "allow",
-                                                            "downloadPath": str(tmp_path / "dl")})
-    browser.find_element("id", "export").click()
-    exported = wait_for(lambda: (tmp_path / "dl" / "corrections.csv").is_file()
-                        and (tmp_path / "dl" / "corrections.csv"))
+    exported = export(browser, tmp_path / "dl")
     got = read_table_of(exported)           # an ordinary thumbclf input table
     assert {(c.path.name, c.label, c.reviewer) for c in got} == {
         (first, "IHC", "AB"), (second, "Undecided", "AB"), (fourth, "Biopsy", "AB")}
@@ -182,12 +186,7 @@ def test_the_page_exports_a_name_that_is_not_utf8_so_that_apply_finds_it(browser
         press(browser, "j")
     assert current(browser).startswith("caf")
     press(browser, "2")
-    (tmp_path / "dl").mkdir()
-    browser.execute_cdp_cmd("Browser.setDownloadBehavior", {"behavior": "allow",
-                                                            "downloadPath": str(tmp_path / "dl")})
-    browser.find_element("id", "export").click()
-    exported = wait_for(lambda: (tmp_path / "dl" / "corrections.csv").is_file()
-                        and (tmp_path / "dl" / "corrections.csv"))
+    exported = export(browser, tmp_path / "dl")
     assert "\\xe9" in exported.read_text(encoding="utf-8")
     assert [str(c.path) for c in read_table_of(exported)] == [odd]
     assert cli.command(["review", str(folder), "--apply", str(exported), "--quiet"]) == 0
