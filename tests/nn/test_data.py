@@ -1,6 +1,7 @@
 """Tensors from images: augmentation, training batches, balanced sampling, normalisation."""
 
 import numpy as np
+import pytest
 import torch
 
 from thumbclf.inputs.cache import DecodedImages
@@ -77,3 +78,18 @@ def test_to_input_normalises_channels_last():
     assert out.shape == (2, 3, 8, 8) and out.is_contiguous(memory_format=torch.channels_last)
     expected = (1 - torch.tensor(IMAGENET.mean)) / torch.tensor(IMAGENET.std)
     assert torch.allclose(out[0, :, 0, 0], expected)
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_to_input_gives_exactly_the_reference_arithmetic_and_leaves_its_input(channels_last):
+    """Issue 29: normalised in place, the values are bit for bit those of (x/255 - mean)/std,
+    and a float input (not what the pipeline passes, but possible) is not changed."""
+    x = torch.randint(0, 256, (3, 17, 13, 3), dtype=torch.uint8,
+                      generator=torch.Generator().manual_seed(0))
+    mean = torch.tensor(IMAGENET.mean).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET.std).view(1, 3, 1, 1)
+    reference = (x.permute(0, 3, 1, 2).float() / 255.0 - mean) / std
+    assert torch.equal(to_input(x, IMAGENET, torch.device("cpu"), channels_last), reference)
+    floats = x.float()
+    to_input(floats, IMAGENET, torch.device("cpu"), channels_last)
+    assert torch.equal(floats, x.float())

@@ -33,11 +33,14 @@ UNNORMALISED = Normalisation((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))  # the prototype'
 def to_input(batch: torch.Tensor, norm: Normalisation, device: torch.device,
              channels_last: bool = True) -> torch.Tensor:
     """uint8 (n, H, W, 3) -> normalised float (n, 3, H, W) on ``device``."""
-    x = batch.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
+    x = batch.to(device, non_blocking=True).permute(0, 3, 1, 2)
+    # laid out first, then converted and normalised in place: the same arithmetic in the same
+    # order (identical values) without the three temporary copies (issue 29)
+    x = x.contiguous(memory_format=torch.channels_last) if channels_last else x.contiguous()
     mean = torch.tensor(norm.mean, device=device).view(1, 3, 1, 1)
     std = torch.tensor(norm.std, device=device).view(1, 3, 1, 1)
-    x = (x - mean) / std
-    return x.contiguous(memory_format=torch.channels_last) if channels_last else x.contiguous()
+    x = x.float() if x.dtype != torch.float32 else x.clone()  # never the caller's tensor
+    return x.div_(255.0).sub_(mean).div_(std)
 
 
 def training_batches(images: DecodedImages, positions: np.ndarray, targets: np.ndarray, *,
