@@ -2,6 +2,7 @@
 
 import os
 import subprocess
+import tempfile
 import sys
 from pathlib import Path
 
@@ -212,3 +213,24 @@ def test_review_and_apply_corrections_name_a_wrong_argument(tmp_path):
     frame = pd.DataFrame({"PATH": ["a.png"], "CLASSIFICATION": ["IHC"]})
     with pytest.raises(ConfigError, match="corrections must be the path .* got DataFrame"):
         api.apply_corrections(tmp_path, frame)
+
+
+def test_predict_writes_no_folder(tiny_model, tiny_data, tmp_path, monkeypatch):
+    """Issue 32: the API predicts without a results folder: predict() makes no folder (the
+    thumbclf-predict- temporary folder it once used included) and writes nothing under the
+    temporary folder or the current one."""
+    work, tmp = tmp_path / "cwd", tmp_path / "tmp"
+    work.mkdir()
+    tmp.mkdir()
+    monkeypatch.chdir(work)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    model = thumbclf.load_model(tiny_model, num_workers=0, cache_dir=tmp_path / "cache")
+    made = []
+    real = os.mkdir
+    monkeypatch.setattr(os, "mkdir",
+                        lambda path, *a, **k: (made.append(path), real(path, *a, **k)))
+    table = model.predict(tiny_data)
+    pictures = model.predict([Image.open(p) for p in table["PATH"][:3]])
+    assert len(table) == 18 and len(pictures) == 3
+    assert made == []
+    assert list(work.iterdir()) == [] and list(tmp.iterdir()) == []

@@ -170,11 +170,8 @@ RECIPES = "thumbclf/workflows/"  # the recipes read the params and turn them int
 # allowed for now. Remove an entry when its function takes a spec; a new offender fails.
 PARAMETER_ALLOWANCES = {
     # issue 29's files (another change gives the engine choice its EngineSpec)
-    "thumbclf/predict/inference.py:choose", "thumbclf/predict/inference.py:_try",
-    "thumbclf/predict/inference.py:_runner", "thumbclf/predict/gate.py:gate",
+    "thumbclf/predict/gate.py:gate",
     "thumbclf/predict/ray_backend.py:_dataset", "thumbclf/predict/ray_backend.py:_stages",
-    # its one caller is workflows/stream.py (issue 29's file): build takes columns with it
-    "thumbclf/core/table.py:build",
     # still to do (issue 32): a spec each
     "thumbclf/nn/training.py:train_one_epoch", "thumbclf/nn/models.py:save_model",
     "thumbclf/nn/data.py:training_batches", "thumbclf/inputs/synth.py:generate",
@@ -219,10 +216,10 @@ def test_the_parameter_count_counts_every_kind_of_parameter(tmp_path):
 
 
 # Column names written out where core/table.py's constants belong, in files another change
-# owns (issue 29: stream and the Ray executor; issue 30: the read record). Remove an entry
+# owns (issue 29: the Ray executor; issue 30: the read record). Remove an entry
 # when its file uses the constants; a new literal anywhere else fails.
 COLUMN_ALLOWANCES = {
-    ("thumbclf/workflows/stream.py", "PATH"), ("thumbclf/predict/ray_backend.py", "error"),
+    ("thumbclf/predict/ray_backend.py", "error"),
     ("thumbclf/inputs/readrecord.py", "slide_width"),
     ("thumbclf/inputs/readrecord.py", "slide_mpp_x"),
 }

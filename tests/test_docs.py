@@ -216,7 +216,8 @@ def test_the_generator_stops_on_a_new_name_column_layer_or_a_parser_without_comm
         return df
 
     wider = SimpleNamespace(**{k: getattr(table, k) for k in dir(table) if k.isupper()},
-                            build=build, __name__="thumbclf.core.table")
+                            InputColumns=table.InputColumns, build=build,
+                            __name__="thumbclf.core.table")
     with pytest.raises(gen.ShapeError, match="confidence_interval"):
         gen.table_page(wider)
 

@@ -16,8 +16,6 @@ import contextlib
 import dataclasses
 import logging
 import os
-import tempfile
-import types
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
@@ -29,7 +27,7 @@ from thumbclf.workflows.execute import execute
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
 
-    from thumbclf.config import DeployParams
+    from thumbclf.predict.executor import InferenceSpec
 
 log = logging.getLogger(__name__)
 
@@ -194,31 +192,34 @@ def load_model(path: str | os.PathLike | Iterable[str | os.PathLike], **settings
     from thumbclf.config.files import override, plain
     from thumbclf.core.decide import threshold_in_force
     from thumbclf.nn.training import pick_device
-    from thumbclf.workflows.deploy import load_models, prepare_runners
+    from thumbclf.predict.engines import prepare_runners
+    from thumbclf.workflows.deploy import load_models
+    from thumbclf.workflows.run import inference_spec
 
     paths = plain(path) if isinstance(path, (str, os.PathLike)) else [plain(p) for p in path]
-    raw = override({"thumbData": "."}, {**settings, "modelAdr": paths})
-    # thumbData and output are placeholders: predict() names the images and a temporary folder.
-    # The output stands beside the first model, so that the default cache folder (converted
-    # engines, their verdicts) is the one beside it, never the parent of the current folder.
+    raw = override({}, {**settings, "modelAdr": paths})
+    # the settings, checked by the key table's rules as a deploy's are; no images (predict()
+    # names them) and no results folder: the output only places the default cache folder
+    # (converted engines, their verdicts) beside the first model, never in the parent of the
+    # current folder
     first = Path(paths if isinstance(paths, str) else (paths or ["."])[0]).absolute()
     params = validate(raw, workflow=DEPLOY, source=Path("load_model()"), output=first,
-                      base=Path.cwd())
+                      base=Path.cwd(), need=("model_path",))
     models = load_models(params)
     chosen = threshold_in_force(given=params.prediction_threshold,
                                 stored=[m.threshold for m in models])
     device = pick_device(params.device)
+    spec = inference_spec(params)
     # no deploy images yet: verified on verify_data or the model's own validation split
-    runners, _ = prepare_runners(models, dataclasses.replace(params, has_labels=False), None,
-                                 device, chosen.value)
-    return Classifier(params, models, chosen.value, chosen.reason, device, runners)
+    runners, _ = prepare_runners(models, spec, None, device, chosen.value)
+    return Classifier(spec, models, chosen.value, chosen.reason, device, runners)
 
 
 @dataclasses.dataclass
 class Classifier:
-    """Loaded model(s) plus the settings to feed them; ``predict`` gives a predictions table."""
+    """Loaded model(s) plus how to feed them; ``predict`` gives a predictions table."""
 
-    params: DeployParams
+    spec: InferenceSpec
     models: list
     threshold: float
     threshold_reason: str
@@ -244,16 +245,18 @@ class Classifier:
         CLASSIFICATION, PATIENT), read as a table file would be. Relative paths start at the
         current directory. ``has_labels``: keep the labels (CLASSIFICATION column); default:
         when a table has one; a folder with labels has one subfolder per class.
+        ``progress``: show a progress bar. Nothing is written (but the cache folder's slide
+        thumbnails and converted engines).
         """
         import pandas as pd
         from PIL import Image
 
         if isinstance(images, pd.DataFrame):
-            return self._predict_samples(*self._frame_samples(images, has_labels))
+            return self._predict_samples(*self._frame_samples(images, has_labels), progress)
         if isinstance(images, (str, os.PathLike)):
             path = Path(images).absolute()
             if path.is_dir() or _is_table(path):
-                return self._predict_samples(*self._discover(path, has_labels))
+                return self._predict_samples(*self._discover(path, has_labels), progress)
             images = [path]
         elif isinstance(images, Image.Image):
             images = [images]
@@ -269,7 +272,7 @@ class Classifier:
         from thumbclf.inputs.samples import Sample, SampleSet
 
         samples = tuple(Sample(Path(i).absolute()) for i in items)
-        return self._predict_samples(SampleSet(samples, (), False, Path.cwd()), False)
+        return self._predict_samples(SampleSet(samples, (), False, Path.cwd()), False, progress)
 
     # -- inputs
 
@@ -296,37 +299,27 @@ class Classifier:
 
     # -- predicting
 
-    def _predict_samples(self, sample_set, has_labels: bool) -> pd.DataFrame:
-        """Files through the command line's own streaming code, into a temporary folder."""
-        from thumbclf.inputs import slides
-        from thumbclf.workflows.deploy import final_table, predict_stream
+    def _predict_samples(self, sample_set, has_labels: bool, progress: bool) -> pd.DataFrame:
+        """Files through the command line's own streaming, rows and table code, in memory."""
+        from thumbclf.predict.stream import predict_table
 
-        with tempfile.TemporaryDirectory(prefix="thumbclf-predict-") as tmp:
-            folder = Path(tmp) / "predictions"
-            folder.mkdir()
-            params = dataclasses.replace(self.params, output=folder, has_labels=has_labels)
-            partial, _ = predict_stream(self.models, sample_set, folder, params=params,
-                                        threshold=self.threshold, device=self.device,
-                                        quiet=True, resume=False,
-                                        choose=lambda head: (self.runners, ""))
-            is_slide = [slides.is_slide(s.path) for s in sample_set.samples]
-            return final_table(sample_set, partial, self.classes, has_labels, self.threshold,
-                               is_slide, read_from=(self.models[0].prep.slide_size,
-                                                    params.slide_cache))
+        return predict_table(self.models, sample_set,
+                             dataclasses.replace(self.spec, progress=progress),
+                             threshold=self.threshold, device=self.device,
+                             has_labels=has_labels, runners=self.runners)
 
     def _predict_pictures(self, items: list) -> pd.DataFrame:
         """In-memory pictures (and paths beside them), preprocessed as files are, through the
-        command line's own rows and table (``append_batches``, ``final_table``)."""
+        command line's own rows and table (``predicted_rows``, ``table_of``)."""
         import numpy as np
         import torch
         from PIL import Image
 
-        from thumbclf.core import layout
         from thumbclf.core.errors import ImageReadError
+        from thumbclf.core.table import ERROR, InputColumns
         from thumbclf.inputs.decode import load_array, picture_array
-        from thumbclf.inputs.samples import SampleSet
         from thumbclf.predict.ensemble import ensemble_predict
-        from thumbclf.workflows.stream import append_batches, final_table
+        from thumbclf.predict.stream import predicted_rows, read_rows, table_of
 
         prep = self.models[0].prep
         names, arrays, errors = [], [], []
@@ -353,24 +346,21 @@ class Classifier:
 
         def batches():
             ok = [i for i, a in enumerate(arrays) if a is not None]
-            for start in range(0, len(ok), self.params.batch_size):
-                rows = ok[start:start + self.params.batch_size]
+            for start in range(0, len(ok), self.spec.batch_size):
+                rows = ok[start:start + self.spec.batch_size]
                 x = torch.from_numpy(np.stack([arrays[i] for i in rows]))
                 p, signals = ensemble_predict(self.models, self.runners, x, self.device,
-                                              self.params.tta)
+                                              self.spec.tta)
                 yield np.array(rows), p, signals, [""] * len(rows)
             failed = [i for i, a in enumerate(arrays) if a is None]
             if failed:
                 yield (np.array(failed), np.zeros((len(failed), len(self.classes))), {},
                        [errors[i] for i in failed])
 
-        samples = tuple(types.SimpleNamespace(path=n, row=None, label=None, patient=None)
-                        for n in names)
-        with tempfile.TemporaryDirectory(prefix="thumbclf-predict-") as tmp:
-            partial = Path(tmp) / layout.PARTIAL
-            append_batches(batches(), partial, self.classes, self.threshold)
-            return final_table(SampleSet(samples, (), False, Path.cwd()), partial, self.classes,
-                               False, self.threshold, [False] * len(samples))
+        rows = read_rows(predicted_rows(batches(), self.classes, self.threshold), len(names),
+                         self.classes)
+        inputs = InputColumns(paths=names, errors=rows[ERROR].fillna("").tolist())
+        return table_of(rows, inputs, self.classes, self.threshold)
 
 
 def _is_table(path: Path) -> bool:

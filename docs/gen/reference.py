@@ -14,7 +14,6 @@ import ast
 import importlib
 import re
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 
@@ -360,12 +359,13 @@ COLUMN_MEANINGS = {
 def table_columns(table) -> list[str]:
     """The columns of a table built by the table module with every option on, in order."""
     need(hasattr(table, "build"), "the table module has no build()")
-    sample = SimpleNamespace(path=Path("a.png"), row=2, label="A", patient="p1", source="s1")
-    df = table.build([sample], [[0.25, 0.75]], ["A", "B"], ["B"], threshold=0.5, labels=True,
-                     patients=True, rows=True, fold=1, errors=[""], reasons=[""],
-                     signals={c: [0.5] for c in table.SIGNALS},
-                     slide_properties=[dict.fromkeys(table.SLIDE_COLUMNS)],
-                     read_records=[dict.fromkeys(table.READ_COLUMNS)])
+    need(hasattr(table, "InputColumns"), "the table module has no InputColumns")
+    inputs = table.InputColumns(paths=["a.png"], rows=[2], labels=["A"], patients=["p1"],
+                                sources=["s1"], errors=[""],
+                                slide_properties=[dict.fromkeys(table.SLIDE_COLUMNS)],
+                                read_records=[dict.fromkeys(table.READ_COLUMNS)])
+    df = table.build(inputs, [[0.25, 0.75]], ["A", "B"], ["B"], threshold=0.5, fold=1,
+                     reasons=[""], signals={c: [0.5] for c in table.SIGNALS})
     return list(df.columns)
 
 

@@ -8,7 +8,6 @@ import pytest
 from thumbclf.core import table
 from thumbclf.core.decide import UNDECIDED
 from thumbclf.core.errors import DataError
-from thumbclf.inputs.samples import check_class_names
 
 
 def test_class_names_that_are_the_tables_own_columns_are_reserved():
@@ -20,7 +19,23 @@ def test_class_names_that_are_the_tables_own_columns_are_reserved():
 
 def test_reading_inputs_refuses_a_reserved_class_name_naming_the_file():
     with pytest.raises(DataError) as err:
-        check_class_names(("IHC", table.ERROR), Path("labels.csv"))
+        table.check_class_names(("IHC", table.ERROR), Path("labels.csv"))
     assert str(err.value) == ("labels.csv: class names error are reserved column names of the "
                               "predictions table; rename those classes")
-    check_class_names(("IHC", "TMA"), Path("labels.csv"))  # no clash: nothing to say
+    table.check_class_names(("IHC", "TMA"), Path("labels.csv"))  # no clash: nothing to say
+
+
+def test_build_takes_input_columns_and_writes_only_those_given():
+    """Issue 32: build takes the inputs' columns (no samples): a column left None is not in
+    the table; a given one is, in the documented order, its text as given."""
+    inputs = table.InputColumns(paths=["a.png", "b\udcff.png"], labels=["A", "B"],
+                                errors=["", "unreadable"])
+    df = table.build(inputs, [[0.25, 0.75], [float("nan")] * 2], ["A", "B"], ["B", ""],
+                     threshold=0.5, reasons=["", ""])
+    assert list(df.columns) == [table.PATH, table.LABEL, "A", "B", table.DECISION, table.REASON,
+                                table.ERROR, table.THRESHOLD]
+    assert df[table.PATH].tolist() == ["a.png", "b\udcff.png"]  # not UTF-8: kept as given
+    rows = table.InputColumns(paths=["a.png"], rows=[2], patients=["p1"], sources=["s1"])
+    df = table.build(rows, [[0.25, 0.75]], ["A", "B"], ["B"], threshold=0.5, fold=2)
+    assert list(df.columns)[:6] == [table.PATH, table.ROW, table.PATIENT, table.SOURCE,
+                                    table.FOLD, "A"]

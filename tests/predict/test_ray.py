@@ -90,7 +90,7 @@ def test_an_interrupted_ray_deploy_resumes_without_duplicates_or_gaps(model_dir,
                                                                         tmp_path, monkeypatch):
     """Ctrl-C (or SIGTERM, which thumbclf turns into the same) after the third batch's rows."""
     from thumbclf import api
-    from thumbclf.workflows import stream as deployment
+    from thumbclf.predict import stream as deployment
     from thumbclf.predict import ray_backend
 
     exp = write_yaml(tmp_path / "d.yaml", f"thumbData: {archive}\nmodelAdr: {model_dir}\n"

@@ -1,4 +1,4 @@
-"""workflows/engines.py and the stream: verification inside the deploy stream (issue 29).
+"""predict/engines.py and predict/stream.py: verification inside the deploy stream (issue 29).
 
 The verification images are the first images of the deploy's own stream, computed both ways
 from the same decoded batch: nothing is decoded twice; a deploy smaller than the verification

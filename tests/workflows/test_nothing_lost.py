@@ -162,7 +162,7 @@ def test_a_full_disk_during_prediction_is_one_line_and_resumable(model_dir, tmp_
 
 
 def test_a_full_disk_before_the_first_row_still_resumes(tmp_path, monkeypatch):
-    from thumbclf.workflows.stream import _done_positions
+    from thumbclf.predict.stream import _done_positions
     from thumbclf.core.errors import OutputError
 
     partial = tmp_path / "predictions.partial.csv"
@@ -183,7 +183,7 @@ def test_a_resume_with_other_inputs_is_refused(model_dir, tmp_path, monkeypatch,
                    classes=("IHC", "TMA"))
     exp = write_yaml(tmp_path / "d.yaml", f"thumbData: {tmp_path / 'imgs'}\nmodelAdr: {model_dir}\n"
                      "hasLabels: false\nbatch_size: 4\nnum_workers: 0\ngradcam: 0\n")
-    import thumbclf.workflows.stream as deployment
+    import thumbclf.predict.stream as deployment
 
     real = deployment.append_whole
     calls = []

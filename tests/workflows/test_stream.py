@@ -1,4 +1,4 @@
-"""workflows/stream.py: the predictions table from the partial file."""
+"""predict/stream.py: the predictions table from the partial file."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 
 from thumbclf.core.files import append_whole
 from thumbclf.inputs.samples import Sample, SampleSet
-from thumbclf.workflows import stream
+from thumbclf.predict import stream
 
 
 def test_a_slide_that_fails_after_reading_is_its_row_not_the_whole_table(tmp_path):

@@ -130,8 +130,10 @@ def _show(value: Any) -> str:
 
 
 def validate(raw: dict[str, Any], *, workflow: str, source: Path, output: Path | None = None,
-             base: Path | None = None) -> Params:
-    """Turn a raw mapping into the workflow's params; raise ConfigError listing every problem."""
+             base: Path | None = None, need: tuple[str, ...] | None = None) -> Params:
+    """Turn a raw mapping into the workflow's params; raise ConfigError listing every problem.
+    ``need``: the keys that must be given (default: the workflow's REQUIRED; the Python API's
+    load_model needs only modelAdr, as it has no images yet)."""
     base = base if base is not None else source.parent
     problems: list[str] = []
     values: dict[str, Any] = {}
@@ -154,7 +156,7 @@ def validate(raw: dict[str, Any], *, workflow: str, source: Path, output: Path |
             values[key.name] = convert(key, value, base)
         except ValueError as exc:
             problems.append(f"{spelling} {exc}; got {_show(value)}")
-    for name in REQUIRED[workflow]:
+    for name in REQUIRED[workflow] if need is None else need:
         if values.get(name) in (None, ()):
             key = KEY_BY_NAME[name]
             spelling = key.aliases[0] if key.aliases else name

@@ -219,7 +219,7 @@ class Params:
 
     source: Path
     output: Path
-    thumb_data: Path
+    thumb_data: Path | None = None  # None: no images yet (the API's load_model)
     target_labels: tuple[str, ...] | None = None
     model_path: tuple[Path, ...] = ()
     batch_size: int = _d("batch_size")

@@ -16,15 +16,15 @@ from __future__ import annotations
 import csv
 import io
 import re
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Protocol, Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 import pandas as pd
 
 from thumbclf.core.decide import UNDECIDED
 from thumbclf.core.errors import DataError
-from thumbclf.core.layout import web_url
 
 PATH, ROW, LABEL, PATIENT, FOLD = "PATH", "row", "CLASSIFICATION", "PATIENT", "fold"
 DECISION, ERROR, THRESHOLD = "model_prediction", "error", "threshold"
@@ -179,40 +179,49 @@ def text(values, index=None) -> pd.Series:
     return pd.Series(list(values), dtype=object, index=index)
 
 
-class Input(Protocol):
-    """What the table needs of one input (``inputs.samples.Sample`` is one): its path, table
-    row, label, patient and source. A protocol, so that this leaf imports nothing above it."""
+@dataclass(frozen=True)
+class InputColumns:
+    """The columns a predictions table takes from its inputs, one entry per input, in input
+    order: ``paths`` (the PATH column, as written), and, where the table has them, the table
+    rows, labels, patients and sources (None: no such column; a source column only where one
+    input has a source); then what reading each input gave: its error ('' when readable), and
+    for slides their properties (SLIDE_COLUMNS) and read record (READ_COLUMNS), None for a
+    picture. ``inputs.samples.input_columns`` makes them from samples."""
 
-    path: object
-    row: int | None
-    label: str | None
-    patient: str | None
-    source: str | None
+    paths: Sequence[str]
+    rows: Sequence[int | None] | None = None
+    labels: Sequence[str | None] | None = None
+    patients: Sequence[str] | None = None
+    sources: Sequence[str] | None = None
+    errors: Sequence[str] | None = None
+    slide_properties: Sequence[dict | None] | None = None
+    read_records: Sequence[dict | None] | None = None
+
+    def __len__(self) -> int:
+        return len(self.paths)
 
 
-def build(samples: Sequence[Input], probs: np.ndarray, classes: Sequence[str],
-          decisions: Sequence[str], *, threshold: float, labels: bool, patients: bool,
-          rows: bool = False, fold: int | None = None, errors: Sequence[str] | None = None,
-          reasons: Sequence[str] | None = None, signals: dict[str, np.ndarray] | None = None,
-          slide_properties: Sequence[dict | None] | None = None,
-          read_records: Sequence[dict | None] | None = None) -> pd.DataFrame:
-    """The predictions table of ``samples`` (one row each, in order), in the documented column
+def build(inputs: InputColumns, probs: np.ndarray, classes: Sequence[str],
+          decisions: Sequence[str], *, threshold: float, fold: int | None = None,
+          reasons: Sequence[str] | None = None,
+          signals: dict[str, np.ndarray] | None = None) -> pd.DataFrame:
+    """The predictions table of ``inputs`` (one row each, in order), in the documented column
     order. ``fold`` (cross-validation) adds the fold column; full training (fold 0) has none;
     ``signals``: the SIGNALS columns the decision step had (familiarity.ensemble_signals)."""
     # text as Python strings (object): file names that are not UTF-8 keep their surrogate
     # escapes, which pandas' pyarrow strings cannot hold
-    df = pd.DataFrame({PATH: text([web_url(s.path) or str(s.path) for s in samples])})
-    if rows:
-        df[ROW] = [s.row for s in samples]
-    if labels:
-        df[LABEL] = text([s.label for s in samples])
-    if patients:
-        df[PATIENT] = text([s.patient or str(s.path) for s in samples])
-    if any(getattr(s, "source", None) for s in samples):
-        df[SOURCE] = text([getattr(s, "source", None) or "" for s in samples])
+    df = pd.DataFrame({PATH: text(inputs.paths)})
+    if inputs.rows is not None:
+        df[ROW] = list(inputs.rows)
+    if inputs.labels is not None:
+        df[LABEL] = text(inputs.labels)
+    if inputs.patients is not None:
+        df[PATIENT] = text(inputs.patients)
+    if inputs.sources is not None:
+        df[SOURCE] = text(inputs.sources)
     if fold:
         df[FOLD] = fold
-    probs = np.asarray(probs, dtype=float).reshape(len(samples), len(classes))
+    probs = np.asarray(probs, dtype=float).reshape(len(inputs), len(classes))
     for j, c in enumerate(classes):
         df[c] = probs[:, j]
     df[DECISION] = list(decisions)
@@ -221,15 +230,17 @@ def build(samples: Sequence[Input], probs: np.ndarray, classes: Sequence[str],
     for col in SIGNALS:
         if signals is not None and signals.get(col) is not None:
             df[col] = np.asarray(signals[col], dtype=float)
-    if errors is not None:
-        df[ERROR] = list(errors)
+    if inputs.errors is not None:
+        df[ERROR] = list(inputs.errors)
     df[THRESHOLD] = threshold
-    if slide_properties is not None and any(p is not None for p in slide_properties):
+    found = inputs.slide_properties
+    if found is not None and any(p is not None for p in found):
         for col in SLIDE_COLUMNS:
-            df[col] = [p[col] if p is not None else None for p in slide_properties]
-    if read_records is not None and any(r is not None for r in read_records):  # issue 30
+            df[col] = [p[col] if p is not None else None for p in found]
+    records = inputs.read_records
+    if records is not None and any(r is not None for r in records):  # issue 30
         for col in READ_COLUMNS:
-            values = [r.get(col) if r is not None else None for r in read_records]
+            values = [r.get(col) if r is not None else None for r in records]
             df[col] = pd.array(values, dtype="Int64") if col in READ_INT_COLUMNS else values
     return df
 
@@ -238,6 +249,15 @@ def reserved_names(classes: Iterable[str]) -> list[str]:
     """The class names that cannot be, because the table has a column of that name (or they
     name the Undecided decision)."""
     return sorted(set(classes) & RESERVED)
+
+
+def check_class_names(classes: Iterable[str], source: Path | str) -> None:
+    """Class names become column names: DataError naming ``source`` where one is a column of
+    the table's own (or the Undecided decision)."""
+    clash = reserved_names(classes)
+    if clash:
+        raise DataError(f"{source}: class names {', '.join(clash)} are reserved column names of "
+                        "the predictions table; rename those classes")
 
 
 def signal(df: pd.DataFrame, column: str) -> np.ndarray | None:

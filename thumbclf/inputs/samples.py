@@ -6,6 +6,7 @@ import dataclasses
 import logging
 import os
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -14,8 +15,8 @@ import pandas as pd
 from thumbclf.core import layout
 from thumbclf.core.errors import DataError
 from thumbclf.core.layout import to_local_path
-from thumbclf.core.table import (LABEL, MPP_INPUT, PATH, PATIENT, SOURCE, as_written, read_csv,
-                                reserved_names)
+from thumbclf.core.table import (LABEL, MPP_INPUT, PATH, PATIENT, SOURCE, InputColumns,
+                                 as_written, read_csv)
 from thumbclf.inputs import dicomweb
 from thumbclf.inputs.dicom import group_folders
 
@@ -431,9 +432,14 @@ def check_class_sizes(sample_set: SampleSet, folds: int) -> None:
         raise DataError(f"{sample_set.source}: " + "; ".join(problems))
 
 
-def check_class_names(classes: tuple[str, ...], source: Path) -> None:
-    """Class names become column names: they must not collide with the table's own columns."""
-    clash = reserved_names(classes)  # the rule's home: core/table.py
-    if clash:
-        raise DataError(f"{source}: class names {', '.join(clash)} are reserved column names of "
-                        "the predictions table; rename those classes")
+def input_columns(samples: Sequence[Sample], *, labels: bool, patients: bool,
+                  rows: bool = False) -> InputColumns:
+    """The predictions table's input columns of ``samples``: PATH (a DICOMweb URL as written),
+    the table row, label and patient (the path where none is given) where asked for, the
+    source where any sample has one."""
+    return InputColumns(
+        paths=[layout.web_url(s.path) or str(s.path) for s in samples],
+        rows=[s.row for s in samples] if rows else None,
+        labels=[s.label for s in samples] if labels else None,
+        patients=[s.patient or str(s.path) for s in samples] if patients else None,
+        sources=[s.source or "" for s in samples] if any(s.source for s in samples) else None)

@@ -1,5 +1,6 @@
 """What an executor is: the settings it runs with (``ExecutorSpec``), the batches it yields
-(``Batch``) and the two jobs it does for the workflows (``Executor``). The executors themselves
+(``Batch``) and the two jobs it does for the workflows (``Executor``); and how a prediction
+runs on one (``InferenceSpec``). The executors themselves
 live in local.py (this machine) and ray_backend.py (a Ray cluster); execution.py chooses one."""
 
 from __future__ import annotations
@@ -25,6 +26,36 @@ class ExecutorSpec:
     ray_address: str | None = None
     cpus_per_fold: int = 0
     source: Path | str = "experiment"
+
+
+@dataclass(frozen=True)
+class InferenceSpec:
+    """How predictions are computed, built by the recipe from its params in its first lines
+    (workflows/run.py ``inference_spec``): where and how batches run (``executor``: batch_size,
+    num_workers, tta, device), the engine and precision keys, the cache folder of converted
+    engines and their verdicts (``cache_dir``), the slide-thumbnail cache (``slide_cache``),
+    and the labelled images the quality gate may use (``verify_data``; None: the models'
+    validation splits). ``progress``: show progress bars (prediction, int8 quantisation)."""
+
+    executor: ExecutorSpec = ExecutorSpec()
+    engine: str = "auto"
+    precision: str = "auto"
+    cache_dir: Path = Path("thumbclf-cache")
+    slide_cache: Path | None = None
+    verify_data: Path | None = None
+    progress: bool = False
+
+    @property
+    def batch_size(self) -> int:
+        return self.executor.batch_size
+
+    @property
+    def num_workers(self) -> int:
+        return self.executor.num_workers
+
+    @property
+    def tta(self) -> bool:
+        return self.executor.tta
 
 
 # positions, probabilities (n, classes), the decision step's other inputs by table column

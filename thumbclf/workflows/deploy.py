@@ -19,7 +19,7 @@ from thumbclf.core.decide import (MIN_SOURCE_SLIDES, POOLED, UNDECIDED, UNFAMILI
 from thumbclf.core.errors import DataError, ModelError, OutputError
 from thumbclf.core.files import atomic_csv, check_writable
 from thumbclf.inputs import slides
-from thumbclf.inputs.samples import SampleSet, check_class_names, check_input, discover
+from thumbclf.inputs.samples import SampleSet, check_input, discover
 from thumbclf.nn import familiarity
 from thumbclf.nn.training import configure_threads, pick_device
 from thumbclf.nn.models import LoadedModel, load_model
@@ -27,17 +27,17 @@ from thumbclf.outputs import explain, tally
 from thumbclf.outputs.confusion import cm_layout
 from thumbclf.outputs.sorting import copy_all, sort_copies
 from thumbclf.predict.ensemble import ADAPT_IMAGES, adapt_batchnorm, check_adaptable
-from thumbclf.workflows.engines import prepare_runners
-from thumbclf.workflows.evaluate import evaluate_run, summarise_decisions
-from thumbclf.workflows.stream import (
+from thumbclf.predict.engines import prepare_runners
+from thumbclf.predict.stream import (
     timings,
     check_same_inputs,
     check_same_models,
     final_table,
     predict_stream,
 )
+from thumbclf.workflows.evaluate import evaluate_run, summarise_decisions
 from thumbclf.workflows import shards
-from thumbclf.workflows.run import write_config
+from thumbclf.workflows.run import inference_spec, write_config
 from thumbclf.core.table import DECISION, ERROR, PATH
 
 log = logging.getLogger(__name__)
@@ -187,13 +187,14 @@ def run(params: DeployParams, *, resume: bool = False, quiet: bool = False,
     """Deploy as the experiment file says; return the results folder (``shard``: the share's
     folder, with no copies and no report: ``thumbclf merge`` makes them)."""
     folder = shards.folder_of(params.output, shard)
+    spec = inference_spec(params, progress=not quiet)
     if resume and finished(folder):
         raise OutputError(f"{folder}: this deploy finished already (predictions.csv and "
                           "report.html are complete); nothing to resume. Use --output NEW_FOLDER "
                           "for a new run")
     models = load_models(params)
     classes = models[0].classes
-    check_class_names(classes, models[0].path)
+    table_io.check_class_names(classes, models[0].path)
     cm_layout(classes, params.cm_sortlabels, params.cm_xlabels, params.cm_ylabels, params.source)
     everything, sample_set = _inputs(params, folder, classes, shard)
     write_config(params, folder, resume)
@@ -207,8 +208,7 @@ def run(params: DeployParams, *, resume: bool = False, quiet: bool = False,
     done = folder / layout.PREDICTIONS
     check_same_inputs(folder, sample_set, resume)
     check_same_models(folder, models, resume)
-    choose = lambda head: prepare_runners(models, params, head, device,  # noqa: E731
-                                          threshold, progress=not quiet)
+    choose = lambda head: prepare_runners(models, spec, head, device, threshold)  # noqa: E731
     if params.adapt_bn:
         check_adaptable(len(sample_set), params.thumb_data)
         configure_threads(device)
@@ -221,8 +221,8 @@ def run(params: DeployParams, *, resume: bool = False, quiet: bool = False,
         engine_note = timings(folder).get("inference", "not recorded")
     else:
         partial, engine_note = predict_stream(
-            models, sample_set, folder, params=params, threshold=threshold, device=device,
-            quiet=quiet, resume=resume, choose=choose)
+            models, sample_set, folder, spec=spec, threshold=threshold, device=device,
+            resume=resume, choose=choose)
         table = final_table(sample_set, partial, classes, params.has_labels, threshold, is_slide,
                             read_from=(models[0].prep.slide_size, params.slide_cache))
         atomic_csv(table, done)

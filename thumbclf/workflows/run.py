@@ -11,7 +11,7 @@ import yaml
 from thumbclf.config import KEY_BY_NAME, WORKFLOW_OF, params_to_dict
 from thumbclf.core import layout
 from thumbclf.core.errors import ConfigError, OutputError
-from thumbclf.predict.executor import ExecutorSpec
+from thumbclf.predict.executor import ExecutorSpec, InferenceSpec
 
 from thumbclf.core.files import OutputLock, atomic_bytes, atomic_yaml
 from thumbclf.core.table import PATH
@@ -142,3 +142,12 @@ def executor_spec(params) -> ExecutorSpec:
                         batch_size=params.batch_size, tta=getattr(params, "tta", False),
                         device=params.device, ray_address=params.ray_address,
                         cpus_per_fold=getattr(params, "cpus_per_fold", 0), source=params.source)
+
+
+def inference_spec(params, *, progress: bool = False) -> InferenceSpec:
+    """How a deploy's params say to predict (batches, workers, engine, precision, caches,
+    verification images), for predict/stream.py and predict/engines.py."""
+    return InferenceSpec(executor=executor_spec(params), engine=params.engine,
+                         precision=params.precision, cache_dir=params.cache_root,
+                         slide_cache=params.slide_cache, verify_data=params.verify_data,
+                         progress=progress)

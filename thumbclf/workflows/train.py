@@ -26,7 +26,7 @@ from thumbclf.core.files import atomic_csv, atomic_text, atomic_torch_save
 from thumbclf.inputs import splits as splitting
 from thumbclf.inputs.corrections import apply_corrections, read_corrections
 from thumbclf.inputs.images import Preprocessing
-from thumbclf.inputs.samples import (SampleSet, check_class_names, check_class_sizes, discover)
+from thumbclf.inputs.samples import SampleSet, check_class_sizes, discover, input_columns
 from thumbclf.nn import familiarity, look
 from thumbclf.nn.data import IMAGENET, training_batches
 from thumbclf.nn.calibration import MIN_CALIBRATION_IMAGES, Calibration, fit_temperature
@@ -268,9 +268,10 @@ def _fold_table(params: TrainParams, model: nn.Module, decoded, y: np.ndarray,
     signals = familiarity.ensemble_signals([rule], [eval_features], eval_looks, eval_tissue)
     decisions, reasons = decide_with_reasons(probs, classes, threshold, signals.get(
         table_io.UNFAMILIARITY), signals[table_io.TISSUE])
-    table = table_io.build([sample_set.samples[i] for i in eval_pos], probs, classes,
-                           decisions, threshold=threshold, reasons=reasons, signals=signals,
-                           labels=True, patients=sample_set.has_patients, fold=fold)
+    inputs = input_columns([sample_set.samples[i] for i in eval_pos], labels=True,
+                           patients=sample_set.has_patients)
+    table = table_io.build(inputs, probs, classes, decisions, threshold=threshold,
+                           reasons=reasons, signals=signals, fold=fold)
     return table, rule
 
 
@@ -362,7 +363,7 @@ def _inputs(params: TrainParams, folder: Path, resume: bool) -> tuple[SampleSet,
     sample_set = discover(params.thumb_data, need_labels=True, target_labels=params.target_labels,
                           exclude=(folder, params.cache_root))
     sample_set, corrected = with_corrections(sample_set, params)
-    check_class_names(sample_set.classes, params.thumb_data)
+    table_io.check_class_names(sample_set.classes, params.thumb_data)
     cm_layout(sample_set.classes, params.cm_sortlabels, params.cm_xlabels, params.cm_ylabels,
               params.source)  # a bad confusion-matrix option fails now, not after training
     if len(sample_set.classes) < 2:

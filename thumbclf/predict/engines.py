@@ -11,34 +11,33 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from thumbclf.config import DeployParams
 from thumbclf.inputs import splits as splitting
 from thumbclf.inputs.samples import discover
 from thumbclf.nn.data import stream_loader, to_input
 from thumbclf.nn.models import LoadedModel
 from thumbclf.predict import gate, inference
 from thumbclf.predict.ensemble import exact_runners
+from thumbclf.predict.executor import InferenceSpec
 from thumbclf.predict.local import decode_workers
 
 log = logging.getLogger(__name__)
 CALIBRATION_IMAGES = 256  # int8: the deploy's own first images calibrate the quantisation
 
 
-def prepare_runners(models: list[LoadedModel], params: DeployParams,
+def prepare_runners(models: list[LoadedModel], spec: InferenceSpec,
                     head: list[tuple[list[Path], torch.Tensor]] | None, device: torch.device,
-                    threshold: float, *,
-                    progress: bool = False) -> tuple[list[inference.Runner], str]:
+                    threshold: float) -> tuple[list[inference.Runner], str]:
     """The inference engine and precision of each model (engine, precision keys), verified;
     ``head``: the first images of the deploy's stream (their paths and uint8 batch, readable
     ones), its verification images (None: no deploy images, as load_model() has); a deploy smaller than
     the verification sample computes PyTorch fp32, which verifying would compute anyway.
-    ``progress``: show the int8 quantisation's progress bars."""
+    ``spec.progress``: show the int8 quantisation's progress bars."""
     first = models[0]
-    why = fp32_suffices(sum(len(b) for _, b in head or []), params) if head is not None else None
+    why = fp32_suffices(sum(len(b) for _, b in head or []), spec) if head is not None else None
     if why:
         log.info("inference: %s", why)
         return exact_runners(models, device), why
-    evidence = gate_evidence(models, params, head or [])
+    evidence = gate_evidence(models, spec, head or [])
 
     def calibration():  # int8: unlabelled deploy images, as the model will see them
         seen = 0
@@ -48,14 +47,15 @@ def prepare_runners(models: list[LoadedModel], params: DeployParams,
             seen += len(b)
             yield to_input(b, first.norm, torch.device("cpu"), channels_last=False)
 
-    spec = inference.EngineSpec(engine=params.engine, precision=params.precision,
-                                cache_dir=params.cache_root, device=device, progress=progress)
+    engine = inference.EngineSpec(engine=spec.engine, precision=spec.precision,
+                                  cache_dir=spec.cache_dir, device=device,
+                                  progress=spec.progress)
     runners, notes = [], []
     for m in models:
         model = inference.ModelSpec(
             m.runnable(), m.path, m.prep.size, m.classes, threshold, m.temperature,
             channels_last=not m.legacy, familiarity=m.familiarity)
-        runner, why = inference.choose(model, spec, lambda: evidence, calibration)
+        runner, why = inference.choose(model, engine, lambda: evidence, calibration)
         runners.append(runner)
         notes.append(why)
     inference.ensemble_band(runners, threshold)
@@ -65,16 +65,16 @@ def prepare_runners(models: list[LoadedModel], params: DeployParams,
     return runners, why
 
 
-def fp32_suffices(images: int, params: DeployParams) -> str | None:
+def fp32_suffices(images: int, spec: InferenceSpec) -> str | None:
     """Why PyTorch fp32 computes a deploy of ``images`` images without verifying anything (too
     few to verify a faster precision on, which would compute them in fp32 anyway), or None."""
-    if images >= gate.AGREEMENT_IMAGES or params.precision != "auto":
+    if images >= gate.AGREEMENT_IMAGES or spec.precision != "auto":
         return None
     return (f"PyTorch fp32 ({images} images: fewer than the {gate.AGREEMENT_IMAGES} a faster "
             "precision is verified on, so fp32 costs nothing extra)")
 
 
-def gate_evidence(models: list[LoadedModel], params: DeployParams,
+def gate_evidence(models: list[LoadedModel], spec: InferenceSpec,
                   head: list[tuple[list[Path], torch.Tensor]]) -> inference.Evidence:
     """The quality gate's images: up to gate.AGREEMENT_IMAGES of the deploy's own, the first of
     its stream (``head``, decoded already: the stream computes them; with their labels where
@@ -83,7 +83,7 @@ def gate_evidence(models: list[LoadedModel], params: DeployParams,
     model, on other images, verifies nothing again (its band still widens where its own
     recomputed images differ more)."""
     first = models[0]
-    pairs = verification_pairs(models, params)
+    pairs = verification_pairs(models, spec)
     key = hashlib.sha1(("stream|" + "\n".join(f"{p}|{lab}" for p, lab in pairs)
                         ).encode("utf-8", "surrogateescape")).hexdigest()
     known = {path: first.classes.index(lab) for path, lab in pairs}
@@ -95,9 +95,9 @@ def gate_evidence(models: list[LoadedModel], params: DeployParams,
 
     def decode():
         batches, kept = [b for _, b in head], []
-        loader = stream_loader(paths, first.prep, batch_size=params.batch_size,
-                               workers=decode_workers(params.num_workers), pin_memory=False,
-                               slide_cache=params.slide_cache) if paths else []
+        loader = stream_loader(paths, first.prep, batch_size=spec.batch_size,
+                               workers=decode_workers(spec.num_workers), pin_memory=False,
+                               slide_cache=spec.slide_cache) if paths else []
         for pos, x, errors in loader:
             ok = np.array([not e for e in errors], dtype=bool)
             if ok.any():
@@ -112,13 +112,13 @@ def gate_evidence(models: list[LoadedModel], params: DeployParams,
     return inference.Evidence(key, len(head_labels) + len(paths), decode)
 
 
-def verification_pairs(models: list[LoadedModel], params: DeployParams,
+def verification_pairs(models: list[LoadedModel], spec: InferenceSpec,
                        limit: int = 512) -> list[tuple[Path, str]]:
     """Labelled images for the quality gate: verify_data, else the validation splits of the
     models' training runs (splits.csv beside them). A seeded sample, balanced over classes."""
     classes = models[0].classes
-    if params.verify_data is not None:
-        found = [(s.path, s.label) for s in discover(params.verify_data, need_labels=True).samples]
+    if spec.verify_data is not None:
+        found = [(s.path, s.label) for s in discover(spec.verify_data, need_labels=True).samples]
     else:
         found = [pair for m in models if m.path is not None
                  for pair in splitting.validation_of_model(m.path)]

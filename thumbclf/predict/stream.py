@@ -1,9 +1,12 @@
 """Predictions streamed into the partial file, batch by batch (resumable, flat memory), then
-read back as the predictions table in input order."""
+read back as the predictions table in input order; or, for the Python API, the same rows kept
+in memory (``predict_table``: no folder written)."""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import io
 import json
 import logging
 import time
@@ -14,23 +17,21 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from thumbclf.config import DeployParams
 from thumbclf.core import layout
 from thumbclf.core import table as table_io
 from thumbclf.core.decide import decide_with_reasons
 from thumbclf.core.errors import DataError, ImageReadError, ModelError, OutputError, clean
 from thumbclf.core.files import append_whole, atomic_csv, atomic_text, file_digest, repair_tail
 from thumbclf.inputs import readrecord, slides
-from thumbclf.inputs.samples import SampleSet
+from thumbclf.inputs.samples import SampleSet, input_columns
 from thumbclf.nn.training import configure_threads
 from thumbclf.nn.data import stream_loader
 from thumbclf.predict import gate
 from thumbclf.predict.ensemble import exact_runners
 from thumbclf.predict.execution import executor_for
+from thumbclf.predict.engines import fp32_suffices
+from thumbclf.predict.executor import InferenceSpec
 from thumbclf.predict.local import computed, decode_workers
-
-from thumbclf.workflows.engines import fp32_suffices
-from thumbclf.workflows.run import executor_spec
 
 log = logging.getLogger(__name__)
 
@@ -80,13 +81,14 @@ def check_same_inputs(folder: Path, sample_set: SampleSet, resume: bool) -> None
     paths = [str(s.path) for s in sample_set.samples]
     listed = folder / layout.INPUTS
     if resume and listed.is_file():
-        before = table_io.read_csv(listed)["PATH"].tolist()
+        before = table_io.read_csv(listed)[table_io.PATH].tolist()
         if before != paths:
             raise DataError(f"{sample_set.source}: the inputs differ from those of the "
                             f"interrupted run ({len(before)} then, {len(paths)} now, listed in "
                             f"{listed}); restore them, or start a new run with --output")
         return
-    atomic_csv(pd.DataFrame({"position": range(len(paths)), "PATH": table_io.text(paths)}), listed)
+    atomic_csv(pd.DataFrame({"position": range(len(paths)), table_io.PATH: table_io.text(paths)}),
+               listed)
 
 
 def check_same_models(folder: Path, models: list, resume: bool) -> None:
@@ -107,8 +109,8 @@ def check_same_models(folder: Path, models: list, resume: bool) -> None:
     atomic_csv(pd.DataFrame({"model": table_io.text(paths), "sha256": digests}), listed)
 
 
-def predict_stream(models, sample_set: SampleSet, folder: Path, *, params: DeployParams,
-                   threshold: float, device: torch.device, quiet: bool, resume: bool,
+def predict_stream(models, sample_set: SampleSet, folder: Path, *, spec: InferenceSpec,
+                   threshold: float, device: torch.device, resume: bool,
                    choose=None) -> tuple[Path, str]:
     """Predict every sample not yet in the partial file; append rows batch by batch; return
     the partial file and which engine computed.
@@ -130,9 +132,9 @@ def predict_stream(models, sample_set: SampleSet, folder: Path, *, params: Deplo
         return partial, timings(folder).get("inference", "not recorded")
     configure_threads(device)
     start = time.perf_counter()
-    bar = tqdm(total=len(todo), desc="predicting", unit="img", disable=quiet)
-    with executor_for(executor_spec(params), quiet=quiet) as ex:
-        runners, engine_note, batches = _start(ex, models, sample_set, todo, params, device,
+    bar = tqdm(total=len(todo), desc="predicting", unit="img", disable=not spec.progress)
+    with executor_for(spec.executor, quiet=not spec.progress) as ex:
+        runners, engine_note, batches = _start(ex, models, sample_set, todo, spec, device,
                                                choose)
         # closing: an interruption stops the executor's pipeline before the executor ends
         with contextlib.closing(batches):
@@ -154,23 +156,42 @@ def predict_stream(models, sample_set: SampleSet, folder: Path, *, params: Deplo
     return partial, engine_note
 
 
-def _start(ex, models, sample_set: SampleSet, todo: list[int], params: DeployParams, device,
+def predict_table(models, sample_set: SampleSet, spec: InferenceSpec, *, threshold: float,
+                  device: torch.device, has_labels: bool, runners) -> pd.DataFrame:
+    """The predictions table of ``sample_set`` as ``predict_stream`` and ``final_table`` make
+    it, with ``runners`` (PyTorch fp32 where there are fewer images than the quality gate
+    verifies on, as a deploy computes them), in memory: no folder is written (the Python API)."""
+    classes, todo = models[0].classes, list(range(len(sample_set)))
+    configure_threads(device)
+    bar = tqdm(total=len(todo), desc="predicting", unit="img", disable=not spec.progress)
+    with executor_for(spec.executor, quiet=not spec.progress) as ex:
+        _, _, batches = _start(ex, models, sample_set, todo, spec, device,
+                               lambda head: (runners, ""))
+        with contextlib.closing(batches):
+            rows = predicted_rows(batches, classes, threshold, bar=bar)
+    bar.close()
+    is_slide = [slides.is_slide(s.path) for s in sample_set.samples]
+    return final_table(sample_set, rows, classes, has_labels, threshold, is_slide,
+                       read_from=(models[0].prep.slide_size, spec.slide_cache))
+
+
+def _start(ex, models, sample_set: SampleSet, todo: list[int], spec: InferenceSpec, device,
            choose):
     """The runners (and why) and the stream's batches. The verification images are the
     stream's first (issue 29), decoded once: by the executor's own stream where it runs here
     (local: its workers go on decoding while the gate computes), else here, before the rest
     goes to the executor."""
     paths = [sample_set.samples[i].path for i in todo]
-    small = fp32_suffices(len(todo), params) if choose is not None else None
+    small = fp32_suffices(len(todo), spec) if choose is not None else None
     if choose is None or small:  # small: no head to wait for, so rows are written from the first
         runners = exact_runners(models, device)
         if small:
             log.info("inference: %s", small)
         return runners, small or "PyTorch fp32", ex.predict(
-            models, todo, paths, device=device, slide_cache=params.slide_cache, runners=runners)
+            models, todo, paths, device=device, slide_cache=spec.slide_cache, runners=runners)
     local = ex.name == "local"
-    decoded = (ex.decoded(models, todo, paths, device=device, slide_cache=params.slide_cache)
-               if local else _head_loader(models, todo, paths, params))
+    decoded = (ex.decoded(models, todo, paths, device=device, slide_cache=spec.slide_cache)
+               if local else _head_loader(models, todo, paths, spec))
     head, n = [], 0
     for batch in decoded:  # the first AGREEMENT_IMAGES of the stream (a for, then on below)
         head.append(batch)
@@ -185,20 +206,20 @@ def _start(ex, models, sample_set: SampleSet, todo: list[int], params: DeployPar
                              x[torch.from_numpy(ok)]))
     runners, engine_note = choose(readable)
     if local:
-        rest = computed(models, runners, decoded, device, params.tta)
+        rest = computed(models, runners, decoded, device, spec.tta)
     else:
         rest = ex.predict(models, todo[n:], paths[n:], device=device,
-                          slide_cache=params.slide_cache, runners=runners) if todo[n:] else None
-    return runners, engine_note, _chain(computed(models, runners, head, device, params.tta),
+                          slide_cache=spec.slide_cache, runners=runners) if todo[n:] else None
+    return runners, engine_note, _chain(computed(models, runners, head, device, spec.tta),
                                         rest, decoded)
 
 
-def _head_loader(models, todo: list[int], paths: list[Path], params: DeployParams):
+def _head_loader(models, todo: list[int], paths: list[Path], spec: InferenceSpec):
     """The stream's first images, decoded here (an executor elsewhere gets the rest)."""
     loader = stream_loader(paths[:gate.AGREEMENT_IMAGES], models[0].prep,
-                           batch_size=params.batch_size,
-                           workers=decode_workers(params.num_workers), pin_memory=False,
-                           slide_cache=params.slide_cache)
+                           batch_size=spec.batch_size,
+                           workers=decode_workers(spec.num_workers), pin_memory=False,
+                           slide_cache=spec.slide_cache)
     head = np.asarray(todo[:gate.AGREEMENT_IMAGES])
     for pos, x, errors in loader:
         yield head[pos.numpy()], x, list(errors)
@@ -227,30 +248,43 @@ def check_partial_header(partial: Path, header: list[str]) -> None:
                           "(or delete the file to predict every image again)")
 
 
-def final_table(sample_set: SampleSet, partial: Path, classes: tuple[str, ...],
+def final_table(sample_set: SampleSet, partial: Path | io.BytesIO, classes: tuple[str, ...],
                 has_labels: bool, threshold: float, is_slide: list[bool],
                 read_from: tuple[int, Path] | None = None) -> pd.DataFrame:
-    """The predictions table in input order, with slide properties where there are slides, and
+    """The predictions table in input order from the partial file's rows (a file, or the same
+    bytes in memory: ``predicted_rows``), with slide properties where there are slides, and
     their read records from the thumbnail cache ``read_from`` (thumbnail size, folder)."""
-    rows = table_io.read_csv(partial, numeric=["position", *classes, *table_io.SIGNALS])
-    rows = rows.drop_duplicates("position", keep="last").set_index("position").sort_index()
-    rows = rows.reindex(range(len(sample_set)))
+    rows = read_rows(partial, len(sample_set), classes)
     errors = rows[table_io.ERROR].fillna("").to_numpy(dtype=object, copy=True)
     slide_properties = _properties(sample_set, is_slide, rows, errors, classes)
-    signals = {c: rows[c].to_numpy(dtype=float) for c in table_io.SIGNALS}
     records = None
     if read_from is not None:  # issue 30: the read record, kept beside the cached thumbnail
         records = [readrecord.of_slide(s.path, *read_from, properties=props,
                                        mpp_override=s.mpp) if props is not None else None
                    for s, props in zip(sample_set.samples, slide_properties)]
-    return table_io.build(sample_set.samples, rows[list(classes)].to_numpy(dtype=float), classes,
+    inputs = input_columns(sample_set.samples, labels=has_labels,
+                           patients=sample_set.has_patients,
+                           rows=any(s.row is not None for s in sample_set.samples))
+    return table_of(rows, dataclasses.replace(inputs, errors=errors,
+                                              slide_properties=slide_properties,
+                                              read_records=records), classes, threshold)
+
+
+def read_rows(partial: Path | io.BytesIO, n: int, classes) -> pd.DataFrame:
+    """The partial file's rows by position 0..n-1 (the last of repeated ones; missing: empty)."""
+    rows = table_io.read_csv(partial, numeric=["position", *classes, *table_io.SIGNALS])
+    rows = rows.drop_duplicates("position", keep="last").set_index("position").sort_index()
+    return rows.reindex(range(n))
+
+
+def table_of(rows: pd.DataFrame, inputs: table_io.InputColumns, classes,
+             threshold: float) -> pd.DataFrame:
+    """The predictions table of ``inputs`` from their rows (``read_rows``)."""
+    signals = {c: rows[c].to_numpy(dtype=float) for c in table_io.SIGNALS}
+    return table_io.build(inputs, rows[list(classes)].to_numpy(dtype=float), classes,
                           rows[table_io.DECISION].fillna("").to_numpy(), threshold=threshold,
                           reasons=rows[table_io.REASON].fillna("").to_numpy(),
-                          signals={c: v for c, v in signals.items() if not np.isnan(v).all()},
-                          labels=has_labels, patients=sample_set.has_patients,
-                          rows=any(s.row is not None for s in sample_set.samples),
-                          errors=errors, slide_properties=slide_properties,
-                          read_records=records)
+                          signals={c: v for c, v in signals.items() if not np.isnan(v).all()})
 
 
 def _properties(sample_set: SampleSet, is_slide: list[bool], rows: pd.DataFrame,
@@ -282,29 +316,46 @@ def partial_header(classes) -> list[str]:
 def append_batches(batches, partial: Path, classes, threshold: float, *, bar=None) -> int:
     """Decide every batch of (positions, probabilities, signals, errors) and append its rows
     whole to the partial file; the number of unreadable images. The one path from a
-    prediction to a row, for the command line and the API alike."""
+    prediction to a row (``batch_rows``), for the command line and the API alike."""
     header = partial_header(classes)
     new_file = not partial.is_file() or partial.stat().st_size == 0
     if not new_file:
         check_partial_header(partial, header)
     n_err = 0
-    blank = [""] * (len(classes) + 2 + len(table_io.SIGNALS))
-    for pos, probs, signals, errors in batches:
-        decisions, reasons = decide_with_reasons(probs, classes, threshold,
-                                                 signals.get(table_io.UNFAMILIARITY),
-                                                 signals.get(table_io.TISSUE))
-        columns = [signals.get(c) for c in table_io.SIGNALS]
-        rows = [header] if new_file else []
+    for batch in batches:
+        rows = batch_rows(batch, classes, threshold)
+        n_err += sum(1 for e in batch[3] if e)
+        append_whole(partial, _csv_rows([header, *rows] if new_file else rows))
         new_file = False
-        for j, p in enumerate(pos.tolist()):
-            if errors[j]:
-                n_err += 1
-                log.debug("unreadable: %s", errors[j])
-                rows.append([p, *blank, clean(errors[j])])
-            else:
-                rows.append([p, *(f"{v:.6g}" for v in probs[j]), decisions[j], reasons[j],
-                             *("" if c is None else f"{c[j]:.4g}" for c in columns), ""])
-        append_whole(partial, _csv_rows(rows))
         if bar is not None:
-            bar.update(len(pos))
+            bar.update(len(batch[0]))
     return n_err
+
+
+def predicted_rows(batches, classes, threshold: float, *, bar=None) -> io.BytesIO:
+    """The bytes ``append_batches`` would write for ``batches`` (header first), in memory."""
+    rows = [partial_header(classes)]
+    for batch in batches:
+        rows += batch_rows(batch, classes, threshold)
+        if bar is not None:
+            bar.update(len(batch[0]))
+    return io.BytesIO(_csv_rows(rows))
+
+
+def batch_rows(batch, classes, threshold: float) -> list[list]:
+    """One batch of (positions, probabilities, signals, errors), decided: its partial rows."""
+    pos, probs, signals, errors = batch
+    decisions, reasons = decide_with_reasons(probs, classes, threshold,
+                                             signals.get(table_io.UNFAMILIARITY),
+                                             signals.get(table_io.TISSUE))
+    columns = [signals.get(c) for c in table_io.SIGNALS]
+    blank = [""] * (len(classes) + 2 + len(table_io.SIGNALS))
+    rows = []
+    for j, p in enumerate(pos.tolist()):
+        if errors[j]:
+            log.debug("unreadable: %s", errors[j])
+            rows.append([p, *blank, clean(errors[j])])
+        else:
+            rows.append([p, *(f"{v:.6g}" for v in probs[j]), decisions[j], reasons[j],
+                         *("" if c is None else f"{c[j]:.4g}" for c in columns), ""])
+    return rows
