@@ -259,3 +259,82 @@ def browser(tmp_path_factory):
     b.downloads = downloads
     yield b
     b.quit()
+
+
+@pytest.fixture(scope="session")
+def model_dir(tiny_model):
+    """The session's tiny model, by the name the deploy tests use."""
+    return tiny_model
+
+
+# helpers of the tests of hostile inputs (issue 24) and messy archives (issue 5)
+def model_file(path, classes=TINY_CLASSES, seed=0):
+    """An untrained resnet18 model file for 64-pixel inputs, with ``classes`` (a model file is
+    all a deploy needs)."""
+    import torch
+
+    from thumbclf.inputs.images import Preprocessing
+    from thumbclf.nn import models
+    from thumbclf.nn.data import IMAGENET
+
+    torch.manual_seed(seed)
+    net = models.build_model("resnet18", len(classes))
+    models.save_model(path, net, arch="resnet18", classes=tuple(classes),
+                      prep=Preprocessing(size=64), norm=IMAGENET, threshold=0.5,
+                      temperature=1.0, meta={})
+    return path
+
+
+def deploy(tmp_path, data, model, *extra, name="dep", text=""):
+    """``thumbclf deploy`` in this process on ``data`` with ``model``; its exit code."""
+    from thumbclf.cli import main
+
+    exp = tmp_path / f"{name}.yaml"
+    if not exp.exists():
+        exp.write_text(f"thumbData: {data}\nmodelAdr: {model}\nbootstrap: 0\ngradcam: 0\n"
+                       f"num_workers: 0\nengine: torch\ncache_dir: {tmp_path / 'cache'}\n{text}")
+    return main("deploy", [str(exp), "--quiet", *extra])
+
+
+# cells a spreadsheet would run as formulas, and labels pandas would read as missing
+HOSTILE = ('=HYPERLINK("http://example.org","click")', "+cmd|' /c calc'!A1", "@SUM(A1)",
+           "-2+3", "'quoted", "NA", "null")
+
+
+def odd_names(tmp_path):
+    """Two classes of generated thumbnails plus a copy whose name is not UTF-8, as in old
+    archives; returns the data folder and that name."""
+    import os
+    import shutil
+
+    from thumbclf.inputs import synth
+
+    data = tmp_path / "data"
+    synth.generate(data, per_class=6, seed=2, min_side=40, max_side=70, classes=("IHC", "TMA"))
+    src = next((data / "IHC").glob("*.jpg"))
+    odd = os.fsencode(data / "IHC") + b"/\xff\xfe.jpg"  # not UTF-8, as in old archives
+    shutil.copy(src, odd)
+    return data, os.fsdecode(odd)
+
+
+def messy_table(tiny_data, tmp_path):
+    """The tiny table plus a corrupt, a truncated, an empty, a fake and a missing image."""
+    import shutil
+
+    import pandas as pd
+
+    shutil.copytree(tiny_data.parent, tmp_path / "data")
+    bad = tmp_path / "data" / "bad"
+    bad.mkdir()
+    good = next((tmp_path / "data" / "TMA").glob("*.jpg")).read_bytes()
+    (bad / "truncated.jpg").write_bytes(good[: len(good) // 3])
+    (bad / "empty.png").write_bytes(b"")
+    (bad / "fake.jpg").write_text("not an image")
+    (bad / "garbage.png").write_bytes(os.urandom(500))
+    df = pd.read_csv(tmp_path / "data" / "labels.csv")
+    extra = pd.DataFrame({"PATH": ["bad/truncated.jpg", "bad/empty.png", "bad/fake.jpg",
+                                   "bad/garbage.png", "bad/missing.jpg"],
+                          "CLASSIFICATION": ["TMA", "IHC", "Biopsy", "TMA", "IHC"],
+                          "PATIENT": ["X1", "X2", "X3", "X4", "X5"]})
+    pd.concat([df, extra]).to_csv(tmp_path / "data" / "labels.csv", index=False)
+    return tmp_path / "data" / "labels.csv"
