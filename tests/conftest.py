@@ -338,3 +338,85 @@ def messy_table(tiny_data, tmp_path):
                           "PATIENT": ["X1", "X2", "X3", "X4", "X5"]})
     pd.concat([df, extra]).to_csv(tmp_path / "data" / "labels.csv", index=False)
     return tmp_path / "data" / "labels.csv"
+
+
+# the review page, its server and --apply: a results folder made without a model
+def results_folder(root: Path, names: list[str], *, classes=TINY_CLASSES, seed=0) -> Path:
+    """A deploy results folder: pictures, predictions.csv (3 Undecided, then decided ones, some
+    disagreeing with their labels), config.yaml and run.log. No model is needed for the review
+    page, its server or --apply."""
+    import numpy as np
+    import pandas as pd
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    pictures = root / "slides"
+    pictures.mkdir(parents=True)
+    rows = []
+    for i, name in enumerate(names):
+        path = pictures / f"{name}.png"
+        Image.fromarray(rng.integers(0, 255, (60, 90, 3), dtype=np.uint8)).save(path)
+        p = np.sort(rng.dirichlet([1, 1, 1]))[::-1]
+        p = np.roll(p, i % 3)
+        undecided = i < 3
+        rows.append({"PATH": str(path), "CLASSIFICATION": classes[(i + 1) % 3],
+                     **dict(zip(classes, p)),
+                     "model_prediction": "Undecided" if undecided else classes[int(np.argmax(p))],
+                     "undecided_reason": ("unfamiliar" if i == 2 else "low confidence") if undecided else "",
+                     "error": "", "threshold": 0.9})
+    folder = root / "deploy"
+    folder.mkdir()
+    pd.DataFrame(rows).to_csv(folder / "predictions.csv", index=False)
+    (folder / "config.yaml").write_text("thumb_data: slides\nsort_thumbs: false\n")
+    (folder / "run.log").write_text("")
+    return folder
+
+
+@contextlib.contextmanager
+def serving(folder):
+    """The review server of ``folder`` on 127.0.0.1, in a thread, until the block ends."""
+    import threading
+
+    from thumbclf.workflows import review as review_flow
+
+    box: dict = {}
+    ready = threading.Event()
+
+    def on_ready(server):
+        box["server"] = server
+        ready.set()
+
+    thread = threading.Thread(target=review_flow.serve, args=(folder, 0),
+                              kwargs={"ready": on_ready}, daemon=True)
+    thread.start()
+    assert ready.wait(60)
+    try:
+        yield box["server"]
+    finally:
+        box["server"].shutdown()
+        thread.join(10)
+
+
+@pytest.fixture
+def served(tmp_path):
+    """A results folder of four pictures, served; (folder, server)."""
+    from thumbclf.core import layout
+
+    folder = results_folder(tmp_path, ["a", "b", "c", "d"])
+    with serving(folder) as server:
+        yield folder, server
+    assert not (folder / layout.LOCK).exists()  # the folder's lock is released
+
+
+def request(server, method: str, path: str, body: bytes | None = None, headers=None, *,
+            token: bool = True):
+    """One HTTP request to the review ``server`` (with its token unless ``token`` is false);
+    (status, body)."""
+    import http.client
+
+    host, port = server.server_address
+    conn = http.client.HTTPConnection(host, port, timeout=10)
+    sent = {"Host": f"127.0.0.1:{port}", **({"X-Thumbclf-Token": server.token} if token else {})}
+    conn.request(method, path, body=body, headers={**sent, **(headers or {})})
+    r = conn.getresponse()
+    return r.status, r.read()
