@@ -259,3 +259,164 @@ def browser(tmp_path_factory):
     b.downloads = downloads
     yield b
     b.quit()
+
+
+@pytest.fixture(scope="session")
+def model_dir(tiny_model):
+    """The session's tiny model, by the name the deploy tests use."""
+    return tiny_model
+
+
+# helpers of the tests of hostile inputs (issue 24) and messy archives (issue 5)
+def model_file(path, classes=TINY_CLASSES, seed=0):
+    """An untrained resnet18 model file for 64-pixel inputs, with ``classes`` (a model file is
+    all a deploy needs)."""
+    import torch
+
+    from thumbclf.inputs.images import Preprocessing
+    from thumbclf.nn import models
+    from thumbclf.nn.data import IMAGENET
+
+    torch.manual_seed(seed)
+    net = models.build_model("resnet18", len(classes))
+    models.save_model(path, net, arch="resnet18", classes=tuple(classes),
+                      prep=Preprocessing(size=64), norm=IMAGENET, threshold=0.5,
+                      temperature=1.0, meta={})
+    return path
+
+
+def deploy(tmp_path, data, model, *extra, name="dep", text=""):
+    """``thumbclf deploy`` in this process on ``data`` with ``model``; its exit code."""
+    from thumbclf.cli import main
+
+    exp = tmp_path / f"{name}.yaml"
+    if not exp.exists():
+        exp.write_text(f"thumbData: {data}\nmodelAdr: {model}\nbootstrap: 0\ngradcam: 0\n"
+                       f"num_workers: 0\nengine: torch\ncache_dir: {tmp_path / 'cache'}\n{text}")
+    return main("deploy", [str(exp), "--quiet", *extra])
+
+
+# cells a spreadsheet would run as formulas, and labels pandas would read as missing
+HOSTILE = ('=HYPERLINK("http://example.org","click")', "+cmd|' /c calc'!A1", "@SUM(A1)",
+           "-2+3", "'quoted", "NA", "null")
+
+
+def odd_names(tmp_path):
+    """Two classes of generated thumbnails plus a copy whose name is not UTF-8, as in old
+    archives; returns the data folder and that name."""
+    import os
+    import shutil
+
+    from thumbclf.inputs import synth
+
+    data = tmp_path / "data"
+    synth.generate(data, per_class=6, seed=2, min_side=40, max_side=70, classes=("IHC", "TMA"))
+    src = next((data / "IHC").glob("*.jpg"))
+    odd = os.fsencode(data / "IHC") + b"/\xff\xfe.jpg"  # not UTF-8, as in old archives
+    shutil.copy(src, odd)
+    return data, os.fsdecode(odd)
+
+
+def messy_table(tiny_data, tmp_path):
+    """The tiny table plus a corrupt, a truncated, an empty, a fake and a missing image."""
+    import shutil
+
+    import pandas as pd
+
+    shutil.copytree(tiny_data.parent, tmp_path / "data")
+    bad = tmp_path / "data" / "bad"
+    bad.mkdir()
+    good = next((tmp_path / "data" / "TMA").glob("*.jpg")).read_bytes()
+    (bad / "truncated.jpg").write_bytes(good[: len(good) // 3])
+    (bad / "empty.png").write_bytes(b"")
+    (bad / "fake.jpg").write_text("not an image")
+    (bad / "garbage.png").write_bytes(os.urandom(500))
+    df = pd.read_csv(tmp_path / "data" / "labels.csv")
+    extra = pd.DataFrame({"PATH": ["bad/truncated.jpg", "bad/empty.png", "bad/fake.jpg",
+                                   "bad/garbage.png", "bad/missing.jpg"],
+                          "CLASSIFICATION": ["TMA", "IHC", "Biopsy", "TMA", "IHC"],
+                          "PATIENT": ["X1", "X2", "X3", "X4", "X5"]})
+    pd.concat([df, extra]).to_csv(tmp_path / "data" / "labels.csv", index=False)
+    return tmp_path / "data" / "labels.csv"
+
+
+# the review page, its server and --apply: a results folder made without a model
+def results_folder(root: Path, names: list[str], *, classes=TINY_CLASSES, seed=0) -> Path:
+    """A deploy results folder: pictures, predictions.csv (3 Undecided, then decided ones, some
+    disagreeing with their labels), config.yaml and run.log. No model is needed for the review
+    page, its server or --apply."""
+    import numpy as np
+    import pandas as pd
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    pictures = root / "slides"
+    pictures.mkdir(parents=True)
+    rows = []
+    for i, name in enumerate(names):
+        path = pictures / f"{name}.png"
+        Image.fromarray(rng.integers(0, 255, (60, 90, 3), dtype=np.uint8)).save(path)
+        p = np.sort(rng.dirichlet([1, 1, 1]))[::-1]
+        p = np.roll(p, i % 3)
+        undecided = i < 3
+        rows.append({"PATH": str(path), "CLASSIFICATION": classes[(i + 1) % 3],
+                     **dict(zip(classes, p)),
+                     "model_prediction": "Undecided" if undecided else classes[int(np.argmax(p))],
+                     "undecided_reason": ("unfamiliar" if i == 2 else "low confidence") if undecided else "",
+                     "error": "", "threshold": 0.9})
+    folder = root / "deploy"
+    folder.mkdir()
+    pd.DataFrame(rows).to_csv(folder / "predictions.csv", index=False)
+    (folder / "config.yaml").write_text("thumb_data: slides\nsort_thumbs: false\n")
+    (folder / "run.log").write_text("")
+    return folder
+
+
+@contextlib.contextmanager
+def serving(folder):
+    """The review server of ``folder`` on 127.0.0.1, in a thread, until the block ends."""
+    import threading
+
+    from thumbclf.workflows import review as review_flow
+
+    box: dict = {}
+    ready = threading.Event()
+
+    def on_ready(server):
+        box["server"] = server
+        ready.set()
+
+    thread = threading.Thread(target=review_flow.serve, args=(folder, 0),
+                              kwargs={"ready": on_ready}, daemon=True)
+    thread.start()
+    assert ready.wait(60)
+    try:
+        yield box["server"]
+    finally:
+        box["server"].shutdown()
+        thread.join(10)
+
+
+@pytest.fixture
+def served(tmp_path):
+    """A results folder of four pictures, served; (folder, server)."""
+    from thumbclf.core import layout
+
+    folder = results_folder(tmp_path, ["a", "b", "c", "d"])
+    with serving(folder) as server:
+        yield folder, server
+    assert not (folder / layout.LOCK).exists()  # the folder's lock is released
+
+
+def request(server, method: str, path: str, body: bytes | None = None, headers=None, *,
+            token: bool = True):
+    """One HTTP request to the review ``server`` (with its token unless ``token`` is false);
+    (status, body)."""
+    import http.client
+
+    host, port = server.server_address
+    conn = http.client.HTTPConnection(host, port, timeout=10)
+    sent = {"Host": f"127.0.0.1:{port}", **({"X-Thumbclf-Token": server.token} if token else {})}
+    conn.request(method, path, body=body, headers={**sent, **(headers or {})})
+    r = conn.getresponse()
+    return r.status, r.read()

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 import thumbclf
-from conftest import ROOT, TINY_CLASSES, run_command, write_yaml
+from conftest import ROOT, TINY_CLASSES, model_file, run_command, write_yaml
 from thumbclf.api import load_experiment
 
 FAST = {"model_name": "resnet18", "pretrained": False, "batch_size": 8, "max_epochs": 1,
@@ -234,3 +234,36 @@ def test_predict_writes_no_folder(tiny_model, tiny_data, tmp_path, monkeypatch):
     assert len(table) == 18 and len(pictures) == 3
     assert made == []
     assert list(work.iterdir()) == [] and list(tmp.iterdir()) == []
+def test_the_api_takes_numpy_numbers_and_gives_an_empty_picture_an_error_row(tiny_data, tmp_path):
+    """Issue 24, hostile inputs."""
+    from PIL import Image
+
+    import thumbclf
+    from thumbclf.config import TRAIN
+    from thumbclf.config.files import load_experiment
+
+    params, _ = load_experiment({"thumbData": str(tiny_data), "max_epochs": np.int64(2),
+                                 "lr": np.float32(0.01), "augment": np.bool_(False)},
+                                workflow=TRAIN, output=tmp_path / "o")
+    assert params.max_epochs == 2 and params.augment is False
+    model = thumbclf.load_model(model_file(tmp_path / "model.pt"))
+    table = model.predict([Image.new("RGB", (0, 0)), Image.new("RGB", (50, 40), "white")])
+    assert table["error"].tolist() == ["a picture of 0 x 0 pixels: nothing to classify", ""]
+    assert table["model_prediction"].iloc[1] != ""
+
+
+@pytest.mark.isolated
+def test_load_model_caches_beside_the_model_not_above_the_current_folder(tmp_path, monkeypatch):
+    """Issue 24, hostile inputs."""
+    pytest.importorskip("openvino", reason="OpenVINO is the optional extra thumbclf[openvino]")
+    import thumbclf
+
+    (tmp_path / "models").mkdir()
+    model = model_file(tmp_path / "models" / "model.pt")
+    work = tmp_path / "notebooks" / "here"
+    work.mkdir(parents=True)
+    monkeypatch.chdir(work)
+    thumbclf.load_model(model, engine="openvino", precision="fp32")
+    assert list((tmp_path / "models" / "thumbclf-cache" / "engines").iterdir())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["models", "notebooks"]
+    assert not list((tmp_path / "notebooks").rglob("thumbclf-cache"))

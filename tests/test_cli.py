@@ -7,9 +7,9 @@ import sys
 import pytest
 import yaml
 
+from conftest import ROOT, run_script, write_yaml
 import thumbclf
-from conftest import ROOT
-from thumbclf.cli import command
+from thumbclf.cli import command, main
 from thumbclf.config import DEPLOY, KEYS, PRETRAIN, TRAIN, spelling, validate
 
 
@@ -171,3 +171,36 @@ def test_a_console_that_cannot_encode_a_folder_name_does_not_crash_the_last_line
     assert cli.command(["review", str(folder), "--quiet"]) == 0
     out.flush()
     assert b"r\\xe9sultats" in out.buffer.getvalue()
+
+
+def test_error_lines_carry_no_control_characters(tmp_path, capsys):
+    """Issue 10, item 10: nothing lost."""
+    exp = write_yaml(tmp_path / "e.yaml", 'thumbData: "no\\nsuch\\u001b[31m"\n"lr\\u001b[2J": 1\n')
+    assert main("train", [str(exp)]) == 2
+    err = capsys.readouterr().err
+    assert "\x1b" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "unknown key" in lines[0]
+    (tmp_path / "ok.yaml").write_text('thumbData: "no\\nsuch"\npretrained: false\n')
+    assert main("train", [str(tmp_path / "ok.yaml")]) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "thumbData" in line]
+    assert len(lines) == 1 and "no\\nsuch: thumbData not found" in lines[0], err
+
+
+@pytest.mark.slow
+def test_unwritable_output_via_the_script_is_one_line(tmp_path, tiny_data):
+    """Issue 5, messy archives."""
+    (tmp_path / "blocker").write_text("x")
+    exp = write_yaml(tmp_path / "e.yaml", f"thumbData: {tiny_data}\n")
+    r = run_script("train_thumbclassifier.py", str(exp), "--output", str(tmp_path / "blocker" / "x"))
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+    assert "cannot write the results folder" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.slow
+def test_debug_shows_the_traceback(tmp_path):
+    """Issue 5, messy archives."""
+    exp = write_yaml(tmp_path / "e.yaml", "thumbData: nowhere\n")
+    r = run_script("train_thumbclassifier.py", str(exp), "--debug")
+    assert r.returncode == 2 and "Traceback" in r.stderr and "thumbData not found" in r.stderr

@@ -3,11 +3,13 @@ from pathlib import Path
 
 import pytest
 
-from thumbclf.core.decide import threshold_in_force
-from thumbclf.config import (DEPLOY, KEYS, TRAIN, DeployParams, TrainParams, load_params,
+from conftest import write_yaml
+from thumbclf.cli import main
+from thumbclf.config import (DEPLOY, DeployParams, KEYS, TRAIN, TrainParams, load_params,
                              params_to_dict)
-from thumbclf.core.layout import to_local_path
+from thumbclf.core.decide import threshold_in_force
 from thumbclf.core.errors import ConfigError
+from thumbclf.core.layout import to_local_path
 
 PROTOTYPE_KEYS = ("thumbData, target_labels, modelAdr, batch_size, prediction_threshold, "
                   "max_epochs, seed, model_name, hasLabels, sortThumbs, trainFull, foldNumber, "
@@ -272,3 +274,25 @@ def test_target_error_is_the_one_rule_for_the_threshold_when_given(tmp_path):
     with pytest.raises(ConfigError, match="target_error chooses the threshold; remove "
                                           "target_accuracy"):
         load_params(p, workflow=TRAIN)
+
+
+@pytest.mark.parametrize("name,text,message", [
+    ("a.yaml", "thumbData: x\nlr: 0.1\nseed: 2\nlr: 0.2\n", "lr: given twice (lines 2 and 4)"),
+    ("a.json", '{"thumbData": "x",\n "lr": 0.1,\n "lr": 0.2}', "lr: given twice (lines 2 and 3)"),
+    ("b.yaml", "thumbData: x\ntarget_labels: &a [A, B]\ncm_sortlabels: *a\n", "aliases"),
+])
+def test_duplicate_keys_and_yaml_aliases_are_errors(tmp_path, capsys, name, text, message):
+    """Issue 10, item 8: nothing lost."""
+    exp = write_yaml(tmp_path / name, text)
+    assert main("train", [str(exp)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and str(exp) in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_yaml_alias_bomb_is_refused_quickly(tmp_path, capsys):
+    """Issue 10, item 8: nothing lost."""
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 9)]
+    exp = write_yaml(tmp_path / "bomb.yaml", "\n".join(lines) + "\nthumbData: *a8\n")
+    assert main("train", [str(exp)]) == 2  # refused at the first alias, never expanded
+    assert "aliases" in capsys.readouterr().err

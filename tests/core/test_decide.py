@@ -5,8 +5,9 @@ Issue 28: a slide that looks familiar is not trusted when most slides of its sou
 
 import numpy as np
 
-from thumbclf.core.decide import (MIN_SOURCE_SLIDES, NO_TISSUE, POOLED, UNDECIDED,
-                                  UNFAMILIAR, UNFAMILIAR_SOURCE, unfamiliar_sources)
+from thumbclf.core.decide import (LOW_CONFIDENCE, MIN_SOURCE_SLIDES, NO_TISSUE, POOLED, UNDECIDED,
+                                  UNFAMILIAR, UNFAMILIAR_SOURCE, decide_with_reasons,
+                                  unfamiliar_sources)
 
 
 def _rows(n_familiar: int, n_unfamiliar: int):
@@ -105,3 +106,12 @@ def test_target_error_sets_the_threshold_and_the_report_says_what_was_supported(
     assert "at most 10.0% of decided validation slides are wrong" in note
     assert "1 wrong of 30 decided; at most 14.9% with 95% confidence" in note
     assert threshold_notes(table, None, None) == []
+
+
+def test_reasons_unfamiliar_wins_over_confidence():
+    """Issue 15, trustworthy Undecided."""
+    probs = np.array([[0.99, 0.01], [0.6, 0.4], [0.97, 0.03], [0.5, 0.5]])
+    decisions, reasons = decide_with_reasons(probs, ["A", "B"], 0.9,
+                                             np.array([0.3, 0.5, 1.7, np.nan]))
+    assert decisions == ["A", UNDECIDED, UNDECIDED, UNDECIDED]
+    assert reasons == ["", LOW_CONFIDENCE, UNFAMILIAR, LOW_CONFIDENCE]

@@ -21,3 +21,21 @@ def test_library_messages_go_to_run_log_not_the_console(tmp_path, capsys):
     assert "ours: shown" in err and "TiffPage" not in err and "pixel spacing" not in err
     log = (tmp_path / "run.log").read_text()
     assert "TiffPage 1" in log and "pixel spacing" in log and "ours: shown" in log
+
+
+def test_quiet_keeps_library_warnings_off_the_console(tmp_path, capsys):
+    """Issue 24, hostile inputs."""
+    import logging
+    import warnings
+
+    from thumbclf.core.logs import remove_handlers, setup_logging
+
+    setup_logging(tmp_path, quiet=True)
+    try:
+        warnings.warn("No artists with labels found to put in legend", UserWarning)
+        logging.getLogger("thumbclf.test").warning("a warning of thumbclf's own")
+    finally:
+        remove_handlers()
+    err = capsys.readouterr().err
+    assert "a warning of thumbclf's own" in err and "No artists" not in err
+    assert "No artists with labels" in (tmp_path / "run.log").read_text()

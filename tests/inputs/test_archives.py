@@ -22,7 +22,7 @@ from thumbclf.inputs import slides, tiles
 from thumbclf.inputs.decode import load_array
 from thumbclf.inputs.images import Preprocessing
 from thumbclf.inputs.samples import discover
-from thumbclf.outputs import sorting, tally
+from thumbclf.outputs import sorting
 
 pydicom = pytest.importorskip("pydicom")
 REAL_JPEG_SLIDES = [p for p in sorted((REALDATA / "slides").glob("*.svs"))
@@ -197,21 +197,6 @@ def test_mirax_names_the_missing_data_file(tmp_path):
     (tmp_path / "s" / "Data0000.dat").write_bytes(b"x")
     with pytest.raises(ImageReadError, match="MIRAX data file s/Data0001.dat is missing"):
         load_array(tmp_path / "s.mrxs", Preprocessing())
-
-
-def test_every_input_is_counted_by_status():
-    table = pd.DataFrame({
-        "PATH": list("abcdef"), "model_prediction": ["IHC", "Undecided", "Undecided", "", "", ""],
-        "undecided_reason": ["", "low confidence", "unfamiliar", "", "", ""],
-        "error": ["", "", "", "d: file not found", "e: too large: reading stopped after 1 s",
-                  "f: cannot read the slide's pixels (bad)"]})
-    assert tally.counts(table) == {"decided": 1, "Undecided: low confidence": 1,
-                                   "Undecided: unfamiliar": 1, "not found": 1, "too large": 1,
-                                   "unreadable": 1}
-    note = tally.closing_note(table, [{"path": "/x/slow.tiff", "seconds": 2.5,
-                                       "reader": "tiff tiles", "level": 0, "dct_scale": 8}])
-    assert note.startswith("every input accounted for: 6 rows = 1 decided")
-    assert note.endswith("slowest slides: slow.tiff 2.50 s (tiff tiles, level 0 at 1/8)")
 
 
 @pytest.mark.skipif(not REAL_JPEG_SLIDES, reason="no JPEG slides in ../shared/realdata/slides")

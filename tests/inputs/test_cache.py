@@ -1,11 +1,14 @@
 import os
 
 import numpy as np
+import pytest
 from PIL import Image
 
+from conftest import TINY_TRAIN, run_script, write_yaml
 from thumbclf.inputs import cache
 from thumbclf.inputs.images import Preprocessing
 
+FAST = TINY_TRAIN  # the one fast settings block (conftest)
 PREP = Preprocessing(size=32)
 
 
@@ -54,3 +57,15 @@ def test_disk_cache_does_not_grow_with_unreadable_images(tmp_path):
     assert sizes[0] == sizes[1] == sizes[2] == 5 * 32 * 32 * 3
     assert (d.get(np.array([5, 6])) == 255).all()  # unreadable: white, never another image
     assert d.get(np.array([3]))[0, 16, 16, 0] == 120
+
+
+@pytest.mark.slow
+def test_an_unusable_cache_dir_is_one_line_before_anything_is_written(tiny_data, tmp_path):
+    """Issue 10, item 10: nothing lost."""
+    (tmp_path / "blocker").write_text("a file, not a folder")
+    exp = write_yaml(tmp_path / "e.yaml", f"thumbData: {tiny_data}\ntrainFull: true\n{FAST}"
+                     f"cache: disk\ncache_dir: {tmp_path / 'blocker' / 'cache'}\n")
+    r = run_script("train_thumbclassifier.py", str(exp))
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "cannot write the cache folder" in r.stderr and "blocker" in r.stderr
+    assert not (tmp_path / "e").exists()

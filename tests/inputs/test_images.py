@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from thumbclf.inputs.decode import load_array
 from thumbclf.core.errors import ImageReadError
+from thumbclf.inputs.decode import load_array
 from thumbclf.inputs.images import Preprocessing, fit_square, legacy_square, to_rgb
 
 PREP = Preprocessing(size=32)
@@ -171,3 +171,38 @@ def test_pngs_libspng_leaves_to_pillow_are_decoded_by_pillow(tmp_path):
     (tmp_path / "cut.png").write_bytes(whole[:len(whole) // 2])
     with pytest.raises(ImageReadError, match="cut.png: corrupt or truncated image"):
         load_array(tmp_path / "cut.png", PREP)
+
+
+def test_a_multipage_tiff_is_read_at_its_largest_page(tmp_path, caplog):
+    """Issue 24, item 11: linked subfolders, many pages, NaN pictures."""
+    from PIL import Image
+
+    from thumbclf.inputs.images import open_rgb
+
+    blank = Image.new("RGB", (16, 16), "white")
+    tissue = Image.new("RGB", (120, 90), (200, 110, 170))
+    blank.save(tmp_path / "pages.tif", save_all=True, append_images=[tissue])
+    img = open_rgb(tmp_path / "pages.tif", target=None, max_pixels=10**8)
+    assert img.size == (120, 90) and img.getpixel((5, 5)) == (200, 110, 170)
+    frames = [Image.new("RGB", (40, 40), c) for c in ("white", (200, 110, 170))]
+    frames[0].save(tmp_path / "anim.png", save_all=True, append_images=frames[1:])
+    caplog.set_level("WARNING")
+    open_rgb(tmp_path / "anim.png", target=None, max_pixels=10**8)
+    assert "anim.png: 2 pages or frames of one size; page 1 is used" in caplog.text
+
+
+def test_an_all_nan_float_tiff_is_an_error(tmp_path):
+    """Issue 24, item 11: linked subfolders, many pages, NaN pictures."""
+    from PIL import Image
+
+    from thumbclf.core.errors import ImageReadError
+    from thumbclf.inputs.images import open_rgb
+
+    Image.fromarray(np.full((20, 20), np.nan, dtype=np.float32), "F").save(tmp_path / "nan.tif")
+    with pytest.raises(ImageReadError, match="nan.tif: every pixel is NaN or infinite"):
+        open_rgb(tmp_path / "nan.tif", target=None, max_pixels=10**8)
+    half = np.full((20, 20), np.nan, dtype=np.float32)
+    half[:10] = 100.0
+    Image.fromarray(half, "F").save(tmp_path / "half.tif")
+    arr = np.asarray(open_rgb(tmp_path / "half.tif", target=None, max_pixels=10**8))
+    assert arr[:10].min() == 100 and arr[10:].max() == 0

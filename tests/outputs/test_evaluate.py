@@ -140,3 +140,33 @@ def test_an_evaluation_report_says_how_good_the_model_is_first(tmp_path):
     for term in ("ovo / ovr", "ECE", "AURC"):
         assert f"<b>{term}</b>:" in page, term
     assert "NaN" not in page
+
+
+def _table(tmp_path, text, name="predictions.csv"):
+    folder = tmp_path / name.split(".")[0]
+    folder.mkdir(exist_ok=True)
+    (folder / name).write_text(text)
+    return folder / name
+
+
+def test_evaluate_refuses_tables_it_cannot_honestly_evaluate(tmp_path, capsys):
+    """Issue 24, hostile inputs."""
+    from thumbclf.cli import evaluate_main
+
+    head = "PATH,CLASSIFICATION,A,B,model_prediction,unfamiliarity\n"
+    empty = _table(tmp_path, head)
+    assert evaluate_main([str(empty), "--bootstrap", "0"]) == 2
+    assert "no rows to evaluate (only a header" in capsys.readouterr().err
+    twice = _table(tmp_path, "PATH,CLASSIFICATION,A,A,B,model_prediction\nx.png,A,0.5,0.2,0.3,A\n",
+                   "twice.csv")
+    assert evaluate_main([str(twice), "--bootstrap", "0"]) == 2
+    assert "the columns A appear twice" in capsys.readouterr().err
+    nan = _table(tmp_path, head + "x.png,A,0.9,0.1,A,nan\ny.png,B,0.2,0.8,B,0.5\n", "nan.csv")
+    assert evaluate_main([str(nan), "--bootstrap", "0"]) == 2
+    assert "column unfamiliarity: 1 values are not numbers of 0 or more (row 2)" in capsys.readouterr().err
+    good = _table(tmp_path, head + "x.png,A,0.9,0.1,A,0.2\ny.png,B,0.2,0.8,B,\n", "good.csv")
+    assert evaluate_main([str(good), "--bootstrap", "0"]) == 0
+    capsys.readouterr()
+    assert evaluate_main([str(good), "--bootstrap", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "holds an earlier evaluation" in err and "--resume" not in err

@@ -4,8 +4,6 @@ import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from thumbclf.outputs import metrics as M
-from thumbclf.core.errors import ConfigError
-from thumbclf.outputs.confusion import cm_layout
 
 CLASSES = ["A", "B", "C"]
 
@@ -146,16 +144,3 @@ def test_confusion_matrix_rows_true_columns_decisions_with_undecided():
     assert list(cm.index) == ["C", "B", "A"] and list(cm.columns) == ["C", "B", "A", "Undecided"]
     assert cm.loc["A", "A"] == 1 and cm.loc["A", "Undecided"] == 1 and cm.loc["B", "A"] == 1
     assert M.row_normalised(cm).loc["A"].sum() == pytest.approx(1)
-
-
-def test_confusion_matrix_label_options_are_validated():
-    order, xt, yt = cm_layout(CLASSES, ["C", "A", "B"], ["c", "a", "b"], ["cc", "aa", "bb"])
-    assert order == ["C", "A", "B"] and xt == ["c", "a", "b", "Undecided"] and yt == ["cc", "aa", "bb"]
-    with pytest.raises(ConfigError, match="cm_sortlabels names D, which is no class"):
-        cm_layout(CLASSES, ["A", "B", "D"], None, None)
-    with pytest.raises(ConfigError, match="cm_sortlabels leaves out C"):
-        cm_layout(CLASSES, ["A", "B"], None, None)
-    with pytest.raises(ConfigError, match="cm_xlabels must have 3 labels"):
-        cm_layout(CLASSES, None, ["a"], None)
-    with pytest.raises(ConfigError, match="cm_ylabels must have 3 labels"):
-        cm_layout(CLASSES, None, None, ["a", "b", "c", "d"])

@@ -1,5 +1,7 @@
 
 
+import hashlib
+
 from thumbclf.core.layout import safe_component
 from thumbclf.outputs.sorting import sort_copies
 
@@ -43,3 +45,21 @@ def test_slide_thumbnails_are_copied_and_slides_only_when_asked(tmp_path):
     sort_copies([(slide, "Biopsy", thumb)], out, with_slides=True)
     assert (out / "Biopsy" / "s1.svs").read_bytes() == b"slide-bytes"
     assert slide.is_file()
+
+
+def test_a_crafted_name_collision_never_overwrites_a_sorted_copy(tmp_path):
+    """Issue 10, item 4: nothing lost."""
+    def make(path, data):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        return path
+
+    x = make(tmp_path / "in" / "x" / "slide.png", b"1")
+    y = make(tmp_path / "in" / "y" / "slide.png", b"22")
+    tag = hashlib.sha1(str(y).encode()).hexdigest()[:8]
+    z = make(tmp_path / "in" / "z" / f"slide__{tag}.png", b"333")
+    w = make(tmp_path / "in" / "w" / "SLIDE.png", b"4444")
+    out = tmp_path / "sorted"
+    n = sort_copies([(x, "T", None), (y, "T", None), (z, "T", None), (w, "T", None)], out)
+    copies = sorted(p.read_bytes() for p in (out / "T").iterdir())
+    assert n == 4 and copies == [b"1", b"22", b"333", b"4444"]

@@ -7,6 +7,9 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import pytest
+
+from conftest import model_file
 from thumbclf.predict.ray_backend import unreachable
 
 
@@ -29,3 +32,42 @@ def test_a_port_that_is_open_but_not_ray_is_refused_within_the_bound():
         http.shutdown()
         silent.close()
     assert unreachable("auto") is None
+
+
+def test_an_unreachable_ray_address_ends_at_once(tiny_data, tmp_path):
+    """In this process (issue 32): the address is refused before any Ray driver starts."""
+    pytest.importorskip("ray", reason="Ray is the optional extra thumbclf[ray]")
+    from conftest import run_command
+
+    model = model_file(tmp_path / "model.pt")
+    exp = tmp_path / "r.yaml"
+    exp.write_text(f"thumbData: {tiny_data}\nmodelAdr: {model}\nexecutor: ray\n"
+                   "ray_address: localhost:1\nbootstrap: 0\ngradcam: 0\n")
+    r = run_command("deploy", exp, "--quiet")
+    assert r.returncode == 2, r.stderr
+    assert not pytest.importorskip("ray").is_initialized()
+    assert "ray_address: cannot reach a Ray cluster at localhost:1 within 10s" in r.stderr
+
+
+def test_ray_log_lines_on_stderr_go_to_run_log(tmp_path, capfd):
+    """Issue 24, hostile inputs."""
+    import os
+
+    from thumbclf.core.logs import remove_handlers, setup_logging
+    from thumbclf.predict.ray_backend import ray_lines_to_run_log
+
+    setup_logging(tmp_path, quiet=True)
+    try:
+        with ray_lines_to_run_log():  # as Ray's C++ logger and thumbclf's console write them
+            os.write(2, b"[2026-12-02 03:58:07,818 E 11120 11120] core_worker.cc:2465: Actor "
+                        b"with class name: 'MapWorker(MapBatches(_Infer))' has constructor ...\n")
+            os.write(2, b"a line of thumbclf's own\n")
+            os.write(2, b"[2026-12-02 03:58:08,001 F 11120 11120] raylet.cc:1: a fatal one\n")
+            os.write(2, b"a last line without its newline")
+    finally:
+        remove_handlers()
+    err = capfd.readouterr().err
+    assert err.splitlines() == ["a line of thumbclf's own",
+                                "[2026-12-02 03:58:08,001 F 11120 11120] raylet.cc:1: a fatal one",
+                                "a last line without its newline"]
+    assert "core_worker.cc:2465: Actor with class name" in (tmp_path / "run.log").read_text()

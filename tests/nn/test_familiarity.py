@@ -1,9 +1,8 @@
-"""'Undecided' that can be trusted: lab-to-lab augmentation, adaptation at deployment, the
-unfamiliar-slide rule and its columns, the learning-rate schedule (issue 15)."""
+"""nn/familiarity.py: the unfamiliar-slide rule, fitted in training and applied in deployment
+(issue 15), and BatchNorm adaptation on the same trained model."""
 
 import hashlib
 import json
-import math
 
 import numpy as np
 import pandas as pd
@@ -12,12 +11,10 @@ import torch
 from PIL import Image
 
 from conftest import run_script, train_once, write_yaml
-from thumbclf.nn import familiarity
-from thumbclf.inputs import synth
-from thumbclf.nn.augment import augment, stain_shift
-from thumbclf.core.decide import LOW_CONFIDENCE, UNDECIDED, UNFAMILIAR, decide_with_reasons
-from thumbclf.nn.training import warmup_cosine
+from thumbclf.core.decide import LOW_CONFIDENCE, UNDECIDED, UNFAMILIAR
 from thumbclf.evaluate import main as evaluate_main
+from thumbclf.inputs import synth
+from thumbclf.nn import familiarity
 
 CLASSES = ("Biopsy", "IHC", "TMA")
 # 3 x 36 images, 20% validation: 21+ validation images, enough for the unfamiliar rule
@@ -28,59 +25,8 @@ FAST = ("pretrained: false\nbatch_size: 16\nmax_epochs: 3\nstopEpoch: 0\npatienc
         "freezeRatio: 0.5\n")
 
 
-def _slides(n: int = 4, size: int = 64) -> torch.Tensor:
-    """uint8 (n, H, W, 3): white glass with a pink-purple square of tissue in the middle."""
-    x = torch.full((n, size, size, 3), 250, dtype=torch.uint8)
-    x[:, size // 4: 3 * size // 4, size // 4: 3 * size // 4] = torch.tensor([200, 110, 170],
-                                                                             dtype=torch.uint8)
-    return x
-
-
-def _u(gen):
-    return lambda lo, hi, *shape: lo + (hi - lo) * torch.rand(*shape, generator=gen)
-
-
-def test_stain_augmentation_keeps_shapes_ranges_and_white_glass():
-    x = _slides().permute(0, 3, 1, 2).float() / 255
-    gen = torch.Generator().manual_seed(0)
-    y = stain_shift(x, 1.0, _u(gen), gen)
-    assert y.shape == x.shape and y.dtype == x.dtype
-    assert float(y.min()) >= 0 and float(y.max()) <= 1
-    glass = y[:, :, :4, :4]  # a corner: glass only
-    assert float(glass.mean()) > 0.9  # at most a slight tint and noise
-    tissue_change = (y[:, :, 28:36, 28:36] - x[:, :, 28:36, 28:36]).abs().mean()
-    assert float(tissue_change) > 0.02  # the stain did change
-    out = augment(_slides(), torch.Generator().manual_seed(1), stain=1.0)
-    assert out.shape == (4, 64, 64, 3) and out.dtype == torch.uint8
-
-
-def test_stain_augmentation_is_reproducible_and_off_at_zero():
-    a = augment(_slides(), torch.Generator().manual_seed(3), stain=0.7)
-    b = augment(_slides(), torch.Generator().manual_seed(3), stain=0.7)
-    assert torch.equal(a, b)
-    plain = augment(_slides(), torch.Generator().manual_seed(3))
-    off = augment(_slides(), torch.Generator().manual_seed(3), stain=0.0)
-    assert torch.equal(plain, off)
-
-
-def test_other_lab_shift_of_the_synthetic_generator():
-    img = synth.draw_slide("Resection", 120, 90, np.random.default_rng(0))
-    assert synth.other_lab(img, 0.0, np.random.default_rng(1)) is img
-    shifted = synth.other_lab(img, 1.0, np.random.default_rng(1))
-    a, b = np.asarray(img, float), np.asarray(shifted, float)
-    assert shifted.size == img.size and np.abs(a - b).mean() > 5
-    assert b[:5, :5, 2].mean() < a[:5, :5, 2].mean() - 10  # yellowish glass: less blue
-
-
-def test_reasons_unfamiliar_wins_over_confidence():
-    probs = np.array([[0.99, 0.01], [0.6, 0.4], [0.97, 0.03], [0.5, 0.5]])
-    decisions, reasons = decide_with_reasons(probs, ["A", "B"], 0.9,
-                                             np.array([0.3, 0.5, 1.7, np.nan]))
-    assert decisions == ["A", UNDECIDED, UNDECIDED, UNDECIDED]
-    assert reasons == ["", LOW_CONFIDENCE, UNFAMILIAR, LOW_CONFIDENCE]
-
-
 def test_familiarity_threshold_is_a_validation_quantile_and_survives_the_file():
+    """Issue 15, trustworthy Undecided."""
     rng = np.random.default_rng(0)
     centres = rng.normal(size=(3, 32))
     train = np.concatenate([c + 0.1 * rng.normal(size=(40, 32)) for c in centres])
@@ -92,17 +38,6 @@ def test_familiarity_threshold_is_a_validation_quantile_and_survives_the_file():
     again = familiarity.Familiarity.from_file(rule.to_file())
     assert np.allclose(again.unfamiliarity(far), rule.unfamiliarity(far), rtol=1e-3)
     assert familiarity.fit(train, val[:5]) is None  # too few validation images: rule off
-
-
-def test_warmup_cosine_schedule_peaks_at_lr_and_ends_at_zero():
-    f = warmup_cosine(10, 5)
-    assert f(0) == pytest.approx(0.1) and f(10) == pytest.approx(1.0)
-    assert f(30) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5)))
-    assert f(50) == pytest.approx(0.0, abs=1e-12) and f(60) == pytest.approx(0.0, abs=1e-12)
-    assert all(f(s) >= f(s + 1) for s in range(10, 50))
-
-
-# ------------------------------------------------------------------ through the commands
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +73,7 @@ def _deploy(tmp_path, model: str, data, name="dep", extra=""):
 
 
 def test_the_rule_is_fitted_without_a_pass_of_its_own(tmp_path, monkeypatch):
-    """trainFull with the rule: its features come from the fit's passes, so nothing after the
+    """Issue 15, trustworthy Undecided. trainFull with the rule: its features come from the fit's passes, so nothing after the
     fit predicts again (the pace issue: 0.67 of the training limit with those passes)."""
     from thumbclf.config import TRAIN, load_params
     from thumbclf.workflows import train
@@ -158,6 +93,7 @@ def test_the_rule_is_fitted_without_a_pass_of_its_own(tmp_path, monkeypatch):
 
 
 def test_training_stores_the_rule_and_the_columns_appear(trained):
+    """Issue 15, trustworthy Undecided."""
     model = torch.load(trained / "model.pt", weights_only=True)
     assert model["familiarity"]["bank"].dtype == torch.float16
     assert model["calibration"]["status"] in ("fitted", "separable", "skipped")
@@ -170,6 +106,7 @@ def test_training_stores_the_rule_and_the_columns_appear(trained):
 
 
 def test_unfamiliar_rule_marks_random_noise_undecided(trained, mixed, tmp_path):
+    """Issue 15, trustworthy Undecided."""
     out, _ = _deploy(tmp_path, trained, mixed)
     df = pd.read_csv(out / "predictions.csv", keep_default_na=False)
     noise = df["PATH"].str.contains("noise_")
@@ -184,6 +121,7 @@ def test_unfamiliar_rule_marks_random_noise_undecided(trained, mixed, tmp_path):
 
 
 def test_evaluate_reads_the_new_columns_and_keeps_the_rule(trained, tmp_path):
+    """Issue 15, trustworthy Undecided."""
     df = pd.read_csv(trained / "full" / "val_predictions.csv", keep_default_na=False)
     df.loc[0, "unfamiliarity"] = 5.0  # an unfamiliar slide stays Undecided at any threshold
     table = tmp_path / "predictions.csv"
@@ -199,6 +137,7 @@ def test_evaluate_reads_the_new_columns_and_keeps_the_rule(trained, tmp_path):
 
 def test_adaptation_never_changes_the_model_file_and_is_saved_with_the_run(trained, mixed,
                                                                           tmp_path):
+    """Issue 15, trustworthy Undecided."""
     before = hashlib.sha256((trained / "model.pt").read_bytes()).hexdigest()
     # adapt_bn needs 32 images (issue 24): the 108 of the training folder, read as unlabelled
     out, _ = _deploy(tmp_path, trained, trained.parent / "data", extra="adapt_bn: true\n")
@@ -213,6 +152,7 @@ def test_adaptation_never_changes_the_model_file_and_is_saved_with_the_run(train
 
 def test_a_model_file_without_features_deploys_by_confidence_and_says_so_once(trained, mixed,
                                                                              tmp_path):
+    """Issue 15, trustworthy Undecided."""
     old = torch.load(trained / "model.pt", weights_only=True)
     del old["familiarity"], old["calibration"]  # as thumbclf 1.0 wrote them
     torch.save(old, tmp_path / "old.pt")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import errno
+import os
+
 import numpy as np
 import pytest
 
@@ -36,3 +39,20 @@ def test_a_slide_that_fails_after_reading_is_its_row_not_the_whole_table(tmp_pat
     assert table["error"][0] == "" and "truncated or corrupt" in table["error"][1]
     assert np.isnan(table["B"][1]) and table["B"][0] == pytest.approx(0.1)
     assert table["slide_width"][0] == 1600 and table["slide_width"].isna()[1]
+
+
+def test_a_full_disk_before_the_first_row_still_resumes(tmp_path, monkeypatch):
+    """Issue 10, item 3: nothing lost."""
+    from thumbclf.predict.stream import _done_positions
+    from thumbclf.core.errors import OutputError
+
+    partial = tmp_path / "predictions.partial.csv"
+
+    def full(fd, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "write", full)
+    with pytest.raises(OutputError, match="--resume"):
+        append_whole(partial, b"position,A,B\n0,0.5,0.5\n")
+    monkeypatch.undo()
+    assert _done_positions(partial) == set() and not partial.exists()
