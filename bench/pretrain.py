@@ -49,7 +49,7 @@ CPU = torch.device("cpu")
 
 def images(folder: Path, per_class: int, seed: int, size: int):
     """Generate labelled synthetic thumbnails; return decoded uint8 images and class indices."""
-    synth.generate(folder, per_class=per_class, seed=seed, min_side=200, max_side=500)
+    synth.generate(folder, per_class=per_class, seed=seed, sides=(200, 500))
     paths = sorted(folder.rglob("*.jpg"))
     y = np.array([synth.CLASSES.index(p.parent.name) for p in paths])
     decoded = cache.build(paths, Preprocessing(size=size), mode="memory", workers=2, quiet=True)
@@ -107,8 +107,7 @@ def main() -> None:
     test, y_test = images(OUT / "test", 30, 13, a.size)
     if a.reuse is None:
         per = -(-a.unlabelled // len(synth.CLASSES))
-        unl_table = synth.generate(OUT / "unlabelled", per_class=per, seed=11, min_side=200,
-                                   max_side=500)
+        unl_table = synth.generate(OUT / "unlabelled", per_class=per, seed=11, sides=(200, 500))
         exp = OUT / "pretrain.yaml"
         exp.write_text(f"thumbData: {unl_table.parent}\nmax_epochs: {a.epochs}\n"
                        f"batch_size: {a.batch}\nnum_workers: 2\n")

@@ -22,7 +22,7 @@ TINY_CLASSES = ("Biopsy", "IHC", "TMA")
 def tiny_data(tmp_path_factory) -> Path:
     """3 classes x 6 small thumbnails with patients; returns labels.csv."""
     out = tmp_path_factory.mktemp("tiny")
-    return synth.generate(out, per_class=6, seed=3, min_side=60, max_side=160,
+    return synth.generate(out, per_class=6, seed=3, sides=(60, 160),
                           classes=TINY_CLASSES, patients=4)
 
 

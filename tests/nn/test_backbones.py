@@ -206,7 +206,7 @@ def test_gradcam_of_a_vit_uses_the_tokens_entering_its_last_layer():
 @pytest.fixture(scope="module")
 def three_images(tmp_path_factory):
     out = tmp_path_factory.mktemp("three")
-    return synth.generate(out, per_class=1, seed=5, min_side=60, max_side=200,
+    return synth.generate(out, per_class=1, seed=5, sides=(60, 200),
                           classes=("Biopsy", "IHC", "TMA"))
 
 

@@ -352,7 +352,7 @@ def test_a_deploy_writes_no_formula_into_any_table(tmp_path):
 
     classes = HOSTILE[:3]
     data = tmp_path / "data"
-    labels = synth.generate(data, per_class=4, seed=5, min_side=40, max_side=80,
+    labels = synth.generate(data, per_class=4, seed=5, sides=(40, 80),
                             classes=("IHC", "TMA", "Fat"))
     df = pd.read_csv(labels)
     df["CLASSIFICATION"] = df["CLASSIFICATION"].map(dict(zip(("IHC", "TMA", "Fat"), classes)))
@@ -453,7 +453,7 @@ def _odd_names(tmp_path):
     from thumbclf.inputs import synth
 
     data = tmp_path / "data"
-    synth.generate(data, per_class=6, seed=2, min_side=40, max_side=70, classes=("IHC", "TMA"))
+    synth.generate(data, per_class=6, seed=2, sides=(40, 70), classes=("IHC", "TMA"))
     src = next((data / "IHC").glob("*.jpg"))
     odd = os.fsencode(data / "IHC") + b"/\xff\xfe.jpg"  # not UTF-8, as in old archives
     shutil.copy(src, odd)
@@ -666,9 +666,9 @@ def test_a_linked_subfolder_of_a_folder_input_is_followed(tmp_path):
     from thumbclf.inputs.samples import discover
 
     real = tmp_path / "elsewhere"
-    synth.generate(real, per_class=3, seed=1, min_side=40, max_side=60, classes=("IHC",))
+    synth.generate(real, per_class=3, seed=1, sides=(40, 60), classes=("IHC",))
     data = tmp_path / "data"
-    synth.generate(data, per_class=1, seed=2, min_side=40, max_side=60, classes=("IHC", "TMA"))
+    synth.generate(data, per_class=1, seed=2, sides=(40, 60), classes=("IHC", "TMA"))
     (data / "labels.csv").unlink()
     (data / "IHC" / "batch2").symlink_to(real / "IHC", target_is_directory=True)
     (real / "IHC" / "loop").symlink_to(real / "IHC", target_is_directory=True)  # no endless loop
@@ -764,7 +764,7 @@ def test_a_cache_folder_in_the_input_folder_is_refused_before_anything_is_writte
     from thumbclf.inputs import synth
 
     data = tmp_path / "data"
-    synth.generate(data, per_class=2, seed=1, min_side=40, max_side=60, classes=("IHC", "TMA"))
+    synth.generate(data, per_class=2, seed=1, sides=(40, 60), classes=("IHC", "TMA"))
     before = sorted(p.name for p in data.rglob("*"))
     model = model_file(tmp_path / "model.pt", classes=("IHC", "TMA"))
     (tmp_path / "dep.yaml").write_text(f"thumbData: {data}\nmodelAdr: {model}\ncache_dir: {data}\n")
@@ -797,7 +797,7 @@ def test_a_quiet_int8_deploy_prints_no_progress_bar(tmp_path):
 
     from thumbclf.inputs import synth
 
-    data = synth.generate(tmp_path / "data", per_class=50, seed=3, min_side=40, max_side=70,
+    data = synth.generate(tmp_path / "data", per_class=50, seed=3, sides=(40, 70),
                           classes=CLASSES)  # 150: enough images for the gate's bound (149)
     model = model_file(tmp_path / "model.pt")
     exp = tmp_path / "q.yaml"

@@ -41,7 +41,7 @@ def model_dir(tiny_model):
 @pytest.mark.slow
 def test_hostile_labels_write_only_inside_the_results_folder(tmp_path):
     data = tmp_path / "data"
-    synth.generate(data, per_class=6, seed=4, min_side=60, max_side=120, fmt="png",
+    synth.generate(data, per_class=6, seed=4, sides=(60, 120), fmt="png",
                    classes=("IHC", "TMA", "Fat"))
     hostile = {"IHC": "../../../data/IHC", "TMA": "..", "Fat": "../../ESCAPED"}
     df = pd.read_csv(data / "labels.csv")
@@ -70,7 +70,7 @@ def test_hostile_labels_write_only_inside_the_results_folder(tmp_path):
 def test_a_results_folder_has_one_owner_at_a_time(model_dir, tmp_path):
     from thumbclf.workflows.run import prepare_output
 
-    synth.generate(tmp_path / "many", per_class=10, seed=9, min_side=60, max_side=120,
+    synth.generate(tmp_path / "many", per_class=10, seed=9, sides=(60, 120),
                    classes=("IHC", "TMA"))
     exp = write_yaml(tmp_path / "d.yaml", f"thumbData: {tmp_path / 'many'}\nmodelAdr: {model_dir}\n"
                      "hasLabels: false\nnum_workers: 0\ngradcam: 0\n")
@@ -129,7 +129,7 @@ def test_an_append_is_whole_or_not_at_all(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_a_full_disk_during_prediction_is_one_line_and_resumable(model_dir, tmp_path, monkeypatch,
                                                                   capsys):
-    synth.generate(tmp_path / "imgs", per_class=10, seed=5, min_side=60, max_side=120,
+    synth.generate(tmp_path / "imgs", per_class=10, seed=5, sides=(60, 120),
                    classes=("IHC", "TMA"))
     exp = write_yaml(tmp_path / "d.yaml", f"thumbData: {tmp_path / 'imgs'}\nmodelAdr: {model_dir}\n"
                      "hasLabels: false\nbatch_size: 4\nnum_workers: 0\ngradcam: 0\n")
@@ -179,7 +179,7 @@ def test_a_full_disk_before_the_first_row_still_resumes(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_a_resume_with_other_inputs_is_refused(model_dir, tmp_path, monkeypatch, capsys):
-    synth.generate(tmp_path / "imgs", per_class=6, seed=5, min_side=60, max_side=100,
+    synth.generate(tmp_path / "imgs", per_class=6, seed=5, sides=(60, 100),
                    classes=("IHC", "TMA"))
     exp = write_yaml(tmp_path / "d.yaml", f"thumbData: {tmp_path / 'imgs'}\nmodelAdr: {model_dir}\n"
                      "hasLabels: false\nbatch_size: 4\nnum_workers: 0\ngradcam: 0\n")
@@ -237,7 +237,7 @@ def test_a_crafted_name_collision_never_overwrites_a_sorted_copy(tmp_path):
 @pytest.mark.slow
 def test_results_folders_inside_a_flat_input_folder_are_not_input(model_dir, tmp_path):
     flat = tmp_path / "flat"
-    synth.generate(flat, per_class=2, seed=6, min_side=60, max_side=100, classes=("IHC", "TMA"))
+    synth.generate(flat, per_class=2, seed=6, sides=(60, 100), classes=("IHC", "TMA"))
     counts = []
     for k in (1, 2, 3):
         exp = write_yaml(tmp_path / f"d{k}.yaml", f"thumbData: {flat}\nmodelAdr: {model_dir}\n"

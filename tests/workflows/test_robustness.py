@@ -80,7 +80,7 @@ def test_training_leaves_out_unreadable_images_or_stops_when_too_many(tiny_data,
 
 @pytest.mark.slow
 def test_interrupted_deploy_resumes_with_only_the_rest(model_dir, tmp_path):
-    synth.generate(tmp_path / "many", per_class=60, seed=9, min_side=60, max_side=120,
+    synth.generate(tmp_path / "many", per_class=60, seed=9, sides=(60, 120),
                    classes=("IHC", "TMA"))
     exp = write_yaml(tmp_path / "d.yaml", f"thumbData: {tmp_path / 'many'}\nmodelAdr: {model_dir}\n"
                      "hasLabels: false\nbatch_size: 1\nnum_workers: 0\n")
