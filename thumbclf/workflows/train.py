@@ -139,12 +139,10 @@ def _fit_fold(params: TrainParams, model: nn.Module, trainer: nn.Module, *, deco
                                 shard=distributed.shard if distributed.active() else None)
 
     def val_batches():
-        return training_batches(decoded, val_pos, y, batch_size=bs * 2, rng=rng, shuffle=False,
-                                drop_single=False)
+        return training_batches(decoded, val_pos, y, batch_size=bs * 2, rng=None, drop_single=False)
 
     def bn_batches():  # unaugmented training images, for BatchNorm statistics
-        return training_batches(decoded, bn_sample, y, batch_size=bs,
-                                rng=np.random.default_rng(0), shuffle=False, drop_single=True)
+        return training_batches(decoded, bn_sample, y, batch_size=bs, rng=None, drop_single=True)
 
     def save_checkpoint(state: dict) -> None:
         own = distributed.gather([gen.get_state(), torch.get_rng_state()])  # each rank's own
@@ -245,7 +243,7 @@ def _fold_table(params: TrainParams, model: nn.Module, decoded, y: np.ndarray,
 
     def outputs(positions):  # logits and features (unaugmented, evaluation mode), in order
         batches = training_batches(decoded, positions, y, batch_size=params.batch_size * 2,
-                                   rng=np.random.default_rng(0), shuffle=False, drop_single=False)
+                                   rng=None, drop_single=False)
         out, _ = predict_logits(familiarity.WithFeatures(model, head_names(model)[0]), batches,
                                 norm=IMAGENET, device=device)
         return familiarity.split(out, len(classes))
