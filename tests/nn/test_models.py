@@ -8,7 +8,7 @@ from torch import nn
 from thumbclf.nn.data import Normalisation
 from thumbclf.core.errors import ModelError
 from thumbclf.inputs.images import Preprocessing
-from thumbclf.nn.models import build_model, load_model, load_ssl, save_model
+from thumbclf.nn.models import LoadedModel, build_model, load_model, load_ssl, save_model
 from thumbclf.nn.freeze import freeze, train_mode
 
 
@@ -77,9 +77,9 @@ def test_pretrained_from_a_local_weights_file(tmp_path):
 def test_model_file_is_self_describing_and_loads_weights_only(tmp_path):
     m = build_model("resnet18", 2)
     prep = Preprocessing(size=224)
-    save_model(tmp_path / "m.pt", m, arch="resnet18", classes=("A", "B"), prep=prep,
-               norm=Normalisation((0.5,) * 3, (0.25,) * 3), threshold=0.8, temperature=1.5,
-               meta={"fold": 1})
+    save_model(tmp_path / "m.pt", LoadedModel(m, "resnet18", ("A", "B"), prep,
+                                              Normalisation((0.5,) * 3, (0.25,) * 3),
+                                              threshold=0.8, temperature=1.5, meta={"fold": 1}))
     raw = torch.load(tmp_path / "m.pt", weights_only=True)
     assert raw["classes"] == ["A", "B"] and raw["arch"] == "resnet18" and raw["input_size"] == 224
     loaded = load_model(tmp_path / "m.pt")

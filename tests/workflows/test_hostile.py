@@ -28,10 +28,10 @@ def model_payload(tmp_path_factory) -> dict:
     bank = np.random.default_rng(0).normal(size=(32, 512)).astype(np.float32)
     bank /= np.linalg.norm(bank, axis=1, keepdims=True)
     path = tmp_path_factory.mktemp("payload") / "model.pt"
-    models.save_model(path, net, arch="resnet18", classes=CLASSES, prep=Preprocessing(size=64),
-                      norm=IMAGENET, threshold=0.5, temperature=1.0, meta={},
-                      familiarity=Familiarity(bank, 0.1),
-                      calibration={"temperature": 1.0, "status": "fitted", "images": 30})
+    models.save_model(path, models.LoadedModel(
+        net, "resnet18", CLASSES, Preprocessing(size=64), IMAGENET, threshold=0.5,
+        familiarity=Familiarity(bank, 0.1),
+        calibration={"temperature": 1.0, "status": "fitted", "images": 30}))
     return torch.load(path, weights_only=True)
 
 
@@ -266,9 +266,8 @@ def model_file(path, classes=CLASSES, seed=0):
     """An untrained resnet18 model file for 64-pixel inputs, with ``classes``."""
     torch.manual_seed(seed)
     net = models.build_model("resnet18", len(classes))
-    models.save_model(path, net, arch="resnet18", classes=tuple(classes),
-                      prep=Preprocessing(size=64), norm=IMAGENET, threshold=0.5,
-                      temperature=1.0, meta={})
+    models.save_model(path, models.LoadedModel(net, "resnet18", tuple(classes),
+                                               Preprocessing(size=64), IMAGENET, threshold=0.5))
     return path
 
 
@@ -398,9 +397,8 @@ def test_nan_weights_are_never_written(tmp_path):
     with torch.no_grad():
         net.fc.weight.fill_(math.nan)
     with pytest.raises(ConfigError, match="training diverged: 1 tensors .* \\(first: fc.weight\\)"):
-        models.save_model(tmp_path / "model.pt", net, arch="resnet18", classes=CLASSES,
-                          prep=Preprocessing(size=64), norm=IMAGENET, threshold=0.5,
-                          temperature=1.0, meta={})
+        models.save_model(tmp_path / "model.pt", models.LoadedModel(
+            net, "resnet18", CLASSES, Preprocessing(size=64), IMAGENET, threshold=0.5))
     backbone, _ = models.backbone_only("resnet18")
     with torch.no_grad():
         backbone.conv1.weight.fill_(math.inf)

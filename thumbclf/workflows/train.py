@@ -32,8 +32,8 @@ from thumbclf.nn.data import IMAGENET, training_batches
 from thumbclf.nn.calibration import MIN_CALIBRATION_IMAGES, Calibration, fit_temperature
 from thumbclf.nn.training import (EarlyStopping, FitResult, FitSpec, configure_threads, fit,
                                 predict_logits, softmax)
-from thumbclf.nn.models import (build_model, head_names, input_size, load_model, load_ssl,
-                                read_weights, save_model)
+from thumbclf.nn.models import (LoadedModel, build_model, head_names, input_size, load_model,
+                                load_ssl, read_weights, save_model)
 from thumbclf.nn.freeze import freeze, warn_untrained
 from thumbclf.outputs import explain
 from thumbclf.outputs.evaluate import threshold_notes
@@ -207,9 +207,10 @@ def run_fold(params: TrainParams, folder: Path, *, fold: int, sample_set: Sample
             "params": {k: v for k, v in params_to_dict(params).items()
                        if isinstance(v, (int, float, str, bool, list, type(None)))}}
     model_file = layout.fold_model(folder, fold)
-    save_model(model_file, model, arch=arch, classes=classes, prep=prep, norm=IMAGENET,
-               threshold=threshold.value, temperature=temperature, meta=meta,
-               familiarity=rule, calibration=calibration.to_file())
+    save_model(model_file, LoadedModel(model, arch, classes, prep, IMAGENET,
+                                       threshold=threshold.value, temperature=temperature,
+                                       meta=meta, familiarity=rule,
+                                       calibration=calibration.to_file()))
     atomic_csv(table, layout.fold_predictions(folder, fold))  # last: marks the fold finished
     (fdir / layout.CHECKPOINT).unlink(missing_ok=True)
     log.info("%s: best epoch %d, %s; model %s", fdir.name, result.best_epoch,
