@@ -35,7 +35,8 @@ sys.path.insert(0, str(ROOT))
 from thumbclf.inputs import cache, synth  # noqa: E402
 from thumbclf.config import PRETRAIN, load_params  # noqa: E402
 from thumbclf.nn.data import IMAGENET, training_batches  # noqa: E402
-from thumbclf.nn.training import predict_logits, recalibrate_bn, train_one_epoch  # noqa: E402
+from thumbclf.nn.training import (EarlyStopping, FitSpec, predict_logits,  # noqa: E402
+                                  recalibrate_bn, train_one_epoch)
 from thumbclf.inputs.images import Preprocessing  # noqa: E402
 from thumbclf.nn.models import SSL_CHECKPOINT, build_model, load_ssl  # noqa: E402
 from thumbclf.nn.freeze import freeze, train_mode
@@ -73,15 +74,18 @@ def train_and_test(pool, y_pool, test, y_test, *, per_class: int, init: str, ckp
     norm = IMAGENET
     gen = torch.Generator().manual_seed(seed)
     bs = 16
+    spec = FitSpec(train_batches=lambda: training_batches(pool, pos, y_pool, batch_size=bs,
+                                                          rng=rng),
+                   val_batches=lambda: [], n_train_batches=-(-len(pos) // bs), optimizer=opt,
+                   criterion=nn.CrossEntropyLoss(), val_criterion=nn.CrossEntropyLoss(),
+                   stopper=EarlyStopping(epochs, epochs, epochs), norm=norm, device=CPU, gen=gen)
     for _ in range(epochs):
-        train_one_epoch(model, training_batches(pool, pos, y_pool, batch_size=bs, rng=rng),
-                        optimizer=opt, criterion=nn.CrossEntropyLoss(), norm=norm, device=CPU,
-                        gen=gen, quiet=True)
+        train_one_epoch(model, spec.train_batches(), spec=spec, quiet=True)
     train_mode(model)
-    recalibrate_bn(model, training_batches(pool, pos, y_pool, batch_size=bs, rng=rng,
-                                           shuffle=False), norm=norm, device=CPU)
+    recalibrate_bn(model, training_batches(pool, pos, y_pool, batch_size=bs, rng=None),
+                   norm=norm, device=CPU)
     logits, _ = predict_logits(model, training_batches(
-        test, np.arange(len(y_test)), y_test, batch_size=64, rng=rng, shuffle=False,
+        test, np.arange(len(y_test)), y_test, batch_size=64, rng=None,
         drop_single=False), norm=norm, device=CPU)
     prob = torch.softmax(torch.from_numpy(logits), 1).numpy()
     return {"auroc": roc_auc_score(y_test, prob, multi_class="ovr", average="macro"),

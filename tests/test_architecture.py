@@ -171,13 +171,9 @@ RECIPES = "thumbclf/workflows/"  # the recipes read the params and turn them int
 PARAMETER_ALLOWANCES = {
     # issue 29's files (another change gives the engine choice its EngineSpec)
     "thumbclf/predict/inference.py:choose", "thumbclf/predict/inference.py:_try",
-    "thumbclf/predict/inference.py:_runner", "thumbclf/predict/gate.py:gate",
-    "thumbclf/predict/ray_backend.py:_dataset", "thumbclf/predict/ray_backend.py:_stages",
+    "thumbclf/predict/inference.py:_runner",
     # its one caller is workflows/stream.py (issue 29's file): build takes columns with it
     "thumbclf/core/table.py:build",
-    # still to do (issue 32): a spec each
-    "thumbclf/nn/training.py:train_one_epoch", "thumbclf/nn/models.py:save_model",
-    "thumbclf/nn/data.py:training_batches", "thumbclf/inputs/synth.py:generate",
 }
 
 
