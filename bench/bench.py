@@ -47,8 +47,8 @@ def make_data(n: int) -> Path:
         return table
     per = max(1, n // (2 * len(synth.CLASSES)))
     t = time.perf_counter()
-    a = synth.generate(folder / "jpg", per_class=per, seed=1, min_side=800, max_side=1500, fmt="jpg")
-    b = synth.generate(folder / "png", per_class=per, seed=2, min_side=800, max_side=1500, fmt="png")
+    a = synth.generate(folder / "jpg", per_class=per, seed=1, sides=(800, 1500), fmt="jpg")
+    b = synth.generate(folder / "png", per_class=per, seed=2, sides=(800, 1500), fmt="png")
     rows = ["PATH,CLASSIFICATION"]
     for sub, tab in (("jpg", a), ("png", b)):
         rows += [f"{sub}/{line}" for line in tab.read_text().splitlines()[1:]]

@@ -53,7 +53,7 @@ def main() -> None:
     a = ap.parse_args()
     out = ROOT / "bench" / "out" / "look"
     table = synth.generate(out / "data", per_class=max(2, a.batch // 6 + 1), seed=5,
-                           min_side=200, max_side=600)
+                           sides=(200, 600))
     prep = Preprocessing(size=a.size)
     paths = sorted(table.parent.rglob("*.jpg"))[:a.batch]
     x = torch.from_numpy(np.stack([load_array(p, prep) for p in paths]))

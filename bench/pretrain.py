@@ -35,7 +35,8 @@ sys.path.insert(0, str(ROOT))
 from thumbclf.inputs import cache, synth  # noqa: E402
 from thumbclf.config import PRETRAIN, load_params  # noqa: E402
 from thumbclf.nn.data import IMAGENET, training_batches  # noqa: E402
-from thumbclf.nn.training import predict_logits, recalibrate_bn, train_one_epoch  # noqa: E402
+from thumbclf.nn.training import (EarlyStopping, FitSpec, predict_logits,  # noqa: E402
+                                  recalibrate_bn, train_one_epoch)
 from thumbclf.inputs.images import Preprocessing  # noqa: E402
 from thumbclf.nn.models import SSL_CHECKPOINT, build_model, load_ssl  # noqa: E402
 from thumbclf.nn.freeze import freeze, train_mode
@@ -49,7 +50,7 @@ CPU = torch.device("cpu")
 
 def images(folder: Path, per_class: int, seed: int, size: int):
     """Generate labelled synthetic thumbnails; return decoded uint8 images and class indices."""
-    synth.generate(folder, per_class=per_class, seed=seed, min_side=200, max_side=500)
+    synth.generate(folder, per_class=per_class, seed=seed, sides=(200, 500))
     paths = sorted(folder.rglob("*.jpg"))
     y = np.array([synth.CLASSES.index(p.parent.name) for p in paths])
     decoded = cache.build(paths, Preprocessing(size=size), mode="memory", workers=2, quiet=True)
@@ -73,15 +74,18 @@ def train_and_test(pool, y_pool, test, y_test, *, per_class: int, init: str, ckp
     norm = IMAGENET
     gen = torch.Generator().manual_seed(seed)
     bs = 16
+    spec = FitSpec(train_batches=lambda: training_batches(pool, pos, y_pool, batch_size=bs,
+                                                          rng=rng),
+                   val_batches=lambda: [], n_train_batches=-(-len(pos) // bs), optimizer=opt,
+                   criterion=nn.CrossEntropyLoss(), val_criterion=nn.CrossEntropyLoss(),
+                   stopper=EarlyStopping(epochs, epochs, epochs), norm=norm, device=CPU, gen=gen)
     for _ in range(epochs):
-        train_one_epoch(model, training_batches(pool, pos, y_pool, batch_size=bs, rng=rng),
-                        optimizer=opt, criterion=nn.CrossEntropyLoss(), norm=norm, device=CPU,
-                        gen=gen, quiet=True)
+        train_one_epoch(model, spec.train_batches(), spec=spec, quiet=True)
     train_mode(model)
-    recalibrate_bn(model, training_batches(pool, pos, y_pool, batch_size=bs, rng=rng,
-                                           shuffle=False), norm=norm, device=CPU)
+    recalibrate_bn(model, training_batches(pool, pos, y_pool, batch_size=bs, rng=None),
+                   norm=norm, device=CPU)
     logits, _ = predict_logits(model, training_batches(
-        test, np.arange(len(y_test)), y_test, batch_size=64, rng=rng, shuffle=False,
+        test, np.arange(len(y_test)), y_test, batch_size=64, rng=None,
         drop_single=False), norm=norm, device=CPU)
     prob = torch.softmax(torch.from_numpy(logits), 1).numpy()
     return {"auroc": roc_auc_score(y_test, prob, multi_class="ovr", average="macro"),
@@ -107,8 +111,7 @@ def main() -> None:
     test, y_test = images(OUT / "test", 30, 13, a.size)
     if a.reuse is None:
         per = -(-a.unlabelled // len(synth.CLASSES))
-        unl_table = synth.generate(OUT / "unlabelled", per_class=per, seed=11, min_side=200,
-                                   max_side=500)
+        unl_table = synth.generate(OUT / "unlabelled", per_class=per, seed=11, sides=(200, 500))
         exp = OUT / "pretrain.yaml"
         exp.write_text(f"thumbData: {unl_table.parent}\nmax_epochs: {a.epochs}\n"
                        f"batch_size: {a.batch}\nnum_workers: 2\n")

@@ -114,7 +114,7 @@ def main() -> None:
     trust.REUSE = a.reuse
     if a.out.exists() and not a.reuse:
         shutil.rmtree(a.out)
-    data, sides = a.out / "data", dict(min_side=200, max_side=500)
+    data, sides = a.out / "data", dict(sides=(200, 500))
     tests = ["test"] + [f"shifted-{float(x):g}" for x in a.shifts.split(",") if x]
     sets = {"train": dict(per_class=a.per_class, seed=1),
             "test": dict(per_class=a.test_per_class, seed=2),

@@ -34,14 +34,14 @@ def model_file() -> Path:
     from thumbclf.inputs import synth
     from thumbclf.nn.data import IMAGENET
     from thumbclf.inputs.images import Preprocessing
-    from thumbclf.nn.models import build_model, save_model
+    from thumbclf.nn.models import LoadedModel, build_model, save_model
 
     path = OUT / "scale-model.pt"
     if not path.is_file():
         classes = tuple(synth.CLASSES)
-        save_model(path, build_model("resnet18", len(classes), False), arch="resnet18",
-                   classes=classes, prep=Preprocessing(size=224), norm=IMAGENET, threshold=0.9,
-                   temperature=1.0, meta={"note": "untrained, for bench/scale.py"})
+        save_model(path, LoadedModel(build_model("resnet18", len(classes), False), "resnet18",
+                                     classes, Preprocessing(size=224), IMAGENET, threshold=0.9,
+                                     meta={"note": "untrained, for bench/scale.py"}))
     return path
 
 

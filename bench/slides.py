@@ -195,7 +195,7 @@ def tiny_model(work: Path) -> Path:
     model = work / "t" / "model.pt"
     if model.is_file():
         return model
-    table = synth.generate(work / "train-data", per_class=6, seed=3, min_side=60, max_side=160,
+    table = synth.generate(work / "train-data", per_class=6, seed=3, sides=(60, 160),
                            classes=("Biopsy", "IHC"), patients=4)
     (work / "t.yaml").write_text(f"thumbData: {table}\ntrainFull: true\npretrained: false\n"
                                  "max_epochs: 1\nstopEpoch: 0\nbootstrap: 0\n")

@@ -112,7 +112,7 @@ def main() -> None:
     if out.exists() and not a.reuse:
         shutil.rmtree(out)
     data = out / "data"
-    sides = dict(min_side=200, max_side=500)
+    sides = dict(sides=(200, 500))
     a.tests = ["test"] + [f"shifted-{float(x):g}" for x in a.shifts.split(",") if x]
     sets = {"train": dict(per_class=a.per_class, seed=1),
             "test": dict(per_class=a.test_per_class, seed=2),

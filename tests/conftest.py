@@ -22,7 +22,7 @@ TINY_CLASSES = ("Biopsy", "IHC", "TMA")
 def tiny_data(tmp_path_factory) -> Path:
     """3 classes x 6 small thumbnails with patients; returns labels.csv."""
     out = tmp_path_factory.mktemp("tiny")
-    return synth.generate(out, per_class=6, seed=3, min_side=60, max_side=160,
+    return synth.generate(out, per_class=6, seed=3, sides=(60, 160),
                           classes=TINY_CLASSES, patients=4)
 
 
@@ -279,9 +279,8 @@ def model_file(path, classes=TINY_CLASSES, seed=0):
 
     torch.manual_seed(seed)
     net = models.build_model("resnet18", len(classes))
-    models.save_model(path, net, arch="resnet18", classes=tuple(classes),
-                      prep=Preprocessing(size=64), norm=IMAGENET, threshold=0.5,
-                      temperature=1.0, meta={})
+    models.save_model(path, models.LoadedModel(net, "resnet18", tuple(classes),
+                                               Preprocessing(size=64), IMAGENET, threshold=0.5))
     return path
 
 
@@ -310,7 +309,7 @@ def odd_names(tmp_path):
     from thumbclf.inputs import synth
 
     data = tmp_path / "data"
-    synth.generate(data, per_class=6, seed=2, min_side=40, max_side=70, classes=("IHC", "TMA"))
+    synth.generate(data, per_class=6, seed=2, sides=(40, 70), classes=("IHC", "TMA"))
     src = next((data / "IHC").glob("*.jpg"))
     odd = os.fsencode(data / "IHC") + b"/\xff\xfe.jpg"  # not UTF-8, as in old archives
     shutil.copy(src, odd)

@@ -168,14 +168,7 @@ MAX_PARAMETERS = 8
 RECIPES = "thumbclf/workflows/"  # the recipes read the params and turn them into specs
 # Functions below the recipes that still take more than 8 parameters, each with why it is
 # allowed for now. Remove an entry when its function takes a spec; a new offender fails.
-PARAMETER_ALLOWANCES = {
-    # issue 29's files (another change gives the engine choice its EngineSpec)
-    "thumbclf/predict/gate.py:gate",
-    "thumbclf/predict/ray_backend.py:_dataset", "thumbclf/predict/ray_backend.py:_stages",
-    # still to do (issue 32): a spec each
-    "thumbclf/nn/training.py:train_one_epoch", "thumbclf/nn/models.py:save_model",
-    "thumbclf/nn/data.py:training_batches", "thumbclf/inputs/synth.py:generate",
-}
+PARAMETER_ALLOWANCES: set[str] = set()  # none left (issue 32)
 
 
 def parameter_count(fn: ast.FunctionDef | ast.AsyncFunctionDef) -> int:

@@ -125,7 +125,7 @@ def test_pip_install_gives_a_thumbclf_command_that_runs_from_any_folder(tmp_path
     elsewhere = tmp_path / "elsewhere"  # an unrelated current directory
     elsewhere.mkdir()
     project = tmp_path / "project"
-    synth.generate(project / "data", per_class=4, seed=5, min_side=60, max_side=120,
+    synth.generate(project / "data", per_class=4, seed=5, sides=(60, 120),
                    classes=TINY_CLASSES)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     env.update(OMP_NUM_THREADS="2", PATH=f"{bindir}{os.pathsep}{env.get('PATH', '')}")

@@ -57,7 +57,7 @@ def test_a_quiet_int8_deploy_prints_no_progress_bar(tmp_path):
 
     from thumbclf.inputs import synth
 
-    data = synth.generate(tmp_path / "data", per_class=50, seed=3, min_side=40, max_side=70,
+    data = synth.generate(tmp_path / "data", per_class=50, seed=3, sides=(40, 70),
                           classes=CLASSES)  # 150: enough images for the gate's bound (149)
     model = model_file(tmp_path / "model.pt")
     exp = tmp_path / "q.yaml"
@@ -102,7 +102,7 @@ def test_a_hangup_ends_like_ctrl_c(tiny_data, tmp_path):
 @pytest.mark.slow
 def test_interrupted_deploy_resumes_with_only_the_rest(model_dir, tmp_path):
     """Issue 5, messy archives."""
-    synth.generate(tmp_path / "many", per_class=60, seed=9, min_side=60, max_side=120,
+    synth.generate(tmp_path / "many", per_class=60, seed=9, sides=(60, 120),
                    classes=("IHC", "TMA"))
     exp = write_yaml(tmp_path / "d.yaml", f"thumbData: {tmp_path / 'many'}\nmodelAdr: {model_dir}\n"
                      "hasLabels: false\nbatch_size: 1\nnum_workers: 0\n")

@@ -41,7 +41,7 @@ def extra_images(tiny_data: Path, folder: Path, n: int = 2) -> list[Path]:
 
 
 def test_corrections_override_add_and_undecided_changes_nothing(tmp_path):
-    labels = synth.generate(tmp_path / "data", per_class=3, seed=5, min_side=40, max_side=60,
+    labels = synth.generate(tmp_path / "data", per_class=3, seed=5, sides=(40, 60),
                             classes=("Biopsy", "IHC", "TMA"), patients=2)
     slides = slides_of(labels)
     biopsy = slides[slides["CLASSIFICATION"] == "Biopsy"]["PATH"].tolist()
@@ -146,7 +146,7 @@ def test_a_name_over_255_bytes_is_a_missing_row_not_a_crash(tmp_path):
 
 def test_a_class_only_the_corrections_bring_names_their_rows_not_the_training_table(tmp_path):
     """Issue 33, item 20: a corrections row adding a new class blamed the training table."""
-    labels = synth.generate(tmp_path / "data", per_class=3, seed=5, min_side=40, max_side=60,
+    labels = synth.generate(tmp_path / "data", per_class=3, seed=5, sides=(40, 60),
                             classes=("Biopsy", "IHC"))
     biopsy = slides_of(labels).query("CLASSIFICATION == 'Biopsy'")["PATH"].tolist()
     corr = table(tmp_path / "c.csv", [(biopsy[0], "Fat")])

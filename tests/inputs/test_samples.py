@@ -176,9 +176,9 @@ def test_a_linked_subfolder_of_a_folder_input_is_followed(tmp_path):
     from thumbclf.inputs.samples import discover
 
     real = tmp_path / "elsewhere"
-    synth.generate(real, per_class=3, seed=1, min_side=40, max_side=60, classes=("IHC",))
+    synth.generate(real, per_class=3, seed=1, sides=(40, 60), classes=("IHC",))
     data = tmp_path / "data"
-    synth.generate(data, per_class=1, seed=2, min_side=40, max_side=60, classes=("IHC", "TMA"))
+    synth.generate(data, per_class=1, seed=2, sides=(40, 60), classes=("IHC", "TMA"))
     (data / "labels.csv").unlink()
     (data / "IHC" / "batch2").symlink_to(real / "IHC", target_is_directory=True)
     (real / "IHC" / "loop").symlink_to(real / "IHC", target_is_directory=True)  # no endless loop

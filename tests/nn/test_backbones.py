@@ -16,8 +16,8 @@ from thumbclf.nn.training import training_loss
 from thumbclf.core.errors import ModelError
 from thumbclf.outputs.explain import gradcam
 from thumbclf.inputs.images import Preprocessing
-from thumbclf.nn.models import (BUILD_KWARGS, build_model, head_names, input_size, load_model,
-                                save_model)
+from thumbclf.nn.models import (BUILD_KWARGS, LoadedModel, build_model, head_names, input_size,
+                                load_model, save_model)
 from thumbclf.nn.freeze import blocks, freeze, holds_head, train_mode
 from thumbclf.core.backbones import PROTOTYPE_NAMES, arch_name, zoo
 
@@ -72,8 +72,8 @@ def test_each_prototype_backbone_freezes_trains_saves_and_reloads(tmp_path, name
     assert not any(k.startswith(frozen[0] + ".") for k in changed)  # frozen: weights and BN stats
 
     prep = Preprocessing(size=input_size(name))
-    save_model(tmp_path / "m.pt", model, arch=arch_name(name), classes=("a", "b", "c"), prep=prep,
-               norm=IMAGENET, threshold=0.5, temperature=1.0, meta={})
+    save_model(tmp_path / "m.pt",
+               LoadedModel(model, arch_name(name), ("a", "b", "c"), prep, IMAGENET, threshold=0.5))
     loaded = load_model(tmp_path / "m.pt", model_name=name)
     assert loaded.arch == arch and loaded.prep.size == size
     with torch.no_grad():
@@ -206,7 +206,7 @@ def test_gradcam_of_a_vit_uses_the_tokens_entering_its_last_layer():
 @pytest.fixture(scope="module")
 def three_images(tmp_path_factory):
     out = tmp_path_factory.mktemp("three")
-    return synth.generate(out, per_class=1, seed=5, min_side=60, max_side=200,
+    return synth.generate(out, per_class=1, seed=5, sides=(60, 200),
                           classes=("Biopsy", "IHC", "TMA"))
 
 

@@ -53,9 +53,15 @@ def test_a_batch_of_one_is_dropped_only_when_asked():
     sizes = [len(x) for x, _ in training_batches(d, np.arange(5), y, batch_size=4,
                                                  rng=np.random.default_rng(0))]
     assert sizes == [4]
-    sizes = [len(x) for x, _ in training_batches(d, np.arange(5), y, batch_size=4, shuffle=False,
-                                                 rng=np.random.default_rng(0), drop_single=False)]
+    sizes = [len(x) for x, _ in training_batches(d, np.arange(5), y, batch_size=4, rng=None,
+                                                 drop_single=False)]
     assert sizes == [4, 1]
+
+
+def test_weighted_sampling_without_a_generator_is_refused():
+    d, y = decoded(5), np.zeros(5, int)
+    with pytest.raises(ValueError, match="pass rng"):
+        next(training_batches(d, np.arange(5), y, batch_size=4, rng=None, weights=np.ones(5)))
 
 
 def test_a_weighted_sampler_draws_rare_classes_more_often():

@@ -44,7 +44,7 @@ def test_familiarity_threshold_is_a_validation_quantile_and_survives_the_file():
 def trained(tmp_path_factory):
     """A full training with a validation split big enough for the unfamiliar rule."""
     folder = tmp_path_factory.mktemp("trust")
-    table = synth.generate(folder / "data", per_class=36, seed=11, min_side=60, max_side=150,
+    table = synth.generate(folder / "data", per_class=36, seed=11, sides=(60, 150),
                            classes=CLASSES)
     return train_once(folder, "full", f"thumbData: {table}\n{FAST}")[0]
 
@@ -53,7 +53,7 @@ def trained(tmp_path_factory):
 def mixed(tmp_path_factory):
     """6 slides of known types and 6 random-noise images, unlabelled, in one folder."""
     folder = tmp_path_factory.mktemp("mixed")
-    synth.generate(folder / "known", per_class=2, seed=12, min_side=60, max_side=150,
+    synth.generate(folder / "known", per_class=2, seed=12, sides=(60, 150),
                    classes=CLASSES)
     rng = np.random.default_rng(0)
     for i in range(6):
@@ -78,7 +78,7 @@ def test_the_rule_is_fitted_without_a_pass_of_its_own(tmp_path, monkeypatch):
     from thumbclf.config import TRAIN, load_params
     from thumbclf.workflows import train
 
-    table = synth.generate(tmp_path / "data", per_class=20, seed=3, min_side=50, max_side=90,
+    table = synth.generate(tmp_path / "data", per_class=20, seed=3, sides=(50, 90),
                            classes=CLASSES)
     exp = write_yaml(tmp_path / "t.yaml", f"thumbData: {table}\n{FAST}"
                      "val_fraction: 0.35\n")
@@ -171,7 +171,7 @@ def test_a_deploy_mostly_unfamiliar_decides_nothing_and_says_why(trained, tmp_pa
     fit it, and the slides that happen to look familiar are Undecided too; the key turns it
     off. The rule runs on the whole table, after prediction."""
     folder = tmp_path / "mostly_noise"
-    synth.generate(folder / "known", per_class=2, seed=12, min_side=60, max_side=150,
+    synth.generate(folder / "known", per_class=2, seed=12, sides=(60, 150),
                    classes=CLASSES)
     (folder / "known" / "labels.csv").unlink()
     rng = np.random.default_rng(1)

@@ -24,10 +24,10 @@ def model_payload(tmp_path_factory) -> dict:
     bank = np.random.default_rng(0).normal(size=(32, 512)).astype(np.float32)
     bank /= np.linalg.norm(bank, axis=1, keepdims=True)
     path = tmp_path_factory.mktemp("payload") / "model.pt"
-    models.save_model(path, net, arch="resnet18", classes=CLASSES, prep=Preprocessing(size=64),
-                      norm=IMAGENET, threshold=0.5, temperature=1.0, meta={},
-                      familiarity=Familiarity(bank, 0.1),
-                      calibration={"temperature": 1.0, "status": "fitted", "images": 30})
+    models.save_model(path, models.LoadedModel(
+        net, "resnet18", CLASSES, Preprocessing(size=64), IMAGENET, threshold=0.5,
+        familiarity=Familiarity(bank, 0.1),
+        calibration={"temperature": 1.0, "status": "fitted", "images": 30}))
     return torch.load(path, weights_only=True)
 
 

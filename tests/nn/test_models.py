@@ -11,7 +11,7 @@ from thumbclf.inputs.images import Preprocessing
 from thumbclf.nn import models
 from thumbclf.nn.data import IMAGENET, Normalisation
 from thumbclf.nn.freeze import freeze, train_mode
-from thumbclf.nn.models import build_model, load_model, load_ssl, save_model
+from thumbclf.nn.models import LoadedModel, build_model, load_model, load_ssl, save_model
 
 CLASSES = ("Biopsy", "IHC", "TMA")
 
@@ -81,9 +81,9 @@ def test_pretrained_from_a_local_weights_file(tmp_path):
 def test_model_file_is_self_describing_and_loads_weights_only(tmp_path):
     m = build_model("resnet18", 2)
     prep = Preprocessing(size=224)
-    save_model(tmp_path / "m.pt", m, arch="resnet18", classes=("A", "B"), prep=prep,
-               norm=Normalisation((0.5,) * 3, (0.25,) * 3), threshold=0.8, temperature=1.5,
-               meta={"fold": 1})
+    save_model(tmp_path / "m.pt", LoadedModel(m, "resnet18", ("A", "B"), prep,
+                                              Normalisation((0.5,) * 3, (0.25,) * 3),
+                                              threshold=0.8, temperature=1.5, meta={"fold": 1}))
     raw = torch.load(tmp_path / "m.pt", weights_only=True)
     assert raw["classes"] == ["A", "B"] and raw["arch"] == "resnet18" and raw["input_size"] == 224
     loaded = load_model(tmp_path / "m.pt")
@@ -174,9 +174,8 @@ def test_nan_weights_are_never_written(tmp_path):
     with torch.no_grad():
         net.fc.weight.fill_(math.nan)
     with pytest.raises(ConfigError, match="training diverged: 1 tensors .* \\(first: fc.weight\\)"):
-        models.save_model(tmp_path / "model.pt", net, arch="resnet18", classes=CLASSES,
-                          prep=Preprocessing(size=64), norm=IMAGENET, threshold=0.5,
-                          temperature=1.0, meta={})
+        models.save_model(tmp_path / "model.pt", models.LoadedModel(
+            net, "resnet18", CLASSES, Preprocessing(size=64), IMAGENET, threshold=0.5))
     backbone, _ = models.backbone_only("resnet18")
     with torch.no_grad():
         backbone.conv1.weight.fill_(math.inf)

@@ -113,7 +113,7 @@ def test_the_unfamiliar_rule_is_part_of_the_decisions():
     u_cand = u_ref.copy()
     u_cand[:20] = 1.2  # twenty images become unfamiliar, so Undecided
     v = gate.gate(ref, ref.copy(), np.full(300, -1), CLASSES, 0.9, deploy_images=300,
-                  reference_unfamiliarity=u_ref, candidate_unfamiliarity=u_cand)
+                  unfamiliarity=(u_ref, u_cand))
     assert not v["passed"] and v["changed"] == 20
     assert v["discrepancy"][gate.UNFAMILIARITY] == pytest.approx(0.7)
     assert (gate.decisions(ref, CLASSES, 0.9, u_cand)[:20] == UNDECIDED).all()
@@ -132,7 +132,7 @@ def test_the_band_makes_every_decision_fp32s():
     u_cand = u_ref + rng.uniform(-0.01, 0.01, 400)
     for threshold in (0.9, 0.4):
         args = (ref, cand, np.full(400, -1), CLASSES, threshold)
-        u = dict(reference_unfamiliarity=u_ref, candidate_unfamiliarity=u_cand)
+        u = dict(unfamiliarity=(u_ref, u_cand))
         with_band = gate.gate(*args, deploy_images=400, **u)
         without = gate.gate(*args, deploy_images=400, limits={"safety": 0.0}, **u)
         assert with_band["changed_with_band"] == 0 and with_band["passed"], with_band

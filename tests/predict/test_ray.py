@@ -146,7 +146,7 @@ def test_a_ray_deploy_killed_with_sigkill_resumes_at_once(model_dir, tmp_path):
 
     from thumbclf.inputs import synth
 
-    data = synth.generate(tmp_path / "data", per_class=20, seed=5, min_side=40, max_side=70,
+    data = synth.generate(tmp_path / "data", per_class=20, seed=5, sides=(40, 70),
                           classes=("Biopsy", "IHC", "TMA"))
     exp = write_yaml(tmp_path / "d.yaml", f"thumbData: {data}\nmodelAdr: {model_dir}\n"
                      f"{FAST.replace('batch_size: 8', 'batch_size: 1')}executor: ray\n")

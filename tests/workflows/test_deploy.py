@@ -75,7 +75,7 @@ def test_a_deploy_writes_no_formula_into_any_table(tmp_path):
 
     classes = HOSTILE[:3]
     data = tmp_path / "data"
-    labels = synth.generate(data, per_class=4, seed=5, min_side=40, max_side=80,
+    labels = synth.generate(data, per_class=4, seed=5, sides=(40, 80),
                             classes=("IHC", "TMA", "Fat"))
     df = pd.read_csv(labels)
     df["CLASSIFICATION"] = df["CLASSIFICATION"].map(dict(zip(("IHC", "TMA", "Fat"), classes)))
@@ -190,7 +190,7 @@ def test_a_cache_folder_in_the_input_folder_is_refused_before_anything_is_writte
     from thumbclf.inputs import synth
 
     data = tmp_path / "data"
-    synth.generate(data, per_class=2, seed=1, min_side=40, max_side=60, classes=("IHC", "TMA"))
+    synth.generate(data, per_class=2, seed=1, sides=(40, 60), classes=("IHC", "TMA"))
     before = sorted(p.name for p in data.rglob("*"))
     model = model_file(tmp_path / "model.pt", classes=("IHC", "TMA"))
     (tmp_path / "dep.yaml").write_text(f"thumbData: {data}\nmodelAdr: {model}\ncache_dir: {data}\n")
@@ -215,7 +215,7 @@ def test_a_model_whose_outputs_are_not_finite_is_an_error(tiny_data, tmp_path, c
 def test_a_full_disk_during_prediction_is_one_line_and_resumable(model_dir, tmp_path, monkeypatch,
                                                                   capsys):
     """Issue 10, item 3: nothing lost."""
-    synth.generate(tmp_path / "imgs", per_class=10, seed=5, min_side=60, max_side=120,
+    synth.generate(tmp_path / "imgs", per_class=10, seed=5, sides=(60, 120),
                    classes=("IHC", "TMA"))
     exp = write_yaml(tmp_path / "d.yaml", f"thumbData: {tmp_path / 'imgs'}\nmodelAdr: {model_dir}\n"
                      "hasLabels: false\nbatch_size: 4\nnum_workers: 0\ngradcam: 0\n")
@@ -250,7 +250,7 @@ def test_a_full_disk_during_prediction_is_one_line_and_resumable(model_dir, tmp_
 @pytest.mark.slow
 def test_a_resume_with_other_inputs_is_refused(model_dir, tmp_path, monkeypatch, capsys):
     """Issue 10, item 3: nothing lost."""
-    synth.generate(tmp_path / "imgs", per_class=6, seed=5, min_side=60, max_side=100,
+    synth.generate(tmp_path / "imgs", per_class=6, seed=5, sides=(60, 100),
                    classes=("IHC", "TMA"))
     exp = write_yaml(tmp_path / "d.yaml", f"thumbData: {tmp_path / 'imgs'}\nmodelAdr: {model_dir}\n"
                      "hasLabels: false\nbatch_size: 4\nnum_workers: 0\ngradcam: 0\n")
@@ -277,7 +277,7 @@ def test_a_resume_with_other_inputs_is_refused(model_dir, tmp_path, monkeypatch,
 def test_results_folders_inside_a_flat_input_folder_are_not_input(model_dir, tmp_path):
     """Issue 10, item 5: nothing lost."""
     flat = tmp_path / "flat"
-    synth.generate(flat, per_class=2, seed=6, min_side=60, max_side=100, classes=("IHC", "TMA"))
+    synth.generate(flat, per_class=2, seed=6, sides=(60, 100), classes=("IHC", "TMA"))
     counts = []
     for k in (1, 2, 3):
         exp = write_yaml(tmp_path / f"d{k}.yaml", f"thumbData: {flat}\nmodelAdr: {model_dir}\n"

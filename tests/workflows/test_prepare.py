@@ -18,7 +18,7 @@ def _params(tmp_path):
 
 def test_unreadable_images_are_left_out_or_stop_the_run_past_the_limit(tmp_path, caplog):
     data = tmp_path / "data"
-    synth.generate(data, per_class=3, seed=1, min_side=40, max_side=60, classes=("IHC", "TMA"))
+    synth.generate(data, per_class=3, seed=1, sides=(40, 60), classes=("IHC", "TMA"))
     (data / "labels.csv").unlink()
     (data / "IHC" / "broken.png").write_bytes(b"not an image")
     samples = discover(data, need_labels=True)

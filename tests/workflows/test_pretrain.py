@@ -34,7 +34,7 @@ def pretrain_in_process(tmp_path, data, name="pre", resume=False, **keys):
 def unlabelled(tmp_path_factory):
     """9 small unlabelled thumbnails in a flat folder search (the table's labels are unused)."""
     out = tmp_path_factory.mktemp("unlabelled")
-    synth.generate(out, per_class=3, seed=4, min_side=48, max_side=96, classes=TINY_CLASSES)
+    synth.generate(out, per_class=3, seed=4, sides=(48, 96), classes=TINY_CLASSES)
     return out
 
 

@@ -22,7 +22,7 @@ def test_a_cache_folder_among_a_tables_images_is_refused(tmp_path):
     """Issue 33, item 11: a cache folder inside the folders a table's images live in was
     accepted, and matplotlib's cache was written there. Item 20: a results folder inside the
     input folder was refused with a message about cache_dir, which the user never set."""
-    table = synth.generate(tmp_path / "data", per_class=2, seed=1, min_side=40, max_side=60,
+    table = synth.generate(tmp_path / "data", per_class=2, seed=1, sides=(40, 60),
                            classes=("IHC", "TMA"))
     images = tmp_path / "data" / "IHC"
     params, _ = load_experiment({"thumbData": str(table), "cache_dir": str(images / "cache")},
@@ -45,7 +45,7 @@ def test_a_results_folder_has_one_owner_at_a_time(model_dir, tmp_path):
     """Issue 10, item 2: nothing lost."""
     from thumbclf.workflows.run import prepare_output
 
-    synth.generate(tmp_path / "many", per_class=10, seed=9, min_side=60, max_side=120,
+    synth.generate(tmp_path / "many", per_class=10, seed=9, sides=(60, 120),
                    classes=("IHC", "TMA"))
     exp = write_yaml(tmp_path / "d.yaml", f"thumbData: {tmp_path / 'many'}\nmodelAdr: {model_dir}\n"
                      "hasLabels: false\nnum_workers: 0\ngradcam: 0\n")

@@ -55,7 +55,7 @@ def checksums(folder: Path) -> dict[str, str]:
 def test_hostile_labels_write_only_inside_the_results_folder(tmp_path):
     """Issue 10, item 1: nothing lost."""
     data = tmp_path / "data"
-    synth.generate(data, per_class=6, seed=4, min_side=60, max_side=120, fmt="png",
+    synth.generate(data, per_class=6, seed=4, sides=(60, 120), fmt="png",
                    classes=("IHC", "TMA", "Fat"))
     hostile = {"IHC": "../../../data/IHC", "TMA": "..", "Fat": "../../ESCAPED"}
     df = pd.read_csv(data / "labels.csv")

@@ -111,11 +111,12 @@ def other_lab(img: Image.Image, shift: float, rng: np.random.Generator) -> Image
     return Image.fromarray(np.clip(np.asarray(out, np.float64) + noise, 0, 255).astype(np.uint8))
 
 
-def generate(out: Path, *, per_class: int = 10, seed: int = 1, min_side: int = 300,
-             max_side: int = 900, fmt: str = "jpg", classes=CLASSES, patients: int = 0,
-             prefix: str = "slide", shift: float = 0.0) -> Path:
+def generate(out: Path, *, per_class: int = 10, seed: int = 1, sides: tuple[int, int] = (300, 900),
+             fmt: str = "jpg", classes=CLASSES, patients: int = 0, shift: float = 0.0) -> Path:
     """Write ``per_class`` thumbnails per class and labels.csv; return the table's path.
-    ``shift`` > 0: as another lab would have scanned them (other_lab)."""
+    ``sides``: the range of each long side, in pixels (both included); ``shift`` > 0: as another
+    lab would have scanned them (other_lab)."""
+    min_side, max_side = sides
     rng = np.random.default_rng(seed)
     rows = []
     for kind in classes:
@@ -128,7 +129,7 @@ def generate(out: Path, *, per_class: int = 10, seed: int = 1, min_side: int = 3
             img = draw_slide(kind, w, h, rng)
             if shift > 0:  # its own generator: the slides are the same with or without it
                 img = other_lab(img, shift, np.random.default_rng([seed, len(rows), 7]))
-            name = f"{prefix}_{kind.lower()}_{i:03d}.{fmt}"
+            name = f"slide_{kind.lower()}_{i:03d}.{fmt}"
             if fmt == "jpg":
                 img.save(folder / name, quality=88)
             else:
@@ -162,9 +163,8 @@ def main(argv: list[str] | None = None) -> None:
     unknown = sorted(set(classes) - set(CLASSES))
     if unknown:
         ap.error(f"--classes: unknown slide types {', '.join(unknown)}; known: {', '.join(CLASSES)}")
-    table = generate(a.out, per_class=a.per_class, seed=a.seed, min_side=a.min_side,
-                     max_side=a.max_side, fmt=a.format, patients=a.patients, classes=classes,
-                     shift=a.shift)
+    table = generate(a.out, per_class=a.per_class, seed=a.seed, sides=(a.min_side, a.max_side),
+                     fmt=a.format, patients=a.patients, classes=classes, shift=a.shift)
     print(f"wrote {a.per_class * len(classes)} thumbnails and {table}")
 
 

@@ -44,16 +44,19 @@ def to_input(batch: torch.Tensor, norm: Normalisation, device: torch.device,
 
 
 def training_batches(images: DecodedImages, positions: np.ndarray, targets: np.ndarray, *,
-                     batch_size: int, rng: np.random.Generator, shuffle: bool = True,
+                     batch_size: int, rng: np.random.Generator | None,
                      weights: np.ndarray | None = None, drop_single: bool = True,
                      shard=None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """uint8 image batches and class targets from the cache; ``weights`` = balanced sampling;
-    ``shard(selection)``: this process's part of a batch (None: skip it), for DDP."""
+    """uint8 image batches and class targets from the cache: shuffled by ``rng``, in order
+    without one; ``weights`` = balanced sampling (drawn by ``rng``); ``shard(selection)``: this
+    process's part of a batch (None: skip it), for DDP."""
     positions = np.asarray(positions)
     if weights is not None:
+        if rng is None:
+            raise ValueError("weighted sampling draws with a random generator; pass rng")
         p = weights / weights.sum()
         order = rng.choice(len(positions), size=len(positions), replace=True, p=p)
-    elif shuffle:
+    elif rng is not None:
         order = rng.permutation(len(positions))
     else:
         order = np.arange(len(positions))

@@ -314,7 +314,8 @@ def load_ssl(model: nn.Module, path: Path, name: str, input_size: int | None = N
 
 @dataclass
 class LoadedModel:
-    """A model ready for inference plus everything needed to feed it."""
+    """A model ready for inference plus everything needed to feed it: what a model file holds
+    (save_model writes it, load_model reads it back)."""
 
     model: nn.Module
     arch: str
@@ -337,23 +338,21 @@ class LoadedModel:
         return WithFeatures(self.model, head_names(self.model)[0]).eval()
 
 
-def save_model(path: Path, model: nn.Module, *, arch: str, classes: tuple[str, ...],
-               prep: Preprocessing, norm: Normalisation, threshold: float | None,
-               temperature: float, meta: dict[str, Any], familiarity: Familiarity | None = None,
-               calibration: dict[str, Any] | None = None) -> None:
-    """Write a self-describing model file, loadable with torch.load(weights_only=True)."""
-    _finite_or_refuse(model, path)
+def save_model(path: Path, m: LoadedModel) -> None:
+    """Write a self-describing model file, loadable with torch.load(weights_only=True) and
+    read back by load_model (everything of ``m`` but its ``path`` and ``legacy``)."""
+    _finite_or_refuse(m.model, path)
     payload = {
-        "format": FORMAT, "format_version": FORMAT_VERSION, "arch": arch,
-        "classes": list(classes), "input_size": prep.size, "recipe": prep.recipe,
-        "slide_size": prep.slide_size, "mean": list(norm.mean), "std": list(norm.std),
-        "threshold": threshold, "temperature": float(temperature), "meta": meta,
-        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "format": FORMAT, "format_version": FORMAT_VERSION, "arch": m.arch,
+        "classes": list(m.classes), "input_size": m.prep.size, "recipe": m.prep.recipe,
+        "slide_size": m.prep.slide_size, "mean": list(m.norm.mean), "std": list(m.norm.std),
+        "threshold": m.threshold, "temperature": float(m.temperature), "meta": m.meta,
+        "state_dict": {k: v.detach().cpu() for k, v in m.model.state_dict().items()},
     }
-    if familiarity is not None:
-        payload["familiarity"] = familiarity.to_file()
-    if calibration:
-        payload["calibration"] = calibration
+    if m.familiarity is not None:
+        payload["familiarity"] = m.familiarity.to_file()
+    if m.calibration:
+        payload["calibration"] = m.calibration
     atomic_torch_save(payload, path)
 
 

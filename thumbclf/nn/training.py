@@ -119,26 +119,26 @@ def training_loss(output, y: torch.Tensor, criterion: nn.Module
     return output, criterion(output.float(), y)
 
 
-def train_one_epoch(model: nn.Module, batches: Iterable, *, optimizer: torch.optim.Optimizer,
-                    criterion: nn.Module, norm: Normalisation, device: torch.device,
-                    gen: torch.Generator | None = None, scaler=None, total: int | None = None,
-                    desc: str = "train", quiet: bool = False, stain: float = 0.0,
+def train_one_epoch(model: nn.Module, batches: Iterable, *, spec: FitSpec, scaler=None,
+                    desc: str = "train", quiet: bool = False,
                     schedule: Callable[[], None] | None = None) -> EpochStats:
-    """One pass over the training batches; ``gen`` set = augment on the fly (``stain``: the
-    lab-to-lab part's strength); ``schedule()`` after every step sets the next learning rate."""
+    """One pass over the training batches with ``spec``'s optimiser, loss, normalisation and
+    device; ``spec.gen`` set = augment on the fly (``spec.stain``: the lab-to-lab part's
+    strength); ``schedule()`` after every step sets the next learning rate."""
     start = time.perf_counter()
     train_mode(getattr(model, "module", model))  # the model itself inside a DDP wrapper
+    device, optimizer = spec.device, spec.optimizer
     loss_sum, correct, n = 0.0, 0, 0
-    for x, y in tqdm(prefetch(batches, pin=device.type == "cuda"), total=total, desc=desc,
-                     unit="batch", leave=False, disable=quiet):
+    for x, y in tqdm(prefetch(batches, pin=device.type == "cuda"), total=spec.n_train_batches,
+                     desc=desc, unit="batch", leave=False, disable=quiet):
         x = x.to(device, non_blocking=True)
-        if gen is not None:
-            x = augment(x, gen, stain)
-        inputs = to_input(x, norm, device)
+        if spec.gen is not None:
+            x = augment(x, spec.gen, spec.stain)
+        inputs = to_input(x, spec.norm, device)
         y = y.to(device, non_blocking=True)
         optimizer.zero_grad(set_to_none=True)
         with autocast(device):
-            logits, loss = training_loss(model(inputs), y, criterion)
+            logits, loss = training_loss(model(inputs), y, spec.criterion)
         finite_or_diverged(float(loss.detach()), "the training loss")
         backward_step(loss, optimizer, scaler)
         if schedule is not None:
@@ -316,11 +316,8 @@ def _epoch(model: nn.Module, spec: FitSpec, result: FitResult, *, scaler, schedu
     epoch = spec.stopper.epoch + 1
     epoch_start = time.perf_counter()
     with familiarity.Capture(model, spec.features_head) as seen:
-        tr = train_one_epoch(spec.trainer or model, spec.train_batches(),
-                             optimizer=spec.optimizer, criterion=spec.criterion, norm=spec.norm,
-                             device=spec.device, gen=spec.gen, scaler=scaler,
-                             total=spec.n_train_batches, desc=f"{label}epoch {epoch}",
-                             quiet=quiet, stain=spec.stain,
+        tr = train_one_epoch(spec.trainer or model, spec.train_batches(), spec=spec,
+                             scaler=scaler, desc=f"{label}epoch {epoch}", quiet=quiet,
                              schedule=scheduler.step if scheduler else None)
     if spec.bn_batches is not None:
         train_mode(model)

@@ -178,15 +178,16 @@ def banded(reference: np.ndarray, candidate: np.ndarray, threshold: float, band:
 
 def gate(reference: np.ndarray, candidate: np.ndarray, labels: np.ndarray,
          classes: tuple[str, ...], threshold: float, *, deploy_images: int,
-         reference_unfamiliarity: np.ndarray | None = None,
-         candidate_unfamiliarity: np.ndarray | None = None, limits: dict | None = None) -> dict:
+         unfamiliarity: tuple[np.ndarray | None, np.ndarray | None] = (None, None),
+         limits: dict | None = None) -> dict:
     """The verdict of a candidate's probabilities against PyTorch fp32's on the same images.
 
     ``labels``: the class index of each image, -1 where it has none (the deploy's own images,
-    the first ``deploy_images`` rows); ``*_unfamiliarity``: the unfamiliar-slide rule's content
-    scores (the part the model computes).
+    the first ``deploy_images`` rows); ``unfamiliarity``: fp32's and the candidate's content
+    scores of the unfamiliar-slide rule (the part the model computes), in that order.
     """
     lim = {**LIMITS, **(limits or {})}
+    reference_unfamiliarity, candidate_unfamiliarity = unfamiliarity
     labels = np.asarray(labels, dtype=int)
     measured = discrepancy(reference, candidate, reference_unfamiliarity, candidate_unfamiliarity)
     band = width(measured, lim["safety"])

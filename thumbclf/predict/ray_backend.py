@@ -28,8 +28,9 @@ import sys
 import threading
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
 
@@ -37,6 +38,9 @@ from thumbclf.core.errors import ConfigError
 from thumbclf.core.table import SIGNALS
 from thumbclf.core.logs import remove_handlers, setup_logging
 from thumbclf.predict.executor import ExecutorSpec
+
+if TYPE_CHECKING:
+    from thumbclf.inputs.images import Preprocessing
 
 log = logging.getLogger(__name__)
 DECODE_BATCH = 16  # images per decoding task: small enough that a retried task redoes little
@@ -221,7 +225,8 @@ class RayExecutor:
         decoders = decode_workers(spec.num_workers) if not spec.ray_address else None
         threads = max(1, self.cpus // self.nodes)  # a CPU actor computes with its node's cores,
         # as the local path's model does beside its decoding workers
-        batch = spec.batch_size * (4 if gpus else 1)
+        plan = _Plan(models_ref, models[0].prep, slide_cache, gpus=gpus, decoders=decoders,
+                     threads=threads, batch=spec.batch_size * (4 if gpus else 1))
         n_classes = len(models[0].classes)
         seen: set[int] = set()
         todo = list(zip(positions, (str(p) for p in paths)))
@@ -231,8 +236,7 @@ class RayExecutor:
             if attempt == 2:
                 log.warning("%d images were in decoding tasks whose worker died; trying them "
                             "again one file per task", len(todo))
-            ds = self._dataset(todo, block, models_ref, models[0].prep, slide_cache, gpus=gpus,
-                               decoders=decoders, threads=threads, batch=batch)
+            ds = self._dataset(todo, block, plan)
             stream = iter(ds.iter_batches(batch_size=None, batch_format="numpy"))
             try:
                 for out in stream:
@@ -252,8 +256,7 @@ class RayExecutor:
             yield (np.array([p for p, _ in todo], dtype=np.int64), np.zeros((len(todo), n_classes)),
                    {}, [f"{path}: {msg}" for _, path in todo])
 
-    def _dataset(self, todo, block: int, models_ref, prep, slide_cache, *, gpus: bool,
-                 decoders: int | None, threads: int, batch: int):
+    def _dataset(self, todo, block: int, plan: _Plan):
         import pandas as pd
 
         ray = self.ray
@@ -262,23 +265,22 @@ class RayExecutor:
         rows = max(block, -(-len(todo) // MAX_BLOCKS))  # a task decodes one block; few blocks
         ds = ray.data.from_pandas([frame.iloc[i:i + rows] for i in range(0, len(frame), rows)])
         decode_args: dict[str, Any] = {"num_cpus": 1, "max_retries": _RETRIES}
-        if decoders:
-            decode_args["concurrency"] = decoders
+        if plan.decoders:
+            decode_args["concurrency"] = plan.decoders
         with warnings.catch_warnings():  # max_retries & co. have no named parameter (Ray 2.60)
             warnings.simplefilter("ignore", DeprecationWarning)
-            return self._stages(ds, block, models_ref, prep, slide_cache, gpus=gpus,
-                                decode_args=decode_args, threads=threads, batch=batch)
+            return self._stages(ds, block, plan, decode_args)
 
-    def _stages(self, ds, block, models_ref, prep, slide_cache, *, gpus, decode_args, threads,
-                batch):
+    def _stages(self, ds, block: int, plan: _Plan, decode_args: dict[str, Any]):
         ds = ds.map_batches(_decode_batch, batch_size=block, batch_format="numpy",
-                            fn_kwargs={"prep": prep, "slide_cache": slide_cache}, **decode_args)
+                            fn_kwargs={"prep": plan.prep, "slide_cache": plan.slide_cache},
+                            **decode_args)
         return ds.map_batches(
-            _Infer, batch_size=batch, batch_format="numpy", concurrency=self.actors,
-            num_cpus=1, num_gpus=1 if gpus else 0,
-            fn_constructor_kwargs={"models": models_ref, "tta": self.spec.tta,
-                                   "device": "cuda" if gpus else "cpu", "threads": threads,
-                                   "recipes": self.recipes},
+            _Infer, batch_size=plan.batch, batch_format="numpy", concurrency=self.actors,
+            num_cpus=1, num_gpus=1 if plan.gpus else 0,
+            fn_constructor_kwargs={"models": plan.models_ref, "tta": self.spec.tta,
+                                   "device": "cuda" if plan.gpus else "cpu",
+                                   "threads": plan.threads, "recipes": self.recipes},
             max_restarts=_RETRIES, max_task_retries=_RETRIES)
 
     # ---------------------------------------------------------------- folds
@@ -307,6 +309,21 @@ class RayExecutor:
 
 
 _RETRIES = 2  # Ray retries a task whose worker died this many times
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What every attempt of one deployment's pipeline shares: the models (in the object store)
+    and how to decode their images, where the actors compute (``gpus``: one GPU each), the
+    decoding tasks at once (None: Ray's choice), each CPU actor's threads, its batch size."""
+
+    models_ref: Any  # a ray.ObjectRef
+    prep: Preprocessing
+    slide_cache: Path | None
+    gpus: bool
+    decoders: int | None
+    threads: int
+    batch: int
 
 
 def _decode_batch(batch: dict, *, prep, slide_cache) -> dict:

@@ -91,5 +91,5 @@ class Check:
         (ref, ref_u), (cand, cand_u) = self._reference, self._probs(runner)
         ev = self.evidence()
         return quality.gate(ref, cand, ev.labels, self.m.classes, self.m.threshold,
-                            deploy_images=ev.deploy_images, reference_unfamiliarity=ref_u,
-                            candidate_unfamiliarity=cand_u, limits=GATE)
+                            deploy_images=ev.deploy_images, unfamiliarity=(ref_u, cand_u),
+                            limits=GATE)

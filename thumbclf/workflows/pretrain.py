@@ -153,7 +153,7 @@ def _finish(params: PretrainParams, folder: Path, learner: BYOL, history: list[d
     sample = Streams.pretraining(params.seed).bn_sample().permutation(positions)[:BN_IMAGES]
     learner.backbone.train()
     recalibrate_bn(learner.backbone, training_batches(
-        decoded, sample, no_labels, batch_size=bs, rng=np.random.default_rng(0), shuffle=False),
+        decoded, sample, no_labels, batch_size=bs, rng=None),
         norm=IMAGENET, device=device, max_images=BN_IMAGES)
     learner.backbone.eval()
     description = {

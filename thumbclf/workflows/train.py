@@ -32,8 +32,8 @@ from thumbclf.nn.data import IMAGENET, training_batches
 from thumbclf.nn.calibration import MIN_CALIBRATION_IMAGES, Calibration, fit_temperature
 from thumbclf.nn.training import (EarlyStopping, FitResult, FitSpec, configure_threads, fit,
                                 predict_logits, softmax)
-from thumbclf.nn.models import (build_model, head_names, input_size, load_model, load_ssl,
-                                read_weights, save_model)
+from thumbclf.nn.models import (LoadedModel, build_model, head_names, input_size, load_model,
+                                load_ssl, read_weights, save_model)
 from thumbclf.nn.freeze import freeze, warn_untrained
 from thumbclf.outputs import explain
 from thumbclf.outputs.evaluate import threshold_notes
@@ -139,12 +139,10 @@ def _fit_fold(params: TrainParams, model: nn.Module, trainer: nn.Module, *, deco
                                 shard=distributed.shard if distributed.active() else None)
 
     def val_batches():
-        return training_batches(decoded, val_pos, y, batch_size=bs * 2, rng=rng, shuffle=False,
-                                drop_single=False)
+        return training_batches(decoded, val_pos, y, batch_size=bs * 2, rng=None, drop_single=False)
 
     def bn_batches():  # unaugmented training images, for BatchNorm statistics
-        return training_batches(decoded, bn_sample, y, batch_size=bs,
-                                rng=np.random.default_rng(0), shuffle=False, drop_single=True)
+        return training_batches(decoded, bn_sample, y, batch_size=bs, rng=None, drop_single=True)
 
     def save_checkpoint(state: dict) -> None:
         own = distributed.gather([gen.get_state(), torch.get_rng_state()])  # each rank's own
@@ -209,9 +207,10 @@ def run_fold(params: TrainParams, folder: Path, *, fold: int, sample_set: Sample
             "params": {k: v for k, v in params_to_dict(params).items()
                        if isinstance(v, (int, float, str, bool, list, type(None)))}}
     model_file = layout.fold_model(folder, fold)
-    save_model(model_file, model, arch=arch, classes=classes, prep=prep, norm=IMAGENET,
-               threshold=threshold.value, temperature=temperature, meta=meta,
-               familiarity=rule, calibration=calibration.to_file())
+    save_model(model_file, LoadedModel(model, arch, classes, prep, IMAGENET,
+                                       threshold=threshold.value, temperature=temperature,
+                                       meta=meta, familiarity=rule,
+                                       calibration=calibration.to_file()))
     atomic_csv(table, layout.fold_predictions(folder, fold))  # last: marks the fold finished
     (fdir / layout.CHECKPOINT).unlink(missing_ok=True)
     log.info("%s: best epoch %d, %s; model %s", fdir.name, result.best_epoch,
@@ -245,7 +244,7 @@ def _fold_table(params: TrainParams, model: nn.Module, decoded, y: np.ndarray,
 
     def outputs(positions):  # logits and features (unaugmented, evaluation mode), in order
         batches = training_batches(decoded, positions, y, batch_size=params.batch_size * 2,
-                                   rng=np.random.default_rng(0), shuffle=False, drop_single=False)
+                                   rng=None, drop_single=False)
         out, _ = predict_logits(familiarity.WithFeatures(model, head_names(model)[0]), batches,
                                 norm=IMAGENET, device=device)
         return familiarity.split(out, len(classes))
