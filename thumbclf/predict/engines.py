@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -24,24 +25,43 @@ log = logging.getLogger(__name__)
 CALIBRATION_IMAGES = 256  # int8: the deploy's own first images calibrate the quantisation
 
 
-def prepare_runners(models: list[LoadedModel], spec: InferenceSpec,
-                    head: list[tuple[list[Path], torch.Tensor]] | None, device: torch.device,
-                    threshold: float) -> tuple[list[inference.Runner], str]:
+class Head:
+    """The first images of a deploy's stream, its verification images (issue 29): their paths
+    are known at once; their pixels (``readable()``: paths and uint8 batch of the readable
+    ones) are taken from the stream only when a verdict or an int8 calibration needs them. A
+    deploy whose verdict is cached takes none, so its stream computes from the first batch
+    while the engine loads, and a Ray deploy decodes nothing on the driver."""
+
+    def __init__(self, paths: list[Path], take: Callable[[], list[tuple[list[Path], torch.Tensor]]]):
+        self.paths, self._take, self._readable = paths, take, None
+
+    def readable(self) -> list[tuple[list[Path], torch.Tensor]]:
+        if self._readable is None:
+            self._readable = self._take()
+        return self._readable
+
+
+NO_HEAD = Head([], list)  # no deploy images to verify on (load_model() has none)
+
+
+def prepare_runners(models: list[LoadedModel], spec: InferenceSpec, head: Head | None,
+                    device: torch.device, threshold: float) -> tuple[list[inference.Runner], str]:
     """The inference engine and precision of each model (engine, precision keys), verified;
-    ``head``: the first images of the deploy's stream (their paths and uint8 batch, readable
-    ones), its verification images (None: no deploy images, as load_model() has); a deploy smaller than
-    the verification sample computes PyTorch fp32, which verifying would compute anyway.
-    ``spec.progress``: show the int8 quantisation's progress bars."""
+    ``head``: the first images of the deploy's stream, its verification images (None: no
+    deploy images, as load_model() has); a deploy smaller than the verification sample
+    computes PyTorch fp32, which verifying would compute anyway. ``spec.progress``: show the
+    int8 quantisation's progress bars."""
     first = models[0]
-    why = fp32_suffices(sum(len(b) for _, b in head or []), spec) if head is not None else None
+    why = fp32_suffices(len(head.paths), spec) if head is not None else None
     if why:
         log.info("inference: %s", why)
         return exact_runners(models, device), why
-    evidence = gate_evidence(models, spec, head or [])
+    head = head or NO_HEAD
+    evidence = gate_evidence(models, spec, head)
 
     def calibration():  # int8: unlabelled deploy images, as the model will see them
         seen = 0
-        for _, b in head or []:
+        for _, b in head.readable():
             if seen >= CALIBRATION_IMAGES:
                 break
             seen += len(b)
@@ -75,10 +95,10 @@ def fp32_suffices(images: int, spec: InferenceSpec) -> str | None:
 
 
 def gate_evidence(models: list[LoadedModel], spec: InferenceSpec,
-                  head: list[tuple[list[Path], torch.Tensor]]) -> inference.Evidence:
+                  head: Head) -> inference.Evidence:
     """The quality gate's images: up to gate.AGREEMENT_IMAGES of the deploy's own, the first of
-    its stream (``head``, decoded already: the stream computes them; with their labels where
-    they are verification images too), then the other labelled verification images
+    its stream (``head``, taken from the stream only if a verdict is needed: the stream computes
+    them; with their labels where they are verification images too), then the other labelled verification images
     (verification_pairs), decoded in the decoding workers only if a verdict is needed. The verdict's key names the labelled images only: a second deploy of the same
     model, on other images, verifies nothing again (its band still widens where its own
     recomputed images differ more)."""
@@ -87,14 +107,17 @@ def gate_evidence(models: list[LoadedModel], spec: InferenceSpec,
     key = hashlib.sha1(("stream|" + "\n".join(f"{p}|{lab}" for p, lab in pairs)
                         ).encode("utf-8", "surrogateescape")).hexdigest()
     known = {path: first.classes.index(lab) for path, lab in pairs}
-    head_labels = np.array([known.get(p, -1) for paths, _ in head for p in paths], dtype=int)
-    inside = {p for paths, _ in head for p in paths}
-    paths = [path for path, _ in pairs if path not in inside]
-    labels = np.array([known[p] for p in paths], dtype=int)
-    own = int((head_labels < 0).sum())
+    first_paths = set(head.paths)
+    planned = len(first_paths) + sum(path not in first_paths for path, _ in pairs)
 
     def decode():
-        batches, kept = [b for _, b in head], []
+        readable = head.readable()
+        head_labels = np.array([known.get(p, -1) for ps, _ in readable for p in ps], dtype=int)
+        own = int((head_labels < 0).sum())
+        inside = {p for ps, _ in readable for p in ps}
+        paths = [path for path, _ in pairs if path not in inside]
+        labels = np.array([known[p] for p in paths], dtype=int)
+        batches, kept = [b for _, b in readable], []
         loader = stream_loader(paths, first.prep, batch_size=spec.batch_size,
                                workers=decode_workers(spec.num_workers), pin_memory=False,
                                slide_cache=spec.slide_cache) if paths else []
@@ -109,7 +132,7 @@ def gate_evidence(models: list[LoadedModel], spec: InferenceSpec,
         return (lambda b: to_input(b, first.norm, torch.device("cpu"), channels_last=False),
                 batches, kept_labels, own)
 
-    return inference.Evidence(key, len(head_labels) + len(paths), decode)
+    return inference.Evidence(key, planned, decode)
 
 
 def verification_pairs(models: list[LoadedModel], spec: InferenceSpec,

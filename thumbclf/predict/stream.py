@@ -29,7 +29,7 @@ from thumbclf.nn.data import stream_loader
 from thumbclf.predict import gate
 from thumbclf.predict.ensemble import exact_runners
 from thumbclf.predict.execution import executor_for
-from thumbclf.predict.engines import fp32_suffices
+from thumbclf.predict.engines import Head, fp32_suffices
 from thumbclf.predict.executor import InferenceSpec
 from thumbclf.predict.local import computed, decode_workers
 
@@ -178,9 +178,9 @@ def predict_table(models, sample_set: SampleSet, spec: InferenceSpec, *, thresho
 def _start(ex, models, sample_set: SampleSet, todo: list[int], spec: InferenceSpec, device,
            choose):
     """The runners (and why) and the stream's batches. The verification images are the
-    stream's first (issue 29), decoded once: by the executor's own stream where it runs here
-    (local: its workers go on decoding while the gate computes), else here, before the rest
-    goes to the executor."""
+    stream's first (issue 29), decoded once and only if a verdict needs them (``Head``): by the
+    executor's own stream where it runs here (local: its workers go on decoding while the gate
+    computes), else here, before the rest goes to the executor."""
     paths = [sample_set.samples[i].path for i in todo]
     small = fp32_suffices(len(todo), spec) if choose is not None else None
     if choose is None or small:  # small: no head to wait for, so rows are written from the first
@@ -192,19 +192,17 @@ def _start(ex, models, sample_set: SampleSet, todo: list[int], spec: InferenceSp
     local = ex.name == "local"
     decoded = (ex.decoded(models, todo, paths, device=device, slide_cache=spec.slide_cache)
                if local else _head_loader(models, todo, paths, spec))
-    head, n = [], 0
-    for batch in decoded:  # the first AGREEMENT_IMAGES of the stream (a for, then on below)
-        head.append(batch)
-        n += len(batch[0])
-        if n >= gate.AGREEMENT_IMAGES:
-            break
-    readable = []
-    for pos, x, errors in head:
-        ok = np.array([not e for e in errors], dtype=bool)
-        if ok.any():
-            readable.append(([sample_set.samples[p].path for p in pos[ok]],
-                             x[torch.from_numpy(ok)]))
-    runners, engine_note = choose(readable)
+    head: list = []  # the batches the verification took from the stream, if it took any
+
+    def take():  # the first AGREEMENT_IMAGES of the stream (a for, then on below)
+        for batch in decoded:
+            head.append(batch)
+            if sum(len(b[0]) for b in head) >= gate.AGREEMENT_IMAGES:
+                break
+        return _readable(head, sample_set)
+
+    runners, engine_note = choose(Head(paths[:gate.AGREEMENT_IMAGES], take))
+    n = sum(len(b[0]) for b in head)
     if local:
         rest = computed(models, runners, decoded, device, spec.tta)
     else:
@@ -212,6 +210,18 @@ def _start(ex, models, sample_set: SampleSet, todo: list[int], spec: InferenceSp
                           slide_cache=spec.slide_cache, runners=runners) if todo[n:] else None
     return runners, engine_note, _chain(computed(models, runners, head, device, spec.tta),
                                         rest, decoded)
+
+
+def _readable(batches: list, sample_set: SampleSet) -> list[tuple[list[Path], torch.Tensor]]:
+    """The readable images of decoded batches (positions, uint8 images, errors): their paths
+    and pixels."""
+    readable = []
+    for pos, x, errors in batches:
+        ok = np.array([not e for e in errors], dtype=bool)
+        if ok.any():
+            readable.append(([sample_set.samples[p].path for p in pos[ok]],
+                             x[torch.from_numpy(ok)]))
+    return readable
 
 
 def _head_loader(models, todo: list[int], paths: list[Path], spec: InferenceSpec):
