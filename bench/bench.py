@@ -110,7 +110,7 @@ def thumbclf_train(table: Path, epochs: int, batch: int, freeze_ratio: float, de
     exp.write_text(json.dumps(raw))
     params = load_params(exp, workflow=TRAIN, output=out)
     setup_logging(out, quiet=True)
-    run(params, quiet=True)
+    run(params, progress=False)
     import pandas as pd
 
     hist = pd.read_csv(out / "full" / "history.csv")

@@ -53,7 +53,7 @@ def images(folder: Path, per_class: int, seed: int, size: int):
     synth.generate(folder, per_class=per_class, seed=seed, sides=(200, 500))
     paths = sorted(folder.rglob("*.jpg"))
     y = np.array([synth.CLASSES.index(p.parent.name) for p in paths])
-    decoded = cache.build(paths, Preprocessing(size=size), mode="memory", workers=2, quiet=True)
+    decoded = cache.build(paths, Preprocessing(size=size), mode="memory", workers=2, progress=False)
     return decoded, y
 
 
@@ -80,7 +80,7 @@ def train_and_test(pool, y_pool, test, y_test, *, per_class: int, init: str, ckp
                    criterion=nn.CrossEntropyLoss(), val_criterion=nn.CrossEntropyLoss(),
                    stopper=EarlyStopping(epochs, epochs, epochs), norm=norm, device=CPU, gen=gen)
     for _ in range(epochs):
-        train_one_epoch(model, spec.train_batches(), spec=spec, quiet=True)
+        train_one_epoch(model, spec.train_batches(), spec=spec, progress=False)
     train_mode(model)
     recalibrate_bn(model, training_batches(pool, pos, y_pool, batch_size=bs, rng=None),
                    norm=norm, device=CPU)
@@ -119,7 +119,7 @@ def main() -> None:
         prepare_output(params.output, resume=False)
         setup_logging(params.output, quiet=True)
         start = time.perf_counter()
-        pretrain_run(params, quiet=True, input_size=a.size)
+        pretrain_run(params, progress=False, input_size=a.size)
         wall = time.perf_counter() - start
         folder = params.output
     else:

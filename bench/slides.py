@@ -166,7 +166,7 @@ def throughput(paths: list[Path], workers: int) -> float:
     """Slides per second through thumbclf's decode-once step (thumbnail and 224 px array)."""
     start = time.perf_counter()
     got = cache.build(paths, Preprocessing(size=224, slide_size=SIZE), mode="memory",
-                      workers=workers, quiet=True)
+                      workers=workers, progress=False)
     assert not got.errors, got.errors
     return len(paths) / (time.perf_counter() - start)
 

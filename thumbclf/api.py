@@ -377,7 +377,7 @@ def review(results: str | os.PathLike, *, quiet: bool = True) -> Path:
     with its previews); return the page's path. ``thumbclf review RESULTS`` does the same."""
     from thumbclf.workflows.review import write_review
 
-    return write_review(_folder_arg(results, "review"), quiet=quiet)
+    return write_review(_folder_arg(results, "review"), progress=not quiet)
 
 
 def apply_corrections(results: str | os.PathLike,

@@ -300,9 +300,9 @@ def review_command(args: argparse.Namespace) -> int:
         if args.apply:
             print(f"reviewed table: {review_flow.apply(args.results, args.apply)}")
         elif args.serve:
-            review_flow.serve(args.results, args.port, quiet=args.quiet)
+            review_flow.serve(args.results, args.port, progress=not args.quiet)
         else:
-            page = review_flow.write_review(args.results, quiet=args.quiet or not sys.stderr.isatty())
+            page = review_flow.write_review(args.results, progress=not args.quiet and sys.stderr.isatty())
             if args.quiet:  # else the run's own line has named it
                 print(f"review page: {page}")
             print("open it in a browser, or serve it with: "

@@ -23,7 +23,7 @@ def images(tmp_path, n=5):
 
 def test_memory_cache_decodes_every_image_once_and_records_failures(tmp_path):
     paths = images(tmp_path) + [tmp_path / "missing.png"]
-    d = cache.build(paths, PREP, mode="memory", workers=2, quiet=True)
+    d = cache.build(paths, PREP, mode="memory", workers=2, progress=False)
     assert d.array.shape == (6, 32, 32, 3) and list(d.ok) == [True] * 5 + [False]
     assert "file not found" in d.errors[5]
     assert d.get(np.array([3]))[0, 16, 16, 0] == 120
@@ -31,17 +31,17 @@ def test_memory_cache_decodes_every_image_once_and_records_failures(tmp_path):
 
 def test_disk_cache_is_reused_only_for_unchanged_files(tmp_path):
     paths = images(tmp_path)
-    first = cache.build(paths, PREP, mode="disk", cache_dir=tmp_path / "c", workers=0, quiet=True)
+    first = cache.build(paths, PREP, mode="disk", cache_dir=tmp_path / "c", workers=0, progress=False)
     assert isinstance(first.array, np.memmap)
-    again = cache.build(paths, PREP, mode="disk", cache_dir=tmp_path / "c", workers=0, quiet=True)
+    again = cache.build(paths, PREP, mode="disk", cache_dir=tmp_path / "c", workers=0, progress=False)
     assert np.array_equal(again.rows, first.rows)  # nothing decoded again
     Image.new("RGB", (40, 30), (0, 200, 0)).save(paths[2])
     os.utime(paths[2], ns=(1, 1))
-    changed = cache.build(paths, PREP, mode="disk", cache_dir=tmp_path / "c", workers=0, quiet=True)
+    changed = cache.build(paths, PREP, mode="disk", cache_dir=tmp_path / "c", workers=0, progress=False)
     assert changed.rows[2] != first.rows[2] and changed.get(np.array([2]))[0, 16, 16, 1] == 200
     assert np.array_equal(changed.get(np.array([0, 1])), first.get(np.array([0, 1])))
     other = cache.build(paths, Preprocessing(size=16), mode="disk", cache_dir=tmp_path / "c",
-                        workers=0, quiet=True)
+                        workers=0, progress=False)
     assert other.array.shape[1] == 16  # other preprocessing, other cache
 
 
@@ -51,7 +51,7 @@ def test_disk_cache_does_not_grow_with_unreadable_images(tmp_path):
     paths.append(tmp_path / "bad.png")
     sizes = []
     for _ in range(3):
-        d = cache.build(paths, PREP, mode="disk", cache_dir=tmp_path / "c", workers=0, quiet=True)
+        d = cache.build(paths, PREP, mode="disk", cache_dir=tmp_path / "c", workers=0, progress=False)
         assert sorted(d.errors) == [5, 6] and list(d.ok) == [True] * 5 + [False] * 2
         sizes.append(sum(p.stat().st_size for p in (tmp_path / "c").rglob("images.u8")))
     assert sizes[0] == sizes[1] == sizes[2] == 5 * 32 * 32 * 3

@@ -394,10 +394,10 @@ def test_trainings_decode_once_cache_keeps_dicomweb_slides_by_their_metadata(
     srv, folder = server
     paths = [Path(u) for u in sorted(r.url for r in dicomweb.list_series(srv.dicomweb))]
     prep = Preprocessing(size=64, slide_size=256)
-    first = cache.build(paths, prep, mode="disk", cache_dir=tmp_path, workers=1, quiet=True)
+    first = cache.build(paths, prep, mode="disk", cache_dir=tmp_path, workers=1, progress=False)
     assert not first.errors and first.array.shape[0] == 2
     dicomweb._KNOWN.clear()
     before = len(requests_logged(srv))
-    again = cache.build(paths, prep, mode="disk", cache_dir=tmp_path, workers=1, quiet=True)
+    again = cache.build(paths, prep, mode="disk", cache_dir=tmp_path, workers=1, progress=False)
     assert frame_requests(srv, before) == [] and np.array_equal(again.get(np.arange(2)),
                                                                  first.get(np.arange(2)))

@@ -87,7 +87,7 @@ def test_the_rule_is_fitted_without_a_pass_of_its_own(tmp_path, monkeypatch):
         raise AssertionError("a separate pass after the fit")
 
     monkeypatch.setattr(train, "predict_logits", no_pass)
-    folder = train.run(load_params(exp, workflow=TRAIN, output=tmp_path / "out"), quiet=True)
+    folder = train.run(load_params(exp, workflow=TRAIN, output=tmp_path / "out"), progress=False)
     model = torch.load(folder / "model.pt", weights_only=True)
     assert model["familiarity"]["bank"].shape[0] > 0  # the rule is on, with its bank
 

@@ -123,7 +123,7 @@ def _fit(model, x, y, epochs, checkpoints, *, resume=None, interrupt_after=None,
                    stopper=EarlyStopping(patience=100, stop_epoch=0, max_epochs=epochs),
                    norm=UNNORMALISED, device=torch.device("cpu"), gen=gen,
                    lr_schedule=lr_schedule, **extra)
-    return fit(model, spec, quiet=True, on_epoch=keep, resume=resume)
+    return fit(model, spec, progress=False, on_epoch=keep, resume=resume)
 
 
 def test_fit_keeps_the_features_of_the_best_epochs_own_passes():

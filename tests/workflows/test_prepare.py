@@ -24,9 +24,9 @@ def test_unreadable_images_are_left_out_or_stop_the_run_past_the_limit(tmp_path,
     samples = discover(data, need_labels=True)
     prep = Preprocessing(size=32)
     decoded = load_images(_params(tmp_path), samples, prep, tmp_path, mode="memory",
-                          max_failed=0.5, quiet=True)
+                          max_failed=0.5, progress=False)
     assert len(decoded.errors) == 1 and "1 of 7 images could not be read" in caplog.text
     with pytest.raises(DataError, match=r"1 of 7 images \(14%\) cannot be read, more than "
                                         r"max_failed_fraction \(10%\)"):
         load_images(_params(tmp_path), samples, prep, tmp_path, mode="memory", max_failed=0.1,
-                    quiet=True)
+                    progress=False)

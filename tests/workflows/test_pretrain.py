@@ -27,7 +27,7 @@ def pretrain_in_process(tmp_path, data, name="pre", resume=False, **keys):
     exp = write_yaml(tmp_path / f"{name}.yaml", text)
     params = load_params(exp, workflow=PRETRAIN)
     params.output.mkdir(exist_ok=True)
-    return pretrain.run(params, resume=resume, quiet=True, input_size=SMALL)
+    return pretrain.run(params, resume=resume, progress=False, input_size=SMALL)
 
 
 @pytest.fixture(scope="module")

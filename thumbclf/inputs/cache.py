@@ -89,8 +89,8 @@ def _decode(job: tuple[int, str, Preprocessing, str | None]) -> tuple[int, np.nd
         return i, None, f"{path}: unexpected error while reading ({type(exc).__name__}: {exc})"
 
 
-def _run_jobs(jobs, workers: int, quiet: bool, desc: str):
-    bar = tqdm(total=len(jobs), desc=desc, unit="img", disable=quiet, leave=False)
+def _run_jobs(jobs, workers: int, progress: bool, desc: str):
+    bar = tqdm(total=len(jobs), desc=desc, unit="img", disable=not progress, leave=False)
     try:
         if workers <= 1 or len(jobs) < 4:
             for job in jobs:
@@ -151,7 +151,7 @@ class _DiskStore:
 
 def build(paths: list[Path], prep: Preprocessing, *, mode: str = "auto",
           cache_dir: Path | None = None, slide_cache: Path | None = None, workers: int = -1,
-          quiet: bool = False) -> DecodedImages:
+          progress: bool = True) -> DecodedImages:
     """Decode and preprocess every path once; return the images by position."""
     start = time.perf_counter()
     n = len(paths)
@@ -165,7 +165,7 @@ def build(paths: list[Path], prep: Preprocessing, *, mode: str = "auto",
         array = np.empty((n,) + (prep.size, prep.size, 3), dtype=np.uint8)
         rows = np.arange(n)
         jobs = [(i, str(p), prep, slide_dir) for i, p in enumerate(paths)]
-        for i, arr, err in _run_jobs(jobs, workers, quiet, "decoding images"):
+        for i, arr, err in _run_jobs(jobs, workers, progress, "decoding images"):
             if err is None:
                 array[i] = arr
             else:
@@ -175,7 +175,7 @@ def build(paths: list[Path], prep: Preprocessing, *, mode: str = "auto",
         return DecodedImages(array, rows, errors, time.perf_counter() - start)
 
     with _locked(cache_dir):  # two runs sharing a cache folder take turns
-        return _build_on_disk(paths, prep, cache_dir, slide_dir, workers, quiet, start)
+        return _build_on_disk(paths, prep, cache_dir, slide_dir, workers, progress, start)
 
 
 def _locked(folder: Path) -> OutputLock:
@@ -190,7 +190,7 @@ def _locked(folder: Path) -> OutputLock:
                       fix="set cache_dir to a writable folder").acquire()
 
 
-def _build_on_disk(paths, prep, cache_dir, slide_dir, workers, quiet, start) -> DecodedImages:
+def _build_on_disk(paths, prep, cache_dir, slide_dir, workers, progress, start) -> DecodedImages:
     n = len(paths)
     errors: dict[int, str] = {}
     store = _DiskStore(cache_dir, prep)
@@ -210,7 +210,7 @@ def _build_on_disk(paths, prep, cache_dir, slide_dir, workers, quiet, start) -> 
     array = store.open(len(todo))
     jobs = [(i, str(paths[i]), prep, slide_dir) for i in todo]
     next_row = store.rows_on_disk
-    for i, arr, err in _run_jobs(jobs, workers, quiet, "decoding images"):
+    for i, arr, err in _run_jobs(jobs, workers, progress, "decoding images"):
         if err is None:  # only readable images take a row: failures are tried again next run
             rows[i] = next_row
             array[next_row] = arr

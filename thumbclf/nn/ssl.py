@@ -125,7 +125,7 @@ class PretrainSpec:
     gen: torch.Generator
 
 
-def pretrain(learner: BYOL, spec: PretrainSpec, *, quiet: bool = False,
+def pretrain(learner: BYOL, spec: PretrainSpec, *, progress: bool = True,
              on_epoch: Callable[[dict], None] | None = None, resume: dict | None = None
              ) -> list[dict]:
     """Run BYOL epochs until ``spec.max_epochs``; return the history (one row per epoch).
@@ -141,7 +141,7 @@ def pretrain(learner: BYOL, spec: PretrainSpec, *, quiet: bool = False,
         state = PretrainState(int(resume["epoch"]), int(resume["step"]), list(resume["history"]))
         log.info("continuing after epoch %d", state.epoch)
     while state.epoch < spec.max_epochs:
-        row = _pretrain_epoch(learner, spec, state, scaler, quiet)
+        row = _pretrain_epoch(learner, spec, state, scaler, progress)
         log.info("pretrain epoch %d/%d: loss %.4f | lr %.2g | %.1fs (%.1f images/s)",
                  row["epoch"], spec.max_epochs, row["loss"], row["lr"], row["seconds"],
                  row["images_per_s"])
@@ -152,7 +152,7 @@ def pretrain(learner: BYOL, spec: PretrainSpec, *, quiet: bool = False,
 
 
 def _pretrain_epoch(learner: BYOL, spec: PretrainSpec, state: PretrainState, scaler,
-                    quiet: bool) -> dict:
+                    progress: bool) -> dict:
     """One epoch of BYOL steps (two views of every image); its history row."""
     epoch = state.epoch + 1
     total = spec.max_epochs * spec.steps_per_epoch
@@ -162,7 +162,7 @@ def _pretrain_epoch(learner: BYOL, spec: PretrainSpec, state: PretrainState, sca
     loss_sum, n = 0.0, 0
     for x, _ in tqdm(prefetch(spec.batches(), pin=device.type == "cuda"),
                      total=spec.steps_per_epoch, desc=f"pretrain epoch {epoch}", unit="batch",
-                     leave=False, disable=quiet):
+                     leave=False, disable=not progress):
         x = x.to(device, non_blocking=True)
         v1 = to_input(ssl_view(x, spec.gen), spec.norm, device)
         v2 = to_input(ssl_view(x, spec.gen), spec.norm, device)

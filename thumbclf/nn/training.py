@@ -120,7 +120,7 @@ def training_loss(output, y: torch.Tensor, criterion: nn.Module
 
 
 def train_one_epoch(model: nn.Module, batches: Iterable, *, spec: FitSpec, scaler=None,
-                    desc: str = "train", quiet: bool = False,
+                    desc: str = "train", progress: bool = True,
                     schedule: Callable[[], None] | None = None) -> EpochStats:
     """One pass over the training batches with ``spec``'s optimiser, loss, normalisation and
     device; ``spec.gen`` set = augment on the fly (``spec.stain``: the lab-to-lab part's
@@ -130,7 +130,7 @@ def train_one_epoch(model: nn.Module, batches: Iterable, *, spec: FitSpec, scale
     device, optimizer = spec.device, spec.optimizer
     loss_sum, correct, n = 0.0, 0, 0
     for x, y in tqdm(prefetch(batches, pin=device.type == "cuda"), total=spec.n_train_batches,
-                     desc=desc, unit="batch", leave=False, disable=quiet):
+                     desc=desc, unit="batch", leave=False, disable=not progress):
         x = x.to(device, non_blocking=True)
         if spec.gen is not None:
             x = augment(x, spec.gen, spec.stain)
@@ -249,7 +249,7 @@ class FitSpec:
     seed: int = 0
 
 
-def fit(model: nn.Module, spec: FitSpec, *, quiet: bool = False, label: str = "",
+def fit(model: nn.Module, spec: FitSpec, *, progress: bool = True, label: str = "",
         on_epoch: Callable[[dict], None] | None = None, resume: dict | None = None) -> FitResult:
     """Train until early stopping; keep the best epoch's weights (lowest validation loss).
 
@@ -266,7 +266,7 @@ def fit(model: nn.Module, spec: FitSpec, *, quiet: bool = False, label: str = ""
         _restore(model, spec, scheduler, result, resume)
         log.info("%scontinuing after epoch %d", label, spec.stopper.epoch)
     while not spec.stopper.should_stop:
-        row = _epoch(model, spec, result, scaler=scaler, scheduler=scheduler, quiet=quiet,
+        row = _epoch(model, spec, result, scaler=scaler, scheduler=scheduler, progress=progress,
                      label=label)
         log.info("%sepoch %d: train loss %.4f acc %.3f | val loss %.4f acc %.3f | %.1fs%s",
                  label, row["epoch"], row["train_loss"], row["train_accuracy"], row["val_loss"],
@@ -311,13 +311,13 @@ def _features_state(result: FitResult) -> dict:
 
 
 def _epoch(model: nn.Module, spec: FitSpec, result: FitResult, *, scaler, scheduler,
-           quiet: bool, label: str) -> dict:
+           progress: bool, label: str) -> dict:
     """One epoch: train, BatchNorm statistics, validation, early stopping; its history row."""
     epoch = spec.stopper.epoch + 1
     epoch_start = time.perf_counter()
     with familiarity.Capture(model, spec.features_head) as seen:
         tr = train_one_epoch(spec.trainer or model, spec.train_batches(), spec=spec,
-                             scaler=scaler, desc=f"{label}epoch {epoch}", quiet=quiet,
+                             scaler=scaler, desc=f"{label}epoch {epoch}", progress=progress,
                              schedule=scheduler.step if scheduler else None)
     if spec.bn_batches is not None:
         train_mode(model)

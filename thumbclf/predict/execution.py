@@ -25,16 +25,16 @@ log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
-def executor_for(spec: ExecutorSpec, *, quiet: bool = False) -> Iterator[Executor]:
+def executor_for(spec: ExecutorSpec, *, progress: bool = True) -> Iterator[Executor]:
     """The executor ``spec`` asks for (``executor`` key), released when the block ends."""
     if spec.executor != "ray":
         yield LocalExecutor(spec)
         return
     from thumbclf.predict.ray_backend import RayExecutor, ray_lines_to_run_log
 
-    # quiet (no progress bars): the console is whole lines, and Ray's own go to run.log
-    with ray_lines_to_run_log() if quiet else contextlib.nullcontext():
-        ex = RayExecutor(spec, quiet=quiet)
+    # no progress bars: the console is whole lines, and Ray's own go to run.log
+    with ray_lines_to_run_log() if not progress else contextlib.nullcontext():
+        ex = RayExecutor(spec, progress=progress)
         try:
             yield ex
         finally:

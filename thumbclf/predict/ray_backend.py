@@ -146,13 +146,13 @@ class RayExecutor:
 
     name = "ray"
 
-    def __init__(self, spec: ExecutorSpec, *, quiet: bool = False):
+    def __init__(self, spec: ExecutorSpec, *, progress: bool = True):
         ray = _import_ray()
-        self.spec, self.quiet, self.ray = spec, quiet, ray
+        self.spec, self.progress, self.ray = spec, progress, ray
         start = time.perf_counter()
         self.started_here = False
         if not ray.is_initialized():  # a notebook may have connected already: use that
-            kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": not quiet,
+            kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": progress,
                                       "logging_level": logging.ERROR,
                                       "configure_logging": True}
             if spec.ray_address:
@@ -299,7 +299,7 @@ class RayExecutor:
         log.info("%d folds as Ray tasks, each with %s", len(folds),
                  ", ".join(f"{v} {k.removeprefix('num_')}" for k, v in options.items()))
         refs = [task.remote(fn, fold, shared_ref, options["num_cpus"], spec.device,
-                            self.quiet) for fold in folds]
+                            self.progress) for fold in folds]
         for ref in refs:
             try:
                 yield ray.get(ref)
@@ -372,17 +372,17 @@ class _Infer:
 
 
 def _fold_task(fn: Callable, fold: int, shared: dict, threads: int, device_name: str,
-               quiet: bool):
+               progress: bool):
     """Ray task: train one fold with ``threads`` CPU threads, logging into the run's run.log."""
     import torch
 
     from thumbclf.nn.training import pick_device
 
-    setup_logging(Path(shared["folder"]), quiet=quiet, tag=f"fold {fold}, pid {os.getpid()}")
+    setup_logging(Path(shared["folder"]), quiet=not progress, tag=f"fold {fold}, pid {os.getpid()}")
     try:
         device = pick_device(device_name)
         if device.type == "cpu":
             torch.set_num_threads(threads)
-        return fn(fold=fold, device=device, **{**shared, "quiet": True})
+        return fn(fold=fold, device=device, **{**shared, "progress": False})
     finally:
         remove_handlers()

@@ -133,7 +133,7 @@ def predict_stream(models, sample_set: SampleSet, folder: Path, *, spec: Inferen
     configure_threads(device)
     start = time.perf_counter()
     bar = tqdm(total=len(todo), desc="predicting", unit="img", disable=not spec.progress)
-    with executor_for(spec.executor, quiet=not spec.progress) as ex:
+    with executor_for(spec.executor, progress=spec.progress) as ex:
         runners, engine_note, batches = _start(ex, models, sample_set, todo, spec, device,
                                                choose)
         # closing: an interruption stops the executor's pipeline before the executor ends
@@ -164,7 +164,7 @@ def predict_table(models, sample_set: SampleSet, spec: InferenceSpec, *, thresho
     classes, todo = models[0].classes, list(range(len(sample_set)))
     configure_threads(device)
     bar = tqdm(total=len(todo), desc="predicting", unit="img", disable=not spec.progress)
-    with executor_for(spec.executor, quiet=not spec.progress) as ex:
+    with executor_for(spec.executor, progress=spec.progress) as ex:
         _, _, batches = _start(ex, models, sample_set, todo, spec, device,
                                lambda head: (runners, ""))
         with contextlib.closing(batches):

@@ -182,12 +182,12 @@ def export_thumbnails(readable: list[tuple[Path, str, bool]], folder: Path, slid
     return made + kept
 
 
-def run(params: DeployParams, *, resume: bool = False, quiet: bool = False,
+def run(params: DeployParams, *, resume: bool = False, progress: bool = True,
         shard: shards.Shard | None = None) -> Path:
     """Deploy as the experiment file says; return the results folder (``shard``: the share's
     folder, with no copies and no report: ``thumbclf merge`` makes them)."""
     folder = shards.folder_of(params.output, shard)
-    spec = inference_spec(params, progress=not quiet)
+    spec = inference_spec(params, progress=progress)
     if resume and finished(folder):
         raise OutputError(f"{folder}: this deploy finished already (predictions.csv and "
                           "report.html are complete); nothing to resume. Use --output NEW_FOLDER "

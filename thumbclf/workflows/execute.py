@@ -73,8 +73,8 @@ def execute(params: Params, *, resume: bool = False, quiet: bool = False, debug:
         setup_logging(folder, quiet=quiet, debug=debug)
         log.info("thumbclf %s: %s -> %s", workflow, params.source, folder)
         if shard is not None:
-            return run(params, resume=resume, quiet=not progress, shard=shard)
-        return run(params, resume=resume, quiet=not progress)
+            return run(params, resume=resume, progress=progress, shard=shard)
+        return run(params, resume=resume, progress=progress)
 
 
 def _folder(params: Params, shard, resume: bool) -> tuple[Path, bool, bool]:
@@ -124,12 +124,12 @@ def _execute_ranks(params: Params, workflow: str, *, resume: bool, quiet: bool, 
         if not distributed.is_main():  # no files, no console but errors, no progress bars
             setup_logging(None, quiet=True)
             logging.getLogger().handlers[-1].setLevel(logging.ERROR)
-            return run(params, resume=resume, quiet=True)
+            return run(params, resume=resume, progress=False)
         with prepare_output(params.output, resume=resume):
             setup_logging(params.output, quiet=quiet, debug=debug)
             log.info("thumbclf %s: %s -> %s (torchrun: %d processes)", workflow, params.source,
                      params.output, distributed.world_size())
-            return run(params, resume=resume, quiet=not progress)
+            return run(params, resume=resume, progress=progress)
     finally:
         distributed.finish()
 

@@ -149,7 +149,7 @@ def merge(results: Path, *, quiet: bool = False) -> Path:
         table = merged_table(found, list(models[0].classes))
         atomic_csv(table, results / layout.PREDICTIONS)
         atomic_text(json.dumps(_timings(found), indent=1), results / layout.TIMINGS)
-        return deploy.run(params, resume=True, quiet=quiet)
+        return deploy.run(params, resume=True, progress=not quiet)
 
 
 def _timings(found: list[tuple[Path, dict]]) -> dict:

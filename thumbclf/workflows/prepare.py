@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 
 
 def load_images(params, sample_set: SampleSet, prep: Preprocessing, folder: Path, *,
-                mode: str, max_failed: float | None, quiet: bool):
+                mode: str, max_failed: float | None, progress: bool):
     """Decode every image once; report failures; drop them (training) or keep them (deploy)."""
     cache_dir = params.cache_root
     paths = [s.path for s in sample_set.samples]
@@ -27,7 +27,7 @@ def load_images(params, sample_set: SampleSet, prep: Preprocessing, folder: Path
     def build():
         return cache.build(paths, prep, mode=mode, cache_dir=cache_dir,
                            slide_cache=params.slide_cache, workers=params.num_workers,
-                           quiet=quiet)
+                           progress=progress)
 
     if distributed.active():  # decoded once, by rank 0, into the disk cache the others read
         mode = "disk"

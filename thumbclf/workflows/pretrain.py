@@ -48,7 +48,7 @@ def preflight(params: PretrainParams) -> None:
     preflight_common(params)
 
 
-def run(params: PretrainParams, *, resume: bool = False, quiet: bool = False,
+def run(params: PretrainParams, *, resume: bool = False, progress: bool = True,
         input_size: int | None = None) -> Path:
     """Pretrain a backbone as the experiment file says; return the results folder.
 
@@ -74,7 +74,7 @@ def run(params: PretrainParams, *, resume: bool = False, quiet: bool = False,
                          max_pixels=params.max_image_pixels, slide_size=params.slide_thumbnail_size,
                          slide_budget_s=params.slide_budget_s)
     decoded = load_images(params, sample_set, prep, folder, mode=params.cache,
-                          max_failed=params.max_failed_fraction, quiet=quiet)
+                          max_failed=params.max_failed_fraction, progress=progress)
     positions = np.flatnonzero(decoded.ok)
     if len(positions) < 2:
         raise DataError(f"{params.thumb_data}: pretraining needs at least 2 readable images; "
@@ -82,7 +82,7 @@ def run(params: PretrainParams, *, resume: bool = False, quiet: bool = False,
     digest = _digest([str(sample_set.samples[i].path) for i in positions])
     train_start = time.perf_counter()
     learner, history = _byol(params, folder, decoded, positions, digest, arch=arch,
-                             device=device, resume=resume, quiet=quiet)
+                             device=device, resume=resume, progress=progress)
     train_seconds = time.perf_counter() - train_start
     _finish(params, folder, learner, history, decoded, positions, arch=arch, prep=prep,
             device=device)
@@ -100,7 +100,7 @@ def run(params: PretrainParams, *, resume: bool = False, quiet: bool = False,
 
 
 def _byol(params: PretrainParams, folder: Path, decoded, positions: np.ndarray, digest: str, *,
-          arch: str, device: torch.device, resume: bool, quiet: bool) -> tuple[BYOL, list[dict]]:
+          arch: str, device: torch.device, resume: bool, progress: bool) -> tuple[BYOL, list[dict]]:
     """The BYOL epochs, a checkpoint after each (continued from it on --resume)."""
     ckpt_file = folder / CHECKPOINT
     bs = min(params.batch_size, len(positions))
@@ -138,7 +138,7 @@ def _byol(params: PretrainParams, folder: Path, decoded, positions: np.ndarray, 
         batches=lambda: training_batches(decoded, positions, no_labels, batch_size=bs, rng=rng),
         steps_per_epoch=steps, max_epochs=params.max_epochs, optimizer=optimizer, lr=params.lr,
         base_momentum=params.momentum, norm=IMAGENET, device=device, gen=gen)
-    history = pretrain(learner, spec, quiet=quiet, on_epoch=save_checkpoint,
+    history = pretrain(learner, spec, progress=progress, on_epoch=save_checkpoint,
                        resume=resume_state)
     return learner, history
 

@@ -92,7 +92,7 @@ def _lock(folder: Path) -> OutputLock:
 # ---------------------------------------------------------------------------- the page
 
 
-def write_previews(folder: Path, table: pd.DataFrame, *, quiet: bool = True) -> int:
+def write_previews(folder: Path, table: pd.DataFrame, *, progress: bool = False) -> int:
     """Previews of every readable row and the Grad-CAM overlays (missing ones only); returns
     how many pictures could not be read."""
     review, cfg = folder / layout.REVIEW, settings(folder)
@@ -111,7 +111,7 @@ def write_previews(folder: Path, table: pd.DataFrame, *, quiet: bool = True) -> 
     failed = 0
     with ThreadPoolExecutor(max(1, min(8, machine.cores()))) as pool:
         for err in tqdm(pool.map(one, todo), total=len(todo), desc="previews", unit="slide",
-                        disable=quiet or not todo):
+                        disable=not progress or not todo):
             if err:
                 failed += 1
                 log.debug("no preview: %s", err)
@@ -125,17 +125,17 @@ def write_previews(folder: Path, table: pd.DataFrame, *, quiet: bool = True) -> 
     return failed
 
 
-def write_review(folder: Path, *, quiet: bool = True) -> Path:
+def write_review(folder: Path, *, progress: bool = False) -> Path:
     """review/index.html and its previews, for the results folder ``folder``."""
     table_file(folder)  # a folder without predictions gets nothing written into it
     with _lock(folder):
-        return _write_review(folder, quiet=quiet)
+        return _write_review(folder, progress=progress)
 
 
-def _write_review(folder: Path, *, quiet: bool) -> Path:
+def _write_review(folder: Path, *, progress: bool) -> Path:
     source = table_file(folder)
     table, classes = table_io.read(source)
-    failed = write_previews(folder, table, quiet=quiet)
+    failed = write_previews(folder, table, progress=progress)
     if failed:
         log.warning("%d slides have no preview (their files could not be read now)", failed)
     records = review_page.items(table, classes, review=folder / layout.REVIEW)
@@ -159,11 +159,11 @@ def corrections_table(entries: list[dict], table: pd.DataFrame) -> pd.DataFrame:
     return journal.corrections(entries, table)
 
 
-def serve(folder: Path, port: int = 8765, *, quiet: bool = True, ready=None) -> None:
+def serve(folder: Path, port: int = 8765, *, progress: bool = False, ready=None) -> None:
     """Write the page, then serve it on 127.0.0.1:``port`` until interrupted (Ctrl-C).
     ``ready(server)`` is called once it listens (tests stop it with server.shutdown())."""
     with _lock(folder):
-        _write_review(folder, quiet=quiet)
+        _write_review(folder, progress=progress)
         try:
             server = review_server.ReviewServer(folder, port, table_file(folder))
         except (OSError, OverflowError) as exc:  # OverflowError: a port over 65535

@@ -120,7 +120,7 @@ def restore_generators(state: dict, gen: torch.Generator) -> None:
 def _fit_fold(params: TrainParams, model: nn.Module, trainer: nn.Module, *, decoded,
               y: np.ndarray, n_classes: int,
               train_pos: np.ndarray, val_pos: np.ndarray, fold: int, device: torch.device,
-              quiet: bool, checkpoint: Path, rng: np.random.Generator,
+              progress: bool, checkpoint: Path, rng: np.random.Generator,
               gen: torch.Generator) -> FitResult:
     """Fit with early stopping, checkpointing every epoch (with the random generators)."""
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -170,13 +170,13 @@ def _fit_fold(params: TrainParams, model: nn.Module, trainer: nn.Module, *, deco
         stain=params.stain_augment if params.augment else 0.0, lr_schedule=params.lr_schedule,
         features_head=head_names(model)[0] if params.unfamiliar else None,  # the rule's bank
         bank_size=familiarity.BANK_SIZE, seed=Streams(params.seed, fold).feature_bank)
-    return fit(model, spec, quiet=quiet, label=f"fold {fold}: " if fold else "",
+    return fit(model, spec, progress=progress, label=f"fold {fold}: " if fold else "",
                on_epoch=save_checkpoint, resume=resume_state)
 
 
 def run_fold(params: TrainParams, folder: Path, *, fold: int, sample_set: SampleSet, decoded,
              y: np.ndarray, split_df: pd.DataFrame, prep: Preprocessing, arch: str,
-             device: torch.device, quiet: bool) -> FoldResult:
+             device: torch.device, progress: bool) -> FoldResult:
     """Train, calibrate and evaluate one fold; write its model, history and predictions."""
     classes = sample_set.classes
     train_pos = splitting.positions(split_df, fold, "train")
@@ -192,7 +192,7 @@ def run_fold(params: TrainParams, folder: Path, *, fold: int, sample_set: Sample
     model, trainer = distributed.wrap(model, device)
     result = _fit_fold(params, model, trainer, decoded=decoded, y=y, n_classes=len(classes),
                        train_pos=train_pos, val_pos=val_pos, fold=fold, device=device,
-                       quiet=quiet, checkpoint=fdir / layout.CHECKPOINT, rng=rng, gen=gen)
+                       progress=progress, checkpoint=fdir / layout.CHECKPOINT, rng=rng, gen=gen)
     calibration, threshold = _calibrate(params, result, y[val_pos], len(classes))
     temperature = calibration.temperature
     history = pd.DataFrame(result.history)
@@ -387,7 +387,7 @@ def _device(params: TrainParams) -> torch.device:
     return device
 
 
-def run(params: TrainParams, *, resume: bool = False, quiet: bool = False) -> Path:
+def run(params: TrainParams, *, resume: bool = False, progress: bool = True) -> Path:
     """Train as the experiment file says; return the results folder."""
     folder = params.output
     started = time.perf_counter()
@@ -399,7 +399,7 @@ def run(params: TrainParams, *, resume: bool = False, quiet: bool = False) -> Pa
                          slide_size=params.slide_thumbnail_size,
                          slide_budget_s=params.slide_budget_s)
     decoded = load_images(params, sample_set, prep, folder, mode=params.cache,
-                          max_failed=params.max_failed_fraction, quiet=quiet)
+                          max_failed=params.max_failed_fraction, progress=progress)
     decoded, sample_set = _decoded_without_failures(decoded, sample_set, params)
     y = np.array([sample_set.classes.index(s.label) for s in sample_set.samples])
     split_df = _splits(params, folder, sample_set, resume)
@@ -408,8 +408,8 @@ def run(params: TrainParams, *, resume: bool = False, quiet: bool = False) -> Pa
     done = {fold: r for fold in folds if resume and (r := finished_fold(folder, fold))}
     todo = [fold for fold in folds if fold not in done]
     shared = dict(params=params, folder=folder, sample_set=sample_set, decoded=decoded, y=y,
-                  split_df=split_df, prep=prep, arch=arch, quiet=quiet)
-    with executor_for(executor_spec(params), quiet=quiet) as ex:  # here one after another, or Ray tasks
+                  split_df=split_df, prep=prep, arch=arch, progress=progress)
+    with executor_for(executor_spec(params), progress=progress) as ex:  # here one after another, or Ray tasks
         done.update(zip(todo, ex.run_folds(_run_fold, todo, shared, device=device)))
     results = [done[fold] for fold in folds]
     if not distributed.is_main():
