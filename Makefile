@@ -72,8 +72,11 @@ orthanc:
 	else echo "Orthanc or orthanc-dicomweb missing (not root, or no apt-get): the DICOMweb tests" \
 		"will be skipped; install them with: sudo apt-get install orthanc orthanc-dicomweb"; fi
 
+# the tests on two pytest-xdist workers, each test module on one worker (its module fixtures
+# built once; tests/conftest.py); `make test TEST_WORKERS=0` runs them all in one process
+TEST_WORKERS ?= 2
 test: setup $(VENV)/.extras browser slurm orthanc
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # the docs extra only (MkDocs and its plugins), on top of the runtime
 $(VENV)/.docs: $(VENV)/.runtime

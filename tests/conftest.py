@@ -148,7 +148,7 @@ ISOLATED_REPORT = "THUMBCLF_ISOLATED_REPORT"  # the one fresh process writes its
 def pytest_collection_modifyitems(config, items):
     """Note the tests marked ``isolated``: they share one fresh process (below)."""
     config._isolated = [i.nodeid for i in items if i.get_closest_marker("isolated")]
-    config._isolated_outcomes = None
+    config._isolated_runs = {}
 
 
 def pytest_runtest_logreport(report):
@@ -175,10 +175,12 @@ def _run_isolated(nodeids: list[str]) -> tuple[dict[str, list[dict]], str]:
     with tempfile.TemporaryDirectory() as tmp:
         target = Path(tmp) / "outcomes.jsonl"
         target.touch()
+        # one process, not pytest-xdist's workers again, whatever options started this one
+        env = {k: v for k, v in os.environ.items() if k != "PYTEST_ADDOPTS"}
         r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                            *nodeids], cwd=ROOT, capture_output=True, text=True, timeout=900,
-                           env=dict(os.environ, THUMBCLF_ISOLATED="1",
-                                    **{ISOLATED_REPORT: str(target)}))
+                            "-p", "no:xdist", "-o", "addopts=", *nodeids], cwd=ROOT,
+                           capture_output=True, text=True, timeout=900,
+                           env=dict(env, THUMBCLF_ISOLATED="1", **{ISOLATED_REPORT: str(target)}))
         outcomes: dict[str, list[dict]] = {}
         for line in target.read_text(encoding="utf-8").splitlines():
             entry = json.loads(line)
@@ -186,19 +188,31 @@ def _run_isolated(nodeids: list[str]) -> tuple[dict[str, list[dict]], str]:
     return outcomes, f"{r.stdout[-4000:]}\n{r.stderr[-2000:]}"
 
 
+def _batch(config, nodeid: str) -> list[str]:
+    """The isolated tests that share a fresh process with ``nodeid``: all of them, or under
+    pytest-xdist (``make test``: ``-n 2 --dist loadfile``, a module's tests on one worker) those
+    of its module, so that no two workers run the same test."""
+    every = getattr(config, "_isolated", None) or [nodeid]
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return every
+    module = nodeid.split("::")[0]
+    return [n for n in every if n.split("::")[0] == module]
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_pyfunc_call(pyfuncitem):
     """Tests marked ``isolated`` run in a fresh Python process, as a user's run would: OpenVINO
     compiled in a process that has run many torch tests before has crashed it (exit 139).
-    Issue 32: all of them share one fresh process (one start instead of one each); a test that
-    process did not report on (it crashed first) runs again in a process of its own."""
+    Issue 32: all of them share one fresh process (one start instead of one each; under
+    pytest-xdist one per module); a test that process did not report on (it crashed first)
+    runs again in a process of its own."""
     if pyfuncitem.get_closest_marker("isolated") is None or os.environ.get("THUMBCLF_ISOLATED"):
         return None
-    config = pyfuncitem.config
-    if getattr(config, "_isolated_outcomes", None) is None:
-        config._isolated_outcomes = _run_isolated(getattr(config, "_isolated", None)
-                                                  or [pyfuncitem.nodeid])
-    outcomes, output = config._isolated_outcomes
+    runs = pyfuncitem.config.__dict__.setdefault("_isolated_runs", {})
+    batch = tuple(_batch(pyfuncitem.config, pyfuncitem.nodeid))
+    if batch not in runs:
+        runs[batch] = _run_isolated(list(batch))
+    outcomes, output = runs[batch]
     if pyfuncitem.nodeid not in outcomes:
         outcomes, output = _run_isolated([pyfuncitem.nodeid])
     reports = outcomes.get(pyfuncitem.nodeid, [])
