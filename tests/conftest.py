@@ -7,6 +7,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -433,3 +434,15 @@ def request(server, method: str, path: str, body: bytes | None = None, headers=N
     conn.request(method, path, body=body, headers={**sent, **(headers or {})})
     r = conn.getresponse()
     return r.status, r.read()
+
+
+def wait_for(condition, timeout: float = 10.0):
+    """``condition()``'s first true value, polled every 50 ms (the browser tests: a page's
+    script, a search result); AssertionError after ``timeout`` seconds."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError("timed out")

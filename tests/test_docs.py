@@ -14,7 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
-from conftest import ROOT, loggers_kept
+from conftest import ROOT, loggers_kept, wait_for
 
 import thumbclf
 from thumbclf.cli import command_parser, evaluate_main
@@ -279,12 +279,12 @@ def test_the_built_site_works_from_the_disk_links_open_pages_and_search_finds(si
         assert target.suffix == ".html" and target.is_file(), url
     link = browser.find_element(By.CSS_SELECTOR, "a.md-nav__link[href$='getting-started.html']")
     browser.execute_script("arguments[0].click()", link)
-    _wait(lambda: browser.current_url.endswith("getting-started.html"))
+    wait_for(lambda: browser.current_url.endswith("getting-started.html"))
     assert "Index of" not in browser.page_source
     assert browser.find_element(By.TAG_NAME, "h1").text.startswith("Getting started")
     link = browser.find_element(By.CSS_SELECTOR, "a.md-nav__link[href$='keys.html']")
     browser.execute_script("arguments[0].click()", link)
-    _wait(lambda: browser.current_url.endswith("reference/keys.html"))
+    wait_for(lambda: browser.current_url.endswith("reference/keys.html"))
     assert browser.find_element(By.ID, "thumb_data")
     nowrap = browser.execute_script(  # a key's name never breaks inside the word
         "return getComputedStyle(document.querySelector('table td:first-child code')).whiteSpace")
@@ -292,22 +292,10 @@ def test_the_built_site_works_from_the_disk_links_open_pages_and_search_finds(si
 
     browser.get(home)  # the search: typed into its box, it lists pages
     box = browser.find_element(By.CSS_SELECTOR, "input[data-md-component='search-query']")
-    _wait(lambda: box.is_displayed())
+    wait_for(lambda: box.is_displayed())
     box.click()
     box.send_keys("freezeRatio")
-    _wait(lambda: browser.find_elements(By.CSS_SELECTOR, ".md-search-result__item"), 20)
+    wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, ".md-search-result__item"), 20)
     first = browser.find_element(By.CSS_SELECTOR, ".md-search-result__item a")
     assert ".html" in first.get_attribute("href"), first.get_attribute("href")
     box.send_keys(Keys.ESCAPE)
-
-
-def _wait(condition, timeout: float = 10.0):
-    import time
-
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError("timed out")

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from conftest import request, results_folder
+from conftest import request, results_folder, wait_for
 from thumbclf import cli
 from thumbclf.inputs.corrections import read_table_of
 from thumbclf.inputs.samples import read_table
@@ -42,16 +42,6 @@ def open_page(browser, url: str, timeout: float = 30.0) -> float:
     browser.get(url)
     wait_for(lambda: browser.execute_script("return document.body.dataset.ready") == "1", timeout)
     return time.perf_counter() - started
-
-
-def wait_for(condition, timeout: float = 10.0):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError("timed out")
 
 
 def press(browser, keys: str) -> None:
