@@ -208,14 +208,9 @@ def test_the_parameter_count_counts_every_kind_of_parameter(tmp_path):
     assert too_many_parameters(pkg) == ["thumbclf/low.py:f (9 parameters)"]
 
 
-# Column names written out where core/table.py's constants belong, in files another change
-# owns (issue 29: the Ray executor; issue 30: the read record). Remove an entry
-# when its file uses the constants; a new literal anywhere else fails.
-COLUMN_ALLOWANCES = {
-    ("thumbclf/predict/ray_backend.py", "error"),
-    ("thumbclf/inputs/readrecord.py", "slide_width"),
-    ("thumbclf/inputs/readrecord.py", "slide_mpp_x"),
-}
+# Column names written out where core/table.py's constants belong: none left (issue 32); a
+# new literal anywhere fails.
+COLUMN_ALLOWANCES: set[tuple[str, str]] = set()
 
 
 def column_names() -> set[str]:

@@ -34,8 +34,9 @@ UNFAMILIAR_CONTENT, UNFAMILIAR_LOOK = "unfamiliarity_content", "unfamiliarity_lo
 TISSUE = "tissue_fraction"
 SIGNALS = (UNFAMILIARITY, UNFAMILIAR_CONTENT, UNFAMILIAR_LOOK, TISSUE)  # in the table's order
 SOURCE = "SOURCE"  # optional: the site, scanner or collection a slide came from
-SLIDE_COLUMNS = ("slide_vendor", "slide_objective_power", "slide_mpp_x", "slide_mpp_y",
-                 "slide_level_count", "slide_width", "slide_height")
+SLIDE_MPP_X, SLIDE_WIDTH = "slide_mpp_x", "slide_width"
+SLIDE_COLUMNS = ("slide_vendor", "slide_objective_power", SLIDE_MPP_X, "slide_mpp_y",
+                 "slide_level_count", SLIDE_WIDTH, "slide_height")
 # --- the read record (issue 30): how each slide's thumbnail was read; slides only -----------
 READ_READER, READ_LEVEL = "read_reader", "read_level"
 READ_LEVEL_WIDTH, READ_LEVEL_HEIGHT = "read_level_width", "read_level_height"

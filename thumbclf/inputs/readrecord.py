@@ -16,7 +16,8 @@ from pathlib import Path
 
 from thumbclf.core.table import (MPP_HEADER, MPP_NONE, MPP_OVERRIDE, READ_BYTES, READ_LEVEL,
                                  READ_LEVEL_HEIGHT, READ_LEVEL_WIDTH, READ_MPP, READ_MPP_SOURCE,
-                                 READ_NOTE, READ_PHOTOMETRIC, READ_READER, READ_SECONDS)
+                                 READ_NOTE, READ_PHOTOMETRIC, READ_READER, READ_SECONDS,
+                                 SLIDE_MPP_X, SLIDE_WIDTH)
 from thumbclf.inputs import slides
 
 
@@ -61,5 +62,5 @@ def of_slide(path: Path, long_side: int, cache_dir: Path, *, properties: dict | 
     """The read-record columns of a slide whose thumbnail is cached in ``cache_dir``."""
     props = properties or {}
     return columns(slides.read_record(path, long_side, cache_dir),
-                   width=props.get("slide_width"), mpp_override=mpp_override,
-                   mpp_header=props.get("slide_mpp_x"))
+                   width=props.get(SLIDE_WIDTH), mpp_override=mpp_override,
+                   mpp_header=props.get(SLIDE_MPP_X))

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 import numpy as np
 
 from thumbclf.core.errors import ConfigError
-from thumbclf.core.table import SIGNALS
+from thumbclf.core.table import ERROR, SIGNALS
 from thumbclf.core.logs import remove_handlers, setup_logging
 from thumbclf.predict.executor import ExecutorSpec
 
@@ -247,7 +247,7 @@ class RayExecutor:
                         band.count(np.asarray(out["recomputed"], dtype=bool))
                     yield (pos, np.asarray(out["probs"], dtype=float),
                            {c: v for c, v in signals.items() if not np.isnan(v).all()},
-                           [str(e) for e in out["error"]])
+                           [str(e) for e in out[ERROR]])
             finally:  # stopped early (Ctrl-C): end Ray Data's execution before Ray itself
                 getattr(stream, "close", lambda: None)()
             todo = [(p, path) for p, path in todo if p not in seen]
@@ -333,7 +333,7 @@ def _decode_batch(batch: dict, *, prep, slide_cache) -> dict:
     files = FileImages([Path(p) for p in batch["path"]], prep, slide_cache)
     _, images, errors = collate([files[i] for i in range(len(files))], prep.size)
     return {"position": batch["position"], "image": images.numpy(),
-            "error": np.array(errors, dtype=object)}
+            ERROR: np.array(errors, dtype=object)}
 
 
 class _Infer:
@@ -367,7 +367,7 @@ class _Infer:
         band = self.runners[0].band
         redo = band.last if band is not None else np.zeros(len(probs), dtype=bool)
         return {"position": batch["position"], "probs": probs,
-                **{c: signals.get(c, missing) for c in SIGNALS}, "error": batch["error"],
+                **{c: signals.get(c, missing) for c in SIGNALS}, ERROR: batch[ERROR],
                 "recomputed": redo}
 
 
