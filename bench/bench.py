@@ -39,16 +39,21 @@ from thumbclf.core.logs import setup_logging  # noqa: E402
 OUT = ROOT / "bench" / "out"
 
 
-def make_data(n: int) -> Path:
-    """n realistic thumbnails (800-1500 px long side), half JPEG, half PNG, with labels.csv."""
-    folder = OUT / f"data-{n}"
+LARGE = (800, 1500)  # the long side of a realistic thumbnail, px
+SMALL = (200, 500)  # a small thumbnail (issue 29: far from the pipeline's limit before)
+
+
+def make_data(n: int, sides: tuple[int, int] = LARGE) -> Path:
+    """n realistic thumbnails (``sides``: their long side, 800-1500 px by default), half JPEG,
+    half PNG, with labels.csv."""
+    folder = OUT / (f"data-{n}" if sides == LARGE else f"data-{n}-{sides[0]}-{sides[1]}")
     table = folder / "labels.csv"
     if table.is_file():
         return table
     per = max(1, n // (2 * len(synth.CLASSES)))
     t = time.perf_counter()
-    a = synth.generate(folder / "jpg", per_class=per, seed=1, sides=(800, 1500), fmt="jpg")
-    b = synth.generate(folder / "png", per_class=per, seed=2, sides=(800, 1500), fmt="png")
+    a = synth.generate(folder / "jpg", per_class=per, seed=1, sides=sides, fmt="jpg")
+    b = synth.generate(folder / "png", per_class=per, seed=2, sides=sides, fmt="png")
     rows = ["PATH,CLASSIFICATION"]
     for sub, tab in (("jpg", a), ("png", b)):
         rows += [f"{sub}/{line}" for line in tab.read_text().splitlines()[1:]]
@@ -143,7 +148,8 @@ def thumbclf_deploy(table_or_folder: Path, model: Path, batch: int, device: str,
 
 def many_links(table: Path, n: int, suffix: str | None = None) -> Path:
     """A flat folder of n hard links to the benchmark images (distinct paths, no extra disk)."""
-    folder = OUT / f"links-{n}{suffix or ''}"
+    size = table.parent.name.removeprefix("data-").partition("-")[2]  # "" for the large ones
+    folder = OUT / f"links-{n}{suffix or ''}{'-' + size if size else ''}"
     if folder.is_dir() and sum(1 for _ in folder.iterdir()) == n:
         return folder
     shutil.rmtree(folder, ignore_errors=True)

@@ -2,7 +2,7 @@
 """Deployment and training speed against the model's own limit, measured in the same run.
 
     python bench/inference.py [--images 1200] [--train-images 280] [--epochs 3] [--workers 1,-1]
-                              [--combos] [--memory 10000]
+                              [--combos] [--memory 10000] [--small] [--model FILE]
 
 1. PyTorch fp32's model-only limits (resnet18, batch 64, channels_last, random tensors in memory):
    inference, and a training step (freezeRatio 0.5).
@@ -16,7 +16,8 @@
    converts the model and runs the gate (both cached), the second is timed as a user's later
    deploys are. Also a plain PyTorch fp32 deploy (precision fp32), and with ``--combos`` each
    engine/precision forced. ``--workers``: decoding workers (-1: the default, cores - 1).
-   ``--memory N``: the peak memory of a deploy of N images (hard links to the same files).
+   ``--small``: the deploys on small thumbnails (200-500 px long side; the model is still
+   trained on the large ones). ``--memory N``: the peak memory of a deploy of N images (hard links to the same files).
    Beside each ratio (issue 29): the decoder's own time per file on one core (the files decoded
    in this process, one after another), the pipeline limit it implies together with fp32's
    model-only limit on C cores, C / (decode seconds per file + C / model-only images per
@@ -105,6 +106,8 @@ def main() -> None:
     ap.add_argument("--workers", default="-1", help="decoding workers to try, comma-separated")
     ap.add_argument("--combos", action="store_true", help="also each engine/precision forced")
     ap.add_argument("--memory", type=int, default=0, help="images of a deploy whose memory is shown")
+    ap.add_argument("--small", action="store_true",
+                    help="deploy small thumbnails (200-500 px long side) instead of 800-1500 px")
     ap.add_argument("--model", type=Path, help="deploy this model file (skips training, part 2)")
     args = ap.parse_args()
     B.OUT.mkdir(parents=True, exist_ok=True)
@@ -145,17 +148,20 @@ def deploys(table: Path, model: Path, args, limit: float) -> None:
     """Part 3: on a shared machine the limit is measured again around each kind's deploys."""
     import torch
 
+    size = "-small" if args.small else ""
+    if args.small:
+        table = B.make_data(args.train_images, B.SMALL)
     folders = {kind: B.many_links(table, args.images, suffix=f".{kind}") for kind in ("jpg", "png")}
     print(f"\n3. deploy, {args.images} images each, ratio to the fp32 inference limit measured "
           "just before and after (their mean)")
     for w in [int(v) for v in args.workers.split(",")]:
         for kind, folder in folders.items():
-            cache = B.OUT / f"cache-{kind}-w{w}"  # new: the first deploy converts and verifies
+            cache = B.OUT / f"cache-{kind}{size}-w{w}"  # new: the first deploy converts and verifies
             shutil.rmtree(cache, ignore_errors=True)
             before = B.model_only(torch.device("cpu"), 64, 0.5, 3)[1]
-            first = deploy(folder, model, f"auto-{kind}-w{w}-first", w, cache_dir=str(cache))
-            again = deploy(folder, model, f"auto-{kind}-w{w}", w, cache_dir=str(cache))
-            plain = deploy(folder, model, f"fp32-{kind}-w{w}", w, precision="fp32",
+            first = deploy(folder, model, f"auto-{kind}{size}-w{w}-first", w, cache_dir=str(cache))
+            again = deploy(folder, model, f"auto-{kind}{size}-w{w}", w, cache_dir=str(cache))
+            plain = deploy(folder, model, f"fp32-{kind}{size}-w{w}", w, precision="fp32",
                            cache_dir=str(cache))
             after = B.model_only(torch.device("cpu"), 64, 0.5, 3)[1]
             lim = (before + after) / 2
@@ -171,7 +177,7 @@ def deploys(table: Path, model: Path, args, limit: float) -> None:
                   f"(recomputed in fp32: {recomputed(again['inference'])}), plain fp32 "
                   f"{plain['rate'] / pipe:.2f} of it\n      engine: {again['inference']}\n"
                   f"      against the plain fp32 deploy: {agreement(again, plain)}")
-            print(json.dumps({"kind": kind, "decode_s_per_file": dec, "model_limit": lim,
+            print(json.dumps({"kind": kind + size, "decode_s_per_file": dec, "model_limit": lim,
                               "pipeline_limit": pipe, "defaults": again["rate"],
                               "fp32": plain["rate"],
                               "recomputed": recomputed(again["inference"])}))

@@ -99,3 +99,35 @@ def test_to_input_gives_exactly_the_reference_arithmetic_and_leaves_its_input(ch
     floats = x.float()
     to_input(floats, IMAGENET, torch.device("cpu"), channels_last)
     assert torch.equal(floats, x.float())
+
+
+def test_the_deploy_loader_measures_the_looks_in_its_worker_as_the_model_process_would(tmp_path):
+    """Issue 29: the look statistics were 11-12% of a default deploy's main process. The
+    decoding worker measures them on the batch it assembles; they equal what the main process
+    measured before, and a loader that is not asked for them measures nothing."""
+    from PIL import Image
+
+    from thumbclf.inputs.images import Preprocessing
+    from thumbclf.nn import look
+    from thumbclf.nn.data import stream_loader
+
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(5):
+        img = np.full((60, 80, 3), 235, np.uint8)
+        img[10:50, 10 + 5 * i:60] = rng.integers(60, 200, (40, 50 - 5 * i, 3), dtype=np.uint8)
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(img).save(paths[-1])
+    prep = Preprocessing(size=32)
+    batches = list(stream_loader(paths, prep, batch_size=3, workers=1, pin_memory=False,
+                                 looks=True))
+    assert [len(b[0]) for b in batches] == [3, 2]
+    for _, x, errors, looks in batches:
+        assert errors == [""] * len(x)
+        stats, fraction = look.parts(looks)
+        expected_stats, expected_fraction = look.describe(x)
+        assert np.array_equal(stats, expected_stats)
+        assert np.array_equal(fraction, expected_fraction)
+        assert (fraction > 0.02).all()  # the coloured squares are tissue
+    plain = next(iter(stream_loader(paths, prep, batch_size=3, workers=0, pin_memory=False)))
+    assert plain[3] is None

@@ -45,6 +45,27 @@ def _images(n: int, seed: int) -> torch.Tensor:
     return (colour + noise).clamp(0, 255).to(torch.uint8)
 
 
+def test_looks_measured_by_the_decoding_worker_are_not_measured_again(setting, monkeypatch):
+    """Issue 29: with the worker's look measures the main process computes no look statistics,
+    and the decision step's inputs are those it computed before."""
+    from thumbclf.nn import look
+
+    *_, model, x, _ = setting
+    runner = inference.torch_runner(_Net().eval(), CPU, "fp32", False)
+    before = ensemble_predict([model], [runner], x[:64], CPU, tta=False)
+    measures = look.measured(x[:64])
+
+    def refuse(batch):
+        raise AssertionError("the look statistics were measured again")
+
+    monkeypatch.setattr(look, "describe", refuse)
+    probs, signals = ensemble_predict([model], [runner], x[:64], CPU, tta=False, looks=measures)
+    assert np.array_equal(probs, before[0])
+    assert signals.keys() == before[1].keys()
+    for column, values in before[1].items():
+        assert np.array_equal(signals[column], values), column
+
+
 def _decisions(models, runners, x, threshold):
     probs, signals = ensemble_predict(models, runners, x, CPU, tta=False)
     return decide_with_reasons(probs, CLASSES, threshold, signals.get(table.UNFAMILIARITY),

@@ -16,6 +16,7 @@ from thumbclf.core.errors import ImageReadError
 from thumbclf.inputs.cache import DecodedImages
 from thumbclf.inputs.decode import load_array
 from thumbclf.inputs.images import Preprocessing
+from thumbclf.nn import look
 
 
 @dataclass(frozen=True)
@@ -91,26 +92,32 @@ class FileImages(Dataset):
             return i, None, f"{self.paths[i]}: unexpected error ({type(exc).__name__}: {exc})"
 
 
-def collate(items, size: int):
+def collate(items, size: int, *, looks: bool = False):
+    """Decoded items -> (positions, uint8 images, errors, look measures or None): with
+    ``looks``, look.measured of the batch, computed where the batch is assembled (a decoding
+    worker), beside the decoding rather than in the process that runs the model."""
     pos = torch.tensor([i for i, _, _ in items], dtype=torch.long)
     arrays = [a if a is not None else np.full((size, size, 3), 255, np.uint8) for _, a, _ in items]
-    return pos, torch.from_numpy(np.stack(arrays)), [e for _, _, e in items]
+    images = torch.from_numpy(np.stack(arrays))
+    return pos, images, [e for _, _, e in items], look.measured(images) if looks else None
 
 
 class _Collate:
-    def __init__(self, size: int):
-        self.size = size
+    def __init__(self, size: int, looks: bool):
+        self.size, self.looks = size, looks
 
     def __call__(self, items):
-        return collate(items, self.size)
+        return collate(items, self.size, looks=self.looks)
 
 
 def stream_loader(paths: list[Path], prep: Preprocessing, *, batch_size: int, workers: int,
-                  pin_memory: bool, slide_cache: Path | None = None) -> DataLoader:
-    """A DataLoader that decodes in ``workers`` processes while the model runs; bounded memory."""
+                  pin_memory: bool, slide_cache: Path | None = None,
+                  looks: bool = False) -> DataLoader:
+    """A DataLoader that decodes in ``workers`` processes while the model runs; bounded memory.
+    Batches: (positions, uint8 images, errors, look measures or None: ``collate``)."""
     ds = FileImages(paths, prep, slide_cache)
     kwargs = {}
     if workers > 0:
         kwargs = {"prefetch_factor": max(2, math.ceil(4 / workers)), "persistent_workers": False}
     return DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers,
-                      collate_fn=_Collate(prep.size), pin_memory=pin_memory, **kwargs)
+                      collate_fn=_Collate(prep.size, looks), pin_memory=pin_memory, **kwargs)

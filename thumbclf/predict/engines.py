@@ -121,7 +121,7 @@ def gate_evidence(models: list[LoadedModel], spec: InferenceSpec,
         loader = stream_loader(paths, first.prep, batch_size=spec.batch_size,
                                workers=decode_workers(spec.num_workers), pin_memory=False,
                                slide_cache=spec.slide_cache) if paths else []
-        for pos, x, errors in loader:
+        for pos, x, errors, _ in loader:
             ok = np.array([not e for e in errors], dtype=bool)
             if ok.any():
                 batches.append(x[torch.from_numpy(ok)])

@@ -34,13 +34,16 @@ def exact_runners(models: list[LoadedModel], device: torch.device) -> list[infer
 
 @torch.inference_mode()
 def ensemble_predict(models: list[LoadedModel], runners: list[inference.Runner], x: torch.Tensor,
-                     device: torch.device, tta: bool) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+                     device: torch.device, tta: bool, looks: np.ndarray | None = None
+                     ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Average of each model's calibrated softmax (over 8 flips/rotations with TTA) of uint8
     images ``x`` (n, H, W, 3), and the decision step's other inputs by table column (the tissue
     fraction; the unfamiliarity and its parts where the models have the rule:
     familiarity.ensemble_signals). Runners of a verified reduced precision compute every image,
     and PyTorch fp32 computes again those in their band (gate.Band, issue 29), so that every
-    decision is fp32's; a recomputed image that differed by more than the band knew widens it."""
+    decision is fp32's; a recomputed image that differed by more than the band knew widens it.
+    ``looks``: look.measured of ``x`` where the decoding worker measured it, else measured
+    here."""
     first = models[0]
     inputs = to_input(x, first.norm, device, channels_last=not first.legacy)
     probs, features = _outputs(models, runners, inputs, tta)
@@ -58,7 +61,7 @@ def ensemble_predict(models: list[LoadedModel], runners: list[inference.Runner],
             probs[redo] = p2
             for f, g in zip(features, f2):
                 f[redo] = g
-    looks, tissue = look.describe(x)
+    looks, tissue = look.describe(x) if looks is None else look.parts(looks)
     signals = familiarity.ensemble_signals([m.familiarity for m in models], features, looks,
                                            tissue)
     return probs, signals

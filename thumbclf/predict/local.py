@@ -28,20 +28,21 @@ class LocalExecutor:
         self.spec = spec
 
     def decoded(self, models, positions: list[int], paths: list[Path], *, device,
-                slide_cache: Path | None) -> Iterator[tuple[np.ndarray, Any, list[str]]]:
-        """The stream's decoded batches, (positions, uint8 images, errors): the workers decode
-        ahead of whatever computes them (up to their prefetch), the model's verification
-        included."""
+                slide_cache: Path | None) -> Iterator[tuple[np.ndarray, Any, list[str], Any]]:
+        """The stream's decoded batches, (positions, uint8 images, errors, look measures): the
+        workers decode (and measure the looks) ahead of whatever computes them (up to their
+        prefetch), the model's verification included."""
         from thumbclf.nn.data import stream_loader
 
         spec = self.spec
         batch = spec.batch_size * (4 if device.type == "cuda" else 1)  # no gradients to store
         loader = stream_loader(paths, models[0].prep, batch_size=batch,
                                workers=decode_workers(spec.num_workers),
-                               pin_memory=device.type == "cuda", slide_cache=slide_cache)
+                               pin_memory=device.type == "cuda", slide_cache=slide_cache,
+                               looks=True)
         todo = np.asarray(positions)
-        for pos, x, errors in loader:
-            yield todo[pos.numpy()], x, list(errors)
+        for pos, x, errors, looks in loader:
+            yield todo[pos.numpy()], x, list(errors), looks
 
     def predict(self, models, positions: list[int], paths: list[Path], *, device,
                 slide_cache: Path | None, runners=None) -> Iterator[Batch]:
@@ -62,15 +63,15 @@ class LocalExecutor:
 
 
 def computed(models, runners, decoded, device, tta: bool) -> Iterator[Batch]:
-    """Decoded batches (positions, uint8 images, errors) -> Batch, with ``runners`` (a verified
-    reduced precision: fp32 in its band)."""
+    """Decoded batches (positions, uint8 images, errors, look measures) -> Batch, with
+    ``runners`` (a verified reduced precision: fp32 in its band)."""
     import torch
 
     from thumbclf.predict.ensemble import ensemble_predict
 
-    for pos, x, errors in decoded:
+    for pos, x, errors, looks in decoded:
         with torch.inference_mode():
-            probs, signals = ensemble_predict(models, runners, x, device, tta)
+            probs, signals = ensemble_predict(models, runners, x, device, tta, looks=looks)
         yield pos, probs, signals, list(errors)
 
 

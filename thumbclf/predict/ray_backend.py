@@ -331,8 +331,9 @@ def _decode_batch(batch: dict, *, prep, slide_cache) -> dict:
     from thumbclf.nn.data import FileImages, collate
 
     files = FileImages([Path(p) for p in batch["path"]], prep, slide_cache)
-    _, images, errors = collate([files[i] for i in range(len(files))], prep.size)
-    return {"position": batch["position"], "image": images.numpy(),
+    _, images, errors, looks = collate([files[i] for i in range(len(files))], prep.size,
+                                       looks=True)
+    return {"position": batch["position"], "image": images.numpy(), "looks": looks,
             ERROR: np.array(errors, dtype=object)}
 
 
@@ -362,7 +363,7 @@ class _Infer:
 
         probs, signals = ensemble_predict(
             self.models, self.runners, torch.from_numpy(np.ascontiguousarray(batch["image"])),
-            self.device, self.tta)
+            self.device, self.tta, looks=batch.get("looks"))
         missing = np.full(len(probs), np.nan)  # a column Ray Data can carry
         band = self.runners[0].band
         redo = band.last if band is not None else np.zeros(len(probs), dtype=bool)

@@ -213,10 +213,10 @@ def _start(ex, models, sample_set: SampleSet, todo: list[int], spec: InferenceSp
 
 
 def _readable(batches: list, sample_set: SampleSet) -> list[tuple[list[Path], torch.Tensor]]:
-    """The readable images of decoded batches (positions, uint8 images, errors): their paths
-    and pixels."""
+    """The readable images of decoded batches (positions, uint8 images, errors, looks): their
+    paths and pixels."""
     readable = []
-    for pos, x, errors in batches:
+    for pos, x, errors, _ in batches:
         ok = np.array([not e for e in errors], dtype=bool)
         if ok.any():
             readable.append(([sample_set.samples[p].path for p in pos[ok]],
@@ -229,10 +229,10 @@ def _head_loader(models, todo: list[int], paths: list[Path], spec: InferenceSpec
     loader = stream_loader(paths[:gate.AGREEMENT_IMAGES], models[0].prep,
                            batch_size=spec.batch_size,
                            workers=decode_workers(spec.num_workers), pin_memory=False,
-                           slide_cache=spec.slide_cache)
+                           slide_cache=spec.slide_cache, looks=True)
     head = np.asarray(todo[:gate.AGREEMENT_IMAGES])
-    for pos, x, errors in loader:
-        yield head[pos.numpy()], x, list(errors)
+    for pos, x, errors, looks in loader:
+        yield head[pos.numpy()], x, list(errors), looks
 
 
 def _chain(first, rest, decoded):
