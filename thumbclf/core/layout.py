@@ -101,7 +101,7 @@ MEANINGS: dict[str, str] = {  # what each name holds (the docs' results-folder p
                          "`modelAdr` for `SSL: true`",
     "evaluation": "`thumbclf evaluate`'s results folder beside the table (`evaluation-T/` with "
                   "`--threshold T`)",
-    "thumbclf-cache": "the cache folder, beside the results folders (the key "
+    CACHE_FOLDER: "the cache folder, beside the results folders (the key "
                       "[`cache_dir`](keys.md#cache_dir) moves it), shared by the runs next to "
                       "it: rendered slide thumbnails, the disk-mode decoded-image cache, "
                       "inference-engine verdicts and conversions",

@@ -11,6 +11,8 @@ from typing import Any, Callable, Iterator, Protocol
 
 import numpy as np
 
+from thumbclf.core.layout import CACHE_FOLDER
+
 
 @dataclass(frozen=True)
 class ExecutorSpec:
@@ -40,7 +42,7 @@ class InferenceSpec:
     executor: ExecutorSpec = ExecutorSpec()
     engine: str = "auto"
     precision: str = "auto"
-    cache_dir: Path = Path("thumbclf-cache")
+    cache_dir: Path = Path(CACHE_FOLDER)
     slide_cache: Path | None = None
     verify_data: Path | None = None
     progress: bool = False

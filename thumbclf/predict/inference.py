@@ -35,6 +35,7 @@ import torch
 
 from thumbclf.core.errors import ConfigError
 from thumbclf.core.files import atomic_text, file_digest
+from thumbclf.core.layout import CACHE_FOLDER
 from thumbclf.nn.familiarity import Familiarity, WithFeatures
 from thumbclf.predict import gate as quality
 from thumbclf.predict.engine_cache import binding, cached_verdict, clear, sealed
@@ -278,7 +279,7 @@ class EngineSpec:
 
     engine: str = "auto"
     precision: str = "auto"
-    cache_dir: Path = Path("thumbclf-cache")
+    cache_dir: Path = Path(CACHE_FOLDER)
     device: torch.device = torch.device("cpu")
     progress: bool = False
 
