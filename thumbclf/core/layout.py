@@ -50,6 +50,20 @@ SSL_CHECKPOINT = "ssl_checkpoint.pt"  # pretrain: the self-supervised backbone
 FULL = "full"  # the folder of full training (fold 0)
 SHARDS = "shards"  # deploy --shard I/N: shards/I-of-N/, one deploy folder per share (issue 30)
 SHARD_RECORD = "shard.json"  # in a shard folder: its share of the inputs, finished or not
+GRADCAM = "gradcam"  # Grad-CAM overlays: gradcam/<decision>/
+# the report's figures, in PLOTS
+FIG_CONFUSION = "confusion_matrix.png"
+FIG_ROC = "roc_curves.png"
+FIG_ACCURACY = "accuracy_vs_threshold.png"
+FIG_RELIABILITY = "reliability.png"
+FIG_TRAINING = "training_curves.png"
+FIG_ERRORS = "gallery_errors.png"
+FIG_UNDECIDED = "gallery_undecided.png"
+FIG_NO_TISSUE = "gallery_no_tissue.png"
+FIG_UNFAMILIAR = "gallery_unfamiliar.png"
+FIG_DECISIONS = "decisions.png"
+FIG_GRADCAM = "gradcam.png"
+FIG_PRETRAIN_LOSS = "loss_curve.png"
 CACHE_FOLDER = "thumbclf-cache"  # the default cache folder, beside the results folders
 SLIDE_THUMBNAILS = "slides"  # the cache folder's subfolder of rendered slide thumbnails
 CACHE_TAG = "CACHEDIR.TAG"  # https://bford.info/cachedir/: marks the shared cache folder
@@ -74,10 +88,23 @@ MEANINGS: dict[str, str] = {  # what each name holds (the docs' results-folder p
     "confusion_matrix_normalised.csv": "the same, each row divided by its total",
     "report.html": "the self-contained report (images embedded; opens offline); a deploy is "
                    "finished when it is written",
-    "plots": "figures (PNG): roc_curves, confusion_matrix, accuracy_vs_threshold, "
-             "reliability, training_curves, gallery_errors, gallery_undecided, "
-             "gallery_unfamiliar, gradcam; without labels: decisions; pretraining: loss_curve",
-    "gradcam": "`gradcam/<decision>/`: one Grad-CAM overlay per selected slide",
+    PLOTS: "figures (PNG): " + ", ".join(Path(f).stem for f in (
+        FIG_ROC, FIG_CONFUSION, FIG_ACCURACY, FIG_RELIABILITY, FIG_TRAINING, FIG_ERRORS,
+        FIG_UNDECIDED, FIG_NO_TISSUE, FIG_UNFAMILIAR, FIG_GRADCAM)) + f"; without labels: "
+        f"{Path(FIG_DECISIONS).stem}; pretraining: {Path(FIG_PRETRAIN_LOSS).stem}",
+    FIG_ROC: "in `plots/`: one-vs-rest ROC curve per class, AUROC in the legend (labelled runs)",
+    FIG_CONFUSION: "in `plots/`: the confusion matrix, counts in the cells, colours by row",
+    FIG_ACCURACY: "in `plots/`: accuracy among decided slides and coverage against the threshold",
+    FIG_RELIABILITY: "in `plots/`: the reliability diagram, accuracy against confidence per bin",
+    FIG_TRAINING: "in `plots/`: loss and accuracy per epoch for every fold, the kept epoch marked",
+    FIG_ERRORS: "in `plots/`: the most confident errors (labelled runs)",
+    FIG_UNDECIDED: "in `plots/`: Undecided slides with their best guess",
+    FIG_NO_TISSUE: "in `plots/`: slides Undecided for no tissue",
+    FIG_UNFAMILIAR: "in `plots/`: the most unfamiliar slides",
+    FIG_DECISIONS: "in `plots/`, deploy without labels: how many slides got each decision",
+    FIG_GRADCAM: "in `plots/`: a grid of Grad-CAM overlays (with `gradcam`)",
+    FIG_PRETRAIN_LOSS: "in `plots/`, pretraining: the self-supervised loss per epoch",
+    GRADCAM: "`gradcam/<decision>/`: one Grad-CAM overlay per selected slide",
     "splits.csv": "training: every image's fold and role (train, val, test), written once and "
                   "reused by `--resume`",
     "model.pt": "a trained model, self-describing; `torch.load(path, weights_only=True)` "

@@ -187,20 +187,20 @@ def _figures(df: pd.DataFrame, classes: list[str], computed: tuple[M.Metrics, pd
     m, cm = computed
     xt, yt = list(spec.xt), list(spec.yt) + list(cm.index[len(spec.order):])
     figs = {
-        "confusion": plots.confusion_heatmap(cm, xt, yt, pdir / "confusion_matrix.png",
+        "confusion": plots.confusion_heatmap(cm, xt, yt, pdir / layout.FIG_CONFUSION,
                                              f"Confusion matrix (threshold {used:.2f})"
                                              if used is not None else "Confusion matrix"),
-        "roc": plots.roc_curves(df, classes, m, pdir / "roc_curves.png"),
+        "roc": plots.roc_curves(df, classes, m, pdir / layout.FIG_ROC),
         "selective": plots.selective_curve(m, used if used is not None else 0.0,
-                                           pdir / "accuracy_vs_threshold.png"),
-        "reliability": plots.reliability(m, pdir / "reliability.png"),
+                                           pdir / layout.FIG_ACCURACY),
+        "reliability": plots.reliability(m, pdir / layout.FIG_RELIABILITY),
     }
     if histories:
-        figs["training"] = plots.training_curves(histories, pdir / "training_curves.png")
-    figs["errors"] = plots.gallery(_gallery_items(df, classes, True), pdir / "gallery_errors.png",
+        figs["training"] = plots.training_curves(histories, pdir / layout.FIG_TRAINING)
+    figs["errors"] = plots.gallery(_gallery_items(df, classes, True), pdir / layout.FIG_ERRORS,
                                    "Most confident errors", load)
     figs["undecided"] = plots.gallery(_gallery_items(df, classes, False),
-                                      pdir / "gallery_undecided.png",
+                                      pdir / layout.FIG_UNDECIDED,
                                       "Undecided slides, with their best guess (highest first)",
                                       load)
     return figs
@@ -300,10 +300,10 @@ def decisions_report(folder: Path, table: pd.DataFrame, spec: ReportSpec, *, cla
     summary = pd.DataFrame({"decision": counts.index, "images": counts.to_numpy(),
                             "share": counts.to_numpy() / max(len(ok), 1)})
     atomic_csv(summary, folder / layout.DECISIONS)
-    fig = plots.decision_bars(counts, folder / layout.PLOTS / "decisions.png",
+    fig = plots.decision_bars(counts, folder / layout.PLOTS / layout.FIG_DECISIONS,
                               f"Decisions for {len(ok)} images")
     gallery = plots.gallery(_gallery_items(ok, list(classes), False),
-                            folder / layout.PLOTS / "gallery_undecided.png",
+                            folder / layout.PLOTS / layout.FIG_UNDECIDED,
                             "Undecided slides, with their best guess (highest first)", thumbs)
     data = f"<p>{len(table)} images, {failures} unreadable.</p>"
     if failures:

@@ -149,7 +149,7 @@ def write_gallery(models: dict, table: pd.DataFrame, classes: list[str], spec: G
         blended = overlay(img, cam)
         decision = str(row[DECISION])
         name = Path(row[PATH]).stem
-        png = layout.unique_file(out / "gradcam" / folders[decision], name, ".png",
+        png = layout.unique_file(out / layout.GRADCAM / folders[decision], name, ".png",
                                  str(row[PATH]), taken)
         buf = io.BytesIO()
         plt.imsave(buf, blended, format="png")
@@ -169,7 +169,7 @@ def write_gallery(models: dict, table: pd.DataFrame, classes: list[str], spec: G
                 fontsize=6)
     fig.suptitle("Grad-CAM: where the model looked (red = most important)", fontsize=10)
     fig.tight_layout()
-    return save_figure(fig, out / "plots" / "gradcam.png")
+    return save_figure(fig, out / layout.PLOTS / layout.FIG_GRADCAM)
 
 
 def section(out: Path, table: pd.DataFrame, models: dict[int, nn.Module], classes: list[str],

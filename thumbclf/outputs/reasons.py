@@ -89,7 +89,7 @@ def section(df: pd.DataFrame, out: Path, load, k: int = 12) -> list[tuple[str, s
     if reasons is not None and (reasons == NO_TISSUE).any():
         items = [_item(df, i, f"tissue {_fraction(df, i)}")
                  for i in np.flatnonzero((reasons == NO_TISSUE).to_numpy())[:k]]
-        fig = plots.gallery(items, out / layout.PLOTS / "gallery_no_tissue.png",
+        fig = plots.gallery(items, out / layout.PLOTS / layout.FIG_NO_TISSUE,
                             "No tissue (blank, pen or label only)", load)
         parts.append(report.img(fig, "slides without tissue"))
     unf = table.signal(df, table.UNFAMILIARITY)
@@ -99,7 +99,7 @@ def section(df: pd.DataFrame, out: Path, load, k: int = 12) -> list[tuple[str, s
         idx = idx[np.argsort(-unf[idx], kind="stable")][:k]
         items = [_item(df, i, f"unfamiliarity {unf[i]:.2f}"
                        + (f" ({marks[i]})" if marks[i] else "")) for i in idx]
-        fig = plots.gallery(items, out / layout.PLOTS / "gallery_unfamiliar.png",
+        fig = plots.gallery(items, out / layout.PLOTS / layout.FIG_UNFAMILIAR,
                             "Most unfamiliar slides (above 1: Undecided as unfamiliar)", load)
         parts.append(report.img(fig, "most unfamiliar slides"))
     sources = by_source(df)

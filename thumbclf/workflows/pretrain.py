@@ -168,4 +168,4 @@ def _finish(params: PretrainParams, folder: Path, learner: BYOL, history: list[d
                         norm=IMAGENET, description=description)
     history_df = pd.DataFrame(history)
     atomic_csv(history_df, folder / layout.HISTORY)
-    pretrain_loss(history_df, folder / layout.PLOTS / "loss_curve.png", params.ssl_method.upper())
+    pretrain_loss(history_df, folder / layout.PLOTS / layout.FIG_PRETRAIN_LOSS, params.ssl_method.upper())
