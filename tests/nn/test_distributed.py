@@ -57,19 +57,30 @@ def torchrun(*args, env_extra=None):
                           timeout=600, env=env)
 
 
-@pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
-                    reason="this PyTorch build has no torch.distributed with gloo")
-def test_torchrun_trains_one_model_on_two_cpu_processes(tiny_data, tmp_path):
-    script = tmp_path / "recorder.py"
+GLOO = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
+                          reason="this PyTorch build has no torch.distributed with gloo")
+CV = ("foldNumber: 2\npretrained: false\nbatch_size: 8\nmax_epochs: 2\nstopEpoch: 0\n"
+      "patience: 1\nbootstrap: 0\nnum_workers: 0\ngradcam: 0\n")
+
+
+@pytest.fixture(scope="module")
+def recorded(tiny_data, tmp_path_factory):
+    """One cross-validation trained by torchrun on two processes, with what each rank trained
+    on and the weights it ended with: (results folder, traces, process). Issue 32: it is also
+    the uninterrupted reference of the resumed training (one torchrun training fewer)."""
+    folder = tmp_path_factory.mktemp("ddp")
+    script = folder / "recorder.py"
     script.write_text(RECORDER)
-    trace = tmp_path / "trace"
+    trace = folder / "trace"
     trace.mkdir()
-    exp = write_yaml(tmp_path / "ddp.yaml", f"thumbData: {tiny_data}\nfoldNumber: 2\n"
-                     "pretrained: false\nbatch_size: 8\nmax_epochs: 2\nstopEpoch: 0\n"
-                     "patience: 1\nbootstrap: 0\nnum_workers: 0\ngradcam: 0\n")
-    r = torchrun(str(script), str(exp), env_extra={"TRACE": str(trace)})
+    exp = write_yaml(folder / "ddp.yaml", f"thumbData: {tiny_data}\n{CV}")
+    return folder / "ddp", trace, torchrun(str(script), str(exp), env_extra={"TRACE": str(trace)})
+
+
+@GLOO
+def test_torchrun_trains_one_model_on_two_cpu_processes(recorded):
+    out, trace, r = recorded
     assert r.returncode == 0, r.stdout + r.stderr
-    out = tmp_path / "ddp"
     for name in ("config.yaml", "splits.csv", "predictions.csv", "report.html", "metrics.json",
                  "fold_1/model.pt", "fold_2/model.pt", "fold_1/history.csv"):
         assert (out / name).is_file(), name
@@ -129,28 +140,29 @@ INTERRUPTER = textwrap.dedent('''
 ''')
 
 
-@pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
-                    reason="this PyTorch build has no torch.distributed with gloo")
-def test_a_resumed_ddp_training_gives_the_uninterrupted_model(tiny_data, tmp_path):
+@GLOO
+def test_a_resumed_ddp_training_gives_the_uninterrupted_model(recorded, tiny_data, tmp_path):
     """Issue 24.15: after a rank was killed, --resume used rank 0's augmentation stream on
-    every rank; each rank's generators are now in the checkpoint."""
+    every rank; each rank's generators are now in the checkpoint. Rank 1 dies as fold 1's
+    second epoch begins; the uninterrupted reference is the module's recorded run of the same
+    settings (recording what the ranks see changes nothing they compute)."""
     import torch
 
+    whole, _, ran = recorded
+    assert ran.returncode == 0, ran.stdout + ran.stderr
     script = tmp_path / "interrupter.py"
     script.write_text(INTERRUPTER)
-    text = (f"thumbData: {tiny_data}\ntrainFull: true\npretrained: false\nbatch_size: 8\n"
-            "max_epochs: 2\nstopEpoch: 0\npatience: 5\nbootstrap: 0\nnum_workers: 0\n"
-            "gradcam: 0\n")
-    whole = write_yaml(tmp_path / "whole.yaml", text)
-    cut = write_yaml(tmp_path / "cut.yaml", text)
-    assert torchrun(str(script), str(whole)).returncode == 0
-    checkpoint = tmp_path / "cut" / "full" / "checkpoint.pt"
+    cut = write_yaml(tmp_path / "cut.yaml", f"thumbData: {tiny_data}\n{CV}")
+    checkpoint = tmp_path / "cut" / "fold_1" / "checkpoint.pt"
     assert torchrun(str(script), str(cut), env_extra={"KILL_RANK": str(checkpoint)}).returncode != 0
-    assert checkpoint.is_file()
+    assert checkpoint.is_file() and not (tmp_path / "cut" / "fold_1" / "model.pt").exists()
     r = torchrun(str(script), str(cut), "--resume")
     assert r.returncode == 0, r.stdout + r.stderr
-    a = torch.load(tmp_path / "whole" / "model.pt", weights_only=True)["state_dict"]
-    b = torch.load(tmp_path / "cut" / "model.pt", weights_only=True)["state_dict"]
-    pa, pb = (pd.read_csv(tmp_path / run / "full" / "val_predictions.csv") for run in ("whole", "cut"))
-    gap = float((pa[["Biopsy", "IHC", "TMA"]] - pb[["Biopsy", "IHC", "TMA"]]).abs().max().max())
-    assert all(torch.equal(a[k], b[k]) for k in a), f"probabilities differ by up to {gap:.3g}"
+    assert "fold 1: continuing after epoch 1" in (tmp_path / "cut" / "run.log").read_text()
+    for fold in ("fold_1", "fold_2"):
+        a = torch.load(whole / fold / "model.pt", weights_only=True)["state_dict"]
+        b = torch.load(tmp_path / "cut" / fold / "model.pt", weights_only=True)["state_dict"]
+        pa, pb = (pd.read_csv(run / fold / "predictions.csv") for run in (whole, tmp_path / "cut"))
+        gap = float((pa[["Biopsy", "IHC", "TMA"]] - pb[["Biopsy", "IHC", "TMA"]]).abs().max().max())
+        assert all(torch.equal(a[k], b[k]) for k in a), \
+            f"{fold}: probabilities differ by up to {gap:.3g}"
