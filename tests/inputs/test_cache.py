@@ -61,11 +61,12 @@ def test_disk_cache_does_not_grow_with_unreadable_images(tmp_path):
 
 @pytest.mark.slow
 def test_an_unusable_cache_dir_is_one_line_before_anything_is_written(tiny_data, tmp_path):
-    """Issue 10, item 10: nothing lost."""
+    """Issue 10, item 10: nothing lost. A fresh process, as a user's: matplotlib, imported after
+    its cache was pointed into the unusable folder, added a warning of its own (session 6)."""
     (tmp_path / "blocker").write_text("a file, not a folder")
     exp = write_yaml(tmp_path / "e.yaml", f"thumbData: {tiny_data}\ntrainFull: true\n{FAST}"
                      f"cache: disk\ncache_dir: {tmp_path / 'blocker' / 'cache'}\n")
-    r = run_script("train_thumbclassifier.py", str(exp))
+    r = run_script("train_thumbclassifier.py", str(exp), process=True)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert "cannot write the cache folder" in r.stderr and "blocker" in r.stderr
     assert not (tmp_path / "e").exists()

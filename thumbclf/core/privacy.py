@@ -21,13 +21,18 @@ MATPLOTLIB = "matplotlib"  # the cache folder's subfolder of matplotlib's font l
 
 
 def keep_caches_in(cache_root: Path | None) -> None:
-    """Send matplotlib's cache into ``cache_root`` (None: a temporary folder removed at exit).
-    Call before matplotlib is imported."""
+    """Send matplotlib's cache into ``cache_root`` (None, or a folder that cannot be made: a
+    temporary folder removed at exit). Call before matplotlib is imported."""
     if MATPLOTLIB in sys.modules or "MPLCONFIGDIR" in os.environ:
         return
-    if cache_root is None:
+    folder = None
+    if cache_root is not None:
+        try:  # an unusable cache folder is the run's one-line error, not matplotlib's warning
+            (Path(cache_root) / MATPLOTLIB).mkdir(parents=True, exist_ok=True)
+            folder = str(Path(cache_root) / MATPLOTLIB)
+        except OSError:
+            pass
+    if folder is None:
         folder = tempfile.mkdtemp(prefix="thumbclf-mpl-")
         atexit.register(shutil.rmtree, folder, ignore_errors=True)
-    else:
-        folder = str(Path(cache_root) / MATPLOTLIB)
     os.environ["MPLCONFIGDIR"] = folder
