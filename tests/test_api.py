@@ -79,7 +79,8 @@ def test_predict_gives_the_command_lines_predictions(trained, tiny_data, tmp_pat
 
     paths = model.predict(list(cli["PATH"]))  # a list of paths: no labels, no row numbers
     assert list(paths.columns) == ["PATH", *classes, "model_prediction", "undecided_reason",
-                                   "tissue_fraction", "error", "threshold"]  # tissue: issue 28
+                                   "tissue_fraction", "error", "error_kind",  # issues 28, 32
+                                   "threshold"]
     assert np.array_equal(paths[classes].to_numpy(), cli[classes].to_numpy())
     assert list(paths["model_prediction"]) == list(cli["model_prediction"])
 

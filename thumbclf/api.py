@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
 
 from thumbclf.config.files import load_experiment
-from thumbclf.core.errors import ConfigError, DataError
+from thumbclf.core.errors import ConfigError, DataError, ReadFailure
 from thumbclf.workflows.execute import execute
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -338,7 +338,7 @@ class Classifier:
                 errors.append("")
             except ImageReadError as exc:
                 arrays.append(None)
-                errors.append(str(exc))
+                errors.append(ReadFailure.of(exc))
         for m in self.models:
             m.model.to(self.device)
             if not m.legacy:

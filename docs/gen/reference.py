@@ -332,6 +332,10 @@ COLUMN_MEANINGS = {
     "TISSUE": "the share of the thumbnail that is tissue (optical density, as QC tools "
               "measure it); below 0.002 the slide is Undecided for `no tissue`",
     "ERROR": "deploy: why a file could not be read (its row then has no decision)",
+    "ERROR_KIND": "deploy: that reason as a code, what the report counts: `not found`, `too "
+                  "large` (over the per-slide budget or memory), `incomplete` (a MIRAX data "
+                  "file or a DICOM level or instance missing), `several series in one folder` "
+                  "or `unreadable`; empty for a readable file",
     "THRESHOLD": "the probability a decision needed",
     "SLIDE_COLUMNS": "whole-slide images: the slide's properties as OpenSlide reports them",
     # the read record (issue 30): how the slide's thumbnail was read

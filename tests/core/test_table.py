@@ -10,6 +10,7 @@ import pytest
 
 from conftest import HOSTILE
 from thumbclf.core import table
+from thumbclf.core.errors import ReadFailure
 from thumbclf.core.decide import UNDECIDED, decide
 from thumbclf.core.errors import DataError
 from thumbclf.evaluate import main as evaluate_main
@@ -34,11 +35,12 @@ def test_build_takes_input_columns_and_writes_only_those_given():
     """Issue 32: build takes the inputs' columns (no samples): a column left None is not in
     the table; a given one is, in the documented order, its text as given."""
     inputs = table.InputColumns(paths=["a.png", "b\udcff.png"], labels=["A", "B"],
-                                errors=["", "unreadable"])
+                                errors=["", ReadFailure("b: gone", "not found")])
     df = table.build(inputs, [[0.25, 0.75], [float("nan")] * 2], ["A", "B"], ["B", ""],
                      threshold=0.5, reasons=["", ""])
     assert list(df.columns) == [table.PATH, table.LABEL, "A", "B", table.DECISION, table.REASON,
-                                table.ERROR, table.THRESHOLD]
+                                table.ERROR, table.ERROR_KIND, table.THRESHOLD]
+    assert df[table.ERROR_KIND].tolist() == ["", "not found"]  # issue 32: the error's kind
     assert df[table.PATH].tolist() == ["a.png", "b\udcff.png"]  # not UTF-8: kept as given
     rows = table.InputColumns(paths=["a.png"], rows=[2], patients=["p1"], sources=["s1"])
     df = table.build(rows, [[0.25, 0.75]], ["A", "B"], ["B"], threshold=0.5, fold=2)

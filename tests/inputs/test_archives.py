@@ -247,6 +247,7 @@ def test_a_mixed_archive_deploys_with_one_row_per_slide(archive, tiny_data, tmp_
     assert flat["read_reader"] == "tiff tiles" and flat["read_photometric"] == ""
     assert "How the slides were read: 3 slides read" in (tmp_path / "d" / "report.html").read_text()
     assert "Data0000.dat is missing" in pred.loc[pred["PATH"].str.endswith("m.mrxs"), "error"].item()
+    assert pred.loc[pred["PATH"].str.endswith("m.mrxs"), "error_kind"].item() == "incomplete"
     copies = [p for p in (tmp_path / "d" / "sorted").rglob("*.dcm")]
     assert copies and not any(p.name == "label.dcm" for p in copies)
     assert "every input accounted for: 5 rows" in r.stderr and "slowest slides:" in r.stderr

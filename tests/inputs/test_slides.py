@@ -194,7 +194,8 @@ def test_a_missing_slide_is_not_found_not_unreadable(tmp_path):
     for name in ("gone.svs", "gone.mrxs", "gone/x.dcm"):
         with pytest.raises(ImageReadError, match="file not found") as caught:
             load_array(tmp_path / name, Preprocessing(size=32), slide_cache=tmp_path / "cache")
-        errors.append(str(caught.value))
+        errors.append(caught.value)
     table = pd.DataFrame({"PATH": ["a", "b", "c"], "model_prediction": [""] * 3,
-                          "undecided_reason": [""] * 3, "error": errors})
+                          "undecided_reason": [""] * 3, "error": [str(e) for e in errors],
+                          "error_kind": [e.kind for e in errors]})
     assert tally.counts(table) == {"not found": 3}

@@ -10,15 +10,22 @@ def test_every_input_is_counted_by_status():
     table = pd.DataFrame({
         "PATH": list("abcdef"), "model_prediction": ["IHC", "Undecided", "Undecided", "", "", ""],
         "undecided_reason": ["", "low confidence", "unfamiliar", "", "", ""],
-        "error": ["", "", "", "d: file not found", "e: too large: reading stopped after 1 s",
-                  "f: cannot read the slide's pixels (bad)"]})
+        "error": ["", "", "", "d: gone", "e: reading stopped after 1 s", "f: file not found"],
+        "error_kind": ["", "", "", "not found", "too large", "unreadable"]})
     assert tally.counts(table) == {"decided": 1, "Undecided: low confidence": 1,
                                    "Undecided: unfamiliar": 1, "not found": 1, "too large": 1,
-                                   "unreadable": 1}
+                                   "unreadable": 1}  # by kind: f's words do not count
     note = tally.closing_note(table, [{"path": "/x/slow.tiff", "seconds": 2.5,
                                        "reader": "tiff tiles", "level": 0, "dct_scale": 8}])
     assert note.startswith("every input accounted for: 6 rows = 1 decided")
     assert note.endswith("slowest slides: slow.tiff 2.50 s (tiff tiles, level 0 at 1/8)")
+
+
+def test_a_table_without_error_kinds_counts_its_errors_as_unreadable():
+    """Tables of versions before the error_kind column (issue 32): never guessed from words."""
+    table = pd.DataFrame({"PATH": ["a", "b"], "model_prediction": ["", "A"],
+                          "error": ["a: file not found", ""]})
+    assert tally.counts(table) == {"decided": 1, "unreadable": 1}
 
 
 def test_the_report_sums_up_how_the_slides_were_read():

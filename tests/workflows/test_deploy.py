@@ -151,6 +151,29 @@ def test_a_fifo_listed_in_a_table_is_an_error_row(tiny_data, tmp_path):
     assert "/dev/zero: a device, not a regular file" in errors[3]
 
 
+def test_rows_are_counted_by_what_happened_not_by_the_words_of_their_error(tiny_data, tmp_path):
+    """Issue 32, item 2: the report counted rows by matching words of the error message, so a
+    corrupt file named "file not found.png" was counted as not found, and rewording a message
+    moved rows; each row now carries its error's kind (error_kind)."""
+    from thumbclf.core import table
+    from thumbclf.outputs import tally
+
+    (tmp_path / "in").mkdir()
+    for name in ("file not found.png", "too large is missing.png"):
+        (tmp_path / "in" / name).write_bytes(b"not an image")
+    paths = [str(tiny_data.parent / p) for p in pd.read_csv(tiny_data)["PATH"][:2]]
+    listed = [*paths, *(str(p) for p in sorted((tmp_path / "in").iterdir())),
+              str(tmp_path / "in" / "gone.png")]
+    pd.DataFrame({"PATH": listed}).to_csv(tmp_path / "t.csv", index=False)
+    model = model_file(tmp_path / "model.pt")
+    assert deploy(tmp_path, tmp_path / "t.csv", model, text="hasLabels: false\n") == 0
+    back = table.read_csv(tmp_path / "dep" / "predictions.csv")
+    assert back[table.ERROR_KIND].tolist() == ["", "", "unreadable", "unreadable", "not found"]
+    counts = tally.counts(back)
+    assert counts["unreadable"] == 2 and counts["not found"] == 1 and "too large" not in counts
+    assert "<td>unreadable</td><td>2</td>" in (tmp_path / "dep" / "report.html").read_text()
+
+
 def test_adapt_bn_needs_enough_deploy_images(tiny_data, tmp_path, capsys):
     """Issue 24, item 14: adapt_bn on a handful of images."""
     import pandas as pd
@@ -338,6 +361,8 @@ def test_deploy_keeps_unreadable_rows_with_the_reason_and_finishes(model_dir, ti
     reasons = dict(zip(bad["PATH"].str.rsplit("/", n=1).str[-1], bad["error"]))
     assert "truncated" in reasons["truncated.jpg"] and "empty file" in reasons["empty.png"]
     assert "not an image" in reasons["fake.jpg"] and "file not found" in reasons["missing.jpg"]
+    kinds = dict(zip(bad["PATH"].str.rsplit("/", n=1).str[-1], bad["error_kind"]))  # issue 32
+    assert kinds.pop("missing.jpg") == "not found" and set(kinds.values()) == {"unreadable"}
     assert list(bad["row"]) == [20, 21, 22, 23, 24]  # table row numbers
     assert "5 unreadable" in r.stderr
     assert len(list((tmp_path / "dep" / "sorted").rglob("*.jpg"))) == 18

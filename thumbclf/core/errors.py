@@ -54,8 +54,57 @@ class OutputError(ThumbclfError):
     """The results folder cannot be written or would be overwritten."""
 
 
+# What became of an input that could not be read: predictions.csv's error_kind, the report's
+# counts (outputs/tally.py). Counted by kind, never by the words of the message, so that
+# rewording a message, or a file named "file not found.png", cannot move a row.
+NOT_FOUND, TOO_LARGE, INCOMPLETE = "not found", "too large", "incomplete"
+SEVERAL_SERIES, UNREADABLE = "several series in one folder", "unreadable"
+ERROR_KINDS = (NOT_FOUND, TOO_LARGE, INCOMPLETE, SEVERAL_SERIES, UNREADABLE)
+
+
 class ImageReadError(DataError):
-    """One image or slide could not be read; the run goes on without it."""
+    """One image or slide could not be read; the run goes on without it. ``kind``: one of
+    ERROR_KINDS (a class's own, or given where raised)."""
+
+    kind = UNREADABLE
+
+    def __init__(self, *problems: str, kind: str | None = None):
+        super().__init__(*problems)
+        if kind is not None:
+            self.kind = kind
+
+    def __reduce__(self):
+        return _image_read_error, (type(self), self.problems, self.kind)
+
+
+def _image_read_error(cls: type, problems: tuple[str, ...], kind: str) -> ImageReadError:
+    return cls(*problems, kind=kind)
+
+
+class ReadFailure(str):
+    """An input's error message as its row carries it, with its ``kind`` (ERROR_KINDS): a
+    string everywhere a message goes, and the kind where rows are counted."""
+
+    kind: str
+
+    def __new__(cls, text: str, kind: str = UNREADABLE):
+        obj = super().__new__(cls, text)
+        obj.kind = kind if kind in ERROR_KINDS else UNREADABLE
+        return obj
+
+    def __reduce__(self):  # sent whole between processes (decoding workers)
+        return ReadFailure, (str(self), self.kind)
+
+    @classmethod
+    def of(cls, exc: BaseException) -> "ReadFailure":
+        """The failure an exception reading an input stands for (not an ImageReadError: an
+        unexpected one, 'unreadable')."""
+        return cls(str(exc), getattr(exc, "kind", UNREADABLE))
+
+
+def error_kind(error: str) -> str:
+    """The kind of a row's error ('' for none); a plain message is 'unreadable'."""
+    return getattr(error, "kind", UNREADABLE) if error else ""
 
 
 def finite_or_diverged(value: float, what: str) -> None:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from thumbclf.core import layout
-from thumbclf.core.errors import ImageReadError, OutputError, clean
+from thumbclf.core.errors import NOT_FOUND, ImageReadError, OutputError, clean
 
 if TYPE_CHECKING:  # the readers import this module: "import thumbclf" stays without pandas
     import pandas as pd
@@ -312,7 +312,7 @@ def regular_file(path: Path) -> None:
     try:
         mode = os.stat(path).st_mode
     except FileNotFoundError:
-        raise ImageReadError(f"{path}: file not found") from None
+        raise ImageReadError(f"{path}: file not found", kind=NOT_FOUND) from None
     except OSError as exc:
         raise ImageReadError(f"{path}: cannot open ({exc.strerror or exc})") from None
     if not stat.S_ISREG(mode):

@@ -24,10 +24,11 @@ import numpy as np
 import pandas as pd
 
 from thumbclf.core.decide import UNDECIDED
-from thumbclf.core.errors import DataError
+from thumbclf.core.errors import DataError, error_kind
 
 PATH, ROW, LABEL, PATIENT, FOLD = "PATH", "row", "CLASSIFICATION", "PATIENT", "fold"
 DECISION, ERROR, THRESHOLD = "model_prediction", "error", "threshold"
+ERROR_KIND = "error_kind"  # why a row could not be read, as a code: errors.ERROR_KINDS
 REASON, UNFAMILIARITY = "undecided_reason", "unfamiliarity"  # familiarity.py
 # the unfamiliarity's two parts (features, look) and the tissue fraction (look.py)
 UNFAMILIAR_CONTENT, UNFAMILIAR_LOOK = "unfamiliarity_content", "unfamiliarity_look"
@@ -51,11 +52,11 @@ MPP_HEADER, MPP_OVERRIDE, MPP_NONE = "header", "override", "none"  # read_mpp_so
 MPP_INPUT = "MPP"  # optional column of an input table: the slide's microns per pixel (level 0)
 # --- end of the read record -------------------------------------------------------------------
 OWN_COLUMNS = {PATH, ROW, LABEL, PATIENT, SOURCE, FOLD, DECISION, REASON, *SIGNALS, ERROR,
-               THRESHOLD, "confidence", *SLIDE_COLUMNS, *READ_COLUMNS}
+               ERROR_KIND, THRESHOLD, "confidence", *SLIDE_COLUMNS, *READ_COLUMNS}
 # class names become columns of the table: these cannot be class names
 RESERVED = frozenset(OWN_COLUMNS | {UNDECIDED})
 TEXT_COLUMNS = {PATH: str, LABEL: str, PATIENT: str, SOURCE: str, DECISION: str, REASON: str,
-                ERROR: str}
+                ERROR: str, ERROR_KIND: str}
 SUM_TOLERANCE = 1e-3  # probabilities are written with 6 significant digits
 NUMERIC_COLUMNS = {ROW, FOLD, *SIGNALS, THRESHOLD, "confidence", "position",
                    *(c for c in SLIDE_COLUMNS if c != "slide_vendor"),
@@ -233,6 +234,7 @@ def build(inputs: InputColumns, probs: np.ndarray, classes: Sequence[str],
             df[col] = np.asarray(signals[col], dtype=float)
     if inputs.errors is not None:
         df[ERROR] = list(inputs.errors)
+        df[ERROR_KIND] = [error_kind(e) for e in inputs.errors]
     df[THRESHOLD] = threshold
     found = inputs.slide_properties
     if found is not None and any(p is not None for p in found):

@@ -21,7 +21,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from thumbclf.core import layout, machine
-from thumbclf.core.errors import ImageReadError, OutputError
+from thumbclf.core.errors import ImageReadError, OutputError, ReadFailure
 from thumbclf.core.files import OutputLock, atomic_text
 from thumbclf.inputs import dicom, dicomweb, slides
 from thumbclf.inputs.samples import SLIDE_SUFFIXES
@@ -84,7 +84,7 @@ def _decode(job: tuple[int, str, Preprocessing, str | None]) -> tuple[int, np.nd
         arr = load_array(Path(path), prep, slide_cache=Path(slide_cache) if slide_cache else None)
         return i, arr, None
     except ImageReadError as exc:
-        return i, None, str(exc)
+        return i, None, ReadFailure.of(exc)
     except Exception as exc:  # noqa: BLE001 - one bad file must not end a run
         return i, None, f"{path}: unexpected error while reading ({type(exc).__name__}: {exc})"
 

@@ -15,7 +15,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from thumbclf.core.errors import ImageReadError
+from thumbclf.core.errors import INCOMPLETE, NOT_FOUND, SEVERAL_SERIES, ImageReadError
 from thumbclf.core.files import regular_file
 from thumbclf.inputs.tiles import MAX_TILES, SlideTooLarge, TiledLevel
 
@@ -215,7 +215,7 @@ def open_series(path: Path) -> Series:
     """The one DICOM WSI series in a folder (or in the folder of a .dcm file), checked."""
     folder = slide_folder(path)
     if folder is None or not folder.is_dir():
-        raise ImageReadError(f"{path}: file not found")
+        raise ImageReadError(f"{path}: file not found", kind=NOT_FOUND)
     where = folder
     headers = [(p, read_header(p)) for p in sorted(folder.iterdir()) if is_dcm(p) and p.is_file()]
     wsi = [h for _, h in headers if h is not None]
@@ -229,11 +229,12 @@ def open_series(path: Path) -> Series:
         counts = ", ".join(f"...{s[-12:]} ({sum(h.series == s for h in volumes)} files)"
                            for s in series)
         raise ImageReadError(f"{where}: holds {len(series)} DICOM WSI series ({counts}); a slide "
-                             "folder holds one series: put each series into its own folder")
+                             "folder holds one series: put each series into its own folder",
+                             kind=SEVERAL_SERIES)
     if not volumes:
         kinds = ", ".join(sorted({h.kind or "?" for h in wsi}))
         raise ImageReadError(f"{where}: incomplete DICOM slide: no VOLUME instances (only "
-                             f"{kinds}); copy the whole series")
+                             f"{kinds}); copy the whole series", kind=INCOMPLETE)
     others = tuple(h.path for h in wsi if h.kind not in (*NEVER_READ, "VOLUME")
                    and h.series == volumes[0].series)
     return Series(folder, group_levels(volumes, where), kept_out, others)
@@ -254,7 +255,7 @@ def group_levels(volumes: list[Instance], where: Path) -> tuple[Level, ...]:
                 raise ImageReadError(f"{where}: incomplete DICOM slide: level {w} x {h} is "
                                      f"split over {parts[0].parts} instances and part(s) "
                                      f"{', '.join(map(str, missing))} are missing; copy the "
-                                     "whole series")
+                                     "whole series", kind=INCOMPLETE)
             levels.append(Level(tuple(parts)))
         else:
             levels.append(Level((sorted(group, key=lambda i: str(i.path))[0],)))
@@ -263,7 +264,7 @@ def group_levels(volumes: list[Instance], where: Path) -> tuple[Level, ...]:
         sizes = ", ".join(f"{lv.width} x {lv.height}" for lv in levels)
         raise ImageReadError(f"{where}: incomplete DICOM slide: the full-resolution level "
                              f"(ImageType ORIGINAL) is missing; found only derived levels "
-                             f"{sizes}; copy the whole series")
+                             f"{sizes}; copy the whole series", kind=INCOMPLETE)
     return tuple(levels)
 
 

@@ -28,7 +28,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from PIL import Image
 
-from thumbclf.core.errors import DataError, ImageReadError
+from thumbclf.core.errors import INCOMPLETE, NOT_FOUND, UNREADABLE, DataError, ImageReadError
 from thumbclf.core.layout import web_url
 from thumbclf.inputs import dicom, tiles
 
@@ -184,7 +184,8 @@ def _failed(where: str, exc: Exception) -> ImageReadError:
     hint = ("; check the credentials (THUMBCLF_DICOMWEB_TOKEN, or _USER and _PASSWORD, or "
             "~/.netrc)" if status in (401, 403) else "")
     return ImageReadError(f"{shown(where)}: the DICOMweb server did not answer ({why}, after "
-                          f"{RETRIES} retries, {TIMEOUT_S[1]:g} s timeout){hint}")
+                          f"{RETRIES} retries, {TIMEOUT_S[1]:g} s timeout){hint}",
+                          kind=NOT_FOUND if status == 404 else UNREADABLE)
 
 
 def list_series(url: str) -> list[SeriesRef]:
@@ -240,7 +241,7 @@ def _describe(ref: SeriesRef, web=None) -> tuple:
     known = _KNOWN.get(ref.url)
     if isinstance(known, ImageReadError):  # asked lately: not again, with all its retries
         if time.monotonic() - known.at < FAILURE_MEMORY_S:
-            raise ImageReadError(*known.args)
+            raise ImageReadError(*known.args, kind=known.kind)
         known = None
     if known is not None:
         return known
@@ -253,7 +254,7 @@ def _describe(ref: SeriesRef, web=None) -> tuple:
         failure = _failed(ref.url, exc)
         failure.at = time.monotonic()
         _KNOWN[ref.url] = failure
-        raise ImageReadError(*failure.args) from None
+        raise ImageReadError(*failure.args, kind=failure.kind) from None
     found = []
     for meta in metas:
         meta = {k: v for k, v in meta.items() if k in WANTED_TAGS}
@@ -264,7 +265,8 @@ def _describe(ref: SeriesRef, web=None) -> tuple:
             found.append(inst)
     volumes = [i for i in found if i.kind == "VOLUME"]
     if not volumes:
-        raise ImageReadError(f"{shown(ref.url)}: no VOLUME instances in this series")
+        raise ImageReadError(f"{shown(ref.url)}: no VOLUME instances in this series",
+                             kind=INCOMPLETE)
     facts = sorted(f"{i.path}:{i.kind}:{i.width}x{i.height}:{i.tile_w}x{i.tile_h}:{i.frames}:"
                    f"{i.syntax}:{i.photometric}" for i in found)
     key = f"{ref.series}|" + hashlib.sha1("|".join(facts).encode()).hexdigest()

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from thumbclf.core.errors import ImageReadError
+from thumbclf.core.errors import NOT_FOUND, TOO_LARGE, ImageReadError
 from thumbclf.core.files import regular_file
 
 log = logging.getLogger(__name__)
@@ -106,7 +106,7 @@ def _open(path: Path) -> Image.Image:
             warnings.simplefilter("ignore")
             return Image.open(path)
     except FileNotFoundError:
-        raise ImageReadError(f"{path}: file not found") from None
+        raise ImageReadError(f"{path}: file not found", kind=NOT_FOUND) from None
     except UnidentifiedImageError:
         size = path.stat().st_size if path.exists() else 0
         why = "empty file (0 bytes)" if size == 0 else "not an image Pillow can read"
@@ -154,7 +154,8 @@ def open_rgb(path: Path, *, target: int | None, max_pixels: int) -> Image.Image:
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise ImageReadError(f"{path}: corrupt or truncated image ({exc})") from None
     except MemoryError:
-        raise ImageReadError(f"{path}: too large to decode in memory; shrink it") from None
+        raise ImageReadError(f"{path}: too large to decode in memory; shrink it",
+                             kind=TOO_LARGE) from None
 
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -25,7 +25,7 @@ from pathlib import Path
 from PIL import Image
 
 from thumbclf.core import layout
-from thumbclf.core.errors import ImageReadError
+from thumbclf.core.errors import INCOMPLETE, NOT_FOUND, UNREADABLE, ImageReadError
 from thumbclf.core.files import atomic_bytes, regular_file
 from thumbclf.core.table import SLIDE_COLUMNS
 from thumbclf.inputs import dicom, dicomweb, tiles
@@ -89,15 +89,15 @@ def check_mirax(path: Path) -> None:
     data = path.with_suffix("")
     if not data.is_dir():
         raise ImageReadError(f"{path}: the MIRAX data folder {data.name}/ is missing; copy it "
-                             "next to the .mrxs file")
+                             "next to the .mrxs file", kind=INCOMPLETE)
     index = data / "Slidedat.ini"
     try:
         regular_file(index)
         text = index.read_bytes().decode("utf-8-sig", errors="replace")
     except (OSError, ImageReadError):
         raise ImageReadError(f"{path}: the MIRAX index {data.name}/Slidedat.ini is missing or "
-                             "unreadable (or not a regular file); copy the whole data folder"
-                             ) from None
+                             "unreadable (or not a regular file); copy the whole data folder",
+                             kind=INCOMPLETE) from None
     section, names = "", []
     for line in text.splitlines():
         line = line.strip()
@@ -114,10 +114,12 @@ def check_mirax(path: Path) -> None:
             with open(dat, "rb") as fh:
                 fh.read(1)
         except (OSError, ImageReadError) as exc:
-            why = ("missing" if isinstance(exc, FileNotFoundError) or "file not found" in str(exc)
+            missing = isinstance(exc, FileNotFoundError) or getattr(exc, "kind", "") == NOT_FOUND
+            why = ("missing" if missing
                    else "not a regular file" if "regular file" in str(exc) else "unreadable")
             raise ImageReadError(f"{path}: the MIRAX data file {data.name}/{name} is {why}; "
-                                 "copy the whole data folder") from None
+                                 "copy the whole data folder",
+                                 kind=INCOMPLETE if missing else UNREADABLE) from None
 
 
 def cache_key(path: Path, long_side: int) -> str:
@@ -303,7 +305,7 @@ def thumbnail(path: Path, long_side: int, *, cache_dir: Path | None = None,
     except OSError as exc:  # a name too long
         raise ImageReadError(f"{path}: {exc.strerror or exc}") from None
     if not there:  # before the cache key reads its size (issue 33: tallied "unreadable")
-        raise ImageReadError(f"{path}: file not found")
+        raise ImageReadError(f"{path}: file not found", kind=NOT_FOUND)
     cached = cache_file(path, long_side, cache_dir) if cache_dir else None
     if cached is not None and cached.is_file():
         try:
@@ -342,7 +344,7 @@ def _read_pixels(path: Path, long_side: int, max_pixels: int | None,
     if dicomweb.is_url(path):
         return dicomweb.thumbnail(path, long_side, stats=stats, budget_s=budget)
     if not path.exists():
-        raise ImageReadError(f"{path}: file not found")
+        raise ImageReadError(f"{path}: file not found", kind=NOT_FOUND)
     if dicom.slide_folder(path) is None:
         regular_file(path)
     try:

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from thumbclf.core.errors import ImageReadError
+from thumbclf.core.errors import TOO_LARGE, ImageReadError
 from thumbclf.core.files import regular_file
 
 # An Adobe APP14 segment with transform 0: the JPEG's three components are R, G, B (Aperio
@@ -43,6 +43,8 @@ NO_PIXELS = "no pixel data stored"  # a level whose tiles are all absent or empt
 
 class SlideTooLarge(ImageReadError):
     """A slide that would take more than the per-slide budget (time or pixels)."""
+
+    kind = TOO_LARGE
 
 
 @dataclass

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from thumbclf.core.errors import ImageReadError
+from thumbclf.core.errors import ImageReadError, ReadFailure
 from thumbclf.inputs.cache import DecodedImages
 from thumbclf.inputs.decode import load_array
 from thumbclf.inputs.images import Preprocessing
@@ -87,9 +87,10 @@ class FileImages(Dataset):
         try:
             return i, load_array(self.paths[i], self.prep, slide_cache=self.slide_cache), ""
         except ImageReadError as exc:
-            return i, None, str(exc)
+            return i, None, ReadFailure.of(exc)
         except Exception as exc:  # noqa: BLE001 - one bad file must not end a deploy
-            return i, None, f"{self.paths[i]}: unexpected error ({type(exc).__name__}: {exc})"
+            return i, None, ReadFailure(f"{self.paths[i]}: unexpected error "
+                                        f"({type(exc).__name__}: {exc})")
 
 
 def collate(items, size: int, *, looks: bool = False):

@@ -14,27 +14,20 @@ from pathlib import Path
 import pandas as pd
 
 from thumbclf.core.decide import LOW_CONFIDENCE, REASONS, UNDECIDED
-from thumbclf.core.table import (DECISION, ERROR, MPP_HEADER, MPP_NONE, MPP_OVERRIDE,
-                                 READ_BYTES, READ_MPP_SOURCE, READ_NOTE, READ_READER,
-                                 READ_SECONDS, REASON)
+from thumbclf.core.errors import ERROR_KINDS, UNREADABLE
+from thumbclf.core.table import (DECISION, ERROR, ERROR_KIND, MPP_HEADER, MPP_NONE,
+                                 MPP_OVERRIDE, READ_BYTES, READ_MPP_SOURCE, READ_NOTE,
+                                 READ_READER, READ_SECONDS, REASON)
 from thumbclf.inputs import slides
 
-# the error's words -> its reason; the first match wins, anything else is "unreadable"
-ERROR_REASONS = (
-    ("file not found", "not found"),
-    ("too large", "too large"),
-    ("incomplete", "incomplete"),
-    ("is missing", "incomplete"),
-    ("DICOM WSI series", "several series in one folder"),
-)
-ORDER = ("decided", *(f"Undecided: {r}" for r in REASONS), "not found",
-         "too large", "incomplete", "several series in one folder", "unreadable")
+ORDER = ("decided", *(f"Undecided: {r}" for r in REASONS), *ERROR_KINDS)
 
 
-def status(decision: str, reason: str, error: str) -> str:
-    """One row's status: decided, Undecided (and why) or why it could not be read."""
+def status(decision: str, reason: str, error: str, kind: str = "") -> str:
+    """One row's status: decided, Undecided (and why) or, for a row with an error, its kind
+    (error_kind; a table without that column, of an older version: 'unreadable')."""
     if error:
-        return next((r for words, r in ERROR_REASONS if words in error), "unreadable")
+        return kind if kind in ERROR_KINDS else UNREADABLE
     if decision == UNDECIDED:
         return f"Undecided: {reason or LOW_CONFIDENCE}"
     return "decided"
@@ -45,8 +38,9 @@ def counts(table: pd.DataFrame) -> dict[str, int]:
     blank = pd.Series([""] * len(table), index=table.index)
     reason = table[REASON] if REASON in table else blank
     error = table[ERROR] if ERROR in table else blank
-    c = Counter(status(str(d), str(r), str(e)) for d, r, e in
-                zip(table[DECISION].fillna(""), reason.fillna(""), error.fillna("")))
+    kind = table[ERROR_KIND] if ERROR_KIND in table else blank
+    c = Counter(status(str(d), str(r), str(e), str(k)) for d, r, e, k in zip(
+        table[DECISION].fillna(""), reason.fillna(""), error.fillna(""), kind.fillna("")))
     return {k: c[k] for k in (*ORDER, *sorted(set(c) - set(ORDER))) if c[k]}
 
 

@@ -34,8 +34,8 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
 
-from thumbclf.core.errors import ConfigError
-from thumbclf.core.table import ERROR, SIGNALS
+from thumbclf.core.errors import ConfigError, ReadFailure, error_kind
+from thumbclf.core.table import ERROR, ERROR_KIND, SIGNALS
 from thumbclf.core.logs import remove_handlers, setup_logging
 from thumbclf.predict.executor import ExecutorSpec
 
@@ -247,7 +247,8 @@ class RayExecutor:
                         band.count(np.asarray(out["recomputed"], dtype=bool))
                     yield (pos, np.asarray(out["probs"], dtype=float),
                            {c: v for c, v in signals.items() if not np.isnan(v).all()},
-                           [str(e) for e in out[ERROR]])
+                           [ReadFailure(str(e), str(k)) if str(e) else ""
+                            for e, k in zip(out[ERROR], out[ERROR_KIND])])
             finally:  # stopped early (Ctrl-C): end Ray Data's execution before Ray itself
                 getattr(stream, "close", lambda: None)()
             todo = [(p, path) for p, path in todo if p not in seen]
@@ -334,7 +335,8 @@ def _decode_batch(batch: dict, *, prep, slide_cache) -> dict:
     _, images, errors, looks = collate([files[i] for i in range(len(files))], prep.size,
                                        looks=True)
     return {"position": batch["position"], "image": images.numpy(), "looks": looks,
-            ERROR: np.array(errors, dtype=object)}
+            ERROR: np.array(errors, dtype=object),
+            ERROR_KIND: np.array([error_kind(e) for e in errors], dtype=object)}
 
 
 class _Infer:
@@ -369,7 +371,7 @@ class _Infer:
         redo = band.last if band is not None else np.zeros(len(probs), dtype=bool)
         return {"position": batch["position"], "probs": probs,
                 **{c: signals.get(c, missing) for c in SIGNALS}, ERROR: batch[ERROR],
-                "recomputed": redo}
+                ERROR_KIND: batch[ERROR_KIND], "recomputed": redo}
 
 
 def _fold_task(fn: Callable, fold: int, shared: dict, threads: int, device_name: str,

@@ -20,7 +20,8 @@ from tqdm.auto import tqdm
 from thumbclf.core import layout
 from thumbclf.core import table as table_io
 from thumbclf.core.decide import decide_with_reasons
-from thumbclf.core.errors import DataError, ImageReadError, ModelError, OutputError, clean
+from thumbclf.core.errors import (DataError, ImageReadError, ModelError, OutputError, ReadFailure,
+                                  clean, error_kind)
 from thumbclf.core.files import append_whole, atomic_csv, atomic_text, file_digest, repair_tail
 from thumbclf.inputs import readrecord, slides
 from thumbclf.inputs.samples import SampleSet, input_columns
@@ -265,7 +266,8 @@ def final_table(sample_set: SampleSet, partial: Path | io.BytesIO, classes: tupl
     bytes in memory: ``predicted_rows``), with slide properties where there are slides, and
     their read records from the thumbnail cache ``read_from`` (thumbnail size, folder)."""
     rows = read_rows(partial, len(sample_set), classes)
-    errors = rows[table_io.ERROR].fillna("").to_numpy(dtype=object, copy=True)
+    errors = np.array([ReadFailure(str(e), str(k)) if e else "" for e, k in zip(
+        rows[table_io.ERROR].fillna(""), rows[table_io.ERROR_KIND].fillna(""))], dtype=object)
     slide_properties = _properties(sample_set, is_slide, rows, errors, classes)
     records = None
     if read_from is not None:  # issue 30: the read record, kept beside the cached thumbnail
@@ -310,7 +312,7 @@ def _properties(sample_set: SampleSet, is_slide: list[bool], rows: pd.DataFrame,
                 found[i] = slides.properties(s.path)
             except ImageReadError as exc:
                 log.warning("%s", clean(str(exc)))
-                errors[i] = clean(str(exc))
+                errors[i] = ReadFailure(clean(str(exc)), exc.kind)
                 rows.loc[i, [*classes, table_io.DECISION, table_io.REASON,
                              *table_io.SIGNALS]] = np.nan
     return found
@@ -318,9 +320,9 @@ def _properties(sample_set: SampleSet, is_slide: list[bool], rows: pd.DataFrame,
 
 def partial_header(classes) -> list[str]:
     """The columns of the partial file: position, probabilities, decision, reason, the decision
-    step's other inputs (table.SIGNALS), error."""
+    step's other inputs (table.SIGNALS), error and its kind."""
     return ["position", *classes, table_io.DECISION, table_io.REASON, *table_io.SIGNALS,
-            table_io.ERROR]
+            table_io.ERROR, table_io.ERROR_KIND]
 
 
 def append_batches(batches, partial: Path, classes, threshold: float, *, bar=None) -> int:
@@ -364,8 +366,8 @@ def batch_rows(batch, classes, threshold: float) -> list[list]:
     for j, p in enumerate(pos.tolist()):
         if errors[j]:
             log.debug("unreadable: %s", errors[j])
-            rows.append([p, *blank, clean(errors[j])])
+            rows.append([p, *blank, clean(errors[j]), error_kind(errors[j])])
         else:
             rows.append([p, *(f"{v:.6g}" for v in probs[j]), decisions[j], reasons[j],
-                         *("" if c is None else f"{c[j]:.4g}" for c in columns), ""])
+                         *("" if c is None else f"{c[j]:.4g}" for c in columns), "", ""])
     return rows
