@@ -3,6 +3,7 @@
 
     python bench/inference.py [--images 1200] [--train-images 280] [--epochs 3] [--workers 1,-1]
                               [--combos] [--memory 10000] [--small] [--model FILE]
+                              [--rule-cost ROUNDS]
 
 1. PyTorch fp32's model-only limits (resnet18, batch 64, channels_last, random tensors in memory):
    inference, and a training step (freezeRatio 0.5).
@@ -23,6 +24,9 @@
    model-only limit on C cores, C / (decode seconds per file + C / model-only images per
    second), the deploy's ratio to that limit, and the share of images the band recomputed in
    fp32 (exact reduced precision: gate.py).
+``--rule-cost N`` (issue 28): the unfamiliar rule's cost, the default deploy of the model against
+   the same model file without the rule (older model files: confidence only), N rounds each,
+   alternating, caches warmed first; the median rates and their ratio.
 Not a test: figures depend on the machine; on a shared machine only the ratios count.
 """
 
@@ -109,6 +113,8 @@ def main() -> None:
     ap.add_argument("--small", action="store_true",
                     help="deploy small thumbnails (200-500 px long side) instead of 800-1500 px")
     ap.add_argument("--model", type=Path, help="deploy this model file (skips training, part 2)")
+    ap.add_argument("--rule-cost", type=int, default=0, metavar="ROUNDS",
+                    help="only the unfamiliar rule's cost: ROUNDS deploys with and without it")
     args = ap.parse_args()
     B.OUT.mkdir(parents=True, exist_ok=True)
     import torch
@@ -126,7 +132,47 @@ def main() -> None:
         model = train(table, args, train_limit)
     else:
         model = args.model.resolve()
+    if args.rule_cost:
+        rule_cost(table, model, args)
+        return
     deploys(table, model, args, limit)
+
+
+def rule_cost(table: Path, model: Path, args) -> None:
+    """The default deploy with and without the unfamiliar rule, alternating (issue 28: the rule
+    may cost at most 5% of the throughput)."""
+    import statistics
+    from dataclasses import replace
+
+    from thumbclf.nn.models import load_model, save_model
+
+    size = "-small" if args.small else ""
+    if args.small:
+        table = B.make_data(args.train_images, B.SMALL)
+    bare = B.OUT / "model-without-rule.pt"
+    save_model(bare, replace(load_model(model), familiarity=None))
+    print(f"\n3. the unfamiliar rule's cost: default deploys of {args.images} images, with the "
+          f"rule and without it, {args.rule_cost} rounds, alternating")
+    for kind in ("jpg", "png"):
+        folder = B.many_links(table, args.images, suffix=f".{kind}")
+        models = {"with": model, "without": bare}
+        rates: dict[str, list[float]] = {name: [] for name in models}
+        for name, m in models.items():  # warm: the conversion and the gate are cached
+            shutil.rmtree(B.OUT / f"cache-rule-{name}-{kind}{size}", ignore_errors=True)
+            deploy(folder, m, f"rule-{name}-{kind}{size}", -1,
+                   cache_dir=str(B.OUT / f"cache-rule-{name}-{kind}{size}"))
+        for r in range(args.rule_cost):
+            for name in (("with", "without") if r % 2 == 0 else ("without", "with")):
+                d = deploy(folder, models[name], f"rule-{name}-{kind}{size}", -1,
+                           cache_dir=str(B.OUT / f"cache-rule-{name}-{kind}{size}"))
+                rates[name].append(d["rate"])
+        med = {name: statistics.median(v) for name, v in rates.items()}
+        print(f"   {kind.upper()}{size}: with the rule {med['with']:.1f} img/s, without "
+              f"{med['without']:.1f} (median of {args.rule_cost}; each: "
+              + "; ".join(f"{n} {', '.join(f'{x:.1f}' for x in v)}" for n, v in rates.items())
+              + f"): the rule costs {1 - med['with'] / med['without']:+.1%}")
+        print(json.dumps({"kind": kind + size, "with_rule": rates["with"],
+                          "without_rule": rates["without"]}))
 
 
 def train(table: Path, args, train_limit: float) -> Path:
