@@ -248,9 +248,11 @@ def test_the_api_takes_numpy_numbers_and_gives_an_empty_picture_an_error_row(tin
                                 workflow=TRAIN, output=tmp_path / "o")
     assert params.max_epochs == 2 and params.augment is False
     model = thumbclf.load_model(model_file(tmp_path / "model.pt"))
-    table = model.predict([Image.new("RGB", (0, 0)), Image.new("RGB", (50, 40), "white")])
-    assert table["error"].tolist() == ["a picture of 0 x 0 pixels: nothing to classify", ""]
+    table = model.predict([Image.new("RGB", (0, 0)), Image.new("RGB", (50, 40), "white"),
+                           tmp_path / "gone.png"])
+    assert table["error"].tolist()[:2] == ["a picture of 0 x 0 pixels: nothing to classify", ""]
     assert table["model_prediction"].iloc[1] != ""
+    assert table["error_kind"].tolist() == ["unreadable", "", "not found"]  # issue 32
 
 
 @pytest.mark.isolated

@@ -220,7 +220,8 @@ def column_names() -> set[str]:
     from thumbclf.core import table
 
     return {table.PATH, table.LABEL, table.PATIENT, table.SOURCE, table.DECISION, table.ERROR,
-            table.REASON, *table.SIGNALS, *table.SLIDE_COLUMNS, *table.READ_COLUMNS}
+            table.ERROR_KIND, table.REASON, *table.SIGNALS, *table.SLIDE_COLUMNS,
+            *table.READ_COLUMNS}
 
 
 def column_literals(package=PACKAGE) -> list[tuple[str, str, int]]:

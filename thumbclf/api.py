@@ -316,10 +316,10 @@ class Classifier:
         from PIL import Image
 
         from thumbclf.core.errors import ImageReadError
-        from thumbclf.core.table import ERROR, InputColumns
+        from thumbclf.core.table import InputColumns
         from thumbclf.inputs.decode import load_array, picture_array
         from thumbclf.predict.ensemble import ensemble_predict
-        from thumbclf.predict.stream import predicted_rows, read_rows, table_of
+        from thumbclf.predict.stream import predicted_rows, read_rows, row_errors, table_of
 
         prep = self.models[0].prep
         names, arrays, errors = [], [], []
@@ -359,7 +359,7 @@ class Classifier:
 
         rows = read_rows(predicted_rows(batches(), self.classes, self.threshold), len(names),
                          self.classes)
-        inputs = InputColumns(paths=names, errors=rows[ERROR].fillna("").tolist())
+        inputs = InputColumns(paths=names, errors=list(row_errors(rows)))
         return table_of(rows, inputs, self.classes, self.threshold)
 
 

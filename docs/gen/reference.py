@@ -333,7 +333,8 @@ COLUMN_MEANINGS = {
               "measure it); below 0.002 the slide is Undecided for `no tissue`",
     "ERROR": "deploy: why a file could not be read (its row then has no decision)",
     "ERROR_KIND": "deploy: that reason as a code, what the report counts: `not found`, `too "
-                  "large` (over the per-slide budget or memory), `incomplete` (a MIRAX data "
+                  "large` (over the per-slide budget, `max_image_pixels` or memory), "
+                  "`incomplete` (a MIRAX data "
                   "file or a DICOM level or instance missing), `several series in one folder` "
                   "or `unreadable`; empty for a readable file",
     "THRESHOLD": "the probability a decision needed",

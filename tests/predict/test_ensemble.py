@@ -166,7 +166,8 @@ def test_a_ray_actor_computes_with_the_drivers_engine_and_band(setting):
     assert rebuilt.band.measured == band.measured == {"probability": 0.015, gate.UNFAMILIARITY: 0.02}
     assert rebuilt.band.threshold == threshold
     batch = {"position": np.arange(200), "image": x[:200].numpy(),
-             "error": np.array([""] * 200, dtype=object)}
+             "error": np.array([""] * 200, dtype=object),
+             "error_kind": np.array([""] * 200, dtype=object)}  # issue 32: the errors' kinds
     out = actor(batch)
     probs, _ = ensemble_predict([m], [driver], x[:200], CPU, tta=False)
     assert np.allclose(out["probs"], probs, atol=1e-6)

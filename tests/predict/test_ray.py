@@ -27,14 +27,16 @@ def model_dir(tiny_model):
 
 @pytest.fixture(scope="module")
 def archive(tiny_data, tmp_path_factory):
-    """The tiny thumbnails, a generated pyramidal slide and a corrupt file, in one table."""
+    """The tiny thumbnails, a generated pyramidal slide, a corrupt file and a missing one (issue
+    32: its error's kind crosses Ray's batches), in one table."""
     folder = tmp_path_factory.mktemp("archive")
     table = pd.read_csv(tiny_data)
     table["PATH"] = [str((tiny_data.parent / p).resolve()) for p in table["PATH"]]
     slide = make_pyramid(folder / "slide.tiff", w=1600, h=1200)
     (folder / "broken.png").write_bytes(b"not a png")
-    extra = pd.DataFrame({"PATH": [str(slide), str(folder / "broken.png")],
-                          "CLASSIFICATION": ["IHC", "TMA"], "PATIENT": ["s1", "s2"]})
+    extra = pd.DataFrame({"PATH": [str(p) for p in (slide, folder / "broken.png",
+                                                    folder / "gone.png")],
+                          "CLASSIFICATION": ["IHC", "TMA", "TMA"], "PATIENT": ["s1", "s2", "s3"]})
     out = folder / "labels.csv"
     pd.concat([table, extra], ignore_index=True).to_csv(out, index=False)
     return out
@@ -77,6 +79,8 @@ def test_ray_deploy_gives_the_local_predictions(model_dir, archive, tmp_path):
     table = pd.read_csv(tmp_path / "ray" / "predictions.csv", keep_default_na=False)
     broken = table[table["PATH"].str.endswith("broken.png")]
     assert len(broken) == 1 and broken["error"].iloc[0] != ""  # reported, not fatal
+    kinds = dict(zip(table["PATH"].str.rsplit("/", n=1).str[-1], table["error_kind"]))
+    assert (kinds["broken.png"], kinds["gone.png"]) == ("unreadable", "not found")
     slide = table[table["PATH"].str.endswith("slide.tiff")].iloc[0]
     assert slide["error"] == "" and slide["slide_vendor"] == "generic-tiff"
     for name in ("report.html", "metrics.json", "sorted"):

@@ -37,8 +37,28 @@ def test_a_slide_that_fails_after_reading_is_its_row_not_the_whole_table(tmp_pat
     table = stream.final_table(samples, partial, classes, False, 0.5, [True, True])
     assert list(table["model_prediction"].fillna("")) == ["A", ""]
     assert table["error"][0] == "" and "truncated or corrupt" in table["error"][1]
+    assert table["error_kind"].tolist() == ["", "unreadable"]
     assert np.isnan(table["B"][1]) and table["B"][0] == pytest.approx(0.1)
     assert table["slide_width"][0] == 1600 and table["slide_width"].isna()[1]
+
+
+def test_an_earlier_versions_partial_file_is_refused_before_anything_starts(tmp_path):
+    """Issue 32: a partial file without the error_kind column, every image predicted (killed
+    before predictions.csv was written): the one-line refusal, not a KeyError from final_table."""
+    from types import SimpleNamespace
+
+    from thumbclf.core import layout
+    from thumbclf.core.errors import OutputError
+
+    classes = ("A", "B")
+    old = stream.partial_header(classes)[:-1]
+    append_whole(tmp_path / layout.PARTIAL, "".join(",".join(map(str, r)) + "\n" for r in (
+        old, [0, 0.9, 0.1, "A", *[""] * (len(old) - 4)])).encode())
+    samples = SampleSet(samples=(Sample(tmp_path / "a.png"),), classes=classes,
+                        has_patients=False, source=tmp_path)
+    with pytest.raises(OutputError, match="written with other columns .* start a new run"):
+        stream.predict_stream([SimpleNamespace(classes=classes)], samples, tmp_path, spec=None,
+                              threshold=0.5, device=None, resume=True)
 
 
 def test_a_full_disk_before_the_first_row_still_resumes(tmp_path, monkeypatch):

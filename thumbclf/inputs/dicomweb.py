@@ -177,15 +177,16 @@ def client(root: str):
     return web
 
 
-def _failed(where: str, exc: Exception) -> ImageReadError:
-    """A request's failure as one line naming the URL (never its credentials)."""
+def _failed(where: str, exc: Exception, missing: str = NOT_FOUND) -> ImageReadError:
+    """A request's failure as one line naming the URL (never its credentials); ``missing``: the
+    kind an answer 404 stands for (a series not found; frames of a listed series: incomplete)."""
     status = getattr(getattr(exc, "response", None), "status_code", None)
     why = f"HTTP {status}" if status else type(exc).__name__
     hint = ("; check the credentials (THUMBCLF_DICOMWEB_TOKEN, or _USER and _PASSWORD, or "
             "~/.netrc)" if status in (401, 403) else "")
     return ImageReadError(f"{shown(where)}: the DICOMweb server did not answer ({why}, after "
                           f"{RETRIES} retries, {TIMEOUT_S[1]:g} s timeout){hint}",
-                          kind=NOT_FOUND if status == 404 else UNREADABLE)
+                          kind=missing if status == 404 else UNREADABLE)
 
 
 def list_series(url: str) -> list[SeriesRef]:
@@ -343,7 +344,7 @@ def web_level(series: WebSeries, level: dicom.Level) -> tiles.TiledLevel:
                     ref.study, ref.series, sop, [f for f, _, _ in triples],
                     media_types=ANY_SYNTAX)
             except Exception as exc:  # noqa: BLE001
-                raise _failed(ref.url, exc) from None
+                raise _failed(ref.url, exc, missing=INCOMPLETE) from None
             series.requests += 1
             series.fetched.append(sop)
             for (_, tx, y), data in zip(triples, frames):

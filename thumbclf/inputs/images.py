@@ -136,7 +136,8 @@ def open_rgb(path: Path, *, target: int | None, max_pixels: int) -> Image.Image:
         w, h = img.size
         if w * h > max_pixels:
             raise ImageReadError(f"{path}: {w} x {h} pixels is more than max_image_pixels "
-                                 f"({max_pixels:,}); shrink it, or raise max_image_pixels")
+                                 f"({max_pixels:,}); shrink it, or raise max_image_pixels",
+                                 kind=TOO_LARGE)
         if img.format == "PNG" and pyspng is not None:
             fast = png_spng(path, img)
             if fast is not None:

@@ -126,6 +126,8 @@ def predict_stream(models, sample_set: SampleSet, folder: Path, *, spec: Inferen
     if partial.is_file() and not resume:
         raise OutputError(f"{partial}: left by an interrupted run; continue it with --resume")
     done = _done_positions(partial)
+    if partial.is_file():  # before anything starts, and before final_table reads its columns
+        check_partial_header(partial, partial_header(classes))
     todo = [i for i in range(len(sample_set)) if i not in done]
     if done:
         log.info("resuming: %d images predicted earlier, %d to go", len(done), len(todo))
@@ -266,8 +268,7 @@ def final_table(sample_set: SampleSet, partial: Path | io.BytesIO, classes: tupl
     bytes in memory: ``predicted_rows``), with slide properties where there are slides, and
     their read records from the thumbnail cache ``read_from`` (thumbnail size, folder)."""
     rows = read_rows(partial, len(sample_set), classes)
-    errors = np.array([ReadFailure(str(e), str(k)) if e else "" for e, k in zip(
-        rows[table_io.ERROR].fillna(""), rows[table_io.ERROR_KIND].fillna(""))], dtype=object)
+    errors = row_errors(rows)
     slide_properties = _properties(sample_set, is_slide, rows, errors, classes)
     records = None
     if read_from is not None:  # issue 30: the read record, kept beside the cached thumbnail
@@ -287,6 +288,12 @@ def read_rows(partial: Path | io.BytesIO, n: int, classes) -> pd.DataFrame:
     rows = table_io.read_csv(partial, numeric=["position", *classes, *table_io.SIGNALS])
     rows = rows.drop_duplicates("position", keep="last").set_index("position").sort_index()
     return rows.reindex(range(n))
+
+
+def row_errors(rows: pd.DataFrame) -> np.ndarray:
+    """The rows' errors (``read_rows``), each with its kind ('' for a readable input)."""
+    return np.array([ReadFailure(str(e), str(k)) if e else "" for e, k in zip(
+        rows[table_io.ERROR].fillna(""), rows[table_io.ERROR_KIND].fillna(""))], dtype=object)
 
 
 def table_of(rows: pd.DataFrame, inputs: table_io.InputColumns, classes,
