@@ -76,7 +76,7 @@ orthanc:
 # built once; tests/conftest.py); `make test TEST_WORKERS=0` runs them all in one process
 TEST_WORKERS ?= 2
 test: setup $(VENV)/.extras browser slurm orthanc
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 # the docs extra only (MkDocs and its plugins), on top of the runtime
 $(VENV)/.docs: $(VENV)/.runtime

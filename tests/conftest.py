@@ -142,12 +142,61 @@ def train_once(folder: Path, name: str, text: str) -> tuple[Path, Path, subproce
     return folder / name, exp, r
 
 
+EVERY_CORE = frozenset(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+
+
+def pytest_configure(config):
+    """Under pytest-xdist (``make test``: ``-n 2``) each worker computes on its own share of
+    the cores, and thumbclf, which takes its thread and worker counts from the cores a process
+    may use (core/machine.py), sizes itself to that share, as it would on a smaller machine.
+    Otherwise each worker's torch and OpenMP threads took every core, and the workers' threads
+    waited on one another: issue 32 measured 384 s against 257 s for the nn, e2e, workflows
+    and outputs tests on 2 cores. The Ray tests take every core back (``every_core``)."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    count = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if not (worker and count and EVERY_CORE):
+        return
+    cpus, n = sorted(EVERY_CORE), int(count)
+    if n > 1 and len(cpus) >= n:
+        os.sched_setaffinity(0, cpus[int(worker.removeprefix("gw")) % n::n])
+
+
+@contextlib.contextmanager
+def every_core():
+    """Every core the suite was started with, inside the block (a test of what needs several:
+    Ray's decoding tasks beside its inference actor); the worker's share again after it."""
+    if EVERY_CORE is None:
+        yield
+        return
+    share = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, EVERY_CORE)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, share)
+
+
 ISOLATED_REPORT = "THUMBCLF_ISOLATED_REPORT"  # the one fresh process writes its outcomes here
+
+
+# the modules whose processes (Ray, torchrun, SLURM, fresh interpreters) take longest, started
+# first (``make test`` keeps this order: --no-loadscope-reorder), so that no worker is left
+# alone with one of them at the end while the other has finished (issue 32)
+LONGEST_FIRST = ("predict/test_ray.py", "workflows/test_shards.py", "nn/test_distributed.py",
+                 "e2e/test_processes.py", "e2e/test_e2e.py", "predict/test_engines.py",
+                 "predict/test_inference.py", "test_package.py")
+
+
+def _rank(item) -> int:
+    module = item.nodeid.split("::")[0].removeprefix("tests/")
+    return LONGEST_FIRST.index(module) if module in LONGEST_FIRST else len(LONGEST_FIRST)
 
 
 @pytest.hookimpl(trylast=True)  # after -k and -m have deselected
 def pytest_collection_modifyitems(config, items):
-    """Note the tests marked ``isolated``: they share one fresh process (below)."""
+    """The longest modules first (a stable sort: each module's tests stay together, in their
+    order); note the tests marked ``isolated``: they share one fresh process (below)."""
+    items.sort(key=_rank)
     config._isolated = [i.nodeid for i in items if i.get_closest_marker("isolated")]
     config._isolated_runs = {}
 

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import ROOT, TINY_TRAIN, run_script, write_yaml
+from conftest import ROOT, TINY_TRAIN, every_core, run_script, write_yaml
 from conftest import make_pyramid
 
 ray = pytest.importorskip("ray", reason='Ray is not installed: pip install "thumbclf[ray]" '
@@ -18,6 +18,14 @@ ray = pytest.importorskip("ray", reason='Ray is not installed: pip install "thum
 pytestmark = pytest.mark.slow
 
 FAST = TINY_TRAIN.replace("num_workers: 0", "num_workers: 1")  # conftest's, one worker
+
+
+@pytest.fixture(scope="module", autouse=True)
+def all_cores():
+    """Ray's pipeline needs a core for its inference actor and one for decoding: this module
+    runs on every core, not on its pytest-xdist worker's share (conftest)."""
+    with every_core():
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "sinfo")
+DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "sinfo", "squeue", "scontrol")
 
 
 def _free_port() -> int:
@@ -42,6 +42,25 @@ class Cluster:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
+
+    def batch(self, *args: str, timeout: int = 900) -> tuple[bool, str]:
+        """``sbatch`` a job (an array too) and wait for it: (every task completed with exit code
+        0, what scontrol says of them). Polled twice a second: ``sbatch --wait`` polls less
+        often the longer a job runs and returned up to 31 s after the last task had ended
+        (issue 32: the suite's time)."""
+        r = self.run("sbatch", "--parsable", *args)
+        if r.returncode != 0:
+            return False, r.stderr
+        job = r.stdout.strip().split(";")[0]
+        deadline = time.monotonic() + timeout
+        while self.run("squeue", "-h", "-j", job).stdout.strip():
+            if time.monotonic() > deadline:
+                return False, f"job {job} still running after {timeout} s"
+            time.sleep(0.5)
+        said = self.run("scontrol", "show", "job", job).stdout
+        states = [w for w in said.split() if w.startswith(("JobState=", "ExitCode="))]
+        done = bool(states) and all(w in ("JobState=COMPLETED", "ExitCode=0:0") for w in states)
+        return done, said
 
     def logs(self) -> str:
         return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-2000:]}"

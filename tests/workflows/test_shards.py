@@ -17,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conftest import ROOT, make_pyramid, run_cli, write_yaml
+from conftest import ROOT, every_core, make_pyramid, run_cli, write_yaml
 from thumbclf.core import layout
 from thumbclf.core.errors import ConfigError
 from thumbclf.workflows import shards
@@ -134,7 +134,8 @@ def test_a_real_slurm_array_deploys_the_shares_and_merge_joins_them(deploy_input
     slurm-wlm and munge, started here as root; skipped with the reason where they cannot)."""
     from slurm_cluster import start
 
-    cluster, why = start(tmp_path / "slurm")
+    with every_core():  # its daemons and tasks run on every core (the cluster has them all)
+        cluster, why = start(tmp_path / "slurm")
     if cluster is None:
         pytest.skip(why)
     try:
@@ -146,12 +147,12 @@ def test_a_real_slurm_array_deploys_the_shares_and_merge_joins_them(deploy_input
         assert r.returncode == 0, r.stderr
         cluster.env.update(PATH=f"{Path(sys.executable).parent}:{cluster.env['PATH']}",
                            PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-        r = cluster.run("sbatch", "--wait", "--array=0-2", "--cpus-per-task=1", "--mem=1G",
-                        f"--output={tmp_path}/task-%a.log", f"--chdir={tmp_path}",
-                        str(ROOT / "examples" / "slurm_array.sbatch"), str(exp), str(array),
-                        timeout=900)
+        done, said = cluster.batch("--array=0-2", "--cpus-per-task=1", "--mem=1G",
+                                   f"--output={tmp_path}/task-%a.log", f"--chdir={tmp_path}",
+                                   str(ROOT / "examples" / "slurm_array.sbatch"), str(exp),
+                                   str(array))
         logs = "".join(p.read_text() for p in sorted(tmp_path.glob("task-*.log")))
-        assert r.returncode == 0, f"{r.stderr}\n{logs}\n{cluster.logs()}"
+        assert done, f"{said}\n{logs}\n{cluster.logs()}"
         assert sorted(p.name for p in (array / "shards").iterdir()) == ["1-of-3", "2-of-3",
                                                                          "3-of-3"]
         said = (array / "shards" / "2-of-3" / layout.RUN_LOG).read_text()
