@@ -71,3 +71,23 @@ def test_ray_log_lines_on_stderr_go_to_run_log(tmp_path, capfd):
                                 "[2026-12-02 03:58:08,001 F 11120 11120] raylet.cc:1: a fatal one",
                                 "a last line without its newline"]
     assert "core_worker.cc:2465: Actor with class name" in (tmp_path / "run.log").read_text()
+
+
+def test_ray_is_shut_down_only_after_ray_datas_execution_threads_have_ended():
+    """A deploy interrupted on a busy machine once ended the whole process (the test worker;
+    a notebook's kernel): a Ray Data thread still running after ray.shutdown() read Ray's
+    worker ("The core worker has already been shutdown ... The process will exit")."""
+    import threading
+    import time
+
+    from thumbclf.predict import ray_backend
+
+    ended = []
+    executor = threading.Thread(target=lambda: (time.sleep(0.5), ended.append(1)),
+                                name="StreamingExecutor-x", daemon=True)
+    other = threading.Thread(target=time.sleep, args=(5,), name="Prefetcher", daemon=True)
+    executor.start()
+    other.start()
+    t = time.monotonic()
+    ray_backend.wait_for_data_threads()
+    assert ended == [1] and time.monotonic() - t < 4  # the executor's, not every thread

@@ -47,6 +47,21 @@ DECODE_BATCH = 16  # images per decoding task: small enough that a retried task 
 MAX_BLOCKS = 2000  # ... but no more input blocks than this (the driver keeps track of each)
 WORKER_DIED = ("the worker reading this file died {n} times (killed by the system, e.g. out of "
                "memory, or a crash in the image/slide reader); left out")
+# Ray Data's threads in this process that end once its execution is shut down, waited for
+# before Ray itself (at most DATA_THREADS_S): its executor waits only 2 s for them, and one still
+# running after ray.shutdown() reads Ray's worker and Ray then ends the whole process ("The core
+# worker has already been shutdown ... The process will exit": seen once, a deploy interrupted
+# on a busy machine; for a notebook that is the kernel)
+DATA_THREADS = ("StreamingExecutor-", "ray-data-metadata-prefetch")
+DATA_THREADS_S = 30.0
+
+
+def wait_for_data_threads() -> None:
+    """Ray Data's execution threads (DATA_THREADS), given time to end before Ray does."""
+    deadline = time.monotonic() + DATA_THREADS_S
+    for t in threading.enumerate():
+        if t.name.startswith(DATA_THREADS) and t is not threading.current_thread():
+            t.join(max(0.0, deadline - time.monotonic()))
 
 
 def _import_ray():
@@ -199,6 +214,7 @@ class RayExecutor:
 
     def close(self) -> None:
         if self.started_here:
+            wait_for_data_threads()
             self.ray.shutdown()
 
     def describe(self) -> dict:
