@@ -44,6 +44,15 @@ def open_page(browser, url: str, timeout: float = 30.0) -> float:
     return time.perf_counter() - started
 
 
+def reload(browser, timeout: float = 30.0) -> None:
+    """Reload the page and wait until the new page is ready. The old page is marked first:
+    its ready flag alone would let a check run on the old page, or on the new one before its
+    script has read the stored corrections."""
+    browser.execute_script("document.body.dataset.ready = 'old'")
+    browser.refresh()
+    wait_for(lambda: browser.execute_script("return document.body.dataset.ready") == "1", timeout)
+
+
 def press(browser, keys: str) -> None:
     from selenium.webdriver.common.action_chains import ActionChains
 
@@ -91,8 +100,7 @@ def test_relabel_with_the_keyboard_reload_and_export(browser, tmp_path):
     fourth = current(browser)
     press(browser, "1")
     assert len({first, second, third, fourth}) == 4
-    browser.refresh()                       # kept in the browser's storage
-    wait_for(lambda: browser.execute_script("return document.body.dataset.ready") == "1")
+    reload(browser)                         # kept in the browser's storage
     assert card_review(browser, first) == "reviewed: IHC"
     assert card_review(browser, second) == "reviewed: left Undecided"
     assert card_review(browser, third) == ""
@@ -228,8 +236,7 @@ def test_served_page_saves_corrections_in_the_journal(browser, served):
     press(browser, "2")
     wait_for(lambda: journal.read_text().count("\n") == 3)
     browser.execute_script("localStorage.clear()")  # the journal, not the browser, keeps it
-    browser.refresh()
-    wait_for(lambda: browser.execute_script("return document.body.dataset.ready") == "1")
+    reload(browser)
     assert card_review(browser, first) == "reviewed: IHC"
     status, text = request(server, "POST", "/api/export", headers={"Content-Length": "0"})
     assert status == 200 and b"1 corrections" in text
@@ -251,14 +258,12 @@ def test_corrections_the_server_refused_survive_a_reload_and_are_sent_again(brow
     journal = folder / "review" / "journal.jsonl"
     assert not journal.exists()
     server.check_entry = check  # the server takes entries again
-    browser.refresh()
-    wait_for(lambda: browser.execute_script("return document.body.dataset.ready") == "1")
+    reload(browser)
     assert card_review(browser, first) == "reviewed: TMA"
     wait_for(lambda: journal.is_file() and journal.read_text().count("\n") == 1)
     assert json.loads(journal.read_text())["classification"] == "TMA"
     browser.execute_script("localStorage.clear()")
-    browser.refresh()
-    wait_for(lambda: browser.execute_script("return document.body.dataset.ready") == "1")
+    reload(browser)
     assert card_review(browser, first) == "reviewed: TMA"
 
 
