@@ -157,8 +157,11 @@ def pytest_configure(config):
     if not (worker and count and EVERY_CORE):
         return
     cpus, n = sorted(EVERY_CORE), int(count)
+    i = int(worker.removeprefix("gw"))
     if n > 1 and len(cpus) >= n:
-        os.sched_setaffinity(0, cpus[int(worker.removeprefix("gw")) % n::n])
+        os.sched_setaffinity(0, cpus[i % n::n])
+    elif n > 1:  # more workers than cores: one core each, in turn
+        os.sched_setaffinity(0, {cpus[i % len(cpus)]})
 
 
 @contextlib.contextmanager
