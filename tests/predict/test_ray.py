@@ -2,6 +2,7 @@
 path's results; resume, unreadable files and a file that kills its worker. A local Ray instance
 (2 CPUs) is started by each run; skipped, with the reason, where Ray is not installed."""
 
+import contextlib
 import os
 import re
 from pathlib import Path
@@ -51,7 +52,7 @@ def archive(tiny_data, tmp_path_factory):
 
 
 def deploy(exp, *args):  # a process of its own: a Ray driver inside the test process can end it
-    return run_script("deploy_thumbclassifier.py", str(exp), *args, process=True)
+    return run_script("deploy_thumbclassifier.py", str(exp), *args, process=True, timeout=300)
 
 
 def deploy_locally(exp, *args):
@@ -71,12 +72,26 @@ def same_predictions(a, b):
             assert x[col].tolist() == y[col].tolist(), col
 
 
+@contextlib.contextmanager
+def one_core():
+    """The processes started meanwhile may use one core, as in a SLURM job given one CPU."""
+    share = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(share)})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, share)
+
+
 def test_ray_deploy_gives_the_local_predictions(model_dir, archive, tmp_path):
+    """On one core (a SLURM job's one CPU): Ray's model actor and its decoding tasks each asked
+    for a whole CPU, and the deploy waited forever for a second one."""
     exp = write_yaml(tmp_path / "d.yaml", f"thumbData: {archive}\nmodelAdr: {model_dir}\n"
                      f"{FAST}sortThumbs: true\n")
     r = deploy_locally(exp, "--output", str(tmp_path / "local"))
     assert r.returncode == 0, r.stderr
-    r = deploy(exp, "--output", str(tmp_path / "ray"), "--set", "executor=ray", "--quiet")
+    with one_core():
+        r = deploy(exp, "--output", str(tmp_path / "ray"), "--set", "executor=ray", "--quiet")
     assert r.returncode == 0, r.stderr
     same_predictions(tmp_path / "local" / "predictions.csv", tmp_path / "ray" / "predictions.csv")
     # quiet: none of Ray's own lines (its C++ logger writes each ERROR of the driver to stderr,
@@ -95,6 +110,7 @@ def test_ray_deploy_gives_the_local_predictions(model_dir, archive, tmp_path):
         assert (tmp_path / "ray" / name).exists(), name
     timings = pd.read_json(tmp_path / "ray" / "timings.json", typ="series")
     assert timings["executor"] == "ray" and timings["ray_start_seconds"] > 0
+    assert timings["cluster_cpus"] == 1
     assert not (tmp_path / "ray" / "predictions.partial.csv").exists()
 
 

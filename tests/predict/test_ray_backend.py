@@ -91,3 +91,50 @@ def test_ray_is_shut_down_only_after_ray_datas_execution_threads_have_ended():
     t = time.monotonic()
     ray_backend.wait_for_data_threads()
     assert ended == [1] and time.monotonic() - t < 4  # the executor's, not every thread
+
+
+def test_a_cluster_that_asks_for_its_token_says_so_in_one_line(monkeypatch):
+    """Ray 2.59 turned token authentication on for clusters started with `ray start`; a
+    driver given the address (not 'auto') without RAY_AUTH_MODE=token is refused, and the
+    error said only "Failed to connect to Ray cluster at ...", the reason three causes deep.
+    The exception is built as Ray 2.60 raises it (seen against a `ray start --head`)."""
+    ray = pytest.importorskip("ray", reason="Ray is the optional extra thumbclf[ray]")
+    from thumbclf.core.errors import ConfigError
+    from thumbclf.predict.executor import ExecutorSpec
+    from thumbclf.predict.ray_backend import RayExecutor
+
+    def refused(**kwargs):
+        try:
+            try:
+                raise RuntimeError("ray.exceptions.AuthenticationError: RPC error: "
+                                   "InvalidAuthToken: Authentication token is missing or "
+                                   "incorrect. Note: RAY_AUTH_MODE is currently 'disabled'")
+            except RuntimeError as inner:
+                raise RuntimeError("Failed to connect to GCS. Last connection error: "
+                                   "Traceback ...") from inner
+        except RuntimeError as gcs:
+            raise ConnectionError("Failed to connect to Ray cluster at 192.0.2.2:6379") from gcs
+
+    monkeypatch.setattr(ray, "init", refused)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    with pytest.raises(ConfigError) as err:
+        RayExecutor(ExecutorSpec(executor="ray", ray_address="auto", source="e.yaml"))
+    message = str(err.value)
+    assert "\n" not in message and message.startswith("e.yaml: ray_address: cannot start or join")
+    assert "RAY_AUTH_MODE=token" in message and "~/.ray/auth_token" in message
+
+
+def test_each_folds_task_fits_on_a_node():
+    """A fold's task asking for more CPUs than any node has waits forever in Ray: cpus_per_fold
+    over the largest node is refused, and the fair share is capped at the largest node."""
+    from thumbclf.core.errors import ConfigError
+    from thumbclf.predict.ray_backend import fold_cpus
+
+    assert fold_cpus(0, [2.0], 2, "e.yaml") == 1          # this machine: as before
+    assert fold_cpus(0, [16.0], 3, "e.yaml") == 5
+    assert fold_cpus(0, [0.0, 4.0, 4.0, 4.0, 4.0], 2, "e.yaml") == 4  # 8 each would not fit
+    assert fold_cpus(3, [4.0, 4.0], 2, "e.yaml") == 3
+    assert fold_cpus(0, [8.0], 2, "e.yaml", gpus=True) == 1
+    with pytest.raises(ConfigError, match=r"^e\.yaml: cpus_per_fold: 5, but the largest node "
+                                          r"of the Ray cluster has 4 CPUs.*at most 4$"):
+        fold_cpus(5, [0.0, 4.0, 4.0], 2, "e.yaml")

@@ -191,7 +191,8 @@ KEYS: tuple[Key, ...] = (
         BOTH),
     Key("cpus_per_fold", "int", 0, "CPU threads that train one fold (0: every core of the "
         "machine). With executor ray, the CPUs each fold task reserves (0: 1 with a GPU, "
-        "else the cluster's CPUs shared by the folds).", (), (TRAIN,), 0, 4096),
+        "else the cluster's CPUs shared by the folds, at most its largest node's; more than that "
+        "node has is refused).", (), (TRAIN,), 0, 4096),
     Key("ssl_method", "choice", "byol", "Pretrain: the self-supervised method; 'byol' "
         "(bootstrap your own latent: no negative pairs, so small batches work).", (), (PRETRAIN,),
         choices=("byol",)),

@@ -111,6 +111,19 @@ def unreachable(address: str, timeout: float = CONNECT_TIMEOUT) -> str | None:
     return None
 
 
+def why_not_joined(exc: BaseException) -> str:
+    """The first line of why Ray could not start or join, or, where the cluster refused for
+    want of its token (Ray's token authentication, on by default since Ray 2.59, which the
+    error says only deep in its causes), what to do about it."""
+    cause: BaseException | None = exc
+    while cause is not None:
+        if "Authentication token is missing" in str(cause):
+            return ("the cluster asks for its token (Ray's token authentication): run with "
+                    "RAY_AUTH_MODE=token, the token in ~/.ray/auth_token or RAY_AUTH_TOKEN")
+        cause = cause.__cause__ or cause.__context__
+    return str(exc).splitlines()[0]
+
+
 # Ray's C++ log line: "[2026-12-02 03:58:07,818 E 11120 11120] core_worker.cc:2465: ..."
 RAY_LINE = re.compile(rb"\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} ([TDIWE]) \d+ \d+\] ")
 
@@ -190,7 +203,7 @@ class RayExecutor:
             except (ConnectionError, RuntimeError, ValueError) as exc:
                 where = spec.ray_address or "a local instance"
                 raise ConfigError(f"{spec.source}: ray_address: cannot start or join Ray at "
-                                  f"{where} ({str(exc).splitlines()[0]}); check the address, or "
+                                  f"{where} ({why_not_joined(exc)}); check the address, or "
                                   "remove ray_address to start Ray on this machine") from None
             finally:  # Ray's own handlers abort the process; Ctrl-C/SIGTERM stay a clean stop
                 for sig, handler in handlers.items():
@@ -201,7 +214,9 @@ class RayExecutor:
         resources = ray.cluster_resources()
         self.cpus = int(resources.get("CPU", 1))
         self.gpus = int(resources.get("GPU", 0)) if spec.device != "cpu" else 0
-        self.nodes = max(1, sum(1 for n in ray.nodes() if n.get("Alive")))
+        self.node_cpus = [float(n.get("Resources", {}).get("CPU", 0))
+                          for n in ray.nodes() if n.get("Alive")]  # a head may have none
+        self.nodes = max(1, sum(1 for c in self.node_cpus if c > 0))
         log.info("Ray: %s, %d CPUs, %d GPUs on %d node(s) (ready in %.1fs)",
                  spec.ray_address or "local instance", self.cpus, self.gpus, self.nodes,
                  self.start_seconds)
@@ -241,8 +256,11 @@ class RayExecutor:
         decoders = decode_workers(spec.num_workers) if not spec.ray_address else None
         threads = max(1, self.cpus // self.nodes)  # a CPU actor computes with its node's cores,
         # as the local path's model does beside its decoding workers
+        smallest = min((c for c in self.node_cpus if c > 0), default=1.0)
+        cpu = 1.0 if smallest >= 2 else 0.5  # one CPU: the model and the decoding share it (a
+        # whole CPU each, and Ray would wait forever for a second one)
         plan = _Plan(models_ref, models[0].prep, slide_cache, gpus=gpus, decoders=decoders,
-                     threads=threads, batch=spec.batch_size * (4 if gpus else 1))
+                     threads=threads, batch=spec.batch_size * (4 if gpus else 1), cpu=cpu)
         n_classes = len(models[0].classes)
         seen: set[int] = set()
         todo = list(zip(positions, (str(p) for p in paths)))
@@ -281,7 +299,7 @@ class RayExecutor:
                               "path": pd.Series([s for _, s in todo], dtype=object)})
         rows = max(block, -(-len(todo) // MAX_BLOCKS))  # a task decodes one block; few blocks
         ds = ray.data.from_pandas([frame.iloc[i:i + rows] for i in range(0, len(frame), rows)])
-        decode_args: dict[str, Any] = {"num_cpus": 1, "max_retries": _RETRIES}
+        decode_args: dict[str, Any] = {"num_cpus": plan.cpu, "max_retries": _RETRIES}
         if plan.decoders:
             decode_args["concurrency"] = plan.decoders
         with warnings.catch_warnings():  # max_retries & co. have no named parameter (Ray 2.60)
@@ -294,7 +312,7 @@ class RayExecutor:
                             **decode_args)
         return ds.map_batches(
             _Infer, batch_size=plan.batch, batch_format="numpy", concurrency=self.actors,
-            num_cpus=1, num_gpus=1 if plan.gpus else 0,
+            num_cpus=plan.cpu, num_gpus=1 if plan.gpus else 0,
             fn_constructor_kwargs={"models": plan.models_ref, "tta": self.spec.tta,
                                    "device": "cuda" if plan.gpus else "cpu",
                                    "threads": plan.threads, "recipes": self.recipes},
@@ -307,10 +325,10 @@ class RayExecutor:
         """One Ray task per fold; results in fold order (each waits for its own fold)."""
         ray, spec = self.ray, self.spec
         per_fold = spec.cpus_per_fold
+        options = {"num_cpus": fold_cpus(per_fold, self.node_cpus, len(folds), spec.source,
+                                         gpus=bool(self.gpus))}
         if self.gpus:
-            options = {"num_gpus": 1, "num_cpus": per_fold or 1}
-        else:
-            options = {"num_cpus": per_fold or max(1, self.cpus // max(1, len(folds)))}
+            options["num_gpus"] = 1
         shared_ref = ray.put(shared)  # the decoded images once, not once per fold
         task = ray.remote(_fold_task).options(max_retries=0, **options)
         log.info("%d folds as Ray tasks, each with %s", len(folds),
@@ -328,6 +346,20 @@ class RayExecutor:
 _RETRIES = 2  # Ray retries a task whose worker died this many times
 
 
+def fold_cpus(requested: int | None, node_cpus: list[float], folds: int, source: str, *,
+              gpus: bool = False) -> int:
+    """The CPUs of each fold's task: ``cpus_per_fold``, or a fair share of the cluster that fits
+    on its largest node (a task asking more than any node has waits forever)."""
+    largest = int(max(node_cpus, default=1))
+    if requested and requested > largest:
+        raise ConfigError(f"{source}: cpus_per_fold: {requested}, but the largest node of the "
+                          f"Ray cluster has {largest} CPUs, and Ray would wait for a larger one "
+                          f"forever; set cpus_per_fold to at most {largest}")
+    if requested or gpus:
+        return requested or 1
+    return max(1, min(largest, int(sum(node_cpus)) // max(1, folds)))
+
+
 @dataclass(frozen=True)
 class _Plan:
     """What every attempt of one deployment's pipeline shares: the models (in the object store)
@@ -341,6 +373,7 @@ class _Plan:
     decoders: int | None
     threads: int
     batch: int
+    cpu: float = 1.0  # each actor's and decoding task's CPUs: 0.5 on a node of one CPU
 
 
 def _decode_batch(batch: dict, *, prep, slide_cache) -> dict:
