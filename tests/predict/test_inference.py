@@ -139,3 +139,18 @@ def test_a_deploy_says_which_engine_computed_and_why(tiny_data, tmp_path, monkey
     assert "of 18 images (18 labelled images;" in note
     assert "recomputed in fp32 (band: probability ±" in note  # issue 29: the share recomputed
     assert "Inference: openvino bf16" in (tmp_path / "bf16" / "report.html").read_text()
+
+
+def test_auto_says_why_it_computes_in_fp32_on_a_cpu_without_native_bf16(monkeypatch, tiny_model,
+                                                                          tmp_path):
+    """The log, timings.json and the report are to say which engine computed and why; on a
+    CPU without AVX-512 BF16 or AMX a default deploy said only "PyTorch fp32"."""
+    model = inference.ModelSpec(tiny_model, tmp_path / "m.pt", 64, ("a", "b", "c"), 0.9)
+    monkeypatch.setattr(inference, "openvino_version", lambda: None)
+    monkeypatch.setattr(inference, "cpu_flags", lambda: frozenset({"avx2", "avx512_vnni"}))
+    _, why = inference.choose(model, inference.EngineSpec(cache_dir=tmp_path), None)
+    assert why == ("PyTorch fp32 (this CPU computes no bf16 natively, so no faster precision "
+                   "is tried)")
+    _, why = inference.choose(model, inference.EngineSpec(precision="fp32", cache_dir=tmp_path),
+                              None)
+    assert why == "PyTorch fp32"  # asked for: nothing to explain

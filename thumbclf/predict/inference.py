@@ -74,6 +74,14 @@ def native(precision: str, device: torch.device) -> bool:
     return False
 
 
+def fp32_why(spec: EngineSpec) -> str:
+    """'PyTorch fp32', and why where auto had nothing faster to try (no native bf16 here)."""
+    if spec.precision != "auto" or native("bf16", spec.device):
+        return "PyTorch fp32"
+    return (f"PyTorch fp32 (this {'GPU' if spec.device.type == 'cuda' else 'CPU'} computes no "
+            "bf16 natively, so no faster precision is tried)")
+
+
 def no_telemetry() -> None:
     """Keep OpenVINO's and NNCF's telemetry from loading: both fall back to a stub when the
     ``openvino_telemetry`` package cannot be imported, and so write no client id to
@@ -313,7 +321,7 @@ def choose(m: ModelSpec, spec: EngineSpec, verify: Callable[[], Evidence | None]
     check = Check(exact, verify, m)
     for eng, prec in candidates(spec.engine, spec.precision, spec.device):
         if (eng, prec) == ("torch", "fp32"):
-            return exact, "; ".join(notes + ["PyTorch fp32"])
+            return exact, "; ".join(notes + [fp32_why(spec)])
         try:
             runner, note = _try(m, spec, (eng, prec), check, calibration, verify_id)
             return runner, "; ".join(notes + [note])
