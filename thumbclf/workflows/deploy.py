@@ -151,7 +151,7 @@ def missing_rule_cause(model: LoadedModel) -> str:
         return "written by the prototype or before thumbclf 1.1"  # 1.1 added both
     if trained_with.get("unfamiliar") is False:
         return "trained with unfamiliar: false"
-    return (f"its validation split had fewer than {familiarity.MIN_VALIDATION} images to set "
+    return (f"the validation split had fewer than {familiarity.MIN_VALIDATION} images to set "
             "the rule's threshold")
 
 
