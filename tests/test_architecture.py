@@ -279,3 +279,38 @@ def test_no_module_imports_a_private_name_of_another(tmp_path):
     planted.mkdir()
     (planted / "a.py").write_text("from thumbclf.b import _helper\n")
     assert private_imports(planted) == ["thumbclf/a.py: thumbclf.b._helper"]
+
+
+def unsafe_loads(package=PACKAGE) -> list[str]:
+    """'path:line' of each torch.load without weights_only=True, and of each pickle load: an
+    untrusted model or checkpoint file must never be able to run code."""
+    found = []
+    for path in sorted(package.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                    and isinstance(node.func.value, ast.Name)):
+                continue
+            owner, name = node.func.value.id, node.func.attr
+            safe = any(k.arg == "weights_only" and isinstance(k.value, ast.Constant)
+                       and k.value.value is True for k in node.keywords)
+            if (owner == "torch" and name == "load" and not safe) or \
+                    (owner in ("pickle", "cloudpickle", "dill") and name in ("load", "loads")):
+                found.append(f"{path.relative_to(package.parent).as_posix()}:{node.lineno}")
+    return found
+
+
+def test_model_files_are_loaded_as_weights_only():
+    """A model file or checkpoint from elsewhere is data: torch.load only with
+    weights_only=True (nn/models.py refuses pickled code, tests/nn/test_models.py)."""
+    assert unsafe_loads() == []
+
+
+def test_an_unsafe_load_is_found(tmp_path):
+    pkg = tmp_path / "thumbclf"
+    pkg.mkdir()
+    (pkg / "m.py").write_text("import pickle, torch\n"
+                              "a = torch.load('m.pt', weights_only=True)\n"
+                              "b = torch.load('m.pt', weights_only=False)\n"
+                              "c = torch.load('m.pt')\n"
+                              "d = pickle.loads(b'')\n")
+    assert unsafe_loads(pkg) == ["thumbclf/m.py:3", "thumbclf/m.py:4", "thumbclf/m.py:5"]
