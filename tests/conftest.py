@@ -165,18 +165,24 @@ def pytest_configure(config):
 
 
 @contextlib.contextmanager
-def every_core():
-    """Every core the suite was started with, inside the block (a test of what needs several:
-    Ray's decoding tasks beside its inference actor); the worker's share again after it."""
-    if EVERY_CORE is None:
+def on_cores(cores):
+    """This process, and the processes it starts meanwhile, on ``cores`` inside the block (None,
+    or a system without CPU affinity: unchanged); the worker's share again after it."""
+    if cores is None or EVERY_CORE is None:
         yield
         return
     share = os.sched_getaffinity(0)
-    os.sched_setaffinity(0, EVERY_CORE)
+    os.sched_setaffinity(0, cores)
     try:
         yield
     finally:
         os.sched_setaffinity(0, share)
+
+
+def every_core():
+    """Every core the suite was started with, inside the block (a test of what needs several:
+    Ray's decoding tasks beside its inference actor)."""
+    return on_cores(EVERY_CORE)
 
 
 ISOLATED_REPORT = "THUMBCLF_ISOLATED_REPORT"  # the one fresh process writes its outcomes here

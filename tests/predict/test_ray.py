@@ -2,7 +2,6 @@
 path's results; resume, unreadable files and a file that kills its worker. A local Ray instance
 (2 CPUs) is started by each run; skipped, with the reason, where Ray is not installed."""
 
-import contextlib
 import os
 import re
 from pathlib import Path
@@ -11,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import ROOT, TINY_TRAIN, every_core, run_script, write_yaml
+from conftest import EVERY_CORE, ROOT, TINY_TRAIN, every_core, on_cores, run_script, write_yaml
 from conftest import make_pyramid
 
 ray = pytest.importorskip("ray", reason='Ray is not installed: pip install "thumbclf[ray]" '
@@ -72,15 +71,9 @@ def same_predictions(a, b):
             assert x[col].tolist() == y[col].tolist(), col
 
 
-@contextlib.contextmanager
 def one_core():
     """The processes started meanwhile may use one core, as in a SLURM job given one CPU."""
-    share = os.sched_getaffinity(0)
-    os.sched_setaffinity(0, {min(share)})
-    try:
-        yield
-    finally:
-        os.sched_setaffinity(0, share)
+    return on_cores({min(EVERY_CORE)} if EVERY_CORE else None)
 
 
 def test_ray_deploy_gives_the_local_predictions(model_dir, archive, tmp_path):

@@ -102,6 +102,12 @@ class ReadFailure(str):
         return cls(str(exc), getattr(exc, "kind", UNREADABLE))
 
 
+def read_failures(errors, kinds) -> list:
+    """Rows' errors joined with their kinds, as tables and Ray's batches carry them (two
+    columns): a ReadFailure each, '' for a readable input."""
+    return [ReadFailure(str(e), str(k)) if e else "" for e, k in zip(errors, kinds)]
+
+
 def error_kind(error: str) -> str:
     """The kind of a row's error ('' for none); a plain message is 'unreadable'."""
     return getattr(error, "kind", UNREADABLE) if error else ""

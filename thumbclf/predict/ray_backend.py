@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
 
-from thumbclf.core.errors import ConfigError, ReadFailure, error_kind
+from thumbclf.core.errors import ConfigError, error_kind, read_failures
 from thumbclf.core.table import ERROR, ERROR_KIND, SIGNALS
 from thumbclf.core.logs import remove_handlers, setup_logging
 from thumbclf.predict.executor import ExecutorSpec
@@ -281,8 +281,7 @@ class RayExecutor:
                         band.count(np.asarray(out["recomputed"], dtype=bool))
                     yield (pos, np.asarray(out["probs"], dtype=float),
                            {c: v for c, v in signals.items() if not np.isnan(v).all()},
-                           [ReadFailure(str(e), str(k)) if str(e) else ""
-                            for e, k in zip(out[ERROR], out[ERROR_KIND])])
+                           read_failures(out[ERROR], out[ERROR_KIND]))
             finally:  # stopped early (Ctrl-C): end Ray Data's execution before Ray itself
                 getattr(stream, "close", lambda: None)()
             todo = [(p, path) for p, path in todo if p not in seen]

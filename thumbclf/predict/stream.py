@@ -21,7 +21,7 @@ from thumbclf.core import layout
 from thumbclf.core import table as table_io
 from thumbclf.core.decide import decide_with_reasons
 from thumbclf.core.errors import (DataError, ImageReadError, ModelError, OutputError, ReadFailure,
-                                  clean, error_kind)
+                                  clean, error_kind, read_failures)
 from thumbclf.core.files import append_whole, atomic_csv, atomic_text, file_digest, repair_tail
 from thumbclf.inputs import readrecord, slides
 from thumbclf.inputs.samples import SampleSet, input_columns
@@ -292,8 +292,8 @@ def read_rows(partial: Path | io.BytesIO, n: int, classes) -> pd.DataFrame:
 
 def row_errors(rows: pd.DataFrame) -> np.ndarray:
     """The rows' errors (``read_rows``), each with its kind ('' for a readable input)."""
-    return np.array([ReadFailure(str(e), str(k)) if e else "" for e, k in zip(
-        rows[table_io.ERROR].fillna(""), rows[table_io.ERROR_KIND].fillna(""))], dtype=object)
+    return np.array(read_failures(rows[table_io.ERROR].fillna(""),
+                                  rows[table_io.ERROR_KIND].fillna("")), dtype=object)
 
 
 def table_of(rows: pd.DataFrame, inputs: table_io.InputColumns, classes,
