@@ -36,6 +36,10 @@ def execute(params: Params, *, resume: bool = False, quiet: bool = False, debug:
     from thumbclf.core.logs import setup_logging
 
     workflow = WORKFLOW_OF[type(params)]
+    from thumbclf.nn import distributed
+
+    if distributed.active():  # before the workflow's imports: each rank's refusal is quick
+        _refuse_ranks(params, workflow)
     from thumbclf.core.privacy import keep_caches_in
     from thumbclf.workflows.run import check_cache_apart
 
@@ -52,8 +56,6 @@ def execute(params: Params, *, resume: bool = False, quiet: bool = False, debug:
         # Turkish one folds "I" to a dotless "ı" and rejects "PASSIVE", issue 33)
         os.environ.setdefault("OMP_WAIT_POLICY", "passive")
         from thumbclf.workflows.deploy import preflight, run
-    from thumbclf.nn import distributed
-
     if distributed.active():  # torchrun: rank 0 owns the results folder, the others train along
         return _execute_ranks(params, workflow, resume=resume, quiet=quiet, debug=debug,
                               progress=progress)
@@ -91,22 +93,28 @@ def _folder(params: Params, shard, resume: bool) -> tuple[Path, bool, bool]:
     # goes on
 
 
+def _refuse_ranks(params: Params, workflow: str) -> None:
+    """torchrun trains; it does not deploy, pretrain or combine with Ray."""
+    from thumbclf.config import DEPLOY, TRAIN
+
+    where = f"{params.source}: "
+    if workflow != TRAIN:
+        ray = " (or with executor: ray for many machines)" if workflow == DEPLOY else ""
+        raise ConfigError(f"{where}torchrun trains one model on several GPUs/processes; run "
+                          f"{workflow} as one process{ray}")
+    if params.executor == "ray":
+        raise ConfigError(f"{where}executor: ray and torchrun do not combine; use torchrun for "
+                          "one model on several GPUs, or executor: ray for folds in parallel")
+
+
 def _execute_ranks(params: Params, workflow: str, *, resume: bool, quiet: bool, debug: bool,
                    progress: bool) -> Path:
     """``execute`` for one rank of a torchrun training (see distributed.py)."""
-    from thumbclf.config import TRAIN
     from thumbclf.core.errors import ThumbclfError
     from thumbclf.nn import distributed
     from thumbclf.workflows.run import check_output, prepare_output
     from thumbclf.core.logs import setup_logging
 
-    where = f"{params.source}: "
-    if workflow != TRAIN:
-        raise ConfigError(f"{where}torchrun trains one model on several GPUs/processes; run "
-                          "deploy as one process (or with executor: ray for many machines)")
-    if params.executor == "ray":
-        raise ConfigError(f"{where}executor: ray and torchrun do not combine; use torchrun for "
-                          "one model on several GPUs, or executor: ray for folds in parallel")
     from thumbclf.workflows.train import preflight, run
 
     distributed.init(params.device)
