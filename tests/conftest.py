@@ -188,12 +188,19 @@ def every_core():
 ISOLATED_REPORT = "THUMBCLF_ISOLATED_REPORT"  # the one fresh process writes its outcomes here
 
 
-# the modules whose processes (Ray, torchrun, SLURM, fresh interpreters) take longest, started
-# first (``make test`` keeps this order: --no-loadscope-reorder), so that no worker is left
-# alone with one of them at the end while the other has finished (issue 32)
-LONGEST_FIRST = ("predict/test_ray.py", "workflows/test_shards.py", "nn/test_distributed.py",
-                 "e2e/test_processes.py", "e2e/test_e2e.py", "predict/test_engines.py",
-                 "predict/test_inference.py", "test_package.py")
+# the modules that take longest (their processes: Ray, torchrun, SLURM, fresh interpreters;
+# their trainings), longest first, as `--durations=0` measured them on 2 cores (issue 32): `make
+# test` keeps this order (--no-loadscope-reorder), so that no worker is left alone with a long
+# module at the end while the other has finished; the rest follow in their usual order
+LONGEST_FIRST = ("predict/test_ray.py", "nn/test_distributed.py", "e2e/test_e2e.py",
+                 "nn/test_backbones.py", "e2e/test_processes.py", "workflows/test_shards.py",
+                 "test_api.py", "test_package.py", "nn/test_familiarity.py",
+                 "workflows/test_deploy.py", "workflows/test_pretrain.py",
+                 "predict/test_verification.py", "workflows/test_train.py",
+                 "inputs/test_dicomweb.py", "inputs/test_slides.py",
+                 "workflows/test_review_server.py", "predict/test_engine_cache.py",
+                 "predict/test_inference.py", "inputs/test_archives.py", "workflows/test_run.py",
+                 "outputs/test_review_page.py")
 
 
 def _rank(item) -> int:

@@ -202,17 +202,17 @@ def test_a_file_that_kills_its_worker_is_reported_not_fatal(model_dir, tiny_data
     killer = tmp_path / "killer.png"
     killer.write_bytes((tiny_data.parent / pd.read_csv(tiny_data)["PATH"][0]).read_bytes())
 
-    def crash_on_killer():
-        import thumbclf.nn.data as data
+    def crash_on_killer():  # before the decoding imports its load_array: no torch for it
+        import thumbclf.inputs.decode as decode
 
-        original = data.load_array
+        original = decode.load_array
 
         def load_array(path, *args, **kwargs):
             if str(path).endswith("killer.png"):
                 os._exit(1)
             return original(path, *args, **kwargs)
 
-        data.load_array = load_array
+        decode.load_array = load_array
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"worker_process_setup_hook": crash_on_killer,
