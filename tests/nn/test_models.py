@@ -183,3 +183,33 @@ def test_nan_weights_are_never_written(tmp_path):
         models.save_ssl_checkpoint(tmp_path / "ssl_checkpoint.pt", backbone, arch="resnet18",
                                    prep=Preprocessing(size=224), norm=IMAGENET, description={})
     assert not list(tmp_path.iterdir())
+
+
+def test_a_model_file_loads_without_drawing_the_weights_it_replaces(tmp_path, monkeypatch):
+    """load_model built the network with random weights, then overwrote them with the file's
+    (2 s for a VGG16, at every load: each model of an ensemble, each SLURM task, each Ray
+    actor). It builds on the meta device and takes the file's tensors: the same outputs."""
+    torch.manual_seed(0)
+    net = build_model("resnet18", 3).eval()
+    save_model(tmp_path / "m.pt", LoadedModel(net, "resnet18", CLASSES, Preprocessing(size=64),
+                                              IMAGENET, threshold=0.5))
+    torch.save({k: v.double() if v.is_floating_point() else v  # another dtype: as before
+                for k, v in net.state_dict().items()}, tmp_path / "f64.pt")
+    drawn = []
+    original = torch.nn.init.kaiming_normal_
+
+    def watched(tensor, *args, **kwargs):
+        drawn.append(tensor.device.type)
+        return original(tensor, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.init, "kaiming_normal_", watched)
+    loaded = load_model(tmp_path / "m.pt")
+    assert drawn and set(drawn) == {"meta"}
+    legacy = load_model(tmp_path / "f64.pt", model_name="resnet18", target_labels=CLASSES)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(loaded.model(x), net(x))
+        assert torch.allclose(legacy.model(x), net(x), atol=1e-6)
+    for m in (loaded.model, legacy.model):
+        assert {(t.device.type, t.dtype) for t in m.parameters()} == {("cpu", torch.float32)}
+        assert all(p.requires_grad for p in m.parameters())

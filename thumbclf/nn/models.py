@@ -105,13 +105,18 @@ def _replace_heads(model: nn.Module, num_classes: int) -> None:
             new: nn.Module = nn.Linear(old.in_features, num_classes)
         else:
             new = nn.Conv2d(old.in_channels, num_classes, kernel_size=1)
-        parent, _, last = name.rpartition(".")
-        owner = model.get_submodule(parent) if parent else model
-        if last.isdigit():
-            owner[int(last)] = new
-        else:
-            setattr(owner, last, new)
+        _put(model, name, new)
     model._thumbclf_heads = names  # type: ignore[attr-defined]
+
+
+def _put(model: nn.Module, name: str, new: nn.Module) -> None:
+    """``new`` in place of ``model``'s submodule ``name`` (dotted; a number: a Sequential's)."""
+    parent, _, last = name.rpartition(".")
+    owner = model.get_submodule(parent) if parent else model
+    if last.isdigit():
+        owner[int(last)] = new
+    else:
+        setattr(owner, last, new)
 
 
 def _is_head_key(key: str, heads: list[str]) -> bool:
@@ -180,12 +185,8 @@ def _strip_prefixes(state: dict[str, Any]) -> dict[str, torch.Tensor]:
     for key, value in state.items():
         if not isinstance(value, torch.Tensor):
             continue
-        changed = True
-        while changed:
-            changed = False
-            for prefix in SSL_PREFIXES:
-                if key.startswith(prefix):
-                    key, changed = key[len(prefix):], True
+        while key.startswith(SSL_PREFIXES):  # no prefix begins another: one matches at most
+            key = key[len(next(p for p in SSL_PREFIXES if key.startswith(p))):]
         out[key] = value
     return out
 
@@ -204,12 +205,7 @@ def backbone_only(name: str, pretrained: bool | Path = False) -> tuple[nn.Module
     head = head_names(model)[0]
     old = model.get_submodule(head)
     dim = old.in_features if isinstance(old, nn.Linear) else old.in_channels
-    parent, _, last = head.rpartition(".")
-    owner = model.get_submodule(parent) if parent else model
-    if last.isdigit():
-        owner[int(last)] = nn.Identity()
-    else:
-        setattr(owner, last, nn.Identity())
+    _put(model, head, nn.Identity())
     return model, dim
 
 
@@ -381,8 +377,7 @@ def _load_thumbclf(path, obj, model_name, target_labels, slide_size) -> LoadedMo
     if model_name is not None and arch_name(model_name) != arch:
         raise ModelError(f"{path}: the model is a {arch}, but model_name says {model_name}; "
                          "remove model_name or correct it")
-    model = build_model(arch, len(classes), image_size=int(obj["input_size"]))
-    _load_state(model, obj["state_dict"], path)
+    model = _with_state(arch, len(classes), int(obj["input_size"]), obj["state_dict"], path)
     prep = Preprocessing(size=int(obj["input_size"]), recipe=obj["recipe"],
                          slide_size=slide_size or int(obj.get("slide_size", DEFAULT_SLIDE_SIZE)))
     norm = Normalisation(tuple(obj["mean"]), tuple(obj["std"]))
@@ -414,24 +409,38 @@ def _load_legacy(path, state, model_name, target_labels, slide_size) -> LoadedMo
     arch = arch_name(given)
     classes = tuple(sorted(target_labels))
     size = prototype_input_size(arch)
-    model = build_model(arch, len(classes), image_size=size)
-    head_w = state.get(head_names(model)[0] + ".weight")
+    with torch.device("meta"):
+        head_w = state.get(head_names(build_model(arch, len(classes)))[0] + ".weight")
     if head_w is not None and head_w.shape[0] != len(classes):
         raise ModelError(f"{path}: the model has {head_w.shape[0]} outputs but target_labels "
                          f"lists {len(classes)} classes; list exactly the model's classes")
     problem = modelcheck.non_finite_problem(state)
     if problem:
         raise ModelError(f"{path}: {problem}")
-    _load_state(model, state, path)
+    model = _with_state(arch, len(classes), size, state, path)
     log.info("%s: prototype model (%s, %d px); classes in alphabetical order: %s", path, arch,
              size, ", ".join(classes))
     prep = Preprocessing(size=size, recipe="legacy", slide_size=slide_size or DEFAULT_SLIDE_SIZE)
     return LoadedModel(model.eval(), arch, classes, prep, UNNORMALISED, None, 1.0, path, True, {})
 
 
-def _load_state(model: nn.Module, state: dict, path: Path) -> None:
+def _with_state(arch: str, n_classes: int, size: int, state: dict, path: Path) -> nn.Module:
+    """``arch`` built on the meta device and given the file's tensors (its weights are not
+    first drawn at random: 2 s for a VGG16); as before where the file's dtypes or tensors differ."""
+    with torch.device("meta"):
+        model = build_model(arch, n_classes, image_size=size)
+    if all(k in state and state[k].dtype == v.dtype for k, v in model.state_dict().items()):
+        _load_state(model, state, path, assign=True)
+        if not any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
+            return model
+    model = build_model(arch, n_classes, image_size=size)
+    _load_state(model, state, path)
+    return model
+
+
+def _load_state(model: nn.Module, state: dict, path: Path, assign: bool = False) -> None:
     try:
-        model.load_state_dict(state, strict=True)
+        model.load_state_dict(state, strict=True, assign=assign)
     except RuntimeError as exc:
         first = [line.strip() for line in str(exc).splitlines() if line.strip()][1:2]
         raise ModelError(f"{path}: the weights do not fit the architecture "
