@@ -256,11 +256,9 @@ class RayExecutor:
         decoders = decode_workers(spec.num_workers) if not spec.ray_address else None
         threads = max(1, self.cpus // self.nodes)  # a CPU actor computes with its node's cores,
         # as the local path's model does beside its decoding workers
-        smallest = min((c for c in self.node_cpus if c > 0), default=1.0)
-        cpu = 1.0 if smallest >= 2 else 0.5  # one CPU: the model and the decoding share it (a
-        # whole CPU each, and Ray would wait forever for a second one)
         plan = _Plan(models_ref, models[0].prep, slide_cache, gpus=gpus, decoders=decoders,
-                     threads=threads, batch=spec.batch_size * (4 if gpus else 1), cpu=cpu)
+                     threads=threads, batch=spec.batch_size * (4 if gpus else 1),
+                     cpu=stage_cpus(self.node_cpus))
         n_classes = len(models[0].classes)
         seen: set[int] = set()
         todo = list(zip(positions, (str(p) for p in paths)))
@@ -343,6 +341,12 @@ class RayExecutor:
 
 
 _RETRIES = 2  # Ray retries a task whose worker died this many times
+
+
+def stage_cpus(node_cpus: list[float]) -> float:
+    """The CPUs each inference actor and decoding task asks for: 1, or 0.5 where a node has one
+    CPU (the model and the decoding share it; a whole CPU each, and Ray waited forever)."""
+    return 1.0 if min((c for c in node_cpus if c > 0), default=1.0) >= 2 else 0.5
 
 
 def fold_cpus(requested: int | None, node_cpus: list[float], folds: int, source: str, *,

@@ -38,7 +38,8 @@ def execute(params: Params, *, resume: bool = False, quiet: bool = False, debug:
     workflow = WORKFLOW_OF[type(params)]
     from thumbclf.nn import distributed
 
-    if distributed.active():  # before the workflow's imports: each rank's refusal is quick
+    ranks = distributed.active()  # torchrun
+    if ranks:  # before the workflow's imports: each rank's refusal is quick
         _refuse_ranks(params, workflow)
     from thumbclf.core.privacy import keep_caches_in
     from thumbclf.workflows.run import check_cache_apart
@@ -56,7 +57,7 @@ def execute(params: Params, *, resume: bool = False, quiet: bool = False, debug:
         # Turkish one folds "I" to a dotless "ı" and rejects "PASSIVE", issue 33)
         os.environ.setdefault("OMP_WAIT_POLICY", "passive")
         from thumbclf.workflows.deploy import preflight, run
-    if distributed.active():  # torchrun: rank 0 owns the results folder, the others train along
+    if ranks:  # torchrun: rank 0 owns the results folder, the others train along
         return _execute_ranks(params, workflow, resume=resume, quiet=quiet, debug=debug,
                               progress=progress)
     folder, resume, skip = _folder(params, shard, resume)
