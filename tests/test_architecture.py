@@ -286,17 +286,37 @@ def unsafe_loads(package=PACKAGE) -> list[str]:
     untrusted model or checkpoint file must never be able to run code."""
     found = []
     for path in sorted(package.rglob("*.py")):
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
-                    and isinstance(node.func.value, ast.Name)):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        torches, loads = _torch_names(tree)
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.Call):
                 continue
-            owner, name = node.func.value.id, node.func.attr
+            f = node.func
+            owner = f.value.id if isinstance(f, ast.Attribute) and isinstance(f.value, ast.Name) \
+                else f.value.attr if isinstance(f, ast.Attribute) and \
+                isinstance(f.value, ast.Attribute) else None  # torch.serialization.load
+            name = f.attr if isinstance(f, ast.Attribute) else f.id if isinstance(f, ast.Name) \
+                else None
             safe = any(k.arg == "weights_only" and isinstance(k.value, ast.Constant)
                        and k.value.value is True for k in node.keywords)
-            if (owner == "torch" and name == "load" and not safe) or \
+            torch_load = (name == "load" and owner in torches | {"serialization"}) or \
+                (isinstance(f, ast.Name) and name in loads)
+            if (torch_load and not safe) or \
                     (owner in ("pickle", "cloudpickle", "dill") and name in ("load", "loads")):
                 found.append(f"{path.relative_to(package.parent).as_posix()}:{node.lineno}")
     return found
+
+
+def _torch_names(tree: ast.AST) -> tuple[set[str], set[str]]:
+    """The names a module binds to torch (``import torch as t``) and to its load function
+    (``from torch import load as l``)."""
+    torches, loads = {"torch"}, set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            torches |= {a.asname for a in node.names if a.name == "torch" and a.asname}
+        elif isinstance(node, ast.ImportFrom) and node.module in ("torch", "torch.serialization"):
+            loads |= {a.asname or a.name for a in node.names if a.name == "load"}
+    return torches, loads
 
 
 def test_model_files_are_loaded_as_weights_only():
@@ -314,3 +334,15 @@ def test_an_unsafe_load_is_found(tmp_path):
                               "c = torch.load('m.pt')\n"
                               "d = pickle.loads(b'')\n")
     assert unsafe_loads(pkg) == ["thumbclf/m.py:3", "thumbclf/m.py:4", "thumbclf/m.py:5"]
+
+
+def test_an_unsafe_load_under_another_name_is_found(tmp_path):
+    pkg = tmp_path / "thumbclf"
+    pkg.mkdir()
+    (pkg / "m.py").write_text("import torch as t\nfrom torch import load as fetch\n"
+                              "import torch.serialization\n"
+                              "a = t.load('m.pt')\nb = fetch('m.pt')\n"
+                              "c = torch.serialization.load('m.pt')\n"
+                              "d = fetch('m.pt', weights_only=True)\n"
+                              "e = json.load(f)\n")
+    assert unsafe_loads(pkg) == ["thumbclf/m.py:4", "thumbclf/m.py:5", "thumbclf/m.py:6"]
