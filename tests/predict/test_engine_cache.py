@@ -7,14 +7,9 @@ import shutil
 import pytest
 import torch
 
+from conftest import small_net
+
 CPU = torch.device("cpu")
-
-
-def _net(seed: int):
-    import torchvision
-
-    torch.manual_seed(seed)
-    return torchvision.models.resnet18(num_classes=3).eval()
 
 
 def _choose(model, file, cache):
@@ -39,7 +34,7 @@ def test_a_copied_or_linked_entry_of_another_model_is_not_trusted(tmp_path, capl
     no hash recomputed) made A compute with B, logged as verified; an entry that is a link was
     kept (rmtree(ignore_errors=True) does not delete a link) and run without any check."""
     pytest.importorskip("openvino", reason="OpenVINO is the optional extra thumbclf[openvino]")
-    a, b = _net(0), _net(1)
+    a, b = small_net(0), small_net(1)
     x = torch.randn(4, 3, 64, 64)
     cache_a, cache_b = tmp_path / "cache_a", tmp_path / "cache_b"
     runner, _ = _choose(a, tmp_path / "a.pt", cache_a)

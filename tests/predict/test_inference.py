@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 import torch
-import torchvision
 
+from conftest import small_net
 from thumbclf.predict import inference
 from thumbclf.core.errors import ConfigError
 
@@ -31,8 +31,7 @@ def test_reduced_precision_only_where_the_cpu_computes_it_natively(monkeypatch):
 
 @pytest.fixture(scope="module")
 def tiny_model():
-    torch.manual_seed(0)
-    return torchvision.models.resnet18(num_classes=3).eval()
+    return small_net()
 
 
 @pytest.mark.isolated

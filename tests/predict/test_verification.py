@@ -5,6 +5,8 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import small_net
+
 CPU = torch.device("cpu")
 
 
@@ -39,10 +41,7 @@ def _engine_file(tmp_path, name="model.bin"):
 
 @pytest.fixture()
 def tiny_net():
-    import torchvision
-
-    torch.manual_seed(0)
-    return torchvision.models.resnet18(num_classes=3).eval()
+    return small_net()
 
 
 @pytest.mark.isolated

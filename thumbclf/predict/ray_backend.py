@@ -45,7 +45,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 DECODE_BATCH = 16  # images per decoding task: small enough that a retried task redoes little
 MAX_BLOCKS = 2000  # ... but no more input blocks than this (the driver keeps track of each)
-WORKER_DIED = ("the worker reading this file died {n} times (killed by the system, e.g. out of "
+WORKER_DIED = ("the worker reading this file died {n} (killed by the system, e.g. out of "
                "memory, or a crash in the image/slide reader); left out")
 # Ray Data's threads in this process that end once its execution is shut down, waited for
 # before Ray itself (at most DATA_THREADS_S): its executor waits only 2 s for them, and one still
@@ -284,7 +284,7 @@ class RayExecutor:
                 getattr(stream, "close", lambda: None)()
             todo = [(p, path) for p, path in todo if p not in seen]
         if todo:  # still missing after a task per file: these files kill their worker
-            msg = WORKER_DIED.format(n=1 + _RETRIES)
+            msg = WORKER_DIED.format(n="once" if _RETRIES == 0 else f"{1 + _RETRIES} times")
             yield (np.array([p for p, _ in todo], dtype=np.int64), np.zeros((len(todo), n_classes)),
                    {}, [f"{path}: {msg}" for _, path in todo])
 
