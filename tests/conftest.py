@@ -143,6 +143,7 @@ def train_once(folder: Path, name: str, text: str) -> tuple[Path, Path, subproce
 
 
 EVERY_CORE = frozenset(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+OWN_CORES = set(EVERY_CORE or ())  # this pytest-xdist worker's share (pytest_configure)
 
 
 def pytest_configure(config):
@@ -162,6 +163,8 @@ def pytest_configure(config):
         os.sched_setaffinity(0, cpus[i % n::n])
     elif n > 1:  # more workers than cores: one core each, in turn
         os.sched_setaffinity(0, {cpus[i % len(cpus)]})
+    OWN_CORES.clear()
+    OWN_CORES.update(os.sched_getaffinity(0))
 
 
 @contextlib.contextmanager
@@ -335,7 +338,11 @@ def browser(tmp_path_factory):
     downloads = tmp_path_factory.mktemp("downloads")
     options.add_experimental_option("prefs", {"download.default_directory": str(downloads),
                                               "download.prompt_for_download": False})
-    b = webdriver.Chrome(service=Service(driver), options=options)
+    # Chromium's own temporary folders (org.chromium.Chromium.*) go with the session's, not to
+    # /tmp, where each run left three behind
+    scratch = tmp_path_factory.mktemp("chromium")
+    service = Service(driver, env=dict(os.environ, TMPDIR=str(scratch)))
+    b = webdriver.Chrome(service=service, options=options)
     b.downloads = downloads
     yield b
     b.quit()

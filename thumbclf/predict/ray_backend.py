@@ -8,8 +8,9 @@ pool (``map_batches`` with a class and ``concurrency``; one GPU per actor where 
 GPUs, the models sent once per actor through the object store) -> rows streamed back to the
 driver (``iter_batches``), which appends them to the partial file as the local path does.
 A decoding task whose worker dies is retried by Ray (``max_retries``); a block that still fails
-is dropped (``DataContext.max_errored_blocks``) and its files are tried again one per task, so
-that a file which keeps killing its worker is reported as unreadable and the run goes on.
+is dropped (``DataContext.max_errored_blocks``) and its files are decoded again one per task and
+computed by the driver, so that a file which keeps killing its worker is reported as
+unreadable and the run goes on.
 
 Folds: one Ray task per unfinished fold (``num_gpus=1`` each with GPUs, ``cpus_per_fold`` CPUs
 otherwise), the decoded images shared through the object store; each task writes its fold
@@ -23,7 +24,6 @@ import logging
 import os
 import re
 import signal
-import socket
 import sys
 import threading
 import time
@@ -38,6 +38,7 @@ from thumbclf.core.errors import ConfigError, error_kind, read_failures
 from thumbclf.core.table import ERROR, ERROR_KIND, SIGNALS
 from thumbclf.core.logs import remove_handlers, setup_logging
 from thumbclf.predict.executor import ExecutorSpec
+from thumbclf.predict.ray_address import CONNECT_TIMEOUT, unreachable, why_not_joined
 
 if TYPE_CHECKING:
     from thumbclf.inputs.images import Preprocessing
@@ -72,56 +73,6 @@ def _import_ray():
 
         raise ConfigError(f"executor: ray needs Ray, which is not installed; {RAY_INSTALL}") from None
     return ray
-
-
-CONNECT_TIMEOUT = 10.0  # seconds to wait for a Ray cluster's port to answer
-
-
-# An HTTP/2 client's opening (the preface and an empty SETTINGS frame): Ray's GCS and Ray
-# Client speak gRPC, which answers it with its own SETTINGS frame
-_H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
-
-
-def unreachable(address: str, timeout: float = CONNECT_TIMEOUT) -> str | None:
-    """Why the host:port of a Ray address does not accept a connection within ``timeout``, or
-    does not answer as Ray's gRPC does (the dashboard's port 8265 for the GCS's 6379: Ray would
-    wait forever, issue 33), the whole exchange bounded by ``timeout``; None when it answers,
-    or for addresses without a port ('auto': Ray finds it)."""
-    host, sep, port = address.split("://", 1)[-1].rpartition(":")
-    if not sep or not port.isdigit():
-        return None
-    deadline = time.monotonic() + timeout
-    try:
-        with socket.create_connection((host or "localhost", int(port)), timeout=timeout) as conn:
-            conn.sendall(_H2_PREFACE)
-            head = b""
-            while len(head) < 9:
-                conn.settimeout(max(0.01, deadline - time.monotonic()))
-                chunk = conn.recv(9 - len(head))
-                if not chunk:
-                    break
-                head += chunk
-    except socket.timeout:
-        return "no answer from that port: is it a Ray cluster's address (the GCS, default 6379)?"
-    except OSError as exc:
-        return exc.strerror or type(exc).__name__
-    if len(head) < 9 or head[3] != 0x04:  # not an HTTP/2 SETTINGS frame: not gRPC
-        return ("the port answers, but not as Ray does (the dashboard's 8265, or another "
-                "service?); give the GCS address, default port 6379")
-    return None
-
-
-def why_not_joined(exc: BaseException) -> str:
-    """The first line of why Ray could not start or join, or, where the cluster refused for
-    want of its token (Ray's token authentication, on by default since Ray 2.59, which the
-    error says only deep in its causes), what to do about it."""
-    cause: BaseException | None = exc
-    while cause is not None:
-        if "Authentication token is missing" in str(cause):
-            return ("the cluster asks for its token (Ray's token authentication): run with "
-                    "RAY_AUTH_MODE=token, the token in ~/.ray/auth_token or RAY_AUTH_TOKEN")
-        cause = cause.__cause__ or cause.__context__
-    return str(exc).splitlines()[0]
 
 
 # Ray's C++ log line: "[2026-12-02 03:58:07,818 E 11120 11120] core_worker.cc:2465: ..."
@@ -259,34 +210,55 @@ class RayExecutor:
         plan = _Plan(models_ref, models[0].prep, slide_cache, gpus=gpus, decoders=decoders,
                      threads=threads, batch=spec.batch_size * (4 if gpus else 1),
                      cpu=stage_cpus(self.node_cpus))
-        n_classes = len(models[0].classes)
         seen: set[int] = set()
         todo = list(zip(positions, (str(p) for p in paths)))
-        for attempt, block in ((1, DECODE_BATCH), (2, 1)):
-            if not todo:
-                break
-            if attempt == 2:
-                log.warning("%d images were in decoding tasks whose worker died; trying them "
-                            "again one file per task", len(todo))
-            ds = self._dataset(todo, block, plan)
-            stream = iter(ds.iter_batches(batch_size=None, batch_format="numpy"))
+        stream = iter(self._dataset(todo, DECODE_BATCH, plan).iter_batches(
+            batch_size=None, batch_format="numpy"))
+        try:
+            for out in stream:
+                pos = np.asarray(out["position"], dtype=np.int64)
+                seen.update(pos.tolist())
+                signals = {c: np.asarray(out[c], dtype=float) for c in SIGNALS}
+                if band is not None:
+                    band.count(np.asarray(out["recomputed"], dtype=bool))
+                yield (pos, np.asarray(out["probs"], dtype=float),
+                       {c: v for c, v in signals.items() if not np.isnan(v).all()},
+                       read_failures(out[ERROR], out[ERROR_KIND]))
+        finally:  # stopped early (Ctrl-C): end Ray Data's execution before Ray itself
+            getattr(stream, "close", lambda: None)()
+        todo = [(p, path) for p, path in todo if p not in seen]
+        if todo:
+            log.warning("%d images were in decoding tasks whose worker died; trying them "
+                        "again one file per task", len(todo))
+            yield from self._one_by_one(todo, plan, models, runners, device)
+
+    def _one_by_one(self, todo, plan: _Plan, models, runners, device) -> Iterator:
+        """The files of the decoding tasks whose worker died, each decoded in a task of its own
+        and computed here with ``runners``; a file that ends every worker: an error row. Not a
+        second pipeline: its new actors waited forever for the CPUs (or GPU) that the first
+        one's actors hold until Ray collects them (seen on 2 CPUs, issue 32)."""
+        import torch
+
+        from thumbclf.predict.ensemble import exact_runners
+        from thumbclf.predict.local import computed
+
+        ray = self.ray
+        runners = runners or exact_runners(models, device)
+        task = ray.remote(_decode_batch).options(num_cpus=plan.cpu, max_retries=_RETRIES)
+        refs = [(p, path, task.remote({"position": np.array([p]), "path": np.array([path])},
+                                      prep=plan.prep, slide_cache=plan.slide_cache))
+                for p, path in todo]
+        died = WORKER_DIED.format(n="once" if _RETRIES == 0 else f"{1 + _RETRIES} times")
+        for p, path, ref in refs:
             try:
-                for out in stream:
-                    pos = np.asarray(out["position"], dtype=np.int64)
-                    seen.update(pos.tolist())
-                    signals = {c: np.asarray(out[c], dtype=float) for c in SIGNALS}
-                    if band is not None:
-                        band.count(np.asarray(out["recomputed"], dtype=bool))
-                    yield (pos, np.asarray(out["probs"], dtype=float),
-                           {c: v for c, v in signals.items() if not np.isnan(v).all()},
-                           read_failures(out[ERROR], out[ERROR_KIND]))
-            finally:  # stopped early (Ctrl-C): end Ray Data's execution before Ray itself
-                getattr(stream, "close", lambda: None)()
-            todo = [(p, path) for p, path in todo if p not in seen]
-        if todo:  # still missing after a task per file: these files kill their worker
-            msg = WORKER_DIED.format(n="once" if _RETRIES == 0 else f"{1 + _RETRIES} times")
-            yield (np.array([p for p, _ in todo], dtype=np.int64), np.zeros((len(todo), n_classes)),
-                   {}, [f"{path}: {msg}" for _, path in todo])
+                out = ray.get(ref)
+            except (ray.exceptions.WorkerCrashedError, ray.exceptions.OutOfMemoryError):
+                yield (np.array([p]), np.zeros((1, len(models[0].classes))), {},
+                       [f"{path}: {died}"])
+                continue
+            yield from computed(models, runners, [(
+                out["position"], torch.from_numpy(out["image"]),
+                read_failures(out[ERROR], out[ERROR_KIND]), out["looks"])], device, self.spec.tta)
 
     def _dataset(self, todo, block: int, plan: _Plan):
         import pandas as pd
