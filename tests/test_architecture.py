@@ -325,24 +325,20 @@ def test_model_files_are_loaded_as_weights_only():
     assert unsafe_loads() == []
 
 
-def test_an_unsafe_load_is_found(tmp_path):
+@pytest.mark.parametrize("source, found", [
+    ("import pickle, torch\n"
+     "a = torch.load('m.pt', weights_only=True)\n"
+     "b = torch.load('m.pt', weights_only=False)\n"
+     "c = torch.load('m.pt')\n"
+     "d = pickle.loads(b'')\n", [3, 4, 5]),
+    ("import torch as t\nfrom torch import load as fetch\n"  # under another name
+     "import torch.serialization\n"
+     "a = t.load('m.pt')\nb = fetch('m.pt')\n"
+     "c = torch.serialization.load('m.pt')\n"
+     "d = fetch('m.pt', weights_only=True)\n"
+     "e = json.load(f)\n", [4, 5, 6])])
+def test_an_unsafe_load_is_found(tmp_path, source, found):
     pkg = tmp_path / "thumbclf"
     pkg.mkdir()
-    (pkg / "m.py").write_text("import pickle, torch\n"
-                              "a = torch.load('m.pt', weights_only=True)\n"
-                              "b = torch.load('m.pt', weights_only=False)\n"
-                              "c = torch.load('m.pt')\n"
-                              "d = pickle.loads(b'')\n")
-    assert unsafe_loads(pkg) == ["thumbclf/m.py:3", "thumbclf/m.py:4", "thumbclf/m.py:5"]
-
-
-def test_an_unsafe_load_under_another_name_is_found(tmp_path):
-    pkg = tmp_path / "thumbclf"
-    pkg.mkdir()
-    (pkg / "m.py").write_text("import torch as t\nfrom torch import load as fetch\n"
-                              "import torch.serialization\n"
-                              "a = t.load('m.pt')\nb = fetch('m.pt')\n"
-                              "c = torch.serialization.load('m.pt')\n"
-                              "d = fetch('m.pt', weights_only=True)\n"
-                              "e = json.load(f)\n")
-    assert unsafe_loads(pkg) == ["thumbclf/m.py:4", "thumbclf/m.py:5", "thumbclf/m.py:6"]
+    (pkg / "m.py").write_text(source)
+    assert unsafe_loads(pkg) == [f"thumbclf/m.py:{n}" for n in found]

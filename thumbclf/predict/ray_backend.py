@@ -212,7 +212,7 @@ class RayExecutor:
                      cpu=stage_cpus(self.node_cpus))
         seen: set[int] = set()
         todo = list(zip(positions, (str(p) for p in paths)))
-        stream = iter(self._dataset(todo, DECODE_BATCH, plan).iter_batches(
+        stream = iter(self._dataset(todo, plan).iter_batches(
             batch_size=None, batch_format="numpy"))
         try:
             for out in stream:
@@ -260,23 +260,23 @@ class RayExecutor:
                 out["position"], torch.from_numpy(out["image"]),
                 read_failures(out[ERROR], out[ERROR_KIND]), out["looks"])], device, self.spec.tta)
 
-    def _dataset(self, todo, block: int, plan: _Plan):
+    def _dataset(self, todo, plan: _Plan):
         import pandas as pd
 
         ray = self.ray
         frame = pd.DataFrame({"position": [p for p, _ in todo],
                               "path": pd.Series([s for _, s in todo], dtype=object)})
-        rows = max(block, -(-len(todo) // MAX_BLOCKS))  # a task decodes one block; few blocks
+        rows = max(DECODE_BATCH, -(-len(todo) // MAX_BLOCKS))  # a task decodes one block; few blocks
         ds = ray.data.from_pandas([frame.iloc[i:i + rows] for i in range(0, len(frame), rows)])
         decode_args: dict[str, Any] = {"num_cpus": plan.cpu, "max_retries": _RETRIES}
         if plan.decoders:
             decode_args["concurrency"] = plan.decoders
         with warnings.catch_warnings():  # max_retries & co. have no named parameter (Ray 2.60)
             warnings.simplefilter("ignore", DeprecationWarning)
-            return self._stages(ds, block, plan, decode_args)
+            return self._stages(ds, plan, decode_args)
 
-    def _stages(self, ds, block: int, plan: _Plan, decode_args: dict[str, Any]):
-        ds = ds.map_batches(_decode_batch, batch_size=block, batch_format="numpy",
+    def _stages(self, ds, plan: _Plan, decode_args: dict[str, Any]):
+        ds = ds.map_batches(_decode_batch, batch_size=DECODE_BATCH, batch_format="numpy",
                             fn_kwargs={"prep": plan.prep, "slide_cache": plan.slide_cache},
                             **decode_args)
         return ds.map_batches(
