@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from thumbclf.inputs import synth  # noqa: E402
-from thumbclf.core.machine import cores  # noqa: E402
+from thumbclf.core.machine import cores, keep_freed_memory  # noqa: E402
 from thumbclf.config import TRAIN, load_params  # noqa: E402
 from thumbclf.nn.models import build_model  # noqa: E402
 from thumbclf.nn.freeze import freeze
@@ -125,8 +125,9 @@ def thumbclf_train(table: Path, epochs: int, batch: int, freeze_ratio: float, de
 
 
 def thumbclf_deploy(table_or_folder: Path, model: Path, batch: int, device: str, tag: str,
-                    extra: dict | None = None) -> dict:
-    """Run deploy in a subprocess; return its throughput and peak memory (main process)."""
+                    extra: dict | None = None, env: dict | None = None) -> dict:
+    """Run deploy in a subprocess (``env``: added to its environment); return its throughput
+    and peak memory (main process)."""
     out = OUT / f"deploy-{tag}"
     shutil.rmtree(out, ignore_errors=True)
     exp = OUT / f"deploy-{tag}.json"
@@ -135,7 +136,7 @@ def thumbclf_deploy(table_or_folder: Path, model: Path, batch: int, device: str,
                                "gradcam": 0, **(extra or {})}))
     t = time.perf_counter()
     proc = subprocess.Popen([sys.executable, str(ROOT / "deploy_thumbclassifier.py"), str(exp),
-                             "--quiet"], cwd=ROOT)
+                             "--quiet"], cwd=ROOT, env={**os.environ, **(env or {})})
     status = proc.wait()
     wall = time.perf_counter() - t
     if status != 0:
@@ -171,6 +172,7 @@ def main() -> None:
     ap.add_argument("--memory", default="1000,10000", help="image counts for the memory test ('' = skip)")
     ap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     args = ap.parse_args()
+    keep_freed_memory()  # the model's limits as a run computes (thumbclf's runs keep it)
     device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
     if device.type == "cpu":
         torch.set_num_threads(cores())

@@ -3,7 +3,7 @@
 
     python bench/inference.py [--images 1200] [--train-images 280] [--epochs 3] [--workers 1,-1]
                               [--combos] [--memory 10000] [--small] [--model FILE]
-                              [--rule-cost ROUNDS]
+                              [--rule-cost ROUNDS] [--allocator ROUNDS]
 
 1. PyTorch fp32's model-only limits (resnet18, batch 64, channels_last, random tensors in memory):
    inference, and a training step (freezeRatio 0.5).
@@ -27,6 +27,9 @@
 ``--rule-cost N`` (issue 28): the unfamiliar rule's cost, the default deploy of the model against
    the same model file without the rule (older model files: confidence only), N rounds each,
    alternating, caches warmed first; the median rates and their ratio.
+``--allocator N``: the same for the memory a run keeps between batches (core/machine.py:
+   keep_freed_memory), against glibc's default malloc behaviour; with the peak memory of each.
+The model-only limits are measured as a run computes, with freed memory kept.
 Not a test: figures depend on the machine; on a shared machine only the ratios count.
 """
 
@@ -42,6 +45,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench as B  # noqa: E402
 
+from thumbclf.core import machine  # noqa: E402
 from thumbclf.predict import inference  # noqa: E402
 
 COMBOS = [("torch", "fp32"), ("torch", "bf16"), ("openvino", "fp32"), ("openvino", "bf16"),
@@ -115,8 +119,12 @@ def main() -> None:
     ap.add_argument("--model", type=Path, help="deploy this model file (skips training, part 2)")
     ap.add_argument("--rule-cost", type=int, default=0, metavar="ROUNDS",
                     help="only the unfamiliar rule's cost: ROUNDS deploys with and without it")
+    ap.add_argument("--allocator", type=int, default=0, metavar="ROUNDS",
+                    help="only the memory kept between batches: ROUNDS deploys with and "
+                         "without it (glibc's defaults)")
     args = ap.parse_args()
     B.OUT.mkdir(parents=True, exist_ok=True)
+    machine.keep_freed_memory()  # the limits as a run computes (thumbclf's runs keep it)
     import torch
 
     torch.set_num_threads(B.cores())
@@ -135,44 +143,80 @@ def main() -> None:
     if args.rule_cost:
         rule_cost(table, model, args)
         return
+    if args.allocator:
+        allocator_cost(table, model, args)
+        return
     deploys(table, model, args, limit)
 
 
 def rule_cost(table: Path, model: Path, args) -> None:
     """The default deploy with and without the unfamiliar rule, alternating (issue 28: the rule
     may cost at most 5% of the throughput)."""
-    import statistics
     from dataclasses import replace
 
     from thumbclf.nn.models import load_model, save_model
 
+    bare = B.OUT / "model-without-rule.pt"
+    save_model(bare, replace(load_model(model), familiarity=None))
+    alternate(table, args, "the unfamiliar rule's cost", "rule", args.rule_cost,
+              {"with": (model, {}), "without": (bare, {})})
+
+
+# glibc's own malloc behaviour: a setting of the user's, which thumbclf leaves as it is
+# (core/machine.MALLOC_SETTINGS); this tunable is glibc's default value
+GLIBC_DEFAULTS = {"GLIBC_TUNABLES": "glibc.malloc.check=0"}
+
+
+def allocator_cost(table: Path, model: Path, args) -> None:
+    """The default deploy as thumbclf runs it (freed memory kept for the next batch,
+    core/machine.keep_freed_memory) and with glibc's default malloc behaviour, alternating."""
+    alternate(table, args, "memory kept between batches", "malloc", args.allocator,
+              {"with": (model, {}), "without": (model, GLIBC_DEFAULTS)})
+
+
+def alternate(table: Path, args, what: str, tag: str, rounds: int,
+              variants: dict[str, tuple[Path, dict]]) -> None:
+    """Default deploys of each variant (name: model file, environment), ``rounds`` rounds,
+    alternating, caches warmed first; the median rates, and the first variant against the
+    second."""
+    import statistics
+
     size = "-small" if args.small else ""
     if args.small:
         table = B.make_data(args.train_images, B.SMALL)
-    bare = B.OUT / "model-without-rule.pt"
-    save_model(bare, replace(load_model(model), familiarity=None))
-    print(f"\n3. the unfamiliar rule's cost: default deploys of {args.images} images, with the "
-          f"rule and without it, {args.rule_cost} rounds, alternating")
+    print(f"\n3. {what}: default deploys of {args.images} images, "
+          f"{' and '.join(variants)}, {rounds} rounds, alternating")
+    first, second = list(variants)
     for kind in ("jpg", "png"):
         folder = B.many_links(table, args.images, suffix=f".{kind}")
-        models = {"with": model, "without": bare}
-        rates: dict[str, list[float]] = {name: [] for name in models}
-        for name, m in models.items():  # warm: the conversion and the gate are cached
-            shutil.rmtree(B.OUT / f"cache-rule-{name}-{kind}{size}", ignore_errors=True)
-            deploy(folder, m, f"rule-{name}-{kind}{size}", -1,
-                   cache_dir=str(B.OUT / f"cache-rule-{name}-{kind}{size}"))
-        for r in range(args.rule_cost):
-            for name in (("with", "without") if r % 2 == 0 else ("without", "with")):
-                d = deploy(folder, models[name], f"rule-{name}-{kind}{size}", -1,
-                           cache_dir=str(B.OUT / f"cache-rule-{name}-{kind}{size}"))
+        rates: dict[str, list[float]] = {name: [] for name in variants}
+        cache = {name: B.OUT / f"cache-{tag}-{name}-{kind}{size}" for name in variants}
+
+        def run(name: str) -> dict:
+            model, env = variants[name]
+            d = B.thumbclf_deploy(folder, model, 64, "cpu", f"{tag}-{name}-{kind}{size}",
+                                  extra={"num_workers": -1, "cache_dir": str(cache[name])},
+                                  env=env)
+            d["rate"] = d["images"] / d["predict_s"]
+            return d
+
+        for name in variants:  # warm: the conversion and the gate are cached
+            shutil.rmtree(cache[name], ignore_errors=True)
+            run(name)
+        memory: dict[str, list[float]] = {name: [] for name in variants}
+        for r in range(rounds):
+            for name in (list(variants) if r % 2 == 0 else list(variants)[::-1]):
+                d = run(name)
                 rates[name].append(d["rate"])
+                memory[name].append(d["peak_rss_mb"])
         med = {name: statistics.median(v) for name, v in rates.items()}
-        print(f"   {kind.upper()}{size}: with the rule {med['with']:.1f} img/s, without "
-              f"{med['without']:.1f} (median of {args.rule_cost}; each: "
+        print(f"   {kind.upper()}{size}: {first} {med[first]:.1f} img/s, {second} "
+              f"{med[second]:.1f} (median of {rounds}; each: "
               + "; ".join(f"{n} {', '.join(f'{x:.1f}' for x in v)}" for n, v in rates.items())
-              + f"): the rule costs {1 - med['with'] / med['without']:+.1%}")
-        print(json.dumps({"kind": kind + size, "with_rule": rates["with"],
-                          "without_rule": rates["without"]}))
+              + f"): {first} {med[first] / med[second] - 1:+.1%}; peak memory "
+              + ", ".join(f"{n} {max(v):.0f} MB" for n, v in memory.items()))
+        print(json.dumps({"kind": kind + size, **{f"{tag}_{n}": v for n, v in rates.items()},
+                          **{f"peak_mb_{n}": v for n, v in memory.items()}}))
 
 
 def train(table: Path, args, train_limit: float) -> Path:

@@ -353,7 +353,10 @@ class _Plan:
 
 def _decode_batch(batch: dict, *, prep, slide_cache) -> dict:
     """Ray Data task: decode a batch of files (unreadable ones: white image plus the reason)."""
+    from thumbclf.core.machine import keep_freed_memory
     from thumbclf.nn.data import FileImages, collate
+
+    keep_freed_memory()
 
     files = FileImages([Path(p) for p in batch["path"]], prep, slide_cache)
     _, images, errors, looks = collate([files[i] for i in range(len(files))], prep.size,
@@ -370,9 +373,11 @@ class _Infer:
         import ray
         import torch
 
+        from thumbclf.core.machine import keep_freed_memory
         from thumbclf.nn.training import pick_device
         from thumbclf.predict.inference import rebuild
 
+        keep_freed_memory()  # a process of Ray's that serves this deploy's batches
         if isinstance(models, ray.ObjectRef):
             models = ray.get(models)
         self.models, self.tta = models, tta
@@ -403,8 +408,10 @@ def _fold_task(fn: Callable, fold: int, shared: dict, threads: int, device_name:
     """Ray task: train one fold with ``threads`` CPU threads, logging into the run's run.log."""
     import torch
 
+    from thumbclf.core.machine import keep_freed_memory
     from thumbclf.nn.training import pick_device
 
+    keep_freed_memory()
     setup_logging(Path(shared["folder"]), quiet=not progress, tag=f"fold {fold}, pid {os.getpid()}")
     try:
         device = pick_device(device_name)

@@ -19,6 +19,16 @@ log = logging.getLogger(__name__)
 EXPERIMENT_COPY = "experiment.yaml"  # a dict experiment is saved as this in its results folder
 
 
+def _settle_process(params: Params) -> None:
+    """What this process keeps for the run, before the workflow's imports and first batch: the
+    libraries' caches in the run's cache folder, and freed memory for the next batch."""
+    from thumbclf.core.machine import keep_freed_memory
+    from thumbclf.core.privacy import keep_caches_in
+
+    keep_caches_in(params.cache_root)  # before the workflow imports matplotlib
+    keep_freed_memory()
+
+
 def execute(params: Params, *, resume: bool = False, quiet: bool = False, debug: bool = False,
             progress: bool = True, raw: dict | None = None, shard=None) -> Path:
     """Prepare the results folder, log into it and run the params' workflow; return the folder.
@@ -41,11 +51,10 @@ def execute(params: Params, *, resume: bool = False, quiet: bool = False, debug:
     ranks = distributed.active()  # torchrun
     if ranks:  # before the workflow's imports: each rank's refusal is quick
         _refuse_ranks(params, workflow)
-    from thumbclf.core.privacy import keep_caches_in
     from thumbclf.workflows.run import check_cache_apart
 
     check_cache_apart(params)  # before anything is written into the cache folder
-    keep_caches_in(params.cache_root)  # before the workflow imports matplotlib
+    _settle_process(params)
     if workflow == TRAIN:
         from thumbclf.workflows.train import preflight, run
     elif workflow == "pretrain":
