@@ -163,7 +163,7 @@ def rule_cost(table: Path, model: Path, args) -> None:
 
 
 # glibc's own malloc behaviour: a setting of the user's, which thumbclf leaves as it is
-# (core/machine.MALLOC_SETTINGS); this tunable is glibc's default value
+# (core/machine.user_set_malloc); this tunable is glibc's default value
 GLIBC_DEFAULTS = {"GLIBC_TUNABLES": "glibc.malloc.check=0"}
 
 
@@ -213,7 +213,7 @@ def alternate(table: Path, args, what: str, tag: str, rounds: int,
         print(f"   {kind.upper()}{size}: {first} {med[first]:.1f} img/s, {second} "
               f"{med[second]:.1f} (median of {rounds}; each: "
               + "; ".join(f"{n} {', '.join(f'{x:.1f}' for x in v)}" for n, v in rates.items())
-              + f"): {first} {med[first] / med[second] - 1:+.1%}; peak memory "
+              + f"): {first} against {second} {med[first] / med[second] - 1:+.1%}; peak memory "
               + ", ".join(f"{n} {max(v):.0f} MB" for n, v in memory.items()))
         print(json.dumps({"kind": kind + size, **{f"{tag}_{n}": v for n, v in rates.items()},
                           **{f"peak_mb_{n}": v for n, v in memory.items()}}))

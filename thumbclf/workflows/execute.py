@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Iterator
 
 from thumbclf.config import Params
+from thumbclf.core.machine import returned_memory
 from thumbclf.core.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -74,7 +75,7 @@ def execute(params: Params, *, resume: bool = False, quiet: bool = False, debug:
         return folder
     check_output(folder, resume=resume)  # everything that can be checked before the
     preflight(params)  # first file is written: the folder, the inputs, weights, caches
-    with prepare_output(folder, resume=resume):  # the folder is this run's until it returns
+    with prepare_output(folder, resume=resume), returned_memory():  # the run's, until it ends
         if raw is not None:
             copy = folder / EXPERIMENT_COPY
             if not (resume and copy.is_file()):
