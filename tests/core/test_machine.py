@@ -142,3 +142,15 @@ def test_a_run_keeps_freed_memory_before_its_first_batch(tmp_path, monkeypatch):
                      f"modelAdr: {tmp_path / 'none.pt'}\n")
     r = run_script("deploy_thumbclassifier.py", str(exp))
     assert r.returncode == 2 and calls == [1], r.stderr
+
+
+def test_a_deploy_says_whether_it_kept_freed_memory(tiny_model, tiny_data, tmp_path):
+    import json
+
+    exp = write_yaml(tmp_path / "d.yaml", f"thumbData: {tiny_data}\nmodelAdr: {tiny_model}\n"
+                     "bootstrap: 0\ngradcam: 0\nnum_workers: 0\n")
+    r = run_script("deploy_thumbclassifier.py", str(exp), "--output", str(tmp_path / "d"))
+    assert r.returncode == 0, r.stderr
+    timings = json.loads((tmp_path / "d" / "timings.json").read_text())
+    glibc = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+    assert timings["memory_kept"] is (glibc and not machine.user_set_malloc())

@@ -77,8 +77,9 @@ MEANINGS: dict[str, str] = {  # what each name holds (the docs' results-folder p
                         "experiment given to the Python API as a dict)",
     "run.log": "everything the run logged, at DEBUG level (the console shows INFO)",
     ".thumbclf.lock": "held while a run works in the folder: its process id and start time",
-    "timings.json": "seconds per step, images/s, peak memory, Ray's start-up, and which "
-                    "inference engine and precision computed (read by `bench/`)",
+    "timings.json": "seconds per step, images/s, peak memory, whether freed memory was kept "
+                    "for the next batch, Ray's start-up, and which inference engine and "
+                    "precision computed (read by `bench/`)",
     "predictions.csv": "the predictions table (training: the pooled out-of-fold predictions; "
                        "deploy: every input); see [Predictions table](predictions-table.md)",
     "metrics.json": "every number of the evaluation (pooled and per fold), with 95% "

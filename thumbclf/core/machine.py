@@ -84,6 +84,12 @@ def keep_freed_memory() -> bool:
     return bool(libc.mallopt(M_TRIM_THRESHOLD, KEEP_FREE))
 
 
+def memory_kept() -> bool:
+    """Whether this process keeps freed memory (``keep_freed_memory`` was called and applied),
+    without applying it: for timings.json."""
+    return bool(keep_freed_memory.cache_info().currsize) and keep_freed_memory()
+
+
 @contextlib.contextmanager
 def returned_memory() -> Iterator[None]:
     """A run's block: after it, the freed memory that ``keep_freed_memory`` kept goes back to
@@ -92,5 +98,5 @@ def returned_memory() -> Iterator[None]:
     try:
         yield
     finally:
-        if keep_freed_memory.cache_info().currsize and keep_freed_memory():
+        if memory_kept():
             _glibc().malloc_trim(0)

@@ -18,6 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from thumbclf.core import layout
+from thumbclf.core.machine import memory_kept
 from thumbclf.core import table as table_io
 from thumbclf.core.decide import decide_with_reasons
 from thumbclf.core.errors import (DataError, ImageReadError, ModelError, OutputError, ReadFailure,
@@ -151,7 +152,8 @@ def predict_stream(models, sample_set: SampleSet, folder: Path, *, spec: Inferen
     secs = time.perf_counter() - start
     atomic_text(json.dumps({"predict_seconds": round(secs, 3), "images": len(todo),
                             **how, "threads": torch.get_num_threads(),
-                            "peak_memory_mb": peak_memory_mb(), "inference": engine_note},
+                            "peak_memory_mb": peak_memory_mb(), "memory_kept": memory_kept(),
+                            "inference": engine_note},
                            indent=1),
                 folder / layout.TIMINGS)
     log.info("predicted %d images in %.1fs (%.1f images/s)%s", len(todo), secs,

@@ -417,7 +417,8 @@ def run(params: TrainParams, *, resume: bool = False, progress: bool = True) -> 
     _evaluate(params, folder, results, sample_set, split_df, prep=prep, arch=arch, device=device,
               notes=[corrected] if corrected else [])
     timings = {"decode_seconds": round(decoded.seconds, 3),
-               "total_seconds": round(time.perf_counter() - started, 3), "images": len(sample_set)}
+               "total_seconds": round(time.perf_counter() - started, 3), "images": len(sample_set),
+               "memory_kept": machine.memory_kept()}
     atomic_text(json.dumps(timings, indent=1), folder / layout.TIMINGS)
     log.info("done in %.0fs; results in %s", time.perf_counter() - started, folder)
     return folder
