@@ -99,9 +99,12 @@ def agreement(a: dict, b: dict) -> str:
     return f"decisions equal on {same} of {len(ta)} images, probabilities within {diff:.1e}"
 
 
-def deploy(folder: Path, model: Path, tag: str, workers: int, **keys) -> dict:
-    """One deploy in its own process; images/s of its prediction step (gate included)."""
-    d = B.thumbclf_deploy(folder, model, 64, "cpu", tag, extra={"num_workers": workers, **keys})
+def deploy(folder: Path, model: Path, tag: str, workers: int, env: dict | None = None,
+           **keys) -> dict:
+    """One deploy in its own process (``env``: added to its environment); images/s of its
+    prediction step (gate included)."""
+    d = B.thumbclf_deploy(folder, model, 64, "cpu", tag, extra={"num_workers": workers, **keys},
+                          env=env)
     d["rate"] = d["images"] / d["predict_s"]
     return d
 
@@ -194,11 +197,8 @@ def alternate(table: Path, args, what: str, tag: str, rounds: int,
 
         def run(name: str) -> dict:
             model, env = variants[name]
-            d = B.thumbclf_deploy(folder, model, 64, "cpu", f"{tag}-{name}-{kind}{size}",
-                                  extra={"num_workers": -1, "cache_dir": str(cache[name])},
-                                  env=env)
-            d["rate"] = d["images"] / d["predict_s"]
-            return d
+            return deploy(folder, model, f"{tag}-{name}-{kind}{size}", -1, env=env,
+                          cache_dir=str(cache[name]))
 
         for name in variants:  # warm: the conversion and the gate are cached
             shutil.rmtree(cache[name], ignore_errors=True)

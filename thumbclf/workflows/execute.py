@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Iterator
 
 from thumbclf.config import Params
-from thumbclf.core.machine import returned_memory
+from thumbclf.core import machine
 from thumbclf.core.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -23,11 +23,10 @@ EXPERIMENT_COPY = "experiment.yaml"  # a dict experiment is saved as this in its
 def _settle_process(params: Params) -> None:
     """What this process keeps for the run, before the workflow's imports and first batch: the
     libraries' caches in the run's cache folder, and freed memory for the next batch."""
-    from thumbclf.core.machine import keep_freed_memory
     from thumbclf.core.privacy import keep_caches_in
 
     keep_caches_in(params.cache_root)  # before the workflow imports matplotlib
-    keep_freed_memory()
+    machine.keep_freed_memory()
 
 
 def execute(params: Params, *, resume: bool = False, quiet: bool = False, debug: bool = False,
@@ -75,7 +74,7 @@ def execute(params: Params, *, resume: bool = False, quiet: bool = False, debug:
         return folder
     check_output(folder, resume=resume)  # everything that can be checked before the
     preflight(params)  # first file is written: the folder, the inputs, weights, caches
-    with prepare_output(folder, resume=resume), returned_memory():  # the run's, until it ends
+    with prepare_output(folder, resume=resume), machine.returned_memory():  # the run's
         if raw is not None:
             copy = folder / EXPERIMENT_COPY
             if not (resume and copy.is_file()):
