@@ -50,10 +50,15 @@ def test_ray_log_lines_on_stderr_go_to_run_log(tmp_path, capfd):
     assert "core_worker.cc:2465: Actor with class name" in (tmp_path / "run.log").read_text()
 
 
-def test_ray_is_shut_down_only_after_ray_datas_execution_threads_have_ended():
+@pytest.mark.parametrize("name", ["StreamingExecutor-x", "iter_threaded"])
+def test_ray_is_shut_down_only_after_ray_datas_execution_threads_have_ended(name):
     """A deploy interrupted on a busy machine once ended the whole process (the test worker;
     a notebook's kernel): a Ray Data thread still running after ray.shutdown() read Ray's
-    worker ("The core worker has already been shutdown ... The process will exit")."""
+    worker ("The core worker has already been shutdown ... The process will exit"). First the
+    streaming executor's thread; then, in a full suite, one of the threads that turn blocks
+    into batches (``iter_threaded``: it was fetching the next block when the consumer stopped).
+    Not the block prefetcher's: it parks until its iterator is collected, and fetches nothing
+    once the batches are closed."""
     import threading
     import time
 
@@ -61,13 +66,13 @@ def test_ray_is_shut_down_only_after_ray_datas_execution_threads_have_ended():
 
     ended = []
     executor = threading.Thread(target=lambda: (time.sleep(0.5), ended.append(1)),
-                                name="StreamingExecutor-x", daemon=True)
+                                name=name, daemon=True)
     other = threading.Thread(target=time.sleep, args=(5,), name="Prefetcher", daemon=True)
     executor.start()
     other.start()
     t = time.monotonic()
     ray_backend.wait_for_data_threads()
-    assert ended == [1] and time.monotonic() - t < 4  # the executor's, not every thread
+    assert ended == [1] and time.monotonic() - t < 4  # Ray Data's working threads, not every
 
 
 def test_a_cluster_that_asks_for_its_token_says_so_in_one_line(monkeypatch):
