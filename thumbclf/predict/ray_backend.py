@@ -54,7 +54,7 @@ WORKER_DIED = ("the worker reading this file died {n} (killed by the system, e.g
 # worker has already been shutdown ... The process will exit": seen once, a deploy interrupted
 # on a busy machine; for a notebook that is the kernel). ``iter_threaded``: the threads that turn
 # blocks into batches; one fetching the next block when the deploy was interrupted did the same
-# (1 interrupted deploy in 4 on a busy machine). Not the block prefetcher's "Prefetcher": it
+# (1 interrupted deploy in 6 on a busy machine). Not the block prefetcher's "Prefetcher": it
 # parks until its iterator is collected and fetches nothing once the batches are closed
 DATA_THREADS = ("StreamingExecutor-", "ray-data-metadata-prefetch", "iter_threaded")
 DATA_THREADS_S = 30.0
