@@ -57,8 +57,8 @@ def test_ray_is_shut_down_only_after_ray_datas_execution_threads_have_ended(name
     worker ("The core worker has already been shutdown ... The process will exit"). First the
     streaming executor's thread; then, in a full suite, one of the threads that turn blocks
     into batches (``iter_threaded``: it was fetching the next block when the consumer stopped).
-    Not the block prefetcher's: it parks until its iterator is collected, and fetches nothing
-    once the batches are closed."""
+    Not the block prefetcher's: it stays parked for the life of the process, and a deploy
+    gives it nothing to fetch (prefetch_batches=0)."""
     import threading
     import time
 

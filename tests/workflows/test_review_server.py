@@ -100,6 +100,7 @@ def test_bad_lengths_deep_nesting_and_hang_ups_are_refused_without_traceback(ser
     not the server's 10 s (issue 32: the test waited it out on an otherwise idle core)."""
     from thumbclf.workflows import review_server
 
+    assert review_server._Handler.timeout == review_server.READ_TIMEOUT_S  # the server's own
     monkeypatch.setattr(review_server._Handler, "timeout", 1.0)
     folder, server = served
     port = server.server_address[1]

@@ -55,7 +55,9 @@ WORKER_DIED = ("the worker reading this file died {n} (killed by the system, e.g
 # on a busy machine; for a notebook that is the kernel). ``iter_threaded``: the threads that turn
 # blocks into batches; one fetching the next block when the deploy was interrupted did the same
 # (1 interrupted deploy in 6 on a busy machine). Not the block prefetcher's "Prefetcher": it
-# parks until its iterator is collected and fetches nothing once the batches are closed
+# stays parked for the life of the process (nothing stops it after an early close, so waiting
+# would always cost DATA_THREADS_S), and with prefetch_batches=0 (predict) it is given nothing
+# to fetch, so it never calls Ray
 DATA_THREADS = ("StreamingExecutor-", "ray-data-metadata-prefetch", "iter_threaded")
 DATA_THREADS_S = 30.0
 
@@ -215,8 +217,11 @@ class RayExecutor:
                      cpu=stage_cpus(self.node_cpus))
         seen: set[int] = set()
         todo = list(zip(positions, (str(p) for p in paths)))
+        # prefetch_batches=0: the rows need no prefetching here (they are small, and the
+        # actors computed them), and a prefetch thread's ray.wait could still run after
+        # ray.shutdown() once a deploy was interrupted (DATA_THREADS)
         stream = iter(self._dataset(todo, plan).iter_batches(
-            batch_size=None, batch_format="numpy"))
+            batch_size=None, batch_format="numpy", prefetch_batches=0))
         try:
             for out in stream:
                 pos = np.asarray(out["position"], dtype=np.int64)
