@@ -66,12 +66,11 @@ def reload_until_stored(browser, text: str, timeout: float = 15.0) -> None:
     the storage before that write arrived (seen once in a full suite: a correction missing
     after a reload). Only the storage is waited for: a page that stored the correction and
     does not show it after the reload still fails the test's own checks."""
-    end = time.monotonic() + timeout
-    reload(browser)
-    while text not in stored(browser):
-        assert time.monotonic() < end, f"{text} is not in the browser's storage after a reload"
-        time.sleep(0.2)
+    def reloaded_with_it() -> bool:
         reload(browser)
+        return text in stored(browser)
+
+    wait_for(reloaded_with_it, timeout)
 
 
 def press(browser, keys: str) -> None:

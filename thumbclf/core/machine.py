@@ -29,6 +29,7 @@ def user_set_malloc() -> bool:
             or "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""))
 
 
+@functools.cache  # looked up once a process
 def _glibc():
     """The C library where it is glibc (Linux), else None (macOS, Windows, musl)."""
     if not sys.platform.startswith("linux"):
