@@ -1,9 +1,17 @@
 """executor: ray — deployment on Ray Data and cross-validation folds as Ray tasks give the local
-path's results; resume, unreadable files and a file that kills its worker. A local Ray instance
-(2 CPUs) is started by each run; skipped, with the reason, where Ray is not installed."""
+path's results; resume, unreadable files and a file that kills its worker. Two runs start a Ray
+instance of their own (a one-core deploy, a killed one); the others join one cluster started
+for the module (``ray start --head``, 2 CPUs); skipped, with the reason, where Ray is not
+installed."""
 
 import os
 import re
+import secrets
+import socket
+import subprocess
+import sys
+import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +34,60 @@ def all_cores():
     runs on every core, not on its pytest-xdist worker's share (conftest)."""
     with every_core():
         yield
+
+
+def auth_from_environment():
+    """Ray reads RAY_AUTH_MODE and RAY_AUTH_TOKEN once a process: read them again, as Ray's
+    own tests do (ray/_private/authentication_test_utils.py)."""
+    from ray._raylet import AuthenticationTokenLoader, Config
+
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
+
+
+@pytest.fixture(scope="module")
+def head(all_cores, tmp_path_factory):
+    """A Ray cluster as a user starts one (``ray start --head``, 2 CPUs, a token of its own):
+    its address. The runs that join it spare a Ray start each (issue 32: 4-5 s and about
+    4 CPU-s of Ray's daemons); the runs without an address beside it must still start their
+    own (they joined it, and failed, before)."""
+    ray_exe = Path(sys.executable).with_name("ray")
+    if not ray_exe.is_file():
+        pytest.skip(f"no `ray` command beside {sys.executable}")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    token = secrets.token_hex(16)  # another local user cannot submit work to it
+    env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token,
+               RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0")  # stopped at once (else 30 s)
+    log = tmp_path_factory.mktemp("head") / "ray-start.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([str(ray_exe), "start", "--head", "--block", f"--port={port}",
+                                 "--node-ip-address=127.0.0.1", "--num-cpus=2",
+                                 "--include-dashboard=false", "--disable-usage-stats"],
+                                env=env, stdout=out, stderr=subprocess.STDOUT)
+    from thumbclf.predict.ray_address import unreachable
+
+    address, deadline = f"127.0.0.1:{port}", time.monotonic() + 120
+    while unreachable(address, timeout=1):
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+        time.sleep(0.2)
+    try:
+        with pytest.MonkeyPatch.context() as env_of_drivers:
+            env_of_drivers.setenv("RAY_AUTH_MODE", "token")
+            env_of_drivers.setenv("RAY_AUTH_TOKEN", token)
+            auth_from_environment()  # for the drivers in this process too
+            yield address
+        auth_from_environment()
+    finally:
+        proc.terminate()  # --block: stops the processes it started
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        current = Path(tempfile.gettempdir(), "ray", "ray_current_cluster")  # `ray start`'s note
+        if current.is_file() and current.read_text().strip().endswith(f":{port}"):
+            current.unlink()  # of a cluster now gone: Ray would try to join it
 
 
 @pytest.fixture(scope="module")
@@ -79,9 +141,10 @@ def one_core():
     return on_cores({min(OWN_CORES)} if OWN_CORES else None)
 
 
-def test_ray_deploy_gives_the_local_predictions(model_dir, archive, tmp_path):
+def test_ray_deploy_gives_the_local_predictions(model_dir, archive, head, tmp_path):
     """On one core (a SLURM job's one CPU): Ray's model actor and its decoding tasks each asked
-    for a whole CPU, and the deploy waited forever for a second one."""
+    for a whole CPU, and the deploy waited forever for a second one. Without an address, beside
+    a running cluster (``head``): a Ray instance of its own, not that cluster."""
     exp = write_yaml(tmp_path / "d.yaml", f"thumbData: {archive}\nmodelAdr: {model_dir}\n"
                      f"{FAST}sortThumbs: true\n")
     r = deploy_locally(exp, "--output", str(tmp_path / "local"))
@@ -110,16 +173,19 @@ def test_ray_deploy_gives_the_local_predictions(model_dir, archive, tmp_path):
     assert not (tmp_path / "ray" / "predictions.partial.csv").exists()
 
 
-def test_an_interrupted_ray_deploy_resumes_without_duplicates_or_gaps(model_dir, archive,
+def test_an_interrupted_ray_deploy_resumes_without_duplicates_or_gaps(model_dir, archive, head,
                                                                         tmp_path, monkeypatch):
-    """Ctrl-C (or SIGTERM, which thumbclf turns into the same) after the third batch's rows."""
+    """Ctrl-C (or SIGTERM, which thumbclf turns into the same) after the third batch's rows;
+    both runs join the module's cluster (ray_address)."""
     from thumbclf import api
     from thumbclf.predict import stream as deployment
     from thumbclf.predict import ray_backend
 
-    exp = write_yaml(tmp_path / "d.yaml", f"thumbData: {archive}\nmodelAdr: {model_dir}\n"
-                     f"{FAST.replace('batch_size: 8', 'batch_size: 1')}executor: ray\n")
-    ref = deploy_locally(exp, "--output", str(tmp_path / "ref"))
+    settings = (f"thumbData: {archive}\nmodelAdr: {model_dir}\n"
+                f"{FAST.replace('batch_size: 8', 'batch_size: 1')}")
+    exp = write_yaml(tmp_path / "d.yaml", f"{settings}executor: ray\nray_address: {head}\n")
+    ref = deploy_locally(write_yaml(tmp_path / "ref.yaml", settings),
+                         "--output", str(tmp_path / "ref"))
     assert ref.returncode == 0, ref.stderr
     appended = []
     original = deployment.append_whole
@@ -134,7 +200,7 @@ def test_an_interrupted_ray_deploy_resumes_without_duplicates_or_gaps(model_dir,
     monkeypatch.setattr(ray_backend, "DECODE_BATCH", 2)  # rows come back per decoded block
     with pytest.raises(KeyboardInterrupt):
         api.deploy(exp, quiet=True)
-    assert not ray.is_initialized()  # the run's Ray instance is shut down
+    assert not ray.is_initialized()  # the run's Ray driver is shut down
     partial = tmp_path / "d" / "predictions.partial.csv"
     rows = pd.read_csv(partial)["position"]
     assert 3 <= len(rows) < 20 and rows.is_unique
@@ -158,15 +224,12 @@ def holders(folder):
     return found
 
 
-def test_a_ray_deploy_killed_with_sigkill_resumes_at_once(model_dir, tmp_path):
+def test_a_ray_deploy_killed_with_sigkill_resumes_at_once(model_dir, head, tmp_path):
     """kill -9 of the driver: Ray's processes that it started die with it (kernel fate-sharing),
     but for two agents (dashboard, runtime env), which report the raylet's death to the GCS that
     died with it and wait out Ray's fixed 60 s timeout. They hold nothing of the results
     folder, and a --resume right away (they still run) finishes the run."""
     import signal
-    import subprocess
-    import sys
-    import time
 
     from thumbclf.inputs import synth
 
@@ -198,7 +261,7 @@ def test_a_ray_deploy_killed_with_sigkill_resumes_at_once(model_dir, tmp_path):
     same_predictions(tmp_path / "ref" / "predictions.csv", folder / "predictions.csv")
 
 
-def test_a_file_that_kills_its_worker_is_reported_not_fatal(model_dir, tiny_data, tmp_path,
+def test_a_file_that_kills_its_worker_is_reported_not_fatal(model_dir, tiny_data, head, tmp_path,
                                                            monkeypatch):
     """A worker set-up hook makes every read of 'killer.png' end the worker process. Its files
     are tried again while the first pipeline's actor still holds its CPU, as Ray may leave it
@@ -245,7 +308,7 @@ def test_a_file_that_kills_its_worker_is_reported_not_fatal(model_dir, tiny_data
     def waited_forever(*_):
         raise TimeoutError("the files tried again waited for a CPU that never came")
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+    ray.init(address=head, log_to_driver=False,  # the module's cluster, 2 CPUs
              runtime_env={"worker_process_setup_hook": crash_on_killer,
                           "env_vars": {"PYTHONPATH": str(ROOT)}})
     linger = Linger()
@@ -293,11 +356,15 @@ def test_executor_ray_is_validated(tmp_path):
         "remove ray_address"]
 
 
-def test_ray_cross_validation_gives_the_local_predictions(tiny_data, tmp_path):
+def test_ray_cross_validation_gives_the_local_predictions(tiny_data, head, tmp_path,
+                                                         monkeypatch):
+    """The folds as Ray tasks on the cluster of RAY_ADDRESS (the module's). A resumed
+    cross-validation skips its finished folds before any executor (tests/e2e/test_e2e.py)."""
     exp = write_yaml(tmp_path / "cv.yaml", f"thumbData: {tiny_data}\nfoldNumber: 2\n{FAST}"
                      "cpus_per_fold: 1\n")
     r = run_script("train_thumbclassifier.py", str(exp), "--output", str(tmp_path / "local"))
     assert r.returncode == 0, r.stderr
+    monkeypatch.setenv("RAY_ADDRESS", head)
     r = run_script("train_thumbclassifier.py", str(exp), "--output", str(tmp_path / "ray"),
                    "--set", "executor=ray")
     assert r.returncode == 0, r.stderr
@@ -307,12 +374,4 @@ def test_ray_cross_validation_gives_the_local_predictions(tiny_data, tmp_path):
                                       pd.read_csv(tmp_path / "ray" / name), obj=name)
     log = (tmp_path / "ray" / "run.log").read_text()
     assert "folds as Ray tasks" in log and "[fold 2, pid" in log
-    # finished folds are skipped on --resume: remove fold 2's result and resume
-    (tmp_path / "ray" / "fold_2" / "predictions.csv").unlink()
-    r = run_script("train_thumbclassifier.py", str(exp), "--output", str(tmp_path / "ray"),
-                   "--set", "executor=ray", "--resume")
-    assert r.returncode == 0, r.stderr
-    log = (tmp_path / "ray" / "run.log").read_text()
-    assert "fold_1: finished earlier; skipped" in log
-    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "local" / "predictions.csv"),
-                                  pd.read_csv(tmp_path / "ray" / "predictions.csv"))
+    assert f"Ray: {head}, 2 CPUs" in log  # joined, not started

@@ -102,8 +102,33 @@ def test_a_cluster_that_asks_for_its_token_says_so_in_one_line(monkeypatch):
     with pytest.raises(ConfigError) as err:
         RayExecutor(ExecutorSpec(executor="ray", ray_address="auto", source="e.yaml"))
     message = str(err.value)
-    assert "\n" not in message and message.startswith("e.yaml: ray_address: cannot start or join")
+    assert "\n" not in message and message.startswith("e.yaml: ray_address: cannot join Ray at auto")
     assert "RAY_AUTH_MODE=token" in message and "~/.ray/auth_token" in message
+
+
+def test_without_an_address_a_run_starts_its_own_ray_even_beside_a_cluster(monkeypatch):
+    """Given no address, Ray joins the cluster a `ray start` left on this machine (its address
+    file in /tmp/ray), and refused the CPU count a run's own instance is given: "executor: ray"
+    failed on any machine with a cluster running. RAY_ADDRESS, which the docs say is joined,
+    met the same refusal. A run without ray_address or RAY_ADDRESS now asks Ray for a local
+    instance of its own; with RAY_ADDRESS it joins that cluster, with no CPU count."""
+    ray = pytest.importorskip("ray", reason="Ray is the optional extra thumbclf[ray]")
+    from thumbclf.core import machine
+    from thumbclf.predict import ray_backend
+    from thumbclf.predict.executor import ExecutorSpec
+
+    asked = []
+    monkeypatch.setattr(ray, "init", lambda **kwargs: asked.append(kwargs))
+    monkeypatch.setattr(ray_backend, "unreachable", lambda address: None)
+    spec = ExecutorSpec(executor="ray", source="e.yaml")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert ray_backend._join_or_start(ray, spec, False) == ""
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.5:6379")
+    assert ray_backend._join_or_start(ray, spec, False) == "10.0.0.5:6379"
+    configured = ExecutorSpec(executor="ray", ray_address="auto", source="e.yaml")
+    assert ray_backend._join_or_start(ray, configured, False) == "auto"  # the experiment's first
+    assert [(a["address"], a.get("num_cpus")) for a in asked] == [
+        ("local", machine.cores()), ("10.0.0.5:6379", None), ("auto", None)]
 
 
 def test_each_folds_task_fits_on_a_node():

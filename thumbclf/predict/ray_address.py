@@ -3,10 +3,23 @@ which retries for many minutes, deaf to SIGTERM, and why Ray refused where it di
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 
 CONNECT_TIMEOUT = 10.0  # seconds to wait for a Ray cluster's port to answer
+
+
+def address_to_use(configured: str | None) -> tuple[str, str]:
+    """The Ray a run joins or starts, and where that came from (for its errors): the
+    experiment's ``ray_address``, else the environment's RAY_ADDRESS, else ``'local'``: a new
+    instance on this machine, even where a cluster started with ``ray start`` runs on it (given
+    no address, Ray joins that cluster, and refuses the CPU count a new instance is given)."""
+    if configured:
+        return configured, "ray_address"
+    if os.environ.get("RAY_ADDRESS", "").strip():
+        return os.environ["RAY_ADDRESS"].strip(), "RAY_ADDRESS"
+    return "local", ""
 
 
 # An HTTP/2 client's opening (the preface and an empty SETTINGS frame): Ray's GCS and Ray

@@ -38,7 +38,8 @@ from thumbclf.core.errors import ConfigError, error_kind, read_failures
 from thumbclf.core.table import ERROR, ERROR_KIND, SIGNALS
 from thumbclf.core.logs import remove_handlers, setup_logging
 from thumbclf.predict.executor import ExecutorSpec
-from thumbclf.predict.ray_address import CONNECT_TIMEOUT, unreachable, why_not_joined
+from thumbclf.predict.ray_address import (CONNECT_TIMEOUT, address_to_use, unreachable,
+                                          why_not_joined)
 
 if TYPE_CHECKING:
     from thumbclf.inputs.images import Preprocessing
@@ -125,6 +126,44 @@ def ray_lines_to_run_log() -> Iterator[None]:
             os.close(console)
 
 
+def _join_or_start(ray, spec: ExecutorSpec, progress: bool) -> str:
+    """ray.init for a run: joins the cluster of ``ray_address`` or RAY_ADDRESS, else starts an
+    instance on this machine; the address joined ('' for an instance of its own). What goes
+    wrong is one line (ConfigError)."""
+    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": progress,
+                              "logging_level": logging.ERROR,
+                              "configure_logging": True}
+    address, origin = address_to_use(spec.ray_address)
+    undo = "remove ray_address" if origin == "ray_address" else "unset RAY_ADDRESS"
+    why = unreachable(address) if origin else None
+    if why:  # Ray itself retries for many minutes, deaf to SIGTERM meanwhile
+        raise ConfigError(f"{spec.source}: {origin}: cannot reach a Ray cluster at "
+                          f"{address} within {CONNECT_TIMEOUT:g}s ({why}); check the "
+                          f"address and that the cluster runs (ray status), or {undo} "
+                          "to start Ray on this machine")
+    kwargs["address"] = address
+    if not origin:
+        from thumbclf.core import machine
+
+        kwargs["num_cpus"] = machine.cores()
+    stops = [getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n)]
+    handlers = {sig: signal.getsignal(sig) for sig in stops}
+    try:
+        ray.init(**kwargs)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        if not origin:
+            raise ConfigError(f"{spec.source}: executor: ray: cannot start Ray on this "
+                              f"machine ({why_not_joined(exc)})") from None
+        raise ConfigError(f"{spec.source}: {origin}: cannot join Ray at {address} "
+                          f"({why_not_joined(exc)}); check the address, or {undo} to "
+                          "start Ray on this machine") from None
+    finally:  # Ray's own handlers abort the process; Ctrl-C/SIGTERM stay a clean stop
+        for sig, handler in handlers.items():
+            if handler is not None:
+                signal.signal(sig, handler)
+    return address if origin else ""
+
+
 class RayExecutor:
     """Joins (``ray_address``) or starts a Ray instance; predicts and trains folds on it."""
 
@@ -134,38 +173,9 @@ class RayExecutor:
         ray = _import_ray()
         self.spec, self.progress, self.ray = spec, progress, ray
         start = time.perf_counter()
-        self.started_here = False
+        self.started_here, self.address = False, spec.ray_address or ""
         if not ray.is_initialized():  # a notebook may have connected already: use that
-            kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": progress,
-                                      "logging_level": logging.ERROR,
-                                      "configure_logging": True}
-            if spec.ray_address:
-                why = unreachable(spec.ray_address)
-                if why:  # Ray itself retries for many minutes, deaf to SIGTERM meanwhile
-                    raise ConfigError(f"{spec.source}: ray_address: cannot reach a Ray cluster "
-                                      f"at {spec.ray_address} within {CONNECT_TIMEOUT:g}s "
-                                      f"({why}); check the address and that the cluster runs "
-                                      "(ray status), or remove ray_address to start Ray on "
-                                      "this machine")
-                kwargs["address"] = spec.ray_address
-            else:
-                from thumbclf.core import machine
-
-                kwargs["num_cpus"] = machine.cores()
-            stops = [getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n)]
-            handlers = {sig: signal.getsignal(sig) for sig in stops}
-            try:
-                ray.init(**kwargs)
-            except (ConnectionError, RuntimeError, ValueError) as exc:
-                where = spec.ray_address or "a local instance"
-                raise ConfigError(f"{spec.source}: ray_address: cannot start or join Ray at "
-                                  f"{where} ({why_not_joined(exc)}); check the address, or "
-                                  "remove ray_address to start Ray on this machine") from None
-            finally:  # Ray's own handlers abort the process; Ctrl-C/SIGTERM stay a clean stop
-                for sig, handler in handlers.items():
-                    if handler is not None:
-                        signal.signal(sig, handler)
-            self.started_here = True
+            self.address, self.started_here = _join_or_start(ray, spec, progress), True
         self.start_seconds = time.perf_counter() - start
         resources = ray.cluster_resources()
         self.cpus = int(resources.get("CPU", 1))
@@ -174,7 +184,7 @@ class RayExecutor:
                           for n in ray.nodes() if n.get("Alive")]  # a head may have none
         self.nodes = max(1, sum(1 for c in self.node_cpus if c > 0))
         log.info("Ray: %s, %d CPUs, %d GPUs on %d node(s) (ready in %.1fs)",
-                 spec.ray_address or "local instance", self.cpus, self.gpus, self.nodes,
+                 self.address or "local instance", self.cpus, self.gpus, self.nodes,
                  self.start_seconds)
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False  # thumbclf's own bar counts the rows
