@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 from pathlib import Path
 from typing import Any
@@ -143,28 +144,86 @@ def image_grid(n: int):
     return fig, list(axes.flat)
 
 
+GALLERY_COLUMNS, CELL, PICTURE = 6, 250, 210  # thumbnails per row, a cell's width, an image's box
+GALLERY_COLOURS = {"undecided": (255, 140, 0), "unlabelled": (105, 105, 105),
+                   "wrong": (220, 20, 60), "right": (0, 0, 0)}
+
+
+@functools.cache
+def _font(size: int):
+    """matplotlib's own DejaVu Sans (it ships with it), so the galleries read as the plots do."""
+    from matplotlib import font_manager
+    from PIL import ImageFont
+
+    return ImageFont.truetype(font_manager.findfont("DejaVu Sans"), size)
+
+
+def _fit(draw, text: str, font, width: int) -> str:
+    """``text``, cut and ended with an ellipsis where it is wider than ``width`` pixels."""
+    if draw.textlength(text, font=font) <= width:
+        return text
+    while text and draw.textlength(text + "…", font=font) > width:
+        text = text[:-1]
+    return text + "…"
+
+
+def _wrapped(draw, text: str, font, width: int, most: int) -> list[str]:
+    """``text`` in at most ``most`` lines no wider than ``width`` pixels, broken at spaces; a
+    word too wide for a line, and the last line where text is left, end in an ellipsis."""
+    lines: list[str] = []
+    for word in text.split(" "):
+        line = f"{lines[-1]} {word}" if lines else word
+        if lines and draw.textlength(line, font=font) <= width:
+            lines[-1] = line
+        else:
+            lines.append(_fit(draw, word, font, width))
+    if len(lines) > most:
+        lines = lines[:most - 1] + [_fit(draw, lines[most - 1] + "…", font, width)]
+    return lines
+
+
 def gallery(items: list[dict[str, Any]], path: Path, title: str, thumb_loader) -> Path | None:
-    """Small thumbnails with true label, decision and probability (most confident first)."""
+    """Small thumbnails with true label, decision and probability (most confident first), six
+    to a row. Drawn with Pillow, not matplotlib: a figure of axes took 0.3 s a gallery, and
+    its captions ran into each other."""
     if not items:
         return None
-    fig, axes = image_grid(len(items))
-    for ax, it in zip(axes, items):
+    from PIL import Image, ImageDraw
+
+    rows = -(-len(items) // GALLERY_COLUMNS)
+    caption, below, top = 4 * 15, 18, 34
+    height = caption + PICTURE + below + 8
+    cols = min(GALLERY_COLUMNS, len(items))
+    sheet = Image.new("RGB", (cols * CELL, top + rows * height), "white")
+    draw = ImageDraw.Draw(sheet)
+    draw.text((sheet.width // 2, 8), clean(title), fill="black", font=_font(15), anchor="ma")
+    for i, it in enumerate(items):
+        x, y = (i % GALLERY_COLUMNS) * CELL, top + (i // GALLERY_COLUMNS) * height
+        label, decision = it["label"], it["decision"]
+        colour = GALLERY_COLOURS["undecided" if decision == UNDECIDED else "unlabelled"
+                                 if not label else "wrong" if decision != label else "right"]
+        score = it.get("note") or f"{it['prob']:.2f}"
+        truth = f"true: {clean(label)}" if label else "unlabelled"
+        lines = _wrapped(draw, truth, _font(12), CELL - 12, 1) + _wrapped(
+            draw, f"→ {clean(decision)} ({score})", _font(12), CELL - 12, 3)
+        for j, line in enumerate(lines):
+            draw.text((x + CELL // 2, y + 2 + 15 * j), line, fill=colour, font=_font(12),
+                      anchor="ma")
         img = thumb_loader(it["path"])
         if img is not None:
-            ax.imshow(img)
-        label = it["label"]
-        colour = ("darkorange" if it["decision"] == UNDECIDED else "dimgray" if not label
-                  else "crimson" if it["decision"] != label else "black")
-        score = it.get("note") or f"{it['prob']:.2f}"
-        # names and labels that are not valid UTF-8 are shown escaped (\xe9): matplotlib
-        # refuses the surrogates that hold them (issue 33)
-        ax.set_title(f"{f'true: {clean(label)}' if label else 'unlabelled'}\n→ "
-                     f"{clean(it['decision'])} ({score})", fontsize=7, color=colour)
-        ax.text(0.5, -0.04, clean(Path(it["path"]).name)[:28], transform=ax.transAxes,
-                ha="center", va="top", fontsize=6)
-    fig.suptitle(clean(title), fontsize=10)
-    fig.tight_layout()
-    return save_figure(fig, path)
+            picture = Image.fromarray(np.asarray(img, dtype=np.uint8)).convert("RGB")
+            scale = PICTURE / max(picture.size)
+            picture = picture.resize((max(1, round(picture.width * scale)),
+                                      max(1, round(picture.height * scale))), Image.BILINEAR)
+            sheet.paste(picture, (x + (CELL - picture.width) // 2,
+                                  y + caption + (PICTURE - picture.height) // 2))
+        name = _fit(draw, clean(Path(it["path"]).name), _font(10), CELL - 12)
+        draw.text((x + CELL // 2, y + caption + PICTURE + 3), name, fill="black", font=_font(10),
+                  anchor="ma")
+    buf = io.BytesIO()
+    sheet.save(buf, format="png", compress_level=3)  # level 6: 2.4 times the time, 12% smaller
+    atomic_bytes(buf.getvalue(), path)
+    return path
 
 
 def decision_bars(counts: pd.Series, path: Path, title: str) -> Path:
