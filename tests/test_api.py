@@ -15,7 +15,8 @@ import thumbclf
 from conftest import ROOT, TINY_CLASSES, model_file, run_command, write_yaml
 from thumbclf.api import load_experiment
 
-FAST = {"model_name": "resnet18", "pretrained": False, "batch_size": 8, "max_epochs": 1,
+# a small backbone: the pipeline is tested, not ResNet-18 (conftest's TINY_TRAIN)
+FAST = {"model_name": "mobilenet_v3_small", "pretrained": False, "batch_size": 8, "max_epochs": 1,
         "stopEpoch": 1, "patience": 1, "foldNumber": 2, "gradcam": 0, "bootstrap": 0,
         "num_workers": 0, "lr": 0.001}
 

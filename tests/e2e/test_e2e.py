@@ -15,7 +15,8 @@ from conftest import ROOT, TINY_CLASSES, run_script, train_once, write_yaml
 from thumbclf.nn.models import build_model
 
 pytestmark = pytest.mark.slow
-FAST = ("model_name: resnet18\npretrained: false\nbatch_size: 8\nmax_epochs: 2\nstopEpoch: 1\n"
+# a small backbone: the pipeline is tested, not ResNet-18 (conftest's TINY_TRAIN)
+FAST = ("model_name: mobilenet_v3_small\npretrained: false\nbatch_size: 8\nmax_epochs: 2\nstopEpoch: 1\n"
         "patience: 1\nfreezeRatio: 0.5\nbootstrap: 50\nnum_workers: 0\nlr: 0.001\n")
 
 

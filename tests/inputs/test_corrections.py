@@ -18,7 +18,8 @@ from thumbclf.inputs.corrections import apply_corrections, read_corrections
 from thumbclf.inputs import synth
 from thumbclf.inputs.samples import discover
 
-FAST = ("model_name: resnet18\npretrained: false\nbatch_size: 8\nmax_epochs: 1\nstopEpoch: 1\n"
+# a small backbone: the pipeline is tested, not ResNet-18 (conftest's TINY_TRAIN)
+FAST = ("model_name: mobilenet_v3_small\npretrained: false\nbatch_size: 8\nmax_epochs: 1\nstopEpoch: 1\n"
         "patience: 1\nfoldNumber: 2\nbootstrap: 0\nnum_workers: 0\nlr: 0.001\n")
 
 
