@@ -72,10 +72,10 @@ def head(all_cores, tmp_path_factory):
     from thumbclf.predict.ray_address import unreachable
 
     address, deadline = f"127.0.0.1:{port}", time.monotonic() + 120
-    while unreachable(address, timeout=1):
-        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
-        time.sleep(0.2)
     try:
+        while unreachable(address, timeout=1):
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
         with pytest.MonkeyPatch.context() as env_of_drivers:
             env_of_drivers.setenv("RAY_AUTH_MODE", "token")
             env_of_drivers.setenv("RAY_AUTH_TOKEN", token)
