@@ -40,3 +40,27 @@ def test_gallery_captions_stay_inside_their_cell(tmp_path):
         one_row = plots.gallery(items[:6], tmp_path / "g6.png", "errors", lambda p: None)
         with Image.open(one_row) as first:
             assert first.height < sheet.height
+
+
+def test_a_gallery_of_one_shows_its_whole_title_and_any_thumbnail_a_loader_gives(tmp_path):
+    """A one-item gallery (a model with one error) cut its title at both ends (a sheet one
+    cell wide); a loader's float, 16-bit, one-channel or empty thumbnail broke the drawing or
+    came out black; a 20,000-character label took 44 s to fit."""
+    import time
+
+    from PIL import Image, ImageDraw
+
+    title = "Undecided slides, with their best guess (highest first)"
+    item = {"path": "/s/a.png", "label": "x" * 20000, "decision": "Undecided", "prob": 0.4}
+    started = time.monotonic()
+    out = plots.gallery([item], tmp_path / "one.png", title,
+                        lambda p: np.full((20, 30), 0.8))  # floats in 0-1, one channel
+    assert time.monotonic() - started < 5
+    with Image.open(out) as sheet:
+        draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+        assert sheet.width >= draw.textlength(title, font=plots._font(15)) + 20
+        grey = np.asarray(sheet.convert("RGB"))[100:, :, 0]
+        assert (grey == 204).any()  # 0.8 drawn as 204, not black
+    for thumb in (np.full((8, 8, 1), 300, np.uint16), np.zeros((0, 0, 3), np.uint8)):
+        assert plots._picture(thumb) is None or np.asarray(plots._picture(thumb)).max() == 255
+    assert plots._picture(np.zeros((0, 0, 3), np.uint8)) is None

@@ -7,6 +7,7 @@ installed."""
 import os
 import re
 import secrets
+import shutil
 import socket
 import subprocess
 import sys
@@ -38,31 +39,37 @@ def all_cores():
 
 def auth_from_environment():
     """Ray reads RAY_AUTH_MODE and RAY_AUTH_TOKEN once a process: read them again, as Ray's
-    own tests do (ray/_private/authentication_test_utils.py). A Ray without token
-    authentication (before 2.59) has nothing to read."""
+    own tests do (ray/_private/authentication_test_utils.py; private, so a Ray without it
+    reads nothing). A Ray without token authentication (before 2.59) has nothing to read."""
     try:
         from ray._raylet import AuthenticationTokenLoader, Config
-    except ImportError:
+
+        Config.initialize("")
+        AuthenticationTokenLoader.instance().reset_cache()
+    except (ImportError, AttributeError, TypeError):
         return
-    Config.initialize("")
-    AuthenticationTokenLoader.instance().reset_cache()
 
 
 @pytest.fixture(scope="module")
 def head(all_cores, tmp_path_factory):
-    """A Ray cluster as a user starts one (``ray start --head``, 2 CPUs, a token of its own):
-    its address. The runs that join it spare a Ray start each (issue 32: 4-5 s and about
-    4 CPU-s of Ray's daemons); the runs without an address beside it must still start their
-    own (they joined it, and failed, before)."""
+    """A Ray cluster as a user starts one (``ray start --head``, 2 CPUs, a token of its own
+    from Ray 2.59, which ``make test`` installs): its address. The runs that join it spare a
+    Ray start each (issue 32: 4-5 s and about 4 CPU-s of Ray's daemons); the runs without an
+    address beside it must still start their own (they joined it, and failed, before). Ray's
+    files, the note of the current cluster among them, go to a folder of the module's
+    (RAY_TMPDIR), not the machine's /tmp/ray, where they would point other users' Ray at this
+    cluster; RAY_ADDRESS is unset for the module (a developer's would be joined)."""
     ray_exe = Path(sys.executable).with_name("ray")
     if not ray_exe.is_file():
         pytest.skip(f"no `ray` command beside {sys.executable}")
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind(("", 0))  # Ray's GCS listens on every interface
         port = s.getsockname()[1]
     token = secrets.token_hex(16)  # another local user cannot submit work to it
-    env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token,
-               RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0")  # stopped at once (else 30 s)
+    ray_tmp = tempfile.mkdtemp(prefix="rt")  # short: Ray's socket paths have a bound
+    drivers = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "RAY_TMPDIR": ray_tmp}
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(drivers, RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0")  # stopped at once (else 30 s)
     log = tmp_path_factory.mktemp("head") / "ray-start.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen([str(ray_exe), "start", "--head", "--block", f"--port={port}",
@@ -77,8 +84,9 @@ def head(all_cores, tmp_path_factory):
             assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
             time.sleep(0.2)
         with pytest.MonkeyPatch.context() as env_of_drivers:
-            env_of_drivers.setenv("RAY_AUTH_MODE", "token")
-            env_of_drivers.setenv("RAY_AUTH_TOKEN", token)
+            for name, value in drivers.items():
+                env_of_drivers.setenv(name, value)
+            env_of_drivers.delenv("RAY_ADDRESS", raising=False)
             auth_from_environment()  # for the drivers in this process too
             yield address
         auth_from_environment()
@@ -88,9 +96,7 @@ def head(all_cores, tmp_path_factory):
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             proc.kill()
-        current = Path(tempfile.gettempdir(), "ray", "ray_current_cluster")  # `ray start`'s note
-        if current.is_file() and current.read_text().strip().endswith(f":{port}"):
-            current.unlink()  # of a cluster now gone: Ray would try to join it
+        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -126,18 +132,18 @@ def deploy_locally(exp, *args):
 
 
 def same_predictions(a, b):
-    """Same rows and order, numbers within 1e-5 (as numbers: '1.9358e-06' is '1.93581e-06'),
-    identical decisions and errors."""
+    """Same rows and order; a column of numbers in either table (blank where a row has none,
+    an unreadable file's probabilities) within 1e-5 as numbers ('1.9358e-06' is
+    '1.93581e-06'), every other column as the same text (decisions, errors, names)."""
     x, y = pd.read_csv(a, keep_default_na=False), pd.read_csv(b, keep_default_na=False)
+    xn, yn = pd.read_csv(a), pd.read_csv(b)  # blanks read as NaN: such columns are floats
     assert list(x.columns) == list(y.columns) and len(x) == len(y)
     for col in x.columns:
-        try:  # numbers, blank where a row has none (an unreadable file's probabilities)
-            u, v = (pd.to_numeric(t[col].replace("", np.nan)) for t in (x, y))
-        except (ValueError, TypeError):
+        if pd.api.types.is_float_dtype(xn[col]) or pd.api.types.is_float_dtype(yn[col]):
+            np.testing.assert_allclose(xn[col].astype(float), yn[col].astype(float), atol=1e-5,
+                                       err_msg=col)  # NaN where both are blank
+        else:
             assert x[col].tolist() == y[col].tolist(), col
-            continue
-        assert (u.isna() == v.isna()).all(), col
-        np.testing.assert_allclose(u, v, atol=1e-5, err_msg=col)
 
 
 def one_core():
@@ -318,6 +324,9 @@ def test_a_file_that_kills_its_worker_is_reported_not_fatal(model_dir, tiny_data
     ray.init(address=head, log_to_driver=False,  # the module's cluster, 2 CPUs
              runtime_env={"worker_process_setup_hook": crash_on_killer,
                           "env_vars": {"PYTHONPATH": str(ROOT)}})
+    deadline = time.monotonic() + 60  # the module's cluster: an earlier test's actors gone
+    while ray.available_resources().get("CPU", 0) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
     linger = Linger()
     logging.getLogger(ray_backend.__name__).addHandler(linger)
     alarm = signal.signal(signal.SIGALRM, waited_forever)
@@ -365,8 +374,8 @@ def test_executor_ray_is_validated(tmp_path):
 
 def test_ray_cross_validation_gives_the_local_predictions(tiny_data, head, tmp_path,
                                                          monkeypatch):
-    """The folds as Ray tasks on the cluster of RAY_ADDRESS (the module's). A resumed
-    cross-validation skips its finished folds before any executor (tests/e2e/test_e2e.py)."""
+    """The folds as Ray tasks on the cluster of RAY_ADDRESS (the module's), and a resumed run
+    that gives Ray only the unfinished one."""
     exp = write_yaml(tmp_path / "cv.yaml", f"thumbData: {tiny_data}\nfoldNumber: 2\n{FAST}"
                      "cpus_per_fold: 1\n")
     r = run_script("train_thumbclassifier.py", str(exp), "--output", str(tmp_path / "local"))
@@ -382,3 +391,12 @@ def test_ray_cross_validation_gives_the_local_predictions(tiny_data, head, tmp_p
     log = (tmp_path / "ray" / "run.log").read_text()
     assert "folds as Ray tasks" in log and "[fold 2, pid" in log
     assert f"Ray: {head}, 2 CPUs" in log  # joined, not started
+    # finished folds are skipped on --resume, the rest trained as Ray tasks: remove fold 2's
+    (tmp_path / "ray" / "fold_2" / "predictions.csv").unlink()
+    r = run_script("train_thumbclassifier.py", str(exp), "--output", str(tmp_path / "ray"),
+                   "--set", "executor=ray", "--resume")
+    assert r.returncode == 0, r.stderr
+    log = (tmp_path / "ray" / "run.log").read_text()
+    assert "fold_1: finished earlier; skipped" in log
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "local" / "predictions.csv"),
+                                  pd.read_csv(tmp_path / "ray" / "predictions.csv"))

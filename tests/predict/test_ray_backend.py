@@ -127,8 +127,11 @@ def test_without_an_address_a_run_starts_its_own_ray_even_beside_a_cluster(monke
     assert ray_backend._join_or_start(ray, spec, False) == "10.0.0.5:6379"
     configured = ExecutorSpec(executor="ray", ray_address="auto", source="e.yaml")
     assert ray_backend._join_or_start(ray, configured, False) == "auto"  # the experiment's first
+    monkeypatch.setenv("RAY_ADDRESS", "local")  # Ray's word for an instance of its own
+    assert ray_backend._join_or_start(ray, spec, False) == ""
     assert [(a["address"], a.get("num_cpus")) for a in asked] == [
-        ("local", machine.cores()), ("10.0.0.5:6379", None), ("auto", None)]
+        ("local", machine.cores()), ("10.0.0.5:6379", None), ("auto", None),
+        ("local", machine.cores())]
 
 
 def test_each_folds_task_fits_on_a_node():

@@ -15,10 +15,10 @@ def address_to_use(configured: str | None) -> tuple[str, str]:
     experiment's ``ray_address``, else the environment's RAY_ADDRESS, else ``'local'``: a new
     instance on this machine, even where a cluster started with ``ray start`` runs on it (given
     no address, Ray joins that cluster, and refuses the CPU count a new instance is given)."""
-    if configured:
-        return configured, "ray_address"
-    if os.environ.get("RAY_ADDRESS", "").strip():
-        return os.environ["RAY_ADDRESS"].strip(), "RAY_ADDRESS"
+    for address, origin in ((configured, "ray_address"),
+                            (os.environ.get("RAY_ADDRESS", "").strip(), "RAY_ADDRESS")):
+        if address:  # 'local' (Ray's word for an instance of its own) is no cluster to join
+            return (address, origin) if address != "local" else ("local", "")
     return "local", ""
 
 
