@@ -27,10 +27,10 @@ def test_gallery_captions_stay_inside_their_cell(tmp_path):
     draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     font = plots._font(12)
     note = "best guess Biopsy 0.88, unfamiliar (look part 912 of threshold 800) " * 3
-    lines = plots._wrapped(draw, f"→ Undecided ({note})", font, plots.CELL - 12, 3)
+    lines = plots._wrapped(f"→ Undecided ({note})", font, plots.CELL - 12, 3)
     assert len(lines) == 3 and lines[-1].endswith("…")
     assert all(draw.textlength(line, font=font) <= plots.CELL - 12 for line in lines)
-    assert plots._wrapped(draw, "x" * 300, font, 100, 1)[0].endswith("…")
+    assert plots._wrapped("x" * 300, font, 100, 1)[0].endswith("…")
     items = [{"path": f"/s/{i}.png", "label": "IHC", "decision": "TMA", "prob": 0.9}
              for i in range(7)]
     out = plots.gallery(items, tmp_path / "g.png", "errors",

@@ -159,39 +159,39 @@ def _font(size: int):
     return ImageFont.truetype(font_manager.findfont("DejaVu Sans"), size)
 
 
-def _fit(draw, text: str, font, width: int) -> str:
+def _fit(text: str, font, width: int) -> str:
     """``text``, cut and ended with an ellipsis where it is wider than ``width`` pixels (the
     cut found by bisection: a label of 20,000 characters is data too)."""
-    if draw.textlength(text, font=font) <= width:
+    if font.getlength(text) <= width:
         return text
     short, long = 0, len(text)  # text[:short] + "…" fits; text[:long] + "…" does not
     while long - short > 1:
         mid = (short + long) // 2
-        short, long = (mid, long) if draw.textlength(text[:mid] + "…", font=font) <= width \
-            else (short, mid)
+        short, long = (mid, long) if font.getlength(text[:mid] + "…") <= width else (short, mid)
     return text[:short] + "…"
 
 
-def _wrapped(draw, text: str, font, width: int, most: int) -> list[str]:
+def _wrapped(text: str, font, width: int, most: int) -> list[str]:
     """``text`` in at most ``most`` lines no wider than ``width`` pixels, broken at spaces; a
     word too wide for a line, and the last line where text is left, end in an ellipsis."""
     lines: list[str] = []
     for word in text.split(" "):
         line = f"{lines[-1]} {word}" if lines else word
-        if lines and draw.textlength(line, font=font) <= width:
+        if lines and font.getlength(line) <= width:
             lines[-1] = line
         elif len(lines) > most:  # the rest is cut anyway
             break
         else:
-            lines.append(_fit(draw, word, font, width))
+            lines.append(_fit(word, font, width))
     if len(lines) > most:
-        lines = lines[:most - 1] + [_fit(draw, lines[most - 1] + "…", font, width)]
+        lines = lines[:most - 1] + [_fit(lines[most - 1] + "…", font, width)]
     return lines
 
 
 def _picture(img):
     """A loader's thumbnail as an RGB image: uint8 as it is, floats as 0-1, other integers
-    clipped to 0-255, one channel as grey; None for nothing or an empty array."""
+    clipped to 0-255 (as matplotlib showed them; inputs/images.to_rgb reads a float image as
+    0-255), one channel as grey; None for nothing or an empty array."""
     from PIL import Image
 
     arr = np.asarray(img)
@@ -214,19 +214,18 @@ def _cell(draw, sheet, it: dict[str, Any], x: int, y: int, thumb_loader) -> None
                              if not label else "wrong" if decision != label else "right"]
     score = it.get("note") or f"{it['prob']:.2f}"
     truth = f"true: {clean(label)}" if label else "unlabelled"
-    lines = _wrapped(draw, truth, _font(12), CELL - 12, 1) + _wrapped(
-        draw, f"→ {clean(decision)} ({score})", _font(12), CELL - 12, 3)
+    lines = _wrapped(truth, _font(12), CELL - 12, 1) + _wrapped(
+        f"→ {clean(decision)} ({score})", _font(12), CELL - 12, 3)
     for j, line in enumerate(lines):
         draw.text((x + CELL // 2, y + 2 + 15 * j), line, fill=colour, font=_font(12), anchor="ma")
-    img = thumb_loader(it["path"])
-    picture = _picture(img) if img is not None else None
+    picture = _picture(thumb_loader(it["path"]))  # None: nothing to show
     if picture is not None:
         scale = PICTURE / max(picture.size)
         picture = picture.resize((max(1, round(picture.width * scale)),
                                   max(1, round(picture.height * scale))), Image.BILINEAR)
         sheet.paste(picture, (x + (CELL - picture.width) // 2,
                               y + CAPTION + (PICTURE - picture.height) // 2))
-    name = _fit(draw, clean(Path(it["path"]).name), _font(10), CELL - 12)
+    name = _fit(clean(Path(it["path"]).name), _font(10), CELL - 12)
     draw.text((x + CELL // 2, y + CAPTION + PICTURE + 3), name, fill="black", font=_font(10),
               anchor="ma")
 
@@ -241,9 +240,8 @@ def gallery(items: list[dict[str, Any]], path: Path, title: str, thumb_loader) -
 
     rows, cols = -(-len(items) // GALLERY_COLUMNS), min(GALLERY_COLUMNS, len(items))
     height, top = CAPTION + PICTURE + 26, 34
-    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    title = _fit(measure, clean(title), _font(15), GALLERY_COLUMNS * CELL - 24)
-    width = max(cols * CELL, round(measure.textlength(title, font=_font(15))) + 24)
+    title = _fit(clean(title), _font(15), GALLERY_COLUMNS * CELL - 24)
+    width = max(cols * CELL, round(_font(15).getlength(title)) + 24)
     sheet = Image.new("RGB", (width, top + rows * height), "white")
     draw = ImageDraw.Draw(sheet)
     draw.text((width // 2, 8), title, fill="black", font=_font(15), anchor="ma")
