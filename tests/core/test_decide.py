@@ -7,7 +7,7 @@ import numpy as np
 
 from thumbclf.core.decide import (LOW_CONFIDENCE, MIN_SOURCE_SLIDES, NO_TISSUE, POOLED, UNDECIDED,
                                   UNFAMILIAR, UNFAMILIAR_SOURCE, decide_with_reasons,
-                                  unfamiliar_sources)
+                                  LookShift, look_shift, unfamiliar_sources)
 
 
 def _rows(n_familiar: int, n_unfamiliar: int):
@@ -115,3 +115,22 @@ def test_reasons_unfamiliar_wins_over_confidence():
                                              np.array([0.3, 0.5, 1.7, np.nan]))
     assert decisions == ["A", UNDECIDED, UNDECIDED, UNDECIDED]
     assert reasons == ["", LOW_CONFIDENCE, UNFAMILIAR, LOW_CONFIDENCE]
+
+
+def test_a_deploy_that_looks_unlike_the_validation_slides_is_named_and_an_ordinary_one_not():
+    """Issue 28: the look part says whether a whole deploy was stained, scanned or rendered
+    otherwise (the advice to adapt rests on it). 1.5 is the rule's margin: a slide lies beyond
+    the validation's 99th percentile where its look part times 1.5 is above 1."""
+    reasons = [""] * 200
+    ordinary = np.array([0.3] * 198 + [0.8] * 2)  # 1% beyond, as the validation slides
+    assert look_shift(ordinary, reasons, 1.5) is None
+    shifted = np.array([0.3] * 140 + [0.8] * 60)  # 30% beyond
+    assert look_shift(shifted, reasons, 1.5) == LookShift(beyond=60, judged=200)
+    assert look_shift(shifted, reasons, 1.0) is None  # 0.8 x 1.0: not beyond
+    assert look_shift(None, reasons, 1.5) is None  # a model file without the look part
+    blank = [NO_TISSUE] * 60 + [""] * 140  # slides without tissue are not judged
+    assert look_shift(np.array([0.8] * 60 + [0.3] * 140), blank, 1.5) is None
+    few = np.array([0.3] * 17 + [0.8] * 3)  # 3 of 20: too little evidence
+    assert look_shift(few, [""] * 20, 1.5) is None
+    with_nan = np.array([np.nan] * 100 + [0.8] * 10)  # unreadable rows are not judged
+    assert look_shift(with_nan, [""] * 110, 1.5) == LookShift(beyond=10, judged=10)

@@ -14,7 +14,7 @@ from thumbclf.config import DEPLOY
 from thumbclf.core import layout
 from thumbclf.inputs import synth
 from thumbclf.nn.models import load_model
-from thumbclf.workflows.deploy import missing_rule_cause
+from thumbclf.workflows.deploy import adapt_advice, judge_sources, missing_rule_cause
 
 
 def test_a_model_without_the_unfamiliar_rule_is_told_why(tiny_model):
@@ -366,3 +366,38 @@ def test_deploy_keeps_unreadable_rows_with_the_reason_and_finishes(model_dir, ti
     assert list(bad["row"]) == [20, 21, 22, 23, 24]  # table row numbers
     assert "5 unreadable" in r.stderr
     assert len(list((tmp_path / "dep" / "sorted").rglob("*.jpg"))) == 18
+
+
+def test_a_deploy_adapted_to_one_slide_type_is_told_how_to_tell(tmp_path, caplog):
+    """Issue 28: BatchNorm adaptation to a deploy of one slide type (label shift) makes most
+    slides unfamiliar, as another world does (bench/realworld.py: 60 Resection slides, all
+    decided without adapt_bn, all Undecided with it); the warning says so where adapt_bn was
+    on, and only there."""
+    rows = 40
+    table = pd.DataFrame({
+        "PATH": [f"s{i}.jpg" for i in range(rows)],
+        "model_prediction": ["Undecided"] * 30 + ["Fat"] * 10,
+        "undecided_reason": ["unfamiliar"] * 30 + [""] * 10,
+        "unfamiliarity": [2.0] * 30 + [0.5] * 10})
+    for adapted in (False, True):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="thumbclf"):
+            out = judge_sources(table, tmp_path / f"p{adapted}.csv", 0.5, adapted=adapted)
+        assert (out["undecided_reason"] == "unfamiliar source").sum() == 10
+        assert ("adapt_bn: false" in caplog.text) == adapted
+
+
+def test_a_deploy_that_looks_unlike_the_training_slides_is_advised_to_adapt(tmp_path):
+    """Issue 28: where a whole deploy looks unlike the training slides and adapt_bn was off, the
+    run advises it (on the bench it recovered the synthetic lab shift 1.5: coverage 0-0.72 ->
+    0.95-0.99); not where adapt_bn was on, nor for a deploy too small to adapt."""
+    def table(rows: int, beyond: int) -> pd.DataFrame:
+        return pd.DataFrame({"undecided_reason": [""] * rows, "unfamiliarity_look":
+                             [0.9] * beyond + [0.3] * (rows - beyond)})
+
+    advice = adapt_advice(table(100, 40), adapted=False)
+    assert advice and "40 of its 100 slides" in advice and "adapt_bn: true" in advice
+    assert adapt_advice(table(100, 40), adapted=True) is None
+    assert adapt_advice(table(100, 1), adapted=False) is None  # as ordinary slides
+    assert adapt_advice(table(20, 15), adapted=False) is None  # fewer than adapt_bn needs
+    assert adapt_advice(table(100, 40).drop(columns="unfamiliarity_look"), adapted=False) is None

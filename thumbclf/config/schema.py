@@ -148,7 +148,10 @@ KEYS: tuple[Key, ...] = (
         0.0, 1.0),
     Key("adapt_bn", "bool", False, "Deploy: re-estimate BatchNorm statistics on the deploy "
         "images (up to 512) before predicting, to adapt to another lab's look; the model file "
-        "is unchanged, the adapted statistics are saved in the results folder.", (), (DEPLOY,)),
+        "is unchanged, the adapted statistics are saved in the results folder. A deploy that "
+        "looks unlike the training slides says so and suggests it. It assumes a mix of slide "
+        "types, as in training: on a deploy of one type it makes most slides unfamiliar.", (),
+        (DEPLOY,)),
     Key("tta", "bool", False, "Deploy: average predictions over flips and rotations.", (), (DEPLOY,)),
     Key("engine", "choice", "auto", "Deploy: inference engine: 'torch', 'openvino' (pip install "
         "\"thumbclf[openvino]\") or 'auto' (the fastest verified one installed).", (), (DEPLOY,),

@@ -25,6 +25,15 @@ MIN_SOURCE_SLIDES = 20
 SOURCE_EVIDENCE = 0.001
 ORDINARY_UNFAMILIAR = 0.1
 POOLED = "(sources of fewer slides, pooled)"
+# A deploy looks unlike the training slides where more than LOOK_SHIFTED of its slides with
+# tissue lie beyond the look of 99% of the validation slides (familiarity.QUANTILE: about 1% of
+# ordinary slides do), and so many would be unlikely among ordinary ones (SOURCE_EVIDENCE).
+# Measured (bench/realworld.py, three trained models): 0-2% of the synthetic test slides, of
+# an archive of one type and of one with an unseen type mixed in; 19-94% / 55-100% / 95-100%
+# of the same test slides as other labs would scan them (shift 1 / 1.5 / 2); 29-90% of the
+# real thumbnails of 14 public sources.
+LOOK_ORDINARY = 0.01
+LOOK_SHIFTED = 0.05
 # the share of a thumbnail that must be tissue (nn/look.py measures it): below it a slide is
 # blank, pen or label only, or a fragment of about 10 x 10 pixels of the model's 224
 NO_TISSUE_FRACTION = 0.002
@@ -109,6 +118,35 @@ def unfamiliar_sources(decisions: Sequence[str], reasons: Sequence[str],
             if decisions[i] != UNDECIDED:
                 decisions[i], reasons[i] = UNDECIDED, UNFAMILIAR_SOURCE
     return decisions, reasons, verdicts
+
+
+@dataclass(frozen=True)
+class LookShift:
+    """How many of a deploy's slides with tissue (``judged``) look beyond 99% of the
+    validation slides (``beyond``)."""
+
+    beyond: int
+    judged: int
+
+
+def look_shift(look: np.ndarray | None, reasons: Sequence[str], margin: float
+               ) -> LookShift | None:
+    """A LookShift where the deploy as a whole looks unlike the validation slides (another
+    stain, scanner or rendering; LOOK_SHIFTED), else None. ``look`` is the look part of the
+    unfamiliarity (score / (validation quantile x ``margin``)), so a slide lies beyond the
+    validation quantile where ``look`` x ``margin`` is above 1; slides without tissue are not
+    judged. None also without a look part (a model file older than it)."""
+    from scipy import stats
+
+    if look is None:
+        return None
+    u = np.asarray(look, dtype=float)
+    judged = np.isfinite(u) & (np.asarray(reasons, dtype=object) != NO_TISSUE)
+    n, k = int(judged.sum()), int((u[judged] * margin > 1.0).sum())
+    if not n or k / n <= LOOK_SHIFTED or \
+            stats.binom.sf(k - 1, n, LOOK_ORDINARY) >= SOURCE_EVIDENCE:
+        return None
+    return LookShift(k, n)
 
 
 def threshold_for_accuracy(probs: np.ndarray, y: np.ndarray, target: float,

@@ -15,7 +15,7 @@ from thumbclf.config import DeployParams
 from thumbclf.core import layout
 from thumbclf.core import table as table_io
 from thumbclf.core.decide import (MIN_SOURCE_SLIDES, POOLED, UNDECIDED, UNFAMILIAR_SOURCE,
-                                  threshold_in_force, unfamiliar_sources)
+                                  look_shift, threshold_in_force, unfamiliar_sources)
 from thumbclf.core.errors import DataError, ModelError, OutputError
 from thumbclf.core.files import atomic_csv, check_writable
 from thumbclf.inputs import slides
@@ -26,7 +26,8 @@ from thumbclf.nn.models import LoadedModel, load_model
 from thumbclf.outputs import explain, tally
 from thumbclf.outputs.confusion import cm_layout
 from thumbclf.outputs.sorting import copy_all, sort_copies
-from thumbclf.predict.ensemble import ADAPT_IMAGES, adapt_batchnorm, check_adaptable
+from thumbclf.predict.ensemble import (ADAPT_IMAGES, MIN_ADAPT_IMAGES, adapt_batchnorm,
+                                       check_adaptable)
 from thumbclf.predict.engines import prepare_runners
 from thumbclf.predict.stream import (
     timings,
@@ -229,7 +230,7 @@ def run(params: DeployParams, *, resume: bool = False, progress: bool = True,
         partial.unlink(missing_ok=True)
     if shard is not None:  # the copies and the report are thumbclf merge's
         return shards.finish(folder, shard, len(table), params.output)
-    table = judge_sources(table, done, params.unfamiliar_share)
+    table = judge_sources(table, done, params.unfamiliar_share, adapted=params.adapt_bn)
     failed = _say_decisions(table)
     _copies(params, folder, table, is_slide, models[0].prep.slide_size)
     slow = tally.slowest([Path(p) for p, s in zip(table[PATH], is_slide) if s],
@@ -251,10 +252,19 @@ def _say_decisions(table: pd.DataFrame) -> int:
     return failed
 
 
-def judge_sources(table: pd.DataFrame, done: Path, share: float) -> pd.DataFrame:
+ADAPTED_HINT = (". With adapt_bn this also happens when the deploy holds mostly one slide type "
+                "(adaptation assumes a mix of types like training's): deploy again with "
+                "adapt_bn: false to tell")
+
+
+def judge_sources(table: pd.DataFrame, done: Path, share: float, *, adapted: bool = False
+                  ) -> pd.DataFrame:
     """The predictions table after the source rule (decide.unfamiliar_sources), written back
     where it changed a decision. It needs every row, so it runs here, after prediction (and
-    after thumbclf merge joins the shards), and again on --resume with the same result."""
+    after thumbclf merge joins the shards), and again on --resume with the same result.
+    ``adapted`` (adapt_bn): the warning says that adaptation to a deploy of mostly one slide
+    type does this too (bench/realworld.py: 60 Resection slides, all decided without adapt_bn,
+    all Undecided with it), and how to tell."""
     sources = table[table_io.SOURCE].tolist() if table_io.SOURCE in table else None
     decisions, reasons, verdicts = unfamiliar_sources(
         table[table_io.DECISION].tolist(), table[table_io.REASON].tolist(),
@@ -264,8 +274,8 @@ def judge_sources(table: pd.DataFrame, done: Path, share: float) -> pd.DataFrame
                "slides each, judged together" if v.name == POOLED else f"source {v.name!r}")
         log.warning("%s: %.0f%% of %d slides are unfamiliar (more than unfamiliar_share %.0f%%): "
                     "they come from a world the model was not trained on, so the others are "
-                    "Undecided too (reason '%s')", who, 100 * v.unfamiliar, v.judged, 100 * share,
-                    UNFAMILIAR_SOURCE)
+                    "Undecided too (reason '%s')%s", who, 100 * v.unfamiliar, v.judged,
+                    100 * share, UNFAMILIAR_SOURCE, ADAPTED_HINT if adapted else "")
     if decisions != table[table_io.DECISION].tolist():
         table = table.assign(**{table_io.DECISION: decisions, table_io.REASON: reasons})
         atomic_csv(table, done)
@@ -284,6 +294,23 @@ def _inputs(params: DeployParams, folder: Path, classes: tuple[str, ...],
     if shard is None:
         return sample_set, sample_set
     return sample_set, shards.start(folder, sample_set, shard, params)
+
+
+def adapt_advice(table: pd.DataFrame, adapted: bool) -> str | None:
+    """Advice to try adapt_bn where the deploy as a whole looks unlike the training slides
+    (decide.look_shift) and adapt_bn was off and could run; None otherwise. Advice only: on
+    the bench adaptation recovered such deploys of a mix of types (the synthetic lab shift
+    1.5, three trained models: coverage 0-0.72 without it, 0.95-0.99 at accuracy 0.994-1.000
+    with it) and made an archive of one type all Undecided, so the user compares."""
+    shift = look_shift(table_io.signal(table, table_io.UNFAMILIAR_LOOK),
+                       table[table_io.REASON].tolist(), familiarity.MARGIN)
+    if adapted or shift is None or shift.judged < MIN_ADAPT_IMAGES:
+        return None
+    return (f"This deploy looks unlike the training slides: {shift.beyond} of its {shift.judged} "
+            "slides with tissue look less like them than 99% of the validation slides do (about "
+            "1% would): another stain, scanner or rendering. If it holds a mix of slide types "
+            "from one lab, adapt_bn: true may recover decisions: deploy again with it into a "
+            "new folder and compare (docs: how-to, Other labs).")
 
 
 def review_hint(table: pd.DataFrame, folder: Path, other_files: int = 0) -> None:
@@ -332,10 +359,17 @@ def _report(params: DeployParams, folder: Path, table: pd.DataFrame, models: lis
              f"{len(models)} model{'s averaged' if len(models) > 1 else ''}"
              f"{'; test-time augmentation (8 flips/rotations)' if params.tta else ''}.",
              f"Inference: {engine_note}.", rule_note(models)]
+    advice = adapt_advice(table, params.adapt_bn)
+    if advice:
+        log.info("%s", advice)
+        notes.append(advice)
     if params.adapt_bn:
         notes.append("Adaptation: BatchNorm statistics re-estimated on up to "
                      f"{ADAPT_IMAGES} of these deploy images (adapt_bn), saved in "
-                     f"{layout.ADAPTED_BN}/; the model files are unchanged.")
+                     f"{layout.ADAPTED_BN}/; the model files are unchanged. The look part of "
+                     "the unfamiliar-slide rule is not applied (a look unlike the training "
+                     "slides' is what the model was adapted to); the content part, on the "
+                     "adapted features, is.")
     if params.has_labels:
         evaluate_run(folder, table[table[ERROR] == ""], classes=classes, params=params,
                      kind="deploy", sample_set=sample_set, split_df=None, failures=failed,
