@@ -3,6 +3,7 @@
 
 import hashlib
 import json
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -14,7 +15,7 @@ from conftest import run_script, train_once, write_yaml
 from thumbclf.core.decide import LOW_CONFIDENCE, UNDECIDED, UNFAMILIAR
 from thumbclf.evaluate import main as evaluate_main
 from thumbclf.inputs import synth
-from thumbclf.nn import familiarity
+from thumbclf.nn import familiarity, look
 
 CLASSES = ("Biopsy", "IHC", "TMA")
 # 3 x 20 images, 35% validation: 21 validation images, enough for the unfamiliar rule (issue 32:
@@ -159,22 +160,42 @@ def test_adaptation_never_changes_the_model_file_and_is_saved_with_the_run(train
     assert "Adaptation: BatchNorm statistics re-estimated" in (out / "report.html").read_text()
 
 
-def test_adapted_models_are_judged_by_content_not_by_the_look_they_were_adapted_to(trained,
-                                                                                  tmp_path):
-    """Issue 28: adaptation is the remedy for a look unlike training's, so the look part is not
-    applied after it (on the bench it kept up to all of the shifted slides Undecided although
-    98-100% of them were classified right); the content part, on the adapted features, is,
-    and the report says so."""
-    data = trained.parent / "data"
+def test_adapted_models_know_the_looks_they_were_adapted_to_and_no_others(trained, tmp_path):
+    """Issue 28: adaptation is the remedy for a look unlike training's, so after it a look like
+    the adaptation's images is familiar (on the bench the training looks alone kept up to all
+    of the shifted slides Undecided although 98-100% were classified right); a slide that
+    looks unlike both is still unfamiliar; the looks are saved for --resume."""
+    data = tmp_path / "data"
+    shutil.copytree(trained.parent / "data", data)
+    (data / "labels.csv").unlink()
+    rng = np.random.default_rng(3)
+    for i in range(2):  # two slides from another world: too few to be adapted to
+        Image.fromarray(rng.integers(0, 256, (120, 120, 3), dtype=np.uint8)).save(
+            data / f"noise_{i}.png")
     plain, _ = _deploy(tmp_path, trained, data, "plain")
     adapted, _ = _deploy(tmp_path, trained, data, "adapted", extra="adapt_bn: true\n")
     before = pd.read_csv(plain / "predictions.csv", keep_default_na=False)
     after = pd.read_csv(adapted / "predictions.csv", keep_default_na=False)
-    assert "unfamiliarity_look" in before.columns  # the model has the look part
-    assert "unfamiliarity_look" not in after.columns
-    assert (after["unfamiliarity"] == after["unfamiliarity_content"]).all()
-    assert "look part of the unfamiliar-slide rule is not applied" in \
-        (adapted / "report.html").read_text(encoding="utf-8")
+    assert (before["PATH"] == after["PATH"]).all()
+    noise = after["PATH"].str.contains("noise_").to_numpy()
+    assert (after["unfamiliarity_look"] <= before["unfamiliarity_look"] + 1e-9).all()
+    assert (after.loc[~noise, "unfamiliarity_look"] < before.loc[~noise, "unfamiliarity_look"]
+            ).mean() > 0.5  # the looks adapted to count as familiar
+    assert (after.loc[noise, "unfamiliarity_look"] > 1).all()  # unlike both
+    assert set(after.loc[noise, "undecided_reason"]) == {UNFAMILIAR}
+    saved = torch.load(adapted / "adapted_bn" / "looks.pt", weights_only=True)["looks"]
+    assert saved.shape == (len(after), len(look.NAMES))
+    assert "the images adapted to" in (adapted / "report.html").read_text(encoding="utf-8")
+    # a run stopped after its adaptation resumes with the same statistics and looks
+    for name in ("predictions.csv", "report.html"):
+        (adapted / name).unlink()
+    r = run_script("deploy_thumbclassifier.py", str(tmp_path / "adapted.yaml"), "--resume")
+    assert r.returncode == 0, r.stderr
+    log = (adapted / "run.log").read_text(encoding="utf-8")
+    assert "the BatchNorm statistics of the interrupted run" in log
+    assert "the looks of the interrupted run's images" in log
+    again = pd.read_csv(adapted / "predictions.csv", keep_default_na=False)
+    pd.testing.assert_frame_equal(again, after)
 
 
 def test_a_model_file_without_features_deploys_by_confidence_and_says_so_once(trained, mixed,

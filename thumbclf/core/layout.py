@@ -27,7 +27,7 @@ PREDICTIONS = "predictions.csv"
 PARTIAL = "predictions.partial.csv"
 INPUTS = "inputs.csv"  # deploy: the inputs by position, to check a resume against
 MODELS = "models.csv"  # deploy: the model files and their sha256, to check a resume against
-ADAPTED_BN = "adapted_bn"  # deploy with adapt_bn: each model's re-estimated BatchNorm statistics
+ADAPTED_BN = "adapted_bn"  # deploy with adapt_bn: re-estimated BatchNorm statistics, looks
 REPORT = "report.html"
 GRADCAM_INDEX = "gradcam/index.csv"  # PATH -> its Grad-CAM overlay (relative to the folder)
 REVIEW = "review"  # thumbclf review: the page, its previews and the journal of corrections
@@ -120,8 +120,9 @@ MEANINGS: dict[str, str] = {  # what each name holds (the docs' results-folder p
     "inputs.csv": "deploy: the inputs by position, so that `--resume` finds the same ones",
     "predictions.partial.csv": "deploy: the rows predicted so far, appended batch by batch; "
                                "`--resume` predicts only what is missing",
-    "adapted_bn": "deploy with `adapt_bn`: each model's re-estimated BatchNorm statistics "
-                  "(reused by `--resume`; the model files are not changed)",
+    "adapted_bn": "deploy with `adapt_bn`: each model's re-estimated BatchNorm statistics and "
+                  "the looks of the images adapted to (reused by `--resume`; the model files "
+                  "are not changed)",
     "sorted": "deploy with `sortThumbs`: `sorted/<class or Undecided>/`, copies (never moves)",
     "thumbnails": "deploy with `export_thumbnails`: the rendered slide thumbnails (PNG)",
     "decisions.csv": "deploy without labels: how many images got each decision",

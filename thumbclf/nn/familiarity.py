@@ -41,6 +41,7 @@ deploy with confidence-only decisions, and the run says so once.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -165,6 +166,14 @@ class Look:
     def scores(self, looks: np.ndarray) -> np.ndarray:
         return distances((np.asarray(looks, dtype=np.float64) - self.centre) / self.scale,
                          self.bank, self.k)
+
+    def including(self, looks: np.ndarray) -> "Look":
+        """This part with ``looks`` (raw look statistics) added to its bank: for models adapted
+        to a deploy (adapt_bn), whose looks are what they were adapted to. The threshold is
+        unchanged: a slide is unfamiliar where it looks unlike both the training images and
+        the adaptation's images (a fluorescence scan among brightfield ones)."""
+        added = (np.asarray(looks, dtype=np.float64) - self.centre) / self.scale
+        return dataclasses.replace(self, bank=np.concatenate([self.bank, added]))
 
     def to_file(self) -> dict:
         return {"bank": torch.from_numpy(self.bank.astype(np.float32)),

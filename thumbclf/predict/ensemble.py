@@ -8,6 +8,7 @@ import dataclasses
 import hashlib
 import logging
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -143,51 +144,89 @@ def adapt_batchnorm(models: list[LoadedModel], sample_set: SampleSet, folder: Pa
     kept its ImageNet or initial statistics in training, and the layers after it learned with
     those. The model files are not changed; the statistics are saved as
     adapted_bn/model_<i>.pt and read back on --resume, so a resumed run predicts with the
-    same ones. The adapted models' unfamiliar rule has no look part: a look unlike training's
-    is what they were adapted to (bench/realworld.py: with it, the synthetic lab shifts stayed
-    largely Undecided after adaptation although 98-100% of them were classified right; the
-    content part alone still made the real slides and an archive of one type unfamiliar)."""
+    same ones. The look part of the adapted models' unfamiliar rule also knows the looks of
+    those images (adapted_bn/looks.pt), the looks they were adapted to: with the training
+    looks alone it kept the synthetic lab shifts Undecided after adaptation although 98-100%
+    of them were classified right (bench/realworld.py); a slide that looks unlike both (a
+    fluorescence scan among brightfield slides) is still unfamiliar."""
     out = folder / layout.ADAPTED_BN
     picked = np.random.default_rng(0).permutation(len(sample_set))[:ADAPT_IMAGES * 2]
     arrays: list[np.ndarray] = []
 
-    def batches():
-        if not arrays:  # decoded once, for every model
+    def decoded() -> list[np.ndarray]:
+        if not arrays:  # decoded once, for every model and the looks
             found, copies = _distinct_arrays(sample_set, picked, models[0].prep, slide_cache)
             arrays.extend(found)
             check_adaptable(len(arrays), "the readable deploy images", copies)
-        for i in range(0, len(arrays), 32):
-            chunk = arrays[i:i + 32]
+        return arrays
+
+    def batches():
+        images = decoded()
+        for i in range(0, len(images), 32):
+            chunk = images[i:i + 32]
             if len(chunk) > 1:  # BatchNorm needs two images
                 yield torch.from_numpy(np.stack(chunk)), None
 
-    adapted = []
+    adapted, changed = [], []
     for i, m in enumerate(models, 1):
-        model = copy.deepcopy(m.model).eval()
-        frozen = tuple(m.meta.get("frozen", ()))  # their statistics were never the training's
-        bns = {name: mod for name, mod in model.named_modules()
-               if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm) and mod.track_running_stats
-               and not any(name == f or name.startswith(f + ".") for f in frozen)}
-        saved = out / f"model_{i}.pt"
-        if not bns:
-            log.warning("%s has no trainable BatchNorm layers: adapt_bn changes nothing", m.path)
-        elif resume and saved.is_file():
-            model.load_state_dict(read_weights(saved, "adapted BatchNorm statistics"),
-                                  strict=False)
-            log.info("adapt_bn: the BatchNorm statistics of the interrupted run (%s)", saved)
-        else:
-            for mod in bns.values():
-                mod.train()
-            recalibrate_bn(model.to(device), batches(), norm=m.norm, device=device,
-                           max_images=ADAPT_IMAGES)
-            model.eval()
-            atomic_torch_save({k: v.detach().cpu() for k, v in model.named_buffers()
-                               if k.rpartition(".")[0] in bns}, saved)  # statistics only
-            log.info("adapt_bn: BatchNorm statistics of %s re-estimated on %d deploy images; "
-                     "saved in %s (the model file is unchanged)", m.path.name if m.path else
-                     "the model", len(arrays), saved)
-        # the look part of the unfamiliar rule measures the look against training's, which
-        # adaptation is the remedy for: the content part, on the adapted features, judges
-        rule = m.familiarity and dataclasses.replace(m.familiarity, look=None)
-        adapted.append(dataclasses.replace(m, model=model.cpu().eval(), familiarity=rule))
+        model, done = _adapt_one(m, out / f"model_{i}.pt", batches, device=device, resume=resume)
+        adapted.append(dataclasses.replace(m, model=model))
+        changed.append(done and m.familiarity is not None and m.familiarity.look is not None)
+    if any(changed):
+        looks = adapted_looks(out / "looks.pt", decoded, resume)
+        adapted = [dataclasses.replace(m, familiarity=dataclasses.replace(
+            m.familiarity, look=m.familiarity.look.including(looks))) if c else m
+            for m, c in zip(adapted, changed)]
     return adapted
+
+
+def _adapt_one(m: LoadedModel, saved: Path, batches: Callable, *, device: torch.device,
+               resume: bool) -> tuple[torch.nn.Module, bool]:
+    """A copy of ``m``'s network with its trainable BatchNorm statistics re-estimated on
+    ``batches()`` and saved at ``saved`` (read back from there on --resume); whether any
+    were."""
+    model = copy.deepcopy(m.model).eval()
+    frozen = tuple(m.meta.get("frozen", ()))  # their statistics were never the training's
+    bns = {name: mod for name, mod in model.named_modules()
+           if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm) and mod.track_running_stats
+           and not any(name == f or name.startswith(f + ".") for f in frozen)}
+    if not bns:
+        log.warning("%s has no trainable BatchNorm layers: adapt_bn changes nothing", m.path)
+        return model, False
+    if resume and saved.is_file():
+        model.load_state_dict(read_weights(saved, "adapted BatchNorm statistics"), strict=False)
+        log.info("adapt_bn: the BatchNorm statistics of the interrupted run (%s)", saved)
+        return model.cpu().eval(), True
+    for mod in bns.values():
+        mod.train()
+    images = 0
+
+    def counted():
+        nonlocal images
+        for x, y in batches():
+            images += len(x)
+            yield x, y
+
+    recalibrate_bn(model.to(device), counted(), norm=m.norm, device=device,
+                   max_images=ADAPT_IMAGES)
+    model.eval()
+    atomic_torch_save({k: v.detach().cpu() for k, v in model.named_buffers()
+                       if k.rpartition(".")[0] in bns}, saved)  # statistics only
+    log.info("adapt_bn: BatchNorm statistics of %s re-estimated on %d deploy images; saved in %s "
+             "(the model file is unchanged)", m.path.name if m.path else "the model", images,
+             saved)
+    return model.cpu().eval(), True
+
+
+def adapted_looks(path: Path, decoded: Callable[[], list[np.ndarray]], resume: bool
+                  ) -> np.ndarray:
+    """The look statistics of the adaptation's images (``decoded()``), saved at ``path`` and
+    read back on --resume."""
+    if resume and path.is_file():
+        log.info("adapt_bn: the looks of the interrupted run's images (%s)", path)
+        return read_weights(path, "the looks of the adaptation's images")["looks"].double().numpy()
+    images = decoded()
+    stats = np.concatenate([look.describe(torch.from_numpy(np.stack(images[i:i + 64])))[0]
+                            for i in range(0, len(images), 64)])
+    atomic_torch_save({"looks": torch.from_numpy(stats)}, path)
+    return stats

@@ -367,9 +367,8 @@ def _report(params: DeployParams, folder: Path, table: pd.DataFrame, models: lis
         notes.append("Adaptation: BatchNorm statistics re-estimated on up to "
                      f"{ADAPT_IMAGES} of these deploy images (adapt_bn), saved in "
                      f"{layout.ADAPTED_BN}/; the model files are unchanged. The look part of "
-                     "the unfamiliar-slide rule is not applied (a look unlike the training "
-                     "slides' is what the model was adapted to); the content part, on the "
-                     "adapted features, is.")
+                     "the unfamiliar-slide rule compares each slide with the training images "
+                     "and with the images adapted to: a look like either is familiar.")
     if params.has_labels:
         evaluate_run(folder, table[table[ERROR] == ""], classes=classes, params=params,
                      kind="deploy", sample_set=sample_set, split_df=None, failures=failed,
