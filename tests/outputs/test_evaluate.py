@@ -105,7 +105,8 @@ def test_a_deploy_report_answers_first_and_keeps_engineering_notes_collapsed(tmp
     decisions_report(folder, df, ReportSpec(
         title="thumbclf — archive", params={"threshold": float("nan")}, thumbs=lambda path: None,
         notes=["Inference: PyTorch fp32 (bf16 failed its verification)."],
-        sorted_into=folder / "sorted"), classes=CLASSES, failures=1)
+        sorted_into=folder / "sorted", advice=["This deploy looks <unlike> the training slides."]),
+        classes=CLASSES, failures=1)
     page = _text((folder / "report.html").read_text())
     assert _headings(page)[:2] == ["Summary", "Data"]
     assert _headings(page)[-2:] == ["Technical notes", "Settings"]
@@ -113,6 +114,7 @@ def test_a_deploy_report_answers_first_and_keeps_engineering_notes_collapsed(tmp
     assert "<b>4</b> slides: <b>2</b> decided (Fat 1, IHC 1)" in first
     assert f"thumbclf review {folder}" in first and "<b>1</b> Undecided" in first
     assert "<b>1</b> could not be read" in first and "sorted/&lt;class&gt;/" in first
+    assert "This deploy looks &lt;unlike&gt; the training slides." in first  # advice: answered first
     assert "NaN" not in page and ">nan<" not in page
     for heading in _headings(page):
         assert f">{heading}</a>" in page.split("</nav>", 1)[0], heading

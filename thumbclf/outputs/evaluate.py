@@ -6,6 +6,7 @@ recomputes everything from a predictions table alone.
 
 from __future__ import annotations
 
+import html
 import json
 import logging
 from dataclasses import dataclass, field
@@ -101,7 +102,8 @@ class ReportSpec:
     ``resamples`` and ``seed``: the bootstrap; ``title``, ``kind`` and ``params``: the page's
     heading and its settings table; ``extra_sections`` and ``notes``: added to the page;
     ``thumbs``: the gallery's picture loader (None: a plain one); ``review`` and
-    ``sorted_into``: the results folder and sorted folder the summary names."""
+    ``sorted_into``: the results folder and sorted folder the summary names; ``advice``:
+    plain sentences for the summary, after the decisions (what to try next)."""
 
     order: Sequence[str] = ()
     xt: Sequence[str] = ()
@@ -116,6 +118,7 @@ class ReportSpec:
     thumbs: Callable | None = None
     review: Path | None = None
     sorted_into: Path | None = None
+    advice: Sequence[str] = ()
 
     def loader(self) -> Callable:
         """The gallery's picture loader."""
@@ -168,7 +171,8 @@ def evaluate_table(df: pd.DataFrame, classes: list[str], out: Path, spec: Report
     sections += list(spec.extra_sections)
     first = plain.section(plain.decisions_lines(df, review=spec.review,
                                                 sorted_into=spec.sorted_into,
-                                                failures=failures) + plain.quality_lines(m),
+                                                failures=failures)
+                          + [html.escape(a) for a in spec.advice] + plain.quality_lines(m),
                           caveats)
     report.write(out / layout.REPORT, title=spec.title, kind=spec.kind, params=spec.params,
                  data_summary=_data_summary(df, classes, split_df, failures),
@@ -313,7 +317,8 @@ def decisions_report(folder: Path, table: pd.DataFrame, spec: ReportSpec, *, cla
                 ("Undecided", report.img(gallery, "undecided") or "<p>No Undecided slides.</p>")]
     sections += reasons_section(ok, folder, thumbs)
     first = plain.section(plain.decisions_lines(table, review=folder,
-                                                sorted_into=spec.sorted_into))
+                                                sorted_into=spec.sorted_into)
+                          + [html.escape(a) for a in spec.advice])
     report.write(folder / layout.REPORT, title=spec.title,
                  kind="Deployment without labels", params=spec.params,
                  data_summary=data, sections=sections + list(spec.extra_sections),

@@ -362,7 +362,6 @@ def _report(params: DeployParams, folder: Path, table: pd.DataFrame, models: lis
     advice = adapt_advice(table, params.adapt_bn)
     if advice:
         log.info("%s", advice)
-        notes.append(advice)
     if params.adapt_bn:
         notes.append("Adaptation: BatchNorm statistics re-estimated on up to "
                      f"{ADAPT_IMAGES} of these deploy images (adapt_bn), saved in "
@@ -372,9 +371,10 @@ def _report(params: DeployParams, folder: Path, table: pd.DataFrame, models: lis
     if params.has_labels:
         evaluate_run(folder, table[table[ERROR] == ""], classes=classes, params=params,
                      kind="deploy", sample_set=sample_set, split_df=None, failures=failed,
-                     extra_sections=extra, notes=notes)
+                     extra_sections=extra, notes=notes, advice=[advice] if advice else [])
     else:
         summarise_decisions(folder, table, classes=classes, params=params, failures=failed,
-                            extra_sections=extra, notes=notes)
+                            extra_sections=extra, notes=notes,
+                            advice=[advice] if advice else [])
 
 __all__ = ["run", "UNDECIDED"]

@@ -28,7 +28,7 @@ def run_thumb_loader(params):
 
 
 def evaluate_run(folder: Path, table: pd.DataFrame, *, classes, params, kind: str, sample_set,
-                 split_df, failures: int = 0, extra_sections=(), notes=(),
+                 split_df, failures: int = 0, extra_sections=(), notes=(), advice=(),
                  histories: dict[str, pd.DataFrame] | None = None) -> dict[str, Any]:
     """Evaluation after training or a labelled deploy, with the run's settings."""
     order, xt, yt = cm_layout(classes, params.cm_sortlabels, params.cm_xlabels,
@@ -44,7 +44,7 @@ def evaluate_run(folder: Path, table: pd.DataFrame, *, classes, params, kind: st
                       title=f"thumbclf — {params.source.stem}", kind=titles.get(kind, kind),
                       params=params_to_dict(params), extra_sections=extra_sections, notes=notes,
                       thumbs=run_thumb_loader(params), review=folder,
-                      sorted_into=sorted_folder(params, folder))
+                      sorted_into=sorted_folder(params, folder), advice=advice)
     return evaluate_table(table, list(classes), folder, spec, threshold=None,
                           histories=histories or {}, split_df=split_named, failures=failures)
 
@@ -55,11 +55,12 @@ def sorted_folder(params, folder: Path) -> Path | None:
 
 
 def summarise_decisions(folder: Path, table: pd.DataFrame, *, classes, params, failures: int,
-                        extra_sections=(), notes=()) -> None:
+                        extra_sections=(), notes=(), advice=()) -> None:
     """Deploy without labels: the distribution of decisions, as a table, a plot and a report."""
     spec = ReportSpec(title=f"thumbclf — {params.source.stem}", params=params_to_dict(params),
                       extra_sections=extra_sections, notes=notes,
-                      thumbs=run_thumb_loader(params), sorted_into=sorted_folder(params, folder))
+                      thumbs=run_thumb_loader(params), sorted_into=sorted_folder(params, folder),
+                      advice=advice)
     decisions_report(folder, table, spec, classes=classes, failures=failures)
 
 
