@@ -45,8 +45,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import trust  # noqa: E402  (bench/trust.py: its runner, experiment writer and scores)
 from thumbclf.core import table  # noqa: E402
-from thumbclf.core.decide import (REASONS, UNDECIDED, decide_with_reasons,  # noqa: E402
-                                  unfamiliar_sources)
+from thumbclf.core.decide import (REASONS, UNDECIDED, UNFAMILIAR_SOURCE,  # noqa: E402
+                                  decide_with_reasons, unfamiliar_sources)
 from thumbclf.inputs import synth  # noqa: E402
 
 REALDATA = ROOT.parent / "shared" / "realdata"
@@ -193,7 +193,7 @@ def _variant(a, v: str, seed: int, vdir: Path, data: Path, labels_csv: Path,
                                       **trust.scores(vdir / name / "predictions.csv",
                                                      list(synth.CLASSES)),
                                       "unfamiliar source": float(
-                                          (reasons[table.REASON] == "unfamiliar source").mean())})
+                                          (reasons[table.REASON] == UNFAMILIAR_SOURCE).mean())})
             print(rows["synthetic"][-1], flush=True)
 
 
@@ -228,7 +228,7 @@ def _unseen(a, data: Path, seed: int, vdir: Path, rows: list[dict]) -> None:
                          (df[table.DECISION].to_numpy()[decided] == truth[decided]).mean())
                      if decided.any() else float("nan"),
                      "Undecided: unfamiliar source": int(
-                         (df[table.REASON] == "unfamiliar source").sum())})
+                         (df[table.REASON] == UNFAMILIAR_SOURCE).sum())})
         print(rows[-1], flush=True)
 
 

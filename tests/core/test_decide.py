@@ -124,6 +124,8 @@ def test_a_deploy_that_looks_unlike_the_validation_slides_is_named_and_an_ordina
     reasons = [""] * 200
     ordinary = np.array([0.3] * 198 + [0.8] * 2)  # 1% beyond, as the validation slides
     assert look_shift(ordinary, reasons, 1.5) is None
+    noisy = np.array([0.3] * 188 + [0.8] * 12)  # 6%: a threshold from few validation images
+    assert look_shift(noisy, reasons, 1.5) is None
     shifted = np.array([0.3] * 140 + [0.8] * 60)  # 30% beyond
     assert look_shift(shifted, reasons, 1.5) == LookShift(beyond=60, judged=200)
     assert look_shift(shifted, reasons, 1.0) is None  # 0.8 x 1.0: not beyond

@@ -26,14 +26,16 @@ SOURCE_EVIDENCE = 0.001
 ORDINARY_UNFAMILIAR = 0.1
 POOLED = "(sources of fewer slides, pooled)"
 # A deploy looks unlike the training slides where more than LOOK_SHIFTED of its slides with
-# tissue lie beyond the look of 99% of the validation slides (familiarity.QUANTILE: about 1% of
-# ordinary slides do), and so many would be unlikely among ordinary ones (SOURCE_EVIDENCE).
-# Measured (bench/realworld.py, three trained models): 0-2% of the synthetic test slides, of
-# an archive of one type and of one with an unseen type mixed in; 19-94% / 55-100% / 95-100%
-# of the same test slides as other labs would scan them (shift 1 / 1.5 / 2); 29-90% of the
-# real thumbnails of 14 public sources.
-LOOK_ORDINARY = 0.01
-LOOK_SHIFTED = 0.05
+# tissue lie beyond the look of 99% of the validation slides, and so many would be unlikely
+# (SOURCE_EVIDENCE) among ordinary slides, of which at most LOOK_ORDINARY do: 1% by
+# construction, but the 99th percentile is estimated from a few dozen validation images (in
+# effect their largest), so a generous bound; measured on the test slides of three trained
+# models: 1-2%. Measured (bench/realworld.py, the same models): 0-2% of the synthetic test
+# slides, of an archive of one type and of one with an unseen type mixed in; 19-94% /
+# 55-100% / 95-100% of the same test slides as other labs would scan them (shift 1 / 1.5 /
+# 2); 27-90% of the real thumbnails of 14 public sources.
+LOOK_ORDINARY = 0.05
+LOOK_SHIFTED = 0.10
 # the share of a thumbnail that must be tissue (nn/look.py measures it): below it a slide is
 # blank, pen or label only, or a fragment of about 10 x 10 pixels of the model's 224
 NO_TISSUE_FRACTION = 0.002

@@ -167,13 +167,17 @@ class Look:
         return distances((np.asarray(looks, dtype=np.float64) - self.centre) / self.scale,
                          self.bank, self.k)
 
-    def including(self, looks: np.ndarray) -> "Look":
-        """This part with ``looks`` (raw look statistics) added to its bank: for models adapted
-        to a deploy (adapt_bn), whose looks are what they were adapted to. The threshold is
-        unchanged: a slide is unfamiliar where it looks unlike both the training images and
-        the adaptation's images (a fluorescence scan among brightfield ones)."""
-        added = (np.asarray(looks, dtype=np.float64) - self.centre) / self.scale
-        return dataclasses.replace(self, bank=np.concatenate([self.bank, added]))
+    def adapted_to(self, looks: np.ndarray) -> "Look":
+        """This part for a model adapted to a deploy (adapt_bn) whose images have the raw look
+        statistics ``looks``: each statistic is moved by the difference between those images'
+        median and the training images' (the bank's), as BatchNorm adaptation moves the
+        network's statistics, so that a lab's look as a whole is what the training images'
+        was, while a slide that stands out among the deploy's (a fluorescence scan among
+        brightfield slides, however many) still stands out. Medians: a few such slides do not
+        move them. Spreads and the threshold are the training's."""
+        looks = np.asarray(looks, dtype=np.float64)
+        trained = np.median(self.bank, axis=0) * self.scale + self.centre
+        return dataclasses.replace(self, centre=self.centre + np.median(looks, axis=0) - trained)
 
     def to_file(self) -> dict:
         return {"bank": torch.from_numpy(self.bank.astype(np.float32)),

@@ -27,7 +27,7 @@ from thumbclf.outputs import explain, tally
 from thumbclf.outputs.confusion import cm_layout
 from thumbclf.outputs.sorting import copy_all, sort_copies
 from thumbclf.predict.ensemble import (ADAPT_IMAGES, MIN_ADAPT_IMAGES, adapt_batchnorm,
-                                       check_adaptable)
+                                       adaptable_layers, check_adaptable)
 from thumbclf.predict.engines import prepare_runners
 from thumbclf.predict.stream import (
     timings,
@@ -296,21 +296,21 @@ def _inputs(params: DeployParams, folder: Path, classes: tuple[str, ...],
     return sample_set, shards.start(folder, sample_set, shard, params)
 
 
-def adapt_advice(table: pd.DataFrame, adapted: bool) -> str | None:
+def adapt_advice(table: pd.DataFrame, adapted: bool, adaptable: bool = True) -> str | None:
     """Advice to try adapt_bn where the deploy as a whole looks unlike the training slides
-    (decide.look_shift) and adapt_bn was off and could run; None otherwise. Advice only: on
-    the bench adaptation recovered such deploys of a mix of types (the synthetic lab shift
-    1.5, three trained models: coverage 0-0.72 without it, 0.95-0.99 at accuracy 0.994-1.000
-    with it) and made an archive of one type all Undecided, so the user compares."""
+    (decide.look_shift), adapt_bn was off, and it could run (``adaptable``: a model has
+    BatchNorm layers to adapt; 32 images); None otherwise. Advice only: on the bench
+    adaptation recovered such deploys of a mix of types and made an archive of one type all
+    Undecided (bench/realworld.py), so the user compares."""
     shift = look_shift(table_io.signal(table, table_io.UNFAMILIAR_LOOK),
                        table[table_io.REASON].tolist(), familiarity.MARGIN)
-    if adapted or shift is None or shift.judged < MIN_ADAPT_IMAGES:
+    if adapted or not adaptable or shift is None or shift.judged < MIN_ADAPT_IMAGES:
         return None
     return (f"This deploy looks unlike the training slides: {shift.beyond} of its {shift.judged} "
-            "slides with tissue look less like them than 99% of the validation slides do (about "
-            "1% would): another stain, scanner or rendering. If it holds a mix of slide types "
-            "from one lab, adapt_bn: true may recover decisions: deploy again with it into a "
-            "new folder and compare (docs: how-to, Other labs).")
+            "slides with tissue look less like them than 99% of the validation slides do (a "
+            "few percent would): another stain, scanner or rendering. If it holds a mix of "
+            "slide types from one lab, adapt_bn: true may recover decisions: deploy again with "
+            "it into a new folder and compare (docs: how-to, Other labs).")
 
 
 def review_hint(table: pd.DataFrame, folder: Path, other_files: int = 0) -> None:
@@ -359,15 +359,18 @@ def _report(params: DeployParams, folder: Path, table: pd.DataFrame, models: lis
              f"{len(models)} model{'s averaged' if len(models) > 1 else ''}"
              f"{'; test-time augmentation (8 flips/rotations)' if params.tta else ''}.",
              f"Inference: {engine_note}.", rule_note(models)]
-    advice = adapt_advice(table, params.adapt_bn)
+    adaptable = any(adaptable_layers(m.model, m.meta) for m in models)
+    advice = adapt_advice(table, params.adapt_bn, adaptable)
     if advice:
         log.info("%s", advice)
-    if params.adapt_bn:
+    if params.adapt_bn and adaptable:
+        looks = any(m.familiarity is not None and m.familiarity.look is not None for m in models)
         notes.append("Adaptation: BatchNorm statistics re-estimated on up to "
                      f"{ADAPT_IMAGES} of these deploy images (adapt_bn), saved in "
-                     f"{layout.ADAPTED_BN}/; the model files are unchanged. The look part of "
-                     "the unfamiliar-slide rule compares each slide with the training images "
-                     "and with the images adapted to: a look like either is familiar.")
+                     f"{layout.ADAPTED_BN}/; the model files are unchanged."
+                     + (" The look part of the unfamiliar-slide rule is adapted too: each look "
+                        "statistic is moved by the difference between these images' median and "
+                        "the training images'." if looks else ""))
     if params.has_labels:
         evaluate_run(folder, table[table[ERROR] == ""], classes=classes, params=params,
                      kind="deploy", sample_set=sample_set, split_df=None, failures=failed,
