@@ -95,13 +95,11 @@ def unfamiliar_sources(decisions: Sequence[str], reasons: Sequence[str],
     are pooled and judged together. A group is unfamiliar when more than ``share`` of its slides
     are, and so many would be unlikely among ordinary slides (SOURCE_EVIDENCE): a few slides
     are judged only on strong evidence. ``share`` 1 turns the rule off."""
-    from scipy import stats
-
     decisions, reasons = list(decisions), list(reasons)
     if unfamiliarity is None or share >= 1 or not len(decisions):
         return decisions, reasons, []
     u = np.asarray(unfamiliarity, dtype=float)
-    judged = np.isfinite(u) & (np.asarray(reasons, dtype=object) != NO_TISSUE)
+    judged = _judged(u, reasons)
     names = np.array([""] * len(decisions) if sources is None else [str(s) for s in sources],
                      dtype=object)
     counts = {name: int((judged & (names == name)).sum()) for name in set(names)}
@@ -111,8 +109,7 @@ def unfamiliar_sources(decisions: Sequence[str], reasons: Sequence[str],
     for name in sorted(set(groups)):
         members = judged & (groups == name)
         n, k = int(members.sum()), int((u[members] > 1.0).sum())
-        if not n or k / n <= share or \
-                stats.binom.sf(k - 1, n, ORDINARY_UNFAMILIAR) >= SOURCE_EVIDENCE:
+        if not _telling(k, n, share, ORDINARY_UNFAMILIAR):
             continue
         verdict = SourceVerdict(name, n, k / n)
         verdicts.append(verdict)
@@ -138,17 +135,26 @@ def look_shift(look: np.ndarray | None, reasons: Sequence[str], margin: float
     unfamiliarity (score / (validation quantile x ``margin``)), so a slide lies beyond the
     validation quantile where ``look`` x ``margin`` is above 1; slides without tissue are not
     judged. None also without a look part (a model file older than it)."""
-    from scipy import stats
-
     if look is None:
         return None
     u = np.asarray(look, dtype=float)
-    judged = np.isfinite(u) & (np.asarray(reasons, dtype=object) != NO_TISSUE)
+    judged = _judged(u, reasons)
     n, k = int(judged.sum()), int((u[judged] * margin > 1.0).sum())
-    if not n or k / n <= LOOK_SHIFTED or \
-            stats.binom.sf(k - 1, n, LOOK_ORDINARY) >= SOURCE_EVIDENCE:
-        return None
-    return LookShift(k, n)
+    return LookShift(k, n) if _telling(k, n, LOOK_SHIFTED, LOOK_ORDINARY) else None
+
+
+def _judged(values: np.ndarray, reasons: Sequence[str]) -> np.ndarray:
+    """The rows a deploy is judged on: a value (not unreadable) and tissue."""
+    return np.isfinite(values) & (np.asarray(reasons, dtype=object) != NO_TISSUE)
+
+
+def _telling(k: int, n: int, share: float, ordinary: float) -> bool:
+    """Whether ``k`` of ``n`` judged slides beyond a threshold say something about the group:
+    more than ``share`` of them, and so many would be unlikely (SOURCE_EVIDENCE) where at most
+    ``ordinary`` of ordinary slides are."""
+    from scipy import stats
+
+    return bool(n) and k / n > share and stats.binom.sf(k - 1, n, ordinary) < SOURCE_EVIDENCE
 
 
 def threshold_for_accuracy(probs: np.ndarray, y: np.ndarray, target: float,

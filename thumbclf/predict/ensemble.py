@@ -160,16 +160,9 @@ def adapt_batchnorm(models: list[LoadedModel], sample_set: SampleSet, folder: Pa
             check_adaptable(len(arrays), "the readable deploy images", copies)
         return arrays
 
-    def batches():
-        images = decoded()
-        for i in range(0, len(images), 32):
-            chunk = images[i:i + 32]
-            if len(chunk) > 1:  # BatchNorm needs two images
-                yield torch.from_numpy(np.stack(chunk)), None
-
     adapted, changed = [], []
     for i, m in enumerate(models, 1):
-        model, done = _adapt_one(m, out / f"model_{i}.pt", batches, device=device, resume=resume)
+        model, done = _adapt_one(m, out / f"model_{i}.pt", decoded, device=device, resume=resume)
         adapted.append(dataclasses.replace(m, model=model))
         changed.append(done and m.familiarity is not None and m.familiarity.look is not None)
     if any(changed):
@@ -180,11 +173,11 @@ def adapt_batchnorm(models: list[LoadedModel], sample_set: SampleSet, folder: Pa
     return adapted
 
 
-def _adapt_one(m: LoadedModel, saved: Path, batches: Callable, *, device: torch.device,
-               resume: bool) -> tuple[torch.nn.Module, bool]:
-    """A copy of ``m``'s network with its trainable BatchNorm statistics re-estimated on
-    ``batches()`` and saved at ``saved`` (read back from there on --resume); whether any
-    were."""
+def _adapt_one(m: LoadedModel, saved: Path, decoded: Callable[[], list[np.ndarray]], *,
+               device: torch.device, resume: bool) -> tuple[torch.nn.Module, bool]:
+    """A copy of ``m``'s network with its trainable BatchNorm statistics re-estimated on the
+    images ``decoded()`` gives and saved at ``saved`` (read back from there on --resume);
+    whether any were."""
     model = copy.deepcopy(m.model).eval()
     bns = adaptable_layers(model, m.meta)
     if not bns:
@@ -196,22 +189,17 @@ def _adapt_one(m: LoadedModel, saved: Path, batches: Callable, *, device: torch.
         return model.cpu().eval(), True
     for mod in bns.values():
         mod.train()
-    images = 0
-
-    def counted():
-        nonlocal images
-        for x, y in batches():
-            images += len(x)
-            yield x, y
-
-    recalibrate_bn(model.to(device), counted(), norm=m.norm, device=device,
+    images = decoded()
+    batches = ((torch.from_numpy(np.stack(images[i:i + 32])), None)  # BatchNorm needs two
+               for i in range(0, len(images), 32) if len(images[i:i + 32]) > 1)
+    recalibrate_bn(model.to(device), batches, norm=m.norm, device=device,
                    max_images=ADAPT_IMAGES)
     model.eval()
     atomic_torch_save({k: v.detach().cpu() for k, v in model.named_buffers()
                        if k.rpartition(".")[0] in bns}, saved)  # statistics only
     log.info("adapt_bn: BatchNorm statistics of %s re-estimated on %d deploy images; saved in %s "
-             "(the model file is unchanged)", m.path.name if m.path else "the model", images,
-             saved)
+             "(the model file is unchanged)", m.path.name if m.path else "the model",
+             len(images), saved)
     return model.cpu().eval(), True
 
 
@@ -232,7 +220,7 @@ def adapted_looks(path: Path, decoded: Callable[[], list[np.ndarray]], resume: b
         log.info("adapt_bn: the looks of the interrupted run's images (%s)", path)
         return read_weights(path, "the looks of the adaptation's images")["looks"].double().numpy()
     images = decoded()
-    stats = np.concatenate([look.describe(torch.from_numpy(np.stack(images[i:i + 64])))[0]
-                            for i in range(0, len(images), 64)])
+    stats = look.of_images(lambda at: np.stack([images[i] for i in at]),
+                           np.arange(len(images)))[0]
     atomic_torch_save({"looks": torch.from_numpy(stats)}, path)
     return stats
