@@ -17,9 +17,9 @@ synthetic slide types, once per variant (``default``: this checkout's defaults; 
   decided, why the others are Undecided, and accuracy among decided where the real label is one
   of the model's classes (Tumor counts as Resection; Healthy, which the model lacks, as wrong
   whenever decided; Other = not a slide type, must be Undecided; Unknown: left out);
-- the margin of the unfamiliar rule and the source rule's ``unfamiliar_share`` (1 = off),
-  decided again from the same predictions (the unfamiliarity parts scaled by 1.5 / margin), to
-  show what each trades;
+- the margins of the unfamiliar rule's parts (content, look) and the source rule's
+  ``unfamiliar_share`` (1 = off), decided again from the same predictions (each part scaled by
+  its default margin / the margin tried), to show what each trades;
 - on the synthetic test set and the same slides as other labs would scan them (shifts), with
   and without ``adapt_bn``; on an archive of one slide type (60 Resection slides, with and
   without ``adapt_bn``, which assumes a mix of types); and a type never trained on (TMA) mixed
@@ -48,6 +48,7 @@ from thumbclf.core import table  # noqa: E402
 from thumbclf.core.decide import (REASONS, UNDECIDED, UNFAMILIAR_SOURCE,  # noqa: E402
                                   decide_with_reasons, unfamiliar_sources)
 from thumbclf.inputs import synth  # noqa: E402
+from thumbclf.nn import familiarity  # noqa: E402
 
 REALDATA = ROOT.parent / "shared" / "realdata"
 OUT = ROOT / "bench" / "out" / "realworld"
@@ -56,7 +57,8 @@ KNOWN = ("Tumor", "Healthy", "IHC", "TMA", "Biopsy", "Fat", "LymphNode")
 # thumbnails/ has no labels file; its README names these by eye
 THUMBNAIL_LABELS = {"histoqc_coverslip_edge_ihc.png": "IHC", "cima_mouse-lung_ihc-ki67.jpg": "IHC",
                     "cima_mouse-lung_ihc-cd31.jpg": "IHC"}
-MARGINS = (1.0, 1.5, 2.0, 3.0)
+DEFAULT = (familiarity.MARGIN, familiarity.LOOK_MARGIN)  # the rule's margins: content, look
+MARGINS = ((1.5, 1.5), (1.0, 1.5), (1.5, 3.0), (1.0, 2.0), (1.5, 4.5))  # the same, tried
 ONE_TYPE = "one-type"  # 60 Resection slides: an archive of one slide type, for adapt_bn
 
 
@@ -73,14 +75,16 @@ def real_table(out: Path) -> Path:
     return out / "real-inputs.csv"
 
 
-def real_scores(pred: pd.DataFrame, labels: pd.DataFrame, margin: float = 1.5,
+def real_scores(pred: pd.DataFrame, labels: pd.DataFrame, margins: tuple[float, float] = DEFAULT,
                 share: float = 0.5) -> dict:
-    """What a deploy on the real thumbnails decided, with the rule's margin ``margin`` and the
-    source rule's ``share`` (decided again from the table's columns, as thumbclf decides)."""
+    """What a deploy on the real thumbnails decided, with the rule's ``margins`` (content,
+    look) and the source rule's ``share`` (decided again from the table's columns, as thumbclf
+    decides)."""
     df = pred.merge(labels[["PATH", "REAL_LABEL"]], on="PATH")
     classes = [c for c in synth.CLASSES if c in df.columns]
-    parts = [table.signal(df, c) for c in (table.UNFAMILIAR_CONTENT, table.UNFAMILIAR_LOOK)]
-    parts = [p * 1.5 / margin for p in parts if p is not None]
+    parts = [table.signal(df, c) * d / m for c, d, m in zip(
+        (table.UNFAMILIAR_CONTENT, table.UNFAMILIAR_LOOK), DEFAULT, margins)
+        if table.signal(df, c) is not None]
     decisions, reasons = decide_with_reasons(
         df[classes].to_numpy(float), classes, float(df[table.THRESHOLD].iloc[0]),
         np.max(parts, axis=0) if parts else None, table.signal(df, table.TISSUE))
@@ -175,11 +179,12 @@ def _variant(a, v: str, seed: int, vdir: Path, data: Path, labels_csv: Path,
         trust.run(ROOT, "deploy_thumbclassifier.py",
                   trust.experiment(vdir / f"{name}.yaml", dep), vdir / name)
         pred = pd.read_csv(vdir / name / "predictions.csv", keep_default_na=False)
-        settings = [(1.5, 0.5), (1.5, 1.0)] + [(m, 0.5) for m in MARGINS if m != 1.5]
-        for margin, share in (settings if not adapt else settings[:2]):
+        settings = [(DEFAULT, 0.5), (DEFAULT, 1.0)] + [(m, 0.5) for m in MARGINS]
+        for margins, share in (settings if not adapt else settings[:2]):
             rows["real"].append({"variant": v + (" + adapt_bn" if adapt else ""), "seed": seed,
-                                 "margin": margin, "unfamiliar_share": share,
-                                 **real_scores(pred, labels, margin, share)})
+                                 "margins (content / look)": "%g / %g" % margins,
+                                 "unfamiliar_share": share,
+                                 **real_scores(pred, labels, margins, share)})
             print(rows["real"][-1], flush=True)
     for test in a.tests + [ONE_TYPE]:
         for adapt in (False, True):

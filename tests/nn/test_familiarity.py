@@ -42,6 +42,22 @@ def test_familiarity_threshold_is_a_validation_quantile_and_survives_the_file():
     assert familiarity.fit(train, val[:5]) is None  # too few validation images: rule off
 
 
+def test_the_content_part_has_no_margin_and_the_look_part_a_wide_one():
+    """Issue 28 (bench/realworld.py, three trained models): the content part is what tells real
+    slides and unseen types from the trained ones, so its threshold is its 99th percentile
+    itself; the look part scored real slides like a moderate lab shift that the model
+    handles, and is there for slides from another world, so it is 3 times its percentile."""
+    rng = np.random.default_rng(0)
+    train, val = rng.normal(size=(200, 8)), rng.normal(size=(60, 8))
+    rule = familiarity.fit(train, val, rng.normal(size=(400, 4)), rng.normal(size=(60, 4)))
+    q = np.quantile(familiarity.scores(val, rule.bank), familiarity.QUANTILE)
+    assert np.isclose(rule.threshold, q)
+    assert (rule.unfamiliarity(val) > 1).sum() == 1  # the largest of 60: beyond the 99th
+    lab = rng.normal(size=(200, 4)) * 1.3 + 0.8  # looks a model trained on `train` handles
+    beyond = rule.look.scores(lab) / rule.look.threshold
+    assert (beyond > 1).mean() > 0.2 and (rule.look.unfamiliarity(lab) > 1).mean() < 0.02
+    assert (rule.look.unfamiliarity(rng.normal(size=(5, 4)) + 40) > 1).all()  # another world
+
 @pytest.fixture(scope="module")
 def training(tmp_path_factory):
     """A full training with a validation split big enough for the unfamiliar rule; its results
@@ -179,6 +195,30 @@ def test_the_look_part_adapted_to_a_lab_moves_with_it_and_still_sees_what_stands
     assert adapted.threshold == part.threshold and np.array_equal(adapted.bank, part.bank)
 
 
+
+def test_the_look_threshold_counts_the_training_images_each_without_its_own_draws():
+    """Issue 28: the look part's 99th percentile of a few dozen validation images was in
+    effect their largest (2.93, 1.97, 1.75 for three seeds on the same slides); the training
+    images as they are, each scored without its own augmented draws in the bank, are as unseen
+    as the validation ones (the look statistics do not depend on the model)."""
+    rng = np.random.default_rng(1)
+    images = rng.normal(size=(240, 4))
+    draws = np.tile(images, (4, 1)) + 0.05 * rng.normal(size=(960, 4))  # bank row i: image i % 240
+    held = familiarity.Look.fit(draws, rng.normal(size=(60, 4)), held_out=images)
+    rows = (images - held.centre) / held.scale
+    own = np.arange(960) % 240
+    brute = [np.sort(np.linalg.norm(held.bank[own != j] - rows[j], axis=1))[familiarity.K - 1]
+             for j in range(240)]
+    assert np.allclose(familiarity.distances(rows, held.bank, exclude=own), brute)
+    with_own = familiarity.distances(rows, held.bank)  # its own draws among its nearest
+    assert (with_own <= np.array(brute) + 1e-12).all() and with_own.mean() < 0.85 * np.mean(brute)
+
+    def spread(held_out):  # the threshold's spread over validation splits of 60 images
+        return np.std([familiarity.Look.fit(draws, rng.normal(size=(60, 4)),
+                                            held_out=held_out).threshold for _ in range(30)])
+    assert spread(images) < 0.6 * spread(None)
+    truth = np.quantile(held.scores(rng.normal(size=(20000, 4))), familiarity.QUANTILE)
+    assert abs(held.threshold - truth) < 0.1 * truth
 def test_adapted_models_know_the_look_they_were_adapted_to(trained, tmp_path):
     """Issue 28: adaptation is the remedy for a look unlike training's, so the look part is
     adapted with it (on the bench the training looks alone kept the synthetic lab shift 1.5

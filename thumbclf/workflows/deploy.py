@@ -303,12 +303,13 @@ def adapt_advice(table: pd.DataFrame, adapted: bool, adaptable: bool = True) -> 
     adaptation recovered such deploys of a mix of types and made an archive of one type all
     Undecided (bench/realworld.py), so the user compares."""
     shift = look_shift(table_io.signal(table, table_io.UNFAMILIAR_LOOK),
-                       table[table_io.REASON].tolist(), familiarity.MARGIN)
+                       table[table_io.REASON].tolist(), familiarity.LOOK_MARGIN)
     if adapted or not adaptable or shift is None or shift.judged < MIN_ADAPT_IMAGES:
         return None
     return (f"This deploy looks unlike the training slides: {shift.beyond} of its {shift.judged} "
-            "slides with tissue look less like them than 99% of the validation slides do (a "
-            "few percent would): another stain, scanner or rendering. If it holds a mix of "
+            "slides with tissue look less like them than 99% of the model's training and "
+            "validation slides do (a few percent would): another stain, scanner or rendering. "
+            "If it holds a mix of "
             "slide types from one lab, adapt_bn: true may recover decisions: deploy again with "
             "it into a new folder and compare (docs: how-to, Other labs).")
 

@@ -262,7 +262,8 @@ def _fold_table(params: TrainParams, model: nn.Module, decoded, y: np.ndarray,
             decoded.get, bank_pos, seed=Streams(params.seed, fold).looks, augmented=params.augment,
             stain=params.stain_augment if params.augment else 0.0)
         val_looks = eval_looks if fold == 0 else look.of_images(decoded.get, val_pos)[0]
-        rule = familiarity.fit(bank, val_features, train_looks, val_looks)
+        rule = familiarity.fit(bank, val_features, train_looks, val_looks,
+                               held_out_looks=look.of_images(decoded.get, bank_pos)[0])
     probs = softmax(logits, temperature)
     signals = familiarity.ensemble_signals([rule], [eval_features], eval_looks, eval_tissue)
     decisions, reasons = decide_with_reasons(probs, classes, threshold, signals.get(
