@@ -32,6 +32,7 @@ Markdown tables.
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -123,6 +124,7 @@ def main() -> None:
     trust.REUSE = a.reuse
     if a.out.exists() and not a.reuse:
         shutil.rmtree(a.out)
+    _same_margins(a.out)
     data, sides = a.out / "data", dict(sides=(200, 500))
     a.tests = ["test"] + [f"shifted-{float(x):g}" for x in a.shifts.split(",") if x]
     sets = {"train": dict(per_class=a.per_class, seed=1),
@@ -150,6 +152,18 @@ def main() -> None:
     if rows["synthetic"]:
         print("\nsynthetic, accuracy among decided at coverage, per seed\n\n"
               + by_seed(pd.DataFrame(rows["synthetic"])).to_markdown(), flush=True)
+
+
+def _same_margins(out: Path) -> None:
+    """Refuse to reuse deploys made with other margins: the tables store each part's
+    unfamiliarity at the margins of the code that deployed, and real_scores rescales them
+    from this code's (DEFAULT)."""
+    record, now = out / "margins.json", json.dumps(DEFAULT)
+    if record.is_file() and record.read_text() != now:
+        sys.exit(f"{out} holds deploys made with margins {record.read_text()}, this code's are "
+                 f"{now}: use another --out, or keep only the trainings (train, train_known)")
+    out.mkdir(parents=True, exist_ok=True)
+    record.write_text(now)
 
 
 def by_seed(frame: pd.DataFrame) -> pd.DataFrame:

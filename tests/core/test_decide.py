@@ -119,8 +119,8 @@ def test_reasons_unfamiliar_wins_over_confidence():
 
 def test_a_deploy_that_looks_unlike_the_validation_slides_is_named_and_an_ordinary_one_not():
     """Issue 28: the look part says whether a whole deploy was stained, scanned or rendered
-    otherwise (the advice to adapt rests on it). 1.5 is the rule's margin: a slide lies beyond
-    the validation's 99th percentile where its look part times 1.5 is above 1."""
+    otherwise (the advice to adapt rests on it). 1.5 stands for the look part's margin: a slide
+    lies beyond the look percentile where its look part times the margin is above 1."""
     reasons = [""] * 200
     ordinary = np.array([0.3] * 198 + [0.8] * 2)  # 1% beyond, as the validation slides
     assert look_shift(ordinary, reasons, 1.5) is None

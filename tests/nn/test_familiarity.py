@@ -202,16 +202,17 @@ def test_the_look_threshold_counts_the_training_images_each_without_its_own_draw
     images as they are, each scored without its own augmented draws in the bank, are as unseen
     as the validation ones (the look statistics do not depend on the model)."""
     rng = np.random.default_rng(1)
-    images = rng.normal(size=(240, 4))
-    draws = np.tile(images, (4, 1)) + 0.05 * rng.normal(size=(960, 4))  # bank row i: image i % 240
-    held = familiarity.Look.fit(draws, rng.normal(size=(60, 4)), held_out=images)
+    images, val = rng.normal(size=(240, 4)), rng.normal(size=(60, 4))
+    draws = np.tile(images, (4, 1)) + 0.05 * rng.normal(size=(960, 4))  # row i: image i % 240
+    held = familiarity.Look.fit(draws, val, held_out=images)
     rows = (images - held.centre) / held.scale
     own = np.arange(960) % 240
-    brute = [np.sort(np.linalg.norm(held.bank[own != j] - rows[j], axis=1))[familiarity.K - 1]
-             for j in range(240)]
-    assert np.allclose(familiarity.distances(rows, held.bank, exclude=own), brute)
+    brute = np.array([np.sort(np.linalg.norm(held.bank[own != j] - rows[j], axis=1))[4]
+                      for j in range(240)])
+    assert held.threshold == pytest.approx(
+        np.quantile(np.concatenate([held.scores(val), brute]), familiarity.QUANTILE))
     with_own = familiarity.distances(rows, held.bank)  # its own draws among its nearest
-    assert (with_own <= np.array(brute) + 1e-12).all() and with_own.mean() < 0.85 * np.mean(brute)
+    assert (with_own <= brute + 1e-12).all() and with_own.mean() < 0.85 * brute.mean()
 
     def spread(held_out):  # the threshold's spread over validation splits of 60 images
         return np.std([familiarity.Look.fit(draws, rng.normal(size=(60, 4)),
@@ -219,6 +220,31 @@ def test_the_look_threshold_counts_the_training_images_each_without_its_own_draw
     assert spread(images) < 0.6 * spread(None)
     truth = np.quantile(held.scores(rng.normal(size=(20000, 4))), familiarity.QUANTILE)
     assert abs(held.threshold - truth) < 0.1 * truth
+
+
+def test_a_training_image_is_scored_without_its_patients_other_slides():
+    """Issue 28 (review): validation splits are grouped by patient, so a patient's other
+    slides (the same stain batch) must not vouch for a held-out training image either; and
+    where too few bank rows are left to score one the way validation images are, the
+    threshold is the validation images' alone."""
+    rng = np.random.default_rng(2)
+    patients = np.repeat(rng.normal(size=(60, 4)), 4, axis=0)  # 4 alike slides per patient
+    images = patients + 0.05 * rng.normal(size=(240, 4))
+    draws, val, none = np.tile(images, (2, 1)), rng.normal(size=(60, 4)), np.zeros((0, 4))
+    group = np.repeat([f"p{i}" for i in range(60)], 4)
+    by_patient = familiarity.Look.fit(draws, none, held_out=images, groups=group)
+    rows = (images - by_patient.centre) / by_patient.scale
+    others = np.array([np.sort(np.linalg.norm(by_patient.bank[np.tile(group, 2) != group[j]]
+                                              - rows[j], axis=1))[4] for j in range(240)])
+    assert by_patient.threshold == pytest.approx(np.quantile(others, familiarity.QUANTILE))
+    by_image = familiarity.Look.fit(draws, none, held_out=images)
+    assert by_image.threshold < 0.5 * by_patient.threshold  # siblings vouched for each other
+    two = familiarity.Look.fit(draws[:8], val, held_out=images[:2])  # 4 rows left, k = 5
+    assert two.threshold == pytest.approx(np.quantile(two.scores(val), familiarity.QUANTILE))
+    with pytest.raises(ValueError, match="whole number"):
+        familiarity.Look.fit(draws[:7], val, held_out=images[:2])
+
+
 def test_adapted_models_know_the_look_they_were_adapted_to(trained, tmp_path):
     """Issue 28: adaptation is the remedy for a look unlike training's, so the look part is
     adapted with it (on the bench the training looks alone kept the synthetic lab shift 1.5

@@ -26,14 +26,13 @@ SOURCE_EVIDENCE = 0.001
 ORDINARY_UNFAMILIAR = 0.1
 POOLED = "(sources of fewer slides, pooled)"
 # A deploy looks unlike the training slides where more than LOOK_SHIFTED of its slides with
-# tissue lie beyond the look of 99% of the validation slides, and so many would be unlikely
-# (SOURCE_EVIDENCE) among ordinary slides, of which at most LOOK_ORDINARY do: 1% by
-# construction, but the 99th percentile is estimated from a few dozen validation images (in
-# effect their largest), so a generous bound; measured on the test slides of three trained
-# models: 1-2%. Measured (bench/realworld.py, the same models): 0-2% of the synthetic test
-# slides, of an archive of one type and of one with an unseen type mixed in; 19-94% /
-# 55-100% / 95-100% of the same test slides as other labs would scan them (shift 1 / 1.5 /
-# 2); 27-90% of the real thumbnails of 14 public sources.
+# tissue lie beyond the look of 99% of the model's training and validation slides, and so many
+# would be unlikely (SOURCE_EVIDENCE) among ordinary slides, of which at most LOOK_ORDINARY do:
+# 1% by construction, but the percentile is an estimate and a lab's own slides drift, so a
+# generous bound. Measured (bench/realworld.py, three trained models): 1.7% of the synthetic
+# test slides, 0% of an archive of one type, 1.1-1.7% with an unseen type mixed in; 60-93% /
+# 98-100% / 100% of the same test slides as other labs would scan them (shift 1 / 1.5 / 2);
+# 59-92% of the real thumbnails of 14 public sources.
 LOOK_ORDINARY = 0.05
 LOOK_SHIFTED = 0.10
 # the share of a thumbnail that must be tissue (nn/look.py measures it): below it a slide is
@@ -121,8 +120,8 @@ def unfamiliar_sources(decisions: Sequence[str], reasons: Sequence[str],
 
 @dataclass(frozen=True)
 class LookShift:
-    """How many of a deploy's slides with tissue (``judged``) look beyond 99% of the
-    validation slides (``beyond``)."""
+    """How many of a deploy's slides with tissue (``judged``) look beyond 99% of the model's
+    training and validation slides (``beyond``)."""
 
     beyond: int
     judged: int
@@ -130,11 +129,12 @@ class LookShift:
 
 def look_shift(look: np.ndarray | None, reasons: Sequence[str], margin: float
                ) -> LookShift | None:
-    """A LookShift where the deploy as a whole looks unlike the validation slides (another
-    stain, scanner or rendering; LOOK_SHIFTED), else None. ``look`` is the look part of the
-    unfamiliarity (score / (validation quantile x ``margin``)), so a slide lies beyond the
-    validation quantile where ``look`` x ``margin`` is above 1; slides without tissue are not
-    judged. None also without a look part (a model file older than it)."""
+    """A LookShift where the deploy as a whole looks unlike the model's training and
+    validation slides (another stain, scanner or rendering; LOOK_SHIFTED), else None. ``look``
+    is the look part of the unfamiliarity (score / (its 99th percentile x ``margin``), the look
+    part's margin), so a slide lies beyond the percentile where ``look`` x ``margin`` is above
+    1; slides without tissue are not judged. None also without a look part (a model file older
+    than it)."""
     if look is None:
         return None
     u = np.asarray(look, dtype=float)

@@ -65,6 +65,11 @@ class SampleSet:
     def labels(self) -> list[str | None]:
         return [s.label for s in self.samples]
 
+    def patients(self) -> list[str] | None:
+        """Each sample's patient (a slide without one: its own path), as the folds group them;
+        None where the inputs have no patients."""
+        return [s.patient or str(s.path) for s in self.samples] if self.has_patients else None
+
     def counts(self) -> dict[str, int]:
         """Images per class, in class order."""
         c = Counter(self.labels)

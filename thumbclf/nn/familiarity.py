@@ -40,11 +40,11 @@ the look part's threshold is ``LOOK_MARGIN`` (3) times its percentile, because a
 moderate stain and scanner difference (98-99% right on the synthetic lab shift 1) and the look
 part is there for slides from another world (fluorescence, blank glass: hundreds of times its
 percentile), while on real slides the look part scores like a moderate shift (its median on
-the real thumbnails, 1.2 times its percentile, was that of the shift-1 slides). The content part
-is what tells real slides from synthetic ones and an unseen slide type from the trained ones,
-so it gets no margin: on the same models, margins 1.5 / 1.5 (before) left 61-96% of the
-shift-1 slides covered, 70-93% of an unseen type Undecided and 65-71% of the real slides
-unfamiliar; 1 / 3 gave 82-91%, 93-97% and 76-88%.
+the real thumbnails was 1.05-1.34 times its percentile, on the shift-1 slides 1.05-1.35). The
+content part is what tells real slides from synthetic ones and an unseen slide type from the
+trained ones, so it gets no margin. Before (both margins 1.5, the look percentile of the
+validation images alone): 61-96% of the shift-1 slides covered, 70-93% of an unseen type
+Undecided, 65-71% of the real slides with tissue unfamiliar; now 82-91%, 93-97%, 76-88%.
 
 Model files written before this rule (thumbclf 1.0, the prototype's) have no features: they
 deploy with confidence-only decisions, and the run says so once.
@@ -149,18 +149,18 @@ def scores(features: np.ndarray, bank: np.ndarray, k: int = K) -> np.ndarray:
 
 
 def distances(rows: np.ndarray, bank: np.ndarray, k: int = K,
-              exclude: np.ndarray | None = None) -> np.ndarray:
-    """Euclidean distance of each row to its k-th nearest bank row; with ``exclude`` (one
-    entry per bank row), row j's own bank rows, those where ``exclude == j``, do not count."""
+              groups: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+    """Euclidean distance of each row to its k-th nearest bank row; with ``groups`` (a label
+    per row, a label per bank row), a row's own group's bank rows do not count."""
     rows, bank = np.asarray(rows, dtype=np.float64), np.asarray(bank, dtype=np.float64)
-    k = min(k, len(bank) - (0 if exclude is None else np.bincount(exclude).max()))
+    k = min(k, len(bank))
     out = np.empty(len(rows))
     for i in range(0, len(rows), 1024):
         part = rows[i:i + 1024]
         d2 = (part ** 2).sum(1)[:, None] - 2 * part @ bank.T + (bank ** 2).sum(1)[None, :]
         d2 = np.maximum(d2, 0)
-        if exclude is not None:
-            d2[np.arange(i, i + len(part))[:, None] == exclude[None, :]] = np.inf
+        if groups is not None:
+            d2[groups[0][i:i + 1024, None] == groups[1][None, :]] = np.inf
         out[i:i + 1024] = np.sqrt(np.partition(d2, k - 1, axis=1)[:, k - 1])
     return out
 
@@ -212,11 +212,13 @@ class Look:
 
     @classmethod
     def fit(cls, train_looks: np.ndarray, val_looks: np.ndarray,
-            held_out: np.ndarray | None = None) -> "Look":
+            held_out: np.ndarray | None = None, groups: np.ndarray | None = None) -> "Look":
         """The bank from ``train_looks``, thresholded on the validation images' scores and,
         where given, ``held_out``'s: the bank's images as they are (unaugmented), bank row i
-        being a draw of held-out image i % len(held_out), each scored without its own draws.
-        The look statistics do not depend on the model, so those images are as unseen as the
+        being a draw of held-out image i % len(held_out), each scored without the draws of its
+        group (``groups``: a label per held-out image, its patient where the inputs have
+        patients, as the validation split is made; by default each image alone). The look
+        statistics do not depend on the model, so those images are as unseen as the
         validation ones, and a 99th percentile of a few hundred images is far steadier than
         one of a few dozen (in effect their largest)."""
         train_looks = np.asarray(train_looks, dtype=np.float64)
@@ -225,10 +227,16 @@ class Look:
         bank = ((train_looks - centre) / scale).astype(np.float32).astype(np.float64)
         part = cls(bank, centre, scale, 1.0)
         scored = [part.scores(val_looks)]
-        if held_out is not None and len(held_out) and len(bank) % len(held_out) == 0:
-            rows = (np.asarray(held_out, dtype=np.float64) - centre) / scale
-            owner = np.arange(len(bank)) % len(rows)
-            scored.append(distances(rows, bank, part.k, exclude=owner))
+        if held_out is not None and len(held_out):
+            if len(bank) % len(held_out):
+                raise ValueError(f"{len(bank)} bank rows are no whole number of draws of "
+                                 f"{len(held_out)} held-out images")
+            labels = np.arange(len(held_out)) if groups is None else np.asarray(groups)
+            owner = labels[np.arange(len(bank)) % len(held_out)]
+            _, sizes = np.unique(owner, return_counts=True)
+            if len(bank) - sizes.max() >= part.k:  # every row keeps k others: the same score
+                rows = (np.asarray(held_out, dtype=np.float64) - centre) / scale
+                scored.append(distances(rows, bank, part.k, groups=(labels, owner)))
         threshold = float(np.quantile(np.concatenate(scored), QUANTILE))
         return cls(bank, centre, scale, max(threshold, 1e-6))
 
@@ -239,7 +247,7 @@ class Familiarity:
     files from thumbclf 1.3 on, its look part."""
 
     bank: np.ndarray  # (n, d) L2-normalised training features
-    threshold: float  # the validation quantile of the scores (the file's "threshold")
+    threshold: float  # the content part's validation quantile (the file's "threshold")
     k: int = K
     quantile: float = QUANTILE
     look: Look | None = None
@@ -266,11 +274,12 @@ class Familiarity:
 
 def fit(train_features: np.ndarray, val_features: np.ndarray,
         train_looks: np.ndarray | None = None, val_looks: np.ndarray | None = None,
-        held_out_looks: np.ndarray | None = None) -> Familiarity | None:
+        held_out_looks: np.ndarray | None = None, groups: np.ndarray | None = None
+        ) -> Familiarity | None:
     """The bank (the features of at most BANK_SIZE training images, which the caller picks)
-    and the validation threshold, with the look part where looks are given (``held_out_looks``:
-    see Look.fit); None (with the reason logged) when the validation split is too small to
-    choose it."""
+    and the validation threshold, with the look part where looks are given (``held_out_looks``
+    and ``groups``: see Look.fit); None (with the reason logged) when the validation split is
+    too small to choose it."""
     if len(val_features) < MIN_VALIDATION or len(train_features) < K:
         log.warning("unfamiliar-slide rule off for this model: %d validation images (need %d "
                     "to choose its threshold: more images or a larger val_fraction)",
@@ -278,7 +287,7 @@ def fit(train_features: np.ndarray, val_features: np.ndarray,
         return None
     bank = normalise(train_features).astype(np.float16).astype(np.float32)  # as the file has it
     threshold = float(np.quantile(scores(val_features, bank), QUANTILE))
-    look = (Look.fit(train_looks, val_looks, held_out_looks) if train_looks is not None
+    look = (Look.fit(train_looks, val_looks, held_out_looks, groups) if train_looks is not None
             and val_looks is not None and len(train_looks) >= K else None)
     return Familiarity(bank, max(threshold, 1e-6), look=look)
 
@@ -306,8 +315,8 @@ def rule_sentence(rule: Familiarity | None = None) -> str:
     look = ("" if rule is not None and rule.look is None else
             f"; so is a slide whose look (tissue, glass, stain, texture) lies {LOOK_MARGIN:g} "
             f"times as far from the training images' looks as those of {QUANTILE:.0%} of the "
-            "training and validation images do, each without its own (column "
-            "unfamiliarity_look)")
+            "training and validation images do (a training image measured against the "
+            "others; column unfamiliarity_look)")
     return (f"Unfamiliar-slide rule: on; a slide whose features lie {further} from the "
             f"training images than {QUANTILE:.0%} of the validation images did{how} is "
             f"Undecided (undecided_reason 'unfamiliar'){look}.")

@@ -240,7 +240,7 @@ def _fold_table(params: TrainParams, model: nn.Module, decoded, y: np.ndarray,
     What the best epoch computed anyway is reused (``fitted``): its validation logits and
     features (evaluation mode, the same weights: the same numbers a new pass would give) and
     its training passes' features for the bank; a pass only where those are missing."""
-    classes = sample_set.classes
+    classes, patients = sample_set.classes, sample_set.patients()
 
     def outputs(positions):  # logits and features (unaugmented, evaluation mode), in order
         batches = training_batches(decoded, positions, y, batch_size=params.batch_size * 2,
@@ -263,7 +263,8 @@ def _fold_table(params: TrainParams, model: nn.Module, decoded, y: np.ndarray,
             stain=params.stain_augment if params.augment else 0.0)
         val_looks = eval_looks if fold == 0 else look.of_images(decoded.get, val_pos)[0]
         rule = familiarity.fit(bank, val_features, train_looks, val_looks,
-                               held_out_looks=look.of_images(decoded.get, bank_pos)[0])
+                               held_out_looks=look.of_images(decoded.get, bank_pos)[0],
+                               groups=patients and [patients[i] for i in bank_pos])
     probs = softmax(logits, temperature)
     signals = familiarity.ensemble_signals([rule], [eval_features], eval_looks, eval_tissue)
     decisions, reasons = decide_with_reasons(probs, classes, threshold, signals.get(
@@ -331,8 +332,7 @@ def _splits(params: TrainParams, folder: Path, sample_set: SampleSet, resume: bo
     """The folds (written once, reused on resume)."""
     paths = [str(s.path) for s in sample_set.samples]
     labels = [s.label for s in sample_set.samples]
-    patients = ([s.patient or str(s.path) for s in sample_set.samples]
-                if sample_set.has_patients else None)
+    patients = sample_set.patients()
     split_file = folder / layout.SPLITS
     if resume and split_file.is_file():
         log.info("resuming with the splits in %s", split_file)
