@@ -298,13 +298,18 @@ def bank_positions(train_pos: np.ndarray, seed) -> np.ndarray:
 
 
 def training_looks(get, positions: np.ndarray, *, seed: int, augmented: bool,
-                   stain: float) -> np.ndarray:
-    """The look part's bank: the training images at ``positions`` as training augmented them
-    (``stain``: its lab-to-lab strength), seeded, in up to 4 draws each where there are few, so
-    that the bank covers what the model saw; ``get``: uint8 images by position."""
+                   stain: float) -> tuple[np.ndarray, np.ndarray]:
+    """The look part's bank and the images it holds out (Look.fit's ``train_looks`` and
+    ``held_out``): the training images at ``positions`` as training augmented them (``stain``:
+    its lab-to-lab strength), seeded, in up to 4 draws each where there are few, so that the
+    bank covers what the model saw (row i: a draw of positions[i % len(positions)]); and the
+    same images as they are. ``get``: uint8 images by position."""
     draws = max(1, min(4, BANK_SIZE // max(1, len(positions))))
-    gen = torch.Generator().manual_seed(seed) if augmented else None
-    return look.of_images(get, np.tile(positions, draws), gen=gen, stain=stain)[0]
+    plain = look.of_images(get, positions)[0]
+    if not augmented:
+        return np.tile(plain, (draws, 1)), plain
+    gen = torch.Generator().manual_seed(seed)
+    return look.of_images(get, np.tile(positions, draws), gen=gen, stain=stain)[0], plain
 
 
 def rule_sentence(rule: Familiarity | None = None) -> str:

@@ -309,9 +309,9 @@ def adapt_advice(table: pd.DataFrame, adapted: bool, adaptable: bool = True) -> 
     return (f"This deploy looks unlike the training slides: {shift.beyond} of its {shift.judged} "
             "slides with tissue look less like them than 99% of the model's training and "
             "validation slides do (a few percent would): another stain, scanner or rendering. "
-            "If it holds a mix of "
-            "slide types from one lab, adapt_bn: true may recover decisions: deploy again with "
-            "it into a new folder and compare (docs: how-to, Other labs).")
+            "If it holds a mix of slide types from one lab, adapt_bn: true may recover "
+            "decisions: deploy again with it into a new folder and compare (docs: how-to, Other "
+            "labs).")
 
 
 def review_hint(table: pd.DataFrame, folder: Path, other_files: int = 0) -> None:

@@ -258,12 +258,11 @@ def _fold_table(params: TrainParams, model: nn.Module, decoded, y: np.ndarray,
                         if have_val else outputs(val_pos)[1])
         bank_pos = familiarity.bank_positions(train_pos, Streams(params.seed, fold).bank)
         bank = fitted.train_features if fitted.train_features is not None else outputs(bank_pos)[1]
-        train_looks = familiarity.training_looks(  # as training augmented them
+        train_looks, held_out = familiarity.training_looks(  # as training augmented them
             decoded.get, bank_pos, seed=Streams(params.seed, fold).looks, augmented=params.augment,
             stain=params.stain_augment if params.augment else 0.0)
         val_looks = eval_looks if fold == 0 else look.of_images(decoded.get, val_pos)[0]
-        rule = familiarity.fit(bank, val_features, train_looks, val_looks,
-                               held_out_looks=look.of_images(decoded.get, bank_pos)[0],
+        rule = familiarity.fit(bank, val_features, train_looks, val_looks, held_out,
                                groups=patients and [patients[i] for i in bank_pos])
     probs = softmax(logits, temperature)
     signals = familiarity.ensemble_signals([rule], [eval_features], eval_looks, eval_tissue)
